@@ -1,0 +1,40 @@
+"""distill-reader: service-based knowledge distillation.
+
+The public API is what this module exports; everything else is private and may change.
+"""
+
+from distill_reader.errors import (
+    ConfigError,
+    DistillReaderError,
+    NoTeacherError,
+    PipelineError,
+    ReaderFunctionError,
+    SampleError,
+    TeacherError,
+    TeacherMismatchError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DistillReader",
+    "DistillReaderError",
+    "FakeDistillReader",
+    "NoTeacherError",
+    "PipelineError",
+    "ReaderFunctionError",
+    "SampleError",
+    "TeacherError",
+    "TeacherMismatchError",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # Imported lazily so that `distill teacher serve` and friends do not pay for the reader's imports.
+    if name in ("DistillReader", "FakeDistillReader"):
+        from distill_reader import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'distill_reader' has no attribute {name!r}")

@@ -1,0 +1,39 @@
+"""Every exception distill-reader raises, in one place.
+
+All derive from :class:`DistillReaderError`, so ``except DistillReaderError`` catches anything the
+library raises on purpose; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class DistillReaderError(Exception):
+    """Base class of every error raised by distill-reader."""
+
+
+class ConfigError(DistillReaderError, ValueError):
+    """The reader's config file or constructor arguments are invalid; the message names the key."""
+
+
+class SampleError(DistillReaderError, ValueError):
+    """A sample from the user's reader does not match the config (arity, shape or dtype)."""
+
+
+class ReaderFunctionError(DistillReaderError):
+    """The user's reader function raised; the original exception is the ``__cause__``."""
+
+
+class TeacherError(DistillReaderError):
+    """A teacher answered with an error or with outputs that do not match the config."""
+
+
+class TeacherMismatchError(TeacherError):
+    """A teacher's model metadata does not match the config (name, dtype or shape of a var)."""
+
+
+class NoTeacherError(DistillReaderError, TimeoutError):
+    """No teacher answered within the configured timeout."""
+
+
+class PipelineError(DistillReaderError):
+    """The reader's pipeline process died or stopped answering."""
