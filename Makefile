@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test lint proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/distill demo
+
+# Redis and etcd servers are needed by the discovery tests (the tests start their own instances).
+test: venv
+	@command -v redis-server >/dev/null && command -v etcd >/dev/null || bash scripts/install-services.sh
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+# Regenerates the committed discovery protobuf stubs (needs grpcio-tools).
+proto: venv
+	$(PY) -m pip install -q grpcio-tools
+	$(PY) -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src --pyi_out=src \
+		src/distill_reader/discovery/proto/discovery.proto
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,277 @@
+"""The reader's INI config (the seed's format) parsed into a typed, validated :class:`ReaderConfig`.
+
+Values are Python literals (``['img', 'label']``, ``[(1, 28, 28), (1,)]``); plain words are accepted
+for string keys (``mode = fixed``). Every error is a :class:`~distill_reader.errors.ConfigError`
+whose message names the section and key.
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill_reader.errors import ConfigError
+from distill_reader.oip import SUPPORTED_DTYPES, TensorSpec
+
+MODES = ("fixed", "discover")
+DEFAULT_MODEL_NAME = "teacher"
+_ENDPOINT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """Everything the reader needs from the config file, validated."""
+
+    mode: str
+    #: fixed mode: the teachers' ``host:port`` addresses.
+    servers: tuple[str, ...]
+    #: discover mode: the discovery servers' ``host:port`` addresses.
+    discovery: tuple[str, ...]
+    service_name: str | None
+    require_num: int
+    #: the model's name on the teacher servers.
+    model_name: str
+    #: every field of a training sample, in the order the user's reader yields them.
+    feeds: tuple[TensorSpec, ...]
+    #: indices into ``feeds`` of the fields the teacher takes as inputs.
+    predict_feed_ids: tuple[int, ...]
+    #: the teacher outputs wanted.
+    fetches: tuple[TensorSpec, ...]
+    #: config var name -> tensor name on the teacher (from ``serving_conf_file``; identity otherwise).
+    served_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def predict_feeds(self) -> tuple[TensorSpec, ...]:
+        return tuple(self.feeds[i] for i in self.predict_feed_ids)
+
+    def served_name(self, var_name: str) -> str:
+        return self.served_names.get(var_name, var_name)
+
+
+def parse_endpoint(text: str, what: str) -> str:
+    """Validate a ``host:port`` string; ``what`` names it in the error."""
+    text = str(text).strip()
+    match = _ENDPOINT_RE.match(text)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(f"{what}: {text!r} is not a 'host:port' address")
+    return text
+
+
+class _Section:
+    """Reads typed values of one INI section; errors name ``[section] key``."""
+
+    def __init__(self, parser: configparser.ConfigParser, name: str, path: str) -> None:
+        if not parser.has_section(name):
+            raise ConfigError(f"{path}: missing section [{name}]")
+        self.name = name
+        self.items = parser[name]
+
+    def where(self, key: str) -> str:
+        return f"[{self.name}] {key}"
+
+    def has(self, key: str) -> bool:
+        return key in self.items and self.items[key].strip() != ""
+
+    def raw(self, key: str) -> str:
+        if not self.has(key):
+            raise ConfigError(f"{self.where(key)}: missing key")
+        return self.items[key].strip()
+
+    def literal(self, key: str) -> Any:
+        text = self.raw(key)
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError) as exc:
+            raise ConfigError(f"{self.where(key)}: cannot parse {text!r} as a Python literal ({exc})") from None
+
+    def string(self, key: str) -> str:
+        text = self.raw(key)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text  # a bare word such as `fixed`
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.where(key)}: expected a string, got {text!r}")
+        return value
+
+    def integer(self, key: str) -> int:
+        value = self.literal(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.where(key)}: expected an integer, got {self.raw(key)!r}")
+        return value
+
+    def str_list(self, key: str) -> list[str]:
+        value = self.literal(key)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{self.where(key)}: expected a list, got {self.raw(key)!r}")
+        for item in value:
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{self.where(key)}: every entry must be a non-empty string, got {item!r}")
+        return list(value)
+
+    def shape_list(self, key: str) -> list[tuple[int, ...]]:
+        value = self.literal(key)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{self.where(key)}: expected a list of shapes, got {self.raw(key)!r}")
+        return [self._shape(key, i, shape) for i, shape in enumerate(value)]
+
+    def _shape(self, key: str, index: int, shape: Any) -> tuple[int, ...]:
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)  # `10` instead of `(10,)`: the seed's guide warns about this typo
+        if not isinstance(shape, (list, tuple)):
+            raise ConfigError(f"{self.where(key)}[{index}]: expected a shape such as (1, 28, 28), got {shape!r}")
+        for dim in shape:
+            if isinstance(dim, bool) or not isinstance(dim, int):
+                raise ConfigError(f"{self.where(key)}[{index}]: dimension {dim!r} is not an integer")
+            if dim == -1:
+                raise ConfigError(
+                    f"{self.where(key)}[{index}]: variable-length dimensions (-1) are not supported yet"
+                )
+            if dim < 1:
+                raise ConfigError(f"{self.where(key)}[{index}]: dimension {dim} must be >= 1")
+        return tuple(shape)
+
+
+def _specs(section: _Section, prefix: str) -> tuple[TensorSpec, ...]:
+    names = section.str_list(f"{prefix}_vars")
+    types = section.str_list(f"{prefix}_types")
+    shapes = section.shape_list(f"{prefix}_shapes")
+    if not names:
+        raise ConfigError(f"{section.where(prefix + '_vars')}: the list is empty")
+    if not len(names) == len(types) == len(shapes):
+        raise ConfigError(
+            f"[{section.name}]: {prefix}_vars, {prefix}_types and {prefix}_shapes have different lengths "
+            f"({len(names)}, {len(types)}, {len(shapes)})"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{section.where(prefix + '_vars')}: duplicate names in {names}")
+    specs = []
+    for name, dtype, shape in zip(names, types, shapes):
+        if dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(
+                f"{section.where(prefix + '_types')}: unknown dtype {dtype!r} for {name!r}; "
+                f"supported: {', '.join(SUPPORTED_DTYPES)}"
+            )
+        specs.append(TensorSpec(name, np.dtype(dtype), shape))
+    return tuple(specs)
+
+
+def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
+    """Parse and validate the reader's config file."""
+    path = Path(conf_file)
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with path.open(encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: not a valid INI file: {exc}") from None
+
+    conf = _Section(parser, "conf", str(path))
+    feed = _Section(parser, "feed", str(path))
+    fetch = _Section(parser, "fetch", str(path))
+
+    mode = conf.string("mode")
+    if mode not in MODES:
+        raise ConfigError(f"[conf] mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    servers: tuple[str, ...] = ()
+    discovery: tuple[str, ...] = ()
+    service_name = None
+    require_num = 0
+    if mode == "fixed":
+        entries = conf.str_list("servers")
+        if not entries:
+            raise ConfigError("[conf] servers: the list is empty; fixed mode needs at least one 'host:port'")
+        servers = tuple(parse_endpoint(s, "[conf] servers") for s in entries)
+    else:
+        discovery = _discovery_endpoints(conf)
+        service_name = conf.string("service_name")
+        require_num = conf.integer("require_num")
+        if require_num < 1:
+            raise ConfigError(f"[conf] require_num: must be >= 1, got {require_num}")
+
+    model_name = conf.string("model_name") if conf.has("model_name") else DEFAULT_MODEL_NAME
+    feeds = _specs(feed, "feed")
+    fetches = _specs(fetch, "fetch")
+
+    ids = feed.literal("predict_feed_ids")
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise ConfigError(f"[feed] predict_feed_ids: expected a non-empty list of indices, got {ids!r}")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(feeds):
+            raise ConfigError(
+                f"[feed] predict_feed_ids: {i!r} is out of range; feed_vars has {len(feeds)} entries "
+                f"(valid ids 0..{len(feeds) - 1})"
+            )
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"[feed] predict_feed_ids: duplicate ids in {list(ids)}")
+
+    served_names: dict[str, str] = {}
+    if conf.has("serving_conf_file"):
+        serving_path = Path(conf.string("serving_conf_file"))
+        if not serving_path.is_absolute():
+            serving_path = path.parent / serving_path
+        from distill_reader.teacher.paddle_serving import load_alias_map
+
+        served_names = load_alias_map(serving_path)
+    return ReaderConfig(
+        mode=mode,
+        servers=servers,
+        discovery=discovery,
+        service_name=service_name,
+        require_num=require_num,
+        model_name=model_name,
+        feeds=feeds,
+        predict_feed_ids=tuple(ids),
+        fetches=fetches,
+        served_names=served_names,
+    )
+
+
+def _discovery_endpoints(conf: _Section) -> tuple[str, ...]:
+    """`host` may be one host (with `port`) or a comma-separated list of `host:port`."""
+    hosts = [h.strip() for h in conf.string("host").split(",") if h.strip()]
+    if not hosts:
+        raise ConfigError("[conf] host: empty")
+    port = conf.integer("port") if conf.has("port") else None
+    endpoints = []
+    for host in hosts:
+        if ":" not in host or host.endswith("]"):
+            if port is None:
+                raise ConfigError(f"[conf] port: missing key (needed for host {host!r} without a port)")
+            host = f"{host}:{port}"
+        endpoints.append(parse_endpoint(host, "[conf] host"))
+    return tuple(endpoints)
+
+
+def validate_reader_args(batch_size: Any, d_batch_size: Any, capacity: Any, occupied_capacity: Any) -> None:
+    """Check the constructor's sizes; messages name the argument."""
+    for name, value, minimum in (
+        ("batch_size", batch_size, 1),
+        ("d_batch_size", d_batch_size, 1),
+        ("capacity", capacity, 1),
+        ("occupied_capacity", occupied_capacity, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+    if capacity <= occupied_capacity:
+        raise ConfigError(
+            f"capacity ({capacity}) must be greater than occupied_capacity ({occupied_capacity}): the pool "
+            "needs at least one batch slot beyond those the consumer may still hold"
+        )
+
+
+def sequence_of_specs(specs: Sequence[TensorSpec]) -> str:
+    """Human-readable list of vars, for messages."""
+    return ", ".join(f"{s.name}:{s.dtype.name}{list(s.shape)}" for s in specs)

@@ -1,0 +1,193 @@
+"""DistillReader: the seed's API over the pipeline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from distill_reader.config import ReaderConfig, load_config, validate_reader_args
+from distill_reader.errors import ConfigError, DistillReaderError
+from distill_reader.reader.pipeline import Epoch, Pipeline, failure_of, is_end
+from distill_reader.reader.pool import PoolLayout, batch_views
+from distill_reader.teacher.scheduler import SchedulerOptions
+
+log = logging.getLogger("distill_reader")
+
+Batch = list[np.ndarray]
+
+
+class DistillReader:
+    """Streams the user's samples through teacher servers and yields them with the teacher outputs.
+
+    ``DistillReader(conf_file, batch_size, d_batch_size, capacity, occupied_capacity)``:
+
+    * ``batch_size``: rows of each yielded batch (the last batch of an epoch may be shorter);
+    * ``d_batch_size``: rows of each request to a teacher;
+    * ``capacity``: batch slots in the shared-memory pool (bounds memory);
+    * ``occupied_capacity``: how many earlier batches the consumer may still be using. A yielded
+      batch's arrays are views into the pool and stay valid until the consumer has taken
+      ``occupied_capacity`` further batches; pass ``copy=True`` to get copies instead.
+
+    Keyword options: ``copy``; ``max_in_flight`` requests per teacher (default 4);
+    ``request_timeout`` seconds per request (30); ``teacher_timeout``: seconds without any teacher
+    answering before the epoch fails with :class:`~distill_reader.NoTeacherError` (120);
+    ``max_attempts`` for a request a teacher answers with an error (3).
+
+    A batch is a list of arrays: every feed var in config order, then every fetch var.
+    """
+
+    def __init__(
+        self,
+        conf_file: str | os.PathLike[str],
+        batch_size: int,
+        d_batch_size: int,
+        capacity: int,
+        occupied_capacity: int,
+        *,
+        copy: bool = False,
+        max_in_flight: int = 4,
+        request_timeout: float = 30.0,
+        teacher_timeout: float = 120.0,
+        max_attempts: int = 3,
+    ) -> None:
+        validate_reader_args(batch_size, d_batch_size, capacity, occupied_capacity)
+        for name, value in (("max_in_flight", max_in_flight), ("max_attempts", max_attempts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
+        for name, value in (("request_timeout", request_timeout), ("teacher_timeout", teacher_timeout)):
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name}: must be a number of seconds > 0, got {value!r}")
+        self.config: ReaderConfig = load_config(conf_file)
+        self.batch_size = int(batch_size)
+        self.d_batch_size = int(d_batch_size)
+        self.capacity = int(capacity)
+        self.occupied_capacity = int(occupied_capacity)
+        self.copy = bool(copy)
+        self._options = SchedulerOptions(
+            max_in_flight=max_in_flight,
+            request_timeout=float(request_timeout),
+            teacher_timeout=float(teacher_timeout),
+            max_attempts=max_attempts,
+        )
+        self._layout = PoolLayout(
+            (*self.config.feeds, *self.config.fetches), self.batch_size, self.capacity
+        )
+        self._reader: tuple[str, Callable[[], Iterable[Any]]] | None = None
+        self._holder = _PipelineHolder()
+        self._active: Epoch | None = None
+        self._lock = threading.Lock()
+        # Stops the pipeline process when the reader is dropped or the interpreter exits.
+        weakref.finalize(self, self._holder.close)
+
+    # -- the seed's API ----------------------------------------------------------------------
+    def set_sample_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
+        """``reader()`` yields one sample at a time: a tuple of per-field arrays (feed_vars order)."""
+        return self._set_reader("sample", reader)
+
+    def set_sample_list_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
+        """``reader()`` yields lists of samples."""
+        return self._set_reader("sample_list", reader)
+
+    def set_batch_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
+        """``reader()`` yields batches: one array per feed var with a leading batch dimension."""
+        return self._set_reader("batch", reader)
+
+    def distill_reader(self) -> Callable[[], Iterator[Batch]]:
+        """A callable; each call runs one epoch (calling the user's reader again) as a generator."""
+        if self._reader is None:
+            raise DistillReaderError(
+                "no reader set: call set_sample_generator, set_sample_list_generator or "
+                "set_batch_generator first"
+            )
+        return self._epoch
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the pipeline process and free the pool. The reader can be used again afterwards."""
+        with self._lock:
+            if self._active is not None and self._holder.pipeline is not None:
+                self._holder.pipeline.abort(self._active)
+            self._active = None
+        self._holder.close()
+
+    def __enter__(self) -> DistillReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _set_reader(self, kind: str, reader: Callable[[], Iterable[Any]]) -> DistillReader:
+        if not callable(reader):
+            raise TypeError(f"the reader must be a function returning an iterable, got {type(reader).__name__}")
+        self._reader = (kind, reader)
+        return self
+
+    def _ensure_pipeline(self) -> Pipeline:
+        holder = self._holder
+        if holder.pipeline is not None and not holder.pipeline.alive:
+            log.warning("the pipeline process stopped (%s); starting a new one", holder.pipeline.broken)
+            holder.close()
+        if holder.pipeline is None:
+            holder.pipeline = Pipeline(self.config, self._layout, self._options)
+        return holder.pipeline
+
+    def _epoch(self) -> Iterator[Batch]:
+        assert self._reader is not None
+        kind, reader = self._reader
+        with self._lock:
+            if self._active is not None and self._holder.pipeline is not None:
+                # An earlier epoch's generator was left unfinished and is still referenced.
+                self._holder.pipeline.abort(self._active)
+                self._active = None
+            pipeline = self._ensure_pipeline()
+            # Asking for a new epoch's first batch counts as taking one more batch.
+            pipeline.release_held(self.occupied_capacity)
+            epoch = pipeline.start_epoch(kind, reader, self.batch_size, self.d_batch_size)
+            self._active = epoch
+        finished = False
+        try:
+            while True:
+                item = pipeline.wait_sealed(epoch)
+                if is_end(item):
+                    finished = True
+                    return
+                error = failure_of(item)
+                if error is not None:
+                    raise error
+                pipeline.wait_done(epoch, item.slot)
+                views = batch_views(pipeline.slots[item.slot], item.rows)
+                if self.copy:
+                    batch = [v.copy() for v in views]
+                    pipeline.free.release(item.slot)
+                else:
+                    batch = views
+                    pipeline.hold(item.slot)
+                yield batch
+                # The consumer asked for the next batch: it has now taken one more.
+                pipeline.release_held(self.occupied_capacity)
+        finally:
+            with self._lock:
+                if self._active is epoch:
+                    self._active = None
+                    if finished:
+                        pipeline.finish(epoch)
+                    else:
+                        pipeline.abort(epoch)
+
+
+class _PipelineHolder:
+    """The reader's pipeline, reachable from its finalizer without keeping the reader alive."""
+
+    pipeline: Pipeline | None = None
+
+    def close(self) -> None:
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            pipeline.close()

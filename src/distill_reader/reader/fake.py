@@ -1,0 +1,82 @@
+"""FakeDistillReader: the reader's batches with zero-filled teacher outputs, no teacher needed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from distill_reader.config import load_config, validate_reader_args
+from distill_reader.errors import DistillReaderError
+from distill_reader.reader.filling import SlotFiller
+
+
+class FakeDistillReader:
+    """A drop-in stand-in for :class:`~distill_reader.DistillReader` for running training code
+    without teachers: same config, same reader methods and batch layout, fetch vars all zeros.
+
+    Only the config file is required (``FakeDistillReader(conf_file)``, as in the seed);
+    ``batch_size`` defaults to 32 and the other sizes are accepted and ignored. Batches are fresh
+    arrays (never reused).
+    """
+
+    def __init__(
+        self,
+        conf_file: str | os.PathLike[str],
+        batch_size: int = 32,
+        d_batch_size: int | None = None,
+        capacity: int = 2,
+        occupied_capacity: int = 0,
+        **_ignored: Any,
+    ) -> None:
+        validate_reader_args(batch_size, d_batch_size or batch_size, capacity, occupied_capacity)
+        self.config = load_config(conf_file)
+        self.batch_size = int(batch_size)
+        self._reader: tuple[str, Callable[[], Iterable[Any]]] | None = None
+
+    def set_sample_generator(self, reader: Callable[[], Iterable[Any]]) -> FakeDistillReader:
+        self._reader = ("sample", reader)
+        return self
+
+    def set_sample_list_generator(self, reader: Callable[[], Iterable[Any]]) -> FakeDistillReader:
+        self._reader = ("sample_list", reader)
+        return self
+
+    def set_batch_generator(self, reader: Callable[[], Iterable[Any]]) -> FakeDistillReader:
+        self._reader = ("batch", reader)
+        return self
+
+    def distill_reader(self) -> Callable[[], Iterator[list[np.ndarray]]]:
+        if self._reader is None:
+            raise DistillReaderError(
+                "no reader set: call set_sample_generator, set_sample_list_generator or "
+                "set_batch_generator first"
+            )
+        return self._epoch
+
+    def _epoch(self) -> Iterator[list[np.ndarray]]:
+        assert self._reader is not None
+        kind, reader = self._reader
+        config = self.config
+        ready: list[list[np.ndarray]] = []
+        slots: dict[int, list[np.ndarray]] = {}
+
+        def acquire() -> tuple[int, list[np.ndarray]]:
+            slot = len(slots)
+            slots[slot] = [np.empty(s.batch_shape(self.batch_size), s.dtype) for s in config.feeds]
+            return slot, slots[slot]
+
+        def sealed(slot: int, rows: int) -> None:
+            feeds = [a[:rows] for a in slots.pop(slot)]
+            ready.append(feeds + [np.zeros(s.batch_shape(rows), s.dtype) for s in config.fetches])
+
+        filler = SlotFiller(config.feeds, self.batch_size, self.batch_size, acquire, lambda *_: None, sealed)
+        add = {"sample": filler.add_sample, "sample_list": filler.add_samples, "batch": filler.add_batch}[kind]
+        for value in reader():
+            add(value)
+            yield from ready
+            ready.clear()
+        filler.finish()
+        yield from ready

@@ -1,0 +1,184 @@
+"""The pipeline process: talks to the teachers so the training loop's process does not.
+
+Started by :class:`distill_reader.reader.pipeline.Pipeline` as a fresh interpreter running
+:func:`main` with the two pipe descriptors as arguments (not ``multiprocessing``: its spawn would
+import the user's script again, which the seed's unguarded example cannot survive). Lifecycle:
+
+1. reads the :class:`PipelineSpec` from its input pipe, maps the shared pool, answers ``ready``;
+2. runs an asyncio loop: messages from the parent become work for the
+   :class:`~distill_reader.teacher.scheduler.Scheduler`, which writes teacher outputs into the pool;
+   when every row of a sealed slot is done it answers ``slot_done``;
+3. stops on ``stop``, on end-of-file from the parent (the parent exited or was killed) or when its
+   parent process changes (the pipe can stay open in processes the parent forked later).
+
+It ignores SIGINT: Ctrl-C is the training loop's to handle, which then stops this process.
+Messages to the parent go through a sender thread so the event loop never blocks on a full pipe.
+
+Parent -> child: ``("work", epoch, sequence, slot, start, count)``, ``("seal", epoch, slot, rows)``,
+``("cancel", epoch)``, ``("stop",)``. Child -> parent: ``("ready",)``, ``("slot_done", epoch, slot)``,
+``("error", epoch, exception)``, ``("warning", message)``, ``("cancelled", epoch)``,
+``("fatal", exception)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from distill_reader.config import ReaderConfig
+from distill_reader.reader.pool import PoolLayout, SharedBuffer
+from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, WorkItem
+
+log = logging.getLogger("distill_reader.pipeline")
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    config: ReaderConfig
+    layout: PoolLayout
+    shm_path: str
+    options: SchedulerOptions
+    log_level: int
+    parent_pid: int
+
+
+class _PipelineProcess:
+    def __init__(self, spec: PipelineSpec, inbox: Connection, outbox: Connection) -> None:
+        self.spec = spec
+        self.inbox = inbox
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, args=(outbox,), daemon=True)
+        self.buffer = SharedBuffer(spec.shm_path, spec.layout.nbytes, create=False)
+        config, layout = spec.config, spec.layout
+        n_feeds = len(config.feeds)
+        slots = [layout.slot_arrays(self.buffer.mmap, s) for s in range(layout.capacity)]
+        self.feed_arrays = [[arrays[i] for i in config.predict_feed_ids] for arrays in slots]
+        self.fetch_arrays = [arrays[n_feeds:] for arrays in slots]
+        self.done_rows = [0] * layout.capacity
+        self.sealed_rows: list[int | None] = [None] * layout.capacity
+        self.cancelled_upto = -1
+
+    def _send_loop(self, conn: Connection) -> None:
+        while True:
+            message = self.outbox.get()
+            if message is None:
+                return
+            try:
+                conn.send(message)
+            except OSError:
+                return  # the parent is gone; the main loop notices it too
+
+    def send(self, message: tuple) -> None:
+        self.outbox.put(message)
+
+    async def run(self) -> None:
+        self._sender.start()
+        self.send(("ready",))
+        loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        self.scheduler = Scheduler(
+            self.spec.config,
+            self.feed_arrays,
+            self.fetch_arrays,
+            self.spec.options,
+            on_done=self._on_done,
+            on_error=lambda epoch, exc: self.send(("error", epoch, exc)),
+            on_warning=lambda message: self.send(("warning", message)),
+        )
+        tasks = [loop.create_task(self._watch_parent())]
+        config = self.spec.config
+        if config.mode == "fixed":
+            self.scheduler.set_teachers([(endpoint, None) for endpoint in config.servers])
+        else:
+            tasks.append(loop.create_task(self._follow_discovery()))
+        loop.add_reader(self.inbox.fileno(), self._on_readable)
+        try:
+            await self.stopped.wait()
+        finally:
+            loop.remove_reader(self.inbox.fileno())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.scheduler.close()
+            self.outbox.put(None)
+            self._sender.join(timeout=1.0)
+
+    async def _watch_parent(self) -> None:
+        while os.getppid() == self.spec.parent_pid:
+            await asyncio.sleep(0.5)
+        log.debug("parent process %d is gone; stopping", self.spec.parent_pid)
+        self.stopped.set()
+
+    async def _follow_discovery(self) -> None:
+        from distill_reader.discovery.client import StudentSession
+
+        config = self.spec.config
+        session = StudentSession(list(config.discovery), config.service_name or "", config.require_num)
+        try:
+            async for teachers in session.assignments():
+                log.info("discovery assigned %d teacher(s): %s", len(teachers), [t.endpoint for t in teachers])
+                self.scheduler.set_teachers([(t.endpoint, t.model_name or None) for t in teachers])
+        finally:
+            await session.close()
+
+    def _on_readable(self) -> None:
+        try:
+            while self.inbox.poll():
+                self._handle(self.inbox.recv())
+        except (EOFError, OSError):
+            self.stopped.set()  # the parent closed its end: it exited or was killed
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "work":
+            _, epoch, sequence, slot, start, count = message
+            self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
+        elif kind == "seal":
+            _, epoch, slot, rows = message
+            if epoch > self.cancelled_upto:
+                self.sealed_rows[slot] = rows
+                self._check_slot(epoch, slot)
+        elif kind == "cancel":
+            epoch = message[1]
+            self.cancelled_upto = max(self.cancelled_upto, epoch)
+            self.scheduler.cancel(epoch)
+            self.done_rows = [0] * len(self.done_rows)
+            self.sealed_rows = [None] * len(self.sealed_rows)
+            self.send(("cancelled", epoch))
+        elif kind == "stop":
+            self.stopped.set()
+
+    def _on_done(self, item: WorkItem) -> None:
+        self.done_rows[item.slot] += item.count
+        self._check_slot(item.epoch, item.slot)
+
+    def _check_slot(self, epoch: int, slot: int) -> None:
+        if self.sealed_rows[slot] is not None and self.done_rows[slot] == self.sealed_rows[slot]:
+            self.done_rows[slot] = 0
+            self.sealed_rows[slot] = None
+            self.send(("slot_done", epoch, slot))
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inbox = Connection(int(argv[0]), writable=False)
+    outbox = Connection(int(argv[1]), readable=False)
+    try:
+        spec: PipelineSpec = inbox.recv()
+    except EOFError:
+        return 0
+    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        process = _PipelineProcess(spec, inbox, outbox)
+    except Exception as exc:  # report start-up failures to the training loop, not only to stderr
+        outbox.send(("fatal", exc))
+        return 1
+    asyncio.run(process.run())
+    return 0
+

@@ -1,0 +1,282 @@
+"""Spreads d_batches over teachers, with many requests in flight: runs in the pipeline process.
+
+Every teacher has ``max_in_flight`` worker coroutines taking work from one shared priority queue,
+so a faster teacher takes more work and a slow one never holds up the rest. The queue is ordered by
+the position of the d_batch in the epoch, so the batch the consumer waits for goes first, retries
+included.
+
+A request that fails *transiently* (unreachable, timed out) goes back to the queue for any teacher;
+the teacher backs off (0.2 s doubling to 5 s) and is retried after it. A request the teacher answers
+*wrongly* counts as an attempt; after ``max_attempts`` the epoch fails with the teacher's message.
+While work is waiting and every teacher is failing, a warning is logged every few seconds, and after
+``teacher_timeout`` seconds the epoch fails with :class:`~distill_reader.errors.NoTeacherError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from distill_reader.config import ReaderConfig
+from distill_reader.errors import NoTeacherError, TeacherError, TeacherMismatchError
+from distill_reader.teacher.client import TeacherClient, TransientTeacherError
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_FIRST = 0.2
+_BACKOFF_MAX = 5.0
+_WARN_EVERY = 5.0
+
+
+@dataclass(order=True)
+class WorkItem:
+    """Rows ``[start, start + count)`` of batch slot ``slot``; ordered by position in the epoch."""
+
+    sequence: int  # the batch's number in the epoch
+    start: int
+    epoch: int = field(compare=False)
+    slot: int = field(compare=False)
+    count: int = field(compare=False)
+    attempts: int = field(default=0, compare=False)
+
+
+@dataclass
+class SchedulerOptions:
+    max_in_flight: int = 4
+    request_timeout: float = 30.0
+    teacher_timeout: float = 120.0
+    max_attempts: int = 3
+
+
+class _Teacher:
+    def __init__(self, client: TeacherClient) -> None:
+        self.client = client
+        self.failures = 0  # consecutive
+        self.available_at = 0.0
+        self.last_error = ""
+        self.checked = False
+        self.check_lock = asyncio.Lock()
+        self.workers: list[asyncio.Task] = []
+        self.removed = False
+
+    @property
+    def failing(self) -> bool:
+        return self.failures > 0
+
+
+class Scheduler:
+    """Owns the teacher clients and their workers; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ReaderConfig,
+        feed_arrays: Sequence[Sequence[np.ndarray]],
+        fetch_arrays: Sequence[Sequence[np.ndarray]],
+        options: SchedulerOptions,
+        on_done: Callable[[WorkItem], None],
+        on_error: Callable[[int, Exception], None],
+        on_warning: Callable[[str], None],
+    ) -> None:
+        self._config = config
+        self._feed_arrays = feed_arrays  # [slot][predict var] views
+        self._fetch_arrays = fetch_arrays  # [slot][fetch var] views
+        self._options = options
+        self._on_done = on_done
+        self._on_error = on_error
+        self._on_warning = on_warning
+        self._queue: asyncio.PriorityQueue[WorkItem] = asyncio.PriorityQueue()
+        self._teachers: dict[str, _Teacher] = {}
+        self._active_epoch = -1
+        self._cancelled_upto = -1
+        self._outstanding = 0  # items of the active epoch not yet done
+        self._stalled_since: float | None = None
+        self._last_warning = 0.0
+        self._failed_epoch = -1
+        self._fatal: Exception | None = None  # a teacher that can never serve this config
+        self._watchdog: asyncio.Task | None = None
+        self._tiebreak = itertools.count()
+
+    # -- teacher set -------------------------------------------------------------------------
+    def set_teachers(self, endpoints: Sequence[tuple[str, str | None]]) -> None:
+        """Use exactly these ``(endpoint, model_name)`` teachers from now on."""
+        wanted = dict(endpoints)
+        for endpoint in list(self._teachers):
+            if endpoint not in wanted:
+                teacher = self._teachers.pop(endpoint)
+                teacher.removed = True  # its workers finish their current request, then stop
+                asyncio.get_running_loop().create_task(self._close_later(teacher))
+        for endpoint, model_name in wanted.items():
+            if endpoint not in self._teachers:
+                client = TeacherClient(endpoint, self._config, model_name, self._options.request_timeout)
+                teacher = _Teacher(client)
+                teacher.workers = [
+                    asyncio.get_running_loop().create_task(self._worker(teacher))
+                    for _ in range(self._options.max_in_flight)
+                ]
+                self._teachers[endpoint] = teacher
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _close_later(self, teacher: _Teacher) -> None:
+        await asyncio.gather(*teacher.workers, return_exceptions=True)
+        await teacher.client.close()
+
+    async def close(self) -> None:
+        for teacher in self._teachers.values():
+            teacher.removed = True
+            for task in teacher.workers:
+                task.cancel()
+        if self._watchdog:
+            self._watchdog.cancel()
+        for teacher in self._teachers.values():
+            await asyncio.gather(*teacher.workers, return_exceptions=True)
+            await teacher.client.close()
+        self._teachers.clear()
+
+    # -- work --------------------------------------------------------------------------------
+    def submit(self, item: WorkItem) -> None:
+        if item.epoch <= self._cancelled_upto:
+            return
+        if item.epoch != self._active_epoch:
+            self._active_epoch = item.epoch
+            self._outstanding = 0
+            self._stalled_since = None
+            if self._fatal is not None:
+                self._fail(item.epoch, self._fatal)
+        if item.epoch == self._failed_epoch:
+            return
+        self._outstanding += 1
+        self._queue.put_nowait(item)
+
+    def cancel(self, epoch: int) -> None:
+        """Drop all work of ``epoch`` and earlier: no write into the pool happens for it after this."""
+        self._cancelled_upto = max(self._cancelled_upto, epoch)
+        if self._active_epoch <= epoch:
+            self._outstanding = 0
+            self._stalled_since = None
+
+    def _live(self, item: WorkItem) -> bool:
+        return item.epoch > self._cancelled_upto and item.epoch != self._failed_epoch
+
+    async def _worker(self, teacher: _Teacher) -> None:
+        while not teacher.removed:
+            delay = teacher.available_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            if not teacher.checked:
+                if not await self._check(teacher):
+                    continue
+            item = await self._queue.get()
+            if not self._live(item):
+                continue
+            if teacher.removed:
+                self._queue.put_nowait(item)
+                return
+            await self._run(teacher, item)
+
+    async def _check(self, teacher: _Teacher) -> bool:
+        async with teacher.check_lock:
+            if teacher.checked:
+                return True
+            try:
+                await teacher.client.check_metadata()
+            except TransientTeacherError as exc:
+                self._teacher_failed(teacher, str(exc))
+                return False
+            except TeacherMismatchError as exc:
+                # The config and the teacher disagree: retrying cannot help, and no epoch may run.
+                teacher.removed = True
+                self._fatal = exc
+                self._fail(self._active_epoch, exc)
+                return False
+            teacher.checked = True
+            return True
+
+    async def _run(self, teacher: _Teacher, item: WorkItem) -> None:
+        inputs = [a[item.start : item.start + item.count] for a in self._feed_arrays[item.slot]]
+        try:
+            outputs = await teacher.client.infer(inputs)
+        except TransientTeacherError as exc:
+            self._teacher_failed(teacher, str(exc))
+            self._requeue(item)
+            return
+        except TeacherError as exc:
+            self._teacher_failed(teacher, str(exc))
+            item.attempts += 1
+            if item.attempts >= self._options.max_attempts:
+                self._fail(item.epoch, TeacherError(f"{exc} (after {item.attempts} attempts)"))
+            else:
+                self._requeue(item)
+            return
+        if teacher.failing:
+            log.info("teacher %s answers again", teacher.client.endpoint)
+        teacher.failures = 0
+        self._stalled_since = None
+        if not self._live(item):
+            return  # the epoch was cancelled while the request was in flight
+        for dst, src in zip(self._fetch_arrays[item.slot], outputs):
+            dst[item.start : item.start + item.count] = src
+        self._outstanding -= 1
+        self._on_done(item)
+
+    def _requeue(self, item: WorkItem) -> None:
+        if self._live(item):
+            self._queue.put_nowait(item)
+
+    def _teacher_failed(self, teacher: _Teacher, message: str) -> None:
+        if not teacher.failing:
+            others = "its requests go to the other teachers" if len(self._teachers) > 1 else "retrying"
+            log.warning("%s; %s", message, others)
+        teacher.failures += 1
+        teacher.last_error = message
+        backoff = min(_BACKOFF_FIRST * 2 ** (teacher.failures - 1), _BACKOFF_MAX)
+        teacher.available_at = time.monotonic() + backoff
+        teacher.checked = teacher.checked and teacher.failures < 2  # re-read metadata after a restart
+
+    def _fail(self, epoch: int, exc: Exception) -> None:
+        if epoch < 0 or epoch <= self._cancelled_upto or epoch == self._failed_epoch:
+            return
+        self._failed_epoch = epoch
+        self._on_error(epoch, exc)
+
+    async def _watch(self) -> None:
+        """Warn while every teacher fails and give up after teacher_timeout."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            teachers = list(self._teachers.values())
+            stalled = (
+                self._outstanding > 0
+                and self._active_epoch > self._cancelled_upto
+                and self._active_epoch != self._failed_epoch
+                and all(t.failing or t.removed for t in teachers)
+            )
+            if not stalled:
+                self._stalled_since = None
+                continue
+            if self._stalled_since is None:
+                self._stalled_since = now
+                self._last_warning = 0.0
+            waited = now - self._stalled_since
+            detail = "; ".join(t.last_error for t in teachers if t.last_error) or "no teacher assigned"
+            if waited >= self._options.teacher_timeout:
+                self._fail(
+                    self._active_epoch,
+                    NoTeacherError(
+                        f"no teacher answered for {waited:.0f} s (teacher_timeout={self._options.teacher_timeout:g}); "
+                        f"last errors: {detail}"
+                    ),
+                )
+            elif now - self._last_warning >= _WARN_EVERY:
+                self._last_warning = now
+                self._on_warning(
+                    f"no teacher answers ({detail}); retrying, giving up in "
+                    f"{self._options.teacher_timeout - waited:.0f} s"
+                )
