@@ -23,6 +23,7 @@ Lifecycle (one owner for each):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import queue
@@ -174,10 +175,8 @@ class Pipeline:
         process, self._process = self._process, None
         if process is None:
             return
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._send(("stop",))
-        except (OSError, ValueError):
-            pass
         try:
             process.wait(_STOP_TIMEOUT)
         except subprocess.TimeoutExpired:

@@ -11,6 +11,7 @@ leave it, and its name starts with ``distill-reader-``).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import secrets
@@ -87,10 +88,8 @@ class SharedBuffer:
 
     def unlink(self) -> None:
         """Remove the file; the mapping stays valid in every process that has it."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 def batch_views(arrays: Sequence[np.ndarray], n: int) -> list[np.ndarray]:

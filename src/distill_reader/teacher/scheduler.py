@@ -170,9 +170,8 @@ class Scheduler:
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
-            if not teacher.checked:
-                if not await self._check(teacher):
-                    continue
+            if not teacher.checked and not await self._check(teacher):
+                continue
             item = await self._queue.get()
             if not self._live(item):
                 continue
