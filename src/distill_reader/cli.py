@@ -29,7 +29,7 @@ def _register_commands() -> None:
     else:
         main.add_command(discovery)
     try:
-        from distill_reader.demo import demo
+        from distill_reader.demo.command import demo
     except ImportError:
         pass
     else:

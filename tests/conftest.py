@@ -1,0 +1,142 @@
+"""Shared fixtures: reader configs, built-in teachers (in-process and as processes), leak checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+TESTS_DIR = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(endpoint: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"teacher on {endpoint} exited with code {process.returncode}")
+            try:
+                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=0.5).ready:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.05)
+    raise TimeoutError(f"teacher on {endpoint} not ready after {timeout} s")
+
+
+SEED_CONFIG = """\
+[conf]
+mode = fixed
+servers = {servers!r}
+{extra}
+[feed]
+feed_vars = ['img', 'label']
+feed_types = ['float32', 'int64']
+feed_shapes = [(1, 4, 4), (1,)]
+predict_feed_ids = [0]
+
+[fetch]
+fetch_vars = ['prediction']
+fetch_types = ['float32']
+fetch_shapes = [(10, )]
+"""
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """``write_config(servers, extra="", text=None)``: a reader config file for the tag models."""
+    counter = iter(range(1000))
+
+    def write(servers: list[str] | None = None, extra: str = "", text: str | None = None) -> Path:
+        path = tmp_path / f"reader{next(counter)}.conf"
+        path.write_text(text if text is not None else SEED_CONFIG.format(servers=servers, extra=extra))
+        return path
+
+    return write
+
+
+class TeacherProcesses:
+    """Built-in teacher servers run as ``distill teacher serve`` processes."""
+
+    def __init__(self) -> None:
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, model: str = "reader_models:tag", *args: str, env: dict[str, str] | None = None) -> str:
+        endpoint = f"127.0.0.1:{free_port()}"
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+        environ.update(env or {})
+        process = subprocess.Popen(
+            [sys.executable, "-m", "distill_reader", "teacher", "serve", "--model", model, "--listen", endpoint, *args],
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.processes[endpoint] = process
+        wait_ready(endpoint, process=process)
+        return endpoint
+
+    def kill(self, endpoint: str, sig: int = signal.SIGKILL) -> None:
+        process = self.processes[endpoint]
+        process.send_signal(sig)
+        process.wait(10)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+@pytest.fixture
+def teachers() -> Iterator[TeacherProcesses]:
+    fleet = TeacherProcesses()
+    try:
+        yield fleet
+    finally:
+        fleet.stop_all()
+
+
+@pytest.fixture(scope="session")
+def tag_teachers() -> Iterator[list[str]]:
+    """Two teacher processes serving ``reader_models:tag``, shared by the tests that only read."""
+    fleet = TeacherProcesses()
+    try:
+        yield [fleet.start(), fleet.start()]
+    finally:
+        fleet.stop_all()
+
+
+def child_pids(pid: int | None = None) -> set[int]:
+    """Processes whose parent is ``pid`` (this process by default)."""
+    pid = os.getpid() if pid is None else pid
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.add(int(entry))
+    return children
+
+
+def shm_files() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("distill-reader-")}

@@ -1,0 +1,55 @@
+"""Teacher models for the reader tests, served by the built-in teacher server.
+
+``tag`` is exact: each output row is computed from its own input row only (float64 sums of
+integers-valued pixels), so "the teacher output equals the model applied to that very row" can be
+checked with array equality. It also encodes the row's id, so a lost, repeated or misplaced row
+cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from distill_reader.serving import teacher_model
+
+IMG_SHAPE = (1, 4, 4)
+
+
+def tag_rows(img: np.ndarray) -> np.ndarray:
+    """The reference: per row, 10 partial sums of the flattened image, plus the row's id."""
+    x = img.reshape(len(img), -1).astype(np.float64)
+    out = np.stack([x[:, i::10].sum(axis=1) for i in range(10)], axis=1)
+    return out.astype(np.float32)
+
+
+@teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
+def tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"prediction": tag_rows(batch["img"])}
+
+
+@teacher_model(inputs=[("image", "float32", IMG_SHAPE)], outputs=[("scale_0.tmp_0", "float32", (10,))])
+def tag_paddle_names(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same model with Paddle-style served names (for serving_conf_file aliases)."""
+    return {"scale_0.tmp_0": tag_rows(batch["image"])}
+
+
+@teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
+def slow_tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``tag`` taking 20 ms per batch (sleeping, like a GPU), so an epoch lasts long enough to kill
+    a teacher in the middle of it."""
+    time.sleep(float(os.environ.get("SLOW_TAG_SECONDS", "0.02")))
+    return {"prediction": tag_rows(batch["img"])}
+
+
+@teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
+def broken(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    raise RuntimeError("the teacher model is broken")
+
+
+def make_sample(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``i``: an image whose pixels encode ``i`` and a label equal to ``i``."""
+    img = (np.arange(16, dtype=np.float32).reshape(IMG_SHAPE) + i * 16) % 1000 + i
+    return img, np.array([i], dtype=np.int64)
