@@ -1,0 +1,112 @@
+"""Config parsing and validation: every bad config fails at construction naming the key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SEED_CONFIG
+
+from distill_reader import ConfigError, DistillReader
+from distill_reader.config import load_config
+
+pytestmark = pytest.mark.timeout(30)
+
+GOOD = SEED_CONFIG.format(servers=["127.0.0.1:9292", "localhost:9393"], extra="")
+
+
+def test_seed_config_parses(tmp_path):
+    path = tmp_path / "ok.conf"
+    path.write_text(GOOD)
+    config = load_config(path)
+    assert config.mode == "fixed"
+    assert config.servers == ("127.0.0.1:9292", "localhost:9393")
+    assert config.model_name == "teacher"
+    assert [(s.name, s.dtype, s.shape) for s in config.feeds] == [
+        ("img", np.dtype("float32"), (1, 4, 4)),
+        ("label", np.dtype("int64"), (1,)),
+    ]
+    assert [s.name for s in config.predict_feeds] == ["img"]
+    assert [(s.name, s.shape) for s in config.fetches] == [("prediction", (10,))]
+
+
+def test_bare_words_and_new_keys(tmp_path):
+    path = tmp_path / "ok.conf"
+    path.write_text(GOOD.replace("[conf]\n", "[conf]\nmodel_name = resnet50\n").replace("mode = fixed", "mode = 'fixed'"))
+    config = load_config(path)
+    assert config.model_name == "resnet50" and config.mode == "fixed"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("[fetch]", "[fetchx]", "missing section [fetch]"),
+        ("mode = fixed\n", "", "[conf] mode: missing key"),
+        ("mode = fixed", "mode = balanced", "[conf] mode: unknown mode 'balanced'"),
+        ("servers = ['127.0.0.1:9292', 'localhost:9393']", "servers = []", "[conf] servers: the list is empty"),
+        ("servers = ['127.0.0.1:9292', 'localhost:9393']", "servers = ['127.0.0.1']", "[conf] servers: '127.0.0.1'"),
+        ("servers = ['127.0.0.1:9292', 'localhost:9393']", "servers = ['a:1',", "[conf] servers: cannot parse"),
+        ("feed_types = ['float32', 'int64']", "feed_types = ['float32']", "feed_vars, feed_types and feed_shapes"),
+        ("fetch_types = ['float32']", "fetch_types = ['float128']", "[fetch] fetch_types: unknown dtype 'float128'"),
+        ("feed_shapes = [(1, 4, 4), (1,)]", "feed_shapes = [(1, 4, 4), (0,)]", "[feed] feed_shapes[1]"),
+        ("feed_shapes = [(1, 4, 4), (1,)]", "feed_shapes = [(1, -1, 4), (1,)]", "variable-length"),
+        ("predict_feed_ids = [0]", "predict_feed_ids = [2]", "[feed] predict_feed_ids: 2 is out of range"),
+        ("predict_feed_ids = [0]", "predict_feed_ids = []", "[feed] predict_feed_ids"),
+        ("fetch_vars = ['prediction']", "fetch_vars = 'prediction'", "[fetch] fetch_vars: expected a list"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, old, new, message):
+    assert old in GOOD
+    path = tmp_path / "bad.conf"
+    path.write_text(GOOD.replace(old, new))
+    with pytest.raises(ConfigError) as info:
+        DistillReader(path, 32, 4, 4, 2)
+    assert message in str(info.value)
+
+
+def test_discover_mode_keys(tmp_path):
+    text = GOOD.replace(
+        "mode = fixed\nservers = ['127.0.0.1:9292', 'localhost:9393']",
+        "mode = discover\nhost = 10.0.0.1:7000, 10.0.0.2\nport = 7001\nservice_name = resnet\nrequire_num = 2",
+    )
+    path = tmp_path / "d.conf"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.discovery == ("10.0.0.1:7000", "10.0.0.2:7001")
+    assert (config.service_name, config.require_num) == ("resnet", 2)
+    path.write_text(text.replace("require_num = 2", "require_num = 0"))
+    with pytest.raises(ConfigError, match=r"\[conf\] require_num: must be >= 1"):
+        load_config(path)
+
+
+def test_missing_file_and_serving_conf(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.conf")
+    path = tmp_path / "s.conf"
+    path.write_text(GOOD.replace("[conf]\n", "[conf]\nserving_conf_file = missing.prototxt\n"))
+    with pytest.raises(ConfigError, match=r"\[conf\] serving_conf_file: cannot read"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((0, 4, 4, 2), "batch_size: must be >= 1"),
+        ((32, 0, 4, 2), "d_batch_size: must be >= 1"),
+        ((32, 4, 2, 2), "capacity (2) must be greater than occupied_capacity (2)"),
+        ((32, 4, 4, -1), "occupied_capacity: must be >= 0"),
+        ((32.5, 4, 4, 2), "batch_size: expected an integer"),
+    ],
+)
+def test_bad_sizes(tmp_path, args, message):
+    path = tmp_path / "ok.conf"
+    path.write_text(GOOD)
+    with pytest.raises(ConfigError) as info:
+        DistillReader(path, *args)
+    assert message in str(info.value)
+
+
+def test_reader_must_be_set(tmp_path):
+    path = tmp_path / "ok.conf"
+    path.write_text(GOOD)
+    with pytest.raises(Exception, match="no reader set"):
+        DistillReader(path, 8, 4, 2, 0).distill_reader()
