@@ -1,0 +1,198 @@
+"""Dynamic batching: concurrent requests merged into model batches, like a GPU server does.
+
+Lifecycle: ``start()`` starts one thread per model instance; ``infer()`` (on the event loop)
+queues a request and awaits its future; each instance thread takes queued requests in arrival
+order, runs one batch at a time and hands the outputs back to the loop with one callback per
+batch, which resolves each request's future with its slice. ``stop()`` wakes the threads, fails
+what is still queued and waits a bounded time for the threads to end.
+
+Why threads and not asyncio tasks: forming batches and running the model off the loop means the
+loop only queues requests and resolves futures, so it keeps accepting under load, and the next
+batch starts without waiting for the loop's attention (one hop per batch instead of several).
+
+Batch forming: an instance waits for the first request, then for more until ``max_batch`` rows
+are queued or ``max_delay_ms`` has passed since the oldest queued request arrived. While every
+instance is busy, requests pile up and the next batch is formed from them at once. A request
+larger than ``max_batch`` runs alone; requests are never split; requests whose per-sample shapes
+differ (possible where a dim is -1) are not merged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from distill_reader.serving.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher stopped before the request ran."""
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future
+    arrival: float
+    sample_shapes: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sample_shapes = tuple(a.shape[1:] for a in self.inputs.values())
+
+
+class DynamicBatcher:
+    """Queues requests for ``backend`` and runs them in merged batches, ``instances`` at a time."""
+
+    def __init__(self, backend: Backend, *, max_batch: int = 64, max_delay_ms: float = 2.0, instances: int = 1) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000.0
+        self.instances = instances
+        # Shared between the loop (appends) and the instance threads (take); guarded by _cond.
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._pending_rows = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        #: Counters for stats and tests: batches run and rows in them.
+        self.batches = 0
+        self.rows = 0
+
+    async def start(self) -> None:
+        """Start the instance threads; results are delivered on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._threads = [
+            threading.Thread(target=self._instance, name=f"teacher-instance-{i}", daemon=True)
+            for i in range(self.instances)
+        ]
+        for t in self._threads:
+            t.start()
+
+    async def stop(self, timeout: float = 1.0) -> None:
+        """Fail queued requests, stop the threads; waits up to ``timeout`` s for a running batch."""
+        with self._cond:
+            self._running = False
+            pending, self._pending = self._pending, collections.deque()
+            self._pending_rows = 0
+            self._cond.notify_all()
+        for r in pending:
+            if not r.future.done():
+                r.future.set_exception(BatcherStopped("the teacher server is stopping"))
+        threads, self._threads = self._threads, []
+
+        def join() -> None:
+            deadline = time.monotonic() + timeout
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+
+        if threads:
+            await asyncio.get_running_loop().run_in_executor(None, join)
+
+    async def infer(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """The model's outputs for one request of ``rows`` rows (arrays with a leading batch dim)."""
+        if not self._running:
+            raise BatcherStopped("the teacher server is not running")
+        req = _Request(inputs, rows, self._loop.create_future(), time.monotonic())  # type: ignore[union-attr]
+        with self._cond:
+            self._pending.append(req)
+            self._pending_rows += rows
+            self._cond.notify()
+        return await req.future
+
+    # --- instance threads ---------------------------------------------------------------------
+
+    def _instance(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while self._running and not self._pending:
+                    cond.wait()
+                if not self._running:
+                    return
+                while self._pending and self._pending_rows < self.max_batch and self._running:
+                    # Measured from the oldest queued request, which another instance may have taken.
+                    timeout = self._pending[0].arrival + self.max_delay - time.monotonic()
+                    if timeout <= 0:
+                        break
+                    cond.wait(timeout)
+                batch = self._take()
+                if self._pending:
+                    cond.notify()  # an idle instance can start on the rest
+            if batch:
+                self._run(batch)
+
+    def _take(self) -> list[_Request]:
+        batch: list[_Request] = []
+        rows = 0
+        while self._pending:
+            r = self._pending[0]
+            # done() here means cancelled by the client while queued (a racy read is harmless:
+            # _deliver checks again on the loop).
+            if r.future.done():
+                self._pending.popleft()
+                self._pending_rows -= r.rows
+                continue
+            if batch and (rows + r.rows > self.max_batch or r.sample_shapes != batch[0].sample_shapes):
+                break
+            self._pending.popleft()
+            self._pending_rows -= r.rows
+            batch.append(r)
+            rows += r.rows
+            if rows >= self.max_batch:
+                break
+        return batch
+
+    def _run(self, batch: list[_Request]) -> None:
+        rows = sum(r.rows for r in batch)
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                inputs = {k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs}
+            outputs = self.backend.infer(inputs)
+            for name, arr in outputs.items():
+                if arr.ndim == 0 or arr.shape[0] != rows:
+                    raise ValueError(f"model output {name!r} has shape {list(arr.shape)}; expected {rows} rows")
+            results: list[object] = [outputs]
+            if len(batch) > 1:
+                results, start = [], 0
+                for r in batch:
+                    results.append({k: v[start : start + r.rows] for k, v in outputs.items()})
+                    start += r.rows
+        except Exception as e:  # a model error fails this batch only
+            log.warning("batch of %d rows failed: %s", rows, e)
+            results = [e] * len(batch)
+        else:
+            self.batches += 1
+            self.rows += rows
+        # RuntimeError: the loop is closed, so nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._deliver, batch, results)  # type: ignore[union-attr]
+
+    @staticmethod
+    def _deliver(batch: list[_Request], results: list[object]) -> None:
+        for r, result in zip(batch, results, strict=True):
+            if r.future.done():
+                continue
+            if isinstance(result, Exception):
+                r.future.set_exception(result)
+            else:
+                r.future.set_result(result)

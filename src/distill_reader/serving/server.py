@@ -1,0 +1,354 @@
+"""The teacher server: one model over the Open Inference Protocol (KServe v2 / Triton) gRPC API.
+
+Three ways to run it:
+
+- ``await serve(backend, listen, ...)`` inside an event loop, until ``stop_event`` is set;
+- ``run_server(backend, listen, ...)`` from a command line: blocks, stops on SIGINT/SIGTERM;
+- ``with running_server(backend) as address:`` in tests or other code: a server in a background
+  thread, bound to a free port by default, stopped on leaving the block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from distill_reader import __version__
+from distill_reader.oip import TensorSpec, array_from_raw, shape_matches
+from distill_reader.serving.backends.base import Backend
+from distill_reader.serving.batcher import BatcherStopped, DynamicBatcher
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:8001"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SERVER_NAME = "distill-reader"
+MODEL_VERSION = "1"
+
+InputTensor = service_pb2.ModelInferRequest.InferInputTensor
+OnStarted = Callable[[str], Awaitable[None]]
+
+# Which typed ``InferTensorContents`` field carries each OIP datatype (FP16 travels raw only).
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+class RequestError(ValueError):
+    """A request that does not fit the model; becomes INVALID_ARGUMENT."""
+
+
+def _decode_input(spec: TensorSpec, tensor: InputTensor, raw: bytes | None) -> np.ndarray:
+    name = spec.name
+    if tensor.datatype != spec.datatype:
+        raise RequestError(f"input {name!r} has datatype {tensor.datatype}, expected {spec.datatype}")
+    shape = tuple(tensor.shape)
+    if len(shape) != len(spec.shape) + 1 or any(d < 0 for d in shape) or not shape_matches(spec.shape, shape[1:]):
+        raise RequestError(f"input {name!r} has shape {list(shape)}, expected {[-1, *spec.shape]}")
+    if raw is not None:
+        try:
+            return array_from_raw(raw, spec.dtype, shape)
+        except ValueError as e:
+            raise RequestError(f"input {name!r}: {e}") from None
+    field = _TYPED_FIELD.get(spec.datatype)
+    if field is None:
+        raise RequestError(f"input {name!r}: datatype {spec.datatype} must be sent as raw contents")
+    values = getattr(tensor.contents, field)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(values) != count:
+        raise RequestError(f"input {name!r}: contents hold {len(values)} values, shape {list(shape)} needs {count}")
+    return np.array(values, dtype=spec.dtype).reshape(shape)
+
+
+class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The OIP servicer for one model. Needs a started :class:`DynamicBatcher` to infer."""
+
+    def __init__(self, backend: Backend, batcher: DynamicBatcher, *, model_name: str = "teacher") -> None:
+        self.backend = backend
+        self.batcher = batcher
+        self.model_name = model_name
+        self.ready = False
+        self._inputs = {s.name: s for s in backend.inputs}
+        self._outputs = {s.name: s for s in backend.outputs}
+        self._all_outputs = [s.name for s in backend.outputs]
+        self._metadata = service_pb2.ModelMetadataResponse(
+            name=model_name,
+            versions=[MODEL_VERSION],
+            platform=backend.platform,
+            inputs=[self._tensor_metadata(s) for s in backend.inputs],
+            outputs=[self._tensor_metadata(s) for s in backend.outputs],
+        )
+
+    @staticmethod
+    def _tensor_metadata(spec: TensorSpec) -> service_pb2.ModelMetadataResponse.TensorMetadata:
+        return service_pb2.ModelMetadataResponse.TensorMetadata(
+            name=spec.name, datatype=spec.datatype, shape=[-1, *spec.shape]
+        )
+
+    def _serves(self, name: str, version: str) -> bool:
+        return name == self.model_name and version in ("", MODEL_VERSION)
+
+    async def ServerLive(self, request, context):  # noqa: N802 - names fixed by the protocol
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return service_pb2.ServerReadyResponse(ready=self.ready)
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        # Like Triton: an unknown model is "not ready", not an error.
+        return service_pb2.ModelReadyResponse(ready=self.ready and self._serves(request.name, request.version))
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        if not self._serves(request.name, request.version):
+            await self._not_found(request.name, request.version, context)
+        return self._metadata
+
+    async def _not_found(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+        what = f"model {name!r}" + (f" version {version!r}" if version else "")
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"{what} not found; this server serves {self.model_name!r}")
+
+    def decode(self, request: service_pb2.ModelInferRequest) -> tuple[dict[str, np.ndarray], int, list[str]]:
+        """The input arrays, the batch size and the output names of a request; RequestError if bad."""
+        raw = request.raw_input_contents
+        tensors = request.inputs
+        if raw and len(raw) != len(tensors):
+            raise RequestError(f"{len(raw)} raw_input_contents for {len(tensors)} inputs")
+        arrays: dict[str, np.ndarray] = {}
+        rows = -1
+        for i, tensor in enumerate(tensors):
+            spec = self._inputs.get(tensor.name)
+            if spec is None:
+                raise RequestError(f"unknown input {tensor.name!r}; the model takes {list(self._inputs)}")
+            if tensor.name in arrays:
+                raise RequestError(f"input {tensor.name!r} given twice")
+            if raw and tensor.HasField("contents"):
+                raise RequestError(f"input {tensor.name!r} has both raw and typed contents")
+            arr = _decode_input(spec, tensor, raw[i] if raw else None)
+            if rows < 0:
+                rows = arr.shape[0]
+            elif arr.shape[0] != rows:
+                raise RequestError(f"input {tensor.name!r} has batch size {arr.shape[0]}, other inputs have {rows}")
+            arrays[tensor.name] = arr
+        for name in self._inputs:
+            if name not in arrays:
+                raise RequestError(f"missing input {name!r}")
+        if rows == 0:
+            raise RequestError(f"input {tensors[0].name!r} has an empty batch")
+        if request.outputs:
+            names = [o.name for o in request.outputs]
+            for name in names:
+                if name not in self._outputs:
+                    raise RequestError(f"unknown output {name!r}; the model has {self._all_outputs}")
+        else:
+            names = self._all_outputs
+        return arrays, rows, names
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        if not self._serves(request.model_name, request.model_version):
+            await self._not_found(request.model_name, request.model_version, context)
+        try:
+            arrays, rows, names = self.decode(request)
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            outputs = await self.batcher.infer(arrays, rows)
+        except BatcherStopped as e:  # the client may retry on another teacher
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except Exception as e:
+            await context.abort(grpc.StatusCode.INTERNAL, f"model {self.model_name!r} failed: {e}")
+        response = service_pb2.ModelInferResponse(
+            model_name=self.model_name, model_version=MODEL_VERSION, id=request.id
+        )
+        for name in names:
+            arr = outputs[name]
+            response.outputs.add(name=name, datatype=self._outputs[name].datatype, shape=arr.shape)
+            # tobytes() copies a slice of the batch output once, in C order, as OIP wants.
+            response.raw_output_contents.append(arr.tobytes())
+        return response
+
+
+def _split_listen(listen: str) -> tuple[str, str]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"listen address {listen!r} is not HOST:PORT")
+    return host, port
+
+
+class InferenceServer:
+    """A started-and-stopped OIP gRPC server for one backend (the async building block)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        listen: str = DEFAULT_LISTEN,
+        *,
+        model_name: str = "teacher",
+        max_batch: int = 64,
+        max_delay_ms: float = 2.0,
+        instances: int = 1,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        _split_listen(listen)
+        self.listen = listen
+        self.batcher = DynamicBatcher(backend, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances)
+        self.servicer = TeacherServer(backend, self.batcher, model_name=model_name)
+        self.max_message_bytes = max_message_bytes
+        self.address: str | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> str:
+        """Bind, start serving and return the bound ``host:port`` (port 0 picks a free one)."""
+        options = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # Two servers on one port would split the traffic silently.
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        try:
+            port = server.add_insecure_port(self.listen)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {self.listen}: {e}") from None
+        if port == 0:  # older grpcio report a failed bind this way
+            raise OSError(f"cannot listen on {self.listen}")
+        host, _ = _split_listen(self.listen)
+        await self.batcher.start()
+        await server.start()
+        self._server = server
+        self.address = f"{host}:{port}"
+        self.servicer.ready = True
+        return self.address
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to ``grace`` seconds, then stop."""
+        self.servicer.ready = False
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        await self.batcher.stop()
+
+
+async def serve(
+    backend: Backend,
+    listen: str = DEFAULT_LISTEN,
+    *,
+    model_name: str = "teacher",
+    max_batch: int = 64,
+    max_delay_ms: float = 2.0,
+    instances: int = 1,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    on_started: OnStarted | None = None,
+    stop_event: asyncio.Event | None = None,
+    grace: float = 1.0,
+) -> None:
+    """Serve ``backend`` until ``stop_event`` is set (or the task is cancelled), then stop cleanly.
+
+    ``on_started(address)`` is awaited once the server accepts requests (e.g. to register the
+    teacher with discovery); if it raises, the server stops and the error propagates.
+    """
+    server = InferenceServer(
+        backend,
+        listen,
+        model_name=model_name,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        instances=instances,
+        max_message_bytes=max_message_bytes,
+    )
+    stop_event = stop_event or asyncio.Event()
+    try:
+        address = await server.start()
+        log.info("serving model %r on %s", model_name, address)
+        if on_started is not None:
+            await on_started(address)
+        await stop_event.wait()
+    finally:
+        await server.stop(grace)
+
+
+def run_server(backend: Backend, listen: str = DEFAULT_LISTEN, **kwargs: Any) -> None:
+    """Serve ``backend`` in this (main) thread until SIGINT or SIGTERM; takes :func:`serve`'s options."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(backend, listen, stop_event=stop, **kwargs)
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def running_server(
+    backend: Backend,
+    listen: str = "127.0.0.1:0",
+    *,
+    on_started: OnStarted | None = None,
+    **kwargs: Any,
+) -> Iterator[str]:
+    """Run a server in a background thread for the ``with`` block; yields its ``host:port``.
+
+    Takes :func:`serve`'s options. Errors at start-up (e.g. the port is taken) are raised here.
+    """
+    ready = threading.Event()
+    address: list[str] = []
+    error: list[BaseException] = []
+    loop: list[asyncio.AbstractEventLoop] = []
+    stop = asyncio.Event()  # not bound to a loop until first awaited (Python >= 3.10)
+
+    async def announce(bound: str) -> None:
+        if on_started is not None:
+            await on_started(bound)
+        address.append(bound)
+        ready.set()
+
+    async def main() -> None:
+        loop.append(asyncio.get_running_loop())
+        await serve(backend, listen, on_started=announce, stop_event=stop, **kwargs)
+
+    def thread_main() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # handed to the caller, who is waiting on `ready`
+            error.append(e)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=thread_main, name="teacher-server", daemon=True)
+    thread.start()
+    ready.wait()
+    if not address:
+        thread.join()
+        raise error[0] if error else RuntimeError("the teacher server did not start")
+    try:
+        yield address[0]
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            loop[0].call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
+        if thread.is_alive():
+            log.warning("the teacher server thread did not stop within 10 s")
