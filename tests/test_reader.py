@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import time
 
 import numpy as np
 import pytest
@@ -286,3 +287,24 @@ def test_fake_reader_appends_zero_outputs(write_config):
     assert [len(b[0]) for b in batches] == [8, 8, 5]
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches])[:, 0], np.arange(21))
     assert all(b[2].shape == (len(b[0]), 10) and not b[2].any() for b in batches)
+
+
+def test_stats_and_profile_lines(write_config, tag_teachers, monkeypatch, capfd):
+    monkeypatch.setenv("DISTILL_READER_PROFILE", "1")
+    dr = DistillReader(write_config(tag_teachers), 10, 5, capacity=4, occupied_capacity=1)
+    dr.set_sample_list_generator(sample_list_reader(95))
+    with dr:
+        assert len(list(dr.distill_reader()())) == 10
+        deadline = time.monotonic() + 5
+        while len(dr.stats().teachers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stats = dr.stats()
+    assert (stats.samples, stats.batches) == (95, 10)
+    assert stats.consumer_wait_seconds > 0
+    assert sorted(t.endpoint for t in stats.teachers) == sorted(tag_teachers)
+    assert sum(t.requests for t in stats.teachers) >= 19  # 95 rows in requests of at most 5
+    assert all(t.healthy and t.in_flight == 0 for t in stats.teachers)
+    assert any(t.latency_ms_p50 is not None and t.latency_ms_p50 > 0 for t in stats.teachers)
+    assert "95 samples in 10 batches" in stats.summary()
+    profile = [line for line in capfd.readouterr().err.splitlines() if line.startswith("distill-reader profile")]
+    assert len(profile) == 10 and "fill" in profile[0] and "teachers" in profile[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from distill_reader.config import ReaderConfig, load_config, validate_reader_arg
 from distill_reader.errors import ConfigError, DistillReaderError
 from distill_reader.reader.pipeline import Epoch, Pipeline, failure_of, is_end
 from distill_reader.reader.pool import PoolLayout, batch_views
+from distill_reader.reader.stats import ReaderStats, StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
 
 log = logging.getLogger("distill_reader")
@@ -37,7 +39,8 @@ class DistillReader:
     Keyword options: ``copy``; ``max_in_flight`` requests per teacher (default 4);
     ``request_timeout`` seconds per request (30); ``teacher_timeout``: seconds without any teacher
     answering before the epoch fails with :class:`~distill_reader.NoTeacherError` (120);
-    ``max_attempts`` for a request a teacher answers with an error (3).
+    ``max_attempts`` for a request a teacher answers with an error (3); ``log_interval``: seconds
+    between statistics lines logged at INFO (60). See :meth:`stats`.
 
     A batch is a list of arrays: every feed var in config order, then every fetch var.
     """
@@ -55,12 +58,14 @@ class DistillReader:
         request_timeout: float = 30.0,
         teacher_timeout: float = 120.0,
         max_attempts: int = 3,
+        log_interval: float = 60.0,
     ) -> None:
         validate_reader_args(batch_size, d_batch_size, capacity, occupied_capacity)
         for name, value in (("max_in_flight", max_in_flight), ("max_attempts", max_attempts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
-        for name, value in (("request_timeout", request_timeout), ("teacher_timeout", teacher_timeout)):
+        for name, value in (("request_timeout", request_timeout), ("teacher_timeout", teacher_timeout),
+                            ("log_interval", log_interval)):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name}: must be a number of seconds > 0, got {value!r}")
         self.config: ReaderConfig = load_config(conf_file)
@@ -79,6 +84,7 @@ class DistillReader:
             (*self.config.feeds, *self.config.fetches), self.batch_size, self.capacity
         )
         self._reader: tuple[str, Callable[[], Iterable[Any]]] | None = None
+        self._stats = StatsTracker(float(log_interval))
         self._holder = _PipelineHolder()
         self._active: Epoch | None = None
         self._lock = threading.Lock()
@@ -106,6 +112,13 @@ class DistillReader:
                 "set_batch_generator first"
             )
         return self._epoch
+
+    def stats(self) -> ReaderStats:
+        """Throughput, time the training loop waited, retries, and per-teacher requests in flight and
+        latency percentiles. A summary is also logged at INFO every ``log_interval`` seconds."""
+        if self._holder.pipeline is not None:
+            self._holder.pipeline.refresh()
+        return self._stats.snapshot()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -135,7 +148,7 @@ class DistillReader:
             log.warning("the pipeline process stopped (%s); starting a new one", holder.pipeline.broken)
             holder.close()
         if holder.pipeline is None:
-            holder.pipeline = Pipeline(self.config, self._layout, self._options)
+            holder.pipeline = Pipeline(self.config, self._layout, self._options, self._stats)
         return holder.pipeline
 
     def _epoch(self) -> Iterator[Batch]:
@@ -154,6 +167,7 @@ class DistillReader:
         finished = False
         try:
             while True:
+                waiting_since = time.perf_counter()
                 item = pipeline.wait_sealed(epoch)
                 if is_end(item):
                     finished = True
@@ -161,7 +175,8 @@ class DistillReader:
                 error = failure_of(item)
                 if error is not None:
                     raise error
-                pipeline.wait_done(epoch, item.slot)
+                teacher_seconds = pipeline.wait_done(epoch, item.slot)
+                self._stats.batch(item.rows, time.perf_counter() - waiting_since, item.fill_seconds, teacher_seconds)
                 views = batch_views(pipeline.slots[item.slot], item.rows)
                 if self.copy:
                     batch = [v.copy() for v in views]

@@ -43,6 +43,7 @@ from distill_reader.errors import DistillReaderError, PipelineError, ReaderFunct
 from distill_reader.reader.filling import SlotFiller
 from distill_reader.reader.pipeline_process import PipelineSpec
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
+from distill_reader.reader.stats import StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
 
 log = logging.getLogger("distill_reader")
@@ -80,6 +81,7 @@ class _Sealed:
     sequence: int
     slot: int
     rows: int
+    fill_seconds: float  # from taking the free slot to sealing it
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,10 @@ READER_KINDS = ("sample", "sample_list", "batch")
 class Pipeline:
     """See the module docstring."""
 
-    def __init__(self, config: ReaderConfig, layout: PoolLayout, options: SchedulerOptions) -> None:
+    def __init__(self, config: ReaderConfig, layout: PoolLayout, options: SchedulerOptions,
+                 stats: StatsTracker) -> None:
         self.config = config
+        self.stats = stats
         self.layout = layout
         self._buffer = SharedBuffer.create(layout.nbytes)
         self._send_lock = threading.Lock()
@@ -114,7 +118,7 @@ class Pipeline:
         self.free = SlotPool(layout.capacity)
         self.held: collections.deque[int] = collections.deque()  # yielded slots, oldest first
         self.broken: BaseException | None = None
-        self._done: set[tuple[int, int]] = set()  # (epoch, slot) reported done
+        self._done: dict[tuple[int, int], float] = {}  # (epoch, slot) reported done -> teacher seconds
         self._errors: dict[int, BaseException] = {}
         self._acks: set[int] = set()
         self._next_epoch = 0
@@ -200,10 +204,17 @@ class Pipeline:
             self.broken = PipelineError(f"the pipeline process died (exit code {code})")
             raise self.broken from None
 
+    def refresh(self) -> None:
+        """Handle what the pipeline process has sent (e.g. statistics) without waiting."""
+        with contextlib.suppress(DistillReaderError):  # errors stay recorded for the epoch to raise
+            self._pump(0)
+
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "slot_done":
-            self._done.add((message[1], message[2]))
+            self._done[(message[1], message[2])] = message[3]
+        elif kind == "stats":
+            self.stats.pipeline_report(message[1], message[2])
         elif kind == "error":
             self._errors.setdefault(message[1], message[2])
         elif kind == "warning":
@@ -234,12 +245,14 @@ class Pipeline:
             except queue.Empty:
                 self._pump(0)
 
-    def wait_done(self, epoch: Epoch, slot: int) -> None:
+    def wait_done(self, epoch: Epoch, slot: int) -> float:
+        """Wait until the teachers have answered for every row of ``slot``; returns the seconds from
+        its first request to its last answer."""
         key = (epoch.number, slot)
         while key not in self._done:
             self._raise_if_failed(epoch.number)
             self._pump(_TICK)
-        self._done.discard(key)
+        return self._done.pop(key)
 
     def hold(self, slot: int) -> None:
         """The consumer took ``slot``; it is freed by a later ``release_held``."""
@@ -272,7 +285,7 @@ class Pipeline:
         epoch.reclaim()
         self._acks.discard(epoch.number)
         self._errors.pop(epoch.number, None)
-        self._done = {key for key in self._done if key[0] != epoch.number}
+        self._done = {key: value for key, value in self._done.items() if key[0] != epoch.number}
 
     def finish(self, epoch: Epoch) -> None:
         epoch.thread.join(_STOP_TIMEOUT)
@@ -297,6 +310,7 @@ class Epoch:
         self._lock = threading.Lock()
         self._reclaimed = False
         self._sequence = 0
+        self._acquired_at = 0.0
         self.thread = threading.Thread(target=self._feed, name=f"distill-reader-feeder-{number}", daemon=True)
 
     def start(self) -> None:
@@ -326,6 +340,7 @@ class Epoch:
         slot = self.pipeline.free.acquire(self.stop)
         if slot is None:
             return None
+        self._acquired_at = time.perf_counter()
         return slot, self.pipeline.slots[slot][: len(self.pipeline.config.feeds)]
 
     def _on_d_batch(self, slot: int, start: int, count: int) -> None:
@@ -333,7 +348,7 @@ class Epoch:
 
     def _on_sealed(self, slot: int, rows: int) -> None:
         self.pipeline._send(("seal", self.number, slot, rows))
-        self._hand_over(_Sealed(self._sequence, slot, rows))
+        self._hand_over(_Sealed(self._sequence, slot, rows, time.perf_counter() - self._acquired_at))
         self._sequence += 1
 
     def _feed(self) -> None:

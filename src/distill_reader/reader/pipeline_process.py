@@ -15,9 +15,10 @@ It ignores SIGINT: Ctrl-C is the training loop's to handle, which then stops thi
 Messages to the parent go through a sender thread so the event loop never blocks on a full pipe.
 
 Parent -> child: ``("work", epoch, sequence, slot, start, count)``, ``("seal", epoch, slot, rows)``,
-``("cancel", epoch)``, ``("stop",)``. Child -> parent: ``("ready",)``, ``("slot_done", epoch, slot)``,
-``("error", epoch, exception)``, ``("warning", message)``, ``("cancelled", epoch)``,
-``("fatal", exception)``.
+``("cancel", epoch)``, ``("stop",)``. Child -> parent: ``("ready",)``,
+``("slot_done", epoch, slot, seconds_since_its_first_request)``, ``("error", epoch, exception)``,
+``("warning", message)``, ``("cancelled", epoch)``, ``("fatal", exception)``,
+``("stats", [TeacherStats], retries)`` every second.
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ import os
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from distill_reader.config import ReaderConfig
+from distill_reader.errors import DistillReaderError
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, WorkItem
 
 log = logging.getLogger("distill_reader.pipeline")
+
+STATS_INTERVAL = 1.0  # seconds between statistics sent to the training loop
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class _PipelineProcess:
         self.fetch_arrays = [arrays[n_feeds:] for arrays in slots]
         self.done_rows = [0] * layout.capacity
         self.sealed_rows: list[int | None] = [None] * layout.capacity
+        self.slot_started: list[float | None] = [None] * layout.capacity  # first request of the slot
         self.cancelled_upto = -1
 
     def _send_loop(self, conn: Connection) -> None:
@@ -91,7 +97,7 @@ class _PipelineProcess:
             on_error=lambda epoch, exc: self.send(("error", epoch, exc)),
             on_warning=lambda message: self.send(("warning", message)),
         )
-        tasks = [loop.create_task(self._watch_parent())]
+        tasks = [loop.create_task(self._watch_parent()), loop.create_task(self._report_stats())]
         config = self.spec.config
         if config.mode == "fixed":
             self.scheduler.set_teachers([(endpoint, None) for endpoint in config.servers])
@@ -115,17 +121,25 @@ class _PipelineProcess:
         log.debug("parent process %d is gone; stopping", self.spec.parent_pid)
         self.stopped.set()
 
+    async def _report_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            self.send(("stats", self.scheduler.stats(), self.scheduler.retries))
+
     async def _follow_discovery(self) -> None:
         from distill_reader.discovery.client import StudentSession
 
         config = self.spec.config
-        session = StudentSession(list(config.discovery), config.service_name or "", config.require_num)
         try:
-            async for teachers in session.assignments():
-                log.info("discovery assigned %d teacher(s): %s", len(teachers), [t.endpoint for t in teachers])
-                self.scheduler.set_teachers([(t.endpoint, t.model_name or None) for t in teachers])
-        finally:
-            await session.close()
+            session = StudentSession(list(config.discovery), config.service_name or "", config.require_num)
+            try:
+                async for teachers in session.assignments():
+                    log.info("discovery assigned %d teacher(s): %s", len(teachers), [t.endpoint for t in teachers])
+                    self.scheduler.set_teachers([(t.endpoint, t.model_name or None) for t in teachers])
+            finally:
+                await session.close()
+        except DistillReaderError as exc:  # e.g. discovery rejected the student: the training loop must know
+            self.send(("fatal", exc))
 
     def _on_readable(self) -> None:
         try:
@@ -138,6 +152,8 @@ class _PipelineProcess:
         kind = message[0]
         if kind == "work":
             _, epoch, sequence, slot, start, count = message
+            if self.slot_started[slot] is None:
+                self.slot_started[slot] = time.perf_counter()
             self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
         elif kind == "seal":
             _, epoch, slot, rows = message
@@ -150,6 +166,7 @@ class _PipelineProcess:
             self.scheduler.cancel(epoch)
             self.done_rows = [0] * len(self.done_rows)
             self.sealed_rows = [None] * len(self.sealed_rows)
+            self.slot_started = [None] * len(self.slot_started)
             self.send(("cancelled", epoch))
         elif kind == "stop":
             self.stopped.set()
@@ -160,9 +177,12 @@ class _PipelineProcess:
 
     def _check_slot(self, epoch: int, slot: int) -> None:
         if self.sealed_rows[slot] is not None and self.done_rows[slot] == self.sealed_rows[slot]:
+            started = self.slot_started[slot]
+            seconds = time.perf_counter() - started if started is not None else 0.0
             self.done_rows[slot] = 0
             self.sealed_rows[slot] = None
-            self.send(("slot_done", epoch, slot))
+            self.slot_started[slot] = None
+            self.send(("slot_done", epoch, slot, seconds))
 
 
 def main(argv: list[str]) -> int:

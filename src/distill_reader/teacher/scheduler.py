@@ -15,7 +15,6 @@ While work is waiting and every teacher is failing, a warning is logged every fe
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import NoTeacherError, TeacherError, TeacherMismatchError
 from distill_reader.teacher.client import TeacherClient, TransientTeacherError
+from distill_reader.teacher.stats import LatencyWindow, TeacherStats
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ class _Teacher:
         self.check_lock = asyncio.Lock()
         self.workers: list[asyncio.Task] = []
         self.removed = False
+        self.in_flight = 0
+        self.requests = 0
+        self.failed_requests = 0
+        self.latencies = LatencyWindow()
+
+    def stats(self) -> TeacherStats:
+        return TeacherStats(self.client.endpoint, not self.failing, self.in_flight, self.requests,
+                            self.failed_requests, *self.latencies.percentiles_ms())
 
     @property
     def failing(self) -> bool:
@@ -100,7 +108,7 @@ class Scheduler:
         self._failed_epoch = -1
         self._fatal: Exception | None = None  # a teacher that can never serve this config
         self._watchdog: asyncio.Task | None = None
-        self._tiebreak = itertools.count()
+        self.retries = 0  # requests sent again after a failure
 
     # -- teacher set -------------------------------------------------------------------------
     def set_teachers(self, endpoints: Sequence[tuple[str, str | None]]) -> None:
@@ -122,6 +130,9 @@ class Scheduler:
                 self._teachers[endpoint] = teacher
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    def stats(self) -> list[TeacherStats]:
+        return [teacher.stats() for teacher in self._teachers.values()]
 
     async def _close_later(self, teacher: _Teacher) -> None:
         await asyncio.gather(*teacher.workers, return_exceptions=True)
@@ -200,6 +211,9 @@ class Scheduler:
 
     async def _run(self, teacher: _Teacher, item: WorkItem) -> None:
         inputs = [a[item.start : item.start + item.count] for a in self._feed_arrays[item.slot]]
+        teacher.in_flight += 1
+        teacher.requests += 1
+        started = time.perf_counter()
         try:
             outputs = await teacher.client.infer(inputs)
         except TransientTeacherError as exc:
@@ -214,6 +228,9 @@ class Scheduler:
             else:
                 self._requeue(item)
             return
+        finally:
+            teacher.in_flight -= 1
+        teacher.latencies.add(time.perf_counter() - started)
         if teacher.failing:
             log.info("teacher %s answers again", teacher.client.endpoint)
         teacher.failures = 0
@@ -227,6 +244,7 @@ class Scheduler:
 
     def _requeue(self, item: WorkItem) -> None:
         if self._live(item):
+            self.retries += 1
             self._queue.put_nowait(item)
 
     def _teacher_failed(self, teacher: _Teacher, message: str) -> None:
@@ -234,6 +252,7 @@ class Scheduler:
             others = "its requests go to the other teachers" if len(self._teachers) > 1 else "retrying"
             log.warning("%s; %s", message, others)
         teacher.failures += 1
+        teacher.failed_requests += 1
         teacher.last_error = message
         backoff = min(_BACKOFF_FIRST * 2 ** (teacher.failures - 1), _BACKOFF_MAX)
         teacher.available_at = time.monotonic() + backoff
