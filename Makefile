@@ -2,12 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
 
 .PHONY: venv demo test lint proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) || echo "PyTorch not installed: its tests will be skipped"
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

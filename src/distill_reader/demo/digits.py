@@ -6,6 +6,7 @@ Relu) whose output is the logits, so students can soften them with a temperature
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +56,13 @@ class MLPWeights:
 
 def train_teacher(data: DigitsData, hidden: int = 128, seed: int = 0) -> MLPWeights:
     """Train the teacher MLP with scikit-learn; a few seconds on one core."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     mlp = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=400, random_state=seed)
-    mlp.fit(data.x_train, data.y_train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # 400 iterations are plenty for a teacher
+        mlp.fit(data.x_train, data.y_train)
     w1, w2 = (w.astype(np.float32) for w in mlp.coefs_)
     b1, b2 = (b.astype(np.float32) for b in mlp.intercepts_)
     return MLPWeights(w1, b1, w2, b2)
