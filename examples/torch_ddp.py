@@ -44,10 +44,18 @@ def run_rank(rank: int, world_size: int, teachers: list[str], port: int, epochs:
         with DistillReader(config, 32, 8, capacity=4, occupied_capacity=1) as reader:
             reader.set_sample_generator(my_shard)
             for _ in range(epochs):
-                for pixels, labels, teacher_logits in DistillDataset(reader):
+                for pixels, _labels, teacher_logits in DistillDataset(reader):
                     t = 4.0
-                    loss = t * t * F.kl_div(F.log_softmax(model(pixels) / t, 1), F.log_softmax(teacher_logits / t, 1),
-                                            reduction="batchmean", log_target=True)
+                    loss = (
+                        t
+                        * t
+                        * F.kl_div(
+                            F.log_softmax(model(pixels) / t, 1),
+                            F.log_softmax(teacher_logits / t, 1),
+                            reduction="batchmean",
+                            log_target=True,
+                        )
+                    )
                     optimizer.zero_grad()
                     loss.backward()  # DDP averages the gradients over the ranks
                     optimizer.step()
@@ -67,7 +75,8 @@ def main() -> None:
     parser.add_argument("--out", default=".", help="folder for one result file per rank")
     args = parser.parse_args()
     torch.multiprocessing.spawn(
-        run_rank, args=(args.world_size, args.teachers.split(","), args.port, args.epochs, args.out),
+        run_rank,
+        args=(args.world_size, args.teachers.split(","), args.port, args.epochs, args.out),
         nprocs=args.world_size,
     )
     for rank in range(args.world_size):

@@ -31,7 +31,9 @@ def test_seed_config_parses(tmp_path):
 
 def test_bare_words_and_new_keys(tmp_path):
     path = tmp_path / "ok.conf"
-    path.write_text(GOOD.replace("[conf]\n", "[conf]\nmodel_name = resnet50\n").replace("mode = fixed", "mode = 'fixed'"))
+    path.write_text(
+        GOOD.replace("[conf]\n", "[conf]\nmodel_name = resnet50\n").replace("mode = fixed", "mode = 'fixed'")
+    )
     config = load_config(path)
     assert config.model_name == "resnet50" and config.mode == "fixed"
 

@@ -45,8 +45,9 @@ def test_signal_stops_everything_within_two_seconds(tmp_path, write_config, tag_
     before_shm = shm_files()
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(TESTS_DIR), config=str(write_config(tag_teachers))))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("PIPELINE"), process.stderr.read()

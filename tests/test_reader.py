@@ -70,8 +70,7 @@ def test_seed_guide_example(write_config, tag_teachers):
     [("sample", 101, 10, 3), ("sample_list", 97, 16, 16), ("batch", 130, 32, 5), ("sample", 5, 8, 2)],
 )
 def test_reader_kinds_order_and_short_batches(write_config, tag_teachers, kind, n, batch_size, d_batch_size):
-    dr = DistillReader(write_config(tag_teachers), batch_size, d_batch_size, capacity=3, occupied_capacity=0,
-                       copy=True)
+    dr = DistillReader(write_config(tag_teachers), batch_size, d_batch_size, capacity=3, occupied_capacity=0, copy=True)
     if kind == "sample":
         dr.set_sample_generator(lambda: (make_sample(i) for i in range(n)))
     elif kind == "sample_list":
@@ -101,7 +100,7 @@ def test_views_stay_valid_for_occupied_capacity(write_config, tag_teachers):
     with dr:
         for batch in dr.distill_reader()():
             held.append((batch, [a.copy() for a in batch]))
-            for views, copies in held[-(occupied + 1):]:
+            for views, copies in held[-(occupied + 1) :]:
                 for view, copy in zip(views, copies):
                     np.testing.assert_array_equal(view, copy)
         assert len(held) == 50
@@ -164,7 +163,10 @@ def test_serving_conf_file_maps_alias_names(tmp_path, write_config, teachers):
     [
         ((np.zeros((1, 4, 4), np.float32),), "sample 3 has 1 fields; expected 2"),
         ((np.zeros((4, 4), np.float32), np.array([3])), "sample 3, field 0 ('img'): shape (4, 4), expected (1, 4, 4)"),
-        ((np.zeros((1, 4, 4), np.float64), np.array([3])), "sample 3, field 0 ('img'): dtype float64, expected float32"),
+        (
+            (np.zeros((1, 4, 4), np.float64), np.array([3])),
+            "sample 3, field 0 ('img'): dtype float64, expected float32",
+        ),
         ((np.zeros((1, 4, 4), np.float32), np.array([3], np.int32)), "field 1 ('label'): dtype int32, expected int64"),
     ],
 )
@@ -233,11 +235,15 @@ def test_metadata_mismatch_names_the_var(write_config, tag_teachers, change, mes
 def test_no_teacher_warns_then_raises(write_config, caplog):
     from conftest import free_port
 
-    dr = DistillReader(write_config([f"127.0.0.1:{free_port()}"]), 4, 2, capacity=2, occupied_capacity=0,
-                       teacher_timeout=2)
+    dr = DistillReader(
+        write_config([f"127.0.0.1:{free_port()}"]), 4, 2, capacity=2, occupied_capacity=0, teacher_timeout=2
+    )
     dr.set_sample_generator(lambda: (make_sample(i) for i in range(10)))
-    with caplog.at_level(logging.WARNING, logger="distill_reader"), dr, \
-            pytest.raises(NoTeacherError, match="no teacher answered for 2 s"):
+    with (
+        caplog.at_level(logging.WARNING, logger="distill_reader"),
+        dr,
+        pytest.raises(NoTeacherError, match="no teacher answered for 2 s"),
+    ):
         list(dr.distill_reader()())
     assert any("no teacher answers" in r.getMessage() for r in caplog.records)
 

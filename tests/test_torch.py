@@ -44,8 +44,12 @@ def test_dataset_yields_tensors_that_share_the_pool(write_config, tag_teachers):
 
 @pytest.mark.timeout(180)
 def test_torch_example_trains_a_student():
-    result = subprocess.run([sys.executable, str(EXAMPLES / "torch_digits.py"), "--epochs", "3"],
-                            capture_output=True, text=True, timeout=170)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "torch_digits.py"), "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert result.returncode == 0, result.stderr
     accuracy = float(result.stdout.strip().splitlines()[-1].split()[-1])
     assert accuracy > 0.7
@@ -59,9 +63,21 @@ def test_ddp_ranks_are_students_with_their_own_shards(tmp_path, teachers):
     model = write_onnx(train_teacher(data, hidden=32), tmp_path / "digits.onnx")
     endpoint = teachers.start(str(model), "--name", "digits")
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "torch_ddp.py"), "--teachers", endpoint, "--epochs", "2",
-         "--port", str(free_port()), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=170,
+        [
+            sys.executable,
+            str(EXAMPLES / "torch_ddp.py"),
+            "--teachers",
+            endpoint,
+            "--epochs",
+            "2",
+            "--port",
+            str(free_port()),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
     )
     assert result.returncode == 0, result.stderr
     seen = [int((tmp_path / f"rank{r}").read_text().split()[0]) for r in range(2)]

@@ -132,9 +132,7 @@ class _Section:
             if isinstance(dim, bool) or not isinstance(dim, int):
                 raise ConfigError(f"{self.where(key)}[{index}]: dimension {dim!r} is not an integer")
             if dim == -1:
-                raise ConfigError(
-                    f"{self.where(key)}[{index}]: variable-length dimensions (-1) are not supported yet"
-                )
+                raise ConfigError(f"{self.where(key)}[{index}]: variable-length dimensions (-1) are not supported yet")
             if dim < 1:
                 raise ConfigError(f"{self.where(key)}[{index}]: dimension {dim} must be >= 1")
         return tuple(shape)

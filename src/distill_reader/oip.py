@@ -82,7 +82,5 @@ def array_from_raw(raw: bytes | memoryview, dtype: np.dtype, shape: Sequence[int
     """A read-only array over ``raw`` (no copy); raises ValueError naming sizes when they disagree."""
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(
-            f"raw contents hold {len(raw)} bytes, expected {expected} for {dtype.name}{list(shape)}"
-        )
+        raise ValueError(f"raw contents hold {len(raw)} bytes, expected {expected} for {dtype.name}{list(shape)}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)

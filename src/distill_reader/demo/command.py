@@ -52,8 +52,19 @@ def local_teachers(model_path: Path, count: int, model_name: str) -> Iterator[li
     try:
         for _ in range(count):
             endpoint = f"127.0.0.1:{_free_port()}"
-            command = [sys.executable, "-m", "distill_reader", "teacher", "serve", "--model", str(model_path),
-                       "--listen", endpoint, "--name", model_name]
+            command = [
+                sys.executable,
+                "-m",
+                "distill_reader",
+                "teacher",
+                "serve",
+                "--model",
+                str(model_path),
+                "--listen",
+                endpoint,
+                "--name",
+                model_name,
+            ]
             processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True))
             endpoints.append(endpoint)
         for endpoint, process in zip(endpoints, processes):
@@ -108,8 +119,14 @@ def demo(epochs: int, batch_size: int, d_batch_size: int) -> None:
             with DistillReader(config, batch_size, d_batch_size, capacity=8, occupied_capacity=1) as reader:
                 reader.set_sample_generator(training_samples)
                 epoch_reader = reader.distill_reader()
-                progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console)
+                progress = Progress(
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"),
+                    TimeElapsedColumn(),
+                    console=console,
+                )
                 with progress:
                     task = progress.add_task("distilling", total=epochs * len(data.x_train), rate="")
                     for epoch in range(epochs):
@@ -118,8 +135,11 @@ def demo(epochs: int, batch_size: int, d_batch_size: int) -> None:
                         for x, y, teacher_logits in epoch_reader():
                             distilled.step(x, y[:, 0], teacher_logits)
                             samples += len(x)
-                            progress.update(task, advance=len(x),
-                                            rate=f"{samples / (streaming_seconds + time.perf_counter() - start):,.0f} samples/s")
+                            progress.update(
+                                task,
+                                advance=len(x),
+                                rate=f"{samples / (streaming_seconds + time.perf_counter() - start):,.0f} samples/s",
+                            )
                         streaming_seconds += time.perf_counter() - start
 
     baseline = Student(data.x_train.shape[1], 10)
@@ -133,7 +153,10 @@ def demo(epochs: int, batch_size: int, d_batch_size: int) -> None:
     table.add_row("samples streamed through DistillReader", f"{samples:,}")
     table.add_row("samples/s (reader + student training)", f"{samples / streaming_seconds:,.0f}")
     table.add_row("teacher test accuracy", f"{teacher_accuracy:.3f}")
-    table.add_row("student test accuracy, trained with the teacher", f"{distilled.accuracy(data.x_test, data.y_test):.3f}")
-    table.add_row("student test accuracy, trained without a teacher",
-                  f"{baseline.accuracy(data.x_test, data.y_test):.3f}")
+    table.add_row(
+        "student test accuracy, trained with the teacher", f"{distilled.accuracy(data.x_test, data.y_test):.3f}"
+    )
+    table.add_row(
+        "student test accuracy, trained without a teacher", f"{baseline.accuracy(data.x_test, data.y_test):.3f}"
+    )
     console.print(table)

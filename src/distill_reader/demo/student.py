@@ -19,8 +19,15 @@ class Student:
     is plain cross-entropy.
     """
 
-    def __init__(self, n_features: int, n_classes: int, lr: float = 0.5, temperature: float = 4.0,
-                 alpha: float = 0.9, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        lr: float = 0.5,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        seed: int = 0,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.w = rng.normal(0, 0.01, (n_features, n_classes))
         self.b = np.zeros(n_classes)

@@ -64,8 +64,11 @@ class DistillReader:
         for name, value in (("max_in_flight", max_in_flight), ("max_attempts", max_attempts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
-        for name, value in (("request_timeout", request_timeout), ("teacher_timeout", teacher_timeout),
-                            ("log_interval", log_interval)):
+        for name, value in (
+            ("request_timeout", request_timeout),
+            ("teacher_timeout", teacher_timeout),
+            ("log_interval", log_interval),
+        ):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name}: must be a number of seconds > 0, got {value!r}")
         self.config: ReaderConfig = load_config(conf_file)
@@ -80,9 +83,7 @@ class DistillReader:
             teacher_timeout=float(teacher_timeout),
             max_attempts=max_attempts,
         )
-        self._layout = PoolLayout(
-            (*self.config.feeds, *self.config.fetches), self.batch_size, self.capacity
-        )
+        self._layout = PoolLayout((*self.config.feeds, *self.config.fetches), self.batch_size, self.capacity)
         self._reader: tuple[str, Callable[[], Iterable[Any]]] | None = None
         self._stats = StatsTracker(float(log_interval))
         self._holder = _PipelineHolder()
@@ -108,8 +109,7 @@ class DistillReader:
         """A callable; each call runs one epoch (calling the user's reader again) as a generator."""
         if self._reader is None:
             raise DistillReaderError(
-                "no reader set: call set_sample_generator, set_sample_list_generator or "
-                "set_batch_generator first"
+                "no reader set: call set_sample_generator, set_sample_list_generator or set_batch_generator first"
             )
         return self._epoch
 

@@ -51,8 +51,7 @@ class FakeDistillReader:
     def distill_reader(self) -> Callable[[], Iterator[list[np.ndarray]]]:
         if self._reader is None:
             raise DistillReaderError(
-                "no reader set: call set_sample_generator, set_sample_list_generator or "
-                "set_batch_generator first"
+                "no reader set: call set_sample_generator, set_sample_list_generator or set_batch_generator first"
             )
         return self._epoch
 

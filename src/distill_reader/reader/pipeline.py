@@ -102,8 +102,9 @@ READER_KINDS = ("sample", "sample_list", "batch")
 class Pipeline:
     """See the module docstring."""
 
-    def __init__(self, config: ReaderConfig, layout: PoolLayout, options: SchedulerOptions,
-                 stats: StatsTracker) -> None:
+    def __init__(
+        self, config: ReaderConfig, layout: PoolLayout, options: SchedulerOptions, stats: StatsTracker
+    ) -> None:
         self.config = config
         self.stats = stats
         self.layout = layout
@@ -280,7 +281,8 @@ class Pipeline:
         if epoch.thread.is_alive():
             log.warning(
                 "the reader function did not return within %.0f s after the epoch stopped; "
-                "its batch slot is freed when it does", _STOP_TIMEOUT,
+                "its batch slot is freed when it does",
+                _STOP_TIMEOUT,
             )
         epoch.reclaim()
         self._acks.discard(epoch.number)
@@ -296,8 +298,13 @@ class Epoch:
     """One pass over the user's reader; the feeder thread runs :meth:`_feed`."""
 
     def __init__(
-        self, pipeline: Pipeline, number: int, kind: str, reader: Callable[[], Iterable[Any]],
-        batch_size: int, d_batch_size: int,
+        self,
+        pipeline: Pipeline,
+        number: int,
+        kind: str,
+        reader: Callable[[], Iterable[Any]],
+        batch_size: int,
+        d_batch_size: int,
     ) -> None:
         self.pipeline = pipeline
         self.number = number
@@ -353,8 +360,12 @@ class Epoch:
 
     def _feed(self) -> None:
         filler = SlotFiller(
-            self.pipeline.config.feeds, self._batch_size, self._d_batch_size,
-            self._acquire, self._on_d_batch, self._on_sealed,
+            self.pipeline.config.feeds,
+            self._batch_size,
+            self._d_batch_size,
+            self._acquire,
+            self._on_d_batch,
+            self._on_sealed,
         )
         add = {"sample": filler.add_sample, "sample_list": filler.add_samples, "batch": filler.add_batch}[self._kind]
         source: Iterator[Any] | None = None

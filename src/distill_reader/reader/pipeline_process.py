@@ -201,4 +201,3 @@ def main(argv: list[str]) -> int:
         return 1
     asyncio.run(process.run())
     return 0
-

@@ -54,17 +54,16 @@ def _describe(exc: grpc.aio.AioRpcError) -> str:
 class TeacherClient:
     """An asyncio OIP client for one teacher endpoint, bound to the reader's config."""
 
-    def __init__(self, endpoint: str, config: ReaderConfig, model_name: str | None = None,
-                 request_timeout: float = 30.0) -> None:
+    def __init__(
+        self, endpoint: str, config: ReaderConfig, model_name: str | None = None, request_timeout: float = 30.0
+    ) -> None:
         self.endpoint = endpoint
         self.model_name = model_name or config.model_name
         self.request_timeout = request_timeout
         self._config = config
         self._channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._inputs = [
-            (config.served_name(spec.name), spec) for spec in config.predict_feeds
-        ]
+        self._inputs = [(config.served_name(spec.name), spec) for spec in config.predict_feeds]
         self._outputs = [(config.served_name(spec.name), spec) for spec in config.fetches]
         self._requested = [service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n, _ in self._outputs]
 

@@ -70,8 +70,14 @@ class _Teacher:
         self.latencies = LatencyWindow()
 
     def stats(self) -> TeacherStats:
-        return TeacherStats(self.client.endpoint, not self.failing, self.in_flight, self.requests,
-                            self.failed_requests, *self.latencies.percentiles_ms())
+        return TeacherStats(
+            self.client.endpoint,
+            not self.failing,
+            self.in_flight,
+            self.requests,
+            self.failed_requests,
+            *self.latencies.percentiles_ms(),
+        )
 
     @property
     def failing(self) -> bool:
