@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -68,8 +69,8 @@ class TensorSpec:
     def batch_shape(self, n: int) -> tuple[int, ...]:
         return (n, *self.shape)
 
-    @property
-    def sample_nbytes(self) -> int:
+    @cached_property
+    def sample_nbytes(self) -> int:  # cached: read for every response
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 

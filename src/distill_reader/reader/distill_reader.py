@@ -23,6 +23,9 @@ log = logging.getLogger("distill_reader")
 
 Batch = list[np.ndarray]
 
+#: rows each teacher should have in flight by default (max_in_flight = this / d_batch_size, >= 4)
+DEFAULT_ROWS_IN_FLIGHT = 128
+
 
 class DistillReader:
     """Streams the user's samples through teacher servers and yields them with the teacher outputs.
@@ -36,7 +39,8 @@ class DistillReader:
       batch's arrays are views into the pool and stay valid until the consumer has taken
       ``occupied_capacity`` further batches; pass ``copy=True`` to get copies instead.
 
-    Keyword options: ``copy``; ``max_in_flight`` requests per teacher (default 4);
+    Keyword options: ``copy``; ``max_in_flight`` requests per teacher (default: enough for 128 rows,
+    at least 4);
     ``request_timeout`` seconds per request (30); ``teacher_timeout``: seconds without any teacher
     answering before the epoch fails with :class:`~distill_reader.NoTeacherError` (120);
     ``max_attempts`` for a request a teacher answers with an error (3); ``log_interval``: seconds
@@ -54,13 +58,16 @@ class DistillReader:
         occupied_capacity: int,
         *,
         copy: bool = False,
-        max_in_flight: int = 4,
+        max_in_flight: int | None = None,
         request_timeout: float = 30.0,
         teacher_timeout: float = 120.0,
         max_attempts: int = 3,
         log_interval: float = 60.0,
     ) -> None:
         validate_reader_args(batch_size, d_batch_size, capacity, occupied_capacity)
+        if max_in_flight is None:
+            # Enough rows in flight to fill a teacher's dynamic batches twice over.
+            max_in_flight = max(4, -(-DEFAULT_ROWS_IN_FLIGHT // int(d_batch_size)))
         for name, value in (("max_in_flight", max_in_flight), ("max_attempts", max_attempts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -117,7 +124,7 @@ class DistillReader:
         """Throughput, time the training loop waited, retries, and per-teacher requests in flight and
         latency percentiles. A summary is also logged at INFO every ``log_interval`` seconds."""
         if self._holder.pipeline is not None:
-            self._holder.pipeline.refresh()
+            self._holder.pipeline.request_stats(wait=1.0)
         return self._stats.snapshot()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -148,7 +155,7 @@ class DistillReader:
             log.warning("the pipeline process stopped (%s); starting a new one", holder.pipeline.broken)
             holder.close()
         if holder.pipeline is None:
-            holder.pipeline = Pipeline(self.config, self._layout, self._options, self._stats)
+            holder.pipeline = Pipeline(self.config, self._layout, self.d_batch_size, self._options, self._stats)
         return holder.pipeline
 
     def _epoch(self) -> Iterator[Batch]:
@@ -162,7 +169,7 @@ class DistillReader:
             pipeline = self._ensure_pipeline()
             # Asking for a new epoch's first batch counts as taking one more batch.
             pipeline.release_held(self.occupied_capacity)
-            epoch = pipeline.start_epoch(kind, reader, self.batch_size, self.d_batch_size)
+            epoch = pipeline.start_epoch(kind, reader)
             self._active = epoch
         finished = False
         try:
@@ -176,7 +183,9 @@ class DistillReader:
                 if error is not None:
                     raise error
                 teacher_seconds = pipeline.wait_done(epoch, item.slot)
-                self._stats.batch(item.rows, time.perf_counter() - waiting_since, item.fill_seconds, teacher_seconds)
+                waited = time.perf_counter() - waiting_since
+                if self._stats.batch(item.rows, waited, item.fill_seconds, teacher_seconds):
+                    pipeline.request_stats(wait=0)
                 views = batch_views(pipeline.slots[item.slot], item.rows)
                 if self.copy:
                     batch = [v.copy() for v in views]

@@ -71,8 +71,8 @@ class FakeDistillReader:
             feeds = [a[:rows] for a in slots.pop(slot)]
             ready.append(feeds + [np.zeros(s.batch_shape(rows), s.dtype) for s in config.fetches])
 
-        filler = SlotFiller(config.feeds, self.batch_size, self.batch_size, acquire, lambda *_: None, sealed)
-        add = {"sample": filler.add_sample, "sample_list": filler.add_samples, "batch": filler.add_batch}[kind]
+        filler = SlotFiller(config.feeds, self.batch_size, acquire, sealed)
+        add = filler.adder(kind)
         for value in reader():
             add(value)
             yield from ready

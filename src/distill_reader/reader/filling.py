@@ -1,9 +1,11 @@
-"""Writes the user's samples into batch slots and cuts them into d_batches (the feeder's hot path).
+"""Writes the user's samples into batch slots (the feeder's hot path).
 
 Three reader kinds feed it: single samples, lists of samples (row-wise: a sample is a tuple of
 per-field arrays) and batches (column-wise: one array per field with a leading batch dimension).
-Row-wise samples are gathered until the next d_batch boundary and written with one ``np.stack``
-per field; only when that fails are they checked one by one, to name the culprit.
+Every value is copied into the slot as soon as the user's reader yields it (a reader may reuse its
+buffers). A list of samples is written with one ``np.stack`` per field; only when that fails are
+its samples checked one by one, to name the culprit. Cutting slots into d_batches is the pipeline
+process's job (:func:`d_batch_ranges`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from distill_reader.errors import SampleError
 from distill_reader.oip import TensorSpec
 
 
+def d_batch_ranges(rows: int, d_batch_size: int) -> list[tuple[int, int]]:
+    """``(start, count)`` of every request for a slot of ``rows`` rows; the last may be shorter."""
+    return [(start, min(d_batch_size, rows - start)) for start in range(0, rows, d_batch_size)]
+
+
 def describe(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype.name} array of shape {value.shape}"
@@ -24,59 +31,64 @@ def describe(value: Any) -> str:
 
 
 class SlotFiller:
-    """Fills slots from ``acquire()`` and reports every finished d_batch and every full slot.
+    """Fills slots from ``acquire()`` and hands each one over when it is complete.
 
     ``acquire()`` returns a slot number and its feed arrays (``[batch_size, *shape]`` each), or
-    None when the epoch is being stopped. ``on_d_batch(slot, start, count)`` is called when rows
-    ``[start, start + count)`` are written; ``on_sealed(slot, rows)`` when the slot is complete (full,
-    or the epoch ended). ``position`` counts samples in the epoch, for error messages.
+    None when the epoch is being stopped. ``on_sealed(slot, rows)`` is called when the slot is
+    complete (full, or the epoch ended). ``position`` counts samples in the epoch, for messages.
     """
 
     def __init__(
         self,
         feeds: Sequence[TensorSpec],
         batch_size: int,
-        d_batch_size: int,
         acquire: Callable[[], tuple[int, Sequence[np.ndarray]] | None],
-        on_d_batch: Callable[[int, int, int], None],
         on_sealed: Callable[[int, int], None],
     ) -> None:
         self._feeds = tuple(feeds)
         self._batch_size = batch_size
-        self._d_batch_size = d_batch_size
         self._acquire = acquire
-        self._on_d_batch = on_d_batch
         self._on_sealed = on_sealed
         self.slot: int | None = None  # the slot being filled, owned by this filler until sealed
         self._arrays: Sequence[np.ndarray] = ()
         self._filled = 0  # rows written into the slot
-        self._dispatched = 0  # rows already sent as d_batches
-        self._pending: list[Sequence[Any]] = []  # row-wise samples not yet written
         self.position = 0
 
     # -- input kinds -------------------------------------------------------------------------
+    def adder(self, kind: str) -> Callable[[Any], bool]:
+        """The method that takes what a reader of ``kind`` (sample, sample_list, batch) yields."""
+        return {"sample": self.add_sample, "sample_list": self.add_samples, "batch": self.add_batch}[kind]
+
     def add_sample(self, sample: Sequence[Any]) -> bool:
         """Add one sample; False when the epoch is being stopped."""
-        return self.add_samples((sample,))
+        self._check_arity(sample, self.position)
+        if self.slot is None and not self._next_slot():
+            return False
+        row = self._filled
+        for field, (spec, dst, value) in enumerate(zip(self._feeds, self._arrays, sample)):
+            if isinstance(value, np.ndarray) and value.dtype == spec.dtype and value.shape == spec.shape:
+                dst[row] = value
+            else:
+                dst[row] = self._check_value(spec, field, value, self.position)
+        self._advance(1)
+        return True
 
     def add_samples(self, samples: Sequence[Sequence[Any]]) -> bool:
+        """Add a list of samples."""
         if not isinstance(samples, (list, tuple)):
             raise SampleError(
                 f"the sample list generator yielded a {type(samples).__name__}; expected a list of samples"
             )
-        i = 0
-        while i < len(samples):
+        for index, sample in enumerate(samples):
+            self._check_arity(sample, self.position + index)
+        done = 0
+        while done < len(samples):
             if self.slot is None and not self._next_slot():
                 return False
-            room = self._boundary() - self._filled - len(self._pending)
-            chunk = samples[i : i + room]
-            for offset, sample in enumerate(chunk):
-                self._check_arity(sample, self.position + len(self._pending) + offset)
-            self._pending.extend(chunk)
-            i += len(chunk)
-            if self._filled + len(self._pending) == self._boundary():
-                self._write_pending()
-                self._dispatch()
+            chunk = samples[done : done + self._batch_size - self._filled]
+            self._write_rows(chunk)
+            done += len(chunk)
+            self._advance(len(chunk))
         return True
 
     def add_batch(self, fields: Sequence[Any]) -> bool:
@@ -89,47 +101,34 @@ class SlotFiller:
                 f"batch at sample {self.position}: fields have different batch sizes "
                 f"{[len(c) for c in columns]} ({', '.join(s.name for s in self._feeds)})"
             )
-        self._write_pending()
         n, done = sizes.pop(), 0
         while done < n:
             if self.slot is None and not self._next_slot():
                 return False
-            take = min(self._boundary() - self._filled, n - done)
+            take = min(self._batch_size - self._filled, n - done)
             for dst, column in zip(self._arrays, columns):
                 dst[self._filled : self._filled + take] = column[done : done + take]
-            self._filled += take
-            self.position += take
             done += take
-            if self._filled == self._boundary():
-                self._dispatch()
+            self._advance(take)
         return True
 
     def finish(self) -> None:
-        """The epoch's input ended: send what is left and seal the last (short) slot."""
-        if self.slot is None:
-            return
-        self._write_pending()
-        if self._filled > self._dispatched:
-            self._dispatch()
-        if self.slot is not None:  # a slot that is neither full nor empty
+        """The epoch's input ended: hand over the last, short slot."""
+        if self.slot is not None:
             self._seal()
 
     # -- mechanics ---------------------------------------------------------------------------
-    def _boundary(self) -> int:
-        return min(self._dispatched + self._d_batch_size, self._batch_size)
-
     def _next_slot(self) -> bool:
         acquired = self._acquire()
         if acquired is None:
             return False
         self.slot, self._arrays = acquired
-        self._filled = self._dispatched = 0
+        self._filled = 0
         return True
 
-    def _dispatch(self) -> None:
-        assert self.slot is not None
-        self._on_d_batch(self.slot, self._dispatched, self._filled - self._dispatched)
-        self._dispatched = self._filled
+    def _advance(self, rows: int) -> None:
+        self._filled += rows
+        self.position += rows
         if self._filled == self._batch_size:
             self._seal()
 
@@ -139,20 +138,15 @@ class SlotFiller:
         self.slot, self._arrays = None, ()
         self._on_sealed(slot, rows)
 
-    def _write_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        start, end = self._filled, self._filled + len(pending)
+    def _write_rows(self, samples: Sequence[Sequence[Any]]) -> None:
+        start, end = self._filled, self._filled + len(samples)
         for field, (spec, dst) in enumerate(zip(self._feeds, self._arrays)):
             try:
-                np.stack([sample[field] for sample in pending], out=dst[start:end], casting="no")
+                np.stack([sample[field] for sample in samples], out=dst[start:end], casting="no")
             except (ValueError, TypeError):
                 # Slow path: convert plain Python values, and name the first sample that is wrong.
-                for row, sample in enumerate(pending):
+                for row, sample in enumerate(samples):
                     dst[start + row] = self._check_value(spec, field, sample[field], self.position + row)
-        self._filled = end
-        self.position += len(pending)
 
     def _check_arity(self, sample: Any, index: int | None) -> None:
         if not isinstance(sample, (list, tuple)) or len(sample) != len(self._feeds):

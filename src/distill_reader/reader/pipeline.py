@@ -7,7 +7,7 @@ Lifecycle (one owner for each):
   ``close()`` (the reader's ``close()``, its finalizer, or interpreter exit) stops the process:
   ``stop`` message, 2 s to exit, then SIGKILL.
 * :class:`Epoch` owns one pass over the user's reader: a feeder thread that writes samples into
-  free slots and sends d_batches to the pipeline process. The consumer (the training loop's
+  free slots and hands each full slot to the pipeline process. The consumer (the training loop's
   generator) takes sealed slots in order, waits until the pipeline process reports them done and
   yields views of them.
 * A slot is free, then owned by the feeder, then by the pipeline process and the consumer's queue,
@@ -17,13 +17,15 @@ Lifecycle (one owner for each):
   epoch: it stops the feeder, asks the pipeline process to cancel the epoch and waits for its
   acknowledgement (after which no teacher output is written for that epoch), then frees every
   slot of the epoch that the consumer does not hold. A feeder stuck inside the user's reader is
-  left behind (it is a daemon thread) and frees its slot itself when the reader returns.
+  left behind (it is a daemon thread) and frees its slot itself when the reader returns; a slot
+  it seals after that is freed at once (the pipeline process ignores cancelled epochs).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -53,6 +55,14 @@ _ACK_TIMEOUT = 5.0  # seconds for the pipeline process to acknowledge a cancelle
 _STOP_TIMEOUT = 2.0
 _TICK = 0.05  # how often waits look at the other side
 _CHILD_MAIN = "import sys; from distill_reader.reader.pipeline_process import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _enlarge_pipe(fd: int) -> None:
+    """Give the pipe 1 MiB (Linux) so the pipeline process never waits on a busy training loop."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is not None:
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
+            fcntl.fcntl(fd, set_size, 1 << 20)
 
 
 class SlotPool:
@@ -85,11 +95,6 @@ class _Sealed:
 
 
 @dataclass(frozen=True)
-class _Unsealed:  # a slot the feeder stopped filling; freed once the epoch is cancelled
-    slot: int
-
-
-@dataclass(frozen=True)
 class _Failed:
     error: BaseException
 
@@ -103,7 +108,12 @@ class Pipeline:
     """See the module docstring."""
 
     def __init__(
-        self, config: ReaderConfig, layout: PoolLayout, options: SchedulerOptions, stats: StatsTracker
+        self,
+        config: ReaderConfig,
+        layout: PoolLayout,
+        d_batch_size: int,
+        options: SchedulerOptions,
+        stats: StatsTracker,
     ) -> None:
         self.config = config
         self.stats = stats
@@ -112,7 +122,7 @@ class Pipeline:
         self._send_lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         try:
-            self._start_process(options)
+            self._start_process(options, d_batch_size)
         finally:
             self._buffer.unlink()  # mapped on both sides (or failed): the name is no longer needed
         self.slots = [layout.slot_arrays(self._buffer.mmap, s) for s in range(layout.capacity)]
@@ -122,12 +132,14 @@ class Pipeline:
         self._done: dict[tuple[int, int], float] = {}  # (epoch, slot) reported done -> teacher seconds
         self._errors: dict[int, BaseException] = {}
         self._acks: set[int] = set()
+        self._stats_requested = False
         self._next_epoch = 0
 
     # -- process -----------------------------------------------------------------------------
-    def _start_process(self, options: SchedulerOptions) -> None:
+    def _start_process(self, options: SchedulerOptions, d_batch_size: int) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
+        _enlarge_pipe(from_child_w)
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_MAIN, str(to_child_r), str(from_child_w)],
@@ -149,6 +161,7 @@ class Pipeline:
             layout=self.layout,
             shm_path=self._buffer.path,
             options=options,
+            d_batch_size=d_batch_size,
             log_level=logging.getLogger("distill_reader").getEffectiveLevel(),
             parent_pid=os.getpid(),
         )
@@ -205,16 +218,25 @@ class Pipeline:
             self.broken = PipelineError(f"the pipeline process died (exit code {code})")
             raise self.broken from None
 
-    def refresh(self) -> None:
-        """Handle what the pipeline process has sent (e.g. statistics) without waiting."""
+    def request_stats(self, wait: float) -> None:
+        """Ask the pipeline process for its statistics; wait up to ``wait`` seconds for them."""
+        if not self.alive:
+            return
+        if not self._stats_requested:
+            self._stats_requested = True
+            self._send(("stats?",))
+        deadline = time.monotonic() + wait
         with contextlib.suppress(DistillReaderError):  # errors stay recorded for the epoch to raise
             self._pump(0)
+            while self._stats_requested and time.monotonic() < deadline:
+                self._pump(_TICK)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "slot_done":
             self._done[(message[1], message[2])] = message[3]
         elif kind == "stats":
+            self._stats_requested = False
             self.stats.pipeline_report(message[1], message[2])
         elif kind == "error":
             self._errors.setdefault(message[1], message[2])
@@ -231,8 +253,8 @@ class Pipeline:
             raise error
 
     # -- epochs ------------------------------------------------------------------------------
-    def start_epoch(self, kind: str, reader: Callable[[], Iterable[Any]], batch_size: int, d_batch_size: int) -> Epoch:
-        epoch = Epoch(self, self._next_epoch, kind, reader, batch_size, d_batch_size)
+    def start_epoch(self, kind: str, reader: Callable[[], Iterable[Any]]) -> Epoch:
+        epoch = Epoch(self, self._next_epoch, kind, reader)
         self._next_epoch += 1
         epoch.start()
         return epoch
@@ -303,8 +325,6 @@ class Epoch:
         number: int,
         kind: str,
         reader: Callable[[], Iterable[Any]],
-        batch_size: int,
-        d_batch_size: int,
     ) -> None:
         self.pipeline = pipeline
         self.number = number
@@ -312,8 +332,6 @@ class Epoch:
         self.stop = threading.Event()
         self._kind = kind
         self._reader = reader
-        self._batch_size = batch_size
-        self._d_batch_size = d_batch_size
         self._lock = threading.Lock()
         self._reclaimed = False
         self._sequence = 0
@@ -332,10 +350,10 @@ class Epoch:
                     item = self.items.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(item, (_Sealed, _Unsealed)):
+                if isinstance(item, _Sealed):
                     self.pipeline.free.release(item.slot)
 
-    def _hand_over(self, item: _Sealed | _Unsealed) -> None:
+    def _hand_over(self, item: _Sealed) -> None:
         with self._lock:
             if self._reclaimed:  # a late feeder: the epoch is over and cancelled
                 self.pipeline.free.release(item.slot)
@@ -350,24 +368,14 @@ class Epoch:
         self._acquired_at = time.perf_counter()
         return slot, self.pipeline.slots[slot][: len(self.pipeline.config.feeds)]
 
-    def _on_d_batch(self, slot: int, start: int, count: int) -> None:
-        self.pipeline._send(("work", self.number, self._sequence, slot, start, count))
-
     def _on_sealed(self, slot: int, rows: int) -> None:
-        self.pipeline._send(("seal", self.number, slot, rows))
+        self.pipeline._send(("slot", self.number, self._sequence, slot, rows))
         self._hand_over(_Sealed(self._sequence, slot, rows, time.perf_counter() - self._acquired_at))
         self._sequence += 1
 
     def _feed(self) -> None:
-        filler = SlotFiller(
-            self.pipeline.config.feeds,
-            self._batch_size,
-            self._d_batch_size,
-            self._acquire,
-            self._on_d_batch,
-            self._on_sealed,
-        )
-        add = {"sample": filler.add_sample, "sample_list": filler.add_samples, "batch": filler.add_batch}[self._kind]
+        filler = SlotFiller(self.pipeline.config.feeds, self.pipeline.layout.batch_size, self._acquire, self._on_sealed)
+        add = filler.adder(self._kind)
         source: Iterator[Any] | None = None
         try:
             try:
@@ -395,8 +403,8 @@ class Epoch:
             self.items.put(_Failed(PipelineError(f"feeder failed: {type(exc).__name__}: {exc}")))
             raise
         finally:
-            if filler.slot is not None:
-                self._hand_over(_Unsealed(filler.slot))
+            if filler.slot is not None:  # never sent to the pipeline process: free at once
+                self.pipeline.free.release(filler.slot)
             close = getattr(source, "close", None)
             if close is not None and self.stop.is_set():
                 try:

@@ -12,13 +12,12 @@ import the user's script again, which the seed's unguarded example cannot surviv
    parent process changes (the pipe can stay open in processes the parent forked later).
 
 It ignores SIGINT: Ctrl-C is the training loop's to handle, which then stops this process.
-Messages to the parent go through a sender thread so the event loop never blocks on a full pipe.
 
-Parent -> child: ``("work", epoch, sequence, slot, start, count)``, ``("seal", epoch, slot, rows)``,
-``("cancel", epoch)``, ``("stop",)``. Child -> parent: ``("ready",)``,
+Parent -> child: ``("slot", epoch, sequence, slot, rows)`` (a filled slot: cut into d_batches and
+send them), ``("cancel", epoch)``, ``("stats?",)``, ``("stop",)``. Child -> parent: ``("ready",)``,
 ``("slot_done", epoch, slot, seconds_since_its_first_request)``, ``("error", epoch, exception)``,
 ``("warning", message)``, ``("cancelled", epoch)``, ``("fatal", exception)``,
-``("stats", [TeacherStats], retries)`` every second.
+``("stats", [TeacherStats], retries)`` in answer to ``("stats?",)``.
 """
 
 from __future__ import annotations
@@ -26,21 +25,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import DistillReaderError
+from distill_reader.reader.filling import d_batch_ranges
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, WorkItem
 
 log = logging.getLogger("distill_reader.pipeline")
-
-STATS_INTERVAL = 1.0  # seconds between statistics sent to the training loop
 
 
 @dataclass(frozen=True)
@@ -49,6 +45,7 @@ class PipelineSpec:
     layout: PoolLayout
     shm_path: str
     options: SchedulerOptions
+    d_batch_size: int
     log_level: int
     parent_pid: int
 
@@ -57,8 +54,7 @@ class _PipelineProcess:
     def __init__(self, spec: PipelineSpec, inbox: Connection, outbox: Connection) -> None:
         self.spec = spec
         self.inbox = inbox
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, args=(outbox,), daemon=True)
+        self.outbox = outbox
         self.buffer = SharedBuffer(spec.shm_path, spec.layout.nbytes, create=False)
         config, layout = spec.config, spec.layout
         n_feeds = len(config.feeds)
@@ -70,24 +66,19 @@ class _PipelineProcess:
         self.slot_started: list[float | None] = [None] * layout.capacity  # first request of the slot
         self.cancelled_upto = -1
 
-    def _send_loop(self, conn: Connection) -> None:
-        while True:
-            message = self.outbox.get()
-            if message is None:
-                return
-            try:
-                conn.send(message)
-            except OSError:
-                return  # the parent is gone; the main loop notices it too
-
     def send(self, message: tuple) -> None:
-        self.outbox.put(message)
+        # Written from the event loop: what is sent unasked is bounded (one slot_done per slot of
+        # the pool, one error per epoch, a warning per 5 s) and the pipe holds 1 MiB, so this does
+        # not block while the training loop is busy elsewhere.
+        try:
+            self.outbox.send(message)
+        except OSError:
+            self.stopped.set()  # the parent is gone
 
     async def run(self) -> None:
-        self._sender.start()
-        self.send(("ready",))
         loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
+        self.send(("ready",))
         self.scheduler = Scheduler(
             self.spec.config,
             self.feed_arrays,
@@ -97,7 +88,7 @@ class _PipelineProcess:
             on_error=lambda epoch, exc: self.send(("error", epoch, exc)),
             on_warning=lambda message: self.send(("warning", message)),
         )
-        tasks = [loop.create_task(self._watch_parent()), loop.create_task(self._report_stats())]
+        tasks = [loop.create_task(self._watch_parent())]
         config = self.spec.config
         if config.mode == "fixed":
             self.scheduler.set_teachers([(endpoint, None) for endpoint in config.servers])
@@ -112,19 +103,12 @@ class _PipelineProcess:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.scheduler.close()
-            self.outbox.put(None)
-            self._sender.join(timeout=1.0)
 
     async def _watch_parent(self) -> None:
         while os.getppid() == self.spec.parent_pid:
             await asyncio.sleep(0.5)
         log.debug("parent process %d is gone; stopping", self.spec.parent_pid)
         self.stopped.set()
-
-    async def _report_stats(self) -> None:
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
-            self.send(("stats", self.scheduler.stats(), self.scheduler.retries))
 
     async def _follow_discovery(self) -> None:
         from distill_reader.discovery.client import StudentSession
@@ -150,16 +134,16 @@ class _PipelineProcess:
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "work":
-            _, epoch, sequence, slot, start, count = message
-            if self.slot_started[slot] is None:
-                self.slot_started[slot] = time.perf_counter()
-            self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
-        elif kind == "seal":
-            _, epoch, slot, rows = message
-            if epoch > self.cancelled_upto:
-                self.sealed_rows[slot] = rows
-                self._check_slot(epoch, slot)
+        if kind == "slot":
+            _, epoch, sequence, slot, rows = message
+            if epoch <= self.cancelled_upto:
+                return
+            self.slot_started[slot] = time.perf_counter()
+            self.sealed_rows[slot] = rows
+            for start, count in d_batch_ranges(rows, self.spec.d_batch_size):
+                self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
+        elif kind == "stats?":
+            self.send(("stats", self.scheduler.stats(), self.scheduler.retries))
         elif kind == "cancel":
             epoch = message[1]
             self.cancelled_upto = max(self.cancelled_upto, epoch)

@@ -63,9 +63,11 @@ class StatsTracker:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._log_interval = log_interval
         self._last_log = time.monotonic()
+        self._log_pending = False
         self.profile = os.environ.get("DISTILL_READER_PROFILE", "") not in ("", "0")
 
-    def batch(self, rows: int, wait: float, fill: float, teacher: float) -> None:
+    def batch(self, rows: int, wait: float, fill: float, teacher: float) -> bool:
+        """Count a yielded batch; True when a summary is due (it is logged with the next report)."""
         now = time.monotonic()
         self.samples += rows
         self.batches += 1
@@ -81,11 +83,16 @@ class StatsTracker:
             )
         if now - self._last_log >= self._log_interval:
             self._last_log = now
-            log.info("distill-reader: %s", self.snapshot().summary())
+            self._log_pending = True
+        return self._log_pending
 
     def pipeline_report(self, teachers: list[TeacherStats], retries: int) -> None:
+        """The pipeline process's statistics arrived."""
         self.teachers = tuple(teachers)
         self.retries = retries
+        if self._log_pending:
+            self._log_pending = False
+            log.info("distill-reader: %s", self.snapshot().summary())
 
     def snapshot(self) -> ReaderStats:
         rate = 0.0
