@@ -29,10 +29,12 @@ lint: venv
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
-# Regenerates the committed discovery protobuf stubs (needs grpcio-tools).
-proto: venv
-	$(PY) -m pip install -q grpcio-tools
-	$(PY) -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src --pyi_out=src \
+# Regenerates the committed discovery protobuf stubs, in a venv of its own: newer grpcio-tools
+# would upgrade protobuf to 7.x and emit stubs that need it.
+proto:
+	$(PYTHON) -m venv build/protoc-venv
+	build/protoc-venv/bin/pip install -q 'grpcio-tools<1.80'
+	build/protoc-venv/bin/python -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src --pyi_out=src \
 		src/distill_reader/discovery/proto/discovery.proto
 
 clean:

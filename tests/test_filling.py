@@ -1,4 +1,4 @@
-"""The feeder's slot filling and d_batch arithmetic, without processes."""
+"""The feeder's slot filling and d_batch cutting, without processes."""
 
 from __future__ import annotations
 
@@ -8,21 +8,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from distill_reader.oip import TensorSpec
-from distill_reader.reader.filling import SlotFiller, d_batch_ranges
+from distill_reader.reader.filling import SlotFiller
 
 SPECS = (TensorSpec("x", np.dtype("float32"), (2,)), TensorSpec("id", np.dtype("int64"), (1,)))
 
 
-@given(rows=st.integers(1, 600), d_batch_size=st.integers(1, 300))
-def test_d_batch_ranges_cover_the_slot_once(rows, d_batch_size):
-    ranges = d_batch_ranges(rows, d_batch_size)
-    covered = [row for start, count in ranges for row in range(start, start + count)]
-    assert covered == list(range(rows))
-    assert all(0 < count <= d_batch_size for _, count in ranges)
-
-
-def fill(kind: str, chunks, batch_size: int):
+def fill(kind: str, chunks, batch_size: int, d_batch_size: int = 3):
+    """Fill slots; check that d_batches tile each slot, in order, before it is sealed."""
     slots: list[tuple[list[np.ndarray], int]] = []
+    d_batches: dict[int, list[tuple[int, int]]] = {}
+
+    def on_d_batch(slot, start, count):
+        assert 0 < count <= d_batch_size and start == sum(c for _, c in d_batches.get(slot, []))
+        d_batches.setdefault(slot, []).append((start, count))
+
+    def on_sealed(slot, rows):
+        assert sum(c for _, c in d_batches[slot]) == rows
+        slots.append((arrays[slot], rows))
+
     arrays: dict[int, list[np.ndarray]] = {}
 
     def acquire():
@@ -30,7 +33,7 @@ def fill(kind: str, chunks, batch_size: int):
         arrays[slot] = [np.zeros((batch_size, *s.shape), s.dtype) for s in SPECS]
         return slot, arrays[slot]
 
-    filler = SlotFiller(SPECS, batch_size, acquire, lambda slot, rows: slots.append((arrays[slot], rows)))
+    filler = SlotFiller(SPECS, batch_size, d_batch_size, acquire, on_d_batch, on_sealed)
     add = filler.adder(kind)
     for chunk in chunks:
         assert add(chunk)
@@ -38,8 +41,8 @@ def fill(kind: str, chunks, batch_size: int):
     return slots
 
 
-@given(sizes=st.lists(st.integers(0, 9), max_size=12), batch_size=st.integers(1, 7))
-def test_every_kind_fills_in_order_with_a_short_last_slot(sizes, batch_size):
+@given(sizes=st.lists(st.integers(0, 9), max_size=12), batch_size=st.integers(1, 7), d_batch_size=st.integers(1, 8))
+def test_every_kind_fills_in_order_with_a_short_last_slot(sizes, batch_size, d_batch_size):
     n = sum(sizes)
     samples = [(np.full(2, i, np.float32), np.array([i])) for i in range(n)]
     lists, start = [], 0
@@ -54,7 +57,7 @@ def test_every_kind_fills_in_order_with_a_short_last_slot(sizes, batch_size):
         for chunk in lists
     ]
     for kind, chunks in (("sample", samples), ("sample_list", lists), ("batch", columns)):
-        slots = fill(kind, chunks, batch_size)
+        slots = fill(kind, chunks, batch_size, d_batch_size)
         assert [rows for _, rows in slots] == [batch_size] * (n // batch_size) + (
             [n % batch_size] if n % batch_size else []
         )

@@ -19,27 +19,14 @@ def main(verbose: int) -> None:
 
 
 def _register_commands() -> None:
+    from distill_reader.bench.commands import bench
+    from distill_reader.demo.command import demo
+    from distill_reader.discovery.commands import discovery, register
     from distill_reader.serving.commands import teacher
 
-    main.add_command(teacher)
-    try:
-        from distill_reader.discovery.commands import discovery
-    except ImportError:  # discovery not built yet
-        pass
-    else:
-        main.add_command(discovery)
-    try:
-        from distill_reader.demo.command import demo
-    except ImportError:
-        pass
-    else:
-        main.add_command(demo)
-    try:
-        from distill_reader.bench.commands import bench
-    except ImportError:
-        pass
-    else:
-        main.add_command(bench)
+    teacher.add_command(register, "register")
+    for command in (demo, teacher, discovery, bench):
+        main.add_command(command)
 
 
 _register_commands()

@@ -37,3 +37,9 @@ class NoTeacherError(DistillReaderError, TimeoutError):
 
 class PipelineError(DistillReaderError):
     """The reader's pipeline process died or stopped answering."""
+
+
+class DiscoveryError(DistillReaderError):
+    """Bad arguments for discovery (service name, require_num, endpoint, store URL), or a request
+    the discovery server rejected as invalid. Unreachable discovery servers are not errors: clients
+    retry."""

@@ -1,0 +1,9 @@
+"""Discovery: teacher leases, student registrations, a pure balancing function, pushed assignments.
+
+Client side: :class:`StudentSession`, :func:`keep_registered`. Server side:
+``distill_reader.discovery.server``. Balancing: ``distill_reader.discovery.balance``.
+"""
+
+from distill_reader.discovery.client import StudentSession, TeacherEndpoint, keep_registered, parse_endpoints
+
+__all__ = ["StudentSession", "TeacherEndpoint", "keep_registered", "parse_endpoints"]

@@ -71,7 +71,7 @@ class FakeDistillReader:
             feeds = [a[:rows] for a in slots.pop(slot)]
             ready.append(feeds + [np.zeros(s.batch_shape(rows), s.dtype) for s in config.fetches])
 
-        filler = SlotFiller(config.feeds, self.batch_size, acquire, sealed)
+        filler = SlotFiller(config.feeds, self.batch_size, self.batch_size, acquire, lambda *_: None, sealed)
         add = filler.adder(kind)
         for value in reader():
             add(value)

@@ -4,8 +4,8 @@ Three reader kinds feed it: single samples, lists of samples (row-wise: a sample
 per-field arrays) and batches (column-wise: one array per field with a leading batch dimension).
 Every value is copied into the slot as soon as the user's reader yields it (a reader may reuse its
 buffers). A list of samples is written with one ``np.stack`` per field; only when that fails are
-its samples checked one by one, to name the culprit. Cutting slots into d_batches is the pipeline
-process's job (:func:`d_batch_ranges`).
+its samples checked one by one, to name the culprit. Each d_batch is reported as soon as its rows
+are written, so requests start while the rest of the slot is still being filled.
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ from distill_reader.errors import SampleError
 from distill_reader.oip import TensorSpec
 
 
-def d_batch_ranges(rows: int, d_batch_size: int) -> list[tuple[int, int]]:
-    """``(start, count)`` of every request for a slot of ``rows`` rows; the last may be shorter."""
-    return [(start, min(d_batch_size, rows - start)) for start in range(0, rows, d_batch_size)]
-
-
 def describe(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype.name} array of shape {value.shape}"
@@ -31,27 +26,33 @@ def describe(value: Any) -> str:
 
 
 class SlotFiller:
-    """Fills slots from ``acquire()`` and hands each one over when it is complete.
+    """Fills slots from ``acquire()`` and reports every written d_batch and every complete slot.
 
     ``acquire()`` returns a slot number and its feed arrays (``[batch_size, *shape]`` each), or
-    None when the epoch is being stopped. ``on_sealed(slot, rows)`` is called when the slot is
-    complete (full, or the epoch ended). ``position`` counts samples in the epoch, for messages.
+    None when the epoch is being stopped. ``on_d_batch(slot, start, count)`` is called when rows
+    ``[start, start + count)`` are written; ``on_sealed(slot, rows)`` when the slot is complete (full,
+    or the epoch ended), after its last d_batch. ``position`` counts samples in the epoch.
     """
 
     def __init__(
         self,
         feeds: Sequence[TensorSpec],
         batch_size: int,
+        d_batch_size: int,
         acquire: Callable[[], tuple[int, Sequence[np.ndarray]] | None],
+        on_d_batch: Callable[[int, int, int], None],
         on_sealed: Callable[[int, int], None],
     ) -> None:
         self._feeds = tuple(feeds)
         self._batch_size = batch_size
+        self._d_batch_size = d_batch_size
         self._acquire = acquire
+        self._on_d_batch = on_d_batch
         self._on_sealed = on_sealed
         self.slot: int | None = None  # the slot being filled, owned by this filler until sealed
         self._arrays: Sequence[np.ndarray] = ()
         self._filled = 0  # rows written into the slot
+        self._dispatched = 0  # rows reported as d_batches
         self.position = 0
 
     # -- input kinds -------------------------------------------------------------------------
@@ -123,17 +124,26 @@ class SlotFiller:
         if acquired is None:
             return False
         self.slot, self._arrays = acquired
-        self._filled = 0
+        self._filled = self._dispatched = 0
         return True
 
     def _advance(self, rows: int) -> None:
         self._filled += rows
         self.position += rows
+        while self._filled - self._dispatched >= self._d_batch_size:
+            self._dispatch(self._d_batch_size)
         if self._filled == self._batch_size:
             self._seal()
 
+    def _dispatch(self, count: int) -> None:
+        assert self.slot is not None
+        self._on_d_batch(self.slot, self._dispatched, count)
+        self._dispatched += count
+
     def _seal(self) -> None:
         assert self.slot is not None
+        if self._filled > self._dispatched:  # the slot's last, short d_batch
+            self._dispatch(self._filled - self._dispatched)
         slot, rows = self.slot, self._filled
         self.slot, self._arrays = None, ()
         self._on_sealed(slot, rows)

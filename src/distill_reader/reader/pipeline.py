@@ -7,9 +7,9 @@ Lifecycle (one owner for each):
   ``close()`` (the reader's ``close()``, its finalizer, or interpreter exit) stops the process:
   ``stop`` message, 2 s to exit, then SIGKILL.
 * :class:`Epoch` owns one pass over the user's reader: a feeder thread that writes samples into
-  free slots and hands each full slot to the pipeline process. The consumer (the training loop's
-  generator) takes sealed slots in order, waits until the pipeline process reports them done and
-  yields views of them.
+  free slots and sends each d_batch to the pipeline process as soon as its rows are written. The
+  consumer (the training loop's generator) takes sealed slots in order, waits until the pipeline
+  process reports them done and yields views of them.
 * A slot is free, then owned by the feeder, then by the pipeline process and the consumer's queue,
   then held by the consumer after it was yielded; it is freed once the consumer has taken
   ``occupied_capacity`` further batches (or at once with ``copy=True``).
@@ -17,8 +17,8 @@ Lifecycle (one owner for each):
   epoch: it stops the feeder, asks the pipeline process to cancel the epoch and waits for its
   acknowledgement (after which no teacher output is written for that epoch), then frees every
   slot of the epoch that the consumer does not hold. A feeder stuck inside the user's reader is
-  left behind (it is a daemon thread) and frees its slot itself when the reader returns; a slot
-  it seals after that is freed at once (the pipeline process ignores cancelled epochs).
+  left behind (it is a daemon thread) and frees its slot itself when the reader returns (the
+  pipeline process ignores anything sent for a cancelled epoch).
 """
 
 from __future__ import annotations
@@ -95,6 +95,11 @@ class _Sealed:
 
 
 @dataclass(frozen=True)
+class _Unsealed:  # a slot the feeder stopped filling; freed once the epoch is cancelled
+    slot: int
+
+
+@dataclass(frozen=True)
 class _Failed:
     error: BaseException
 
@@ -116,13 +121,14 @@ class Pipeline:
         stats: StatsTracker,
     ) -> None:
         self.config = config
+        self.d_batch_size = d_batch_size
         self.stats = stats
         self.layout = layout
         self._buffer = SharedBuffer.create(layout.nbytes)
         self._send_lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         try:
-            self._start_process(options, d_batch_size)
+            self._start_process(options)
         finally:
             self._buffer.unlink()  # mapped on both sides (or failed): the name is no longer needed
         self.slots = [layout.slot_arrays(self._buffer.mmap, s) for s in range(layout.capacity)]
@@ -136,7 +142,7 @@ class Pipeline:
         self._next_epoch = 0
 
     # -- process -----------------------------------------------------------------------------
-    def _start_process(self, options: SchedulerOptions, d_batch_size: int) -> None:
+    def _start_process(self, options: SchedulerOptions) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         _enlarge_pipe(from_child_w)
@@ -161,7 +167,6 @@ class Pipeline:
             layout=self.layout,
             shm_path=self._buffer.path,
             options=options,
-            d_batch_size=d_batch_size,
             log_level=logging.getLogger("distill_reader").getEffectiveLevel(),
             parent_pid=os.getpid(),
         )
@@ -350,10 +355,10 @@ class Epoch:
                     item = self.items.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(item, _Sealed):
+                if isinstance(item, (_Sealed, _Unsealed)):
                     self.pipeline.free.release(item.slot)
 
-    def _hand_over(self, item: _Sealed) -> None:
+    def _hand_over(self, item: _Sealed | _Unsealed) -> None:
         with self._lock:
             if self._reclaimed:  # a late feeder: the epoch is over and cancelled
                 self.pipeline.free.release(item.slot)
@@ -368,13 +373,23 @@ class Epoch:
         self._acquired_at = time.perf_counter()
         return slot, self.pipeline.slots[slot][: len(self.pipeline.config.feeds)]
 
+    def _on_d_batch(self, slot: int, start: int, count: int) -> None:
+        self.pipeline._send(("work", self.number, self._sequence, slot, start, count))
+
     def _on_sealed(self, slot: int, rows: int) -> None:
-        self.pipeline._send(("slot", self.number, self._sequence, slot, rows))
+        self.pipeline._send(("seal", self.number, slot, rows))
         self._hand_over(_Sealed(self._sequence, slot, rows, time.perf_counter() - self._acquired_at))
         self._sequence += 1
 
     def _feed(self) -> None:
-        filler = SlotFiller(self.pipeline.config.feeds, self.pipeline.layout.batch_size, self._acquire, self._on_sealed)
+        filler = SlotFiller(
+            self.pipeline.config.feeds,
+            self.pipeline.layout.batch_size,
+            self.pipeline.d_batch_size,
+            self._acquire,
+            self._on_d_batch,
+            self._on_sealed,
+        )
         add = filler.adder(self._kind)
         source: Iterator[Any] | None = None
         try:
@@ -403,8 +418,8 @@ class Epoch:
             self.items.put(_Failed(PipelineError(f"feeder failed: {type(exc).__name__}: {exc}")))
             raise
         finally:
-            if filler.slot is not None:  # never sent to the pipeline process: free at once
-                self.pipeline.free.release(filler.slot)
+            if filler.slot is not None:  # requests may be in flight: freed once the epoch is cancelled
+                self._hand_over(_Unsealed(filler.slot))
             close = getattr(source, "close", None)
             if close is not None and self.stop.is_set():
                 try:

@@ -13,8 +13,9 @@ import the user's script again, which the seed's unguarded example cannot surviv
 
 It ignores SIGINT: Ctrl-C is the training loop's to handle, which then stops this process.
 
-Parent -> child: ``("slot", epoch, sequence, slot, rows)`` (a filled slot: cut into d_batches and
-send them), ``("cancel", epoch)``, ``("stats?",)``, ``("stop",)``. Child -> parent: ``("ready",)``,
+Parent -> child: ``("work", epoch, sequence, slot, start, count)`` (a d_batch),
+``("seal", epoch, slot, rows)`` (the slot's rows are all sent), ``("cancel", epoch)``, ``("stats?",)``,
+``("stop",)``. Child -> parent: ``("ready",)``,
 ``("slot_done", epoch, slot, seconds_since_its_first_request)``, ``("error", epoch, exception)``,
 ``("warning", message)``, ``("cancelled", epoch)``, ``("fatal", exception)``,
 ``("stats", [TeacherStats], retries)`` in answer to ``("stats?",)``.
@@ -32,7 +33,6 @@ from multiprocessing.connection import Connection
 
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import DistillReaderError
-from distill_reader.reader.filling import d_batch_ranges
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, WorkItem
 
@@ -45,7 +45,6 @@ class PipelineSpec:
     layout: PoolLayout
     shm_path: str
     options: SchedulerOptions
-    d_batch_size: int
     log_level: int
     parent_pid: int
 
@@ -134,14 +133,18 @@ class _PipelineProcess:
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "slot":
-            _, epoch, sequence, slot, rows = message
+        if kind == "work":
+            _, epoch, sequence, slot, start, count = message
             if epoch <= self.cancelled_upto:
                 return
-            self.slot_started[slot] = time.perf_counter()
-            self.sealed_rows[slot] = rows
-            for start, count in d_batch_ranges(rows, self.spec.d_batch_size):
-                self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
+            if self.slot_started[slot] is None:
+                self.slot_started[slot] = time.perf_counter()
+            self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
+        elif kind == "seal":
+            _, epoch, slot, rows = message
+            if epoch > self.cancelled_upto:
+                self.sealed_rows[slot] = rows
+                self._check_slot(epoch, slot)
         elif kind == "stats?":
             self.send(("stats", self.scheduler.stats(), self.scheduler.retries))
         elif kind == "cancel":

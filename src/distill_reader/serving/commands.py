@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import socket
+from typing import Any
+
 import click
 
+from distill_reader.errors import DistillReaderError
+from distill_reader.serving.backends.base import Backend
 from distill_reader.serving.server import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -63,6 +70,19 @@ def teacher() -> None:
     show_default=True,
     help="Largest gRPC message sent or received, in MiB.",
 )
+@click.option(
+    "--register",
+    "discovery_endpoints",
+    default=None,
+    metavar="HOST:PORT[,HOST:PORT...]",
+    help="Register this teacher with these discovery servers while it serves (needs --service-name).",
+)
+@click.option("--service-name", default=None, help="The service to join when --register is given.")
+@click.option("--weight", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Capacity weight announced to discovery (2 = twice the students of a weight-1 teacher).")
+@click.option("--advertise", default=None, metavar="HOST:PORT",
+              help="The address students should use (default: the listen address; with 0.0.0.0 this "
+              "machine's host name).")
 def serve_command(
     spec: str,
     listen: str,
@@ -72,33 +92,96 @@ def serve_command(
     instances: int,
     threads: int | None,
     max_message_mb: int,
+    discovery_endpoints: str | None,
+    service_name: str | None,
+    weight: float,
+    advertise: str | None,
 ) -> None:
     """Serve one model with dynamic batching until SIGINT or SIGTERM."""
     from distill_reader.serving.backends.base import load_backend
-    from distill_reader.serving.server import run_server
 
+    if bool(discovery_endpoints) != bool(service_name):
+        raise click.UsageError("--register and --service-name go together")
+    if discovery_endpoints and service_name:
+        from distill_reader.discovery.client import parse_endpoints
+        from distill_reader.discovery.service import check_service_name
+        from distill_reader.discovery.stores.base import check_hostport
+
+        try:
+            parse_endpoints(discovery_endpoints)
+            check_service_name(service_name)
+            if advertise:
+                check_hostport(advertise, "--advertise")
+        except DistillReaderError as e:
+            raise click.UsageError(str(e)) from None
     try:
         backend = load_backend(spec, threads=threads)
     except Exception as e:  # import errors, ONNX Runtime load errors, bad declarations
         msg = str(e) if str(e).startswith("model ") else f"model {spec!r}: {e}"
         raise click.ClickException(f"cannot load {msg}") from None
-
-    async def announce(address: str) -> None:
-        # One line, always shown (not subject to -v): scripts wait for it.
-        click.echo(f"teacher {model_name!r} serving on {address}; {backend.describe()}", err=True)
-
+    options = dict(
+        model_name=model_name,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        instances=instances,
+        max_message_bytes=max_message_mb * 1024 * 1024,
+    )
     try:
-        run_server(
-            backend,
-            listen,
-            model_name=model_name,
-            max_batch=max_batch,
-            max_delay_ms=max_delay_ms,
-            instances=instances,
-            max_message_bytes=max_message_mb * 1024 * 1024,
-            on_started=announce,
-        )
-    except (OSError, ValueError) as e:
+        asyncio.run(_serve_until_signal(backend, listen, options, discovery_endpoints, service_name, weight, advertise))
+    except (OSError, ValueError, DistillReaderError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         backend.close()
+
+
+async def _serve_until_signal(
+    backend: Backend,
+    listen: str,
+    options: dict[str, Any],
+    discovery_endpoints: str | None,
+    service_name: str | None,
+    weight: float,
+    advertise: str | None,
+) -> None:
+    """Serve until SIGINT/SIGTERM. With discovery, deregister first, then drain and stop the server,
+    so students move to other teachers before this one goes away."""
+    from distill_reader.serving.server import serve
+
+    stop, server_stop, registration_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    registration: list[asyncio.Task] = []
+
+    async def started(address: str) -> None:
+        # One line, always shown (not subject to -v): scripts wait for it.
+        click.echo(f"teacher {options['model_name']!r} serving on {address}; {backend.describe()}", err=True)
+        if discovery_endpoints and service_name:
+            from distill_reader.discovery.client import keep_registered
+
+            endpoint = advertise or advertised_address(address)
+            registration.append(loop.create_task(keep_registered(
+                discovery_endpoints, service_name, endpoint, model_name=options["model_name"], weight=weight,
+                readiness_check=True, stop=registration_stop,
+            )))
+            click.echo(f"registering {endpoint} in service {service_name!r} via {discovery_endpoints}", err=True)
+
+    server = loop.create_task(serve(backend, listen, on_started=started, stop_event=server_stop, **options))
+    stopping = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait([stopping, server], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        registration_stop.set()
+        if registration:
+            await asyncio.gather(*registration, return_exceptions=True)
+        server_stop.set()
+        stopping.cancel()
+        await server
+
+
+def advertised_address(bound: str) -> str:
+    """The address to give students for a server bound to ``bound``."""
+    host, _, port = bound.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = socket.getfqdn()
+    return f"{host}:{port}"

@@ -1,0 +1,308 @@
+"""Clients of the discovery service: students (``StudentSession``) and teachers (``keep_registered``).
+
+Neither raises for connectivity: both try the given discovery endpoints in turn and retry forever
+with backoff (capped at 2 s). They raise :class:`DiscoveryError` only for bad arguments or a
+request the server rejects as invalid, which retrying cannot fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from distill_reader.discovery.proto import discovery_pb2 as pb
+from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
+from distill_reader.discovery.service import check_id, check_require_num, check_service_name, check_weight
+from distill_reader.discovery.stores.base import check_hostport
+from distill_reader.errors import DiscoveryError
+
+log = logging.getLogger(__name__)
+
+# Ping the server every second so that a discovery server that vanishes without closing its
+# connections (host down, network cut) is noticed within ~2 s, not after TCP's minutes.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+_BACKOFF_START_S = 0.1
+_BACKOFF_MAX_S = 2.0
+_RPC_TIMEOUT_S = 2.0
+# Errors that retrying cannot fix: the request itself is wrong.
+_FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
+
+
+@dataclass(frozen=True)
+class TeacherEndpoint:
+    """One assigned teacher: its OIP gRPC address and the model name to ask for."""
+
+    endpoint: str
+    model_name: str
+
+
+def parse_endpoints(value: str | Sequence[str]) -> list[str]:
+    """``host:port`` list from ``"h1:p1,h2:p2"`` or a list of such strings; DiscoveryError if bad."""
+    items = [value] if isinstance(value, str) else list(value)
+    out = [e.strip() for item in items for e in str(item).split(",") if e.strip()]
+    if not out:
+        raise DiscoveryError("no discovery endpoint given (expected HOST:PORT[,HOST:PORT…])")
+    return [check_hostport(e, "discovery endpoint") for e in out]
+
+
+def default_student_id() -> str:
+    """``host-pid-random``: unique per process, readable in ``distill discovery status``."""
+    host = re.sub(r"[^A-Za-z0-9.\-]", "-", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class StudentSession:
+    """A student's registration: ``async for teachers in session.assignments(): …``.
+
+    The first set comes as soon as a discovery server answers (possibly empty: no teacher yet),
+    then one per change, pushed by the server. While no server is reachable nothing is yielded,
+    so the consumer keeps its last set; reconnecting is silent. ``close()`` deregisters at once.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str] | str,
+        service_name: str,
+        require_num: int,
+        student_id: str | None = None,
+    ) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.service_name = check_service_name(service_name)
+        self.require_num = check_require_num(require_num)
+        self.student_id = check_id(student_id, "student_id") if student_id else default_student_id()
+        # Same instance id on every reconnect: a server still holding our old lease hands it over.
+        self._instance = uuid.uuid4().hex
+        self._closed = asyncio.Event()
+        self._call: grpc.aio.UnaryStreamCall | None = None
+        self.connected_to: str | None = None
+
+    async def assignments(self) -> AsyncIterator[list[TeacherEndpoint]]:
+        """Yields the current teacher set on every change until ``close()``."""
+        request = pb.WatchAssignmentRequest(
+            service_name=self.service_name, require_num=self.require_num,
+            student_id=self.student_id, instance_id=self._instance,
+        )
+        last: list[TeacherEndpoint] | None = None
+        backoff = _BACKOFF_START_S
+        failures = 0
+        duplicate_since: float | None = None
+        i = 0
+        while not self._closed.is_set():
+            endpoint = self.endpoints[i % len(self.endpoints)]
+            i += 1
+            got = False
+            try:
+                async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
+                    call = pb_grpc.DiscoveryStub(channel).WatchAssignment(request)
+                    self._call = call
+                    if self._closed.is_set():
+                        call.cancel()
+                    async for msg in call:
+                        got, failures, backoff, duplicate_since = True, 0, _BACKOFF_START_S, None
+                        self.connected_to = endpoint
+                        teachers = [TeacherEndpoint(t.endpoint, t.model_name or "teacher") for t in msg.teachers]
+                        if teachers != last:
+                            last = teachers
+                            yield list(teachers)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code in _FATAL:
+                    raise DiscoveryError(f"discovery server {endpoint} rejected the student: {exc.details()}") from None
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    # Another process uses this student id. Its lease may just be expiring (a
+                    # restarted student), so give it a few TTLs before calling it a conflict.
+                    duplicate_since = duplicate_since or time.monotonic()
+                    if time.monotonic() - duplicate_since > 6.0:
+                        raise DiscoveryError(f"{exc.details()} (student ids must be unique)") from None
+                elif code != grpc.StatusCode.CANCELLED or not self._closed.is_set():
+                    log.info("discovery %s: %s %s; trying the next endpoint", endpoint, code.name, exc.details())
+            finally:
+                self._call = None
+                self.connected_to = None
+            if self._closed.is_set():
+                return
+            failures = 0 if got else failures + 1
+            if failures and failures % len(self.endpoints) == 0:
+                # Every endpoint failed once in a row: wait before the next round.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    async def close(self) -> None:
+        """Deregister now (the open stream is cancelled, which the server sees at once)."""
+        self._closed.set()
+        if self._call is not None:
+            self._call.cancel()
+        # Let the cancellation reach the wire before the caller's loop may stop.
+        await asyncio.sleep(0)
+
+
+async def _oip_ready(stub, model_name: str, timeout: float) -> bool:
+    from tritonclient.grpc import service_pb2
+
+    try:
+        server = await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout)
+        if not server.ready:
+            return False
+        model = await stub.ModelReady(service_pb2.ModelReadyRequest(name=model_name), timeout=timeout)
+        return bool(model.ready)
+    except grpc.aio.AioRpcError:
+        return False
+
+
+class _Rotating:
+    """Discovery endpoints tried in turn; keeps one channel open to the current one."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        self.endpoints = endpoints
+        self.i = 0
+        self.channel: grpc.aio.Channel | None = None
+
+    def stub(self) -> pb_grpc.DiscoveryStub:
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(self.endpoints[self.i], options=CHANNEL_OPTIONS)
+        return pb_grpc.DiscoveryStub(self.channel)
+
+    async def next(self) -> None:
+        await self.close()
+        self.i = (self.i + 1) % len(self.endpoints)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    async def call(self, method: str, request):
+        """The RPC on the current endpoint, moving on to the others while they are unreachable."""
+        last: grpc.aio.AioRpcError | None = None
+        for _ in range(len(self.endpoints)):
+            try:
+                return await getattr(self.stub(), method)(request, timeout=_RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                last = exc
+                await self.next()
+        assert last is not None
+        raise last
+
+
+async def keep_registered(
+    discovery_endpoints: list[str] | str,
+    service_name: str,
+    endpoint: str,
+    model_name: str = "teacher",
+    weight: float = 1.0,
+    readiness_check: bool = True,
+    stop: asyncio.Event | None = None,
+    *,
+    check_timeout: float = 0.5,
+) -> None:
+    """Keep ``endpoint`` registered in ``service_name`` until ``stop`` is set or the task is cancelled.
+
+    With ``readiness_check`` the teacher is asked OIP ``ServerReady`` and ``ModelReady(model_name)``
+    every keep-alive interval (0.5 s by default, set by the server); while it does not answer
+    ready, it is reported not ready and gets no students, and it is back as soon as it answers.
+    On return the lease is dropped. Raises DiscoveryError only for invalid arguments.
+    """
+    endpoints = parse_endpoints(discovery_endpoints)
+    check_service_name(service_name)
+    check_hostport(endpoint, "teacher endpoint")
+    check_weight(weight)
+    stop = stop or asyncio.Event()
+    instance = uuid.uuid4().hex
+    rot = _Rotating(endpoints)
+    lease: str | None = None
+    interval = 0.5
+    backoff = _BACKOFF_START_S
+    teacher_channel: grpc.aio.Channel | None = None
+    try:
+        while not stop.is_set():
+            ready = True
+            if readiness_check:
+                from tritonclient.grpc import service_pb2_grpc
+
+                if teacher_channel is None:
+                    teacher_channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+                ready = await _oip_ready(
+                    service_pb2_grpc.GRPCInferenceServiceStub(teacher_channel), model_name, check_timeout
+                )
+                if not ready:
+                    # A fresh channel next time: an old one may sit in reconnect backoff.
+                    await teacher_channel.close()
+                    teacher_channel = None
+            health = pb.HEALTH_READY if ready else pb.HEALTH_NOT_READY
+            wait = interval
+            try:
+                if lease is None:
+                    resp = await rot.call(
+                        "RegisterTeacher",
+                        pb.RegisterTeacherRequest(
+                            service_name=service_name, endpoint=endpoint, model_name=model_name,
+                            weight=weight, instance_id=instance, health=health,
+                        ),
+                    )
+                    lease, interval = resp.lease_id, resp.keepalive_seconds or interval
+                    wait = interval
+                    log.info("teacher %s registered in %s (ready: %s)", endpoint, service_name, ready)
+                else:
+                    await rot.call(
+                        "KeepAlive",
+                        pb.KeepAliveRequest(
+                            service_name=service_name, endpoint=endpoint, lease_id=lease, health=health
+                        ),
+                    )
+                backoff = _BACKOFF_START_S
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code in _FATAL:
+                    raise DiscoveryError(f"discovery rejected teacher {endpoint}: {exc.details()}") from None
+                if code == grpc.StatusCode.NOT_FOUND:
+                    lease, wait = None, 0  # lease lost (expired, store restarted): register again now
+                else:
+                    # Unreachable, or ALREADY_EXISTS while an old lease of this endpoint expires.
+                    log.info("teacher %s: discovery %s: %s", endpoint, code.name, exc.details())
+                    wait, backoff = backoff, min(backoff * 2, _BACKOFF_MAX_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+    finally:
+        if lease is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    rot.call(
+                        "DeregisterTeacher",
+                        pb.DeregisterTeacherRequest(service_name=service_name, endpoint=endpoint, lease_id=lease),
+                    ),
+                    2.0,
+                )
+        await rot.close()
+        if teacher_channel is not None:
+            await teacher_channel.close()
+
+
+async def fetch_status(discovery_endpoints: list[str] | str, service_name: str = "") -> pb.StatusResponse:
+    """One Status call, trying the endpoints in turn; raises DiscoveryError if none answers."""
+    rot = _Rotating(parse_endpoints(discovery_endpoints))
+    try:
+        return await rot.call("Status", pb.StatusRequest(service_name=service_name))
+    except grpc.aio.AioRpcError as exc:
+        raise DiscoveryError(f"discovery status failed: {exc.code().name}: {exc.details()}") from None
+    finally:
+        await rot.close()

@@ -1,0 +1,143 @@
+"""``distill discovery serve|status`` and the ``register`` command (mounted as ``distill teacher register``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+
+import click
+
+from distill_reader.discovery.service import DEFAULT_KEEPALIVE_S, DEFAULT_TTL_S
+from distill_reader.errors import DiscoveryError
+
+DEFAULT_LISTEN = "127.0.0.1:7400"
+
+
+def _run_until_signal(main) -> None:
+    """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop``; DiscoveryError becomes a usage error."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except DiscoveryError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def discovery() -> None:
+    """Discovery: teachers register, students get a fair share of them pushed live."""
+
+
+@discovery.command()
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="gRPC address, HOST:PORT (port 0: any).")
+@click.option(
+    "--store", default="memory", show_default=True,
+    help="Where state lives: memory (this process only), redis://HOST:PORT[/DB] or etcd://HOST:PORT. "
+    "Several servers on one Redis or etcd serve the same clients.",
+)
+@click.option("--http", default=None, help="Also serve a status page, /status.json and /metrics on HOST:PORT.")
+@click.option("--ttl", default=DEFAULT_TTL_S, show_default=True, type=float, help="Lease TTL in seconds.")
+@click.option(
+    "--keepalive", default=DEFAULT_KEEPALIVE_S, show_default=True, type=float,
+    help="Keep-alive interval clients are told to use, seconds.",
+)
+def serve(listen: str, store: str, http: str | None, ttl: float, keepalive: float) -> None:
+    """Run a discovery server until SIGINT/SIGTERM."""
+    from distill_reader.discovery.server import DiscoveryServer
+
+    async def main(stop: asyncio.Event) -> None:
+        server = DiscoveryServer(listen, store, http=http, ttl=ttl, keepalive=keepalive)
+        await server.start()
+        extra = f", http://{server.http_address}/" if server.http_address else ""
+        click.echo(f"discovery listening on {server.address} (store {store}{extra})", err=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+            click.echo("discovery stopped", err=True)
+
+    _run_until_signal(main)
+
+
+@discovery.command()
+@click.option("--discovery", "discovery_", required=True, help="Discovery server(s), HOST:PORT[,HOST:PORT…].")
+@click.option("--service-name", default="", help="Only this service.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(discovery_: str, service_name: str, as_json: bool) -> None:
+    """Show services, their teachers and students, and who is assigned to whom."""
+    from distill_reader.discovery.client import fetch_status
+    from distill_reader.discovery.service import status_dict
+
+    async def main(stop: asyncio.Event) -> None:
+        data = status_dict(await fetch_status(discovery_, service_name))
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+            return
+        _print_table(data)
+
+    _run_until_signal(main)
+
+
+def _print_table(data: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not data["services"]:
+        console.print("no services registered")
+    for name, svc in sorted(data["services"].items()):
+        table = Table(title=f"service {name}", title_justify="left")
+        for col in ("teacher", "model", "weight", "healthy", "students"):
+            table.add_column(col)
+        for t in svc["teachers"]:
+            table.add_row(
+                t["endpoint"], t["model_name"], str(t["weight"]), "yes" if t["healthy"] else "NO",
+                ", ".join(t["students"]) or "-",
+            )
+        console.print(table)
+        table = Table(show_header=True)
+        for col in ("student", "wants", "teachers"):
+            table.add_column(col)
+        for s in svc["students"]:
+            table.add_row(s["id"], str(s["require_num"]), ", ".join(s["teachers"]) or "-")
+        console.print(table)
+
+
+@click.command()
+@click.option("--discovery", "discovery_", required=True, help="Discovery server(s), HOST:PORT[,HOST:PORT…].")
+@click.option("--service-name", required=True, help="Service the teacher joins.")
+@click.option("--endpoint", required=True, help="The teacher's OIP gRPC address, HOST:PORT.")
+@click.option("--model-name", default="teacher", show_default=True, help="Model the students should ask for.")
+@click.option("--weight", default=1.0, show_default=True, type=float, help="Capacity weight (> 0).")
+@click.option(
+    "--readiness-check/--no-readiness-check", default=True, show_default=True,
+    help="Keep the teacher registered only while it answers OIP ServerReady/ModelReady.",
+)
+def register(
+    discovery_: str, service_name: str, endpoint: str, model_name: str, weight: float, readiness_check: bool
+) -> None:
+    """Register any OIP teacher (Triton, KServe, …) until SIGINT/SIGTERM."""
+    from distill_reader.discovery.client import keep_registered
+
+    async def main(stop: asyncio.Event) -> None:
+        click.echo(f"keeping {endpoint} registered in {service_name!r} via {discovery_}", err=True)
+        await keep_registered(
+            discovery_, service_name, endpoint, model_name=model_name, weight=weight,
+            readiness_check=readiness_check, stop=stop,
+        )
+
+    _run_until_signal(main)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(discovery())

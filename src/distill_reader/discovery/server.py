@@ -1,0 +1,243 @@
+"""Running the discovery service: the gRPC server, the HTTP status page and metrics, runners.
+
+``serve()`` is what ``distill discovery serve`` runs; ``DiscoveryServer`` is the same thing as an
+object for embedding; ``running_server()`` runs one in a background thread for tests and demos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
+from distill_reader.discovery.service import (
+    DEFAULT_KEEPALIVE_S,
+    DEFAULT_TTL_S,
+    MAX_MESSAGE_BYTES,
+    DiscoveryService,
+    status_dict,
+    status_message,
+)
+from distill_reader.discovery.stores.base import check_hostport, open_store
+from distill_reader.errors import DiscoveryError
+
+log = logging.getLogger(__name__)
+
+# Clients ping every second to notice a vanished server quickly; allow that.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+class DiscoveryServer:
+    """One discovery server: gRPC on ``listen``, optional HTTP on ``http``, state in ``store``."""
+
+    def __init__(
+        self,
+        listen: str = "127.0.0.1:0",
+        store: str = "memory",
+        *,
+        http: str | None = None,
+        ttl: float = DEFAULT_TTL_S,
+        keepalive: float = DEFAULT_KEEPALIVE_S,
+    ) -> None:
+        check_hostport(listen, "--listen", allow_port_zero=True)
+        if http:
+            check_hostport(http, "--http", allow_port_zero=True)
+        if not 0.5 <= ttl <= 60 or not 0 < keepalive < ttl:
+            raise DiscoveryError(f"need 0.5 <= ttl <= 60 and 0 < keepalive < ttl, got {ttl}, {keepalive}")
+        self.store = open_store(store)  # raises DiscoveryError for a bad URL
+        self._listen, self._http = listen, http
+        self.service = DiscoveryService(self.store, ttl=ttl, keepalive=keepalive)
+        self._grpc: grpc.aio.Server | None = None
+        self._http_server: asyncio.base_events.Server | None = None
+        self.address = ""
+        self.http_address: str | None = None
+
+    async def start(self) -> None:
+        """Connect the store, start the service and bind the ports (``address`` is then set)."""
+        await self.store.start()
+        await self.service.start()
+        self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_DiscoveryServicer_to_server(self.service, self._grpc)
+        host = self._listen.rsplit(":", 1)[0]
+        try:
+            port = self._grpc.add_insecure_port(self._listen)
+        except RuntimeError as exc:
+            port = 0
+            cause: Exception | None = exc
+        else:
+            cause = None
+        if not port:
+            await self.stop()
+            raise DiscoveryError(f"cannot listen on {self._listen} (in use or not a local address)") from cause
+        self.address = f"{host}:{port}"
+        await self._grpc.start()
+        if self._http:
+            h, p = self._http.rsplit(":", 1)
+            self._http_server = await asyncio.start_server(self._handle_http, h.strip("[]"), int(p))
+            sock = self._http_server.sockets[0].getsockname()
+            self.http_address = f"{h}:{sock[1]}"
+        log.info("discovery serving on %s (store %s, http %s)", self.address, self.store.url, self.http_address)
+
+    async def stop(self, grace: float = 0.5) -> None:
+        """Stop serving: open streams end, then the background tasks and the store."""
+        if self._http_server:
+            self._http_server.close()
+            with contextlib.suppress(Exception):
+                await self._http_server.wait_closed()
+        if self._grpc:
+            await self._grpc.stop(grace)
+        await self.service.stop()
+        with contextlib.suppress(Exception):
+            await self.store.close()
+
+    async def _status(self) -> dict:
+        names = await self.store.services()
+        return status_dict(
+            status_message([(n, await self.store.read(n)) for n in names], self.service.server_id, self.store.url)
+        )
+
+    async def _handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A tiny HTTP/1.0 responder: three read-only pages do not justify a web framework.
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
+            status, ctype = "200 OK", "text/plain; charset=utf-8"
+            if path == "/metrics":
+                body, ctype = generate_latest(self.service.registry), CONTENT_TYPE_LATEST
+            elif path == "/status.json":
+                body, ctype = json.dumps(await self._status(), indent=1).encode(), "application/json"
+            elif path == "/healthz":
+                body = b"ok\n"
+            elif path == "/":
+                body, ctype = _page(await self._status()).encode(), "text/html; charset=utf-8"
+            else:
+                status, body = "404 Not Found", b"not found\n"
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except Exception as exc:  # a bad client must not hurt the server
+            log.debug("http request failed: %s", exc)
+        finally:
+            writer.close()
+
+
+def _page(status: dict) -> str:
+    rows = []
+    for name, svc in sorted(status["services"].items()):
+        for t in svc["teachers"]:
+            rows.append(
+                f"<tr><td>{html.escape(name)}</td><td>teacher</td><td>{html.escape(t['endpoint'])}</td>"
+                f"<td>weight {t['weight']}, {'healthy' if t['healthy'] else 'NOT READY'}</td>"
+                f"<td>{html.escape(', '.join(t['students']))}</td></tr>"
+            )
+        for s in svc["students"]:
+            rows.append(
+                f"<tr><td>{html.escape(name)}</td><td>student</td><td>{html.escape(s['id'])}</td>"
+                f"<td>wants {s['require_num']}</td><td>{html.escape(', '.join(s['teachers']))}</td></tr>"
+            )
+    return (
+        "<!doctype html><title>distill discovery</title><h1>distill discovery</h1>"
+        f"<p>server {html.escape(status['server_id'])}, store {html.escape(status['store'])}; "
+        "<a href='/status.json'>JSON</a>, <a href='/metrics'>metrics</a></p>"
+        "<table border=1 cellpadding=4><tr><th>service</th><th>role</th><th>id</th><th></th><th>assigned</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+async def serve(
+    listen: str,
+    store_url: str = "memory",
+    *,
+    http: str | None = None,
+    ttl: float = DEFAULT_TTL_S,
+    keepalive: float = DEFAULT_KEEPALIVE_S,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set (or the task is cancelled)."""
+    server = DiscoveryServer(listen, store_url, http=http, ttl=ttl, keepalive=keepalive)
+    await server.start()
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await server.stop()
+
+
+class ServerThread:
+    """A discovery server on its own event loop in a daemon thread (``start``/``stop``)."""
+
+    def __init__(self, listen: str = "127.0.0.1:0", store: str = "memory", **kwargs) -> None:
+        self._args = (listen, store)
+        self._kwargs = kwargs
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="discovery-server", daemon=True)
+        self.server: DiscoveryServer | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.server
+        return self.server.address
+
+    @property
+    def http_address(self) -> str | None:
+        assert self.server
+        return self.server.http_address
+
+    def start(self, timeout: float = 10.0) -> ServerThread:
+        """Start and wait until the server is bound; raises what its start raised."""
+        self._thread.start()
+
+        async def _start() -> DiscoveryServer:
+            server = DiscoveryServer(*self._args, **self._kwargs)
+            await server.start()
+            return server
+
+        try:
+            self.server = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server and its thread (idempotent)."""
+        if self._loop.is_closed():
+            return
+        if self.server and self._loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+@contextlib.contextmanager
+def running_server(listen: str = "127.0.0.1:0", store: str = "memory", **kwargs) -> Iterator[str]:
+    """Run a discovery server in a background thread; yields its bound ``host:port``."""
+    thread = ServerThread(listen, store, **kwargs).start()
+    try:
+        yield thread.address
+    finally:
+        thread.stop()
+

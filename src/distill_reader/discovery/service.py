@@ -1,0 +1,475 @@
+"""The discovery gRPC service: teacher leases, student streams, and the reconcile loop.
+
+Lifecycle of a change (a teacher registers, expires or changes health; a student arrives or leaves):
+
+1. the change is written to the store; the store notifies every discovery server on it (and this
+   server marks the service dirty itself, so it does not wait for the round trip);
+2. the reconcile loop reads the service's state from the store, computes
+   ``balance(healthy teachers, students, previous assignment)`` and, if the result differs, writes
+   it with compare-and-swap (a server that loses the race re-reads and finds the same answer,
+   since balance is deterministic);
+3. every open ``WatchAssignment`` stream of that service on this server is woken, and a student
+   whose teacher set changed gets one message.
+
+Every server also resyncs all services every second, so a lost notification costs at most that.
+Student leases are kept by the server holding the student's stream; if that server dies, the
+lease expires and the student, reconnecting elsewhere with the same instance id, takes it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from distill_reader.discovery.balance import balance
+from distill_reader.discovery.proto import discovery_pb2 as pb
+from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
+from distill_reader.discovery.stores.base import (
+    AlreadyRegistered,
+    ServiceState,
+    Store,
+    StoreUnavailable,
+    check_hostport,
+    encode_assignment,
+)
+from distill_reader.errors import DiscoveryError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 2.0
+DEFAULT_KEEPALIVE_S = 0.5
+RESYNC_S = 1.0
+MAX_MESSAGE_BYTES = 64 * 1024
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+_ID = re.compile(r"^[A-Za-z0-9._:@\-]{1,128}$")
+_MAX_REQUIRE = 1024
+_MAX_WEIGHT = 1e6
+
+
+def check_service_name(name: str) -> str:
+    """``name`` if it is a valid service name, else DiscoveryError."""
+    if not _NAME.match(name or ""):
+        raise DiscoveryError(
+            f"service name must be 1-128 characters of letters, digits, '.', '_' or '-', got {name!r}"
+        )
+    return name
+
+
+def check_require_num(n: int) -> int:
+    """``n`` if it is a valid require_num (1..1024), else DiscoveryError."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= _MAX_REQUIRE:
+        raise DiscoveryError(f"require_num must be an integer in 1..{_MAX_REQUIRE}, got {n!r}")
+    return n
+
+
+def check_weight(w: float) -> float:
+    """``w`` if it is a valid capacity weight, else DiscoveryError."""
+    if not isinstance(w, int | float) or not math.isfinite(w) or not 0 < w <= _MAX_WEIGHT:
+        raise DiscoveryError(f"weight must be a number in (0, {_MAX_WEIGHT:g}], got {w!r}")
+    return float(w)
+
+
+def check_id(value: str, what: str) -> str:
+    """``value`` if it is a valid student or instance id, else DiscoveryError."""
+    if not _ID.match(value or ""):
+        raise DiscoveryError(
+            f"{what} must be 1-128 characters of letters, digits, '.', '_', ':', '@' or '-', got {value!r}"
+        )
+    return value
+
+
+@dataclass
+class _Watcher:
+    service: str
+    student: str
+    instance: str
+    require_num: int
+    lease: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    replaced: bool = False
+    error: tuple[grpc.StatusCode, str] | None = None
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.teachers = Gauge(
+            "distill_discovery_teachers", "Registered teachers", ["service", "healthy"], registry=registry
+        )
+        self.students = Gauge("distill_discovery_students", "Registered students", ["service"], registry=registry)
+        self.streams = Gauge(
+            "distill_discovery_streams", "Open student streams on this server", registry=registry
+        )
+        self.changes = Counter(
+            "distill_discovery_assignment_changes", "Assignments written", ["service"], registry=registry
+        )
+        self.pushes = Counter(
+            "distill_discovery_pushes", "Assignment messages sent to students", registry=registry
+        )
+        self.rpcs = Counter("distill_discovery_rpcs", "RPCs handled", ["method", "code"], registry=registry)
+        self.reconcile = Histogram(
+            "distill_discovery_reconcile_seconds", "Time to read, balance and write one service",
+            registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+
+
+class DiscoveryService(pb_grpc.DiscoveryServicer):
+    """The gRPC servicer plus its background tasks (``start``/``stop``)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ttl: float = DEFAULT_TTL_S,
+        keepalive: float = DEFAULT_KEEPALIVE_S,
+        server_id: str | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.keepalive = keepalive
+        self.server_id = server_id or uuid.uuid4().hex[:8]
+        self.registry = registry or CollectorRegistry()
+        self.metrics = _Metrics(self.registry)
+        self._watchers: dict[str, dict[str, _Watcher]] = {}
+        self._states: dict[str, ServiceState] = {}
+        self._dirty: set[str | None] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background tasks (reconcile, store notifications, student leases, resync)."""
+        for coro in (self._reconcile_loop(), self._listen(), self._keep_students(), self._resync()):
+            self._tasks.append(asyncio.create_task(coro))
+
+    async def stop(self) -> None:
+        """Stop the background tasks (open streams end when the gRPC server stops)."""
+        # Cancel until done: a store client may swallow one cancellation (redis-py does, when it
+        # arrives mid-command), which would leave a loop running forever.
+        pending = set(self._tasks)
+        for _ in range(20):
+            if not pending:
+                break
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.25)
+        if pending:
+            log.warning("%d discovery tasks did not stop", len(pending))
+        self._tasks.clear()
+
+    def mark_dirty(self, service: str | None) -> None:
+        """Ask the reconcile loop to recompute ``service`` (None: every service)."""
+        self._dirty.add(service)
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async for service in self.store.changes():
+                    backoff = 0.1
+                    self.mark_dirty(service)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store reconnects; keep listening
+                log.warning("store notifications interrupted: %s", exc)
+                self.mark_dirty(None)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_S)
+            self.mark_dirty(None)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, set()
+            try:
+                if None in dirty:
+                    names = set(await self.store.services()) | set(self._watchers) | set(self._states)
+                else:
+                    names = {s for s in dirty if s is not None}
+                for service in sorted(names):
+                    await self._reconcile(service)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reconcile failed (retrying): %s", exc)
+                self._dirty |= dirty
+                await asyncio.sleep(0.2)
+                self._wake.set()
+
+    async def _reconcile(self, service: str) -> None:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            state = await self.store.read(service)
+            healthy = {ep: float(t.get("weight", 1.0)) for ep, t in state.teachers.items() if t.get("healthy", True)}
+            wants = {s: int(v["require_num"]) for s, v in state.students.items()}
+            new = {s: list(ts) for s, ts in balance(healthy, wants, state.assignment).items()}
+            if encode_assignment(new) == encode_assignment(state.assignment):
+                break
+            if await self.store.write_assignment(service, state.version, new):
+                self.metrics.changes.labels(service).inc()
+                state.assignment = new
+                break
+            # Another server wrote first: read its result and check it against ours.
+        self._states[service] = state
+        self.metrics.reconcile.observe(time.perf_counter() - t0)
+        n_healthy = sum(1 for t in state.teachers.values() if t.get("healthy", True))
+        self.metrics.teachers.labels(service, "true").set(n_healthy)
+        self.metrics.teachers.labels(service, "false").set(len(state.teachers) - n_healthy)
+        self.metrics.students.labels(service).set(len(state.students))
+        for w in self._watchers.get(service, {}).values():
+            w.wake.set()
+
+    async def _keep_students(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive)
+            for watchers in list(self._watchers.values()):
+                for w in list(watchers.values()):
+                    try:
+                        if await self.store.keep("student", w.service, w.student, w.lease, self.ttl):
+                            continue
+                        # Lost (store restarted, or this server was too slow): take it back.
+                        w.lease = await self.store.register(
+                            "student", w.service, w.student, w.instance, {"require_num": w.require_num}, self.ttl
+                        )
+                        self.mark_dirty(w.service)
+                    except AlreadyRegistered:
+                        w.error = (grpc.StatusCode.ALREADY_EXISTS, f"student {w.student!r} was taken over")
+                        w.wake.set()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        log.warning("keeping student %s failed: %s", w.student, exc)
+
+    # --- RPCs -----------------------------------------------------------------------------------
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str):
+        self.metrics.rpcs.labels(method, code.name).inc()
+        await context.abort(code, msg)
+
+    async def RegisterTeacher(self, request: pb.RegisterTeacherRequest, context) -> pb.RegisterTeacherResponse:
+        m = "RegisterTeacher"
+        try:
+            service = check_service_name(request.service_name)
+            endpoint = check_hostport(request.endpoint, "teacher endpoint")
+            model = request.model_name or "teacher"
+            if len(model) > 256:
+                raise DiscoveryError("model_name is longer than 256 characters")
+            weight = check_weight(request.weight or 1.0)
+            instance = check_id(request.instance_id, "instance_id") if request.instance_id else uuid.uuid4().hex
+        except DiscoveryError as exc:
+            await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        data = {"model_name": model, "weight": weight, "healthy": request.health != pb.HEALTH_NOT_READY}
+        try:
+            lease = await self.store.register("teacher", service, endpoint, instance, data, self.ttl)
+        except AlreadyRegistered:
+            await self._fail(
+                context, m, grpc.StatusCode.ALREADY_EXISTS,
+                f"teacher {endpoint} is already registered in service {service!r} by another instance; "
+                f"its lease ends {self.ttl:g} s after its last keep-alive",
+            )
+        except StoreUnavailable as exc:
+            await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        self.mark_dirty(service)
+        self.metrics.rpcs.labels(m, "OK").inc()
+        log.info("teacher %s registered in %s (weight %g)", endpoint, service, weight)
+        return pb.RegisterTeacherResponse(lease_id=lease, ttl_seconds=self.ttl, keepalive_seconds=self.keepalive)
+
+    async def KeepAlive(self, request: pb.KeepAliveRequest, context) -> pb.KeepAliveResponse:
+        m = "KeepAlive"
+        try:
+            service = check_service_name(request.service_name)
+            endpoint = check_hostport(request.endpoint, "teacher endpoint")
+            if not request.lease_id or len(request.lease_id) > 128:
+                raise DiscoveryError("lease_id is missing or too long")
+        except DiscoveryError as exc:
+            await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        data = None
+        if request.health != pb.HEALTH_UNSPECIFIED:
+            data = {"healthy": request.health == pb.HEALTH_READY}
+        try:
+            ok = await self.store.keep("teacher", service, endpoint, request.lease_id, self.ttl, data)
+        except StoreUnavailable as exc:
+            await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        if not ok:
+            await self._fail(
+                context, m, grpc.StatusCode.NOT_FOUND,
+                f"no lease {request.lease_id!r} for teacher {endpoint} in service {service!r} "
+                "(expired, or the store lost it): register again",
+            )
+        if data is not None:
+            state = self._states.get(service)
+            old = state.teachers.get(endpoint, {}).get("healthy") if state else None
+            if old is not None and old != data["healthy"]:
+                self.mark_dirty(service)
+        self.metrics.rpcs.labels(m, "OK").inc()
+        return pb.KeepAliveResponse(ttl_seconds=self.ttl)
+
+    async def DeregisterTeacher(self, request: pb.DeregisterTeacherRequest, context) -> pb.DeregisterTeacherResponse:
+        m = "DeregisterTeacher"
+        try:
+            service = check_service_name(request.service_name)
+            endpoint = check_hostport(request.endpoint, "teacher endpoint")
+        except DiscoveryError as exc:
+            await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            await self.store.drop("teacher", service, endpoint, request.lease_id)
+        except StoreUnavailable as exc:
+            await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        self.mark_dirty(service)
+        self.metrics.rpcs.labels(m, "OK").inc()
+        return pb.DeregisterTeacherResponse()
+
+    async def WatchAssignment(self, request: pb.WatchAssignmentRequest, context) -> AsyncIterator[pb.Assignment]:
+        m = "WatchAssignment"
+        try:
+            service = check_service_name(request.service_name)
+            require_num = check_require_num(request.require_num)
+            student = check_id(request.student_id, "student_id") if request.student_id else uuid.uuid4().hex
+            instance = check_id(request.instance_id, "instance_id") if request.instance_id else uuid.uuid4().hex
+        except DiscoveryError as exc:
+            await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            lease = await self.store.register(
+                "student", service, student, instance, {"require_num": require_num}, self.ttl
+            )
+        except AlreadyRegistered:
+            await self._fail(
+                context, m, grpc.StatusCode.ALREADY_EXISTS,
+                f"student {student!r} is already registered in service {service!r} by another instance",
+            )
+        except StoreUnavailable as exc:
+            await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        w = _Watcher(service, student, instance, require_num, lease)
+        local = self._watchers.setdefault(service, {})
+        if student in local:  # the same student reconnected to this server: the old stream ends
+            local[student].replaced = True
+            local[student].wake.set()
+        local[student] = w
+        self.metrics.streams.inc()
+        self.metrics.rpcs.labels(m, "OK").inc()
+        self.mark_dirty(service)
+        log.info("student %s joined %s wanting %d", student, service, require_num)
+        try:
+            last: list[tuple[str, str]] | None = None
+            while True:
+                await w.wake.wait()
+                w.wake.clear()
+                if w.replaced:
+                    return
+                if w.error:
+                    await context.abort(*w.error)
+                state = self._states.get(service)
+                if state is None or student not in state.assignment:
+                    continue  # not reconciled with this student yet; the reconcile wakes us
+                teachers = [
+                    (ep, str(state.teachers.get(ep, {}).get("model_name", "teacher")))
+                    for ep in state.assignment[student]
+                ]
+                if teachers != last:
+                    last = teachers
+                    self.metrics.pushes.inc()
+                    yield pb.Assignment(
+                        student_id=student,
+                        teachers=[pb.TeacherEndpoint(endpoint=e, model_name=n) for e, n in teachers],
+                    )
+        finally:
+            self.metrics.streams.dec()
+            if local.get(student) is w:
+                del local[student]
+            if not w.replaced:
+                # Shielded: the stream is usually being cancelled, but the student must leave now.
+                drop = asyncio.ensure_future(self._drop_student(w))
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(drop)
+
+    async def _drop_student(self, w: _Watcher) -> None:
+        try:
+            await self.store.drop("student", w.service, w.student, w.lease)
+        except Exception as exc:  # it expires on its own
+            log.warning("dropping student %s failed: %s", w.student, exc)
+        self.mark_dirty(w.service)
+        log.info("student %s left %s", w.student, w.service)
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        m = "Status"
+        try:
+            names = await self.store.services()
+            if request.service_name:
+                if request.service_name not in names:
+                    await self._fail(
+                        context, m, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service_name!r}"
+                    )
+                names = [request.service_name]
+            services = [(n, await self.store.read(n)) for n in names]
+        except StoreUnavailable as exc:
+            await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        self.metrics.rpcs.labels(m, "OK").inc()
+        return status_message(services, self.server_id, self.store.url)
+
+
+def status_message(services: list[tuple[str, ServiceState]], server_id: str, store: str) -> pb.StatusResponse:
+    """The Status RPC's answer for some services' states."""
+    out = pb.StatusResponse(server_id=server_id, store=store)
+    for name, state in services:
+        if not state.teachers and not state.students:
+            continue
+        by_teacher: dict[str, list[str]] = {}
+        for s, ts in sorted(state.assignment.items()):
+            if s in state.students:
+                for t in ts:
+                    by_teacher.setdefault(t, []).append(s)
+        svc = out.services.add(name=name)
+        for ep, t in sorted(state.teachers.items()):
+            svc.teachers.add(
+                endpoint=ep, model_name=str(t.get("model_name", "teacher")), weight=float(t.get("weight", 1.0)),
+                healthy=bool(t.get("healthy", True)), students=by_teacher.get(ep, []),
+            )
+        for s, v in sorted(state.students.items()):
+            svc.students.add(id=s, require_num=int(v["require_num"]), teachers=state.assignment.get(s, []))
+    return out
+
+
+def status_dict(msg: pb.StatusResponse) -> dict:
+    """The ``distill discovery status --json`` shape of a Status answer."""
+
+    def num(x: float) -> float | int:
+        return int(x) if float(x).is_integer() else x
+
+    return {
+        "server_id": msg.server_id,
+        "store": msg.store,
+        "services": {
+            svc.name: {
+                "teachers": [
+                    {
+                        "endpoint": t.endpoint, "model_name": t.model_name, "weight": num(t.weight),
+                        "healthy": t.healthy, "students": list(t.students),
+                    }
+                    for t in svc.teachers
+                ],
+                "students": [
+                    {"id": s.id, "require_num": s.require_num, "teachers": list(s.teachers)} for s in svc.students
+                ],
+            }
+            for svc in msg.services
+        },
+    }

@@ -1,0 +1,294 @@
+"""Discovery with the embedded memory store: real gRPC servers on loopback, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from click.testing import CliRunner
+from test_discovery_support import OipTeacher, Watch, free_port, register_process
+
+from distill_reader.discovery.client import StudentSession, fetch_status, keep_registered
+from distill_reader.discovery.commands import discovery
+from distill_reader.discovery.proto import discovery_pb2 as pb
+from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
+from distill_reader.discovery.server import DiscoveryServer, running_server
+from distill_reader.discovery.service import status_dict
+from distill_reader.discovery.stores.base import parse_store_url
+from distill_reader.errors import DiscoveryError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 50))
+
+
+async def started(store: str = "memory", **kw) -> DiscoveryServer:
+    server = DiscoveryServer("127.0.0.1:0", store, **kw)
+    await server.start()
+    return server
+
+
+async def register(stub, service: str, endpoint: str, **kw) -> str:
+    resp = await stub.RegisterTeacher(pb.RegisterTeacherRequest(service_name=service, endpoint=endpoint, **kw))
+    return resp.lease_id
+
+
+def test_issue_example_pushed_live():
+    async def main():
+        server = await started()
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            stub = pb_grpc.DiscoveryStub(ch)
+            leases = {f"127.0.0.1:{9000 + i}": await register(stub, "svc", f"127.0.0.1:{9000 + i}") for i in range(4)}
+            a, b = Watch(server.address, "svc", 2, "a"), Watch(server.address, "svc", 2, "b")
+            await a.wait_for(lambda s: len(s) == 2)
+            await b.wait_for(lambda s: len(s) == 2)
+            await a.wait_for(lambda s: not set(s) & set(b.current))
+            assert sorted(a.current + b.current) == sorted(leases)
+            before_b = b.current
+            dead = a.current[0]
+            await stub.DeregisterTeacher(pb.DeregisterTeacherRequest(
+                service_name="svc", endpoint=dead, lease_id=leases[dead]))
+            await a.wait_for(lambda s: dead not in s and len(s) == 2)
+            assert b.current == before_b and len(b.sets) == 1  # b lost nothing: no message at all
+            st = status_dict(await stub.Status(pb.StatusRequest()))
+            loads = sorted(len(t["students"]) for t in st["services"]["svc"]["teachers"])
+            assert loads == [1, 1, 2]
+            await a.close()
+            await b.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_bad_input_gets_clear_errors_and_server_keeps_serving():
+    async def main():
+        server = await started()
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            stub = pb_grpc.DiscoveryStub(ch)
+            good = Watch(server.address, "svc", 1, "good")
+            await register(stub, "svc", "127.0.0.1:9000")
+            await good.wait_for(lambda s: s == ["127.0.0.1:9000"])
+            bad = [
+                pb.RegisterTeacherRequest(service_name="svc", endpoint="nohostport"),
+                pb.RegisterTeacherRequest(service_name="svc", endpoint="h:99999"),
+                pb.RegisterTeacherRequest(service_name="", endpoint="h:1"),
+                pb.RegisterTeacherRequest(service_name="svc/../x", endpoint="h:1"),
+                pb.RegisterTeacherRequest(service_name="svc", endpoint="h:1", weight=-1),
+                pb.RegisterTeacherRequest(service_name="svc", endpoint="h:1", weight=float("nan")),
+            ]
+            for req in bad:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.RegisterTeacher(req)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert info.value.details()
+            for n in (0, -1):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for _ in stub.WatchAssignment(pb.WatchAssignmentRequest(service_name="svc", require_num=n)):
+                        pass
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "require_num" in info.value.details()
+            # Duplicate registration: another instance holds a live lease.
+            await register(stub, "svc", "127.0.0.1:9001", instance_id="one")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await register(stub, "svc", "127.0.0.1:9001", instance_id="two")
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stub.WatchAssignment(
+                    pb.WatchAssignmentRequest(service_name="svc", require_num=1, student_id="good")
+                ):
+                    pass
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            # Unknown service / lease.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Status(pb.StatusRequest(service_name="nope"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.KeepAlive(pb.KeepAliveRequest(service_name="nope", endpoint="h:1", lease_id="x"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            # Oversized and malformed messages.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await register(stub, "svc", "127.0.0.1:9002", model_name="m" * 100_000)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            raw = ch.unary_unary("/distill_reader.discovery.Discovery/RegisterTeacher")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await raw(b"\xff\xff\xff\xff garbage")
+            # grpc's own answer to an undecodable request: UNKNOWN, naming the parse error.
+            assert "Error parsing message" in info.value.details()
+            # Everyone else was served throughout, and still is.
+            await register(stub, "svc", "127.0.0.1:9003")
+            assert good.current == ["127.0.0.1:9000"]
+            assert (await stub.Status(pb.StatusRequest(service_name="svc"))).services[0].name == "svc"
+            await good.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_client_argument_errors():
+    with pytest.raises(DiscoveryError, match="require_num"):
+        StudentSession(["127.0.0.1:1"], "svc", 0)
+    with pytest.raises(DiscoveryError, match="HOST:PORT"):
+        StudentSession(["nope"], "svc", 1)
+    with pytest.raises(DiscoveryError, match="service name"):
+        StudentSession("127.0.0.1:1", "", 1)
+    with pytest.raises(DiscoveryError, match="weight"):
+        run(keep_registered("127.0.0.1:1", "svc", "127.0.0.1:2", weight=0))
+    for bad in ("redis://", "redis://h", "redis://h:1/x", "etcd://h:1/x", "mysql://h:1", "memory:", "redis://h:99999"):
+        with pytest.raises(DiscoveryError, match="store"):
+            parse_store_url(bad)
+    assert parse_store_url("redis://h:6379/2") == ("redis", "h", 6379, 2)
+    assert parse_store_url("etcd://127.0.0.1:2379") == ("etcd", "127.0.0.1", 2379, 0)
+
+
+def test_readiness_registration_and_recovery():
+    async def main():
+        server = await started()
+        teacher = await OipTeacher("resnet").start()
+        stop = asyncio.Event()
+        keeper = asyncio.create_task(
+            keep_registered([server.address], "svc", teacher.address, model_name="resnet", stop=stop)
+        )
+        w = Watch(server.address, "svc", 1)
+        await w.wait_for(lambda s: s == [teacher.address])
+        teacher.ready = False  # stops answering ready: leaves at the next check
+        t0 = time.monotonic()
+        t1 = await w.wait_for(lambda s: s == [])
+        print(f"not-ready teacher left after {t1 - t0:.2f} s")
+        assert (await fetch_status(server.address)).services[0].teachers[0].healthy is False
+        teacher.ready = True
+        await w.wait_for(lambda s: s == [teacher.address])
+        port = int(teacher.address.rsplit(":", 1)[1])
+        await teacher.stop()  # the server goes away entirely
+        t0 = time.monotonic()
+        t1 = await w.wait_for(lambda s: s == [])
+        print(f"stopped teacher left after {t1 - t0:.2f} s")
+        teacher = await OipTeacher("resnet").start(port)  # recovers on the same address
+        await w.wait_for(lambda s: s == [teacher.address])
+        stop.set()
+        await asyncio.wait_for(keeper, 5)
+        await w.wait_for(lambda s: s == [])  # deregistered on stop
+        await w.close()
+        await teacher.stop()
+        await server.stop()
+
+    run(main())
+
+
+def test_keeper_killed_lease_expires():
+    """SIGKILL the process keeping a teacher registered: the lease expires after the TTL."""
+
+    async def main():
+        server = await started()
+        endpoint = f"127.0.0.1:{free_port()}"
+        proc = register_process(server.address, "svc", endpoint, "--no-readiness-check")
+        try:
+            w = Watch(server.address, "svc", 1)
+            await w.wait_for(lambda s: s == [endpoint], timeout=20)
+            await asyncio.sleep(0.3)  # let a keep-alive or two pass
+            proc.send_signal(signal.SIGKILL)
+            t0 = time.monotonic()
+            t1 = await w.wait_for(lambda s: s == [])
+            print(f"killed teacher's students had their new set after {t1 - t0:.2f} s")
+            assert t1 - t0 < 3.0
+            await w.close()
+        finally:
+            proc.kill()
+            proc.wait()
+        await server.stop()
+
+    run(main())
+
+
+def test_student_close_deregisters_and_no_discovery_keeps_set():
+    async def main():
+        port = free_port()
+        server = DiscoveryServer(f"127.0.0.1:{port}", "memory")
+        await server.start()
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            stub = pb_grpc.DiscoveryStub(ch)
+            await register(stub, "svc", "127.0.0.1:9000")
+            w = Watch([f"127.0.0.1:{free_port()}", server.address], "svc", 1, "s1")  # first one is down
+            await w.wait_for(lambda s: s == ["127.0.0.1:9000"])
+            await w.close()
+            for _ in range(50):
+                st = status_dict(await stub.Status(pb.StatusRequest()))
+                if not st["services"]["svc"]["students"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert st["services"]["svc"]["students"] == []
+        # Discovery goes away: the student keeps its set (nothing yielded), and gets a new one later.
+        w = Watch(server.address, "svc", 1, "s2")
+        await w.wait_for(lambda s: s == [])
+        await server.stop()
+        await asyncio.sleep(0.5)
+        assert w.current == [] and not w.task.done()
+        server = DiscoveryServer(f"127.0.0.1:{port}", "memory")
+        await server.start()
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            await register(pb_grpc.DiscoveryStub(ch), "svc", "127.0.0.1:9005")
+        await w.wait_for(lambda s: s == ["127.0.0.1:9005"])
+        await w.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_cli_status_json_table_and_http():
+    with running_server(http="127.0.0.1:0") as address:
+        async def setup():
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = pb_grpc.DiscoveryStub(ch)
+                await register(stub, "svc", "127.0.0.1:9000", weight=2)
+                await register(stub, "svc", "127.0.0.1:9001")
+
+        run(setup())
+        runner = CliRunner()
+        result = runner.invoke(discovery, ["status", "--discovery", address, "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        teachers = data["services"]["svc"]["teachers"]
+        assert teachers[0] == {"endpoint": "127.0.0.1:9000", "model_name": "teacher", "weight": 2,
+                               "healthy": True, "students": []}
+        assert data["services"]["svc"]["students"] == []
+        result = runner.invoke(discovery, ["status", "--discovery", address])
+        assert result.exit_code == 0 and "127.0.0.1:9001" in result.output
+        result = runner.invoke(discovery, ["status", "--discovery", f"127.0.0.1:{free_port()}"])
+        assert result.exit_code != 0 and "UNAVAILABLE" in result.output
+    # The HTTP page, JSON and metrics.
+    from distill_reader.discovery.server import ServerThread
+
+    thread = ServerThread(http="127.0.0.1:0").start()
+    try:
+        base = f"http://{thread.http_address}"
+        assert b"distill discovery" in urllib.request.urlopen(base + "/", timeout=5).read()
+        assert json.loads(urllib.request.urlopen(base + "/status.json", timeout=5).read())["services"] == {}
+        assert b"distill_discovery_reconcile_seconds" in urllib.request.urlopen(base + "/metrics", timeout=5).read()
+    finally:
+        thread.stop()
+
+
+def test_cli_serve_stops_on_sigterm():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from distill_reader.discovery.commands import discovery; discovery()",
+         "serve", "--listen", f"127.0.0.1:{port}"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stderr.readline()
+        assert f"127.0.0.1:{port}" in line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+    bad = CliRunner().invoke(discovery, ["serve", "--store", "redis://nohost"])
+    assert bad.exit_code != 0 and "bad store URL" in bad.output

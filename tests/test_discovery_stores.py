@@ -1,0 +1,246 @@
+"""Discovery on real Redis and etcd servers that the tests start on free ports in tmp dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+from test_discovery_support import OipTeacher, ServiceProcess, Watch, free_port, have, register_process
+
+from distill_reader.discovery.client import fetch_status, keep_registered
+from distill_reader.discovery.proto import discovery_pb2 as pb
+from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
+from distill_reader.discovery.server import DiscoveryServer
+from distill_reader.discovery.service import status_dict
+
+pytestmark = pytest.mark.timeout(90)
+
+BINARIES = {"redis": "redis-server", "etcd": "etcd"}
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 80))
+
+
+def start_store(kind: str, tmp_path_factory) -> ServiceProcess:
+    if not have(BINARIES[kind]):
+        pytest.skip(f"{BINARIES[kind]} is not installed (scripts/install-services.sh installs it)")
+    proc = ServiceProcess(kind, tmp_path_factory.mktemp(kind))
+    proc.start()
+    return proc
+
+
+@pytest.fixture(scope="session")
+def redis_store(tmp_path_factory):
+    proc = start_store("redis", tmp_path_factory)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_store(tmp_path_factory):
+    proc = start_store("etcd", tmp_path_factory)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(params=["redis", "etcd"])
+def store(request) -> ServiceProcess:
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+def service_name() -> str:
+    return f"svc-{uuid.uuid4().hex[:8]}"
+
+
+async def started(url: str, port: int = 0) -> DiscoveryServer:
+    server = DiscoveryServer(f"127.0.0.1:{port}", url)
+    await server.start()
+    return server
+
+
+def test_lease_expiry(store):
+    """A teacher that registers and never keeps its lease leaves after the TTL (2 s)."""
+
+    async def main():
+        svc = service_name()
+        server = await started(store.url)
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            stub = pb_grpc.DiscoveryStub(ch)
+            w = Watch(server.address, svc, 1)
+            await w.wait_for(lambda s: s == [])
+            resp = await stub.RegisterTeacher(pb.RegisterTeacherRequest(service_name=svc, endpoint="127.0.0.1:9000"))
+            t0 = time.monotonic()
+            assert resp.ttl_seconds == 2.0
+            await w.wait_for(lambda s: s == ["127.0.0.1:9000"])
+            t1 = await w.wait_for(lambda s: s == [], timeout=8)
+            print(f"[{store.kind}] lease of {resp.ttl_seconds:g} s expired and was pushed after {t1 - t0:.2f} s")
+            assert t1 - t0 >= 1.9
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.KeepAlive(pb.KeepAliveRequest(service_name=svc, endpoint="127.0.0.1:9000",
+                                                         lease_id=resp.lease_id))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            await w.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_two_servers_one_killed_mid_run(store):
+    """Two discovery servers on one store; SIGKILL the one everybody talks to: nothing is lost."""
+
+    async def main():
+        svc = service_name()
+        port_b = free_port()
+        b = subprocess.Popen(
+            [sys.executable, "-c", "from distill_reader.discovery.commands import discovery; discovery()",
+             "serve", "--listen", f"127.0.0.1:{port_b}", "--store", store.url],
+            stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            assert "listening" in b.stderr.readline()
+            a = await started(store.url)
+            endpoints = [f"127.0.0.1:{port_b}", a.address]  # everybody tries b first
+            stop = asyncio.Event()
+            teachers = [f"127.0.0.1:{9100 + i}" for i in range(3)]
+            keepers = [
+                asyncio.create_task(keep_registered(endpoints, svc, t, readiness_check=False, stop=stop))
+                for t in teachers
+            ]
+            students = [Watch(endpoints, svc, 2, f"s{i}") for i in range(3)]
+            for w in students:
+                await w.wait_for(lambda s: len(s) == 2)
+            for _ in range(100):  # settled: loads 2, 2, 2
+                st = status_dict(await fetch_status(a.address, svc))["services"][svc]
+                if sorted(len(t["students"]) for t in st["teachers"]) == [2, 2, 2]:
+                    break
+                await asyncio.sleep(0.05)
+            before = {w.session.student_id: w.current for w in students}
+            assert all(w.session.connected_to == endpoints[0] for w in students)
+            seen = [len(w.sets) for w in students]
+            b.send_signal(signal.SIGKILL)
+            b.wait()
+            for w in students:
+                for _ in range(100):
+                    if w.session.connected_to == a.address:
+                        break
+                    await asyncio.sleep(0.05)
+                assert w.session.connected_to == a.address
+            await asyncio.sleep(2.5)  # longer than a TTL: leases kept through a, nobody expired
+            st = status_dict(await fetch_status(a.address, svc))["services"][svc]
+            assert sorted(t["endpoint"] for t in st["teachers"]) == teachers
+            assert {s["id"]: s["teachers"] for s in st["students"]} == before
+            assert {w.session.student_id: w.current for w in students} == before
+            # Since the kill: never an empty or short set (before it, teachers were still arriving).
+            assert all(len(s) == 2 for w, n in zip(students, seen) for _, s in w.sets[n:])
+            stop.set()
+            await asyncio.gather(*keepers)
+            for w in students:
+                await w.close()
+            await a.stop()
+        finally:
+            b.kill()
+            b.wait()
+
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["redis", "etcd"])
+def test_store_restarted(kind, tmp_path_factory):
+    """The store is killed and restarted (Redis without persistence loses everything): the
+    students keep their teachers meanwhile, and registrations come back by themselves."""
+    store = start_store(kind, tmp_path_factory)
+    try:
+        async def main():
+            svc = service_name()
+            server = await started(store.url)
+            stop = asyncio.Event()
+            keeper = asyncio.create_task(
+                keep_registered(server.address, svc, "127.0.0.1:9200", readiness_check=False, stop=stop)
+            )
+            w = Watch(server.address, svc, 1)
+            await w.wait_for(lambda s: s == ["127.0.0.1:9200"])
+            store.kill()
+            await asyncio.sleep(1.0)
+            assert w.current == ["127.0.0.1:9200"]  # nothing pushed while the store is down
+            await asyncio.to_thread(store.start)
+            t0 = time.monotonic()
+            for _ in range(200):
+                try:
+                    st = status_dict(await fetch_status(server.address, svc))["services"].get(svc)
+                except Exception:
+                    st = None
+                if st and st["students"] and st["students"][0]["teachers"] == ["127.0.0.1:9200"]:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("registrations did not come back")
+            print(f"[{kind}] state rebuilt {time.monotonic() - t0:.2f} s after the store came back")
+            assert [s for _, s in w.sets] == [[], ["127.0.0.1:9200"]] or w.current == ["127.0.0.1:9200"]
+            stop.set()
+            await keeper
+            await w.close()
+            await server.stop()
+
+        run(main())
+    finally:
+        store.stop()
+
+
+def test_teacher_killed_while_students_stream(store):
+    """Teachers kept registered by readiness checks, students streaming; one teacher dies
+    (stops answering), one keeper process is SIGKILLed: every affected student gets a new set."""
+
+    async def main():
+        svc = service_name()
+        server = await started(store.url)
+        oips = [await OipTeacher().start() for _ in range(3)]
+        stop = asyncio.Event()
+        keepers = [asyncio.create_task(keep_registered(server.address, svc, t.address, stop=stop)) for t in oips]
+        lone = f"127.0.0.1:{free_port()}"
+        proc = register_process(server.address, svc, lone, "--no-readiness-check")
+        try:
+            students = [Watch(server.address, svc, 2, f"s{i}") for i in range(4)]
+            everyone = sorted([t.address for t in oips] + [lone])
+            for w in students:
+                await w.wait_for(lambda s: len(s) == 2, timeout=20)
+            for _ in range(200):
+                if sorted({t for w in students for t in w.current}) == everyone:
+                    break
+                await asyncio.sleep(0.05)
+            # 1. A teacher server dies (its keeper sees it not answering).
+            dead = oips[0].address
+            hit = [w for w in students if dead in w.current]
+            await oips[0].stop()
+            t0 = time.monotonic()
+            times = [await w.wait_for(lambda s: dead not in s and len(s) == 2) for w in hit]
+            print(f"[{store.kind}] teacher stopped answering: students' new sets after "
+                  f"{max(times) - t0:.2f} s (readiness check every 0.5 s)")
+            # 2. A teacher and its keeper are SIGKILLed: the lease expires.
+            hit = [w for w in students if lone in w.current]
+            assert hit
+            proc.send_signal(signal.SIGKILL)
+            t0 = time.monotonic()
+            times = [await w.wait_for(lambda s: lone not in s and len(s) == 2) for w in hit]
+            print(f"[{store.kind}] keeper SIGKILLed: students' new sets after {max(times) - t0:.2f} s")
+            assert max(times) - t0 < 4.0
+            for w in students:
+                assert len(w.current) == 2 and not set(w.current) & {dead, lone}
+            stop.set()
+            await asyncio.gather(*keepers)
+            for w in students:
+                await w.close()
+        finally:
+            proc.kill()
+            proc.wait()
+            for t in oips:
+                await t.stop()
+            await server.stop()
+
+    run(main())

@@ -1,0 +1,64 @@
+"""DistillReader in discover mode: teachers found through a discovery server, changes pushed live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from test_reader import check_epoch, sample_list_reader
+
+from distill_reader import DistillReader
+from distill_reader.discovery.client import fetch_status
+from distill_reader.discovery.server import running_server
+
+pytestmark = pytest.mark.timeout(90)
+
+DISCOVER = "mode = discover\nhost = {host}\nservice_name = tagger\nrequire_num = {require_num}"
+
+
+def discover_config(write_config, discovery: str, require_num: int):
+    from conftest import SEED_CONFIG
+
+    text = SEED_CONFIG.format(servers=[], extra="").replace(
+        "mode = fixed\nservers = []", DISCOVER.format(host=discovery, require_num=require_num)
+    )
+    return write_config(text=text)
+
+
+def assigned_teachers(discovery: str) -> list[list[str]]:
+    """The teacher set of every student of the service, as discovery reports it."""
+    status = asyncio.run(fetch_status(discovery, "tagger"))
+    return [sorted(student.teachers) for service in status.services for student in service.students]
+
+
+def test_discover_mode_follows_teacher_changes_without_losing_a_sample(write_config, teachers):
+    with running_server() as discovery:
+        first = teachers.start("reader_models:slow_tag", "--register", discovery, "--service-name", "tagger")
+        config = discover_config(write_config, discovery, require_num=2)
+        dr = DistillReader(config, 16, 4, capacity=6, occupied_capacity=1, copy=True, teacher_timeout=30)
+        n = 1200
+        dr.set_sample_list_generator(sample_list_reader(n, 8))
+        with dr:
+            check_epoch(list(dr.distill_reader()()), n, 16)
+            batches, second = [], None
+            for step, batch in enumerate(dr.distill_reader()()):
+                batches.append(batch)
+                if step == 3:  # a second teacher joins mid-epoch...
+                    second = teachers.start(
+                        "reader_models:slow_tag", "--register", discovery, "--service-name", "tagger"
+                    )
+                if step == 20:
+                    assert assigned_teachers(discovery) == [sorted([first, second])]
+                if step == 30:  # ...and the first one dies
+                    teachers.kill(first)
+            check_epoch(batches, n, 16)
+            assert second is not None
+            # The dead teacher's lease expires within a few seconds; the survivor serves alone.
+            deadline = time.monotonic() + 5
+            while assigned_teachers(discovery) != [[second]] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert assigned_teachers(discovery) == [[second]]
+            start = time.monotonic()
+            check_epoch(list(dr.distill_reader()()), n, 16)
+            assert time.monotonic() - start < 60
