@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) || echo "PyTorch not installed: its tests will be skipped"
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[paddle]' || echo "PaddlePaddle not installed: its tests will be skipped"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -22,6 +23,7 @@ demo: venv
 # Redis and etcd servers are needed by the discovery tests (the tests start their own instances).
 test: venv
 	@command -v redis-server >/dev/null && command -v etcd >/dev/null || bash scripts/install-services.sh
+	bash scripts/external-teachers.sh
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from distill_reader.errors import ConfigError
 from distill_reader.oip import SUPPORTED_DTYPES, TensorSpec
+from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 
 MODES = ("fixed", "discover")
 DEFAULT_MODEL_NAME = "teacher"
@@ -47,6 +48,10 @@ class ReaderConfig:
     fetches: tuple[TensorSpec, ...]
     #: config var name -> tensor name on the teacher (from ``serving_conf_file``; identity otherwise).
     served_names: dict[str, str] = field(default_factory=dict)
+    #: ``[conf] token_file``'s token, sent to discovery and to teachers (its repr never shows it).
+    token: Secret | None = field(default=None, repr=False)
+    #: ``[conf] tls_ca``/``tls_cert``/``tls_key``: TLS for teacher and discovery connections.
+    tls: TlsFiles | None = field(default=None, repr=False)
 
     @property
     def predict_feeds(self) -> tuple[TensorSpec, ...]:
@@ -221,6 +226,13 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         from distill_reader.teacher.paddle_serving import load_alias_map
 
         served_names = load_alias_map(serving_path)
+    token = (
+        read_token_file(_conf_path(conf, "token_file", path), "[conf] token_file") if conf.has("token_file") else None
+    )
+    tls = load_tls(
+        *(_conf_path(conf, key, path) if conf.has(key) else None for key in ("tls_ca", "tls_cert", "tls_key")),
+        names=("[conf] tls_ca", "[conf] tls_cert", "[conf] tls_key"),
+    )
     return ReaderConfig(
         mode=mode,
         servers=servers,
@@ -232,7 +244,15 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         predict_feed_ids=tuple(ids),
         fetches=fetches,
         served_names=served_names,
+        token=token,
+        tls=tls,
     )
+
+
+def _conf_path(conf: _Section, key: str, config_path: Path) -> Path:
+    """A file named by ``[conf] key``; relative paths are relative to the config file's folder."""
+    value = Path(conf.string(key))
+    return value if value.is_absolute() else config_path.parent / value
 
 
 def _discovery_endpoints(conf: _Section) -> tuple[str, ...]:

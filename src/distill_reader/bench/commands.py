@@ -15,7 +15,7 @@ DEFAULT_PLOT = Path("docs") / "benchmarks-dbatch.png"
 
 
 def _scenarios() -> dict[str, tuple[str, Callable[..., list[Row]]]]:
-    from distill_reader.bench import memory, naive, teacher_bound, training, transport
+    from distill_reader.bench import chaos, memory, naive, teacher_bound, training, transport
 
     return {
         "teacher-bound": ("delivered samples/s ÷ N simulated teachers' capacity", teacher_bound.teacher_bound),
@@ -25,6 +25,7 @@ def _scenarios() -> dict[str, tuple[str, Callable[..., list[Row]]]]:
         "naive-loop": ("speedup over one synchronous teacher call per batch", naive.naive_loop),
         "memory": ("pool ÷ capacity × batch bytes; RSS growth over epochs", memory.memory),
         "dbatch-scaling": ("transport ratio for d_batch_size 1 … 256 (plot)", transport.dbatch_scaling),
+        "chaos": ("faults injected: samples lost/duplicated/wrong, seconds to recover", chaos.chaos_rows),
     }
 
 
@@ -37,6 +38,8 @@ SCENARIO_NAMES = (
     "memory",
     "dbatch-scaling",
 )
+# Run only when named (`distill bench chaos`): it kills processes and takes minutes.
+EXTRA_SCENARIOS = ("chaos",)
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -69,7 +72,7 @@ def run_scenarios(names: list[str], sizes: Sizes, progress: Progress, plot: Path
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("scenarios", nargs=-1, type=click.Choice(SCENARIO_NAMES))
+@click.argument("scenarios", nargs=-1, type=click.Choice(SCENARIO_NAMES + EXTRA_SCENARIOS))
 @click.option("--quick", is_flag=True, help="Small sizes (the whole run takes about a minute): a smoke run.")
 @click.option(
     "--json",
@@ -91,7 +94,8 @@ def bench(scenarios: tuple[str, ...], quick: bool, json_file: str | None, plot_f
 
     Scenarios (default: all): teacher-bound, latency, training-overhead, transport, naive-loop,
     memory, dbatch-scaling. Every figure is a ratio of two rates measured in the same run.
-    See docs/benchmarks.md.
+    See docs/benchmarks.md. `distill bench chaos` (only when named) injects faults: teachers killed,
+    hung or wrong, discovery/Redis/etcd restarted, a link cut; see docs/fault-tolerance.md.
     """
     from rich.console import Console
     from rich.table import Table

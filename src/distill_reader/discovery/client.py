@@ -1,8 +1,10 @@
 """Clients of the discovery service: students (``StudentSession``) and teachers (``keep_registered``).
 
 Neither raises for connectivity: both try the given discovery endpoints in turn and retry forever
-with backoff (capped at 2 s). They raise :class:`DiscoveryError` only for bad arguments or a
-request the server rejects as invalid, which retrying cannot fix.
+with backoff (capped at 2 s). They raise :class:`DiscoveryError` only for bad arguments, a
+request the server rejects as invalid, or a missing or wrong token (``UNAUTHENTICATED``), which
+retrying cannot fix. ``security`` (a :class:`~distill_reader.security.ClientSecurity`) adds the
+token and TLS to every discovery call.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.service import check_id, check_require_num, check_service_name, check_weight
 from distill_reader.discovery.stores.base import check_hostport
 from distill_reader.errors import DiscoveryError
+from distill_reader.security import NO_SECURITY, ClientSecurity, explain_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,14 @@ CHANNEL_OPTIONS = [
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 2.0
 _RPC_TIMEOUT_S = 2.0
-# Errors that retrying cannot fix: the request itself is wrong.
-_FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
+# Errors that retrying cannot fix: the request itself is wrong, or we may not make it.
+_FATAL = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
 
 
 @dataclass(frozen=True)
@@ -82,8 +91,11 @@ class StudentSession:
         service_name: str,
         require_num: int,
         student_id: str | None = None,
+        *,
+        security: ClientSecurity | None = None,
     ) -> None:
         self.endpoints = parse_endpoints(endpoints)
+        self.security = security or NO_SECURITY
         self.service_name = check_service_name(service_name)
         self.require_num = check_require_num(require_num)
         self.student_id = check_id(student_id, "student_id") if student_id else default_student_id()
@@ -96,8 +108,10 @@ class StudentSession:
     async def assignments(self) -> AsyncIterator[list[TeacherEndpoint]]:
         """Yields the current teacher set on every change until ``close()``."""
         request = pb.WatchAssignmentRequest(
-            service_name=self.service_name, require_num=self.require_num,
-            student_id=self.student_id, instance_id=self._instance,
+            service_name=self.service_name,
+            require_num=self.require_num,
+            student_id=self.student_id,
+            instance_id=self._instance,
         )
         last: list[TeacherEndpoint] | None = None
         backoff = _BACKOFF_START_S
@@ -109,8 +123,8 @@ class StudentSession:
             i += 1
             got = False
             try:
-                async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
-                    call = pb_grpc.DiscoveryStub(channel).WatchAssignment(request)
+                async with self.security.channel(endpoint, CHANNEL_OPTIONS) as channel:
+                    call = pb_grpc.DiscoveryStub(channel).WatchAssignment(request, metadata=self.security.metadata)
                     self._call = call
                     if self._closed.is_set():
                         call.cancel()
@@ -132,7 +146,8 @@ class StudentSession:
                     if time.monotonic() - duplicate_since > 6.0:
                         raise DiscoveryError(f"{exc.details()} (student ids must be unique)") from None
                 elif code != grpc.StatusCode.CANCELLED or not self._closed.is_set():
-                    log.info("discovery %s: %s %s; trying the next endpoint", endpoint, code.name, exc.details())
+                    details = explain_unavailable(exc, self.security)
+                    log.info("discovery %s: %s %s; trying the next endpoint", endpoint, code.name, details)
             finally:
                 self._call = None
                 self.connected_to = None
@@ -170,14 +185,15 @@ async def _oip_ready(stub, model_name: str, timeout: float) -> bool:
 class _Rotating:
     """Discovery endpoints tried in turn; keeps one channel open to the current one."""
 
-    def __init__(self, endpoints: list[str]) -> None:
+    def __init__(self, endpoints: list[str], security: ClientSecurity = NO_SECURITY) -> None:
         self.endpoints = endpoints
+        self.security = security
         self.i = 0
         self.channel: grpc.aio.Channel | None = None
 
     def stub(self) -> pb_grpc.DiscoveryStub:
         if self.channel is None:
-            self.channel = grpc.aio.insecure_channel(self.endpoints[self.i], options=CHANNEL_OPTIONS)
+            self.channel = self.security.channel(self.endpoints[self.i], CHANNEL_OPTIONS)
         return pb_grpc.DiscoveryStub(self.channel)
 
     async def next(self) -> None:
@@ -194,7 +210,9 @@ class _Rotating:
         last: grpc.aio.AioRpcError | None = None
         for _ in range(len(self.endpoints)):
             try:
-                return await getattr(self.stub(), method)(request, timeout=_RPC_TIMEOUT_S)
+                return await getattr(self.stub(), method)(
+                    request, timeout=_RPC_TIMEOUT_S, metadata=self.security.metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
@@ -214,13 +232,17 @@ async def keep_registered(
     stop: asyncio.Event | None = None,
     *,
     check_timeout: float = 0.5,
+    security: ClientSecurity | None = None,
+    teacher_security: ClientSecurity | None = None,
 ) -> None:
     """Keep ``endpoint`` registered in ``service_name`` until ``stop`` is set or the task is cancelled.
 
     With ``readiness_check`` the teacher is asked OIP ``ServerReady`` and ``ModelReady(model_name)``
     every keep-alive interval (0.5 s by default, set by the server); while it does not answer
     ready, it is reported not ready and gets no students, and it is back as soon as it answers.
-    On return the lease is dropped. Raises DiscoveryError only for invalid arguments.
+    On return the lease is dropped. Raises DiscoveryError for invalid arguments or a missing or
+    wrong token. ``security`` secures the discovery calls, ``teacher_security`` (TLS only: readiness
+    is not token-protected) the readiness checks.
     """
     endpoints = parse_endpoints(discovery_endpoints)
     check_service_name(service_name)
@@ -228,7 +250,8 @@ async def keep_registered(
     check_weight(weight)
     stop = stop or asyncio.Event()
     instance = uuid.uuid4().hex
-    rot = _Rotating(endpoints)
+    rot = _Rotating(endpoints, security or NO_SECURITY)
+    teacher_security = teacher_security or NO_SECURITY
     lease: str | None = None
     interval = 0.5
     backoff = _BACKOFF_START_S
@@ -240,7 +263,7 @@ async def keep_registered(
                 from tritonclient.grpc import service_pb2_grpc
 
                 if teacher_channel is None:
-                    teacher_channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+                    teacher_channel = teacher_security.channel(endpoint, CHANNEL_OPTIONS)
                 ready = await _oip_ready(
                     service_pb2_grpc.GRPCInferenceServiceStub(teacher_channel), model_name, check_timeout
                 )
@@ -255,8 +278,12 @@ async def keep_registered(
                     resp = await rot.call(
                         "RegisterTeacher",
                         pb.RegisterTeacherRequest(
-                            service_name=service_name, endpoint=endpoint, model_name=model_name,
-                            weight=weight, instance_id=instance, health=health,
+                            service_name=service_name,
+                            endpoint=endpoint,
+                            model_name=model_name,
+                            weight=weight,
+                            instance_id=instance,
+                            health=health,
                         ),
                     )
                     lease, interval = resp.lease_id, resp.keepalive_seconds or interval
@@ -278,7 +305,8 @@ async def keep_registered(
                     lease, wait = None, 0  # lease lost (expired, store restarted): register again now
                 else:
                     # Unreachable, or ALREADY_EXISTS while an old lease of this endpoint expires.
-                    log.info("teacher %s: discovery %s: %s", endpoint, code.name, exc.details())
+                    details = explain_unavailable(exc, rot.security)
+                    log.info("teacher %s: discovery %s: %s", endpoint, code.name, details)
                     wait, backoff = backoff, min(backoff * 2, _BACKOFF_MAX_S)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
@@ -297,12 +325,15 @@ async def keep_registered(
             await teacher_channel.close()
 
 
-async def fetch_status(discovery_endpoints: list[str] | str, service_name: str = "") -> pb.StatusResponse:
+async def fetch_status(
+    discovery_endpoints: list[str] | str, service_name: str = "", *, security: ClientSecurity | None = None
+) -> pb.StatusResponse:
     """One Status call, trying the endpoints in turn; raises DiscoveryError if none answers."""
-    rot = _Rotating(parse_endpoints(discovery_endpoints))
+    rot = _Rotating(parse_endpoints(discovery_endpoints), security or NO_SECURITY)
     try:
         return await rot.call("Status", pb.StatusRequest(service_name=service_name))
     except grpc.aio.AioRpcError as exc:
-        raise DiscoveryError(f"discovery status failed: {exc.code().name}: {exc.details()}") from None
+        details = explain_unavailable(exc, rot.security)
+        raise DiscoveryError(f"discovery status failed: {exc.code().name}: {details}") from None
     finally:
         await rot.close()

@@ -11,9 +11,55 @@ import sys
 import click
 
 from distill_reader.discovery.service import DEFAULT_KEEPALIVE_S, DEFAULT_TTL_S
-from distill_reader.errors import DiscoveryError
+from distill_reader.errors import DistillReaderError
 
 DEFAULT_LISTEN = "127.0.0.1:7400"
+
+_FILE = click.Path(dir_okay=False)
+
+
+def token_option(role: str):
+    """``--token-file``: for a server (``role="server"``) the token to require, else the one to send."""
+    text = (
+        "Require this token (the file's content, stripped) from every client; without it, anyone who "
+        "can reach the port may use it."
+        if role == "server"
+        else "Send this token (the file's content, stripped) to discovery servers that require one."
+    )
+    return click.option("--token-file", type=_FILE, default=None, metavar="FILE", help=text)
+
+
+def tls_options(role: str):
+    """``--tls-cert/--tls-key/--tls-ca`` for a server or a client (PEM files)."""
+    if role == "server":
+        helps = (
+            "Serve TLS with this certificate (PEM; needs --tls-key).",
+            "The certificate's private key (PEM).",
+            "Require client certificates signed by this CA (mTLS).",
+        )
+    else:
+        helps = (
+            "Client certificate (PEM) for servers that require one (mTLS; needs --tls-key).",
+            "The client certificate's private key (PEM).",
+            "Connect with TLS, verifying the server's certificate with this CA (PEM).",
+        )
+
+    def decorate(f):
+        for name, text in reversed(list(zip(("--tls-cert", "--tls-key", "--tls-ca"), helps))):
+            f = click.option(name, type=_FILE, default=None, metavar="FILE", help=text)(f)
+        return f
+
+    return decorate
+
+
+def client_security_or_exit(token_file: str | None, tls_ca: str | None, tls_cert: str | None, tls_key: str | None):
+    """The :class:`~distill_reader.security.ClientSecurity` of the client flags; a usage error if bad."""
+    from distill_reader.security import client_security
+
+    try:
+        return client_security(token_file, tls_ca, tls_cert, tls_key)
+    except DistillReaderError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _run_until_signal(main) -> None:
@@ -29,7 +75,7 @@ def _run_until_signal(main) -> None:
 
     try:
         asyncio.run(runner())
-    except DiscoveryError as exc:
+    except DistillReaderError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -41,22 +87,48 @@ def discovery() -> None:
 @discovery.command()
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="gRPC address, HOST:PORT (port 0: any).")
 @click.option(
-    "--store", default="memory", show_default=True,
+    "--store",
+    default="memory",
+    show_default=True,
     help="Where state lives: memory (this process only), redis://HOST:PORT[/DB] or etcd://HOST:PORT. "
     "Several servers on one Redis or etcd serve the same clients.",
 )
 @click.option("--http", default=None, help="Also serve a status page, /status.json and /metrics on HOST:PORT.")
 @click.option("--ttl", default=DEFAULT_TTL_S, show_default=True, type=float, help="Lease TTL in seconds.")
 @click.option(
-    "--keepalive", default=DEFAULT_KEEPALIVE_S, show_default=True, type=float,
+    "--keepalive",
+    default=DEFAULT_KEEPALIVE_S,
+    show_default=True,
+    type=float,
     help="Keep-alive interval clients are told to use, seconds.",
 )
-def serve(listen: str, store: str, http: str | None, ttl: float, keepalive: float) -> None:
+@token_option("server")
+@tls_options("server")
+def serve(
+    listen: str,
+    store: str,
+    http: str | None,
+    ttl: float,
+    keepalive: float,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+) -> None:
     """Run a discovery server until SIGINT/SIGTERM."""
     from distill_reader.discovery.server import DiscoveryServer
+    from distill_reader.security import load_tls, read_token_file
+
+    try:
+        token = read_token_file(token_file) if token_file else None
+        tls = load_tls(tls_ca, tls_cert, tls_key)
+        if tls is not None and not tls.cert:
+            raise click.UsageError("--tls-ca on a server needs --tls-cert and --tls-key")
+    except DistillReaderError as exc:
+        raise click.UsageError(str(exc)) from None
 
     async def main(stop: asyncio.Event) -> None:
-        server = DiscoveryServer(listen, store, http=http, ttl=ttl, keepalive=keepalive)
+        server = DiscoveryServer(listen, store, http=http, ttl=ttl, keepalive=keepalive, token=token, tls=tls)
         await server.start()
         extra = f", http://{server.http_address}/" if server.http_address else ""
         click.echo(f"discovery listening on {server.address} (store {store}{extra})", err=True)
@@ -73,13 +145,25 @@ def serve(listen: str, store: str, http: str | None, ttl: float, keepalive: floa
 @click.option("--discovery", "discovery_", required=True, help="Discovery server(s), HOST:PORT[,HOST:PORT…].")
 @click.option("--service-name", default="", help="Only this service.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(discovery_: str, service_name: str, as_json: bool) -> None:
+@token_option("client")
+@tls_options("client")
+def status(
+    discovery_: str,
+    service_name: str,
+    as_json: bool,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+) -> None:
     """Show services, their teachers and students, and who is assigned to whom."""
     from distill_reader.discovery.client import fetch_status
     from distill_reader.discovery.service import status_dict
 
+    security = client_security_or_exit(token_file, tls_ca, tls_cert, tls_key)
+
     async def main(stop: asyncio.Event) -> None:
-        data = status_dict(await fetch_status(discovery_, service_name))
+        data = status_dict(await fetch_status(discovery_, service_name, security=security))
         if as_json:
             click.echo(json.dumps(data, indent=2))
             return
@@ -101,7 +185,10 @@ def _print_table(data: dict) -> None:
             table.add_column(col)
         for t in svc["teachers"]:
             table.add_row(
-                t["endpoint"], t["model_name"], str(t["weight"]), "yes" if t["healthy"] else "NO",
+                t["endpoint"],
+                t["model_name"],
+                str(t["weight"]),
+                "yes" if t["healthy"] else "NO",
                 ", ".join(t["students"]) or "-",
             )
         console.print(table)
@@ -120,20 +207,50 @@ def _print_table(data: dict) -> None:
 @click.option("--model-name", default="teacher", show_default=True, help="Model the students should ask for.")
 @click.option("--weight", default=1.0, show_default=True, type=float, help="Capacity weight (> 0).")
 @click.option(
-    "--readiness-check/--no-readiness-check", default=True, show_default=True,
+    "--readiness-check/--no-readiness-check",
+    default=True,
+    show_default=True,
     help="Keep the teacher registered only while it answers OIP ServerReady/ModelReady.",
 )
+@token_option("client")
+@tls_options("client")
+@click.option(
+    "--teacher-plaintext",
+    is_flag=True,
+    help="Check the teacher's readiness over plaintext even with --tls-* (which otherwise apply to it too).",
+)
 def register(
-    discovery_: str, service_name: str, endpoint: str, model_name: str, weight: float, readiness_check: bool
+    discovery_: str,
+    service_name: str,
+    endpoint: str,
+    model_name: str,
+    weight: float,
+    readiness_check: bool,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    teacher_plaintext: bool,
 ) -> None:
     """Register any OIP teacher (Triton, KServe, …) until SIGINT/SIGTERM."""
     from distill_reader.discovery.client import keep_registered
+    from distill_reader.security import ClientSecurity
+
+    security = client_security_or_exit(token_file, tls_ca, tls_cert, tls_key)
+    teacher_security = ClientSecurity(None, None if teacher_plaintext else security.tls)
 
     async def main(stop: asyncio.Event) -> None:
         click.echo(f"keeping {endpoint} registered in {service_name!r} via {discovery_}", err=True)
         await keep_registered(
-            discovery_, service_name, endpoint, model_name=model_name, weight=weight,
-            readiness_check=readiness_check, stop=stop,
+            discovery_,
+            service_name,
+            endpoint,
+            model_name=model_name,
+            weight=weight,
+            readiness_check=readiness_check,
+            stop=stop,
+            security=security,
+            teacher_security=teacher_security,
         )
 
     _run_until_signal(main)

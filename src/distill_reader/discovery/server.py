@@ -28,6 +28,7 @@ from distill_reader.discovery.service import (
 )
 from distill_reader.discovery.stores.base import check_hostport, open_store
 from distill_reader.errors import DiscoveryError
+from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, is_loopback, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class DiscoveryServer:
         http: str | None = None,
         ttl: float = DEFAULT_TTL_S,
         keepalive: float = DEFAULT_KEEPALIVE_S,
+        token: Secret | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         check_hostport(listen, "--listen", allow_port_zero=True)
         if http:
@@ -60,6 +63,7 @@ class DiscoveryServer:
             raise DiscoveryError(f"need 0.5 <= ttl <= 60 and 0 < keepalive < ttl, got {ttl}, {keepalive}")
         self.store = open_store(store)  # raises DiscoveryError for a bad URL
         self._listen, self._http = listen, http
+        self._token, self._tls = token, tls
         self.service = DiscoveryService(self.store, ttl=ttl, keepalive=keepalive)
         self._grpc: grpc.aio.Server | None = None
         self._http_server: asyncio.base_events.Server | None = None
@@ -70,11 +74,21 @@ class DiscoveryServer:
         """Connect the store, start the service and bind the ports (``address`` is then set)."""
         await self.store.start()
         await self.service.start()
-        self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
+        interceptors = []
+        if self._token is not None:
+            rpcs = self.service.metrics.rpcs
+            interceptors.append(
+                TokenInterceptor(
+                    self._token,
+                    "discovery",
+                    on_refused=lambda method: rpcs.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc(),
+                )
+            )
+        self._grpc = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         pb_grpc.add_DiscoveryServicer_to_server(self.service, self._grpc)
         host = self._listen.rsplit(":", 1)[0]
         try:
-            port = self._grpc.add_insecure_port(self._listen)
+            port = add_port(self._grpc, self._listen, self._tls)
         except RuntimeError as exc:
             port = 0
             cause: Exception | None = exc
@@ -84,13 +98,28 @@ class DiscoveryServer:
             await self.stop()
             raise DiscoveryError(f"cannot listen on {self._listen} (in use or not a local address)") from cause
         self.address = f"{host}:{port}"
+        warn_if_exposed(self._listen, self._token, "discovery", log)
         await self._grpc.start()
         if self._http:
             h, p = self._http.rsplit(":", 1)
             self._http_server = await asyncio.start_server(self._handle_http, h.strip("[]"), int(p))
             sock = self._http_server.sockets[0].getsockname()
             self.http_address = f"{h}:{sock[1]}"
-        log.info("discovery serving on %s (store %s, http %s)", self.address, self.store.url, self.http_address)
+            if not is_loopback(h):
+                log.warning(
+                    "the discovery status page on %s has no authentication (it shows endpoints and student "
+                    "ids, never tokens); keep it on 127.0.0.1 or behind a firewall",
+                    self.http_address,
+                )
+        tls = "TLS" + (" with client certificates" if self._tls and self._tls.ca else "") if self._tls else "plaintext"
+        log.info(
+            "discovery serving on %s (%s, token %s, store %s, http %s)",
+            self.address,
+            tls,
+            "required" if self._token else "not required",
+            self.store.url,
+            self.http_address,
+        )
 
     async def stop(self, grace: float = 0.5) -> None:
         """Stop serving: open streams end, then the background tasks and the store."""
@@ -131,7 +160,8 @@ class DiscoveryServer:
                 status, body = "404 Not Found", b"not found\n"
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode() + body
+                "Connection: close\r\n\r\n".encode()
+                + body
             )
             await writer.drain()
         except Exception as exc:  # a bad client must not hurt the server
@@ -172,9 +202,11 @@ async def serve(
     ttl: float = DEFAULT_TTL_S,
     keepalive: float = DEFAULT_KEEPALIVE_S,
     stop: asyncio.Event | None = None,
+    token: Secret | None = None,
+    tls: TlsFiles | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or the task is cancelled)."""
-    server = DiscoveryServer(listen, store_url, http=http, ttl=ttl, keepalive=keepalive)
+    server = DiscoveryServer(listen, store_url, http=http, ttl=ttl, keepalive=keepalive, token=token, tls=tls)
     await server.start()
     try:
         await (stop or asyncio.Event()).wait()
@@ -240,4 +272,3 @@ def running_server(listen: str = "127.0.0.1:0", store: str = "memory", **kwargs)
         yield thread.address
     finally:
         thread.stop()
-

@@ -60,9 +60,7 @@ _MAX_WEIGHT = 1e6
 def check_service_name(name: str) -> str:
     """``name`` if it is a valid service name, else DiscoveryError."""
     if not _NAME.match(name or ""):
-        raise DiscoveryError(
-            f"service name must be 1-128 characters of letters, digits, '.', '_' or '-', got {name!r}"
-        )
+        raise DiscoveryError(f"service name must be 1-128 characters of letters, digits, '.', '_' or '-', got {name!r}")
     return name
 
 
@@ -107,19 +105,17 @@ class _Metrics:
             "distill_discovery_teachers", "Registered teachers", ["service", "healthy"], registry=registry
         )
         self.students = Gauge("distill_discovery_students", "Registered students", ["service"], registry=registry)
-        self.streams = Gauge(
-            "distill_discovery_streams", "Open student streams on this server", registry=registry
-        )
+        self.streams = Gauge("distill_discovery_streams", "Open student streams on this server", registry=registry)
         self.changes = Counter(
             "distill_discovery_assignment_changes", "Assignments written", ["service"], registry=registry
         )
-        self.pushes = Counter(
-            "distill_discovery_pushes", "Assignment messages sent to students", registry=registry
-        )
+        self.pushes = Counter("distill_discovery_pushes", "Assignment messages sent to students", registry=registry)
         self.rpcs = Counter("distill_discovery_rpcs", "RPCs handled", ["method", "code"], registry=registry)
         self.reconcile = Histogram(
-            "distill_discovery_reconcile_seconds", "Time to read, balance and write one service",
-            registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            "distill_discovery_reconcile_seconds",
+            "Time to read, balance and write one service",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
 
 
@@ -282,7 +278,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             lease = await self.store.register("teacher", service, endpoint, instance, data, self.ttl)
         except AlreadyRegistered:
             await self._fail(
-                context, m, grpc.StatusCode.ALREADY_EXISTS,
+                context,
+                m,
+                grpc.StatusCode.ALREADY_EXISTS,
                 f"teacher {endpoint} is already registered in service {service!r} by another instance; "
                 f"its lease ends {self.ttl:g} s after its last keep-alive",
             )
@@ -311,7 +309,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
         if not ok:
             await self._fail(
-                context, m, grpc.StatusCode.NOT_FOUND,
+                context,
+                m,
+                grpc.StatusCode.NOT_FOUND,
                 f"no lease {request.lease_id!r} for teacher {endpoint} in service {service!r} "
                 "(expired, or the store lost it): register again",
             )
@@ -353,7 +353,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             )
         except AlreadyRegistered:
             await self._fail(
-                context, m, grpc.StatusCode.ALREADY_EXISTS,
+                context,
+                m,
+                grpc.StatusCode.ALREADY_EXISTS,
                 f"student {student!r} is already registered in service {service!r} by another instance",
             )
         except StoreUnavailable as exc:
@@ -415,9 +417,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             names = await self.store.services()
             if request.service_name:
                 if request.service_name not in names:
-                    await self._fail(
-                        context, m, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service_name!r}"
-                    )
+                    await self._fail(context, m, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service_name!r}")
                 names = [request.service_name]
             services = [(n, await self.store.read(n)) for n in names]
         except StoreUnavailable as exc:
@@ -440,8 +440,11 @@ def status_message(services: list[tuple[str, ServiceState]], server_id: str, sto
         svc = out.services.add(name=name)
         for ep, t in sorted(state.teachers.items()):
             svc.teachers.add(
-                endpoint=ep, model_name=str(t.get("model_name", "teacher")), weight=float(t.get("weight", 1.0)),
-                healthy=bool(t.get("healthy", True)), students=by_teacher.get(ep, []),
+                endpoint=ep,
+                model_name=str(t.get("model_name", "teacher")),
+                weight=float(t.get("weight", 1.0)),
+                healthy=bool(t.get("healthy", True)),
+                students=by_teacher.get(ep, []),
             )
         for s, v in sorted(state.students.items()):
             svc.students.add(id=s, require_num=int(v["require_num"]), teachers=state.assignment.get(s, []))
@@ -461,8 +464,11 @@ def status_dict(msg: pb.StatusResponse) -> dict:
             svc.name: {
                 "teachers": [
                     {
-                        "endpoint": t.endpoint, "model_name": t.model_name, "weight": num(t.weight),
-                        "healthy": t.healthy, "students": list(t.students),
+                        "endpoint": t.endpoint,
+                        "model_name": t.model_name,
+                        "weight": num(t.weight),
+                        "healthy": t.healthy,
+                        "students": list(t.students),
                     }
                     for t in svc.teachers
                 ],

@@ -15,7 +15,7 @@ import numpy as np
 from distill_reader.config import ReaderConfig, load_config, validate_reader_args
 from distill_reader.errors import ConfigError, DistillReaderError
 from distill_reader.reader.pipeline import Epoch, Pipeline, failure_of, is_end
-from distill_reader.reader.pool import PoolLayout, batch_views
+from distill_reader.reader.pool import PoolLayout, batch_views, check_fits
 from distill_reader.reader.stats import ReaderStats, StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
 
@@ -90,7 +90,10 @@ class DistillReader:
             teacher_timeout=float(teacher_timeout),
             max_attempts=max_attempts,
         )
-        self._layout = PoolLayout((*self.config.feeds, *self.config.fetches), self.batch_size, self.capacity)
+        self._layout = PoolLayout(
+            (*self.config.feeds, *self.config.fetches), len(self.config.feeds), self.batch_size, self.capacity
+        )
+        check_fits(self._layout)
         self._reader: tuple[str, Callable[[], Iterable[Any]]] | None = None
         self._stats = StatsTracker(float(log_interval))
         self._holder = _PipelineHolder()

@@ -23,12 +23,14 @@ Lifecycle (one owner for each):
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import fcntl
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -55,6 +57,32 @@ _ACK_TIMEOUT = 5.0  # seconds for the pipeline process to acknowledge a cancelle
 _STOP_TIMEOUT = 2.0
 _TICK = 0.05  # how often waits look at the other side
 _CHILD_MAIN = "import sys; from distill_reader.reader.pipeline_process import main; sys.exit(main(sys.argv[1:]))"
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C while slot bookkeeping changes, then deliver it.
+
+    A KeyboardInterrupt in the middle would lose slots. It is delivered a moment after the block,
+    from a timer thread: raised in the block itself it could be swallowed, because a generator that
+    is garbage-collected (the consumer's epoch after a ``break``) ignores exceptions raised while
+    it closes. Only the main thread receives signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            threading.Timer(0.01, _thread.interrupt_main).start()
 
 
 def _enlarge_pipe(fd: int) -> None:
@@ -124,13 +152,14 @@ class Pipeline:
         self.d_batch_size = d_batch_size
         self.stats = stats
         self.layout = layout
+        self._owner_pid = os.getpid()
         self._buffer = SharedBuffer.create(layout.nbytes)
         self._send_lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         try:
             self._start_process(options)
         finally:
-            self._buffer.unlink()  # mapped on both sides (or failed): the name is no longer needed
+            self._buffer.close_fd()  # mapped on both sides (or failed): the descriptor is not needed
         self.slots = [layout.slot_arrays(self._buffer.mmap, s) for s in range(layout.capacity)]
         self.free = SlotPool(layout.capacity)
         self.held: collections.deque[int] = collections.deque()  # yielded slots, oldest first
@@ -149,7 +178,7 @@ class Pipeline:
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_MAIN, str(to_child_r), str(from_child_w)],
-                pass_fds=(to_child_r, from_child_w),
+                pass_fds=(to_child_r, from_child_w, self._buffer.fd),
                 stdin=subprocess.DEVNULL,
                 # Its own session: a terminal's Ctrl-C goes to the training loop, which stops it.
                 start_new_session=True,
@@ -165,7 +194,7 @@ class Pipeline:
         spec = PipelineSpec(
             config=self.config,
             layout=self.layout,
-            shm_path=self._buffer.path,
+            shm_fd=self._buffer.fd,
             options=options,
             log_level=logging.getLogger("distill_reader").getEffectiveLevel(),
             parent_pid=os.getpid(),
@@ -195,6 +224,8 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the pipeline process (bounded: 2 s, then SIGKILL). Idempotent."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked copy of the training process (e.g. a DataLoader worker) exiting: not ours
         process, self._process = self._process, None
         if process is None:
             return
@@ -287,34 +318,42 @@ class Pipeline:
         self.held.append(slot)
 
     def release_held(self, keep: int) -> None:
-        while len(self.held) > keep:
-            self.free.release(self.held.popleft())
+        with deferred_interrupt():
+            while len(self.held) > keep:
+                self.free.release(self.held.popleft())
 
     def abort(self, epoch: Epoch) -> None:
         """Stop ``epoch`` early and take back its slots; see the module docstring."""
-        epoch.stop.set()
-        if self.alive:
+        with deferred_interrupt():
+            epoch.stop.set()
+            settled = False  # the pipeline process will write nothing more for this epoch
             try:
-                self._send(("cancel", epoch.number))
-                deadline = time.monotonic() + _ACK_TIMEOUT
-                while epoch.number not in self._acks:
-                    if time.monotonic() > deadline:
-                        self.broken = PipelineError("the pipeline process did not acknowledge a cancelled epoch")
-                        break
-                    self._pump(_TICK)
+                if self.alive:
+                    self._send(("cancel", epoch.number))
+                    deadline = time.monotonic() + _ACK_TIMEOUT
+                    while epoch.number not in self._acks:
+                        if time.monotonic() > deadline:
+                            raise PipelineError("the pipeline process did not acknowledge a cancelled epoch")
+                        self._pump(_TICK)
+                settled = True
             except (DistillReaderError, OSError) as exc:
                 self.broken = self.broken or exc
-        epoch.thread.join(_STOP_TIMEOUT)
-        if epoch.thread.is_alive():
-            log.warning(
-                "the reader function did not return within %.0f s after the epoch stopped; "
-                "its batch slot is freed when it does",
-                _STOP_TIMEOUT,
-            )
-        epoch.reclaim()
-        self._acks.discard(epoch.number)
-        self._errors.pop(epoch.number, None)
-        self._done = {key: value for key, value in self._done.items() if key[0] != epoch.number}
+            finally:
+                if not settled and self.broken is None:
+                    # Interrupted while cancelling: the pool can no longer be trusted. The next epoch
+                    # starts a new pipeline instead of reusing slots that may still be written.
+                    self.broken = PipelineError("an epoch was interrupted while it was being cancelled")
+            epoch.thread.join(_STOP_TIMEOUT)
+            if epoch.thread.is_alive():
+                log.warning(
+                    "the reader function did not return within %.0f s after the epoch stopped; "
+                    "its batch slot is freed when it does",
+                    _STOP_TIMEOUT,
+                )
+            epoch.reclaim()
+            self._acks.discard(epoch.number)
+            self._errors.pop(epoch.number, None)
+            self._done = {key: value for key, value in self._done.items() if key[0] != epoch.number}
 
     def finish(self, epoch: Epoch) -> None:
         epoch.thread.join(_STOP_TIMEOUT)

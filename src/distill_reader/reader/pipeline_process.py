@@ -43,7 +43,7 @@ log = logging.getLogger("distill_reader.pipeline")
 class PipelineSpec:
     config: ReaderConfig
     layout: PoolLayout
-    shm_path: str
+    shm_fd: int  # the pool's descriptor, inherited
     options: SchedulerOptions
     log_level: int
     parent_pid: int
@@ -54,7 +54,8 @@ class _PipelineProcess:
         self.spec = spec
         self.inbox = inbox
         self.outbox = outbox
-        self.buffer = SharedBuffer(spec.shm_path, spec.layout.nbytes, create=False)
+        self.buffer = SharedBuffer.from_fd(spec.shm_fd, spec.layout.nbytes)
+        self.buffer.close_fd()
         config, layout = spec.config, spec.layout
         n_feeds = len(config.feeds)
         slots = [layout.slot_arrays(self.buffer.mmap, s) for s in range(layout.capacity)]
@@ -111,10 +112,16 @@ class _PipelineProcess:
 
     async def _follow_discovery(self) -> None:
         from distill_reader.discovery.client import StudentSession
+        from distill_reader.security import ClientSecurity
 
         config = self.spec.config
         try:
-            session = StudentSession(list(config.discovery), config.service_name or "", config.require_num)
+            session = StudentSession(
+                list(config.discovery),
+                config.service_name or "",
+                config.require_num,
+                security=ClientSecurity(config.token, config.tls),
+            )
             try:
                 async for teachers in session.assignments():
                     log.info("discovery assigned %d teacher(s): %s", len(teachers), [t.endpoint for t in teachers])

@@ -4,14 +4,12 @@ Each slot holds ``batch_size`` rows of every feed var and every fetch var. The f
 user's samples into a slot (the only copy of them), the pipeline process sends the predict vars
 from it and writes the teacher outputs into it, and the consumer gets numpy views of it.
 
-The buffer is a file in ``/dev/shm`` that is unlinked as soon as the pipeline process has mapped
-it, so nothing is left behind however the processes end (only a crash between the two steps could
-leave it, and its name starts with ``distill-reader-``).
+The buffer is a file in ``/dev/shm`` unlinked as soon as it is created; the pipeline process maps
+it through the inherited descriptor, so nothing is left behind however the processes end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import secrets
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill_reader.errors import ConfigError
 from distill_reader.oip import TensorSpec
 
 _ALIGN = 64  # cache-line aligned arrays
@@ -35,6 +34,7 @@ class PoolLayout:
     """Byte offsets of every var in every slot; a pure function of the config and sizes."""
 
     specs: tuple[TensorSpec, ...]  # feeds then fetches, the order of a yielded batch
+    n_feeds: int
     batch_size: int
     capacity: int
 
@@ -63,33 +63,58 @@ class PoolLayout:
         ]
 
 
+def check_fits(layout: PoolLayout) -> None:
+    """Raise ConfigError, with the arithmetic, when the pool is larger than the shared memory free."""
+    stats = os.statvfs(_shm_dir())
+    free = stats.f_bavail * stats.f_frsize
+    if layout.nbytes > free:
+        per_row = sum(spec.sample_nbytes for spec in layout.specs)
+        largest = max(layout.specs, key=lambda spec: spec.sample_nbytes)
+        key = "feed_shapes" if largest in layout.specs[: layout.n_feeds] else "fetch_shapes"
+        raise ConfigError(
+            f"the batch pool needs {layout.nbytes / 2**20:,.1f} MiB (capacity {layout.capacity} x batch_size "
+            f"{layout.batch_size} x {per_row:,} bytes per sample) but {_shm_dir()} has {free / 2**20:,.1f} MiB "
+            f"free; the largest var is {largest.name!r} ({key}: {list(largest.shape)}, "
+            f"{largest.sample_nbytes:,} bytes per sample): lower capacity or batch_size, or check its shape"
+        )
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 class SharedBuffer:
-    """A shared-memory file mapped into this process. Create in the parent, attach in the child."""
+    """Shared memory that has no name: a file in ``/dev/shm`` unlinked the moment it is created.
 
-    def __init__(self, path: str, nbytes: int, create: bool) -> None:
-        self.path = path
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, nbytes)
-            self.mmap = mmap.mmap(fd, nbytes)
-        finally:
-            os.close(fd)
+    The parent keeps the open descriptor and hands it to the pipeline process (``pass_fds``), which
+    maps it with :meth:`from_fd`. With no name there is nothing to leak, however either process ends.
+    """
+
+    def __init__(self, fd: int, nbytes: int) -> None:
+        self.fd = fd
+        self.mmap = mmap.mmap(fd, nbytes)
 
     @classmethod
     def create(cls, nbytes: int) -> SharedBuffer:
         path = os.path.join(_shm_dir(), f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}")
-        return cls(path, nbytes, create=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.unlink(path)
+        try:
+            os.ftruncate(fd, nbytes)
+            return cls(fd, nbytes)
+        except BaseException:
+            os.close(fd)
+            raise
 
-    def unlink(self) -> None:
-        """Remove the file; the mapping stays valid in every process that has it."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+    @classmethod
+    def from_fd(cls, fd: int, nbytes: int) -> SharedBuffer:
+        return cls(fd, nbytes)
+
+    def close_fd(self) -> None:
+        """Close the descriptor once the other process has mapped it (the mapping stays)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def batch_views(arrays: Sequence[np.ndarray], n: int) -> list[np.ndarray]:

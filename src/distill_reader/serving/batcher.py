@@ -25,6 +25,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,18 @@ class DynamicBatcher:
         #: Counters for stats and tests: batches run and rows in them.
         self.batches = 0
         self.rows = 0
+        #: Called from the instance threads after each successful batch with its rows and seconds.
+        self.on_batch: Callable[[int, float], None] | None = None
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._pending)
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch."""
+        return self._pending_rows
 
     async def start(self) -> None:
         """Start the instance threads; results are delivered on the running event loop."""
@@ -162,6 +175,7 @@ class DynamicBatcher:
 
     def _run(self, batch: list[_Request]) -> None:
         rows = sum(r.rows for r in batch)
+        started = time.perf_counter()
         try:
             if len(batch) == 1:
                 inputs = batch[0].inputs
@@ -183,6 +197,8 @@ class DynamicBatcher:
         else:
             self.batches += 1
             self.rows += rows
+            if self.on_batch is not None:
+                self.on_batch(rows, time.perf_counter() - started)
         # RuntimeError: the loop is closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._deliver, batch, results)  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from distill_reader.discovery.commands import tls_options
 from distill_reader.errors import DistillReaderError
 from distill_reader.serving.backends.base import Backend
 from distill_reader.serving.server import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
@@ -78,11 +79,35 @@ def teacher() -> None:
     help="Register this teacher with these discovery servers while it serves (needs --service-name).",
 )
 @click.option("--service-name", default=None, help="The service to join when --register is given.")
-@click.option("--weight", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Capacity weight announced to discovery (2 = twice the students of a weight-1 teacher).")
-@click.option("--advertise", default=None, metavar="HOST:PORT",
-              help="The address students should use (default: the listen address; with 0.0.0.0 this "
-              "machine's host name).")
+@click.option(
+    "--weight",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Capacity weight announced to discovery (2 = twice the students of a weight-1 teacher).",
+)
+@click.option(
+    "--advertise",
+    default=None,
+    metavar="HOST:PORT",
+    help="The address students should use (default: the listen address; with 0.0.0.0 this machine's host name).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Require this token (the file's content, stripped) on ModelInfer and ModelMetadata; also sent to "
+    "the discovery servers of --register.",
+)
+@tls_options("server")
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (off by default).",
+)
 def serve_command(
     spec: str,
     listen: str,
@@ -96,12 +121,30 @@ def serve_command(
     service_name: str | None,
     weight: float,
     advertise: str | None,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    metrics_listen: str | None,
 ) -> None:
-    """Serve one model with dynamic batching until SIGINT or SIGTERM."""
+    """Serve one model with dynamic batching until SIGINT or SIGTERM.
+
+    With --tls-* and --register, the same files secure the calls to discovery: --tls-ca verifies the
+    discovery servers and --tls-cert/--tls-key are the client certificate where they require one.
+    """
+    from distill_reader.security import ClientSecurity, load_tls, read_token_file
     from distill_reader.serving.backends.base import load_backend
 
     if bool(discovery_endpoints) != bool(service_name):
         raise click.UsageError("--register and --service-name go together")
+    try:
+        token = read_token_file(token_file) if token_file else None
+        tls = load_tls(tls_ca, tls_cert, tls_key)
+    except DistillReaderError as e:
+        raise click.UsageError(str(e)) from None
+    if tls is not None and not tls.cert:
+        raise click.UsageError("--tls-ca on a server needs --tls-cert and --tls-key")
+    security = ClientSecurity(token, tls)
     if discovery_endpoints and service_name:
         from distill_reader.discovery.client import parse_endpoints
         from distill_reader.discovery.service import check_service_name
@@ -125,9 +168,16 @@ def serve_command(
         max_delay_ms=max_delay_ms,
         instances=instances,
         max_message_bytes=max_message_mb * 1024 * 1024,
+        token=token,
+        tls=tls,
+        metrics_listen=metrics_listen,
     )
     try:
-        asyncio.run(_serve_until_signal(backend, listen, options, discovery_endpoints, service_name, weight, advertise))
+        asyncio.run(
+            _serve_until_signal(
+                backend, listen, options, discovery_endpoints, service_name, weight, advertise, security
+            )
+        )
     except (OSError, ValueError, DistillReaderError) as e:
         raise click.ClickException(str(e)) from None
     finally:
@@ -142,6 +192,7 @@ async def _serve_until_signal(
     service_name: str | None,
     weight: float,
     advertise: str | None,
+    security: Any = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM. With discovery, deregister first, then drain and stop the server,
     so students move to other teachers before this one goes away."""
@@ -155,15 +206,32 @@ async def _serve_until_signal(
 
     async def started(address: str) -> None:
         # One line, always shown (not subject to -v): scripts wait for it.
-        click.echo(f"teacher {options['model_name']!r} serving on {address}; {backend.describe()}", err=True)
+        security_note = ", TLS" if options["tls"] else ""
+        security_note += ", token required" if options["token"] else ""
+        if options["metrics_listen"]:
+            security_note += f", metrics on http://{options['metrics_listen']}/metrics"
+        click.echo(
+            f"teacher {options['model_name']!r} serving on {address}{security_note}; {backend.describe()}", err=True
+        )
         if discovery_endpoints and service_name:
             from distill_reader.discovery.client import keep_registered
 
             endpoint = advertise or advertised_address(address)
-            registration.append(loop.create_task(keep_registered(
-                discovery_endpoints, service_name, endpoint, model_name=options["model_name"], weight=weight,
-                readiness_check=True, stop=registration_stop,
-            )))
+            registration.append(
+                loop.create_task(
+                    keep_registered(
+                        discovery_endpoints,
+                        service_name,
+                        endpoint,
+                        model_name=options["model_name"],
+                        weight=weight,
+                        readiness_check=True,
+                        stop=registration_stop,
+                        security=security,
+                        teacher_security=security,
+                    )
+                )
+            )
             click.echo(f"registering {endpoint} in service {service_name!r} via {discovery_endpoints}", err=True)
 
     server = loop.create_task(serve(backend, listen, on_started=started, stop_event=server_stop, **options))

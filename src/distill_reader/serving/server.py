@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -24,8 +25,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from distill_reader import __version__
 from distill_reader.oip import TensorSpec, array_from_raw, shape_matches
+from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, warn_if_exposed
 from distill_reader.serving.backends.base import Backend
 from distill_reader.serving.batcher import BatcherStopped, DynamicBatcher
+from distill_reader.serving.metrics import MetricsHttpServer, TeacherMetrics
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,13 @@ DEFAULT_LISTEN = "127.0.0.1:8001"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVER_NAME = "distill-reader"
 MODEL_VERSION = "1"
+
+#: The methods a token protects: the ones that use the model. Liveness, readiness and server
+#: metadata stay open, like health checks elsewhere (they reveal nothing about the model).
+PROTECTED_METHODS = (
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelMetadata",
+)
 
 InputTensor = service_pb2.ModelInferRequest.InferInputTensor
 OnStarted = Callable[[str], Awaitable[None]]
@@ -82,10 +92,18 @@ def _decode_input(spec: TensorSpec, tensor: InputTensor, raw: bytes | None) -> n
 class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """The OIP servicer for one model. Needs a started :class:`DynamicBatcher` to infer."""
 
-    def __init__(self, backend: Backend, batcher: DynamicBatcher, *, model_name: str = "teacher") -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        batcher: DynamicBatcher,
+        *,
+        model_name: str = "teacher",
+        metrics: TeacherMetrics | None = None,
+    ) -> None:
         self.backend = backend
         self.batcher = batcher
         self.model_name = model_name
+        self.metrics = metrics or TeacherMetrics()
         self.ready = False
         self._inputs = {s.name: s for s in backend.inputs}
         self._outputs = {s.name: s for s in backend.outputs}
@@ -125,9 +143,12 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await self._not_found(request.name, request.version, context)
         return self._metadata
 
-    async def _not_found(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+    def _not_found_message(self, name: str, version: str) -> str:
         what = f"model {name!r}" + (f" version {version!r}" if version else "")
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"{what} not found; this server serves {self.model_name!r}")
+        return f"{what} not found; this server serves {self.model_name!r}"
+
+    async def _not_found(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.NOT_FOUND, self._not_found_message(name, version))
 
     def decode(self, request: service_pb2.ModelInferRequest) -> tuple[dict[str, np.ndarray], int, list[str]]:
         """The input arrays, the batch size and the output names of a request; RequestError if bad."""
@@ -166,18 +187,40 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return arrays, rows, names
 
     async def ModelInfer(self, request, context):  # noqa: N802
+        metrics = self.metrics
+        started = time.perf_counter()
+        outcome = "error"
+        metrics.in_flight.inc()
+        try:
+            response, rows = await self._infer(request, context)
+            outcome = "ok"
+            metrics.rows.inc(rows)
+            return response
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except _Refused as e:
+            outcome = e.outcome
+            await context.abort(e.code, e.message)
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(outcome).inc()
+            metrics.latency.observe(time.perf_counter() - started)
+
+    async def _infer(self, request, context) -> tuple[service_pb2.ModelInferResponse, int]:
         if not self._serves(request.model_name, request.model_version):
-            await self._not_found(request.model_name, request.model_version, context)
+            message = self._not_found_message(request.model_name, request.model_version)
+            raise _Refused("not_found", grpc.StatusCode.NOT_FOUND, message)
         try:
             arrays, rows, names = self.decode(request)
         except RequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise _Refused("invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         try:
             outputs = await self.batcher.infer(arrays, rows)
         except BatcherStopped as e:  # the client may retry on another teacher
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            raise _Refused("unavailable", grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except Exception as e:
-            await context.abort(grpc.StatusCode.INTERNAL, f"model {self.model_name!r} failed: {e}")
+            raise _Refused("error", grpc.StatusCode.INTERNAL, f"model {self.model_name!r} failed: {e}") from None
         response = service_pb2.ModelInferResponse(
             model_name=self.model_name, model_version=MODEL_VERSION, id=request.id
         )
@@ -186,7 +229,15 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=name, datatype=self._outputs[name].datatype, shape=arr.shape)
             # tobytes() copies a slice of the batch output once, in C order, as OIP wants.
             response.raw_output_contents.append(arr.tobytes())
-        return response
+        return response, rows
+
+
+class _Refused(Exception):
+    """A ModelInfer answered with an error status; ``outcome`` labels it in the metrics."""
+
+    def __init__(self, outcome: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.outcome, self.code, self.message = outcome, code, message
 
 
 def _split_listen(listen: str) -> tuple[str, str]:
@@ -209,14 +260,26 @@ class InferenceServer:
         max_delay_ms: float = 2.0,
         instances: int = 1,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        token: Secret | None = None,
+        tls: TlsFiles | None = None,
+        metrics_listen: str | None = None,
     ) -> None:
         _split_listen(listen)
         self.listen = listen
         self.batcher = DynamicBatcher(backend, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances)
-        self.servicer = TeacherServer(backend, self.batcher, model_name=model_name)
+        self.metrics = TeacherMetrics()
+        self.metrics.watch_queue(lambda: self.batcher.queued_requests, lambda: self.batcher.queued_rows)
+        self.batcher.on_batch = self.metrics.observe_batch
+        self.servicer = TeacherServer(backend, self.batcher, model_name=model_name, metrics=self.metrics)
         self.max_message_bytes = max_message_bytes
+        self.token = token
+        self.tls = tls
+        self.metrics_listen = metrics_listen
         self.address: str | None = None
+        #: ``host:port`` of ``/metrics`` once started with ``metrics_listen``.
+        self.metrics_address: str | None = None
         self._server: grpc.aio.Server | None = None
+        self._metrics_http: MetricsHttpServer | None = None
 
     async def start(self) -> str:
         """Bind, start serving and return the bound ``host:port`` (port 0 picks a free one)."""
@@ -226,15 +289,28 @@ class InferenceServer:
             # Two servers on one port would split the traffic silently.
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options)
+        interceptors = []
+        if self.token is not None:
+            refused = self.metrics.requests.labels("unauthenticated")
+
+            def on_refused(method: str) -> None:
+                if method.endswith("/ModelInfer"):
+                    refused.inc()
+
+            interceptors.append(TokenInterceptor(self.token, "this teacher", PROTECTED_METHODS, on_refused))
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         try:
-            port = server.add_insecure_port(self.listen)
+            port = add_port(server, self.listen, self.tls)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {self.listen}: {e}") from None
         if port == 0:  # older grpcio report a failed bind this way
             raise OSError(f"cannot listen on {self.listen}")
         host, _ = _split_listen(self.listen)
+        if self.metrics_listen:
+            self._metrics_http = MetricsHttpServer(self.metrics.registry, self.metrics_listen)
+            self.metrics_address = self._metrics_http.address
+        warn_if_exposed(self.listen, self.token, "the teacher server", log)
         await self.batcher.start()
         await server.start()
         self._server = server
@@ -249,6 +325,9 @@ class InferenceServer:
             await self._server.stop(grace)
             self._server = None
         await self.batcher.stop()
+        if self._metrics_http is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._metrics_http.close)
+            self._metrics_http = None
 
 
 async def serve(
@@ -260,6 +339,9 @@ async def serve(
     max_delay_ms: float = 2.0,
     instances: int = 1,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    token: Secret | None = None,
+    tls: TlsFiles | None = None,
+    metrics_listen: str | None = None,
     on_started: OnStarted | None = None,
     stop_event: asyncio.Event | None = None,
     grace: float = 1.0,
@@ -267,7 +349,9 @@ async def serve(
     """Serve ``backend`` until ``stop_event`` is set (or the task is cancelled), then stop cleanly.
 
     ``on_started(address)`` is awaited once the server accepts requests (e.g. to register the
-    teacher with discovery); if it raises, the server stops and the error propagates.
+    teacher with discovery); if it raises, the server stops and the error propagates. ``token``
+    protects ModelInfer and ModelMetadata, ``tls`` adds TLS (mTLS with a CA), ``metrics_listen``
+    serves Prometheus ``/metrics`` on that ``HOST:PORT``.
     """
     server = InferenceServer(
         backend,
@@ -277,11 +361,21 @@ async def serve(
         max_delay_ms=max_delay_ms,
         instances=instances,
         max_message_bytes=max_message_bytes,
+        token=token,
+        tls=tls,
+        metrics_listen=metrics_listen,
     )
     stop_event = stop_event or asyncio.Event()
     try:
         address = await server.start()
-        log.info("serving model %r on %s", model_name, address)
+        log.info(
+            "serving model %r on %s (%s, token %s, metrics %s)",
+            model_name,
+            address,
+            "TLS" if tls else "plaintext",
+            "required" if token else "not required",
+            server.metrics_address,
+        )
         if on_started is not None:
             await on_started(address)
         await stop_event.wait()

@@ -3,7 +3,11 @@
 Errors are sorted into two kinds because they are handled differently:
 :class:`TransientTeacherError` (the teacher is unreachable, overloaded or too slow: the request goes
 to another teacher and does not count as an attempt) and :class:`~distill_reader.errors.TeacherError`
-(the teacher answered, wrongly: counts as a failed attempt of the request).
+(the teacher answered, wrongly: counts as a failed attempt of the request). A teacher that refuses
+the reader's token (``UNAUTHENTICATED``) fails the metadata check, which stops the epoch at once.
+
+Security comes from the config unless given: ``[conf] token_file``'s token is sent as
+``authorization: Bearer …`` metadata, ``[conf] tls_*`` make the channel TLS.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import TeacherError, TeacherMismatchError
 from distill_reader.oip import numpy_dtype, oip_datatype, shape_matches
+from distill_reader.security import ClientSecurity, explain_unavailable
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 # The teacher could not be reached or did not answer in time: try elsewhere, it is no one's fault.
+_AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _TRANSIENT_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -43,29 +49,71 @@ CHANNEL_OPTIONS = [
 ]
 
 
+_RAW_INPUT_TAG = bytes([(service_pb2.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER << 3) | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_infer_request(header: bytes, arrays: Sequence[np.ndarray]) -> bytes:
+    """A serialized ``ModelInferRequest``: ``header`` (the request without its tensors, serialized)
+    followed by one ``raw_input_contents`` field per array.
+
+    Protobuf messages may be concatenated field by field, so the tensors go straight from the pool
+    into the one buffer gRPC sends: one copy instead of three (``tobytes``, the message, its
+    serialization).
+    """
+    parts = [header]
+    for array in arrays:
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # flat bytes, no copy
+        parts += (_RAW_INPUT_TAG, _varint(data.nbytes), data)
+    return b"".join(parts)
+
+
 class TransientTeacherError(Exception):
     """The teacher is unreachable or timed out; the request should go to another teacher."""
 
 
-def _describe(exc: grpc.aio.AioRpcError) -> str:
-    return f"{exc.code().name}: {exc.details()}"
+def _describe(exc: grpc.aio.AioRpcError, security: ClientSecurity | None = None) -> str:
+    return f"{exc.code().name}: {explain_unavailable(exc, security)}"
 
 
 class TeacherClient:
     """An asyncio OIP client for one teacher endpoint, bound to the reader's config."""
 
     def __init__(
-        self, endpoint: str, config: ReaderConfig, model_name: str | None = None, request_timeout: float = 30.0
+        self,
+        endpoint: str,
+        config: ReaderConfig,
+        model_name: str | None = None,
+        request_timeout: float = 30.0,
+        *,
+        security: ClientSecurity | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.model_name = model_name or config.model_name
         self.request_timeout = request_timeout
         self._config = config
-        self._channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self._security = security or ClientSecurity(config.token, config.tls)
+        self._metadata = self._security.metadata
+        self._channel = self._security.channel(endpoint, CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._inputs = [(config.served_name(spec.name), spec) for spec in config.predict_feeds]
         self._outputs = [(config.served_name(spec.name), spec) for spec in config.fetches]
         self._requested = [service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n, _ in self._outputs]
+        self._headers: dict[int, bytes] = {}  # d_batch rows -> the request without its tensors
+        # ModelInfer with requests we encode ourselves (see encode_infer_request).
+        self._model_infer = self._channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
@@ -74,11 +122,18 @@ class TeacherClient:
         """Compare the model's metadata with the config; raise TeacherMismatchError naming the var."""
         try:
             meta = await self._stub.ModelMetadata(
-                service_pb2.ModelMetadataRequest(name=self.model_name), timeout=self.request_timeout
+                service_pb2.ModelMetadataRequest(name=self.model_name),
+                timeout=self.request_timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _TRANSIENT_CODES:
-                raise TransientTeacherError(f"teacher {self.endpoint}: {_describe(exc)}") from None
+                raise TransientTeacherError(f"teacher {self.endpoint}: {_describe(exc, self._security)}") from None
+            if exc.code() in _AUTH_CODES:
+                hint = "check [conf] token_file" if self._metadata else "set [conf] token_file to the teacher's token"
+                raise TeacherMismatchError(
+                    f"teacher {self.endpoint} refused the reader ({_describe(exc)}); {hint}"
+                ) from None
             raise TeacherMismatchError(
                 f"teacher {self.endpoint}: cannot read metadata of model {self.model_name!r} "
                 f"({_describe(exc)}); check [conf] model_name"
@@ -90,22 +145,24 @@ class TeacherClient:
     async def infer(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run the model on one d_batch (arrays in predict_feed_ids order); outputs in fetch order."""
         count = len(inputs[0])
-        request = service_pb2.ModelInferRequest(
-            model_name=self.model_name,
-            inputs=[
-                service_pb2.ModelInferRequest.InferInputTensor(
-                    name=name, datatype=oip_datatype(spec.dtype), shape=spec.batch_shape(count)
-                )
-                for name, spec in self._inputs
-            ],
-            outputs=self._requested,
-            raw_input_contents=[array.tobytes() for array in inputs],
-        )
+        header = self._headers.get(count)
+        if header is None:
+            header = self._headers[count] = service_pb2.ModelInferRequest(
+                model_name=self.model_name,
+                inputs=[
+                    service_pb2.ModelInferRequest.InferInputTensor(
+                        name=name, datatype=oip_datatype(spec.dtype), shape=spec.batch_shape(count)
+                    )
+                    for name, spec in self._inputs
+                ],
+                outputs=self._requested,
+            ).SerializeToString()
+        request = encode_infer_request(header, inputs)
         try:
-            response = await self._stub.ModelInfer(request, timeout=self.request_timeout)
+            response = await self._model_infer(request, timeout=self.request_timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _TRANSIENT_CODES:
-                raise TransientTeacherError(f"teacher {self.endpoint}: {_describe(exc)}") from None
+                raise TransientTeacherError(f"teacher {self.endpoint}: {_describe(exc, self._security)}") from None
             raise TeacherError(f"teacher {self.endpoint} failed a request: {_describe(exc)}") from None
         return self._decode(response, count)
 

@@ -7,7 +7,8 @@ included.
 
 A request that fails *transiently* (unreachable, timed out) goes back to the queue for any teacher;
 the teacher backs off (0.2 s doubling to 5 s) and is retried after it. A request the teacher answers
-*wrongly* counts as an attempt; after ``max_attempts`` the epoch fails with the teacher's message.
+*wrongly* counts as an attempt and goes to a teacher that has not failed it, if there is one; once it
+has failed ``max_attempts`` times and on every current teacher, the epoch fails with the message.
 While work is waiting and every teacher is failing, a warning is logged every few seconds, and after
 ``teacher_timeout`` seconds the epoch fails with :class:`~distill_reader.errors.NoTeacherError`.
 """
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 _WARN_EVERY = 5.0
+_PASS_OVER_DELAY = 0.05  # a worker that leaves an item to other teachers waits this long
 
 
 @dataclass(order=True)
@@ -43,7 +45,8 @@ class WorkItem:
     epoch: int = field(compare=False)
     slot: int = field(compare=False)
     count: int = field(compare=False)
-    attempts: int = field(default=0, compare=False)
+    attempts: int = field(default=0, compare=False)  # answers that were errors, from any teacher
+    failed_on: set[str] = field(default_factory=set, compare=False)  # endpoints that answered wrongly
 
 
 @dataclass
@@ -195,7 +198,19 @@ class Scheduler:
             if teacher.removed:
                 self._queue.put_nowait(item)
                 return
+            if teacher.available_at > time.monotonic() or self._better_elsewhere(teacher, item):
+                # This teacher failed meanwhile, or answered this item wrongly while another
+                # teacher has not tried it yet: leave the item to the others.
+                self._queue.put_nowait(item)
+                await asyncio.sleep(_PASS_OVER_DELAY)
+                continue
             await self._run(teacher, item)
+
+    def _better_elsewhere(self, teacher: _Teacher, item: WorkItem) -> bool:
+        endpoint = teacher.client.endpoint
+        return endpoint in item.failed_on and any(
+            other not in item.failed_on and not self._teachers[other].removed for other in self._teachers
+        )
 
     async def _check(self, teacher: _Teacher) -> bool:
         async with teacher.check_lock:
@@ -229,7 +244,9 @@ class Scheduler:
         except TeacherError as exc:
             self._teacher_failed(teacher, str(exc))
             item.attempts += 1
-            if item.attempts >= self._options.max_attempts:
+            item.failed_on.add(teacher.client.endpoint)
+            tried_by_all = all(endpoint in item.failed_on for endpoint in self._teachers)
+            if item.attempts >= self._options.max_attempts and tried_by_all:
                 self._fail(item.epoch, TeacherError(f"{exc} (after {item.attempts} attempts)"))
             else:
                 self._requeue(item)
@@ -254,14 +271,17 @@ class Scheduler:
             self._queue.put_nowait(item)
 
     def _teacher_failed(self, teacher: _Teacher, message: str) -> None:
+        teacher.failed_requests += 1
+        teacher.last_error = message
+        now = time.monotonic()
+        if now < teacher.available_at:
+            return  # another request in flight failed with it: one back-off step per failure episode
         if not teacher.failing:
             others = "its requests go to the other teachers" if len(self._teachers) > 1 else "retrying"
             log.warning("%s; %s", message, others)
         teacher.failures += 1
-        teacher.failed_requests += 1
-        teacher.last_error = message
         backoff = min(_BACKOFF_FIRST * 2 ** (teacher.failures - 1), _BACKOFF_MAX)
-        teacher.available_at = time.monotonic() + backoff
+        teacher.available_at = now + backoff
         teacher.checked = teacher.checked and teacher.failures < 2  # re-read metadata after a restart
 
     def _fail(self, epoch: int, exc: Exception) -> None:

@@ -63,9 +63,7 @@ class Store(ABC):
         """Release connections and background tasks."""
 
     @abstractmethod
-    async def register(
-        self, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float
-    ) -> str:
+    async def register(self, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float) -> str:
         """Create or take over (same ``instance``) a lease; returns its id.
 
         Raises :class:`AlreadyRegistered` if a live lease for ``member`` has another instance.

@@ -105,13 +105,13 @@ class EtcdStore(Store):
 
     async def services(self) -> list[str]:
         items = await self._run(self._client.get_prefix, _PREFIX)
-        return sorted({meta["key"].decode()[len(_PREFIX):].split("/", 1)[0] for _, meta in items})
+        return sorted({meta["key"].decode()[len(_PREFIX) :].split("/", 1)[0] for _, meta in items})
 
     async def read(self, service: str) -> ServiceState:
         prefix = f"{_PREFIX}{service}/"
         state = ServiceState()
         for value, meta in await self._run(self._client.get_prefix, prefix):
-            rest = meta["key"].decode()[len(prefix):]
+            rest = meta["key"].decode()[len(prefix) :]
             if rest == "assignment":
                 state.version = value.decode()
                 state.assignment = json.loads(value)
@@ -136,10 +136,13 @@ class EtcdStore(Store):
         end: BaseException = StoreUnavailable(f"{self.url}: watch ended")
         try:
             client = etcd3gw.client(host=self._host, port=self._port, api_path="/v3/")
-            start = {"key": etcd3gw.utils._encode(_PREFIX), "range_end": etcd3gw.utils._encode(
-                etcd3gw.utils._increment_last_byte(_PREFIX))}
-            resp = client.session.post(client.get_url("/watch"), json={"create_request": start}, stream=True,
-                                       timeout=(2.0, None))
+            start = {
+                "key": etcd3gw.utils._encode(_PREFIX),
+                "range_end": etcd3gw.utils._encode(etcd3gw.utils._increment_last_byte(_PREFIX)),
+            }
+            resp = client.session.post(
+                client.get_url("/watch"), json={"create_request": start}, stream=True, timeout=(2.0, None)
+            )
             self._responses.append(resp)
             for line in resp.iter_lines(chunk_size=None):
                 if self._watch_stop.is_set():
@@ -151,7 +154,7 @@ class EtcdStore(Store):
                     loop.call_soon_threadsafe(queue.put_nowait, None)
                 for event in result.get("events", []):
                     key = etcd3gw.utils._decode(event["kv"]["key"]).decode()
-                    loop.call_soon_threadsafe(queue.put_nowait, key[len(_PREFIX):].split("/", 1)[0])
+                    loop.call_soon_threadsafe(queue.put_nowait, key[len(_PREFIX) :].split("/", 1)[0])
         except Exception as exc:  # connection lost: report it; the service re-watches
             end = StoreUnavailable(f"{self.url}: watch failed: {exc}")
         finally:

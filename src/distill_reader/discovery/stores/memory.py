@@ -74,8 +74,10 @@ class MemoryStore(Store):
         old = members.get(member)
         if not old or old[0] != lease or old[3] <= time.monotonic():
             return False
-        members[member] = (lease, old[1], dict(data) if data is not None else old[2], time.monotonic() + ttl)
-        if data is not None and data != old[2]:
+        # Keep-alives carry only what changes (readiness): merge, as the Redis and etcd stores do.
+        merged = {**old[2], **data} if data is not None else old[2]
+        members[member] = (lease, old[1], merged, time.monotonic() + ttl)
+        if merged != old[2]:
             self._notify(service)
         return True
 

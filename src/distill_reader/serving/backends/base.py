@@ -40,10 +40,12 @@ class Backend(ABC):
 
 
 def load_backend(spec: str, *, threads: int | None = None) -> Backend:
-    """The backend for SPEC: ``path/to/model.onnx`` (an existing file) or ``module:function``.
+    """The backend for SPEC: ``path/to/model.onnx`` (an existing file), a saved Paddle inference
+    model (``PATH.json``/``PATH.pdmodel``, the prefix ``PATH`` or a directory holding one; see
+    :mod:`~distill_reader.serving.backends.paddle`) or ``module:function``.
 
-    ``module`` may also be a path to a ``.py`` file. ``threads`` sets ONNX Runtime's intra-op
-    threads (ignored by Python backends). Raises ``ValueError`` naming the spec when it is unusable.
+    ``module`` may also be a path to a ``.py`` file. ``threads`` sets ONNX Runtime's or Paddle's
+    intra-op threads (ignored by Python backends). Raises ``ValueError`` naming the spec when it is unusable.
     """
     if spec.endswith(".onnx"):
         if not os.path.isfile(spec):
@@ -51,11 +53,16 @@ def load_backend(spec: str, *, threads: int | None = None) -> Backend:
         from distill_reader.serving.backends.onnx import OnnxBackend
 
         return OnnxBackend(spec, threads=threads)
+    from distill_reader.serving.backends.paddle import PaddleBackend, find_paddle_model
+
+    if paddle_files := find_paddle_model(spec):
+        return PaddleBackend(*paddle_files, threads=threads)
     module, sep, attr = spec.rpartition(":")
     if sep and module and attr and attr.isidentifier():
         from distill_reader.serving.backends.python import PythonBackend
 
         return PythonBackend.from_spec(spec)
     raise ValueError(
-        f"model spec {spec!r} is neither an ONNX file (path ending in .onnx) nor a Python callable (module:function)"
+        f"model spec {spec!r} is neither an ONNX file (path ending in .onnx), a saved Paddle model "
+        "(PATH.json or PATH.pdmodel beside PATH.pdiparams) nor a Python callable (module:function)"
     )

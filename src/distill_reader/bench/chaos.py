@@ -1,0 +1,1084 @@
+"""``distill bench chaos``: faults injected into a running DistillReader, and what they cost.
+
+Every scenario runs real processes on loopback: ``distill teacher serve`` teachers serving
+:func:`tag` (an exact model: each output row is a function of its own input row, and the label
+encodes the sample's number), ``distill discovery serve``, ``redis-server``/``etcd``, and, where
+the machine allows, a teacher in its own network namespace. A fault is injected at a random
+moment of an epoch (``random.Random(seed)``); the epoch is audited batch by batch:
+
+* ``lost``: samples of the epoch that never arrived; ``duplicated``: arrived more than once;
+  ``wrong``: arrived with a teacher output that is not the model's output for that very sample;
+* ``recover_s``: the longest wait for a batch from the fault on (for "all teachers die, one comes
+  back": from the restart), i.e. how long the training loop stalled because of the fault;
+* ``error``: the exception that ended the epoch, for the scenarios where no teacher is left
+  (``expect_error``) — it must come within ``teacher_timeout`` plus a few seconds, never a hang.
+
+The same functions are the fault-injection tests (``tests/test_chaos.py``, with small sizes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill_reader.serving.backends.python import teacher_model
+
+IMG_SHAPE = (1, 4, 4)
+N_OUT = 10
+DELAY_ENV = "DISTILL_CHAOS_DELAY_S"
+MODULE = "distill_reader.bench.chaos"
+SERVICE = "chaos"
+
+
+# -- the exact model ---------------------------------------------------------------------------
+
+
+def tag_rows(img: np.ndarray) -> np.ndarray:
+    """The reference output: per row, 10 partial sums of the flattened image (exact in float32)."""
+    x = img.reshape(len(img), -1).astype(np.float64)
+    return np.stack([x[:, i::N_OUT].sum(axis=1) for i in range(N_OUT)], axis=1).astype(np.float32)
+
+
+@teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (N_OUT,))])
+def tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`tag_rows`, after sleeping ``$DISTILL_CHAOS_DELAY_S`` (default 0.01) like a GPU."""
+    time.sleep(float(os.environ.get(DELAY_ENV, "0.01")))
+    return {"prediction": tag_rows(batch["img"])}
+
+
+@teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (N_OUT,))])
+def hang(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Accepts the request and never answers."""
+    time.sleep(10**6)
+    raise AssertionError("unreachable")
+
+
+@teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (N_OUT,))])
+def broken(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Answers every request with an error."""
+    raise RuntimeError("the chaos teacher is broken")
+
+
+def make_sample(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``i``: pixels that encode ``i``, label ``i``."""
+    img = (np.arange(16, dtype=np.float32).reshape(IMG_SHAPE) + i * 16) % 1000 + i
+    return img, np.array([i], dtype=np.int64)
+
+
+CONFIG = """\
+[conf]
+{conf}
+
+[feed]
+feed_vars = ['img', 'label']
+feed_types = ['float32', 'int64']
+feed_shapes = [(1, 4, 4), (1,)]
+predict_feed_ids = [0]
+
+[fetch]
+fetch_vars = ['prediction']
+fetch_types = ['float32']
+fetch_shapes = [(10,)]
+"""
+
+
+def write_config(
+    directory: str | os.PathLike[str], servers: Sequence[str] = (), discovery: str = "", require_num: int = 2
+) -> Path:
+    """A reader config: fixed ``servers``, or discover mode on ``discovery`` (service ``chaos``)."""
+    if discovery:
+        conf = f"mode = discover\nhost = {discovery}\nservice_name = {SERVICE}\nrequire_num = {require_num}"
+    else:
+        conf = f"mode = fixed\nservers = {list(servers)!r}"
+    path = Path(directory) / f"chaos-{time.monotonic_ns()}.conf"
+    path.write_text(CONFIG.format(conf=conf))
+    return path
+
+
+def sample_reader(n: int, start_delay_s: float = 0.0) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """Samples ``0 … n-1``; the first after ``start_delay_s`` (every teacher's workers are then idle)."""
+    samples = [make_sample(i) for i in range(n)]
+
+    def reader() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if start_delay_s:
+            time.sleep(start_delay_s)
+        yield from samples
+
+    return reader
+
+
+# -- processes and fault injectors -------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **(extra or {})}
+
+
+def wait_oip_ready(endpoint: str, process: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"teacher on {endpoint} exited with code {process.returncode}")
+            try:
+                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=0.5).ready:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.05)
+    raise TimeoutError(f"teacher on {endpoint} not ready after {timeout:.0f} s")
+
+
+class Fleet:
+    """Teachers as ``distill teacher serve`` processes; killable and restartable on the same port."""
+
+    def __init__(self, delay_s: float = 0.01) -> None:
+        self.delay_s = delay_s
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._args: dict[str, tuple[list[str], list[str]]] = {}
+
+    def start(
+        self,
+        model: str = "tag",
+        *extra: str,
+        endpoint: str | None = None,
+        prefix: Sequence[str] = (),
+        wait: bool = True,
+    ) -> str:
+        """Start a teacher serving ``model`` (a function of this module); returns its endpoint."""
+        endpoint = endpoint or f"127.0.0.1:{free_port()}"
+        self._args[endpoint] = (list(prefix), [f"{MODULE}:{model}", *extra])
+        self._spawn(endpoint, wait)
+        return endpoint
+
+    def _spawn(self, endpoint: str, wait: bool = True) -> None:
+        prefix, (spec, *extra) = self._args[endpoint]
+        process = subprocess.Popen(
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "distill_reader",
+                "teacher",
+                "serve",
+                "--model",
+                spec,
+                "--listen",
+                endpoint,
+                *extra,
+            ],
+            env=_python_env({DELAY_ENV: repr(self.delay_s)}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.processes[endpoint] = process
+        if wait:
+            wait_oip_ready(endpoint, process)
+
+    def kill(self, endpoint: str, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig`` and reap; returns the moment it was sent."""
+        process = self.processes[endpoint]
+        sent = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        process.wait(10)
+        return sent
+
+    def restart(self, endpoint: str, wait: bool = True) -> float:
+        """Start the teacher of ``endpoint`` again (same port, model and options); returns when."""
+        started = time.monotonic()
+        self._spawn(endpoint, wait)
+        return started
+
+    def alive(self) -> list[str]:
+        return [e for e, p in self.processes.items() if p.poll() is None]
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+class SilentListener:
+    """A TCP listener that accepts connections and reads everything, but never says a word."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.1)
+        self.endpoint = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self.connections = 0
+        self.bytes_read = 0
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, name="silent-listener", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import selectors
+
+        selector = selectors.DefaultSelector()
+        selector.register(self._sock, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            for key, _ in selector.select(0.1):
+                if key.fileobj is self._sock:
+                    with contextlib.suppress(OSError):
+                        conn, _ = self._sock.accept()
+                        conn.setblocking(False)
+                        self._conns.append(conn)
+                        self.connections += 1
+                        selector.register(conn, selectors.EVENT_READ)
+                else:
+                    conn = key.fileobj
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        data = b""
+                    if data:
+                        self.bytes_read += len(data)
+                    else:
+                        selector.unregister(conn)
+                        conn.close()
+        selector.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in [self._sock, *self._conns]:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class WrongTeacher:
+    """An OIP server (grpc.aio) whose metadata matches the config but whose answers are wrong.
+
+    ``mode``: ``"shape"`` (prediction is ``[n, 9]``), ``"bytes"`` (right shape, half the bytes),
+    ``"dtype"`` (FP64), ``"missing"`` (no output), ``"nan"`` (right shape and size, all NaN:
+    well-formed, so it is data and the reader cannot tell).
+    """
+
+    def __init__(self, mode: str = "shape") -> None:
+        self.mode = mode
+        self.requests = 0
+        self.endpoint = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="wrong-teacher", daemon=True)
+        self._server: Any = None
+
+    def start(self) -> WrongTeacher:
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        outer = self
+
+        class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+            async def ServerLive(self, request, context):  # noqa: N802, ANN001, ANN201
+                return service_pb2.ServerLiveResponse(live=True)
+
+            async def ServerReady(self, request, context):  # noqa: N802, ANN001, ANN201
+                return service_pb2.ServerReadyResponse(ready=True)
+
+            async def ModelReady(self, request, context):  # noqa: N802, ANN001, ANN201
+                return service_pb2.ModelReadyResponse(ready=True)
+
+            async def ModelMetadata(self, request, context):  # noqa: N802, ANN001, ANN201
+                tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+                return service_pb2.ModelMetadataResponse(
+                    name=request.name,
+                    platform="chaos",
+                    versions=["1"],
+                    inputs=[tensor(name="img", datatype="FP32", shape=[-1, *IMG_SHAPE])],
+                    outputs=[tensor(name="prediction", datatype="FP32", shape=[-1, N_OUT])],
+                )
+
+            async def ModelInfer(self, request, context):  # noqa: N802, ANN001, ANN201
+                outer.requests += 1
+                n = int(request.inputs[0].shape[0])
+                out = service_pb2.ModelInferResponse.InferOutputTensor
+                response = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
+                if outer.mode == "missing":
+                    return response
+                shape, dtype, raw = [n, N_OUT], "FP32", np.zeros((n, N_OUT), np.float32).tobytes()
+                if outer.mode == "shape":
+                    shape, raw = [n, N_OUT - 1], np.zeros((n, N_OUT - 1), np.float32).tobytes()
+                elif outer.mode == "bytes":
+                    raw = raw[: len(raw) // 2]
+                elif outer.mode == "dtype":
+                    dtype, raw = "FP64", np.zeros((n, N_OUT), np.float64).tobytes()
+                elif outer.mode == "nan":
+                    raw = np.full((n, N_OUT), np.nan, np.float32).tobytes()
+                response.outputs.append(out(name="prediction", datatype=dtype, shape=shape))
+                response.raw_output_contents.append(raw)
+                return response
+
+        async def serve() -> str:
+            self._server = grpc.aio.server()
+            service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), self._server)
+            port = self._server.add_insecure_port("127.0.0.1:0")
+            await self._server.start()
+            return f"127.0.0.1:{port}"
+
+        self._thread.start()
+        self.endpoint = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
+        return self
+
+    def close(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+class DiscoveryProcess:
+    """``distill discovery serve`` as a process on a fixed port: killable and restartable."""
+
+    def __init__(self, store: str = "memory") -> None:
+        self.store = store
+        self.endpoint = f"127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distill_reader",
+                "discovery",
+                "serve",
+                "--listen",
+                self.endpoint,
+                "--store",
+                self.store,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"discovery exited with code {self.process.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection(self._address(), 0.2):
+                return started
+            time.sleep(0.05)
+        raise TimeoutError(f"discovery on {self.endpoint} did not start")
+
+    def _address(self) -> tuple[str, int]:
+        host, port = self.endpoint.rsplit(":", 1)
+        return host, int(port)
+
+    def kill(self) -> float:
+        assert self.process is not None
+        sent = time.monotonic()
+        self.process.kill()
+        self.process.wait(10)
+        return sent
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+class StoreProcess:
+    """``redis-server`` or ``etcd`` on a free port in a temporary directory (restartable, same data)."""
+
+    BINARIES = {"redis": "redis-server", "etcd": "etcd"}
+
+    def __init__(self, kind: str, workdir: str | os.PathLike[str]) -> None:
+        self.kind = kind
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @classmethod
+    def available(cls, kind: str) -> bool:
+        return shutil.which(cls.BINARIES[kind]) is not None
+
+    @property
+    def url(self) -> str:
+        return f"{self.kind}://127.0.0.1:{self.port}"
+
+    def start(self) -> float:
+        started = time.monotonic()
+        if self.kind == "redis":
+            cmd = [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ]
+        else:
+            peer = f"http://127.0.0.1:{self.peer_port}"
+            cmd = [
+                "etcd",
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{self.port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{self.port}",
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"default={peer}",
+                "--log-level",
+                "error",
+            ]
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir, stdin=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with code {self.process.returncode}")
+            if self._ready():
+                return started
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.kind} did not start on port {self.port}")
+
+    def _ready(self) -> bool:
+        try:
+            if self.kind == "redis":
+                with socket.create_connection(("127.0.0.1", self.port), 0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    return sock.recv(16).startswith(b"+PONG")
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=0.5) as reply:
+                return b"true" in reply.read()
+        except OSError:
+            return False
+
+    def kill(self) -> float:
+        assert self.process is not None
+        sent = time.monotonic()
+        self.process.kill()
+        self.process.wait(10)
+        return sent
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+class NetNamespace:
+    """A network namespace joined to this one by a veth pair: ``10.254.N.1`` here, ``.2`` inside.
+
+    ``down()`` takes the link inside the namespace down (the teacher's machine is cut off: packets
+    to it vanish, nothing answers), ``up()`` brings it back. Needs root and ``ip netns``; see
+    :meth:`unavailable`.
+    """
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 10000}{random.randrange(100)}"
+        self.name = f"chaos-{tag}"
+        self.host_if, self.ns_if = f"chh{tag}", f"chn{tag}"
+        self.subnet = self._free_subnet()
+        self.host_ip, self.ns_ip = f"10.254.{self.subnet}.1", f"10.254.{self.subnet}.2"
+        self.created = False
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why namespaces cannot be used here, or None."""
+        if shutil.which("ip") is None:
+            return "the `ip` command is not installed"
+        if os.geteuid() != 0:
+            return "creating network namespaces needs root"
+        name = f"chaos-probe-{os.getpid()}"
+        done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"`ip netns add` is not permitted here: {done.stderr.strip()}"
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        return None
+
+    @staticmethod
+    def _free_subnet() -> int:
+        used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+        for n in range(200, 250):
+            if f"10.254.{n}." not in used:
+                return n
+        raise RuntimeError("no free 10.254.N.0/30 subnet")
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    def create(self) -> NetNamespace:
+        self._ip("netns", "add", self.name)
+        self.created = True
+        self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        self._ip("link", "set", self.ns_if, "netns", self.name)
+        self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        self._ip("link", "set", self.host_if, "up")
+        self._ip("-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+        self._ip("-n", self.name, "link", "set", self.ns_if, "up")
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+        return self
+
+    @property
+    def prefix(self) -> list[str]:
+        """Prefix of a command line that runs it inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def down(self) -> float:
+        sent = time.monotonic()
+        self._ip("-n", self.name, "link", "set", self.ns_if, "down")
+        return sent
+
+    def up(self) -> float:
+        sent = time.monotonic()
+        self._ip("-n", self.name, "link", "set", self.ns_if, "up")
+        return sent
+
+    def delete(self) -> None:
+        if self.created:
+            subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+            subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+            self.created = False
+
+
+# -- auditing an epoch -------------------------------------------------------------------------
+
+
+@dataclass
+class FaultResult:
+    """What one injected fault cost."""
+
+    fault: str
+    faults_injected: int = 0
+    samples: int = 0
+    delivered: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    wrong: int = 0
+    recover_s: float = 0.0
+    error: str = ""
+    error_after_s: float = 0.0
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        """Every sample exactly once with the right output (or, when expected, a clear error)."""
+        return self.lost == 0 and self.duplicated == 0 and self.wrong == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Audit:
+    """Consumes one epoch's batches, counting what was delivered and when."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen = np.zeros(n, dtype=np.int64)
+        self.wrong = 0
+        self.out_of_order = 0
+        self.arrivals: list[float] = []
+        self.faults: list[float] = []  # moments faults were injected (or recovery started)
+        self.started = time.monotonic()
+        self._last_label = -1
+
+    def add(self, batch: Sequence[np.ndarray]) -> None:
+        self.arrivals.append(time.monotonic())
+        img, label, prediction = batch
+        labels = label[:, 0]
+        if (labels < 0).any() or (labels >= self.n).any():
+            self.wrong += int(len(labels))
+            return
+        np.add.at(self.seen, labels, 1)
+        expected_img = np.stack([make_sample(int(i))[0] for i in labels])
+        good = (img.reshape(len(img), -1) == expected_img.reshape(len(img), -1)).all(axis=1)
+        good &= (prediction == tag_rows(expected_img)).all(axis=1)
+        self.wrong += int((~good).sum())
+        if len(labels) and (labels[0] <= self._last_label or (np.diff(labels) <= 0).any()):
+            self.out_of_order += 1
+        if len(labels):
+            self._last_label = int(labels[-1])
+
+    def mark(self) -> float:
+        now = time.monotonic()
+        self.faults.append(now)
+        return now
+
+    def longest_stall(self, since: float | None = None) -> float:
+        """The longest wait for a batch from ``since`` (default: the first fault) on."""
+        start = since if since is not None else (self.faults[0] if self.faults else None)
+        if start is None:
+            return 0.0
+        stall, previous = 0.0, start
+        for t in self.arrivals:
+            if t < start:
+                continue
+            stall = max(stall, t - previous)
+            previous = t
+        return stall
+
+    def fill(self, result: FaultResult) -> FaultResult:
+        result.samples = self.n
+        result.delivered = int(self.seen.sum())
+        result.lost = int((self.seen == 0).sum())
+        result.duplicated = int((self.seen > 1).sum())
+        result.wrong = self.wrong + self.out_of_order
+        return result
+
+
+def _reader(
+    config: Path, n: int, batch_size: int = 16, d_batch_size: int = 4, start_delay_s: float = 0.0, **options: Any
+):
+    from distill_reader import DistillReader
+
+    options.setdefault("copy", True)
+    dr = DistillReader(str(config), batch_size, d_batch_size, capacity=6, occupied_capacity=1, **options)
+    dr.set_sample_generator(sample_reader(n, start_delay_s))
+    return dr
+
+
+def run_epoch(
+    dr: Any, n: int, on_step: Callable[[int, Audit], None] | None = None, result: FaultResult | None = None
+) -> tuple[Audit, BaseException | None]:
+    """One epoch, calling ``on_step(step, audit)`` after each batch; the audit and any error."""
+    audit = Audit(n)
+    error: BaseException | None = None
+    try:
+        for step, batch in enumerate(dr.distill_reader()()):
+            audit.add(batch)
+            if on_step is not None:
+                on_step(step, audit)
+    except Exception as exc:  # noqa: BLE001 - reported, the caller decides what was expected
+        error = exc
+        if result is not None:
+            result.error = f"{type(exc).__name__}: {exc}"
+            result.error_after_s = time.monotonic() - (audit.faults[0] if audit.faults else audit.started)
+    return audit, error
+
+
+# -- the scenarios -----------------------------------------------------------------------------
+# Each takes ``n`` (samples per epoch), ``seed`` and a temporary directory, returns a FaultResult.
+
+
+def kill_one_of_n(tmp: Path, n: int = 2000, seed: int = 0, teachers: int = 3, kills: int = 3) -> FaultResult:
+    """SIGKILL a random teacher at random moments, restarting the previous victim in between."""
+    rng = random.Random(seed)
+    fleet = Fleet()
+    result = FaultResult(f"SIGKILL 1 of {teachers} teachers, {kills}× at random moments")
+    try:
+        endpoints = [fleet.start() for _ in range(teachers)]
+        batches = n // 16
+        moments = sorted(rng.sample(range(2, max(batches - 2, kills + 3)), kills))
+        victims: list[str] = []
+
+        def on_step(step: int, audit: Audit) -> None:
+            if step in moments:
+                if victims and victims[-1] not in fleet.alive():
+                    fleet.restart(victims[-1], wait=False)
+                victim = rng.choice([e for e in fleet.alive() if e in endpoints])
+                victims.append(victim)
+                audit.mark()
+                fleet.kill(victim)
+                result.faults_injected += 1
+
+        with _reader(write_config(tmp, endpoints), n, request_timeout=5, teacher_timeout=30) as dr:
+            started = time.monotonic()
+            audit, error = run_epoch(dr, n, on_step, result)
+            result.seconds = time.monotonic() - started
+            result.recover_s = audit.longest_stall()
+            audit.fill(result)
+            # The next epoch runs whole, on whoever is up.
+            second, error2 = run_epoch(dr, n)
+            result.details["next_epoch_clean"] = error2 is None and second.fill(FaultResult("")).clean
+            if error is not None or error2 is not None:
+                result.error = result.error or f"{type(error2).__name__}: {error2}"
+    finally:
+        fleet.stop_all()
+    return result
+
+
+def kill_all_then_one_back(
+    tmp: Path, n: int = 1000, seed: int = 0, teachers: int = 2, down_s: float = 2.0
+) -> FaultResult:
+    """SIGKILL every teacher at a random moment; after ``down_s`` one comes back on its port."""
+    rng = random.Random(seed)
+    fleet = Fleet()
+    result = FaultResult(f"SIGKILL all {teachers} teachers, one back after {down_s:g} s")
+    try:
+        endpoints = [fleet.start() for _ in range(teachers)]
+        moment = rng.randrange(2, max(3, n // 16 - 2))
+        back: list[float] = []
+
+        def on_step(step: int, audit: Audit) -> None:
+            if step == moment:
+                audit.mark()
+                for endpoint in endpoints:
+                    fleet.kill(endpoint)
+                result.faults_injected += len(endpoints)
+
+                def comeback() -> None:
+                    time.sleep(down_s)
+                    back.append(fleet.restart(rng.choice(endpoints), wait=False))
+
+                threading.Thread(target=comeback, daemon=True).start()
+
+        with _reader(write_config(tmp, endpoints), n, request_timeout=5, teacher_timeout=30) as dr:
+            started = time.monotonic()
+            audit, _ = run_epoch(dr, n, on_step, result)
+            result.seconds = time.monotonic() - started
+            audit.fill(result)
+            if back:
+                result.recover_s = audit.longest_stall(back[0])
+                result.details["restart_to_first_batch_s"] = next(
+                    (t - back[0] for t in audit.arrivals if t >= back[0]), -1.0
+                )
+    finally:
+        fleet.stop_all()
+    return result
+
+
+def no_teacher_left(tmp: Path, n: int = 1000, seed: int = 0, teacher_timeout: float = 2.0) -> FaultResult:
+    """SIGKILL every teacher for good: the epoch must fail with NoTeacherError after teacher_timeout."""
+    rng = random.Random(seed)
+    fleet = Fleet()
+    result = FaultResult(f"SIGKILL all teachers for good (teacher_timeout={teacher_timeout:g} s)")
+    try:
+        endpoints = [fleet.start() for _ in range(2)]
+        moment = rng.randrange(1, 10)
+
+        def on_step(step: int, audit: Audit) -> None:
+            if step == moment:
+                audit.mark()
+                for endpoint in endpoints:
+                    fleet.kill(endpoint)
+                result.faults_injected += len(endpoints)
+
+        with _reader(write_config(tmp, endpoints), n, request_timeout=5, teacher_timeout=teacher_timeout) as dr:
+            started = time.monotonic()
+            audit, error = run_epoch(dr, n, on_step, result)
+            result.seconds = time.monotonic() - started
+            audit.fill(result)
+            result.details["error_type"] = type(error).__name__ if error else ""
+            # Samples of a failed epoch are not delivered; count only the duplicates and wrong ones.
+            result.lost = 0
+    finally:
+        fleet.stop_all()
+    return result
+
+
+def bad_teacher_beside_good(
+    tmp: Path,
+    kind: str,
+    n: int = 1000,
+    seed: int = 0,
+    request_timeout: float = 1.0,
+    max_attempts: int = 3,
+    delay_s: float = 0.01,
+    **options: Any,
+) -> FaultResult:
+    """One good teacher and one bad one (``hang``, ``silent``, ``broken``, ``shape``, ``bytes``,
+    ``dtype``, ``missing``) from the start: every sample must come from the good one."""
+    fleet = Fleet(delay_s)
+    result = FaultResult(f"{kind} teacher beside a good one")
+    closers: list[Callable[[], None]] = []
+    try:
+        good = fleet.start()
+        if kind in ("hang", "broken"):
+            bad = fleet.start(kind)
+        elif kind == "silent":
+            listener = SilentListener()
+            closers.append(listener.close)
+            bad = listener.endpoint
+        else:
+            wrong = WrongTeacher(kind).start()
+            closers.append(wrong.close)
+            bad = wrong.endpoint
+        result.faults_injected = 1
+        config = write_config(tmp, [bad, good])
+        with _reader(
+            config, n, request_timeout=request_timeout, teacher_timeout=30, max_attempts=max_attempts, **options
+        ) as dr:
+            started = time.monotonic()
+            audit, _ = run_epoch(dr, n, result=result)
+            result.seconds = time.monotonic() - started
+            audit.fill(result)
+            result.recover_s = max(np.diff([started, *audit.arrivals]), default=0.0)
+            stats = dr.stats()
+            result.details["requests_to_bad"] = sum(t.requests for t in stats.teachers if t.endpoint == bad)
+    finally:
+        for close in closers:
+            close()
+        fleet.stop_all()
+    return result
+
+
+def only_bad_teacher(
+    tmp: Path, kind: str, n: int = 200, teacher_timeout: float = 2.0, request_timeout: float = 1.0
+) -> FaultResult:
+    """Only a bad teacher: the epoch must end with a clear exception (never hang)."""
+    fleet = Fleet()
+    result = FaultResult(f"only a {kind} teacher")
+    closers: list[Callable[[], None]] = []
+    try:
+        if kind in ("hang", "broken"):
+            bad = fleet.start(kind)
+        elif kind == "silent":
+            listener = SilentListener()
+            closers.append(listener.close)
+            bad = listener.endpoint
+        else:
+            wrong = WrongTeacher(kind).start()
+            closers.append(wrong.close)
+            bad = wrong.endpoint
+        result.faults_injected = 1
+        with _reader(
+            write_config(tmp, [bad]), n, request_timeout=request_timeout, teacher_timeout=teacher_timeout
+        ) as dr:
+            started = time.monotonic()
+            audit, error = run_epoch(dr, n, result=result)
+            result.seconds = time.monotonic() - started
+            result.error_after_s = result.seconds
+            audit.fill(result)
+            result.lost = 0
+            result.details["error_type"] = type(error).__name__ if error else ""
+    finally:
+        for close in closers:
+            close()
+        fleet.stop_all()
+    return result
+
+
+def discovery_restart(
+    tmp: Path, n: int = 2000, seed: int = 0, store: str = "memory", down_s: float = 1.0
+) -> FaultResult:
+    """``distill discovery serve`` SIGKILLed mid-epoch and restarted on its port ``down_s`` later."""
+    rng = random.Random(seed)
+    fleet = Fleet()
+    discovery = DiscoveryProcess(store)
+    result = FaultResult(f"discovery server ({store.split(':')[0]}) SIGKILLed, back after {down_s:g} s")
+    try:
+        discovery.start()
+        for _ in range(2):
+            fleet.start("tag", "--register", discovery.endpoint, "--service-name", SERVICE)
+        moment = rng.randrange(2, max(3, n // 16 // 2))
+
+        def on_step(step: int, audit: Audit) -> None:
+            if step == moment:
+                audit.mark()
+                discovery.kill()
+                result.faults_injected += 1
+                threading.Thread(target=lambda: (time.sleep(down_s), discovery.start()), daemon=True).start()
+
+        config = write_config(tmp, discovery=discovery.endpoint, require_num=2)
+        with _reader(config, n, request_timeout=5, teacher_timeout=30) as dr:
+            started = time.monotonic()
+            audit, _ = run_epoch(dr, n, on_step, result)
+            result.seconds = time.monotonic() - started
+            result.recover_s = audit.longest_stall()
+            audit.fill(result)
+            result.details["assigned_after"] = _wait_assigned(discovery.endpoint, 2, timeout=15)
+    finally:
+        fleet.stop_all()
+        discovery.stop()
+    return result
+
+
+def _wait_assigned(discovery: str, count: int, timeout: float) -> float:
+    """Seconds until discovery reports ``count`` teachers for the service's student (-1: never)."""
+    from distill_reader.discovery.client import fetch_status
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        with contextlib.suppress(Exception):
+            status = asyncio.run(asyncio.wait_for(fetch_status(discovery, SERVICE), 2))
+            students = [s for service in status.services for s in service.students]
+            if students and all(len(s.teachers) == count for s in students):
+                return time.monotonic() - started
+        time.sleep(0.1)
+    return -1.0
+
+
+def store_restart(tmp: Path, kind: str, n: int = 2000, seed: int = 0, down_s: float = 1.0) -> FaultResult:
+    """Redis or etcd SIGKILLed under a discovery server mid-epoch, restarted ``down_s`` later."""
+    rng = random.Random(seed)
+    store = StoreProcess(kind, tmp)
+    fleet = Fleet()
+    discovery = DiscoveryProcess()
+    result = FaultResult(f"{kind} SIGKILLed under discovery, back after {down_s:g} s")
+    try:
+        store.start()
+        discovery.store = store.url
+        discovery.start()
+        for _ in range(2):
+            fleet.start("tag", "--register", discovery.endpoint, "--service-name", SERVICE)
+        moment = rng.randrange(2, max(3, n // 16 // 2))
+
+        def on_step(step: int, audit: Audit) -> None:
+            if step == moment:
+                audit.mark()
+                store.kill()
+                result.faults_injected += 1
+                threading.Thread(target=lambda: (time.sleep(down_s), store.start()), daemon=True).start()
+
+        config = write_config(tmp, discovery=discovery.endpoint, require_num=2)
+        with _reader(config, n, request_timeout=5, teacher_timeout=30) as dr:
+            started = time.monotonic()
+            audit, _ = run_epoch(dr, n, on_step, result)
+            result.seconds = time.monotonic() - started
+            result.recover_s = audit.longest_stall()
+            audit.fill(result)
+            result.details["assigned_after"] = _wait_assigned(discovery.endpoint, 2, timeout=15)
+    finally:
+        fleet.stop_all()
+        discovery.stop()
+        store.stop()
+    return result
+
+
+def link_down(
+    tmp: Path, n: int = 2000, seed: int = 0, down_s: float = 2.0, request_timeout: float = 1.0
+) -> FaultResult:
+    """A teacher in its own network namespace cut off (link down) mid-epoch, back ``down_s`` later."""
+    why = NetNamespace.unavailable()
+    if why is not None:
+        return FaultResult("teacher's link taken down (network namespace)", error=f"skipped: {why}")
+    rng = random.Random(seed)
+    ns = NetNamespace()
+    fleet = Fleet()
+    result = FaultResult(f"teacher's link down for {down_s:g} s (network namespace)")
+    try:
+        ns.create()
+        remote = fleet.start(endpoint=f"{ns.ns_ip}:{free_port()}", prefix=ns.prefix)
+        local = fleet.start()
+        moment = rng.randrange(2, max(3, n // 16 // 2))
+
+        def on_step(step: int, audit: Audit) -> None:
+            if step == moment:
+                audit.mark()
+                ns.down()
+                result.faults_injected += 1
+                threading.Thread(target=lambda: (time.sleep(down_s), ns.up()), daemon=True).start()
+
+        with _reader(write_config(tmp, [remote, local]), n, request_timeout=request_timeout, teacher_timeout=30) as dr:
+            started = time.monotonic()
+            audit, _ = run_epoch(dr, n, on_step, result)
+            result.seconds = time.monotonic() - started
+            result.recover_s = audit.longest_stall()
+            audit.fill(result)
+            # Back up: the cut-off teacher serves again in the next epoch.
+            time.sleep(max(0.0, down_s + 0.5 - (time.monotonic() - audit.faults[0])) if audit.faults else 0)
+            second, error2 = run_epoch(dr, n)
+            stats = {t.endpoint: t.requests for t in dr.stats().teachers}
+            result.details["next_epoch_clean"] = error2 is None and second.fill(FaultResult("")).clean
+            result.details["remote_requests"] = stats.get(remote, 0)
+    finally:
+        fleet.stop_all()
+        ns.delete()
+    return result
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def scenarios(quick: bool) -> list[tuple[str, Callable[[Path], FaultResult]]]:
+    """Every fault of the report, with its sizes (``quick``: the test suite's smoke sizes)."""
+    n = 600 if quick else 5000
+    runs: list[tuple[str, Callable[[Path], FaultResult]]] = [
+        ("kill-one", lambda t: kill_one_of_n(t, n, kills=2 if quick else 8)),
+        ("kill-all-one-back", lambda t: kill_all_then_one_back(t, n)),
+        ("no-teacher", lambda t: no_teacher_left(t, n)),
+    ]
+    for kind in ("hang", "silent", "broken", "shape", "bytes", "dtype"):
+        runs.append((f"{kind}-beside-good", lambda t, k=kind: bad_teacher_beside_good(t, k, n)))
+        runs.append((f"only-{kind}", lambda t, k=kind: only_bad_teacher(t, k)))
+    runs.append(("discovery-restart", lambda t: discovery_restart(t, n)))
+    for kind in ("redis", "etcd"):
+        if StoreProcess.available(kind):
+            runs.append((f"{kind}-restart", lambda t, k=kind: store_restart(t, k, n)))
+    runs.append(("link-down", lambda t: link_down(t, n)))
+    return runs
+
+
+def run_report(quick: bool = False, progress: Callable[[str], None] = lambda _m: None) -> list[FaultResult]:
+    results = []
+    for name, function in scenarios(quick):
+        progress(name)
+        with tempfile.TemporaryDirectory(prefix="distill-chaos-") as tmp:
+            try:
+                results.append(function(Path(tmp)))
+            except Exception as exc:  # noqa: BLE001 - the report shows it
+                results.append(FaultResult(name, error=f"scenario failed: {type(exc).__name__}: {exc}"))
+    return results
+
+
+def chaos_rows(sizes: Any, progress: Callable[[str], None]) -> list[Any]:
+    """The report as bench rows: per fault, seconds to recover (or to the clear error); lost,
+    duplicated and wrong samples are in ``details`` and the label."""
+    from distill_reader.bench.harness import Row
+
+    rows = []
+    for result in run_report(quick=bool(getattr(sizes, "quick", False)), progress=progress):
+        skipped = result.error.startswith("skipped")
+        seconds = result.error_after_s if result.error and not skipped else result.recover_s
+        label = (
+            f"{result.fault}: {result.faults_injected} fault(s), {result.samples} samples, lost {result.lost}, "
+            f"duplicated {result.duplicated}, wrong {result.wrong}"
+        )
+        if result.error:
+            label += f" — {result.error[:160]}"
+        rows.append(
+            Row(
+                "chaos",
+                label,
+                max(seconds, 1e-3),
+                1.0,
+                "s",
+                max(seconds, 1e-3),
+                details=result.to_json(),
+            )
+        )
+    return rows

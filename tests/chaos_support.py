@@ -1,0 +1,70 @@
+"""Helpers for the fault-injection, torture and fuzz tests (no tests here).
+
+The fault injectors themselves (teacher fleets, a silent TCP listener, a wrong-answering OIP
+server, restartable discovery/Redis/etcd processes, network namespaces) live in
+:mod:`distill_reader.bench.chaos`, which ``distill bench chaos`` runs with long sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from distill_reader.bench.chaos import FaultResult
+
+# Long versions: `pytest -m slow` with DISTILL_SLOW_TESTS=1, or `distill bench chaos`.
+RUN_SLOW = bool(os.environ.get("DISTILL_SLOW_TESTS"))
+
+
+def slow(test):
+    """Mark ``test`` slow: skipped unless ``DISTILL_SLOW_TESTS=1`` (``distill bench chaos`` runs them)."""
+    skip = pytest.mark.skipif(not RUN_SLOW, reason="slow: set DISTILL_SLOW_TESTS=1 (or run `distill bench chaos`)")
+    return pytest.mark.slow(skip(test))
+
+
+def assert_clean(result: FaultResult) -> None:
+    """Every sample exactly once, with the right output, and no error."""
+    print(f"\n{result.fault}: {result.to_json()}")
+    assert result.error == "", result.error
+    assert result.samples > 0
+    assert (result.lost, result.duplicated, result.wrong) == (0, 0, 0), result
+    assert result.delivered == result.samples
+
+
+def fd_count(pid: int | None = None) -> int:
+    return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    with open(f"/proc/{pid or os.getpid()}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found

@@ -1,0 +1,171 @@
+"""Real external OIP servers (NVIDIA Triton via PyTriton, Seldon MLServer) run as test teachers.
+
+Each runs from its own virtual environment made by ``scripts/external-teachers.sh`` under
+``build/teachers/``; :func:`venv_python` says whether it is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from conftest import free_port
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER_VENVS = REPO / "build" / "teachers"
+EXAMPLES = REPO / "examples"
+
+
+def venv_python(name: str, module: str) -> Path | None:
+    """The python of ``build/teachers/<name>`` when it exists and imports ``module``."""
+    python = TEACHER_VENVS / name / "bin" / "python"
+    if not python.exists():
+        return None
+    check = subprocess.run([python, "-c", f"import {module}"], capture_output=True, timeout=60)
+    return python if check.returncode == 0 else None
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (a server and everything it started, e.g. tritonserver)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: the session id
+            pids.append(int(entry))
+    return pids
+
+
+@dataclass
+class ExternalServer:
+    """An external server process in its own session; ``endpoint`` is its OIP gRPC address."""
+
+    name: str
+    process: subprocess.Popen
+    endpoint: str
+    log: Path
+    models: list[str] = field(default_factory=list)
+    #: log lines that mean start-up failed for good (no use waiting for readiness)
+    fatal: tuple[str, ...] = ()
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float) -> float:
+        """Wait for OIP ServerReady and ModelReady of every model; returns the seconds it took."""
+        start = time.monotonic()
+        deadline = start + timeout
+        with grpc.insecure_channel(self.endpoint) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited with code {self.process.returncode}; log:\n{self.log_tail()}"
+                    )
+                log = self.log.read_text(errors="replace") if self.fatal else ""
+                if any(marker in log for marker in self.fatal):
+                    raise RuntimeError(f"{self.name} failed to start; log:\n{self.log_tail()}")
+                try:
+                    if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready and all(
+                        stub.ModelReady(service_pb2.ModelReadyRequest(name=m), timeout=1).ready for m in self.models
+                    ):
+                        return time.monotonic() - start
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"{self.name} on {self.endpoint} not ready after {timeout} s; log:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM the whole session, SIGKILL what is left after 10 s."""
+        sid = self.process.pid  # start_new_session: the session id is the leader's pid
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for pid in session_pids(sid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while session_pids(sid) and time.monotonic() < deadline:
+                if self.process.poll() is None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(0.1)
+                else:
+                    time.sleep(0.1)
+            if not session_pids(sid):
+                break
+        if self.process.poll() is None:
+            self.process.wait(5)
+
+
+def _popen(name: str, command: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without the test venv's and pytest's Python variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def start_triton(python: Path, onnx: Path, workdir: Path, digits_name: str, tag_name: str) -> ExternalServer:
+    """``examples/triton_teacher/serve_digits.py`` serving the ONNX file and the exact ``tag`` model."""
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    env = _clean_env()
+    # Triton's Python stub links libpython: point it at the interpreter's own (ENVIRONMENT.md).
+    libdir = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip() or sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    command = [
+        str(python),
+        str(EXAMPLES / "triton_teacher" / "serve_digits.py"),
+        *("--onnx", str(onnx), "--model-name", digits_name, "--tag-model", tag_name),
+        *("--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)),
+    ]
+    log = workdir / "triton.log"
+    process = _popen("triton", command, log, workdir, env)
+    return ExternalServer(
+        "Triton (PyTriton)", process, f"127.0.0.1:{grpc_port}", log, [digits_name, tag_name], ("failed to load",)
+    )
+
+
+def start_mlserver(python: Path, onnx: Path, workdir: Path) -> ExternalServer:
+    """``mlserver start`` on a copy of ``examples/mlserver`` with free ports and the ONNX file."""
+    root = workdir / "mlserver"
+    shutil.copytree(EXAMPLES / "mlserver", root, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(onnx, root / "digits" / "digits.onnx")
+    grpc_port = free_port()
+    settings = json.loads((root / "settings.json").read_text())
+    settings.update(grpc_port=grpc_port, http_port=free_port(), metrics_port=free_port())
+    (root / "settings.json").write_text(json.dumps(settings, indent=2))
+    mlserver = python.parent / "mlserver"
+    log = workdir / "mlserver.log"
+    process = _popen("mlserver", [str(mlserver), "start", str(root)], log, workdir, _clean_env())
+    return ExternalServer("MLServer", process, f"127.0.0.1:{grpc_port}", log, ["digits", "tag"])

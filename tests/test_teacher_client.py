@@ -1,0 +1,31 @@
+"""The teacher client's own request encoding is a valid ModelInferRequest."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2
+
+from distill_reader.teacher.client import encode_infer_request
+
+Request = service_pb2.ModelInferRequest
+
+
+@given(rows=st.integers(0, 300), start=st.integers(0, 5), features=st.integers(1, 40))
+def test_encoded_request_parses_to_the_same_message(rows, start, features):
+    pool = np.arange((start + rows) * features * 3, dtype=np.float32).reshape(start + rows, features, 3)
+    ids = np.arange(start + rows, dtype=np.int64).reshape(-1, 1)
+    arrays = [pool[start:], ids[start:]]  # views into a bigger array, as the reader's slots are
+    header = Request(
+        model_name="teacher",
+        inputs=[
+            Request.InferInputTensor(name="x", datatype="FP32", shape=[rows, features, 3]),
+            Request.InferInputTensor(name="id", datatype="INT64", shape=[rows, 1]),
+        ],
+        outputs=[Request.InferRequestedOutputTensor(name="y")],
+    )
+    expected = Request()
+    expected.CopyFrom(header)
+    expected.raw_input_contents.extend([a.tobytes() for a in arrays])
+    assert Request.FromString(encode_infer_request(header.SerializeToString(), arrays)) == expected
