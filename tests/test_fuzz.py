@@ -319,16 +319,11 @@ def test_garbage_messages_to_discovery_get_a_clear_error(discovery, method, payl
             call(payload, timeout=10)
         except grpc.RpcError as exc:
             assert exc.details()
-            if exc.code() == grpc.StatusCode.UNKNOWN:  # see the xfail test below
-                assert "Error parsing message with type 'distill_reader.discovery." in exc.details()
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in exc.details():
+                assert "not a valid distill_reader.discovery." in exc.details()
     _discovery_serves(discovery)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a request that is not a valid protobuf gets UNKNOWN ('Unexpected DecodeError'), not the "
-    "INVALID_ARGUMENT docs/discovery.md promises (grpc's generated deserializer raises before the servicer)",
-)
 @pytest.mark.parametrize("method", ["RegisterTeacher", "KeepAlive", "Status"])
 def test_malformed_protobuf_to_discovery_is_invalid_argument(discovery, method):
     with grpc.insecure_channel(discovery) as channel:
@@ -341,3 +336,13 @@ def test_malformed_protobuf_to_discovery_is_invalid_argument(discovery, method):
 def test_oversized_bytes_at_the_discovery_port(discovery):
     _blast(discovery, np.random.default_rng(1).bytes(16 << 20))
     _discovery_serves(discovery)
+
+
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelMetadata", "ServerReady"])
+def test_malformed_protobuf_to_a_teacher_is_invalid_argument(tag_teachers, method):
+    with grpc.insecure_channel(tag_teachers[0]) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "not a valid inference." in info.value.details()

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
+from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.service import (
     DEFAULT_KEEPALIVE_S,
     DEFAULT_TTL_S,
@@ -28,6 +28,7 @@ from distill_reader.discovery.service import (
 )
 from distill_reader.discovery.stores.base import check_hostport, open_store
 from distill_reader.errors import DiscoveryError
+from distill_reader.rpc import strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, is_loopback, warn_if_exposed
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class DiscoveryServer:
                 )
             )
         self._grpc = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-        pb_grpc.add_DiscoveryServicer_to_server(self.service, self._grpc)
+        service = pb.DESCRIPTOR.services_by_name["Discovery"]
+        self._grpc.add_generic_rpc_handlers((strict_handler(self.service, service),))
         host = self._listen.rsplit(":", 1)[0]
         try:
             port = add_port(self._grpc, self._listen, self._tls)

@@ -25,6 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from distill_reader import __version__
 from distill_reader.oip import TensorSpec, array_from_raw, shape_matches
+from distill_reader.rpc import strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, warn_if_exposed
 from distill_reader.serving.backends.base import Backend
 from distill_reader.serving.batcher import BatcherStopped, DynamicBatcher
@@ -299,7 +300,9 @@ class InferenceServer:
 
             interceptors.append(TokenInterceptor(self.token, "this teacher", PROTECTED_METHODS, on_refused))
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers(
+            (strict_handler(self.servicer, service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]),)
+        )
         try:
             port = add_port(server, self.listen, self.tls)
         except RuntimeError as e:
