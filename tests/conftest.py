@@ -4,39 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from distill_reader.teacher.local import free_port, wait_until_ready
 
 TESTS_DIR = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(endpoint: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"teacher on {endpoint} exited with code {process.returncode}")
-            try:
-                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=0.5).ready:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.05)
-    raise TimeoutError(f"teacher on {endpoint} not ready after {timeout} s")
 
 
 SEED_CONFIG = """\
@@ -87,7 +64,7 @@ class TeacherProcesses:
             start_new_session=True,
         )
         self.processes[endpoint] = process
-        wait_ready(endpoint, process=process)
+        wait_until_ready(endpoint, process)
         return endpoint
 
     def kill(self, endpoint: str, sig: int = signal.SIGKILL) -> None:

@@ -434,9 +434,9 @@ def test_teacher_metrics_scrape(token_file):
         env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        from conftest import wait_ready
+        from distill_reader.teacher.local import wait_until_ready
 
-        wait_ready(f"127.0.0.1:{port}", process=process)
+        wait_until_ready(f"127.0.0.1:{port}", process)
         auth = (("authorization", f"Bearer {TOKEN}"),)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

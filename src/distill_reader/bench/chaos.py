@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from distill_reader.serving.backends.python import teacher_model
+from distill_reader.teacher.local import free_port, wait_until_ready
 
 IMG_SHAPE = (1, 4, 4)
 N_OUT = 10
@@ -126,32 +127,12 @@ def sample_reader(n: int, start_delay_s: float = 0.0) -> Callable[[], Iterator[t
 # -- processes and fault injectors -------------------------------------------------------------
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, **(extra or {})}
 
 
-def wait_oip_ready(endpoint: str, process: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
-    import grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"teacher on {endpoint} exited with code {process.returncode}")
-            try:
-                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=0.5).ready:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.05)
-    raise TimeoutError(f"teacher on {endpoint} not ready after {timeout:.0f} s")
 
 
 class Fleet:
@@ -200,7 +181,7 @@ class Fleet:
         )
         self.processes[endpoint] = process
         if wait:
-            wait_oip_ready(endpoint, process)
+            wait_until_ready(endpoint, process)
 
     def kill(self, endpoint: str, sig: int = signal.SIGKILL) -> float:
         """Send ``sig`` and reap; returns the moment it was sent."""

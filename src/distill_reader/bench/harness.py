@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from distill_reader.bench.teachers import A_ENV, B_ENV, IMG_SHAPE, N_CLASSES
+from distill_reader.teacher.local import free_port, wait_until_ready
 
 Progress = Callable[[str], None]
 
@@ -149,30 +149,6 @@ def plain_batches(batch_size: int, list_size: int = 64) -> Iterator[list[np.ndar
 # -- teacher processes -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(endpoint: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    import grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"bench teacher on {endpoint} exited with code {process.returncode}")
-            try:
-                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=0.5).ready:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.05)
-    raise TimeoutError(f"bench teacher on {endpoint} not ready after {timeout:.0f} s")
-
-
 @dataclass(frozen=True)
 class TeacherSpec:
     """How to run one bench teacher."""
@@ -239,7 +215,7 @@ def teacher_processes(spec: TeacherSpec, count: int) -> Iterator[list[str]]:
             )
             processes.append((endpoint, process))
         for endpoint, process in processes:
-            wait_ready(endpoint, process)
+            wait_until_ready(endpoint, process)
         yield [endpoint for endpoint, _ in processes]
     finally:
         for _, process in processes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,34 +13,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from distill_reader.teacher.local import free_port, wait_until_ready
+
 TEACHERS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_ready(endpoint: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Wait for an OIP server to report ready; raise if its process exits or time runs out."""
-    import grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise click.ClickException(f"the teacher on {endpoint} exited with code {process.returncode}")
-            try:
-                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1.0).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"the teacher on {endpoint} did not become ready in {timeout:.0f} s")
-            time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -51,7 +25,7 @@ def local_teachers(model_path: Path, count: int, model_name: str) -> Iterator[li
     endpoints: list[str] = []
     try:
         for _ in range(count):
-            endpoint = f"127.0.0.1:{_free_port()}"
+            endpoint = f"127.0.0.1:{free_port()}"
             command = [
                 sys.executable,
                 "-m",
@@ -68,7 +42,10 @@ def local_teachers(model_path: Path, count: int, model_name: str) -> Iterator[li
             processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True))
             endpoints.append(endpoint)
         for endpoint, process in zip(endpoints, processes):
-            wait_until_ready(endpoint, process)
+            try:
+                wait_until_ready(endpoint, process)
+            except (RuntimeError, TimeoutError) as exc:
+                raise click.ClickException(str(exc)) from None
         yield endpoints
     finally:
         for process in processes:
