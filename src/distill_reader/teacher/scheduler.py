@@ -245,7 +245,9 @@ class Scheduler:
             self._teacher_failed(teacher, str(exc))
             item.attempts += 1
             item.failed_on.add(teacher.client.endpoint)
-            tried_by_all = all(endpoint in item.failed_on for endpoint in self._teachers)
+            tried_by_all = all(
+                endpoint in item.failed_on for endpoint, other in self._teachers.items() if not other.removed
+            )
             if item.attempts >= self._options.max_attempts and tried_by_all:
                 self._fail(item.epoch, TeacherError(f"{exc} (after {item.attempts} attempts)"))
             else:
