@@ -13,16 +13,12 @@ import time
 
 import numpy as np
 
+# The exact model and the samples are the fault-injection benchmark's, so tests and `distill bench
+# chaos` check the same thing.
+from distill_reader.bench.chaos import IMG_SHAPE, make_sample, tag_rows
 from distill_reader.serving import teacher_model
 
-IMG_SHAPE = (1, 4, 4)
-
-
-def tag_rows(img: np.ndarray) -> np.ndarray:
-    """The reference: per row, 10 partial sums of the flattened image, plus the row's id."""
-    x = img.reshape(len(img), -1).astype(np.float64)
-    out = np.stack([x[:, i::10].sum(axis=1) for i in range(10)], axis=1)
-    return out.astype(np.float32)
+__all__ = ["IMG_SHAPE", "make_sample", "tag_rows"]
 
 
 @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
@@ -47,9 +43,3 @@ def slow_tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
 def broken(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     raise RuntimeError("the teacher model is broken")
-
-
-def make_sample(i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ``i``: an image whose pixels encode ``i`` and a label equal to ``i``."""
-    img = (np.arange(16, dtype=np.float32).reshape(IMG_SHAPE) + i * 16) % 1000 + i
-    return img, np.array([i], dtype=np.int64)
