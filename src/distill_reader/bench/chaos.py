@@ -127,12 +127,8 @@ def sample_reader(n: int, start_delay_s: float = 0.0) -> Callable[[], Iterator[t
 # -- processes and fault injectors -------------------------------------------------------------
 
 
-
-
 def _python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, **(extra or {})}
-
-
 
 
 class Fleet:
@@ -873,16 +869,14 @@ def only_bad_teacher(
     return result
 
 
-def discovery_restart(
-    tmp: Path, n: int = 2000, seed: int = 0, store: str = "memory", down_s: float = 1.0
-) -> FaultResult:
-    """``distill discovery serve`` SIGKILLed mid-epoch and restarted on its port ``down_s`` later."""
+def _restart_mid_epoch(
+    tmp: Path, result: FaultResult, discovery: DiscoveryProcess, victim: Any, n: int, seed: int, down_s: float
+) -> None:
+    """Two teachers registered with ``discovery``; ``victim`` (it, or its store) SIGKILLed at a
+    random step of an epoch of a discover-mode reader and started again ``down_s`` later."""
     rng = random.Random(seed)
     fleet = Fleet()
-    discovery = DiscoveryProcess(store)
-    result = FaultResult(f"discovery server ({store.split(':')[0]}) SIGKILLed, back after {down_s:g} s")
     try:
-        discovery.start()
         for _ in range(2):
             fleet.start("tag", "--register", discovery.endpoint, "--service-name", SERVICE)
         moment = rng.randrange(2, max(3, n // 16 // 2))
@@ -890,9 +884,9 @@ def discovery_restart(
         def on_step(step: int, audit: Audit) -> None:
             if step == moment:
                 audit.mark()
-                discovery.kill()
+                victim.kill()
                 result.faults_injected += 1
-                threading.Thread(target=lambda: (time.sleep(down_s), discovery.start()), daemon=True).start()
+                threading.Thread(target=lambda: (time.sleep(down_s), victim.start()), daemon=True).start()
 
         config = write_config(tmp, discovery=discovery.endpoint, require_num=2)
         with _reader(config, n, request_timeout=5, teacher_timeout=30) as dr:
@@ -904,6 +898,18 @@ def discovery_restart(
             result.details["assigned_after"] = _wait_assigned(discovery.endpoint, 2, timeout=15)
     finally:
         fleet.stop_all()
+
+
+def discovery_restart(
+    tmp: Path, n: int = 2000, seed: int = 0, store: str = "memory", down_s: float = 1.0
+) -> FaultResult:
+    """``distill discovery serve`` SIGKILLed mid-epoch and restarted on its port ``down_s`` later."""
+    discovery = DiscoveryProcess(store)
+    result = FaultResult(f"discovery server ({store.split(':')[0]}) SIGKILLed, back after {down_s:g} s")
+    try:
+        discovery.start()
+        _restart_mid_epoch(tmp, result, discovery, discovery, n, seed, down_s)
+    finally:
         discovery.stop()
     return result
 
@@ -925,36 +931,15 @@ def _wait_assigned(discovery: str, count: int, timeout: float) -> float:
 
 def store_restart(tmp: Path, kind: str, n: int = 2000, seed: int = 0, down_s: float = 1.0) -> FaultResult:
     """Redis or etcd SIGKILLed under a discovery server mid-epoch, restarted ``down_s`` later."""
-    rng = random.Random(seed)
     store = StoreProcess(kind, tmp)
-    fleet = Fleet()
     discovery = DiscoveryProcess()
     result = FaultResult(f"{kind} SIGKILLed under discovery, back after {down_s:g} s")
     try:
         store.start()
         discovery.store = store.url
         discovery.start()
-        for _ in range(2):
-            fleet.start("tag", "--register", discovery.endpoint, "--service-name", SERVICE)
-        moment = rng.randrange(2, max(3, n // 16 // 2))
-
-        def on_step(step: int, audit: Audit) -> None:
-            if step == moment:
-                audit.mark()
-                store.kill()
-                result.faults_injected += 1
-                threading.Thread(target=lambda: (time.sleep(down_s), store.start()), daemon=True).start()
-
-        config = write_config(tmp, discovery=discovery.endpoint, require_num=2)
-        with _reader(config, n, request_timeout=5, teacher_timeout=30) as dr:
-            started = time.monotonic()
-            audit, _ = run_epoch(dr, n, on_step, result)
-            result.seconds = time.monotonic() - started
-            result.recover_s = audit.longest_stall()
-            audit.fill(result)
-            result.details["assigned_after"] = _wait_assigned(discovery.endpoint, 2, timeout=15)
+        _restart_mid_epoch(tmp, result, discovery, store, n, seed, down_s)
     finally:
-        fleet.stop_all()
         discovery.stop()
         store.stop()
     return result
