@@ -11,7 +11,6 @@ import ast
 import configparser
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,8 +287,3 @@ def validate_reader_args(batch_size: Any, d_batch_size: Any, capacity: Any, occu
             f"capacity ({capacity}) must be greater than occupied_capacity ({occupied_capacity}): the pool "
             "needs at least one batch slot beyond those the consumer may still hold"
         )
-
-
-def sequence_of_specs(specs: Sequence[TensorSpec]) -> str:
-    """Human-readable list of vars, for messages."""
-    return ", ".join(f"{s.name}:{s.dtype.name}{list(s.shape)}" for s in specs)

@@ -158,12 +158,6 @@ class ClientSecurity:
             return grpc.aio.secure_channel(target, self.tls.channel_credentials(), options=options)
         return grpc.aio.insecure_channel(target, options=options)
 
-    def sync_channel(self, target: str, options: Sequence[tuple[str, Any]] | None = None) -> grpc.Channel:
-        """A blocking channel to ``target``, like :meth:`channel`."""
-        if self.tls is not None:
-            return grpc.secure_channel(target, self.tls.channel_credentials(), options=options)
-        return grpc.insecure_channel(target, options=options)
-
 
 NO_SECURITY = ClientSecurity()
 

@@ -134,8 +134,6 @@ class _Failed:
 
 _END = object()
 
-READER_KINDS = ("sample", "sample_list", "batch")
-
 
 class Pipeline:
     """See the module docstring."""
