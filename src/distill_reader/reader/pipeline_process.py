@@ -30,11 +30,12 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import DistillReaderError
+from distill_reader.errors import DistillReaderError, PipelineError
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
-from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, WorkItem
+from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, WorkItem, spawn
 
 log = logging.getLogger("distill_reader.pipeline")
 
@@ -88,12 +89,13 @@ class _PipelineProcess:
             on_error=lambda epoch, exc: self.send(("error", epoch, exc)),
             on_warning=lambda message: self.send(("warning", message)),
         )
-        tasks = [loop.create_task(self._watch_parent())]
+        loop.set_exception_handler(self._on_loop_error)
+        tasks = [spawn(self._watch_parent())]
         config = self.spec.config
         if config.mode == "fixed":
             self.scheduler.set_teachers([(endpoint, None) for endpoint in config.servers])
         else:
-            tasks.append(loop.create_task(self._follow_discovery()))
+            tasks.append(spawn(self._follow_discovery()))
         loop.add_reader(self.inbox.fileno(), self._on_readable)
         try:
             await self.stopped.wait()
@@ -131,12 +133,25 @@ class _PipelineProcess:
         except DistillReaderError as exc:  # e.g. discovery rejected the student: the training loop must know
             self.send(("fatal", exc))
 
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """A crash of ours (marked by :func:`spawn`) must reach the training loop: the work the
+        task held would otherwise never finish and the epoch would wait for it forever."""
+        loop.default_exception_handler(context)  # the traceback, on this process's stderr
+        if context.get("distill_reader"):
+            exc = context.get("exception")
+            self.send(("fatal", PipelineError(f"the pipeline process failed: {context['message']}: {exc!r}")))
+
     def _on_readable(self) -> None:
         try:
             while self.inbox.poll():
                 self._handle(self.inbox.recv())
         except (EOFError, OSError):
             self.stopped.set()  # the parent closed its end: it exited or was killed
+        except Exception as exc:  # a bug of ours handling a message: that message's work is lost
+            self._on_loop_error(
+                asyncio.get_running_loop(),
+                {"message": "handling a message failed", "exception": exc, "distill_reader": True},
+            )
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]

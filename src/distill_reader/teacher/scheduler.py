@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,28 @@ _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 _WARN_EVERY = 5.0
 _PASS_OVER_DELAY = 0.05  # a worker that leaves an item to other teachers waits this long
+
+
+def spawn(coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task:
+    """A task whose crash is reported to the event loop's exception handler at once, marked
+    ``distill_reader`` (the pipeline process turns it into an error in the training loop), instead
+    of waiting silently for garbage collection while the work it held is never finished."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    task.add_done_callback(_report_crash)
+    return task
+
+
+def _report_crash(task: asyncio.Task) -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    task.get_loop().call_exception_handler(
+        {
+            "message": f"task {task.get_name()} crashed",
+            "exception": task.exception(),
+            "task": task,
+            "distill_reader": True,
+        }
+    )
 
 
 @dataclass(order=True)
@@ -127,18 +150,15 @@ class Scheduler:
             if endpoint not in wanted:
                 teacher = self._teachers.pop(endpoint)
                 teacher.removed = True  # its workers finish their current request, then stop
-                asyncio.get_running_loop().create_task(self._close_later(teacher))
+                spawn(self._close_later(teacher))
         for endpoint, model_name in wanted.items():
             if endpoint not in self._teachers:
                 client = TeacherClient(endpoint, self._config, model_name, self._options.request_timeout)
                 teacher = _Teacher(client)
-                teacher.workers = [
-                    asyncio.get_running_loop().create_task(self._worker(teacher))
-                    for _ in range(self._options.max_in_flight)
-                ]
+                teacher.workers = [spawn(self._worker(teacher)) for _ in range(self._options.max_in_flight)]
                 self._teachers[endpoint] = teacher
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+            self._watchdog = spawn(self._watch())
 
     def stats(self) -> list[TeacherStats]:
         return [teacher.stats() for teacher in self._teachers.values()]
