@@ -787,6 +787,15 @@ def no_teacher_left(tmp: Path, n: int = 1000, seed: int = 0, teacher_timeout: fl
     return result
 
 
+def _start_bad_teacher(kind: str, fleet: Fleet, closers: list[Callable[[], None]]) -> str:
+    """Start a bad teacher of ``kind``; its address. What must be closed goes to ``closers``."""
+    if kind in ("hang", "broken"):
+        return fleet.start(kind)
+    bad = SilentListener() if kind == "silent" else WrongTeacher(kind).start()
+    closers.append(bad.close)
+    return bad.endpoint
+
+
 def bad_teacher_beside_good(
     tmp: Path,
     kind: str,
@@ -804,16 +813,7 @@ def bad_teacher_beside_good(
     closers: list[Callable[[], None]] = []
     try:
         good = fleet.start()
-        if kind in ("hang", "broken"):
-            bad = fleet.start(kind)
-        elif kind == "silent":
-            listener = SilentListener()
-            closers.append(listener.close)
-            bad = listener.endpoint
-        else:
-            wrong = WrongTeacher(kind).start()
-            closers.append(wrong.close)
-            bad = wrong.endpoint
+        bad = _start_bad_teacher(kind, fleet, closers)
         result.faults_injected = 1
         config = write_config(tmp, [bad, good])
         with _reader(
@@ -841,16 +841,7 @@ def only_bad_teacher(
     result = FaultResult(f"only a {kind} teacher")
     closers: list[Callable[[], None]] = []
     try:
-        if kind in ("hang", "broken"):
-            bad = fleet.start(kind)
-        elif kind == "silent":
-            listener = SilentListener()
-            closers.append(listener.close)
-            bad = listener.endpoint
-        else:
-            wrong = WrongTeacher(kind).start()
-            closers.append(wrong.close)
-            bad = wrong.endpoint
+        bad = _start_bad_teacher(kind, fleet, closers)
         result.faults_injected = 1
         with _reader(
             write_config(tmp, [bad]), n, request_timeout=request_timeout, teacher_timeout=teacher_timeout
