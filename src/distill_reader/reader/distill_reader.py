@@ -7,15 +7,15 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 
 from distill_reader.config import ReaderConfig, load_config, validate_reader_args
-from distill_reader.errors import ConfigError, DistillReaderError
+from distill_reader.errors import ConfigError
 from distill_reader.reader.pipeline import Epoch, Pipeline, failure_of, is_end
 from distill_reader.reader.pool import PoolLayout, batch_views, check_fits
+from distill_reader.reader.source import ReaderSource
 from distill_reader.reader.stats import ReaderStats, StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
 
@@ -27,7 +27,7 @@ Batch = list[np.ndarray]
 DEFAULT_ROWS_IN_FLIGHT = 128
 
 
-class DistillReader:
+class DistillReader(ReaderSource):
     """Streams the user's samples through teacher servers and yields them with the teacher outputs.
 
     ``DistillReader(conf_file, batch_size, d_batch_size, capacity, occupied_capacity)``:
@@ -94,34 +94,12 @@ class DistillReader:
             (*self.config.feeds, *self.config.fetches), len(self.config.feeds), self.batch_size, self.capacity
         )
         check_fits(self._layout)
-        self._reader: tuple[str, Callable[[], Iterable[Any]]] | None = None
         self._stats = StatsTracker(float(log_interval))
         self._holder = _PipelineHolder()
         self._active: Epoch | None = None
         self._lock = threading.Lock()
         # Stops the pipeline process when the reader is dropped or the interpreter exits.
         weakref.finalize(self, self._holder.close)
-
-    # -- the seed's API ----------------------------------------------------------------------
-    def set_sample_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
-        """``reader()`` yields one sample at a time: a tuple of per-field arrays (feed_vars order)."""
-        return self._set_reader("sample", reader)
-
-    def set_sample_list_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
-        """``reader()`` yields lists of samples."""
-        return self._set_reader("sample_list", reader)
-
-    def set_batch_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
-        """``reader()`` yields batches: one array per feed var with a leading batch dimension."""
-        return self._set_reader("batch", reader)
-
-    def distill_reader(self) -> Callable[[], Iterator[Batch]]:
-        """A callable; each call runs one epoch (calling the user's reader again) as a generator."""
-        if self._reader is None:
-            raise DistillReaderError(
-                "no reader set: call set_sample_generator, set_sample_list_generator or set_batch_generator first"
-            )
-        return self._epoch
 
     def stats(self) -> ReaderStats:
         """Throughput, time the training loop waited, retries, and per-teacher requests in flight and
@@ -146,12 +124,6 @@ class DistillReader:
         self.close()
 
     # -- internals ---------------------------------------------------------------------------
-    def _set_reader(self, kind: str, reader: Callable[[], Iterable[Any]]) -> DistillReader:
-        if not callable(reader):
-            raise TypeError(f"the reader must be a function returning an iterable, got {type(reader).__name__}")
-        self._reader = (kind, reader)
-        return self
-
     def _ensure_pipeline(self) -> Pipeline:
         holder = self._holder
         if holder.pipeline is not None and not holder.pipeline.alive:

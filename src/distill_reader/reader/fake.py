@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from distill_reader.config import load_config, validate_reader_args
-from distill_reader.errors import DistillReaderError
 from distill_reader.reader.filling import SlotFiller
+from distill_reader.reader.source import ReaderSource
 
 
-class FakeDistillReader:
+class FakeDistillReader(ReaderSource):
     """A drop-in stand-in for :class:`~distill_reader.DistillReader` for running training code
     without teachers: same config, same reader methods and batch layout, fetch vars all zeros.
 
@@ -34,26 +34,6 @@ class FakeDistillReader:
         validate_reader_args(batch_size, d_batch_size or batch_size, capacity, occupied_capacity)
         self.config = load_config(conf_file)
         self.batch_size = int(batch_size)
-        self._reader: tuple[str, Callable[[], Iterable[Any]]] | None = None
-
-    def set_sample_generator(self, reader: Callable[[], Iterable[Any]]) -> FakeDistillReader:
-        self._reader = ("sample", reader)
-        return self
-
-    def set_sample_list_generator(self, reader: Callable[[], Iterable[Any]]) -> FakeDistillReader:
-        self._reader = ("sample_list", reader)
-        return self
-
-    def set_batch_generator(self, reader: Callable[[], Iterable[Any]]) -> FakeDistillReader:
-        self._reader = ("batch", reader)
-        return self
-
-    def distill_reader(self) -> Callable[[], Iterator[list[np.ndarray]]]:
-        if self._reader is None:
-            raise DistillReaderError(
-                "no reader set: call set_sample_generator, set_sample_list_generator or set_batch_generator first"
-            )
-        return self._epoch
 
     def _epoch(self) -> Iterator[list[np.ndarray]]:
         assert self._reader is not None
