@@ -316,6 +316,8 @@ class Pipeline:
         self.held.append(slot)
 
     def release_held(self, keep: int) -> None:
+        if len(self.held) <= keep:
+            return  # the common case on the hot path: no signal handler swap
         with deferred_interrupt():
             while len(self.held) > keep:
                 self.free.release(self.held.popleft())
