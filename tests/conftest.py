@@ -53,8 +53,15 @@ class TeacherProcesses:
     def __init__(self) -> None:
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def start(self, model: str = "reader_models:tag", *args: str, env: dict[str, str] | None = None) -> str:
-        endpoint = f"127.0.0.1:{free_port()}"
+    def start(
+        self,
+        model: str = "reader_models:tag",
+        *args: str,
+        env: dict[str, str] | None = None,
+        endpoint: str | None = None,
+    ) -> str:
+        """Start a teacher serving ``model`` on ``endpoint`` (default: a free port); its address."""
+        endpoint = endpoint or f"127.0.0.1:{free_port()}"
         environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
         environ.update(env or {})
         process = subprocess.Popen(

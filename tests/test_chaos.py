@@ -16,10 +16,11 @@ pytestmark = pytest.mark.timeout(90)
 
 N = 480  # samples per epoch: 30 batches of 16
 
-# A teacher that answers wrongly fails the epoch with TeacherError after max_attempts, or, when its
-# back-off (escalated once per failed request in flight) outlasts teacher_timeout first, with
-# NoTeacherError carrying the same message: which one is a race (reported to the lead).
+# A teacher that answers every request with an error fails the epoch with TeacherError after
+# max_attempts, or, when its back-off (escalated once per failed request in flight) outlasts
+# teacher_timeout first, with NoTeacherError carrying the same message: which one is a race.
 WRONG = ("TeacherError", "NoTeacherError")
+MISMATCH = ("TeacherMismatchError",)
 
 
 def test_sigkill_one_of_three_at_random_moments(tmp_path):
@@ -72,6 +73,14 @@ def test_bad_teacher_beside_a_good_one_long(tmp_path, kind):
     assert_clean(result)
 
 
+@pytest.mark.parametrize("kind", ["shape", "nan", "dtype", "missing", "undeclared-shape"])
+def test_wrong_answers_beside_a_good_teacher_cost_nothing(tmp_path, kind):
+    """Wrong answers quarantine the teacher: every sample comes from the good one."""
+    result = chaos.bad_teacher_beside_good(tmp_path, kind, N)
+    assert_clean(result)
+    assert result.details["requests_to_bad"] >= 1
+
+
 @pytest.mark.parametrize("kind", ["broken", "shape"])
 def test_wrong_teacher_beside_a_busy_good_one_fails_no_epoch(tmp_path, kind):
     # One worker per teacher; the good teacher takes 1 s a request. The wrong one fails the first
@@ -88,11 +97,13 @@ def test_wrong_teacher_beside_a_busy_good_one_fails_no_epoch(tmp_path, kind):
     [
         ("hang", ("NoTeacherError",), "no teacher answered for 2 s (teacher_timeout=2); last errors: teacher "),
         ("silent", ("NoTeacherError",), "no teacher answered for 2 s (teacher_timeout=2); last errors: teacher "),
-        ("broken", WRONG, "failed a request: INTERNAL: model 'teacher' failed: the chaos teacher is broken"),
-        ("shape", WRONG, "returned FP32[4, 9] for fetch var 'prediction', expected FP32[4, 10]"),
-        ("bytes", WRONG, "returned 80 bytes for fetch var 'prediction', expected 160"),
-        ("dtype", WRONG, "returned FP64[4, 10] for fetch var 'prediction', expected FP32[4, 10]"),
-        ("missing", WRONG, "answered without output 'prediction'"),
+        ("broken", WRONG, "a request to model 'teacher' failed: INTERNAL: model 'teacher' failed: the chaos teacher"),
+        # Wrong answers quarantine the only teacher: the epoch fails at once, with that reason.
+        ("shape", MISMATCH, "returned FP32[4, 9] for fetch var 'prediction', expected FP32[4, 10]"),
+        ("bytes", MISMATCH, "returned 80 bytes for fetch var 'prediction', expected 160"),
+        ("dtype", MISMATCH, "returned FP64[4, 10] for fetch var 'prediction', expected FP32[4, 10]"),
+        ("missing", MISMATCH, "answered without output 'prediction'"),
+        ("nan", ("TeacherOutputError",), "answered 40 non-finite value(s) (NaN or inf) in fetch var 'prediction'"),
     ],
 )
 def test_only_a_bad_teacher_fails_clearly(tmp_path, kind, types, message):

@@ -12,7 +12,7 @@ from distill_reader.config import load_config
 from distill_reader.serving.backends.python import PythonBackend
 from distill_reader.serving.server import running_server
 from distill_reader.teacher.client import TeacherClient
-from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, WorkItem
+from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,7 +41,7 @@ def test_a_crashed_worker_is_reported_to_the_loop(write_config, monkeypatch):
                 lambda epoch, exc: errors.append(exc),
                 lambda message: None,
             )
-            scheduler.set_teachers([(endpoint, None)])
+            scheduler.set_teachers([TeacherRef(endpoint)])
             scheduler.submit(WorkItem(0, 0, epoch=0, slot=0, count=4))
             for _ in range(100):
                 if crashes:

@@ -26,7 +26,7 @@ from reader_models import make_sample, tag_rows
 from security_support import Pki, make_pki
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from distill_reader import DistillReader, NoTeacherError, TeacherMismatchError
+from distill_reader import DistillReader, NoTeacherError, TeacherAuthError
 from distill_reader.cli import main as cli_main
 from distill_reader.config import load_config
 from distill_reader.discovery.client import StudentSession, fetch_status, keep_registered
@@ -261,11 +261,11 @@ def test_teacher_token_and_mtls_reader_fixed_mode(tmp_path, write_config, pki, t
         conf = write_config([address], extra=f"token_file = {token_file}\n{tls_keys}")
         check_outputs(read_epoch(conf))
         # No token, or a wrong one: the epoch fails at once with a clear message.
-        with pytest.raises(TeacherMismatchError, match="this teacher requires a token.*set \\[conf\\] token_file"):
+        with pytest.raises(TeacherAuthError, match="this teacher requires a token.*set \\[conf\\] token_file"):
             read_epoch(write_config([address], extra=tls_keys))
         wrong = tmp_path / "wrong"
         wrong.write_text(WRONG)
-        with pytest.raises(TeacherMismatchError, match=r"wrong token\); check \[conf\] token_file"):
+        with pytest.raises(TeacherAuthError, match=r"wrong token\); check \[conf\] token_file"):
             read_epoch(write_config([address], extra=f"token_file = {wrong}\n{tls_keys}"))
         # Without a client certificate the handshake fails: transient, then NoTeacherError with a hint.
         no_cert = write_config([address], extra=f"token_file = {token_file}\ntls_ca = {pki.ca}")

@@ -10,8 +10,10 @@ from distill_reader.errors import (
     PipelineError,
     ReaderFunctionError,
     SampleError,
+    TeacherAuthError,
     TeacherError,
     TeacherMismatchError,
+    TeacherOutputError,
 )
 
 __version__ = "0.1.0"
@@ -25,8 +27,10 @@ __all__ = [
     "PipelineError",
     "ReaderFunctionError",
     "SampleError",
+    "TeacherAuthError",
     "TeacherError",
     "TeacherMismatchError",
+    "TeacherOutputError",
     "__version__",
 ]
 

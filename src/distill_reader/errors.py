@@ -28,7 +28,20 @@ class TeacherError(DistillReaderError):
 
 
 class TeacherMismatchError(TeacherError):
-    """A teacher's model metadata does not match the config (name, dtype or shape of a var)."""
+    """A teacher's model metadata or answers do not match the config (name, dtype or shape of a
+    var), or the endpoint is not an Open Inference Protocol server. The teacher is quarantined; the
+    epoch fails with this error only when no usable teacher is left."""
+
+
+class TeacherAuthError(TeacherError):
+    """A teacher refused the reader's token (``UNAUTHENTICATED`` or ``PERMISSION_DENIED``): check
+    ``[conf] token_file``. Handled like a mismatch: the teacher is quarantined."""
+
+
+class TeacherOutputError(TeacherError):
+    """A teacher answered with values that are not finite (NaN or inf) where the reader checks
+    them (``check_finite=True``). Handled like a mismatch: the teacher is quarantined and the
+    request goes to another teacher."""
 
 
 class NoTeacherError(DistillReaderError, TimeoutError):

@@ -259,8 +259,10 @@ class WrongTeacher:
     """An OIP server (grpc.aio) whose metadata matches the config but whose answers are wrong.
 
     ``mode``: ``"shape"`` (prediction is ``[n, 9]``), ``"bytes"`` (right shape, half the bytes),
-    ``"dtype"`` (FP64), ``"missing"`` (no output), ``"nan"`` (right shape and size, all NaN:
-    well-formed, so it is data and the reader cannot tell).
+    ``"dtype"`` (FP64), ``"missing"`` (no output), ``"nan"`` (right shape and size, all NaN: caught
+    by the reader's finite check). ``"undeclared"``: metadata that lists no tensors (MLServer's
+    default for a custom runtime) and right answers; ``"undeclared-shape"``: no tensors declared and
+    answers of the wrong shape.
     """
 
     def __init__(self, mode: str = "shape") -> None:
@@ -289,13 +291,11 @@ class WrongTeacher:
 
             async def ModelMetadata(self, request, context):  # noqa: N802, ANN001, ANN201
                 tensor = service_pb2.ModelMetadataResponse.TensorMetadata
-                return service_pb2.ModelMetadataResponse(
-                    name=request.name,
-                    platform="chaos",
-                    versions=["1"],
-                    inputs=[tensor(name="img", datatype="FP32", shape=[-1, *IMG_SHAPE])],
-                    outputs=[tensor(name="prediction", datatype="FP32", shape=[-1, N_OUT])],
-                )
+                response = service_pb2.ModelMetadataResponse(name=request.name, platform="chaos", versions=["1"])
+                if not outer.mode.startswith("undeclared"):
+                    response.inputs.append(tensor(name="img", datatype="FP32", shape=[-1, *IMG_SHAPE]))
+                    response.outputs.append(tensor(name="prediction", datatype="FP32", shape=[-1, N_OUT]))
+                return response
 
             async def ModelInfer(self, request, context):  # noqa: N802, ANN001, ANN201
                 outer.requests += 1
@@ -305,7 +305,10 @@ class WrongTeacher:
                 if outer.mode == "missing":
                     return response
                 shape, dtype, raw = [n, N_OUT], "FP32", np.zeros((n, N_OUT), np.float32).tobytes()
-                if outer.mode == "shape":
+                if outer.mode == "undeclared":
+                    img = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(n, *IMG_SHAPE)
+                    raw = tag_rows(img).tobytes()
+                elif outer.mode in ("shape", "undeclared-shape"):
                     shape, raw = [n, N_OUT - 1], np.zeros((n, N_OUT - 1), np.float32).tobytes()
                 elif outer.mode == "bytes":
                     raw = raw[: len(raw) // 2]

@@ -56,10 +56,12 @@ _FATAL = {
 
 @dataclass(frozen=True)
 class TeacherEndpoint:
-    """One assigned teacher: its OIP gRPC address and the model name to ask for."""
+    """One assigned teacher: its OIP gRPC address, the model name to ask for, and its registration
+    (new each time the teacher starts a lease)."""
 
     endpoint: str
     model_name: str
+    registration: str = ""
 
 
 def parse_endpoints(value: str | Sequence[str]) -> list[str]:
@@ -104,6 +106,8 @@ class StudentSession:
         self._closed = asyncio.Event()
         self._call: grpc.aio.UnaryStreamCall | None = None
         self.connected_to: str | None = None
+        #: the last error of each discovery endpoint since one last answered
+        self.last_errors: dict[str, str] = {}
 
     async def assignments(self) -> AsyncIterator[list[TeacherEndpoint]]:
         """Yields the current teacher set on every change until ``close()``."""
@@ -131,12 +135,16 @@ class StudentSession:
                     async for msg in call:
                         got, failures, backoff, duplicate_since = True, 0, _BACKOFF_START_S, None
                         self.connected_to = endpoint
-                        teachers = [TeacherEndpoint(t.endpoint, t.model_name or "teacher") for t in msg.teachers]
+                        self.last_errors.clear()
+                        teachers = [
+                            TeacherEndpoint(t.endpoint, t.model_name or "teacher", t.registration) for t in msg.teachers
+                        ]
                         if teachers != last:
                             last = teachers
                             yield list(teachers)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                self.last_errors[endpoint] = f"{code.name}: {explain_unavailable(exc, self.security)}"
                 if code in _FATAL:
                     raise DiscoveryError(f"discovery server {endpoint} rejected the student: {exc.details()}") from None
                 if code == grpc.StatusCode.ALREADY_EXISTS:
@@ -159,6 +167,16 @@ class StudentSession:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    def describe(self) -> str:
+        """Where the teachers should come from and what is wrong with it, for "no teacher" messages."""
+        service = f"service {self.service_name!r} (require_num={self.require_num})"
+        if self.connected_to is not None:
+            return f"discovery server {self.connected_to} assigned no teacher to {service}"
+        if not self.last_errors:
+            return f"connecting to discovery server(s) {', '.join(self.endpoints)} for {service}"
+        errors = "; ".join(f"{ep}: {self.last_errors.get(ep, 'not tried yet')}" for ep in self.endpoints)
+        return f"no discovery server answered for {service}: {errors}"
 
     async def close(self) -> None:
         """Deregister now (the open stream is cancelled, which the server sees at once)."""

@@ -273,7 +273,13 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             instance = check_id(request.instance_id, "instance_id") if request.instance_id else uuid.uuid4().hex
         except DiscoveryError as exc:
             await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        data = {"model_name": model, "weight": weight, "healthy": request.health != pb.HEALTH_NOT_READY}
+        data = {
+            "model_name": model,
+            "weight": weight,
+            "healthy": request.health != pb.HEALTH_NOT_READY,
+            # Tells students that this teacher (re)started a lease: they check it again.
+            "registration": uuid.uuid4().hex[:12],
+        }
         try:
             lease = await self.store.register("teacher", service, endpoint, instance, data, self.ttl)
         except AlreadyRegistered:
@@ -371,7 +377,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.mark_dirty(service)
         log.info("student %s joined %s wanting %d", student, service, require_num)
         try:
-            last: list[tuple[str, str]] | None = None
+            last: list[tuple[str, str, str]] | None = None
             while True:
                 await w.wake.wait()
                 w.wake.clear()
@@ -382,16 +388,16 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 state = self._states.get(service)
                 if state is None or student not in state.assignment:
                     continue  # not reconciled with this student yet; the reconcile wakes us
-                teachers = [
-                    (ep, str(state.teachers.get(ep, {}).get("model_name", "teacher")))
-                    for ep in state.assignment[student]
-                ]
+                teachers = []
+                for ep in state.assignment[student]:
+                    data = state.teachers.get(ep, {})
+                    teachers.append((ep, str(data.get("model_name", "teacher")), str(data.get("registration", ""))))
                 if teachers != last:
                     last = teachers
                     self.metrics.pushes.inc()
                     yield pb.Assignment(
                         student_id=student,
-                        teachers=[pb.TeacherEndpoint(endpoint=e, model_name=n) for e, n in teachers],
+                        teachers=[pb.TeacherEndpoint(endpoint=e, model_name=n, registration=r) for e, n, r in teachers],
                     )
         finally:
             self.metrics.streams.dec()

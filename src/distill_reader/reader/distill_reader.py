@@ -44,7 +44,8 @@ class DistillReader(ReaderSource):
     ``request_timeout`` seconds per request (30); ``teacher_timeout``: seconds without any teacher
     answering before the epoch fails with :class:`~distill_reader.NoTeacherError` (120);
     ``max_attempts`` for a request a teacher answers with an error (3); ``log_interval``: seconds
-    between statistics lines logged at INFO (60). See :meth:`stats`.
+    between statistics lines logged at INFO (60); ``check_finite``: treat teacher answers with NaN
+    or inf in a floating-point output as wrong (True). See :meth:`stats`.
 
     A batch is a list of arrays: every feed var in config order, then every fetch var.
     """
@@ -63,6 +64,7 @@ class DistillReader(ReaderSource):
         teacher_timeout: float = 120.0,
         max_attempts: int = 3,
         log_interval: float = 60.0,
+        check_finite: bool = True,
     ) -> None:
         validate_reader_args(batch_size, d_batch_size, capacity, occupied_capacity)
         if max_in_flight is None:
@@ -89,6 +91,7 @@ class DistillReader(ReaderSource):
             request_timeout=float(request_timeout),
             teacher_timeout=float(teacher_timeout),
             max_attempts=max_attempts,
+            check_finite=bool(check_finite),
         )
         self._layout = PoolLayout(
             (*self.config.feeds, *self.config.fetches), len(self.config.feeds), self.batch_size, self.capacity

@@ -35,7 +35,7 @@ from typing import Any
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import DistillReaderError, PipelineError
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
-from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, WorkItem, spawn
+from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem, spawn
 
 log = logging.getLogger("distill_reader.pipeline")
 
@@ -93,7 +93,7 @@ class _PipelineProcess:
         tasks = [spawn(self._watch_parent())]
         config = self.spec.config
         if config.mode == "fixed":
-            self.scheduler.set_teachers([(endpoint, None) for endpoint in config.servers])
+            self.scheduler.set_teachers([TeacherRef(endpoint) for endpoint in config.servers])
         else:
             tasks.append(spawn(self._follow_discovery()))
         loop.add_reader(self.inbox.fileno(), self._on_readable)
@@ -124,10 +124,13 @@ class _PipelineProcess:
                 config.require_num,
                 security=ClientSecurity(config.token, config.tls),
             )
+            self.scheduler.describe_source = session.describe
             try:
                 async for teachers in session.assignments():
                     log.info("discovery assigned %d teacher(s): %s", len(teachers), [t.endpoint for t in teachers])
-                    self.scheduler.set_teachers([(t.endpoint, t.model_name or None) for t in teachers])
+                    self.scheduler.set_teachers(
+                        [TeacherRef(t.endpoint, t.model_name or None, t.registration) for t in teachers]
+                    )
             finally:
                 await session.close()
         except DistillReaderError as exc:  # e.g. discovery rejected the student: the training loop must know

@@ -1,10 +1,15 @@
 """One teacher, as the reader's pipeline sees it: an OIP gRPC channel, its metadata check, infer.
 
-Errors are sorted into two kinds because they are handled differently:
-:class:`TransientTeacherError` (the teacher is unreachable, overloaded or too slow: the request goes
-to another teacher and does not count as an attempt) and :class:`~distill_reader.errors.TeacherError`
-(the teacher answered, wrongly: counts as a failed attempt of the request). A teacher that refuses
-the reader's token (``UNAUTHENTICATED``) fails the metadata check, which stops the epoch at once.
+Errors are sorted by what the scheduler does with them:
+
+* :class:`TransientTeacherError`: the teacher is unreachable, overloaded or too slow. The request
+  goes to another teacher and does not count as an attempt; the teacher backs off.
+* :class:`~distill_reader.errors.TeacherMismatchError` (metadata or answers that do not match the
+  config, an endpoint that is not an OIP server), :class:`~distill_reader.errors.TeacherAuthError`
+  (the token is refused) and :class:`~distill_reader.errors.TeacherOutputError` (NaN or inf in an
+  answer): this teacher cannot serve the config. The scheduler quarantines it.
+* :class:`~distill_reader.errors.TeacherError`: the teacher answered this request with an error;
+  it counts as a failed attempt of the request.
 
 Security comes from the config unless given: ``[conf] token_file``'s token is sent as
 ``authorization: Bearer …`` metadata, ``[conf] tls_*`` make the channel TLS.
@@ -19,14 +24,14 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import TeacherError, TeacherMismatchError
+from distill_reader.errors import TeacherAuthError, TeacherError, TeacherMismatchError, TeacherOutputError
 from distill_reader.oip import numpy_dtype, oip_datatype, shape_matches
 from distill_reader.security import ClientSecurity, explain_unavailable
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
-# The teacher could not be reached or did not answer in time: try elsewhere, it is no one's fault.
 _AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# The teacher could not be reached or did not answer in time: try elsewhere, it is no one's fault.
 _TRANSIENT_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -84,6 +89,11 @@ def _describe(exc: grpc.aio.AioRpcError, security: ClientSecurity | None = None)
     return f"{exc.code().name}: {explain_unavailable(exc, security)}"
 
 
+def _not_http2(details: str) -> bool:
+    """gRPC's words for a peer that answered, but not in HTTP/2 (an HTTP/1 server, Redis, …)."""
+    return "Failed parsing HTTP/2" in details or "http1.x server" in details
+
+
 class TeacherClient:
     """An asyncio OIP client for one teacher endpoint, bound to the reader's config."""
 
@@ -94,11 +104,13 @@ class TeacherClient:
         model_name: str | None = None,
         request_timeout: float = 30.0,
         *,
+        check_finite: bool = True,
         security: ClientSecurity | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.model_name = model_name or config.model_name
         self.request_timeout = request_timeout
+        self.check_finite = check_finite
         self._config = config
         self._security = security or ClientSecurity(config.token, config.tls)
         self._metadata = self._security.metadata
@@ -118,8 +130,13 @@ class TeacherClient:
     async def close(self) -> None:
         await self._channel.close(grace=None)
 
-    async def check_metadata(self) -> None:
-        """Compare the model's metadata with the config; raise TeacherMismatchError naming the var."""
+    async def check_metadata(self) -> bool:
+        """Compare the model's metadata with the config; raise TeacherMismatchError naming the var
+        (TeacherAuthError for a refused token, TransientTeacherError if unreachable).
+
+        Returns False when the model declares no tensors at all (MLServer's default for a custom
+        runtime): then only its answers can be checked, which :meth:`infer` does on every answer.
+        """
         try:
             meta = await self._stub.ModelMetadata(
                 service_pb2.ModelMetadataRequest(name=self.model_name),
@@ -127,20 +144,38 @@ class TeacherClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _TRANSIENT_CODES:
-                raise TransientTeacherError(f"teacher {self.endpoint}: {_describe(exc, self._security)}") from None
-            if exc.code() in _AUTH_CODES:
-                hint = "check [conf] token_file" if self._metadata else "set [conf] token_file to the teacher's token"
-                raise TeacherMismatchError(
-                    f"teacher {self.endpoint} refused the reader ({_describe(exc)}); {hint}"
-                ) from None
-            raise TeacherMismatchError(
-                f"teacher {self.endpoint}: cannot read metadata of model {self.model_name!r} "
-                f"({_describe(exc)}); check [conf] model_name"
-            ) from None
+            raise self._error(exc, "cannot read the metadata of") from None
         where = f"teacher {self.endpoint} model {self.model_name!r}"
+        if not meta.inputs and not meta.outputs:
+            return False
         _check_tensors(where, "input", "[feed]", meta.inputs, self._inputs)
         _check_tensors(where, "output", "[fetch]", meta.outputs, self._outputs)
+        return True
+
+    def _error(self, exc: grpc.aio.AioRpcError, doing: str) -> Exception:
+        """The exception for a failed call, by what the scheduler should do about it."""
+        code = exc.code()
+        details = exc.details() or ""
+        if code in _TRANSIENT_CODES and not _not_http2(details):
+            return TransientTeacherError(f"teacher {self.endpoint}: {_describe(exc, self._security)}")
+        if code in _AUTH_CODES:
+            hint = "check [conf] token_file" if self._metadata else "set [conf] token_file to the teacher's token"
+            return TeacherAuthError(f"teacher {self.endpoint} refused the reader ({_describe(exc)}); {hint}")
+        if _not_http2(details):
+            return TeacherMismatchError(
+                f"teacher {self.endpoint} is not a gRPC server (it does not speak HTTP/2: {details}); "
+                "is this the server's gRPC port? (Triton: 8001, not its HTTP port 8000)"
+            )
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return TeacherMismatchError(
+                f"teacher {self.endpoint} is not an Open Inference Protocol server: it does not implement "
+                f"inference.GRPCInferenceService ({_describe(exc)})"
+            )
+        if code == grpc.StatusCode.NOT_FOUND:
+            return TeacherMismatchError(
+                f"teacher {self.endpoint} has no model {self.model_name!r} ({_describe(exc)}); check [conf] model_name"
+            )
+        return TeacherError(f"teacher {self.endpoint}: {doing} model {self.model_name!r} failed: {_describe(exc)}")
 
     async def infer(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run the model on one d_batch (arrays in predict_feed_ids order); outputs in fetch order."""
@@ -161,14 +196,12 @@ class TeacherClient:
         try:
             response = await self._model_infer(request, timeout=self.request_timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _TRANSIENT_CODES:
-                raise TransientTeacherError(f"teacher {self.endpoint}: {_describe(exc, self._security)}") from None
-            raise TeacherError(f"teacher {self.endpoint} failed a request: {_describe(exc)}") from None
+            raise self._error(exc, "a request to") from None
         return self._decode(response, count)
 
     def _decode(self, response: service_pb2.ModelInferResponse, count: int) -> list[np.ndarray]:
         if len(response.raw_output_contents) != len(response.outputs):
-            raise TeacherError(
+            raise TeacherMismatchError(
                 f"teacher {self.endpoint} answered without raw_output_contents for every output; "
                 "only raw tensor contents are supported"
             )
@@ -177,21 +210,31 @@ class TeacherClient:
         for name, spec in self._outputs:
             index = by_name.get(name)
             if index is None:
-                raise TeacherError(f"teacher {self.endpoint} answered without output {name!r} ([fetch] {spec.name})")
+                raise TeacherMismatchError(
+                    f"teacher {self.endpoint} answered without output {name!r} ([fetch] {spec.name}); "
+                    f"its outputs are {sorted(by_name)}"
+                )
             meta = response.outputs[index]
             expected = spec.batch_shape(count)
             if meta.datatype != oip_datatype(spec.dtype) or tuple(meta.shape) != expected:
-                raise TeacherError(
+                raise TeacherMismatchError(
                     f"teacher {self.endpoint} returned {meta.datatype}{list(meta.shape)} for fetch var "
                     f"{spec.name!r}, expected {oip_datatype(spec.dtype)}{list(expected)}"
                 )
             raw = response.raw_output_contents[index]
             if len(raw) != spec.sample_nbytes * count:
-                raise TeacherError(
+                raise TeacherMismatchError(
                     f"teacher {self.endpoint} returned {len(raw)} bytes for fetch var {spec.name!r}, "
                     f"expected {spec.sample_nbytes * count}"
                 )
-            arrays.append(np.frombuffer(raw, dtype=spec.dtype).reshape(expected))
+            array = np.frombuffer(raw, dtype=spec.dtype).reshape(expected)
+            if self.check_finite and array.dtype.kind in "fc" and not np.isfinite(array).all():
+                bad = int(np.count_nonzero(~np.isfinite(array)))
+                raise TeacherOutputError(
+                    f"teacher {self.endpoint} answered {bad} non-finite value(s) (NaN or inf) in fetch var "
+                    f"{spec.name!r}; disable the check with check_finite=False if your teacher means them"
+                )
+            arrays.append(array)
         return arrays
 
 

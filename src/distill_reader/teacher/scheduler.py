@@ -5,17 +5,30 @@ so a faster teacher takes more work and a slow one never holds up the rest. The 
 the position of the d_batch in the epoch, so the batch the consumer waits for goes first, retries
 included.
 
-A request that fails *transiently* (unreachable, timed out) goes back to the queue for any teacher;
-the teacher backs off (0.2 s doubling to 5 s) and is retried after it. A request the teacher answers
-*wrongly* counts as an attempt and goes to a teacher that has not failed it, if there is one; once it
-has failed ``max_attempts`` times and on every current teacher, the epoch fails with the message.
-While work is waiting and every teacher is failing, a warning is logged every few seconds, and after
+What happens to a teacher, by what went wrong (see :mod:`distill_reader.teacher.client`):
+
+* *Transient* (unreachable, timed out): the request goes back to the queue for any teacher; the
+  teacher backs off (0.2 s doubling to 5 s) and is retried after it.
+* *Unusable* (its metadata or answers do not match the config, it refuses the token, it is not an
+  OIP server, it answers NaN or inf): the teacher is **quarantined**. One WARNING names it and
+  what is wrong; its requests go to the other teachers without counting as attempts; its metadata
+  is checked again after a back-off (2 s doubling to 60 s), at the start of each epoch, and when it
+  registers again with discovery. Once it passes, it rejoins. When every teacher is quarantined,
+  the epoch fails at once with the reasons of each.
+* *A request answered with an error*: it counts as an attempt and goes to a teacher that has not
+  failed it, if there is one; once it has failed ``max_attempts`` times and on every usable teacher,
+  the epoch fails with the message.
+
+While work is waiting and no teacher answers (including when there is no teacher at all, e.g. no
+discovery server is reachable), a warning is logged every few seconds, and after
 ``teacher_timeout`` seconds the epoch fails with :class:`~distill_reader.errors.NoTeacherError`.
+No failure outlives its epoch: the next epoch starts by checking every quarantined teacher again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -25,7 +38,13 @@ from typing import Any
 import numpy as np
 
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import NoTeacherError, TeacherError, TeacherMismatchError
+from distill_reader.errors import (
+    NoTeacherError,
+    TeacherAuthError,
+    TeacherError,
+    TeacherMismatchError,
+    TeacherOutputError,
+)
 from distill_reader.teacher.client import TeacherClient, TransientTeacherError
 from distill_reader.teacher.stats import LatencyWindow, TeacherStats
 
@@ -33,8 +52,12 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
+_QUARANTINE_FIRST = 2.0
+_QUARANTINE_MAX = 60.0
 _WARN_EVERY = 5.0
 _PASS_OVER_DELAY = 0.05  # a worker that leaves an item to other teachers waits this long
+#: errors after which a teacher cannot serve the config until it changes: it is quarantined
+UNUSABLE = (TeacherMismatchError, TeacherAuthError, TeacherOutputError)
 
 
 def spawn(coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task:
@@ -78,36 +101,72 @@ class SchedulerOptions:
     request_timeout: float = 30.0
     teacher_timeout: float = 120.0
     max_attempts: int = 3
+    #: treat answers with NaN or inf in a floating-point output as wrong (quarantine the teacher)
+    check_finite: bool = True
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """A teacher to use: its endpoint, the model name to ask for (None: the config's), and its
+    registration with discovery (changes when it registers again; empty in fixed mode)."""
+
+    endpoint: str
+    model_name: str | None = None
+    registration: str = ""
 
 
 class _Teacher:
-    def __init__(self, client: TeacherClient) -> None:
+    def __init__(self, ref: TeacherRef, client: TeacherClient) -> None:
+        self.ref = ref
         self.client = client
-        self.failures = 0  # consecutive
-        self.available_at = 0.0
+        self.failures = 0  # consecutive transient failures
+        self.available_at = 0.0  # no request before this (back-off or quarantine)
         self.last_error = ""
         self.checked = False
+        self.declares_tensors = True  # False: its metadata lists no tensors, only answers can be checked
+        self.answered = False  # has answered a request correctly since it was last checked
         self.check_lock = asyncio.Lock()
         self.workers: list[asyncio.Task] = []
         self.removed = False
+        self.quarantined: TeacherError | None = None  # why it cannot serve the config now
+        self.quarantines = 0  # how often it was quarantined: the back-off grows with it
         self.in_flight = 0
         self.requests = 0
         self.failed_requests = 0
         self.latencies = LatencyWindow()
+        self._nudge = asyncio.Event()
 
     def stats(self) -> TeacherStats:
         return TeacherStats(
             self.client.endpoint,
-            not self.failing,
+            not self.failing and self.quarantined is None,
             self.in_flight,
             self.requests,
             self.failed_requests,
             *self.latencies.percentiles_ms(),
+            quarantined=str(self.quarantined) if self.quarantined is not None else None,
         )
 
     @property
     def failing(self) -> bool:
         return self.failures > 0
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; :meth:`wake` ends it early."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._nudge.wait(), seconds)
+
+    def wake(self) -> None:
+        """End every worker's :meth:`sleep` now (a fresh event for the sleeps that follow)."""
+        self._nudge.set()
+        self._nudge = asyncio.Event()
+
+    def recheck_now(self) -> None:
+        """Check a quarantined teacher again at once instead of after its back-off."""
+        self.checked = False
+        if self.quarantined is not None:
+            self.available_at = time.monotonic()
+            self.wake()
 
 
 class Scheduler:
@@ -138,27 +197,43 @@ class Scheduler:
         self._stalled_since: float | None = None
         self._last_warning = 0.0
         self._failed_epoch = -1
-        self._fatal: Exception | None = None  # a teacher that can never serve this config
         self._watchdog: asyncio.Task | None = None
+        #: says why there is no teacher at all (e.g. discovery unreachable), for warnings and errors
+        self.describe_source: Callable[[], str] = lambda: "no teacher assigned"
         self.retries = 0  # requests sent again after a failure
 
     # -- teacher set -------------------------------------------------------------------------
-    def set_teachers(self, endpoints: Sequence[tuple[str, str | None]]) -> None:
-        """Use exactly these ``(endpoint, model_name)`` teachers from now on."""
-        wanted = dict(endpoints)
-        for endpoint in list(self._teachers):
-            if endpoint not in wanted:
-                teacher = self._teachers.pop(endpoint)
-                teacher.removed = True  # its workers finish their current request, then stop
-                spawn(self._close_later(teacher))
-        for endpoint, model_name in wanted.items():
+    def set_teachers(self, teachers: Sequence[TeacherRef]) -> None:
+        """Use exactly these teachers from now on."""
+        wanted = {ref.endpoint: ref for ref in teachers}
+        for endpoint, teacher in list(self._teachers.items()):
+            ref = wanted.get(endpoint)
+            if ref is None or ref.model_name != teacher.ref.model_name:
+                self._remove(endpoint)
+            elif ref.registration != teacher.ref.registration:
+                # It registered again (restarted, reconfigured): check it again before using it.
+                teacher.ref = ref
+                teacher.recheck_now()
+        for endpoint, ref in wanted.items():
             if endpoint not in self._teachers:
-                client = TeacherClient(endpoint, self._config, model_name, self._options.request_timeout)
-                teacher = _Teacher(client)
+                client = TeacherClient(
+                    endpoint,
+                    self._config,
+                    ref.model_name,
+                    self._options.request_timeout,
+                    check_finite=self._options.check_finite,
+                )
+                teacher = _Teacher(ref, client)
                 teacher.workers = [spawn(self._worker(teacher)) for _ in range(self._options.max_in_flight)]
                 self._teachers[endpoint] = teacher
-        if self._watchdog is None:
-            self._watchdog = spawn(self._watch())
+        self._ensure_watchdog()
+        self._fail_if_none_usable()
+
+    def _remove(self, endpoint: str) -> None:
+        teacher = self._teachers.pop(endpoint)
+        teacher.removed = True  # its workers finish their current request, then stop
+        teacher.wake()
+        spawn(self._close_later(teacher))
 
     def stats(self) -> list[TeacherStats]:
         return [teacher.stats() for teacher in self._teachers.values()]
@@ -179,6 +254,10 @@ class Scheduler:
             await teacher.client.close()
         self._teachers.clear()
 
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = spawn(self._watch())
+
     # -- work --------------------------------------------------------------------------------
     def submit(self, item: WorkItem) -> None:
         if item.epoch <= self._cancelled_upto:
@@ -187,12 +266,16 @@ class Scheduler:
             self._active_epoch = item.epoch
             self._outstanding = 0
             self._stalled_since = None
-            if self._fatal is not None:
-                self._fail(item.epoch, self._fatal)
+            # No failure outlives its epoch: a teacher fixed meanwhile must not wait out its back-off.
+            for teacher in self._teachers.values():
+                if teacher.quarantined is not None:
+                    teacher.recheck_now()
         if item.epoch == self._failed_epoch:
             return
+        self._ensure_watchdog()
         self._outstanding += 1
         self._queue.put_nowait(item)
+        self._fail_if_none_usable()
 
     def cancel(self, epoch: int) -> None:
         """Drop all work of ``epoch`` and earlier: no write into the pool happens for it after this."""
@@ -204,11 +287,14 @@ class Scheduler:
     def _live(self, item: WorkItem) -> bool:
         return item.epoch > self._cancelled_upto and item.epoch != self._failed_epoch
 
+    def _usable(self, teacher: _Teacher) -> bool:
+        return not teacher.removed and teacher.quarantined is None
+
     async def _worker(self, teacher: _Teacher) -> None:
         while not teacher.removed:
             delay = teacher.available_at - time.monotonic()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await teacher.sleep(delay)
                 continue
             if not teacher.checked and not await self._check(teacher):
                 continue
@@ -229,25 +315,37 @@ class Scheduler:
     def _better_elsewhere(self, teacher: _Teacher, item: WorkItem) -> bool:
         endpoint = teacher.client.endpoint
         return endpoint in item.failed_on and any(
-            other not in item.failed_on and not self._teachers[other].removed for other in self._teachers
+            name not in item.failed_on and self._usable(other) for name, other in self._teachers.items()
         )
 
     async def _check(self, teacher: _Teacher) -> bool:
+        """Read the teacher's metadata once (all its workers wait for the one check)."""
         async with teacher.check_lock:
             if teacher.checked:
                 return True
+            if teacher.available_at > time.monotonic():
+                return False  # the check another worker just made failed
             try:
-                await teacher.client.check_metadata()
+                teacher.declares_tensors = await teacher.client.check_metadata()
             except TransientTeacherError as exc:
                 self._teacher_failed(teacher, str(exc))
                 return False
-            except TeacherMismatchError as exc:
-                # The config and the teacher disagree: retrying cannot help, and no epoch may run.
-                teacher.removed = True
-                self._fatal = exc
-                self._fail(self._active_epoch, exc)
+            except UNUSABLE as exc:
+                self._quarantine(teacher, exc, on_check=True)
+                return False
+            except TeacherError as exc:  # an error answer to the metadata call: try again later
+                self._teacher_failed(teacher, str(exc))
                 return False
             teacher.checked = True
+            teacher.answered = False
+            if not teacher.declares_tensors:
+                log.info(
+                    "teacher %s declares no tensors in its metadata; its answers are checked instead",
+                    teacher.client.endpoint,
+                )
+            if teacher.quarantined is not None:
+                log.info("teacher %s passed its check again; back in use", teacher.client.endpoint)
+                teacher.quarantined = None
             return True
 
     async def _run(self, teacher: _Teacher, item: WorkItem) -> None:
@@ -261,12 +359,21 @@ class Scheduler:
             self._teacher_failed(teacher, str(exc))
             self._requeue(item)
             return
+        except UNUSABLE as exc:
+            self._quarantine(teacher, exc)
+            self._requeue(item)
+            return
         except TeacherError as exc:
+            if not teacher.declares_tensors and not teacher.answered:
+                # Nothing was declared and nothing answered yet: the request itself does not fit it.
+                self._quarantine(teacher, TeacherMismatchError(f"{exc} (it declares no tensors to check against)"))
+                self._requeue(item)
+                return
             self._teacher_failed(teacher, str(exc))
             item.attempts += 1
             item.failed_on.add(teacher.client.endpoint)
             tried_by_all = all(
-                endpoint in item.failed_on for endpoint, other in self._teachers.items() if not other.removed
+                endpoint in item.failed_on for endpoint, other in self._teachers.items() if self._usable(other)
             )
             if item.attempts >= self._options.max_attempts and tried_by_all:
                 self._fail(item.epoch, TeacherError(f"{exc} (after {item.attempts} attempts)"))
@@ -279,6 +386,7 @@ class Scheduler:
         if teacher.failing:
             log.info("teacher %s answers again", teacher.client.endpoint)
         teacher.failures = 0
+        teacher.answered = True
         self._stalled_since = None
         if not self._live(item):
             return  # the epoch was cancelled while the request was in flight
@@ -306,6 +414,46 @@ class Scheduler:
         teacher.available_at = now + backoff
         teacher.checked = teacher.checked and teacher.failures < 2  # re-read metadata after a restart
 
+    def _quarantine(self, teacher: _Teacher, error: TeacherError, *, on_check: bool = False) -> None:
+        """Take a teacher that cannot serve the config out of use until it passes a check again."""
+        teacher.failed_requests += 1
+        teacher.last_error = str(error)
+        if teacher.quarantined is not None and not on_check:
+            return  # answers to requests that were in flight when it was quarantined
+        repeated = teacher.quarantined is not None and str(teacher.quarantined) == str(error)
+        teacher.quarantines += 1
+        backoff = min(_QUARANTINE_FIRST * 2 ** (teacher.quarantines - 1), _QUARANTINE_MAX)
+        teacher.quarantined = error
+        teacher.checked = False
+        teacher.available_at = time.monotonic() + backoff
+        if repeated:  # one WARNING per reason, not one per check
+            log.info("teacher %s is still quarantined; checked again in %.0f s", teacher.client.endpoint, backoff)
+        else:
+            others = sum(1 for t in self._teachers.values() if self._usable(t))
+            where = f"its requests go to the {others} other teacher(s)" if others else "no other teacher is usable"
+            log.warning("quarantined: %s; %s, checked again in %.0f s", error, where, backoff)
+        self._fail_if_none_usable()
+
+    def _fail_if_none_usable(self) -> None:
+        """Fail the epoch at once when every teacher is quarantined and none is due for a check:
+        waiting for ``teacher_timeout`` cannot help, only a fixed teacher or config can."""
+        teachers = list(self._teachers.values())
+        if not teachers or self._outstanding <= 0 or self._active_epoch in (self._failed_epoch, -1):
+            return
+        if self._active_epoch <= self._cancelled_upto:
+            return
+        now = time.monotonic()
+        if any(t.quarantined is None or t.available_at <= now for t in teachers):
+            return
+        errors = [t.quarantined for t in teachers if t.quarantined is not None]
+        kinds = {type(e) for e in errors}
+        cls = kinds.pop() if len(kinds) == 1 else TeacherError
+        if len(errors) == 1:
+            message = f"no usable teacher: {errors[0]}"
+        else:
+            message = f"none of the {len(errors)} teachers can serve this config: " + "; ".join(map(str, errors))
+        self._fail(self._active_epoch, cls(message))
+
     def _fail(self, epoch: int, exc: Exception) -> None:
         if epoch < 0 or epoch <= self._cancelled_upto or epoch == self._failed_epoch:
             return
@@ -313,7 +461,7 @@ class Scheduler:
         self._on_error(epoch, exc)
 
     async def _watch(self) -> None:
-        """Warn while every teacher fails and give up after teacher_timeout."""
+        """Warn while no teacher answers and give up after teacher_timeout."""
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
@@ -322,7 +470,7 @@ class Scheduler:
                 self._outstanding > 0
                 and self._active_epoch > self._cancelled_upto
                 and self._active_epoch != self._failed_epoch
-                and all(t.failing or t.removed for t in teachers)
+                and all(t.failing or t.quarantined is not None for t in teachers)
             )
             if not stalled:
                 self._stalled_since = None
@@ -331,7 +479,7 @@ class Scheduler:
                 self._stalled_since = now
                 self._last_warning = 0.0
             waited = now - self._stalled_since
-            detail = "; ".join(t.last_error for t in teachers if t.last_error) or "no teacher assigned"
+            detail = "; ".join(t.last_error for t in teachers if t.last_error) or self.describe_source()
             if waited >= self._options.teacher_timeout:
                 self._fail(
                     self._active_epoch,

@@ -20,6 +20,8 @@ class TeacherStats:
     latency_ms_p50: float | None
     latency_ms_p90: float | None
     latency_ms_p99: float | None
+    #: why the teacher is quarantined (its metadata or answers do not fit the config), else None
+    quarantined: str | None = None
 
 
 class LatencyWindow:

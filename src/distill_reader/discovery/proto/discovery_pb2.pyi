@@ -87,12 +87,14 @@ class WatchAssignmentRequest(_message.Message):
     def __init__(self, service_name: _Optional[str] = ..., require_num: _Optional[int] = ..., student_id: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class TeacherEndpoint(_message.Message):
-    __slots__ = ("endpoint", "model_name")
+    __slots__ = ("endpoint", "model_name", "registration")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     model_name: str
-    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ...) -> None: ...
+    registration: str
+    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., registration: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("student_id", "teachers")
