@@ -97,8 +97,8 @@ def teacher() -> None:
     type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
-    help="Require this token (the file's content, stripped) on ModelInfer and ModelMetadata; also sent to "
-    "the discovery servers of --register.",
+    help="Require this token (the file's content, stripped) on the calls that use or describe the model "
+    "(inference, metadata, config, statistics, repository index); also sent to the discovery servers of --register.",
 )
 @tls_options("server")
 @click.option(
