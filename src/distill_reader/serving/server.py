@@ -553,9 +553,25 @@ def run_server(backend: Backend, listen: str = DEFAULT_LISTEN, **kwargs: Any) ->
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        address, received = [listen], []
+        on_started = kwargs.pop("on_started", None)
+
+        async def started(bound: str) -> None:
+            address[0] = bound
+            if on_started is not None:
+                await on_started(bound)
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not received:
+                received.append(sig)
+                log.info("teacher server on %s stopping (%s)", address[0], sig.name)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(backend, listen, stop_event=stop, **kwargs)
+            loop.add_signal_handler(sig, on_signal, sig)
+        await serve(backend, listen, stop_event=stop, on_started=started, **kwargs)
+        if received:
+            log.info("teacher server on %s stopped", address[0])
 
     asyncio.run(main())
 
