@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,6 +69,40 @@ def _affine_request(x: np.ndarray, m: np.ndarray, **kw) -> service_pb2.ModelInfe
 def _affine_data(n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(n)
     return rng.standard_normal((n, 4)).astype(np.float32), rng.integers(0, 100, (n, 2), dtype=np.int64)
+
+
+class Gate:
+    """A model ``y = x + 1`` whose batches set ``entered`` and then wait for ``release`` (10 s at
+    most): a test knows when a request is in the model, and decides when it may leave."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+        @teacher_model(inputs=[("x", "float32", (1,))], outputs=[("y", "float32", (1,))])
+        def model(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            self.entered.set()
+            self.release.wait(10)
+            return {"y": batch["x"] + 1}
+
+        self.model = model
+
+
+def _release_once_stopping(address: str, release: threading.Event) -> None:
+    """Set ``release`` once the server at ``address`` stops being ready (it is stopping); 10 s at most."""
+    probe = tc.InferenceServerClient(address)
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if not probe.is_server_ready():
+                    return
+            except InferenceServerException:  # already refusing calls
+                return
+            time.sleep(0.01)
+    finally:
+        release.set()
+        probe.close()
 
 
 # --- metadata and inference ------------------------------------------------------------------
@@ -237,30 +272,33 @@ def test_wrong_output_dtype_is_internal_error_naming_output() -> None:
 
 @pytest.mark.timeout(30)
 def test_in_flight_request_finishes_when_server_stops() -> None:
-    from serving_models import slow
-
-    with ThreadPoolExecutor(1) as pool:
-        with running_server(PythonBackend(slow), max_delay_ms=0) as address:
+    gate = Gate()
+    with ThreadPoolExecutor(2) as pool:
+        with running_server(PythonBackend(gate.model), max_delay_ms=0) as address:
             client = tc.InferenceServerClient(address)
             assert client.is_server_ready()
             pending = pool.submit(client.infer, "teacher", [_infer_input("x", np.full((1, 1), 3, np.float32))])
-            time.sleep(0.1)  # let the request reach the model; not a timing assertion
+            assert gate.entered.wait(10)  # the request is in the model
+            # It leaves the model only once the server is stopping.
+            pool.submit(_release_once_stopping, address, gate.release)
         # Stopping waited (up to the grace period) for the running batch.
         np.testing.assert_array_equal(pending.result(timeout=10).as_numpy("y"), [[4.0]])
 
 
 @pytest.mark.timeout(30)
 def test_client_deadline_while_queued_does_not_disturb_others() -> None:
-    from serving_models import slow
-
-    with running_server(PythonBackend(slow), max_delay_ms=0) as address:
+    gate = Gate()
+    with running_server(PythonBackend(gate.model), max_delay_ms=0) as address:
         client = tc.InferenceServerClient(address)
         with ThreadPoolExecutor(2) as pool:
-            busy = pool.submit(client.infer, "teacher", [_infer_input("x", np.full((1, 1), 3, np.float32))])
-            time.sleep(0.05)
-            with pytest.raises(InferenceServerException) as err:
-                client.infer("teacher", [_infer_input("x", np.zeros((1, 1), np.float32))], client_timeout=0.1)
-            assert "DEADLINE" in str(err.value.status())
+            try:
+                busy = pool.submit(client.infer, "teacher", [_infer_input("x", np.full((1, 1), 3, np.float32))])
+                assert gate.entered.wait(10)  # the only model instance is busy: the next request queues
+                with pytest.raises(InferenceServerException) as err:
+                    client.infer("teacher", [_infer_input("x", np.zeros((1, 1), np.float32))], client_timeout=0.1)
+                assert "DEADLINE" in str(err.value.status())
+            finally:
+                gate.release.set()
             assert busy.result(timeout=10).as_numpy("y")[0, 0] == 4.0
         y = client.infer("teacher", [_infer_input("x", np.full((2, 1), 0, np.float32))]).as_numpy("y")
         np.testing.assert_array_equal(y, np.ones((2, 1)))
@@ -421,7 +459,11 @@ def test_cli_serves_and_stops_on_signal(onnx_path: Path, sig: signal.Signals) ->
         start = time.monotonic()
         rc = proc.wait(timeout=10)
         assert time.monotonic() - start < 2.0
-        assert rc == 0, proc.stderr.read()
+        stderr = proc.stderr.read()
+        assert rc == 0, stderr
+        # One line when the signal arrives and one when stopped, like `distill discovery serve`.
+        assert f"teacher 'affine' on {address} stopping ({sig.name})\n" in stderr
+        assert f"teacher 'affine' on {address} stopped\n" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()

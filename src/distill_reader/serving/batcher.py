@@ -39,12 +39,40 @@ class BatcherStopped(RuntimeError):
     """The batcher stopped before the request ran."""
 
 
+@dataclass(frozen=True)
+class BatchTiming:
+    """How one successful model batch went; times in ns of ``time.monotonic_ns``."""
+
+    #: Rows in the batch (its batch size).
+    rows: int
+    #: Merging the requests' inputs into one batch.
+    input_ns: int
+    #: The backend's run, with the check of its output shapes.
+    infer_ns: int
+    #: Splitting the outputs back into one slice per request.
+    output_ns: int
+
+    @property
+    def seconds(self) -> float:
+        """The whole batch, merge to split."""
+        return (self.input_ns + self.infer_ns + self.output_ns) / 1e9
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request's outputs, how long it waited in the queue and the batch it ran in."""
+
+    outputs: dict[str, np.ndarray]
+    queue_ns: int
+    batch: BatchTiming
+
+
 @dataclass(eq=False)
 class _Request:
     inputs: dict[str, np.ndarray]
     rows: int
     future: asyncio.Future
-    arrival: float
+    arrival_ns: int
     sample_shapes: tuple = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,8 +103,8 @@ class DynamicBatcher:
         #: Counters for stats and tests: batches run and rows in them.
         self.batches = 0
         self.rows = 0
-        #: Called from the instance threads after each successful batch with its rows and seconds.
-        self.on_batch: Callable[[int, float], None] | None = None
+        #: Called from the instance threads after each successful batch.
+        self.on_batch: Callable[[BatchTiming], None] | None = None
 
     @property
     def queued_requests(self) -> int:
@@ -121,9 +149,13 @@ class DynamicBatcher:
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         """The model's outputs for one request of ``rows`` rows (arrays with a leading batch dim)."""
+        return (await self.infer_timed(inputs, rows)).outputs
+
+    async def infer_timed(self, inputs: dict[str, np.ndarray], rows: int) -> Served:
+        """Like :meth:`infer`, with the request's queue time and its batch's timing."""
         if not self._running:
             raise BatcherStopped("the teacher server is not running")
-        req = _Request(inputs, rows, self._loop.create_future(), time.monotonic())  # type: ignore[union-attr]
+        req = _Request(inputs, rows, self._loop.create_future(), time.monotonic_ns())  # type: ignore[union-attr]
         with self._cond:
             self._pending.append(req)
             self._pending_rows += rows
@@ -142,7 +174,7 @@ class DynamicBatcher:
                     return
                 while self._pending and self._pending_rows < self.max_batch and self._running:
                     # Measured from the oldest queued request, which another instance may have taken.
-                    timeout = self._pending[0].arrival + self.max_delay - time.monotonic()
+                    timeout = (self._pending[0].arrival_ns - time.monotonic_ns()) / 1e9 + self.max_delay
                     if timeout <= 0:
                         break
                     cond.wait(timeout)
@@ -175,22 +207,28 @@ class DynamicBatcher:
 
     def _run(self, batch: list[_Request]) -> None:
         rows = sum(r.rows for r in batch)
-        started = time.perf_counter()
+        started = time.monotonic_ns()
         try:
             if len(batch) == 1:
                 inputs = batch[0].inputs
             else:
                 inputs = {k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs}
+            merged = time.monotonic_ns()
             outputs = self.backend.infer(inputs)
             for name, arr in outputs.items():
                 if arr.ndim == 0 or arr.shape[0] != rows:
                     raise ValueError(f"model output {name!r} has shape {list(arr.shape)}; expected {rows} rows")
-            results: list[object] = [outputs]
+            inferred = time.monotonic_ns()
+            slices = [outputs]
             if len(batch) > 1:
-                results, start = [], 0
+                slices, start = [], 0
                 for r in batch:
-                    results.append({k: v[start : start + r.rows] for k, v in outputs.items()})
+                    slices.append({k: v[start : start + r.rows] for k, v in outputs.items()})
                     start += r.rows
+            timing = BatchTiming(rows, merged - started, inferred - merged, time.monotonic_ns() - inferred)
+            results: list[object] = [
+                Served(s, started - r.arrival_ns, timing) for r, s in zip(batch, slices, strict=True)
+            ]
         except Exception as e:  # a model error fails this batch only
             log.warning("batch of %d rows failed: %s", rows, e)
             results = [e] * len(batch)
@@ -198,7 +236,7 @@ class DynamicBatcher:
             self.batches += 1
             self.rows += rows
             if self.on_batch is not None:
-                self.on_batch(rows, time.perf_counter() - started)
+                self.on_batch(timing)
         # RuntimeError: the loop is closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._deliver, batch, results)  # type: ignore[union-attr]

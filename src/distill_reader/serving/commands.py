@@ -97,8 +97,8 @@ def teacher() -> None:
     type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
-    help="Require this token (the file's content, stripped) on ModelInfer and ModelMetadata; also sent to "
-    "the discovery servers of --register.",
+    help="Require this token (the file's content, stripped) on the calls that use or describe the model "
+    "(inference, metadata, config, statistics, repository index); also sent to the discovery servers of --register.",
 )
 @tls_options("server")
 @click.option(
@@ -200,11 +200,22 @@ async def _serve_until_signal(
 
     stop, server_stop, registration_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+    # What the stop lines name: the signal that stopped us, and the bound address once known.
+    received: list[signal.Signals] = []
+    where = [f"teacher {options['model_name']!r} on {listen}"]
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received:
+            received.append(sig)
+            click.echo(f"{where[0]} stopping ({sig.name})", err=True)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     registration: list[asyncio.Task] = []
 
     async def started(address: str) -> None:
+        where[0] = f"teacher {options['model_name']!r} on {address}"
         # One line, always shown (not subject to -v): scripts wait for it.
         security_note = ", TLS" if options["tls"] else ""
         security_note += ", token required" if options["token"] else ""
@@ -245,6 +256,8 @@ async def _serve_until_signal(
         server_stop.set()
         stopping.cancel()
         await server
+        if received:
+            click.echo(f"{where[0]} stopped", err=True)
 
 
 def advertised_address(bound: str) -> str:

@@ -25,10 +25,15 @@ class TeacherMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("distill_teacher_requests", "ModelInfer requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter(
+            "distill_teacher_requests",
+            "Inference requests (ModelInfer, ModelStreamInfer) by outcome",
+            ["outcome"],
+            registry=r,
+        )
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
-        self.rows = Counter("distill_teacher_rows", "Rows of successful ModelInfer requests", registry=r)
+        self.rows = Counter("distill_teacher_rows", "Rows of successful inference requests", registry=r)
         self.batch_rows = Histogram(
             "distill_teacher_batch_rows",
             "Rows per model batch (after dynamic batching)",
@@ -40,7 +45,7 @@ class TeacherMetrics:
         )
         self.latency = Histogram(
             "distill_teacher_request_seconds",
-            "ModelInfer latency, receipt to answer",
+            "Inference request latency, receipt to answer",
             registry=r,
             buckets=_TIME_BUCKETS,
         )
@@ -48,7 +53,7 @@ class TeacherMetrics:
             "distill_teacher_queue_requests", "Requests queued for the model, not yet in a batch", registry=r
         )
         self.queue_rows = Gauge("distill_teacher_queue_rows", "Rows queued for the model", registry=r)
-        self.in_flight = Gauge("distill_teacher_in_flight", "ModelInfer requests being handled", registry=r)
+        self.in_flight = Gauge("distill_teacher_in_flight", "Inference requests being handled", registry=r)
 
     def watch_queue(self, requests: Callable[[], float], rows: Callable[[], float]) -> None:
         """Read the queue depth from these functions at scrape time."""

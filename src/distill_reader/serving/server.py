@@ -6,6 +6,11 @@ Three ways to run it:
 - ``run_server(backend, listen, ...)`` from a command line: blocks, stops on SIGINT/SIGTERM;
 - ``with running_server(backend) as address:`` in tests or other code: a server in a background
   thread, bound to a free port by default, stopped on leaving the block.
+
+Besides the calls a student needs (readiness, ``ModelMetadata``, ``ModelInfer``), it answers the
+Triton calls that tools pointed at an OIP server use (perf_analyzer, Model Analyzer, dashboards):
+``ModelConfig``, ``RepositoryIndex``, ``ModelStatistics`` (see :mod:`~distill_reader.serving.stats`)
+and ``ModelStreamInfer``, with Triton's semantics.
 """
 
 from __future__ import annotations
@@ -21,15 +26,17 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from distill_reader import __version__
 from distill_reader.oip import TensorSpec, array_from_raw, shape_matches
 from distill_reader.rpc import strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, warn_if_exposed
 from distill_reader.serving.backends.base import Backend
-from distill_reader.serving.batcher import BatcherStopped, DynamicBatcher
+from distill_reader.serving.batcher import BatcherStopped, BatchTiming, DynamicBatcher
 from distill_reader.serving.metrics import MetricsHttpServer, TeacherMetrics
+from distill_reader.serving.stats import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +45,21 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVER_NAME = "distill-reader"
 MODEL_VERSION = "1"
 
-#: The methods a token protects: the ones that use the model. Liveness, readiness and server
-#: metadata stay open, like health checks elsewhere (they reveal nothing about the model).
-PROTECTED_METHODS = (
-    "/inference.GRPCInferenceService/ModelInfer",
-    "/inference.GRPCInferenceService/ModelMetadata",
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+#: The methods a token protects: the ones that use, describe or list the model. Liveness,
+#: readiness and server metadata stay open, like health checks elsewhere (they reveal nothing
+#: about the model).
+PROTECTED_METHODS = tuple(
+    f"/{SERVICE.full_name}/{name}"
+    for name in ("ModelInfer", "ModelStreamInfer", "ModelMetadata", "ModelConfig", "ModelStatistics", "RepositoryIndex")
 )
+#: Inference calls: a refused one counts as an ``unauthenticated`` request in the metrics.
+_INFER_METHODS = tuple(m for m in PROTECTED_METHODS if m.endswith("Infer"))
+
+#: Most requests of one ModelStreamInfer call being answered at once: enough to fill batches from
+#: a pipelining client, bounded so a fast sender waits (gRPC flow control) instead of filling memory.
+STREAM_WINDOW = 64
 
 InputTensor = service_pb2.ModelInferRequest.InferInputTensor
 OnStarted = Callable[[str], Awaitable[None]]
@@ -66,6 +82,16 @@ _TYPED_FIELD = {
 
 class RequestError(ValueError):
     """A request that does not fit the model; becomes INVALID_ARGUMENT."""
+
+
+def _config_tensor(spec: TensorSpec, kind: type) -> Any:
+    """``spec`` as a Triton ``ModelInput``/``ModelOutput``: dims without the batch dimension (the
+    model batches); a per-sample scalar is dims ``[1]`` reshaped to ``[]``, as Triton writes it."""
+    data_type = model_config_pb2.DataType.Value("TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}")
+    tensor = kind(name=spec.name, data_type=data_type, dims=list(spec.shape) or [1])
+    if not spec.shape:
+        tensor.reshape.SetInParent()
+    return tensor
 
 
 def _decode_input(spec: TensorSpec, tensor: InputTensor, raw: bytes | None) -> np.ndarray:
@@ -105,6 +131,8 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.batcher = batcher
         self.model_name = model_name
         self.metrics = metrics or TeacherMetrics()
+        #: Triton-style statistics; batches are recorded by whoever wires the batcher's ``on_batch``.
+        self.stats = ModelStats()
         self.ready = False
         self._inputs = {s.name: s for s in backend.inputs}
         self._outputs = {s.name: s for s in backend.outputs}
@@ -115,6 +143,27 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             platform=backend.platform,
             inputs=[self._tensor_metadata(s) for s in backend.inputs],
             outputs=[self._tensor_metadata(s) for s in backend.outputs],
+        )
+        self._config = model_config_pb2.ModelConfig(
+            name=model_name,
+            # The same platform as ModelMetadata reports; backend: Triton's for this kind of model.
+            platform=backend.platform,
+            backend=backend.triton_backend,
+            version_policy=model_config_pb2.ModelVersionPolicy(
+                latest=model_config_pb2.ModelVersionPolicy.Latest(num_versions=1)
+            ),
+            max_batch_size=batcher.max_batch,
+            input=[_config_tensor(s, model_config_pb2.ModelInput) for s in backend.inputs],
+            output=[_config_tensor(s, model_config_pb2.ModelOutput) for s in backend.outputs],
+            dynamic_batching=model_config_pb2.ModelDynamicBatching(
+                max_queue_delay_microseconds=round(batcher.max_delay * 1e6)
+            ),
+            # Every backend runs on the CPU (ONNX Runtime's CPU provider, Paddle with the GPU off).
+            instance_group=[
+                model_config_pb2.ModelInstanceGroup(
+                    name=model_name, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU, count=batcher.instances
+                )
+            ],
         )
 
     @staticmethod
@@ -143,6 +192,28 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if not self._serves(request.name, request.version):
             await self._not_found(request.name, request.version, context)
         return self._metadata
+
+    async def ModelConfig(self, request, context):  # noqa: N802
+        if not self._serves(request.name, request.version):
+            await self._not_found(request.name, request.version, context)
+        return service_pb2.ModelConfigResponse(config=self._config)
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        # One repository with one model; ``repository_name`` has nothing to select.
+        if request.ready and not self.ready:
+            return service_pb2.RepositoryIndexResponse()
+        index = service_pb2.RepositoryIndexResponse.ModelIndex(name=self.model_name, version=MODEL_VERSION)
+        if self.ready:
+            index.state = "READY"
+        else:
+            index.state, index.reason = "UNAVAILABLE", "the server is starting or stopping"
+        return service_pb2.RepositoryIndexResponse(models=[index])
+
+    async def ModelStatistics(self, request, context):  # noqa: N802
+        # Like Triton: no name means every model (here, the one).
+        if request.name and not self._serves(request.name, request.version):
+            await self._not_found(request.name, request.version, context)
+        return service_pb2.ModelStatisticsResponse(model_stats=[self.stats.proto(self.model_name, MODEL_VERSION)])
 
     def _not_found_message(self, name: str, version: str) -> str:
         what = f"model {name!r}" + (f" version {version!r}" if version else "")
@@ -188,12 +259,75 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return arrays, rows, names
 
     async def ModelInfer(self, request, context):  # noqa: N802
+        try:
+            return await self._answer(request)
+        except _Refused as e:
+            await context.abort(e.code, e.message)
+
+    async def ModelStreamInfer(self, request_iterator, context):  # noqa: N802
+        """Triton's streaming inference: one response per request, in request order; a request that
+        fails is answered with ``error_message`` and the stream goes on.
+
+        Requests are answered concurrently (up to :data:`STREAM_WINDOW`), so a client that sends
+        without waiting gets them batched together; answers still go out in order. Takes requests
+        as bytes (parsed here, so a malformed one fails alone) or as ``ModelInferRequest``.
+        """
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        answers: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()  # bounded by `window`
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    await window.acquire()
+                    answers.put_nowait(asyncio.ensure_future(self._stream_answer(message)))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                try:
+                    response = await answer
+                finally:
+                    window.release()
+                yield response
+            await reader  # a broken request stream ends the call with its error
+        finally:  # the client went away or the server is stopping: drop what is still running
+            reader.cancel()
+            while not answers.empty():
+                if (answer := answers.get_nowait()) is not None:
+                    answer.cancel()
+
+    async def _stream_answer(self, message: bytes | service_pb2.ModelInferRequest) -> Any:
+        if isinstance(message, bytes):
+            try:
+                message = service_pb2.ModelInferRequest.FromString(message)
+            except DecodeError as e:
+                return service_pb2.ModelStreamInferResponse(
+                    error_message=f"malformed request: not a valid inference.ModelInferRequest ({e})"
+                )
+        try:
+            return service_pb2.ModelStreamInferResponse(infer_response=await self._answer(message))
+        except _Refused as e:
+            error = e.message
+        except Exception as e:  # a bug of ours must not end the other requests' stream
+            log.exception("streamed request %r failed", message.id)
+            error = f"internal error: {e}"
+        # The request's identity beside the error, so a client reading the raw stream can match them up.
+        echo = service_pb2.ModelInferResponse(
+            model_name=message.model_name, model_version=message.model_version, id=message.id
+        )
+        return service_pb2.ModelStreamInferResponse(error_message=error, infer_response=echo)
+
+    async def _answer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        """Answer one inference request (of ModelInfer or ModelStreamInfer), counted in the metrics and
+        statistics; raises ``_Refused`` with the status code and message when it cannot."""
         metrics = self.metrics
-        started = time.perf_counter()
+        received = time.monotonic_ns()
         outcome = "error"
         metrics.in_flight.inc()
         try:
-            response, rows = await self._infer(request, context)
+            response, rows = await self._infer(request, received)
             outcome = "ok"
             metrics.rows.inc(rows)
             return response
@@ -202,13 +336,16 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise
         except _Refused as e:
             outcome = e.outcome
-            await context.abort(e.code, e.message)
+            raise
         finally:
+            elapsed = time.monotonic_ns() - received
             metrics.in_flight.dec()
             metrics.requests.labels(outcome).inc()
-            metrics.latency.observe(time.perf_counter() - started)
+            metrics.latency.observe(elapsed / 1e9)
+            if outcome not in ("ok", "not_found"):  # successes are recorded with their parts
+                self.stats.record_failure(elapsed)
 
-    async def _infer(self, request, context) -> tuple[service_pb2.ModelInferResponse, int]:
+    async def _infer(self, request, received: int) -> tuple[service_pb2.ModelInferResponse, int]:
         if not self._serves(request.model_name, request.model_version):
             message = self._not_found_message(request.model_name, request.model_version)
             raise _Refused("not_found", grpc.StatusCode.NOT_FOUND, message)
@@ -216,25 +353,36 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             arrays, rows, names = self.decode(request)
         except RequestError as e:
             raise _Refused("invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        decoded = time.monotonic_ns()
         try:
-            outputs = await self.batcher.infer(arrays, rows)
+            served = await self.batcher.infer_timed(arrays, rows)
         except BatcherStopped as e:  # the client may retry on another teacher
             raise _Refused("unavailable", grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except Exception as e:
             raise _Refused("error", grpc.StatusCode.INTERNAL, f"model {self.model_name!r} failed: {e}") from None
+        encoding = time.monotonic_ns()
         response = service_pb2.ModelInferResponse(
             model_name=self.model_name, model_version=MODEL_VERSION, id=request.id
         )
         for name in names:
-            arr = outputs[name]
+            arr = served.outputs[name]
             response.outputs.add(name=name, datatype=self._outputs[name].datatype, shape=arr.shape)
             # tobytes() copies a slice of the batch output once, in C order, as OIP wants.
             response.raw_output_contents.append(arr.tobytes())
+        done = time.monotonic_ns()
+        batch = served.batch
+        self.stats.record_success(
+            total_ns=done - received,
+            queue_ns=served.queue_ns,
+            input_ns=decoded - received + batch.input_ns,
+            infer_ns=batch.infer_ns,
+            output_ns=batch.output_ns + done - encoding,
+        )
         return response, rows
 
 
 class _Refused(Exception):
-    """A ModelInfer answered with an error status; ``outcome`` labels it in the metrics."""
+    """An inference request answered with an error status; ``outcome`` labels it in the metrics."""
 
     def __init__(self, outcome: str, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -270,8 +418,8 @@ class InferenceServer:
         self.batcher = DynamicBatcher(backend, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances)
         self.metrics = TeacherMetrics()
         self.metrics.watch_queue(lambda: self.batcher.queued_requests, lambda: self.batcher.queued_rows)
-        self.batcher.on_batch = self.metrics.observe_batch
         self.servicer = TeacherServer(backend, self.batcher, model_name=model_name, metrics=self.metrics)
+        self.batcher.on_batch = self._on_batch
         self.max_message_bytes = max_message_bytes
         self.token = token
         self.tls = tls
@@ -281,6 +429,10 @@ class InferenceServer:
         self.metrics_address: str | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
+
+    def _on_batch(self, timing: BatchTiming) -> None:
+        self.metrics.observe_batch(timing.rows, timing.seconds)
+        self.servicer.stats.record_batch(timing)
 
     async def start(self) -> str:
         """Bind, start serving and return the bound ``host:port`` (port 0 picks a free one)."""
@@ -295,13 +447,22 @@ class InferenceServer:
             refused = self.metrics.requests.labels("unauthenticated")
 
             def on_refused(method: str) -> None:
-                if method.endswith("/ModelInfer"):
+                if method in _INFER_METHODS:
                     refused.inc()
 
             interceptors.append(TokenInterceptor(self.token, "this teacher", PROTECTED_METHODS, on_refused))
         server = grpc.aio.server(options=options, interceptors=interceptors)
+        # strict_handler serves the unary calls; the one bidirectional stream takes raw bytes and
+        # parses each request itself, so a malformed one fails alone (see ModelStreamInfer).
+        stream = grpc.stream_stream_rpc_method_handler(
+            self.servicer.ModelStreamInfer,
+            response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString,
+        )
         server.add_generic_rpc_handlers(
-            (strict_handler(self.servicer, service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]),)
+            (
+                strict_handler(self.servicer, SERVICE),
+                grpc.method_handlers_generic_handler(SERVICE.full_name, {"ModelStreamInfer": stream}),
+            )
         )
         try:
             port = add_port(server, self.listen, self.tls)
@@ -353,7 +514,7 @@ async def serve(
 
     ``on_started(address)`` is awaited once the server accepts requests (e.g. to register the
     teacher with discovery); if it raises, the server stops and the error propagates. ``token``
-    protects ModelInfer and ModelMetadata, ``tls`` adds TLS (mTLS with a CA), ``metrics_listen``
+    protects the :data:`PROTECTED_METHODS`, ``tls`` adds TLS (mTLS with a CA), ``metrics_listen``
     serves Prometheus ``/metrics`` on that ``HOST:PORT``.
     """
     server = InferenceServer(
@@ -392,9 +553,25 @@ def run_server(backend: Backend, listen: str = DEFAULT_LISTEN, **kwargs: Any) ->
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        address, received = [listen], []
+        on_started = kwargs.pop("on_started", None)
+
+        async def started(bound: str) -> None:
+            address[0] = bound
+            if on_started is not None:
+                await on_started(bound)
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not received:
+                received.append(sig)
+                log.info("teacher server on %s stopping (%s)", address[0], sig.name)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(backend, listen, stop_event=stop, **kwargs)
+            loop.add_signal_handler(sig, on_signal, sig)
+        await serve(backend, listen, stop_event=stop, on_started=started, **kwargs)
+        if received:
+            log.info("teacher server on %s stopped", address[0])
 
     asyncio.run(main())
 

@@ -22,6 +22,8 @@ class Backend(ABC):
     outputs: list[TensorSpec]
     #: The OIP ``platform`` string reported in model metadata.
     platform: str = "unknown"
+    #: The Triton backend that runs this kind of model, reported as ``ModelConfig.backend``.
+    triton_backend: str = ""
 
     @abstractmethod
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@ class OnnxBackend(Backend):
     """
 
     platform = "onnxruntime_onnx"
+    triton_backend = "onnxruntime"
 
     def __init__(self, path: str, *, threads: int | None = None) -> None:
         import onnxruntime as ort

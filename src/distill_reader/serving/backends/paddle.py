@@ -119,6 +119,7 @@ class PaddleBackend(Backend):
     """
 
     platform = "paddle_inference"
+    triton_backend = "paddle"
 
     def __init__(self, model: str, params: str, *, threads: int | None = None) -> None:
         try:

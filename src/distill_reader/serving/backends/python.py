@@ -94,6 +94,7 @@ class PythonBackend(Backend):
     """Calls a Python function on each batch and checks its outputs against the declaration."""
 
     platform = "python"
+    triton_backend = "python"
 
     def __init__(self, fn: ModelFn, *, name: str | None = None) -> None:
         self.name = name or getattr(fn, "__qualname__", repr(fn))
