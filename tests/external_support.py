@@ -168,4 +168,4 @@ def start_mlserver(python: Path, onnx: Path, workdir: Path) -> ExternalServer:
     mlserver = python.parent / "mlserver"
     log = workdir / "mlserver.log"
     process = _popen("mlserver", [str(mlserver), "start", str(root)], log, workdir, _clean_env())
-    return ExternalServer("MLServer", process, f"127.0.0.1:{grpc_port}", log, ["digits", "tag"])
+    return ExternalServer("MLServer", process, f"127.0.0.1:{grpc_port}", log, ["digits", "tag", "tag_undeclared"])

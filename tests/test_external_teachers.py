@@ -10,6 +10,7 @@ onnxruntime (checked with allclose against the numpy forward pass), and ``tag``,
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -139,6 +140,24 @@ def test_metadata_mismatch_is_caught_before_streaming(server, write_config):
         with dr, pytest.raises(TeacherMismatchError) as info:
             list(dr.distill_reader()())
         assert message in str(info.value)
+
+
+def test_a_model_that_declares_no_tensors_is_checked_by_its_answers(server, write_config, caplog):
+    """MLServer's default for a custom runtime: metadata with no tensors. The reader takes the model
+    and checks its answers; answers that do not fit the config quarantine it (the only teacher
+    here: the epoch fails at once, naming what is wrong)."""
+    if server.name != "MLServer":
+        pytest.skip("Triton always declares a model's tensors")
+    conf = f"mode = fixed\nservers = ['{server.endpoint}']\nmodel_name = tag_undeclared"
+    with caplog.at_level(logging.INFO, logger="distill_reader"):
+        run_tag(tag_config(write_config, conf), epochs=1)
+    assert any("declares no tensors" in r.getMessage() for r in caplog.records)
+    path = tag_config(write_config, conf)
+    path.write_text(path.read_text().replace("fetch_vars = ['prediction']", "fetch_vars = ['probs']"))
+    dr = DistillReader(path, 4, 2, capacity=2, occupied_capacity=0, teacher_timeout=3600)
+    dr.set_sample_generator(lambda: (make_sample(i) for i in range(8)))
+    with dr, pytest.raises(TeacherMismatchError, match=r"answered without output 'probs' \(\[fetch\] probs\)"):
+        list(dr.distill_reader()())
 
 
 def register(discovery: str, service: str, endpoint: str, model: str) -> subprocess.Popen:
