@@ -141,3 +141,26 @@ def test_teacher_link_down_in_network_namespace(tmp_path):
     assert_clean(result)
     assert result.details["next_epoch_clean"]
     assert result.details["remote_requests"] > 0  # the teacher was used before the cut (and after)
+
+
+def test_misconfigured_teacher_is_quarantined_then_rejoins_once_fixed(tmp_path):
+    result = chaos.misconfigured_teacher_fixed(tmp_path, 1600, seed=7)
+    assert_clean(result)
+    assert result.details["all_epochs_clean"]
+    assert result.details["quarantine_s"] >= 0, "the bad teacher was never seen quarantined"
+    assert result.details["rejoin_s"] >= 0, "the fixed teacher was never used again"
+    assert result.details["stats_errors"] == []  # stats() from a monitoring thread, all along
+
+
+def test_only_a_misconfigured_teacher_fails_at_once(tmp_path):
+    # teacher_timeout is 600 s: reaching this test's timeout first would mean the reader waited for it.
+    result = chaos.only_misconfigured_teacher(tmp_path)
+    assert result.details["error_type"] == "TeacherMismatchError", result.error
+    assert "has no input of that name; its inputs are ['image']" in result.error
+
+
+def test_no_discovery_server_then_one_starts(tmp_path):
+    result = chaos.no_discovery_server(tmp_path, N, teacher_timeout=2.0)
+    assert result.details["error_type"] == "NoTeacherError", result.error
+    assert f"no discovery server answered for service '{chaos.SERVICE}'" in result.error
+    assert result.details["next_epoch_clean"], result
