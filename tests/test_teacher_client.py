@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
@@ -29,3 +30,18 @@ def test_encoded_request_parses_to_the_same_message(rows, start, features):
     expected.CopyFrom(header)
     expected.raw_input_contents.extend([a.tobytes() for a in arrays])
     assert Request.FromString(encode_infer_request(header.SerializeToString(), arrays)) == expected
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    from distill_reader.teacher.client import all_finite
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((64, 33)) * 1000).astype(dtype)
+    assert all_finite(values) and all_finite(values[:0])
+    assert all_finite(np.array([np.finfo(dtype).max, np.finfo(dtype).min, np.finfo(dtype).tiny], dtype))
+    for bad in (np.nan, np.inf, -np.inf):
+        for index in (0, 1000, values.size - 1):
+            broken = values.copy()
+            broken.flat[index] = bad
+            assert not all_finite(broken), (bad, index)
