@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# PyTorch's CPU-only wheels; a plain `torch` requirement pulls the multi-GB CUDA build on Linux.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: venv demo test lint proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of PyTorch (a plain `torch` requirement may pull a multi-GB CUDA build).
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) || echo "PyTorch not installed: its tests will be skipped"
+	# The CPU build of PyTorch from TORCH_INDEX; where that index cannot be reached, whatever the
+	# configured index offers (--retries 0 --timeout 15: an unreachable index fails fast).
+	$(PY) -m pip install -q --retries 0 --timeout 15 torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX) \
+		|| $(PY) -m pip install -q torch==$(TORCH_VERSION) \
+		|| echo "PyTorch not installed: its tests will be skipped"
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q -e '.[paddle]' || echo "PaddlePaddle not installed: its tests will be skipped"
 	touch $@
@@ -22,7 +27,9 @@ demo: venv
 
 # Redis and etcd servers are needed by the discovery tests (the tests start their own instances).
 test: venv
-	@command -v redis-server >/dev/null && command -v etcd >/dev/null || bash scripts/install-services.sh
+	@command -v redis-server >/dev/null && command -v etcd >/dev/null || { \
+		echo "installing redis-server and etcd-server with apt-get (needs root or sudo)"; \
+		bash scripts/install-services.sh; }
 	bash scripts/external-teachers.sh
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q

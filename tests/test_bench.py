@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from distill_reader.bench.commands import SCENARIO_NAMES
+from distill_reader.bench.commands import EXTRA_SCENARIOS, SCENARIO_NAMES, plot_path
 
 
 @pytest.mark.timeout(120)
@@ -47,3 +48,53 @@ def test_bench_help_lists_the_scenarios() -> None:
     assert result.exit_code == 0
     for name in SCENARIO_NAMES:
         assert name in result.output
+
+
+def test_bench_help_gives_each_scenarios_duration() -> None:
+    from click.testing import CliRunner
+
+    from distill_reader.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    for name in (*SCENARIO_NAMES, *EXTRA_SCENARIOS):
+        line = next((line for line in lines if line.split()[:1] == [name]), None)
+        assert line is not None, f"no line for {name} in:\n{result.output}"
+        assert re.search(r"\babout \d+ (s|min)\b", line), line
+    assert re.search(r"all but chaos, about \d+ (s|min) in all", " ".join(result.output.split()))
+    assert "--plot docs/benchmarks-dbatch.png" in result.output
+
+
+def test_plot_goes_to_the_current_directory_not_docs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full run from the repository root must not overwrite the committed docs/benchmarks-dbatch.png."""
+    (tmp_path / "docs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert plot_path(None, quick=False) == tmp_path / "benchmarks-dbatch.png"
+    assert plot_path(None, quick=True) is None
+    assert plot_path("docs/benchmarks-dbatch.png", quick=False) == Path("docs/benchmarks-dbatch.png")
+
+
+@pytest.mark.timeout(120)
+def test_progress_goes_to_stderr_step_by_step(tmp_path: Path) -> None:
+    """Without a terminal (a log file, CI) every scenario and step is a line on stderr; the table is on stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "distill_reader", "bench", "--quick", "training-overhead"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = done.stderr.splitlines()
+    assert "[1/1] training-overhead" in err
+    steps = [line.split("s  ", 1)[1] for line in err if re.match(r"^\s*\d+ s  ", line)]
+    assert steps == [
+        "training-overhead: starting 2 simulated teachers",
+        "training-overhead: plain reader",
+        "training-overhead: DistillReader",
+    ]
+    assert any(re.fullmatch(r"training-overhead took \d+ s", line) for line in err)
+    assert "training-overhead" in done.stdout and "training-overhead took" not in done.stdout
+    assert list(tmp_path.iterdir()) == []  # --quick writes no plot

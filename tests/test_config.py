@@ -41,7 +41,8 @@ def test_bare_words_and_new_keys(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("[fetch]", "[fetchx]", "missing section [fetch]"),
+        ("[fetch]", "[fetchx]", "[fetchx]: unknown section; did you mean [fetch]? known sections are [conf], "),
+        ("\n[fetch]\n", "\n", "[feed] fetch_vars: unknown key; it belongs in [fetch]"),
         ("mode = fixed\n", "", "[conf] mode: missing key"),
         ("mode = fixed", "mode = balanced", "[conf] mode: unknown mode 'balanced'"),
         ("servers = ['127.0.0.1:9292', 'localhost:9393']", "servers = []", "[conf] servers: the list is empty"),
@@ -63,6 +64,62 @@ def test_bad_config_names_the_key(tmp_path, old, new, message):
     with pytest.raises(ConfigError) as info:
         DistillReader(path, 32, 4, 4, 2)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("added", "message"),
+    [
+        ("[conf]\nreqire_num = 2\n", "[conf] reqire_num: unknown key; did you mean require_num?"),
+        ("[conf]\nmodelname = x\n", "[conf] modelname: unknown key; did you mean model_name?"),
+        ("[conf]\ntls_crt = a.pem\n", "[conf] tls_crt: unknown key; did you mean tls_cert?"),
+        ("[conf]\nfeed_vars = ['img']\n", "[conf] feed_vars: unknown key; it belongs in [feed]"),
+        ("[conf]\nbatch_size = 32\n", "[conf] batch_size: unknown key; known keys of [conf] are mode, servers,"),
+        ("[feed]\nfeed_shape = [(1,)]\n", "[feed] feed_shape: unknown key; did you mean feed_shapes?"),
+        ("[stor]\nx = 1\n", "[stor]: unknown section; known sections are [conf], [feed], [fetch]"),
+        ("[Feed]\nx = 1\n", "[Feed]: unknown section; did you mean [feed]? known sections are [conf], [feed], [fetch]"),
+        ("[DEFAULT]\nmode = fixed\n", "[DEFAULT]: unknown section; known sections are [conf], [feed], [fetch]"),
+    ],
+)
+def test_unknown_keys_and_sections_are_refused(tmp_path, added, message):
+    """A typo must not be ignored: it names the key and the nearest known one."""
+    section = added.split("\n", 1)[0]
+    text = GOOD.replace(section + "\n", added) if section in GOOD else GOOD + "\n" + added
+    path = tmp_path / "typo.conf"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def test_every_documented_key_is_accepted(tmp_path):
+    """All keys at once (discover and fixed mode keys, security, serving_conf_file) load."""
+    from security_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    (tmp_path / "token").write_text("s3cret\n")
+    (tmp_path / "client.prototxt").write_text(
+        'feed_var { name: "image" alias_name: "img" shape: 1 shape: 4 shape: 4 }\n'
+        'fetch_var { name: "probs" alias_name: "prediction" shape: 10 }\n'
+    )
+    keys = (
+        "mode = discover\nservers = ['127.0.0.1:9292']\nhost = 127.0.0.1\nport = 7400\nservice_name = mnist\n"
+        "require_num = 2\nmodel_name = mnist_teacher\nserving_conf_file = client.prototxt\ntoken_file = token\n"
+        f"tls_ca = {pki.ca}\ntls_cert = {pki.client_cert}\ntls_key = {pki.client_key}\n"
+    )
+    path = tmp_path / "all.conf"
+    path.write_text(GOOD.replace("mode = fixed\nservers = ['127.0.0.1:9292', 'localhost:9393']\n", keys))
+    config = load_config(path)
+    assert (config.mode, config.discovery, config.service_name, config.require_num) == (
+        "discover",
+        ("127.0.0.1:7400",),
+        "mnist",
+        2,
+    )
+    assert config.model_name == "mnist_teacher"
+    assert config.served_name("img") == "image" and config.served_name("prediction") == "probs"
+    assert config.token is not None and config.token.reveal() == "s3cret"
+    assert config.tls is not None and config.tls.ca == pki.ca.read_bytes()
+    assert config.tls.cert == pki.client_cert.read_bytes() and config.tls.key == pki.client_key.read_bytes()
 
 
 def test_discover_mode_keys(tmp_path):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ast
 import configparser
+import difflib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,26 @@ from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 MODES = ("fixed", "discover")
 DEFAULT_MODEL_NAME = "teacher"
 _ENDPOINT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+#: Every section and key :func:`load_config` reads. Anything else is refused, so that a typo
+#: (``reqire_num``, ``[stor]``) fails loudly instead of being ignored.
+KNOWN_KEYS: dict[str, tuple[str, ...]] = {
+    "conf": (
+        "mode",
+        "servers",
+        "host",
+        "port",
+        "service_name",
+        "require_num",
+        "model_name",
+        "serving_conf_file",
+        "token_file",
+        "tls_ca",
+        "tls_cert",
+        "tls_key",
+    ),
+    "feed": ("feed_vars", "feed_types", "feed_shapes", "predict_feed_ids"),
+    "fetch": ("fetch_vars", "fetch_types", "fetch_shapes"),
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,8 @@ class _Section:
         return f"[{self.name}] {key}"
 
     def has(self, key: str) -> bool:
+        # A key read here but missing from KNOWN_KEYS would be refused in every user's config.
+        assert key in KNOWN_KEYS[self.name], f"[{self.name}] {key} is read but not listed in KNOWN_KEYS"
         return key in self.items and self.items[key].strip() != ""
 
     def raw(self, key: str) -> str:
@@ -169,7 +193,9 @@ def _specs(section: _Section, prefix: str) -> tuple[TensorSpec, ...]:
 def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
     """Parse and validate the reader's config file."""
     path = Path(conf_file)
-    parser = configparser.ConfigParser(interpolation=None)
+    # No DEFAULT section: its keys would silently appear in every section. `[DEFAULT]` is then an
+    # ordinary (unknown) section.
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0no default section")
     try:
         with path.open(encoding="utf-8") as fh:
             parser.read_file(fh)
@@ -177,6 +203,7 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
     except configparser.Error as exc:
         raise ConfigError(f"{path}: not a valid INI file: {exc}") from None
+    _refuse_unknown(parser)
 
     conf = _Section(parser, "conf", str(path))
     feed = _Section(parser, "feed", str(path))
@@ -246,6 +273,34 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         token=token,
         tls=tls,
     )
+
+
+def _nearest(word: str, choices: Iterable[str]) -> str | None:
+    """The known name closest to a misspelt ``word``, if any is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return close[0] if close else None
+
+
+def _refuse_unknown(parser: configparser.ConfigParser) -> None:
+    """ConfigError for a section or key that :data:`KNOWN_KEYS` does not list, naming the nearest known one."""
+    for section in parser.sections():
+        if section not in KNOWN_KEYS:
+            nearest = _nearest(section, KNOWN_KEYS)
+            hint = f"did you mean [{nearest}]? " if nearest else ""
+            known = ", ".join(f"[{s}]" for s in KNOWN_KEYS)
+            raise ConfigError(f"[{section}]: unknown section; {hint}known sections are {known}")
+        for key in parser[section]:
+            if key in KNOWN_KEYS[section]:
+                continue
+            home = next((s for s, keys in KNOWN_KEYS.items() if key in keys), None)
+            nearest = _nearest(key, KNOWN_KEYS[section])
+            if home:
+                hint = f"it belongs in [{home}]"
+            elif nearest:
+                hint = f"did you mean {nearest}?"
+            else:
+                hint = f"known keys of [{section}] are {', '.join(KNOWN_KEYS[section])}"
+            raise ConfigError(f"[{section}] {key}: unknown key; {hint}")
 
 
 def _conf_path(conf: _Section, key: str, config_path: Path) -> Path:

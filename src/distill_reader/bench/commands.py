@@ -1,34 +1,45 @@
-"""``distill bench [SCENARIO…] [--quick] [--json FILE]``: run the scenarios, print one table."""
+"""``distill bench [SCENARIO…] [--quick] [--json FILE] [--plot FILE]``: run the scenarios, print one table."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
 from distill_reader.bench.harness import Progress, Row, Sizes, describe_machine
 
-DEFAULT_PLOT = Path("docs") / "benchmarks-dbatch.png"
+#: Where dbatch-scaling writes its plot unless --plot says otherwise: the current directory (never
+#: docs/, which holds the committed figure; refresh that with --plot docs/benchmarks-dbatch.png).
+DEFAULT_PLOT = Path("benchmarks-dbatch.png")
 
 
-def _scenarios() -> dict[str, tuple[str, Callable[..., list[Row]]]]:
-    from distill_reader.bench import chaos, memory, naive, teacher_bound, training, transport
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario of ``distill bench``: what it measures and how long a full run of it takes."""
 
-    return {
-        "teacher-bound": ("delivered samples/s ÷ N simulated teachers' capacity", teacher_bound.teacher_bound),
-        "latency": ("the same with 20 ms network latency per request", teacher_bound.latency),
-        "training-overhead": ("steps/s with DistillReader ÷ with the plain reader", training.training_overhead),
-        "transport": ("samples/s ÷ a bare async OIP client, zero-cost teacher", transport.transport),
-        "naive-loop": ("speedup over one synchronous teacher call per batch", naive.naive_loop),
-        "memory": ("pool ÷ capacity × batch bytes; RSS growth over epochs", memory.memory),
-        "dbatch-scaling": ("transport ratio for d_batch_size 1 … 256 (plot)", transport.dbatch_scaling),
-        "chaos": ("faults injected: samples lost/duplicated/wrong, seconds to recover", chaos.chaos_rows),
-    }
+    summary: str
+    #: seconds of a full (not --quick) run on the 2-core development machine (measured 2026-11-30,
+    #: `distill bench` prints "NAME took N s"); for --help and the estimate of what is left.
+    seconds: float
 
 
+SCENARIOS: dict[str, Scenario] = {
+    "teacher-bound": Scenario("delivered samples/s ÷ N simulated teachers' capacity", 75),
+    "latency": Scenario("the same with 20 ms network latency per request", 75),
+    "training-overhead": Scenario("steps/s with DistillReader ÷ with the plain reader", 20),
+    "transport": Scenario("samples/s ÷ a bare async OIP client, zero-cost teacher", 25),
+    "naive-loop": Scenario("speedup over one synchronous teacher call per batch", 40),
+    "memory": Scenario("pool ÷ capacity × batch bytes; RSS growth over epochs", 35),
+    "dbatch-scaling": Scenario("transport ratio for d_batch_size 1 … 256 (plot)", 190),
+    # chaos: the 82 s run of docs/fault-tolerance.md.
+    "chaos": Scenario("faults injected: samples lost/duplicated/wrong, seconds to recover", 85),
+}
 SCENARIO_NAMES = (
     "teacher-bound",
     "latency",
@@ -38,8 +49,54 @@ SCENARIO_NAMES = (
     "memory",
     "dbatch-scaling",
 )
-# Run only when named (`distill bench chaos`): it kills processes and takes minutes.
+# Run only when named (`distill bench chaos`): it kills processes and restarts services.
 EXTRA_SCENARIOS = ("chaos",)
+
+
+def _functions() -> dict[str, Callable[..., list[Row]]]:
+    # Imported when a run starts, so that `distill bench --help` stays fast.
+    from distill_reader.bench import chaos, memory, naive, teacher_bound, training, transport
+
+    return {
+        "teacher-bound": teacher_bound.teacher_bound,
+        "latency": teacher_bound.latency,
+        "training-overhead": training.training_overhead,
+        "transport": transport.transport,
+        "naive-loop": naive.naive_loop,
+        "memory": memory.memory,
+        "dbatch-scaling": transport.dbatch_scaling,
+        "chaos": chaos.chaos_rows,
+    }
+
+
+def about(seconds: float) -> str:
+    """``about 40 s`` or ``about 3 min``."""
+    return f"about {seconds:.0f} s" if seconds < 90 else f"about {seconds / 60:.0f} min"
+
+
+def _help() -> str:
+    """The command's --help text, with every scenario and its duration."""
+    lines = "\n".join(
+        f"  {name:<18} {about(s.seconds):<12} {s.summary}{' (only when named)' if name in EXTRA_SCENARIOS else ''}"
+        for name, s in SCENARIOS.items()
+    )
+    total = sum(SCENARIOS[name].seconds for name in SCENARIO_NAMES)
+    return inspect.cleandoc(
+        f"""Benchmarks: how close DistillReader runs to its limits, beside the alternatives.
+
+        Every figure is a ratio of two rates measured in the same run. Scenarios (default: all but
+        chaos, {about(total)} in all; durations of a full run on 2 cores, --quick takes about a
+        minute for all):
+
+        \b
+        {{lines}}
+
+        Progress goes to stderr, the table to stdout. dbatch-scaling writes its plot to
+        ./{DEFAULT_PLOT} (or --plot FILE); the committed figure is refreshed with
+        --plot docs/benchmarks-dbatch.png. See docs/benchmarks.md; chaos (teachers killed, hung or
+        wrong, discovery/Redis/etcd restarted, a link cut): docs/fault-tolerance.md.
+        """
+    ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -60,18 +117,89 @@ def _verdict(row: Row) -> str:
 
 def run_scenarios(names: list[str], sizes: Sizes, progress: Progress, plot: Path | None) -> dict[str, list[Row]]:
     """Run the named scenarios in order; the rows of each."""
-    table = _scenarios()
+    functions = _functions()
     results: dict[str, list[Row]] = {}
     for name in names:
-        function = table[name][1]
         if name == "dbatch-scaling":
-            results[name] = function(sizes, progress, plot=plot)
+            results[name] = functions[name](sizes, progress, plot=plot)
         else:
-            results[name] = function(sizes, progress)
+            results[name] = functions[name](sizes, progress)
     return results
 
 
-@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+def plot_path(plot_file: str | None, quick: bool) -> Path | None:
+    """Where dbatch-scaling writes its plot: ``--plot FILE``, else ./benchmarks-dbatch.png in the
+    current directory (even in a checkout: docs/ changes only when asked), none for --quick."""
+    if plot_file:
+        return Path(plot_file)
+    return None if quick else Path.cwd() / DEFAULT_PLOT
+
+
+class _ProgressReport:
+    """Progress on stderr. On a terminal: a live line with the scenario, its current step, a bar over
+    the whole run (scenarios weighted by their usual duration), the time elapsed and an estimate of
+    what is left. Elsewhere (a log file, CI): one line per step with the seconds since the start."""
+
+    def __init__(self, console: Any, names: list[str], quick: bool) -> None:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.names = names
+        self.quick = quick  # --quick sizes: the full-run estimates do not apply
+        self.started = time.monotonic()
+        self.done_s = 0.0  # estimated seconds of the scenarios finished
+        self.total_s = sum(SCENARIOS[name].seconds for name in names)
+        self.current = ""
+        self.current_started = self.started
+        self.live = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=20),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[left]}"),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self.task = self.live.add_task("starting", total=self.total_s, left="")
+
+    def __enter__(self) -> _ProgressReport:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.live.__exit__(*exc_info)
+
+    def _left(self) -> str:
+        if self.quick:
+            return ""
+        in_current = time.monotonic() - self.current_started
+        left = max(
+            self.total_s - self.done_s - in_current, SCENARIOS[self.current].seconds * 0.1 if self.current else 0
+        )
+        return f"{about(left)} left"
+
+    def scenario(self, index: int, name: str) -> None:
+        """Scenario ``index`` (from 0) starts."""
+        self.current, self.current_started = name, time.monotonic()
+        estimate = "" if self.quick else f" ({about(SCENARIOS[name].seconds)})"
+        self.console.print(f"[bold][{index + 1}/{len(self.names)}] {name}[/]{estimate}")
+        self.live.update(self.task, description=f"[{index + 1}/{len(self.names)}] {name}", left=self._left())
+
+    def step(self, message: str) -> None:
+        """A step inside the current scenario (the scenarios' ``progress`` callback)."""
+        if self.live.disable:
+            self.console.print(f"[dim]{time.monotonic() - self.started:6.0f} s[/]  {message}", highlight=False)
+        index = self.names.index(self.current)
+        self.live.update(self.task, description=f"[{index + 1}/{len(self.names)}] {message}", left=self._left())
+
+    def finished(self, name: str) -> None:
+        self.done_s += SCENARIOS[name].seconds
+        self.live.update(self.task, completed=self.done_s)
+        self.console.print(f"[dim]{name} took {time.monotonic() - self.current_started:.0f} s[/]")
+
+
+@click.command("bench", help=_help(), context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("scenarios", nargs=-1, type=click.Choice(SCENARIO_NAMES + EXTRA_SCENARIOS))
 @click.option("--quick", is_flag=True, help="Small sizes (the whole run takes about a minute): a smoke run.")
 @click.option(
@@ -86,25 +214,16 @@ def run_scenarios(names: list[str], sizes: Sizes, progress: Progress, plot: Path
     "plot_file",
     type=click.Path(dir_okay=False, writable=True),
     default=None,
-    help=f"Where dbatch-scaling writes its PNG (needs matplotlib). Default: {DEFAULT_PLOT} when "
-    "./docs exists and the run is not --quick.",
+    help=f"Where dbatch-scaling writes its PNG (needs matplotlib). Default: ./{DEFAULT_PLOT} in the current "
+    "directory, none with --quick. The committed figure: --plot docs/benchmarks-dbatch.png.",
 )
 def bench(scenarios: tuple[str, ...], quick: bool, json_file: str | None, plot_file: str | None) -> None:
-    """Benchmarks: how close DistillReader runs to its limits, beside the alternatives.
-
-    Scenarios (default: all): teacher-bound, latency, training-overhead, transport, naive-loop,
-    memory, dbatch-scaling. Every figure is a ratio of two rates measured in the same run.
-    See docs/benchmarks.md. `distill bench chaos` (only when named) injects faults: teachers killed,
-    hung or wrong, discovery/Redis/etcd restarted, a link cut; see docs/fault-tolerance.md.
-    """
     from rich.console import Console
     from rich.table import Table
 
     names = list(dict.fromkeys(scenarios)) or list(SCENARIO_NAMES)
     sizes = Sizes(quick=quick)
-    plot: Path | None = Path(plot_file) if plot_file else None
-    if plot is None and not quick and DEFAULT_PLOT.parent.is_dir():
-        plot = DEFAULT_PLOT
+    plot = plot_path(plot_file, quick)
     if plot is not None and "dbatch-scaling" in names:
         try:
             import matplotlib  # noqa: F401
@@ -123,21 +242,17 @@ def bench(scenarios: tuple[str, ...], quick: bool, json_file: str | None, plot_f
     )
     started = time.time()
     results: dict[str, list[Row]] = {}
-    with console.status("starting") as status:
-
-        def progress(message: str) -> None:
-            status.update(f"[bold]{message}")
-
-        for name in names:
-            t0 = time.monotonic()
-            rows = run_scenarios([name], sizes, progress, plot)[name]
+    with _ProgressReport(console, names, quick) as report:
+        for index, name in enumerate(names):
+            report.scenario(index, name)
+            rows = run_scenarios([name], sizes, report.step, plot)[name]
             results[name] = rows
             for row in rows:
                 console.print(
                     f"  {name}: {row.label}: {_fmt(row.measured, row.unit)} / "
                     f"{_fmt(row.limit, row.unit)} = {row.ratio:.3f} {_verdict(row)}"
                 )
-            console.print(f"[dim]{name} took {time.monotonic() - t0:.0f} s[/]")
+            report.finished(name)
     elapsed = time.time() - started
 
     table = Table(title=f"distill bench{' --quick' if quick else ''} ({machine['cpus']} CPUs, {elapsed:.0f} s)")

@@ -1,0 +1,129 @@
+"""The README's usage example runs as written: its teacher command, its config file and its code.
+
+Only what a second run on a shared machine needs is changed: the teacher's port (a free one, in the
+command and in the config) and the number of epochs (``range(300)`` becomes ``range(2)``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import distill_reader
+from distill_reader.reader import DistillReader
+from distill_reader.teacher.local import free_port, wait_until_ready
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+CONFIG = Path("examples/mnist_distill_reader.conf")
+EPOCHS = 2
+
+
+def section(heading: str) -> str:
+    """The README's text from ``heading`` to the next heading of the same level."""
+    level = heading.split()[0]
+    start = README.index(f"\n{heading}\n")
+    end = README.find(f"\n{level} ", start + 1)
+    return README[start : end if end != -1 else None]
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.M | re.S)
+
+
+def teacher_command() -> str:
+    """The README's command that serves the example's teacher."""
+    lines = [
+        line
+        for block in code_blocks(section("## Using DistillReader"), "bash")
+        for line in block.splitlines()
+        if line.startswith("distill teacher serve")
+    ]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def load_teacher_function():
+    spec = importlib.util.spec_from_file_location("readme_mnist_teacher", ROOT / "examples" / "mnist_teacher.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.predict
+
+
+def test_readme_config_block_is_the_shipped_example_file() -> None:
+    blocks = code_blocks(section("## Config reference"), "ini")
+    assert blocks, "no ini block under Config reference"
+    assert blocks[-1] == (ROOT / CONFIG).read_text(encoding="utf-8")
+    assert str(CONFIG) in section("## Using DistillReader")
+
+
+def test_readme_usage_example_runs_against_the_readme_teacher(tmp_path, monkeypatch, capsys) -> None:
+    port = free_port()
+    command = shlex.split(teacher_command())
+    assert command[0] == "distill", command  # `distill` of the activated venv is `python -m distill_reader`
+    command = [sys.executable, "-m", "distill_reader", *(arg.replace(":8001", f":{port}") for arg in command[1:])]
+    assert f"127.0.0.1:{port}" in command
+
+    # The example reads its config relative to the repository root; run it in a copy whose only
+    # change is the port.
+    config_text = (ROOT / CONFIG).read_text(encoding="utf-8")
+    assert "'127.0.0.1:8001'" in config_text
+    (tmp_path / CONFIG).parent.mkdir()
+    (tmp_path / CONFIG).write_text(config_text.replace("'127.0.0.1:8001'", f"'127.0.0.1:{port}'"))
+    code, patched = re.subn(
+        r"\brange\(300\)", f"range({EPOCHS})", code_blocks(section("## Using DistillReader"), "python")[0]
+    )
+    assert patched == 1
+
+    # Every batch the example's loop receives, copied (the loop's arrays are views into the pool).
+    epochs: list[list[list[np.ndarray]]] = []
+
+    class RecordingReader(DistillReader):
+        def distill_reader(self):
+            run_epoch = super().distill_reader()
+
+            def recorded():
+                epochs.append([])
+                for batch in run_epoch():
+                    epochs[-1].append([array.copy() for array in batch])
+                    yield batch
+
+            return recorded
+
+    monkeypatch.setattr(distill_reader, "DistillReader", RecordingReader, raising=False)
+    monkeypatch.chdir(tmp_path)
+    teacher = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, env=os.environ.copy())
+    namespace: dict = {"__name__": "__readme__"}
+    try:
+        wait_until_ready(f"127.0.0.1:{port}", teacher)
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        if "dr" in namespace:
+            namespace["dr"].close()
+        teacher.terminate()
+        teacher.wait(10)
+
+    # The samples the example's own reader yields, in order.
+    samples = [sample for sample_list in namespace["_reader"]() for sample in sample_list]
+    images = np.stack([img for img, _ in samples])
+    labels = np.stack([label for _, label in samples])
+    teacher_fn = load_teacher_function()
+    assert len(epochs) == EPOCHS
+    for batches in epochs:
+        assert [len(b[0]) for b in batches] == [32] * 6 + [2]  # 194 samples; the short last batch is kept
+        np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), images)
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), labels)
+        predictions = np.concatenate([b[2] for b in batches])
+        np.testing.assert_allclose(predictions, teacher_fn({"img": images})["prediction"], rtol=1e-5, atol=1e-7)
+    assert capsys.readouterr().out.startswith("epoch 0: 7 batches, last prediction[0] = [")
