@@ -9,15 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distill_reader.discovery import balance as balance_module
 from distill_reader.discovery.balance import balance, loads
 
 pytestmark = pytest.mark.timeout(120)
 
 teacher_names = st.sampled_from([f"10.0.0.{i}:8001" for i in range(12)])
 unit_fleets = st.dictionaries(teacher_names, st.just(1.0), max_size=10)
-weighted_fleets = st.dictionaries(
-    teacher_names, st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 4.0]), max_size=10
-)
+weighted_fleets = st.dictionaries(teacher_names, st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 4.0]), max_size=10)
 student_sets = st.dictionaries(st.sampled_from([f"s{i}" for i in range(20)]), st.integers(1, 6), max_size=15)
 
 
@@ -112,8 +111,7 @@ def test_change_sequences_are_sticky(teachers, students, steps):
         check_unit_balance(teachers, new)
         added = sum(len(set(new[s]) - set(current.get(s, ()))) for s in new)
         forced = sum(
-            max(0, min(students[s], len(teachers)) - len(set(current.get(s, ())) & set(teachers)))
-            for s in students
+            max(0, min(students[s], len(teachers)) - len(set(current.get(s, ())) & set(teachers))) for s in students
         )
         bound = min_new_links(teachers, students, current)
         shrunk = step[0] == "add_student" and len(current.get(step[1], ())) > min(step[2], len(teachers))
@@ -164,11 +162,32 @@ def test_bad_input():
         balance({"a:1": float("nan")}, {"s": 1})
 
 
-def test_large_fleet_is_fast_enough():
+def test_large_fleet_teacher_death_replaces_only_its_links(monkeypatch):
+    """64 weighted teachers, 256 students: a valid balanced assignment; when a teacher dies, exactly
+    its links are replaced and the rebalancing makes no more moves than that (the work is
+    proportional to the change, not to the fleet)."""
+    moves = []
+    best_move = balance_module._best_move
+
+    def counted(*args):
+        move = best_move(*args)
+        if move is not None:
+            moves.append(move)
+        return move
+
+    monkeypatch.setattr(balance_module, "_best_move", counted)
     rnd = random.Random(0)
     teachers = {f"10.1.{i // 250}.{i % 250}:8001": rnd.choice([1.0, 2.0]) for i in range(64)}
     students = {f"s{i}": rnd.randint(1, 8) for i in range(256)}
     first = balance(teachers, students)
     check_invariants(teachers, students, first)
-    del teachers[next(iter(teachers))]
-    check_invariants(teachers, students, balance(teachers, students, first))
+    dead = next(iter(teachers))
+    lost = sum(dead in ts for ts in first.values())
+    assert lost > 0
+    del teachers[dead]
+    moves.clear()
+    second = balance(teachers, students, first)
+    check_invariants(teachers, students, second)
+    added = sum(len(set(second[s]) - set(first[s])) for s in students)
+    assert added == lost
+    assert len(moves) <= lost

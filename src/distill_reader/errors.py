@@ -1,7 +1,12 @@
 """Every exception distill-reader raises, in one place.
 
 All derive from :class:`DistillReaderError`, so ``except DistillReaderError`` catches anything the
-library raises on purpose; anything else is a bug.
+library raises on purpose; anything else is a bug. Two deliberate exceptions to that rule:
+importing ``distill_reader.torch`` or ``distill_reader.paddle`` without the framework installed
+raises ``ImportError``, and operating-system failures outside our control (``/dev/shm`` or the
+process table exhausted while the pool or the pipeline process is created) surface as ``OSError``.
+Some classes also derive from the built-in exception a caller would expect (``ValueError``,
+``TypeError``, ``TimeoutError``), so ``except ValueError`` keeps working.
 """
 
 from __future__ import annotations
@@ -12,7 +17,13 @@ class DistillReaderError(Exception):
 
 
 class ConfigError(DistillReaderError, ValueError):
-    """The reader's config file or constructor arguments are invalid; the message names the key."""
+    """The reader's config file, constructor arguments or setup are invalid (e.g. a
+    ``DistillDataset`` iterated in DataLoader worker processes); the message names the key."""
+
+
+class ReaderArgumentError(DistillReaderError, TypeError):
+    """``set_sample_generator`` and its siblings were given something that is not a function (a
+    ``TypeError`` too, the usual exception for an argument of the wrong type)."""
 
 
 class SampleError(DistillReaderError, ValueError):

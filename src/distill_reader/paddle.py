@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "distill_reader.paddle needs PaddlePaddle: pip install 'distill-reader[paddle]' (or paddlepaddle-gpu)"
     ) from exc
 
+from distill_reader.errors import ConfigError
 from distill_reader.reader.distill_reader import DistillReader
 
 
@@ -50,7 +51,7 @@ class DistillDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[list[paddle.Tensor]]:
         if paddle.io.get_worker_info() is not None:
-            raise RuntimeError(
+            raise ConfigError(
                 "DistillDataset runs its own pipeline process: use paddle.io.DataLoader(..., num_workers=0) "
                 "or iterate the dataset directly"
             )

@@ -10,7 +10,7 @@ import numpy as np
 
 from distill_reader.config import load_config, validate_reader_args
 from distill_reader.reader.filling import SlotFiller
-from distill_reader.reader.source import ReaderSource
+from distill_reader.reader.source import ReaderSource, reader_function_error
 
 
 class FakeDistillReader(ReaderSource):
@@ -19,7 +19,8 @@ class FakeDistillReader(ReaderSource):
 
     Only the config file is required (``FakeDistillReader(conf_file)``, as in the seed);
     ``batch_size`` defaults to 32 and the other sizes are accepted and ignored. Batches are fresh
-    arrays (never reused).
+    arrays (never reused). Errors are DistillReader's: :class:`~distill_reader.SampleError` for a
+    bad sample, :class:`~distill_reader.ReaderFunctionError` for an exception of the reader function.
     """
 
     def __init__(
@@ -53,7 +54,18 @@ class FakeDistillReader(ReaderSource):
 
         filler = SlotFiller(config.feeds, self.batch_size, self.batch_size, acquire, lambda *_: None, sealed)
         add = filler.adder(kind)
-        for value in reader():
+        # The user's exceptions become ReaderFunctionError, bad samples SampleError, as in DistillReader.
+        try:
+            source = iter(reader())
+        except Exception as exc:
+            raise reader_function_error(exc) from exc
+        while True:
+            try:
+                value = next(source)
+            except StopIteration:
+                break
+            except Exception as exc:
+                raise reader_function_error(exc, filler.position) from exc
             add(value)
             yield from ready
             ready.clear()

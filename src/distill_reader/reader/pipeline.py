@@ -43,10 +43,11 @@ from typing import Any
 import numpy as np
 
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import DistillReaderError, PipelineError, ReaderFunctionError
+from distill_reader.errors import DistillReaderError, PipelineError
 from distill_reader.reader.filling import SlotFiller
 from distill_reader.reader.pipeline_process import PipelineSpec
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
+from distill_reader.reader.source import reader_function_error
 from distill_reader.reader.stats import StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
 
@@ -435,7 +436,7 @@ class Epoch:
             try:
                 source = iter(self._reader())
             except Exception as exc:
-                raise ReaderFunctionError(f"the reader function raised {type(exc).__name__}: {exc}") from exc
+                raise reader_function_error(exc) from exc
             while not self.stop.is_set():
                 try:
                     value = next(source)
@@ -444,9 +445,7 @@ class Epoch:
                     self.items.put(_END)
                     return
                 except Exception as exc:
-                    raise ReaderFunctionError(
-                        f"the reader function raised {type(exc).__name__} after {filler.position} samples: {exc}"
-                    ) from exc
+                    raise reader_function_error(exc, filler.position) from exc
                 if not add(value):
                     return
         except (DistillReaderError, OSError) as exc:

@@ -7,9 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from distill_reader.errors import DistillReaderError
+from distill_reader.errors import DistillReaderError, ReaderArgumentError, ReaderFunctionError
 
 ReaderFunction = Callable[[], Iterable[Any]]
+
+
+def reader_function_error(exc: Exception, samples: int | None = None) -> ReaderFunctionError:
+    """The error for an exception of the user's reader function: raised when it was called
+    (``samples`` None) or after it had yielded ``samples`` samples. Raise it ``from exc``."""
+    after = "" if samples is None else f" after {samples} samples"
+    return ReaderFunctionError(f"the reader function raised {type(exc).__name__}{after}: {exc}")
 
 
 class ReaderSource:
@@ -39,7 +46,9 @@ class ReaderSource:
 
     def _set_reader(self, kind: str, reader: ReaderFunction) -> ReaderSource:
         if not callable(reader):
-            raise TypeError(f"the reader must be a function returning an iterable, got {type(reader).__name__}")
+            raise ReaderArgumentError(
+                f"the reader must be a function returning an iterable, got {type(reader).__name__}"
+            )
         self._reader = (kind, reader)
         return self
 
