@@ -55,8 +55,9 @@ def test_issue_example_pushed_live():
             assert sorted(a.current + b.current) == sorted(leases)
             before_b = b.current
             dead = a.current[0]
-            await stub.DeregisterTeacher(pb.DeregisterTeacherRequest(
-                service_name="svc", endpoint=dead, lease_id=leases[dead]))
+            await stub.DeregisterTeacher(
+                pb.DeregisterTeacherRequest(service_name="svc", endpoint=dead, lease_id=leases[dead])
+            )
             await a.wait_for(lambda s: dead not in s and len(s) == 2)
             assert b.current == before_b and len(b.sets) == 1  # b lost nothing: no message at all
             st = status_dict(await stub.Status(pb.StatusRequest()))
@@ -244,6 +245,7 @@ def test_student_close_deregisters_and_no_discovery_keeps_set():
 
 def test_cli_status_json_table_and_http():
     with running_server(http="127.0.0.1:0") as address:
+
         async def setup():
             async with grpc.aio.insecure_channel(address) as ch:
                 stub = pb_grpc.DiscoveryStub(ch)
@@ -256,8 +258,13 @@ def test_cli_status_json_table_and_http():
         assert result.exit_code == 0, result.output
         data = json.loads(result.output)
         teachers = data["services"]["svc"]["teachers"]
-        assert teachers[0] == {"endpoint": "127.0.0.1:9000", "model_name": "teacher", "weight": 2,
-                               "healthy": True, "students": []}
+        assert teachers[0] == {
+            "endpoint": "127.0.0.1:9000",
+            "model_name": "teacher",
+            "weight": 2,
+            "healthy": True,
+            "students": [],
+        }
         assert data["services"]["svc"]["students"] == []
         result = runner.invoke(discovery, ["status", "--discovery", address])
         assert result.exit_code == 0 and "127.0.0.1:9001" in result.output
@@ -279,9 +286,16 @@ def test_cli_status_json_table_and_http():
 def test_cli_serve_stops_on_sigterm():
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from distill_reader.discovery.commands import discovery; discovery()",
-         "serve", "--listen", f"127.0.0.1:{port}"],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from distill_reader.discovery.commands import discovery; discovery()",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stderr.readline()

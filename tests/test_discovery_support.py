@@ -97,9 +97,20 @@ def register_process(discovery: str, service: str, endpoint: str, *extra: str) -
     """``distill teacher register`` in a child process (to SIGKILL it)."""
     code = "from distill_reader.discovery.commands import register; register()"
     return subprocess.Popen(
-        [sys.executable, "-c", code, "--discovery", discovery, "--service-name", service, "--endpoint", endpoint,
-         *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--discovery",
+            discovery,
+            "--service-name",
+            service,
+            "--endpoint",
+            endpoint,
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -118,16 +129,38 @@ class ServiceProcess:
 
     def start(self) -> None:
         if self.kind == "redis":
-            cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(self.workdir)]
+            cmd = [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ]
         else:
             peer = free_port()
-            cmd = ["etcd", "--data-dir", str(self.workdir / "etcd"),
-                   "--listen-client-urls", f"http://127.0.0.1:{self.port}",
-                   "--advertise-client-urls", f"http://127.0.0.1:{self.port}",
-                   "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                   "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                   "--initial-cluster", f"default=http://127.0.0.1:{peer}", "--log-level", "error"]
+            cmd = [
+                "etcd",
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{self.port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{self.port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{peer}",
+                "--log-level",
+                "error",
+            ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -108,8 +108,9 @@ BAD_TEACHERS = {
 
 def quarantine_warnings(caplog: pytest.LogCaptureFixture, endpoint: str) -> list[str]:
     return [
-        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "quarantined" in r.getMessage()
-        and endpoint in r.getMessage()
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "quarantined" in r.getMessage() and endpoint in r.getMessage()
     ]
 
 
