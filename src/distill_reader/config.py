@@ -12,7 +12,7 @@ import configparser
 import difflib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
         "service_name",
         "require_num",
         "model_name",
+        "max_length",
         "serving_conf_file",
         "token_file",
         "tls_ca",
@@ -73,6 +74,8 @@ class ReaderConfig:
     token: Secret | None = field(default=None, repr=False)
     #: ``[conf] tls_ca``/``tls_cert``/``tls_key``: TLS for teacher and discovery connections.
     tls: TlsFiles | None = field(default=None, repr=False)
+    #: ``[conf] max_length``: the bound of every variable (``-1``) dimension; None without any.
+    max_length: int | None = None
 
     @property
     def predict_feeds(self) -> tuple[TensorSpec, ...]:
@@ -80,6 +83,31 @@ class ReaderConfig:
 
     def served_name(self, var_name: str) -> str:
         return self.served_names.get(var_name, var_name)
+
+    @property
+    def variable_feeds(self) -> tuple[int, ...]:
+        """Indices into ``feeds`` of the vars with a variable dimension (each has a length per row)."""
+        return tuple(i for i, spec in enumerate(self.feeds) if spec.variable)
+
+    @property
+    def length_specs(self) -> tuple[TensorSpec, ...]:
+        """The ``<var>_length`` arrays that end a batch: one int64 per row per variable feed var."""
+        return tuple(TensorSpec(f"{self.feeds[i].name}_length", np.dtype(np.int64), ()) for i in self.variable_feeds)
+
+    @property
+    def length_source(self) -> int | None:
+        """The feed var whose row lengths the fetch vars' variable dimensions take (the first variable
+        var the teacher is given), or None when no var is variable."""
+        return next((i for i in self.predict_feed_ids if self.feeds[i].variable), None)
+
+    @property
+    def pool_specs(self) -> tuple[TensorSpec, ...]:
+        """What a batch slot holds, in batch order: feeds, fetches (variable dimensions at
+        ``max_length``), then the length arrays."""
+        vars_ = (*self.feeds, *self.fetches)
+        if self.max_length is not None:
+            vars_ = tuple(spec.with_length(self.max_length) for spec in vars_)
+        return (*vars_, *self.length_specs)
 
 
 def parse_endpoint(text: str, what: str) -> str:
@@ -159,10 +187,10 @@ class _Section:
         for dim in shape:
             if isinstance(dim, bool) or not isinstance(dim, int):
                 raise ConfigError(f"{self.where(key)}[{index}]: dimension {dim!r} is not an integer")
-            if dim == -1:
-                raise ConfigError(f"{self.where(key)}[{index}]: variable-length dimensions (-1) are not supported yet")
-            if dim < 1:
-                raise ConfigError(f"{self.where(key)}[{index}]: dimension {dim} must be >= 1")
+            if dim < 1 and dim != -1:
+                raise ConfigError(
+                    f"{self.where(key)}[{index}]: dimension {dim} must be >= 1, or -1 for a variable length"
+                )
         return tuple(shape)
 
 
@@ -244,6 +272,8 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"[feed] predict_feed_ids: duplicate ids in {list(ids)}")
 
+    max_length = _max_length(conf, feeds, fetches, ids)
+
     served_names: dict[str, str] = {}
     if conf.has("serving_conf_file"):
         serving_path = Path(conf.string("serving_conf_file"))
@@ -272,7 +302,40 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         served_names=served_names,
         token=token,
         tls=tls,
+        max_length=max_length,
     )
+
+
+def _max_length(
+    conf: _Section, feeds: tuple[TensorSpec, ...], fetches: tuple[TensorSpec, ...], ids: Sequence[int]
+) -> int | None:
+    """``[conf] max_length``, required when a var has a variable dimension; checks how such vars fit."""
+    variable = [spec for spec in (*feeds, *fetches) if spec.variable]
+    if not conf.has("max_length"):
+        if variable:
+            section = "feed" if variable[0] in feeds else "fetch"
+            raise ConfigError(
+                f"[conf] max_length: missing key; [{section}] var {variable[0].name!r} has a variable dimension "
+                f"(-1), and max_length bounds it (it sizes the pool)"
+            )
+        return None
+    max_length = conf.integer("max_length")
+    if max_length < 1:
+        raise ConfigError(f"[conf] max_length: must be >= 1, got {max_length}")
+    if any(spec.variable for spec in fetches) and not any(feeds[i].variable for i in ids):
+        name = next(spec.name for spec in fetches if spec.variable)
+        raise ConfigError(
+            f"[fetch] var {name!r} has a variable dimension, but no var in [feed] predict_feed_ids has one: "
+            "a fetch var's variable dimension takes the length of the first variable feed var the teacher gets"
+        )
+    names = {spec.name for spec in feeds}
+    for spec in feeds:
+        if spec.variable and f"{spec.name}_length" in names:
+            raise ConfigError(
+                f"[feed] feed_vars: {spec.name + '_length'!r} is the name of {spec.name!r}'s length array; "
+                "rename one of them"
+            )
+    return max_length
 
 
 def _nearest(word: str, choices: Iterable[str]) -> str | None:

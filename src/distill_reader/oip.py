@@ -54,7 +54,8 @@ def oip_datatype(dtype: np.dtype | str | type) -> str:
 class TensorSpec:
     """Name, dtype and per-sample shape of one tensor (the batch dimension is not included).
 
-    A ``-1`` in ``shape`` means any size (only in model metadata; the reader's vars are fixed).
+    A ``-1`` in ``shape`` is a variable dimension (any size in model metadata; in the reader's
+    config, a per-row length bounded by ``[conf] max_length``).
     """
 
     name: str
@@ -68,6 +69,15 @@ class TensorSpec:
 
     def batch_shape(self, n: int) -> tuple[int, ...]:
         return (n, *self.shape)
+
+    @cached_property
+    def variable(self) -> bool:
+        """Whether the shape has a variable (``-1``) dimension."""
+        return -1 in self.shape
+
+    def with_length(self, length: int) -> TensorSpec:
+        """This spec with every variable dimension set to ``length``."""
+        return TensorSpec(self.name, self.dtype, tuple(length if d == -1 else d for d in self.shape))
 
     @cached_property
     def sample_nbytes(self) -> int:  # cached: read for every response

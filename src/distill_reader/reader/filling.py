@@ -6,6 +6,12 @@ Every value is copied into the slot as soon as the user's reader yields it (a re
 buffers). A list of samples is written with one ``np.stack`` per field; only when that fails are
 its samples checked one by one, to name the culprit. Each d_batch is reported as soon as its rows
 are written, so requests start while the rest of the slot is still being filled.
+
+Variable-length vars (a ``-1`` in their shape) are stored at ``max_length`` in the slot: each row
+is written at the start of its space and the rest is zeroed, and its length goes into the var's
+length array (the slot's arrays after the feed vars, one per variable var). In a column-wise batch
+such a var is either a sequence of per-row arrays, or a padded array whose row lengths follow the
+feed vars as extra arrays (the layout of the batches the reader yields).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ def describe(value: Any) -> str:
 class SlotFiller:
     """Fills slots from ``acquire()`` and reports every written d_batch and every complete slot.
 
-    ``acquire()`` returns a slot number and its feed arrays (``[batch_size, *shape]`` each), or
-    None when the epoch is being stopped. ``on_d_batch(slot, start, count)`` is called when rows
+    ``acquire()`` returns a slot number and its feed arrays (``[batch_size, *shape]`` each, variable
+    dimensions at ``max_length``) followed by the length arrays of the variable vars, or None when
+    the epoch is being stopped. ``on_d_batch(slot, start, count)`` is called when rows
     ``[start, start + count)`` are written; ``on_sealed(slot, rows)`` when the slot is complete (full,
     or the epoch ended), after its last d_batch. ``position`` counts samples in the epoch.
     """
@@ -42,8 +49,13 @@ class SlotFiller:
         acquire: Callable[[], tuple[int, Sequence[np.ndarray]] | None],
         on_d_batch: Callable[[int, int, int], None],
         on_sealed: Callable[[int, int], None],
+        max_length: int | None = None,
     ) -> None:
         self._feeds = tuple(feeds)
+        self._max_length = max_length
+        #: field -> index of its length array, for the variable vars
+        self._length_of = {f: k for k, f in enumerate(i for i, spec in enumerate(feeds) if spec.variable)}
+        self._lengths: Sequence[np.ndarray] = ()
         self._batch_size = batch_size
         self._d_batch_size = d_batch_size
         self._acquire = acquire
@@ -67,7 +79,9 @@ class SlotFiller:
             return False
         row = self._filled
         for field, (spec, dst, value) in enumerate(zip(self._feeds, self._arrays, sample)):
-            if isinstance(value, np.ndarray) and value.dtype == spec.dtype and value.shape == spec.shape:
+            if field in self._length_of:
+                self._write_variable(field, row, value, self.position)
+            elif isinstance(value, np.ndarray) and value.dtype == spec.dtype and value.shape == spec.shape:
                 dst[row] = value
             else:
                 dst[row] = self._check_value(spec, field, value, self.position)
@@ -93,9 +107,21 @@ class SlotFiller:
         return True
 
     def add_batch(self, fields: Sequence[Any]) -> bool:
-        """Add a column-wise batch: one array per feed var, leading batch dimension."""
+        """Add a column-wise batch: one array per feed var, leading batch dimension (for a variable
+        var: a sequence of rows, or a padded array with the row lengths after the feed vars)."""
+        lengths: list[np.ndarray | None] = [None] * len(self._length_of)
+        if self._length_of and isinstance(fields, (list, tuple)) and len(fields) == len(self._feeds) + len(lengths):
+            lengths = [
+                self._check_lengths(field, value) for field, value in zip(self._length_of, fields[-len(lengths) :])
+            ]
+            fields = fields[: len(self._feeds)]
         self._check_arity(fields, None)
-        columns = [self._check_column(spec, value) for spec, value in zip(self._feeds, fields)]
+        columns = [
+            self._variable_column(field, value, lengths[self._length_of[field]])
+            if field in self._length_of
+            else self._check_column(spec, value)
+            for field, (spec, value) in enumerate(zip(self._feeds, fields))
+        ]
         sizes = {len(c) for c in columns}
         if len(sizes) != 1:
             raise SampleError(
@@ -107,8 +133,12 @@ class SlotFiller:
             if self.slot is None and not self._next_slot():
                 return False
             take = min(self._batch_size - self._filled, n - done)
-            for dst, column in zip(self._arrays, columns):
-                dst[self._filled : self._filled + take] = column[done : done + take]
+            for field, (dst, column) in enumerate(zip(self._arrays, columns)):
+                if field in self._length_of:
+                    for row in range(take):
+                        self._write_variable(field, self._filled + row, column[done + row], self.position + row)
+                else:
+                    dst[self._filled : self._filled + take] = column[done : done + take]
             done += take
             self._advance(take)
         return True
@@ -123,7 +153,8 @@ class SlotFiller:
         acquired = self._acquire()
         if acquired is None:
             return False
-        self.slot, self._arrays = acquired
+        self.slot, arrays = acquired
+        self._arrays, self._lengths = arrays[: len(self._feeds)], arrays[len(self._feeds) :]
         self._filled = self._dispatched = 0
         return True
 
@@ -145,12 +176,16 @@ class SlotFiller:
         if self._filled > self._dispatched:  # the slot's last, short d_batch
             self._dispatch(self._filled - self._dispatched)
         slot, rows = self.slot, self._filled
-        self.slot, self._arrays = None, ()
+        self.slot, self._arrays, self._lengths = None, (), ()
         self._on_sealed(slot, rows)
 
     def _write_rows(self, samples: Sequence[Sequence[Any]]) -> None:
         start, end = self._filled, self._filled + len(samples)
         for field, (spec, dst) in enumerate(zip(self._feeds, self._arrays)):
+            if field in self._length_of:
+                for row, sample in enumerate(samples):
+                    self._write_variable(field, start + row, sample[field], self.position + row)
+                continue
             try:
                 np.stack([sample[field] for sample in samples], out=dst[start:end], casting="no")
             except (ValueError, TypeError):
@@ -169,26 +204,98 @@ class SlotFiller:
 
     @staticmethod
     def _check_value(spec: TensorSpec, field: int, value: Any, index: int) -> np.ndarray:
-        if isinstance(value, np.ndarray):
-            if value.dtype != spec.dtype:
-                raise SampleError(
-                    f"sample {index}, field {field} ({spec.name!r}): dtype {value.dtype.name}, "
-                    f"expected {spec.dtype.name}"
-                )
-            array = value
-        else:
-            try:
-                array = np.asarray(value, dtype=spec.dtype)
-            except (ValueError, TypeError) as exc:
-                raise SampleError(
-                    f"sample {index}, field {field} ({spec.name!r}): cannot convert {describe(value)} "
-                    f"to {spec.dtype.name}: {exc}"
-                ) from None
+        array = SlotFiller._convert(spec, field, value, f"sample {index}")
         if array.shape != spec.shape:
             raise SampleError(
                 f"sample {index}, field {field} ({spec.name!r}): shape {array.shape}, expected {spec.shape}"
             )
         return array
+
+    def _write_variable(self, field: int, row: int, value: Any, index: int) -> None:
+        """Write one row of a variable var at the start of its space, zero the rest, record its length."""
+        spec = self._feeds[field]
+        array = value if isinstance(value, np.ndarray) and value.dtype == spec.dtype else None
+        if array is None:
+            array = self._convert(spec, field, value, f"sample {index}")
+        where = f"sample {index}, field {field} ({spec.name!r})"
+        if array.ndim != len(spec.shape) or any(d not in (-1, a) for d, a in zip(spec.shape, array.shape)):
+            raise SampleError(f"{where}: shape {array.shape}, expected {spec.shape} (-1: any length)")
+        lengths = {a for d, a in zip(spec.shape, array.shape) if d == -1}
+        if len(lengths) > 1:
+            raise SampleError(f"{where}: shape {array.shape}: its variable dimensions {spec.shape} disagree")
+        length = lengths.pop()
+        assert self._max_length is not None
+        if length > self._max_length:
+            raise SampleError(f"{where}: length {length} is longer than [conf] max_length = {self._max_length}")
+        dst = self._arrays[field][row]
+        axes = [axis for axis, d in enumerate(spec.shape) if d == -1]
+        head = tuple(slice(0, length) if d == -1 else slice(None) for d in spec.shape)
+        if len(axes) == 1:
+            tail = tuple(slice(length, None) if d == -1 else slice(None) for d in spec.shape)
+            dst[tail] = 0
+        else:
+            dst.fill(0)
+        dst[head] = array
+        self._lengths[self._length_of[field]][row] = length
+
+    def _variable_column(self, field: int, value: Any, lengths: np.ndarray | None) -> Sequence[Any]:
+        """The rows of a variable var in a column-wise batch: a sequence of rows, or a padded array
+        cut to the lengths given after the feed vars."""
+        spec = self._feeds[field]
+        if lengths is None:
+            if isinstance(value, np.ndarray) and value.dtype != object:
+                raise SampleError(
+                    f"batch at sample {self.position}, field {spec.name!r}: a padded array of a variable var "
+                    f"needs its row lengths: yield them after the feed vars ({spec.name}_length), or yield "
+                    "a list of rows"
+                )
+            if not isinstance(value, (list, tuple, np.ndarray)):
+                raise SampleError(
+                    f"batch at sample {self.position}, field {spec.name!r}: expected a list of rows, "
+                    f"got {describe(value)}"
+                )
+            return value
+        padded = self._convert(spec, field, value, f"batch at sample {self.position}")
+        if padded.ndim != len(spec.shape) + 1 or len(padded) != len(lengths):
+            raise SampleError(
+                f"batch at sample {self.position}, field {spec.name!r}: shape {padded.shape} for "
+                f"{len(lengths)} lengths, expected (n, {', '.join(map(str, spec.shape))})"
+            )
+        axes = [axis for axis, d in enumerate(spec.shape) if d == -1]
+        if lengths.size and lengths.max() > min(padded.shape[1 + a] for a in axes):
+            raise SampleError(
+                f"batch at sample {self.position}, field {spec.name!r}: a length {int(lengths.max())} is longer "
+                f"than the padded array {padded.shape}"
+            )
+        return [
+            row[tuple(slice(0, int(n)) if d == -1 else slice(None) for d in spec.shape)]
+            for row, n in zip(padded, lengths)
+        ]
+
+    def _check_lengths(self, field: int, value: Any) -> np.ndarray:
+        lengths = np.asarray(value)
+        name = f"{self._feeds[field].name}_length"
+        if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or (lengths < 0).any():
+            raise SampleError(
+                f"batch at sample {self.position}, field {name!r}: expected one non-negative integer length "
+                f"per row, got {describe(value)}"
+            )
+        return lengths
+
+    @staticmethod
+    def _convert(spec: TensorSpec, field: int, value: Any, where: str) -> np.ndarray:
+        if isinstance(value, np.ndarray):
+            if value.dtype != spec.dtype:
+                raise SampleError(
+                    f"{where}, field {field} ({spec.name!r}): dtype {value.dtype.name}, expected {spec.dtype.name}"
+                )
+            return value
+        try:
+            return np.asarray(value, dtype=spec.dtype)
+        except (ValueError, TypeError) as exc:
+            raise SampleError(
+                f"{where}, field {field} ({spec.name!r}): cannot convert {describe(value)} to {spec.dtype.name}: {exc}"
+            ) from None
 
     def _check_column(self, spec: TensorSpec, value: Any) -> np.ndarray:
         if not isinstance(value, np.ndarray):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill_reader.config import ReaderConfig
 from distill_reader.errors import ConfigError
 from distill_reader.oip import TensorSpec
 
@@ -117,6 +118,38 @@ class SharedBuffer:
             self.fd = -1
 
 
-def batch_views(arrays: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
-    """The first ``n`` rows of each var: the batch handed to the consumer (views, no copy)."""
-    return [a[:n] for a in arrays]
+@dataclass(frozen=True)
+class VariableCut:
+    """How to cut a variable var of a slot to its batch's longest row: the var's index in the slot,
+    the axes of its variable dimensions (batch axis 0) and the index of the slot's array that holds
+    the row lengths."""
+
+    var: int
+    axes: tuple[int, ...]
+    lengths: int
+
+
+def variable_cuts(config: ReaderConfig) -> tuple[VariableCut, ...]:
+    """The cuts of every variable var of a slot laid out as :attr:`ReaderConfig.pool_specs`."""
+    specs = (*config.feeds, *config.fetches)
+    first_length = len(specs)  # the length arrays follow the feeds and fetches
+    length_of = {feed: first_length + k for k, feed in enumerate(config.variable_feeds)}
+    cuts = []
+    for index, spec in enumerate(specs):
+        if spec.variable:
+            source = index if index < len(config.feeds) else config.length_source
+            assert source is not None  # checked by the config: a variable fetch has a variable feed
+            axes = tuple(1 + a for a, d in enumerate(spec.shape) if d == -1)
+            cuts.append(VariableCut(index, axes, length_of[source]))
+    return tuple(cuts)
+
+
+def batch_views(arrays: Sequence[np.ndarray], n: int, cuts: Sequence[VariableCut] = ()) -> list[np.ndarray]:
+    """The first ``n`` rows of each var: the batch handed to the consumer (views, no copy). Each
+    variable var is cut to the batch's longest row (what lies past a row's length is 0)."""
+    views = [a[:n] for a in arrays]
+    for cut in cuts:
+        longest = int(views[cut.lengths].max(initial=0))
+        view = views[cut.var]
+        views[cut.var] = view[tuple(slice(0, longest) if a in cut.axes else slice(None) for a in range(view.ndim))]
+    return views

@@ -119,7 +119,11 @@ class TeacherClient:
         self._inputs = [(config.served_name(spec.name), spec) for spec in config.predict_feeds]
         self._outputs = [(config.served_name(spec.name), spec) for spec in config.fetches]
         self._requested = [service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n, _ in self._outputs]
-        self._headers: dict[int, bytes] = {}  # d_batch rows -> the request without its tensors
+        #: positions in ``_inputs`` of the variable vars; the first one's lengths are the outputs'
+        self._variable_inputs = [k for k, (_, spec) in enumerate(self._inputs) if spec.variable]
+        #: ``<var>_length`` inputs the teacher declares: (its name, index into the variable inputs)
+        self._length_inputs: list[tuple[str, int]] = []
+        self._headers: dict[tuple, bytes] = {}  # the inputs' shapes -> the request without its tensors
         # ModelInfer with requests we encode ourselves (see encode_infer_request).
         self._model_infer = self._channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
@@ -150,6 +154,14 @@ class TeacherClient:
             return False
         _check_tensors(where, "input", "[feed]", meta.inputs, self._inputs)
         _check_tensors(where, "output", "[fetch]", meta.outputs, self._outputs)
+        # A teacher that declares `<var>_length` (INT64, one per row) gets each row's length too.
+        declared = {t.name: t.datatype for t in meta.inputs}
+        self._length_inputs = [
+            (f"{self._inputs[k][0]}_length", j)
+            for j, k in enumerate(self._variable_inputs)
+            if declared.get(f"{self._inputs[k][0]}_length") == "INT64"
+        ]
+        self._headers.clear()
         return True
 
     def _error(self, exc: grpc.aio.AioRpcError, doing: str) -> Exception:
@@ -177,29 +189,47 @@ class TeacherClient:
             )
         return TeacherError(f"teacher {self.endpoint}: {doing} model {self.model_name!r} failed: {_describe(exc)}")
 
-    async def infer(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Run the model on one d_batch (arrays in predict_feed_ids order); outputs in fetch order."""
+    async def infer(self, inputs: Sequence[np.ndarray], lengths: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+        """Run the model on one d_batch (arrays in predict_feed_ids order, variable vars padded to the
+        d_batch's longest row; ``lengths``: the rows' lengths of each variable var). Returns the
+        outputs in fetch order; a variable output is cut to the first variable var's padded length
+        and zero past each row's length."""
         count = len(inputs[0])
-        header = self._headers.get(count)
+        shapes = tuple(a.shape for a in inputs)
+        header = self._headers.get(shapes)
         if header is None:
-            header = self._headers[count] = service_pb2.ModelInferRequest(
-                model_name=self.model_name,
-                inputs=[
-                    service_pb2.ModelInferRequest.InferInputTensor(
-                        name=name, datatype=oip_datatype(spec.dtype), shape=spec.batch_shape(count)
-                    )
-                    for name, spec in self._inputs
-                ],
-                outputs=self._requested,
+            tensors = [
+                service_pb2.ModelInferRequest.InferInputTensor(
+                    name=name, datatype=oip_datatype(spec.dtype), shape=shape
+                )
+                for (name, spec), shape in zip(self._inputs, shapes)
+            ]
+            tensors += [
+                service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype="INT64", shape=[count])
+                for name, _ in self._length_inputs
+            ]
+            header = self._headers[shapes] = service_pb2.ModelInferRequest(
+                model_name=self.model_name, inputs=tensors, outputs=self._requested
             ).SerializeToString()
-        request = encode_infer_request(header, inputs)
+        arrays = [*inputs, *(np.asarray(lengths[j], dtype=np.int64) for _, j in self._length_inputs)]
+        request = encode_infer_request(header, arrays)
         try:
             response = await self._model_infer(request, timeout=self.request_timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "a request to") from None
-        return self._decode(response, count)
+        if not self._variable_inputs:
+            return self._decode(response, count)
+        first = self._variable_inputs[0]
+        padded = shapes[first][1 + self._inputs[first][1].shape.index(-1)]
+        return self._decode(response, count, padded, lengths[0])
 
-    def _decode(self, response: service_pb2.ModelInferResponse, count: int) -> list[np.ndarray]:
+    def _decode(
+        self,
+        response: service_pb2.ModelInferResponse,
+        count: int,
+        padded: int = 0,
+        row_lengths: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
         if len(response.raw_output_contents) != len(response.outputs):
             raise TeacherMismatchError(
                 f"teacher {self.endpoint} answered without raw_output_contents for every output; "
@@ -215,19 +245,23 @@ class TeacherClient:
                     f"its outputs are {sorted(by_name)}"
                 )
             meta = response.outputs[index]
-            expected = spec.batch_shape(count)
+            shape = spec.with_length(padded) if spec.variable else spec
+            expected = shape.batch_shape(count)
             if meta.datatype != oip_datatype(spec.dtype) or tuple(meta.shape) != expected:
                 raise TeacherMismatchError(
                     f"teacher {self.endpoint} returned {meta.datatype}{list(meta.shape)} for fetch var "
                     f"{spec.name!r}, expected {oip_datatype(spec.dtype)}{list(expected)}"
                 )
             raw = response.raw_output_contents[index]
-            if len(raw) != spec.sample_nbytes * count:
+            if len(raw) != shape.sample_nbytes * count:
                 raise TeacherMismatchError(
                     f"teacher {self.endpoint} returned {len(raw)} bytes for fetch var {spec.name!r}, "
-                    f"expected {spec.sample_nbytes * count}"
+                    f"expected {shape.sample_nbytes * count}"
                 )
             array = np.frombuffer(raw, dtype=spec.dtype).reshape(expected)
+            if spec.variable:  # what the teacher computed on padding is not its answer: zero it
+                assert row_lengths is not None
+                array = zero_padding(array, spec.shape, row_lengths)
             if self.check_finite and array.dtype.kind in "fc" and not all_finite(array):
                 bad = int(np.count_nonzero(~np.isfinite(array)))
                 raise TeacherOutputError(
@@ -236,6 +270,17 @@ class TeacherClient:
                 )
             arrays.append(array)
         return arrays
+
+
+def zero_padding(array: np.ndarray, shape: Sequence[int], lengths: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` (``[rows, *shape]`` with the variable dimensions padded) with every
+    position at or past its row's length set to 0 along each variable dimension."""
+    array = np.array(array)
+    for axis, dim in enumerate(shape):
+        if dim == -1:
+            padding = np.arange(array.shape[1 + axis])[None, :] >= np.asarray(lengths)[:, None]
+            np.moveaxis(array, 1 + axis, 1)[padding] = 0
+    return array
 
 
 def all_finite(array: np.ndarray) -> bool:

@@ -84,13 +84,16 @@ def _report_crash(task: asyncio.Task) -> None:
 
 @dataclass(order=True)
 class WorkItem:
-    """Rows ``[start, start + count)`` of batch slot ``slot``; ordered by position in the epoch."""
+    """Rows ``[start, start + count)`` of batch slot ``slot``, or the rows ``rows`` of it (a
+    d_batch of rows grouped by length, ``start`` then orders the groups); ordered by position in
+    the epoch."""
 
     sequence: int  # the batch's number in the epoch
     start: int
     epoch: int = field(compare=False)
     slot: int = field(compare=False)
     count: int = field(compare=False)
+    rows: np.ndarray | None = field(default=None, compare=False)
     attempts: int = field(default=0, compare=False)  # answers that were errors, from any teacher
     failed_on: set[str] = field(default_factory=set, compare=False)  # endpoints that answered wrongly
 
@@ -181,10 +184,15 @@ class Scheduler:
         on_done: Callable[[WorkItem], None],
         on_error: Callable[[int, Exception], None],
         on_warning: Callable[[str], None],
+        length_arrays: Sequence[Sequence[np.ndarray]] = (),
     ) -> None:
         self._config = config
         self._feed_arrays = feed_arrays  # [slot][predict var] views
         self._fetch_arrays = fetch_arrays  # [slot][fetch var] views
+        self._length_arrays = length_arrays  # [slot][variable predict var] views of the row lengths
+        #: per predict var: the axes (of a batch array) of its variable dimensions
+        self._feed_axes = [tuple(1 + a for a, d in enumerate(s.shape) if d == -1) for s in config.predict_feeds]
+        self._fetch_axes = [tuple(1 + a for a, d in enumerate(s.shape) if d == -1) for s in config.fetches]
         self._options = options
         self._on_done = on_done
         self._on_error = on_error
@@ -348,13 +356,42 @@ class Scheduler:
                 teacher.quarantined = None
             return True
 
+    def _request(self, item: WorkItem) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The d_batch's inputs (variable vars cut to its longest row) and its rows' lengths."""
+        rows = slice(item.start, item.start + item.count) if item.rows is None else item.rows
+        inputs = [a[rows] for a in self._feed_arrays[item.slot]]
+        if not self._length_arrays:
+            return inputs, []
+        lengths = [a[rows] for a in self._length_arrays[item.slot]]
+        lengths_of = iter(lengths)
+        for k, axes in enumerate(self._feed_axes):
+            if axes:
+                longest = int(next(lengths_of).max(initial=0))
+                inputs[k] = inputs[k][
+                    tuple(slice(0, longest) if a in axes else slice(None) for a in range(inputs[k].ndim))
+                ]
+        return inputs, lengths
+
+    def _write(self, item: WorkItem, outputs: Sequence[np.ndarray]) -> None:
+        """Teacher outputs into the pool; a variable var's space past the answer is zeroed (the
+        answer itself is zero past each row's length: see the client)."""
+        rows = slice(item.start, item.start + item.count) if item.rows is None else item.rows
+        for dst, src, axes in zip(self._fetch_arrays[item.slot], outputs, self._fetch_axes):
+            if not axes:
+                dst[rows] = src
+                continue
+            head = tuple(slice(0, src.shape[a]) if a in axes else slice(None) for a in range(1, src.ndim))
+            dst[(rows, *head)] = src
+            for a in axes:
+                dst[(rows, *(slice(src.shape[a], None) if b == a else slice(None) for b in range(1, src.ndim)))] = 0
+
     async def _run(self, teacher: _Teacher, item: WorkItem) -> None:
-        inputs = [a[item.start : item.start + item.count] for a in self._feed_arrays[item.slot]]
+        inputs, lengths = self._request(item)
         teacher.in_flight += 1
         teacher.requests += 1
         started = time.perf_counter()
         try:
-            outputs = await teacher.client.infer(inputs)
+            outputs = await teacher.client.infer(inputs, lengths)
         except TransientTeacherError as exc:
             self._teacher_failed(teacher, str(exc))
             self._requeue(item)
@@ -390,8 +427,7 @@ class Scheduler:
         self._stalled_since = None
         if not self._live(item):
             return  # the epoch was cancelled while the request was in flight
-        for dst, src in zip(self._fetch_arrays[item.slot], outputs):
-            dst[item.start : item.start + item.count] = src
+        self._write(item, outputs)
         self._outstanding -= 1
         self._on_done(item)
 
