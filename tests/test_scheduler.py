@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def test_a_crashed_worker_is_reported_to_the_loop(write_config, monkeypatch):
-    async def broken_infer(self, inputs):
+    async def broken_infer(self, inputs, lengths=()):
         raise ValueError("a bug in the request path")
 
     with running_server(PythonBackend(tag)) as endpoint:
