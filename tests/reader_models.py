@@ -43,3 +43,43 @@ def slow_tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
 def broken(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     raise RuntimeError("the teacher model is broken")
+
+
+# -- sequence models: variable-length rows, per-token top-k-shaped outputs ------------------------
+
+K = 4  # entries per token of the sequence models' outputs
+
+
+def seq_rows(tokens: np.ndarray, lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of each row: ``values`` = the running sum of the row's tokens (causal, so
+    padding at the end changes no real position) plus ``j / 8`` (plus 1000 × the row's length when
+    the lengths are given), and ``indices`` = ``(token + j) % 1000``, for ``j < K``."""
+    values = np.cumsum(tokens, axis=1, dtype=np.float64)[..., None] + np.arange(K) / 8
+    if lengths is not None:
+        values += 1000.0 * np.asarray(lengths, dtype=np.float64)[:, None, None]
+    indices = (tokens[..., None] + np.arange(K)) % 1000
+    return values.astype(np.float32), indices.astype(np.int32)
+
+
+SEQ_OUTPUTS = [("topk_values", "float32", (-1, K)), ("topk_indices", "int32", (-1, K))]
+
+
+@teacher_model(inputs=[("tokens", "int64", (-1,))], outputs=SEQ_OUTPUTS)
+def seq_tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    values, indices = seq_rows(batch["tokens"])
+    return {"topk_values": values, "topk_indices": indices}
+
+
+@teacher_model(inputs=[("tokens", "int64", (-1,)), ("tokens_length", "int64", ())], outputs=SEQ_OUTPUTS)
+def seq_tag_lengths(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`seq_tag` that also takes each row's length (as a model with an attention mask does)."""
+    values, indices = seq_rows(batch["tokens"], batch["tokens_length"])
+    return {"topk_values": values, "topk_indices": indices}
+
+
+def make_sequence(i: int, max_length: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``i`` of the sequence tests: tokens of a length 1..max_length that depends on ``i``,
+    and the sample's number."""
+    length = 1 + (i * 7919) % max_length
+    tokens = (np.arange(length, dtype=np.int64) * 31 + i * 17) % 997 + 1
+    return tokens, np.array([i], dtype=np.int64)

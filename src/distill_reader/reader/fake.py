@@ -10,6 +10,7 @@ import numpy as np
 
 from distill_reader.config import load_config, validate_reader_args
 from distill_reader.reader.filling import SlotFiller
+from distill_reader.reader.pool import batch_views, variable_cuts
 from distill_reader.reader.source import ReaderSource, reader_function_error
 
 
@@ -43,16 +44,20 @@ class FakeDistillReader(ReaderSource):
         ready: list[list[np.ndarray]] = []
         slots: dict[int, list[np.ndarray]] = {}
 
+        n_feeds, n_vars = len(config.feeds), len(config.feeds) + len(config.fetches)
+        cuts = variable_cuts(config)
+
         def acquire() -> tuple[int, list[np.ndarray]]:
             slot = len(slots)
-            slots[slot] = [np.empty(s.batch_shape(self.batch_size), s.dtype) for s in config.feeds]
-            return slot, slots[slot]
+            slots[slot] = [np.zeros(s.batch_shape(self.batch_size), s.dtype) for s in config.pool_specs]
+            return slot, slots[slot][:n_feeds] + slots[slot][n_vars:]
 
         def sealed(slot: int, rows: int) -> None:
-            feeds = [a[:rows] for a in slots.pop(slot)]
-            ready.append(feeds + [np.zeros(s.batch_shape(rows), s.dtype) for s in config.fetches])
+            ready.append(batch_views(slots.pop(slot), rows, cuts))
 
-        filler = SlotFiller(config.feeds, self.batch_size, self.batch_size, acquire, lambda *_: None, sealed)
+        filler = SlotFiller(
+            config.feeds, self.batch_size, self.batch_size, acquire, lambda *_: None, sealed, config.max_length
+        )
         add = filler.adder(kind)
         # The user's exceptions become ReaderFunctionError, bad samples SampleError, as in DistillReader.
         try:
