@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from multiprocessing.connection import Connection
 
 import pytest
+from conftest import child_pids
 from reader_models import make_sample
+from test_reader import check_epoch, sample_list_reader
 
-from distill_reader import DistillReader, TeacherError
+from distill_reader import DistillReader, PipelineError, TeacherError
 from distill_reader.reader.channel import (
     Cancel,
     Cancelled,
@@ -147,3 +150,21 @@ def test_failed_epochs_do_not_lose_slots(write_config, teachers):
         for _ in range(6):
             with pytest.raises(TeacherError, match="the teacher model is broken"):
                 list(dr.distill_reader()())
+
+
+def test_a_killed_pipeline_process_fails_the_epoch_and_is_replaced(write_config, tag_teachers, caplog):
+    before = child_pids()
+    dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=1, copy=True)
+    dr.set_sample_list_generator(sample_list_reader(160, 5))
+    with dr, caplog.at_level(logging.WARNING, logger="distill_reader"):
+        batches = dr.distill_reader()()
+        next(batches)  # the pool holds 3 more batches at most: the epoch cannot end without the process
+        (pipeline,) = child_pids() - before
+        os.kill(pipeline, signal.SIGKILL)
+        with pytest.raises(PipelineError, match="pipeline process"):
+            for _ in batches:
+                pass
+        check_epoch(list(dr.distill_reader()()), 160, 8)
+        (replacement,) = child_pids() - before
+        assert replacement != pipeline
+    assert any("the pipeline process stopped" in r.getMessage() for r in caplog.records)

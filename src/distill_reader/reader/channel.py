@@ -8,9 +8,14 @@ Two one-way pipes. Training process -> pipeline process: :class:`Work`, :class:`
 what each one means.
 
 Each message is a NamedTuple; it travels as a plain tuple ``(tag, *fields)`` pickled with
-:func:`pickle.dumps`. ``Work`` is sent for every d_batch (thousands per second), and a tuple of
-ints pickles several times faster than a NamedTuple or a dataclass, which pickle their class by
-name, or than ``Connection.send``'s ``ForkingPickler`` (see ``tests/test_channel.py``).
+:func:`pickle.dumps`. ``Work`` is sent for every d_batch (thousands per second): a tuple of ints
+pickles several times faster than a NamedTuple or a dataclass, which pickle their class by name,
+and ``pickle.dumps`` is faster than ``Connection.send``'s ``ForkingPickler``. On a busy 2-core
+machine ``decode(encode(Work(...)))`` took 2.4 to 4 us, the earlier ``("work", ...)`` tuples
+through ``ForkingPickler`` 5 to 9 us, a NamedTuple pickled by class 10 to 13 us::
+
+    PYTHONPATH=src python -m timeit -s "from distill_reader.reader.channel import Work, encode, decode; \
+        m = Work(3, 1234, 2, 8, 4)" "decode(encode(m))"
 
 Every pipe end has exactly one reader and one writer: a ``Sender`` serializes the threads that
 write (a lock), and each side reads its pipe from one place only (the training process's receiver
@@ -212,8 +217,10 @@ class Sender:
                 raise OSError("the channel is closed")
             # A pipe with room for PIPE_BUF bytes is writable; our messages to the pipeline process
             # are far smaller, so the write that follows does not block.
+            poller = select.poll()  # not select.select: descriptors above 1023 are fine
+            poller.register(self._connection.fileno(), select.POLLOUT)
             remaining = max(0.0, deadline - time.monotonic())
-            if not select.select([], [self._connection.fileno()], [], remaining)[1]:
+            if not poller.poll(remaining * 1000):
                 raise ChannelTimeout(f"could not send {type(message).__name__}: the pipe stayed full")
             self._connection.send_bytes(data)
         finally:

@@ -155,7 +155,8 @@ class DistillReader(ReaderSource):
     def _ensure_pipeline(self) -> Pipeline:
         holder = self._holder
         if holder.pipeline is not None and not holder.pipeline.alive:
-            log.warning("the pipeline process stopped (%s); starting a new one", holder.pipeline.broken)
+            if not holder.pipeline.closed:  # (closed: close() from another thread is under way)
+                log.warning("the pipeline process stopped (%s); starting a new one", holder.pipeline.broken)
             holder.close()
         if holder.pipeline is None:
             holder.pipeline = Pipeline(self.config, self._layout, self.d_batch_size, self._options, self._stats)

@@ -272,6 +272,10 @@ class Pipeline:
         return self.broken is None and not self._closed and self._process is not None and self._process.poll() is None
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def owned(self) -> bool:
         """False in a forked copy of the training process (e.g. a DataLoader worker)."""
         return os.getpid() == self._owner_pid
