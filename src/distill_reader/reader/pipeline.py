@@ -315,7 +315,7 @@ class Pipeline:
         if self._sender is not None:
             self._sender.close(_STOP_TIMEOUT)
         thread = self._receiver_thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(_STOP_TIMEOUT)
 
     # -- the receiver thread: the one reader of the pipe from the pipeline process -----------
