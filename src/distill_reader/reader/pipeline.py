@@ -85,7 +85,7 @@ log = logging.getLogger("distill_reader")
 _START_TIMEOUT = 60.0  # seconds for the pipeline process to import and map the pool
 _ACK_TIMEOUT = 5.0  # seconds for the pipeline process to acknowledge a cancelled epoch
 _STOP_TIMEOUT = 2.0
-_STATS_WAIT = 1.0  # seconds a StatsRequest may wait for the pipe
+_STATS_WAIT = 1.0  # seconds an unawaited StatsRequest may wait for the pipe
 _STATS_RETRY = 5.0  # an unanswered StatsRequest is sent again after this
 _WAIT_SLICE = 1.0  # waits on the condition wake at least this often (they also wake on every message)
 _TICK = 0.05
@@ -383,7 +383,7 @@ class Pipeline:
             target = self._stats_reports + 1
         if ask:
             try:
-                self.send(StatsRequest(), timeout=_STATS_WAIT)
+                self.send(StatsRequest(), timeout=wait if wait > 0 else _STATS_WAIT)
             except (OSError, ChannelTimeout):  # the feeder or the next wait reports a lost process
                 with self._cond:
                     self._stats_asked_at = None
