@@ -3,6 +3,7 @@
 The public API is what this module exports; everything else is private and may change.
 """
 
+from distill_reader._logging import install_default_handler
 from distill_reader.errors import (
     ConfigError,
     DistillReaderError,
@@ -18,6 +19,10 @@ from distill_reader.errors import (
 )
 
 __version__ = "0.1.0"
+
+# The library's log lines show in one format without any logging configuration, and only in the
+# user's once there is one (see distill_reader._logging).
+install_default_handler()
 
 __all__ = [
     "ConfigError",

@@ -16,7 +16,7 @@ from distill_reader.errors import ConfigError
 from distill_reader.reader.pipeline import Epoch, Pipeline, failure_of, is_end
 from distill_reader.reader.pool import PoolLayout, batch_views, check_fits
 from distill_reader.reader.source import ReaderSource
-from distill_reader.reader.stats import ReaderStats, StatsTracker
+from distill_reader.reader.stats import PoolShape, ReaderStats, StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
 
 log = logging.getLogger("distill_reader")
@@ -25,6 +25,8 @@ Batch = list[np.ndarray]
 
 #: rows each teacher should have in flight by default (max_in_flight = this / d_batch_size, >= 4)
 DEFAULT_ROWS_IN_FLIGHT = 128
+
+_STOPPED_BY_NEWER = "this epoch was stopped: a newer epoch of the same reader started (one epoch runs at a time)"
 
 
 class DistillReader(ReaderSource):
@@ -48,6 +50,12 @@ class DistillReader(ReaderSource):
     or inf in a floating-point output as wrong (True). See :meth:`stats`.
 
     A batch is a list of arrays: every feed var in config order, then every fetch var.
+
+    Threads: :meth:`stats` may be called from any thread at any time. :meth:`close` may be called
+    from any thread: an epoch being iterated elsewhere raises :class:`~distill_reader.DistillReaderError`
+    ("the reader was closed") at its next wait for a batch, and a later epoch starts the reader
+    again. One epoch runs at a time: starting an epoch (from any thread) stops an unfinished one,
+    whose next wait raises ``DistillReaderError`` ("this epoch was stopped: a newer epoch ...").
     """
 
     def __init__(
@@ -97,7 +105,10 @@ class DistillReader(ReaderSource):
             (*self.config.feeds, *self.config.fetches), len(self.config.feeds), self.batch_size, self.capacity
         )
         check_fits(self._layout)
-        self._stats = StatsTracker(float(log_interval))
+        self._stats = StatsTracker(
+            float(log_interval),
+            PoolShape(self.capacity, self.occupied_capacity, self.batch_size, self.d_batch_size, max_in_flight),
+        )
         self._holder = _PipelineHolder()
         self._active: Epoch | None = None
         self._lock = threading.Lock()
@@ -105,20 +116,37 @@ class DistillReader(ReaderSource):
         weakref.finalize(self, self._holder.close)
 
     def stats(self) -> ReaderStats:
-        """Throughput, time the training loop waited, retries, and per-teacher requests in flight and
-        latency percentiles. A summary is also logged at INFO every ``log_interval`` seconds."""
-        if self._holder.pipeline is not None:
-            self._holder.pipeline.request_stats(wait=1.0)
+        """Throughput, time the training loop waited, retries, per-teacher requests in flight and
+        latency percentiles, and whether the pool limits throughput. A summary is also logged at
+        INFO every ``log_interval`` seconds.
+
+        Safe from any thread, e.g. a monitoring thread while the training loop iterates; it waits at
+        most about a second for the pipeline process's numbers."""
+        pipeline = self._holder.pipeline
+        if pipeline is not None:
+            pipeline.request_stats(wait=1.0)
         return self._stats.snapshot()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the pipeline process and free the pool. The reader can be used again afterwards."""
+        """Stop the pipeline process and free the pool (bounded: a few seconds at worst). The reader
+        can be used again afterwards.
+
+        Safe from any thread: an epoch another thread iterates raises ``DistillReaderError`` ("the
+        reader was closed") at its next wait, at once if it is waiting now."""
+        pipeline = self._holder.pipeline
+        if pipeline is not None and not pipeline.owned:
+            return  # a forked copy of the training process: the pipeline is its parent's
+        if pipeline is not None:
+            pipeline.mark_closed()  # wakes the training loop's wait first: it must not wait for us
         with self._lock:
-            if self._active is not None and self._holder.pipeline is not None:
-                self._holder.pipeline.abort(self._active)
+            pipeline = self._holder.pipeline
+            if self._active is not None and pipeline is not None:
+                pipeline.abort(self._active)
             self._active = None
-        self._holder.close()
+            self._holder.pipeline = None
+        if pipeline is not None:
+            pipeline.close()
 
     def __enter__(self) -> DistillReader:
         return self
@@ -130,7 +158,8 @@ class DistillReader(ReaderSource):
     def _ensure_pipeline(self) -> Pipeline:
         holder = self._holder
         if holder.pipeline is not None and not holder.pipeline.alive:
-            log.warning("the pipeline process stopped (%s); starting a new one", holder.pipeline.broken)
+            if not holder.pipeline.closed:  # (closed: close() from another thread is under way)
+                log.warning("the pipeline process stopped (%s); starting a new one", holder.pipeline.broken)
             holder.close()
         if holder.pipeline is None:
             holder.pipeline = Pipeline(self.config, self._layout, self.d_batch_size, self._options, self._stats)
@@ -141,8 +170,9 @@ class DistillReader(ReaderSource):
         kind, reader = self._reader
         with self._lock:
             if self._active is not None and self._holder.pipeline is not None:
-                # An earlier epoch's generator was left unfinished and is still referenced.
-                self._holder.pipeline.abort(self._active)
+                # An earlier epoch's generator was left unfinished and is still referenced (or is
+                # being iterated by another thread: its next wait raises).
+                self._holder.pipeline.abort(self._active, _STOPPED_BY_NEWER)
                 self._active = None
             pipeline = self._ensure_pipeline()
             # Asking for a new epoch's first batch counts as taking one more batch.
@@ -160,9 +190,11 @@ class DistillReader(ReaderSource):
                 error = failure_of(item)
                 if error is not None:
                     raise error
-                teacher_seconds = pipeline.wait_done(epoch, item.slot)
-                waited = time.perf_counter() - waiting_since
-                if self._stats.batch(item.rows, waited, item.fill_seconds, teacher_seconds):
+                sealed_at = time.perf_counter()
+                teacher_seconds = pipeline.wait_done(epoch, item)
+                done_at = time.perf_counter()
+                waited = done_at - waiting_since
+                if self._stats.batch(item.rows, waited, item.fill_seconds, teacher_seconds, done_at - sealed_at):
                     pipeline.request_stats(wait=0)
                 views = batch_views(pipeline.slots[item.slot], item.rows)
                 if self.copy:
@@ -172,6 +204,7 @@ class DistillReader(ReaderSource):
                     batch = views
                     pipeline.hold(item.slot)
                 yield batch
+                pipeline.check(epoch)  # stopped or closed from another thread meanwhile: raise
                 # The consumer asked for the next batch: it has now taken one more.
                 pipeline.release_held(self.occupied_capacity)
         finally:

@@ -5,7 +5,16 @@ Lifecycle (one owner for each):
 * :class:`Pipeline` owns the shared pool, the slot bookkeeping and the pipeline process. It starts
   with the first epoch and lives across epochs; if its process dies it is replaced at the next epoch.
   ``close()`` (the reader's ``close()``, its finalizer, or interpreter exit) stops the process:
-  ``stop`` message, 2 s to exit, then SIGKILL.
+  ``Stop`` message, 2 s to exit, then SIGKILL. A forked copy of the training process (a DataLoader
+  worker) never stops it.
+* The channel (:mod:`distill_reader.reader.channel`): any thread sends through the one
+  :class:`~distill_reader.reader.channel.Sender`; one receiver thread (a daemon, ending at the
+  pipe's end-of-file when the process exits) is the only reader of the pipe from the pipeline
+  process. It emits the process's log records under their logger names, hands statistics to the
+  :class:`~distill_reader.reader.stats.StatsTracker`, and records everything else (slots done,
+  epoch errors, cancel acknowledgements, a fatal error, the end of the process) under one
+  condition. Every wait (the training loop's, ``abort``'s, ``request_stats``'s) waits on that
+  condition, woken by each message, by each item the feeder hands over and by ``mark_closed``.
 * :class:`Epoch` owns one pass over the user's reader: a feeder thread that writes samples into
   free slots and sends each d_batch to the pipeline process as soon as its rows are written. The
   consumer (the training loop's generator) takes sealed slots in order, waits until the pipeline
@@ -16,9 +25,12 @@ Lifecycle (one owner for each):
 * Early exit (``break``, an exception, Ctrl-C): the consumer's generator is closed and aborts the
   epoch: it stops the feeder, asks the pipeline process to cancel the epoch and waits for its
   acknowledgement (after which no teacher output is written for that epoch), then frees every
-  slot of the epoch that the consumer does not hold. A feeder stuck inside the user's reader is
-  left behind (it is a daemon thread) and frees its slot itself when the reader returns (the
-  pipeline process ignores anything sent for a cancelled epoch).
+  slot of the epoch that the consumer does not hold (a slot it took but did not yield included).
+  A feeder stuck inside the user's reader is left behind (it is a daemon thread) and frees its
+  slot itself when the reader returns (the pipeline process ignores anything sent for a cancelled
+  epoch).
+* From another thread: ``abort(epoch, reason)`` (a newer epoch started) and ``mark_closed`` (the
+  reader's ``close()``) make the consumer's next wait raise, at once if it is waiting.
 """
 
 from __future__ import annotations
@@ -29,7 +41,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -42,8 +53,27 @@ from typing import Any
 
 import numpy as np
 
+from distill_reader._logging import handle_forwarded
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import DistillReaderError, PipelineError
+from distill_reader.reader.channel import (
+    Cancel,
+    Cancelled,
+    ChannelTimeout,
+    EpochError,
+    Fatal,
+    LogMessage,
+    Message,
+    Ready,
+    Receiver,
+    Seal,
+    Sender,
+    SlotDone,
+    StatsReport,
+    StatsRequest,
+    Stop,
+    Work,
+)
 from distill_reader.reader.filling import SlotFiller
 from distill_reader.reader.pipeline_process import PipelineSpec
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
@@ -56,7 +86,11 @@ log = logging.getLogger("distill_reader")
 _START_TIMEOUT = 60.0  # seconds for the pipeline process to import and map the pool
 _ACK_TIMEOUT = 5.0  # seconds for the pipeline process to acknowledge a cancelled epoch
 _STOP_TIMEOUT = 2.0
-_TICK = 0.05  # how often waits look at the other side
+_STATS_WAIT = 1.0  # seconds an unawaited StatsRequest may wait for the pipe
+_STATS_RETRY = 5.0  # an unanswered StatsRequest is sent again after this
+_WAIT_SLICE = 1.0  # waits on the condition wake at least this often (they also wake on every message)
+_TICK = 0.05
+_CLOSED_HINT = " (close() was called, maybe from another thread); a new epoch starts it again"
 _CHILD_MAIN = "import sys; from distill_reader.reader.pipeline_process import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -87,7 +121,7 @@ def deferred_interrupt() -> Iterator[None]:
 
 
 def _enlarge_pipe(fd: int) -> None:
-    """Give the pipe 1 MiB (Linux) so the pipeline process never waits on a busy training loop."""
+    """Give the pipe 1 MiB (Linux): a burst of messages never makes its writer wait."""
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
     if set_size is not None:
         with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
@@ -152,9 +186,23 @@ class Pipeline:
         self.stats = stats
         self.layout = layout
         self._owner_pid = os.getpid()
-        self._buffer = SharedBuffer.create(layout.nbytes)
-        self._send_lock = threading.Lock()
+        # Everything the receiver thread learns, and every epoch's sealed slots, under one condition
+        # that the training loop, abort() and request_stats() wait on.
+        self._cond = threading.Condition()
+        self.broken: BaseException | None = None  # set once: the next epoch starts a new pipeline
+        self._closed = False
+        self._ready = False
+        self._fatal: BaseException | None = None
+        self._eof = False
+        self._done: dict[tuple[int, int], float] = {}  # (epoch, slot) reported done -> teacher seconds
+        self._errors: dict[int, BaseException] = {}
+        self._acks: set[int] = set()
+        self._stats_asked_at: float | None = None  # a StatsRequest is unanswered since then
+        self._stats_reports = 0
         self._process: subprocess.Popen | None = None
+        self._sender: Sender | None = None
+        self._receiver_thread: threading.Thread | None = None
+        self._buffer = SharedBuffer.create(layout.nbytes)
         try:
             self._start_process(options)
         finally:
@@ -162,11 +210,6 @@ class Pipeline:
         self.slots = [layout.slot_arrays(self._buffer.mmap, s) for s in range(layout.capacity)]
         self.free = SlotPool(layout.capacity)
         self.held: collections.deque[int] = collections.deque()  # yielded slots, oldest first
-        self.broken: BaseException | None = None
-        self._done: dict[tuple[int, int], float] = {}  # (epoch, slot) reported done -> teacher seconds
-        self._errors: dict[int, BaseException] = {}
-        self._acks: set[int] = set()
-        self._stats_requested = False
         self._next_epoch = 0
 
     # -- process -----------------------------------------------------------------------------
@@ -174,6 +217,7 @@ class Pipeline:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         _enlarge_pipe(from_child_w)
+        _enlarge_pipe(to_child_w)
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_MAIN, str(to_child_r), str(from_child_w)],
@@ -188,8 +232,8 @@ class Pipeline:
             raise
         os.close(to_child_r)
         os.close(from_child_w)
-        self._to_child = Connection(to_child_w, readable=False)
-        self._from_child = Connection(from_child_r, writable=False)
+        to_child = Connection(to_child_w, readable=False)
+        receiver = Receiver(Connection(from_child_r, writable=False))
         spec = PipelineSpec(
             config=self.config,
             layout=self.layout,
@@ -198,94 +242,179 @@ class Pipeline:
             log_level=logging.getLogger("distill_reader").getEffectiveLevel(),
             parent_pid=os.getpid(),
         )
+        process = self._process
+        self._receiver_thread = threading.Thread(
+            target=self._receive, args=(receiver, process), name="distill-reader-receiver", daemon=True
+        )
         try:
-            self._send(spec)
+            self._receiver_thread.start()
+            to_child.send(spec)  # the one message that is not a channel message: no sender exists yet
+            self._sender = Sender(to_child)
             deadline = time.monotonic() + _START_TIMEOUT
-            while not self._from_child.poll(_TICK):
-                if self._process.poll() is not None:
-                    raise PipelineError(f"the pipeline process exited with code {self._process.returncode} on start")
-                if time.monotonic() > deadline:
-                    raise PipelineError(f"the pipeline process did not start within {_START_TIMEOUT:.0f} s")
-            message = self._from_child.recv()
-            if message[0] == "fatal":
-                raise PipelineError(f"the pipeline process failed to start: {message[1]}") from message[1]
+            with self._cond:
+                while not self._ready:
+                    if self._fatal is not None:
+                        raise PipelineError(f"the pipeline process failed to start: {self._fatal}") from self._fatal
+                    if self._eof or process.poll() is not None:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            process.wait(_TICK)
+                        raise PipelineError(f"the pipeline process exited with code {process.returncode} on start")
+                    if time.monotonic() > deadline:
+                        raise PipelineError(f"the pipeline process did not start within {_START_TIMEOUT:.0f} s")
+                    self._cond.wait(_TICK)
         except BaseException:
+            if self._sender is None:
+                to_child.close()
             self.close()
             raise
 
-    def _send(self, message: Any) -> None:
-        with self._send_lock:
-            self._to_child.send(message)
-
     @property
     def alive(self) -> bool:
-        return self.broken is None and self._process is not None and self._process.poll() is None
+        return self.broken is None and not self._closed and self._process is not None and self._process.poll() is None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def owned(self) -> bool:
+        """False in a forked copy of the training process (e.g. a DataLoader worker)."""
+        return os.getpid() == self._owner_pid
+
+    def send(self, message: Message, timeout: float | None = None) -> None:
+        """Send to the pipeline process (from any thread); OSError once it is gone."""
+        if self._sender is None:
+            raise OSError("the pipeline process is not started")
+        self._sender.send(message, timeout)
+
+    def mark_closed(self) -> None:
+        """Make every wait on this pipeline raise "the reader was closed" (from any thread)."""
+        if not self.owned:
+            return
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop the pipeline process (bounded: 2 s, then SIGKILL). Idempotent."""
-        if os.getpid() != self._owner_pid:
+        """Stop the pipeline process (bounded: 2 s, then SIGKILL). Idempotent; any thread."""
+        if not self.owned:
             return  # a forked copy of the training process (e.g. a DataLoader worker) exiting: not ours
+        self.mark_closed()
         process, self._process = self._process, None
         if process is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            self._send(("stop",))
+        if self._sender is not None:
+            with contextlib.suppress(OSError, ChannelTimeout):
+                self._sender.send(Stop(), timeout=_STOP_TIMEOUT)
         try:
             process.wait(_STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(_STOP_TIMEOUT)
-        for conn in (self._to_child, self._from_child):
-            conn.close()
+        # The process is gone: a feeder still writing gets EPIPE, and the receiver thread reads
+        # end-of-file and closes its end.
+        if self._sender is not None:
+            self._sender.close(_STOP_TIMEOUT)
+        thread = self._receiver_thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(_STOP_TIMEOUT)
 
-    # -- messages from the pipeline process ---------------------------------------------------
-    def _pump(self, timeout: float) -> None:
-        """Handle messages from the pipeline process, waiting up to ``timeout`` for the first."""
-        if self.broken is not None:
-            raise self.broken
+    # -- the receiver thread: the one reader of the pipe from the pipeline process -----------
+    def _receive(self, receiver: Receiver, process: subprocess.Popen) -> None:
         try:
-            ready = self._from_child.poll(timeout)
-            while ready:
-                self._handle(self._from_child.recv())
-                ready = self._from_child.poll()
-        except (EOFError, OSError):
-            code = self._process.poll() if self._process else None
-            self.broken = PipelineError(f"the pipeline process died (exit code {code})")
-            raise self.broken from None
+            while True:
+                try:
+                    message = receiver.recv()
+                except (EOFError, OSError):
+                    return  # the pipeline process exited, or was killed
+                kind = type(message)
+                if kind is LogMessage:
+                    # A user's filter or handler failing is not the channel's concern.
+                    with contextlib.suppress(Exception):
+                        handle_forwarded(message.to_record())
+                    continue
+                if kind is StatsReport:
+                    self.stats.pipeline_report(message.teachers, message.retries)
+                with self._cond:
+                    self._dispatch(message)
+                    self._cond.notify_all()
+        except BaseException as exc:  # a bug of ours, or an unreadable message: the channel is lost
+            with self._cond:
+                self.broken = self.broken or PipelineError(f"reading from the pipeline process failed: {exc!r}")
+            log.error("reading from the pipeline process failed", exc_info=True)
+        finally:
+            receiver.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(_TICK)  # for the exit code
+            with self._cond:
+                self._eof = True
+                self.broken = self.broken or PipelineError(f"the pipeline process died (exit code {process.poll()})")
+                self._cond.notify_all()
+
+    def _dispatch(self, message: Message) -> None:
+        kind = type(message)
+        if kind is SlotDone:
+            self._done[(message.epoch, message.slot)] = message.seconds
+        elif kind is EpochError:
+            self._errors.setdefault(message.epoch, message.error)
+        elif kind is Cancelled:
+            self._acks.add(message.epoch)
+        elif kind is StatsReport:
+            self._stats_asked_at = None
+            self._stats_reports += 1
+        elif kind is Ready:
+            self._ready = True
+        elif kind is Fatal:
+            self._fatal = self._fatal or message.error
+            self.broken = self.broken or message.error
 
     def request_stats(self, wait: float) -> None:
-        """Ask the pipeline process for its statistics; wait up to ``wait`` seconds for them."""
-        if not self.alive:
+        """Ask the pipeline process for its statistics; wait up to ``wait`` seconds for them. Any
+        thread; concurrent callers share one request."""
+        if not self.owned:
             return
-        if not self._stats_requested:
-            self._stats_requested = True
-            self._send(("stats?",))
-        deadline = time.monotonic() + wait
-        with contextlib.suppress(DistillReaderError):  # errors stay recorded for the epoch to raise
-            self._pump(0)
-            while self._stats_requested and time.monotonic() < deadline:
-                self._pump(_TICK)
+        now = time.monotonic()
+        with self._cond:
+            if not self.alive:
+                return
+            # One request at a time; asked again if an answer got lost (it never should).
+            ask = self._stats_asked_at is None or now - self._stats_asked_at > _STATS_RETRY
+            if ask:
+                self._stats_asked_at = now
+            target = self._stats_reports + 1
+        if ask:
+            try:
+                self.send(StatsRequest(), timeout=wait if wait > 0 else _STATS_WAIT)
+            except (OSError, ChannelTimeout):  # the feeder or the next wait reports a lost process
+                with self._cond:
+                    self._stats_asked_at = None
+                return
+        deadline = now + wait
+        with self._cond:
+            while self._stats_reports < target and not self._closed and self.broken is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "slot_done":
-            self._done[(message[1], message[2])] = message[3]
-        elif kind == "stats":
-            self._stats_requested = False
-            self.stats.pipeline_report(message[1], message[2])
-        elif kind == "error":
-            self._errors.setdefault(message[1], message[2])
-        elif kind == "warning":
-            log.warning("%s", message[1])
-        elif kind == "cancelled":
-            self._acks.add(message[1])
-        elif kind == "fatal":
-            self.broken = message[1]
+    def _check(self, epoch: Epoch) -> None:
+        """Raise what ends ``epoch`` early (under the condition): stopped, closed, failed, lost."""
+        if epoch.stopped is not None:
+            raise DistillReaderError(epoch.stopped)
+        if self._closed:
+            raise DistillReaderError(f"the reader was closed{_CLOSED_HINT}")
 
-    def _raise_if_failed(self, epoch: int) -> None:
-        error = self._errors.get(epoch)
+    def _raise_if_failed(self, epoch: Epoch) -> None:
+        error = self._errors.get(epoch.number)
         if error is not None:
             raise error
+        if self.broken is not None:
+            raise self.broken
+
+    def check(self, epoch: Epoch) -> None:
+        """Raise if ``epoch`` was stopped (a newer epoch started) or the reader was closed."""
+        with self._cond:
+            self._check(epoch)
 
     # -- epochs ------------------------------------------------------------------------------
     def start_epoch(self, kind: str, reader: Callable[[], Iterable[Any]]) -> Epoch:
@@ -295,22 +424,44 @@ class Pipeline:
         return epoch
 
     def wait_sealed(self, epoch: Epoch) -> Any:
-        """The feeder's next item for ``epoch`` (a sealed slot, the end, or a failure)."""
-        while True:
-            self._raise_if_failed(epoch.number)
-            try:
-                return epoch.items.get(timeout=_TICK)
-            except queue.Empty:
-                self._pump(0)
+        """The feeder's next item for ``epoch`` (a sealed slot, the end, or a failure). Wakes on
+        every message and every item; raises when the epoch fails, is stopped, or the reader closed."""
+        with self._cond:
+            while True:
+                self._check(epoch)
+                error = self._errors.get(epoch.number)
+                if error is not None:
+                    raise error
+                if epoch.items:
+                    return epoch.items.popleft()
+                if self.broken is not None:
+                    raise self.broken
+                self._cond.wait(_WAIT_SLICE)
 
-    def wait_done(self, epoch: Epoch, slot: int) -> float:
-        """Wait until the teachers have answered for every row of ``slot``; returns the seconds from
-        its first request to its last answer."""
-        key = (epoch.number, slot)
-        while key not in self._done:
-            self._raise_if_failed(epoch.number)
-            self._pump(_TICK)
-        return self._done.pop(key)
+    def wait_done(self, epoch: Epoch, item: _Sealed) -> float:
+        """Wait until the teachers have answered for every row of ``item``'s slot; returns the seconds
+        from its first request to its last answer. If it raises, the slot goes back to the epoch,
+        which frees it once the pipeline process acknowledged the epoch's cancellation."""
+        key = (epoch.number, item.slot)
+        with self._cond:
+            try:
+                while key not in self._done:
+                    self._check(epoch)
+                    self._raise_if_failed(epoch)
+                    self._cond.wait(_WAIT_SLICE)
+                return self._done.pop(key)
+            except BaseException:
+                epoch.give_back(item)
+                raise
+
+    def hand_over(self, epoch: Epoch, item: Any) -> None:
+        """The feeder's item for the consumer (under the condition, waking the consumer)."""
+        with self._cond:
+            if epoch.reclaimed and isinstance(item, (_Sealed, _Unsealed)):
+                self.free.release(item.slot)  # a late feeder: the epoch is over and cancelled
+            else:
+                epoch.items.append(item)
+                self._cond.notify_all()
 
     def hold(self, slot: int) -> None:
         """The consumer took ``slot``; it is freed by a later ``release_held``."""
@@ -323,27 +474,43 @@ class Pipeline:
             while len(self.held) > keep:
                 self.free.release(self.held.popleft())
 
-    def abort(self, epoch: Epoch) -> None:
-        """Stop ``epoch`` early and take back its slots; see the module docstring."""
+    def abort(self, epoch: Epoch, reason: str | None = None) -> None:
+        """Stop ``epoch`` early and take back its slots; see the module docstring. With ``reason``
+        (another thread may be iterating it), that thread's next wait raises it."""
         with deferred_interrupt():
+            if reason is not None:
+                with self._cond:
+                    epoch.stopped = reason
+                    self._cond.notify_all()
             epoch.stop.set()
             settled = False  # the pipeline process will write nothing more for this epoch
             try:
                 if self.alive:
-                    self._send(("cancel", epoch.number))
+                    self.send(Cancel(epoch.number), timeout=_ACK_TIMEOUT)
                     deadline = time.monotonic() + _ACK_TIMEOUT
-                    while epoch.number not in self._acks:
-                        if time.monotonic() > deadline:
-                            raise PipelineError("the pipeline process did not acknowledge a cancelled epoch")
-                        self._pump(_TICK)
+                    with self._cond:
+                        # A closed pipeline is never used again: no need to wait for it.
+                        while epoch.number not in self._acks and not self._closed:
+                            if self.broken is not None:
+                                raise self.broken
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                raise PipelineError("the pipeline process did not acknowledge a cancelled epoch")
+                            self._cond.wait(remaining)
                 settled = True
-            except (DistillReaderError, OSError) as exc:
-                self.broken = self.broken or exc
+            except (DistillReaderError, OSError, ChannelTimeout) as exc:
+                if not isinstance(exc, DistillReaderError):
+                    exc = PipelineError(f"lost the pipeline process while cancelling an epoch: {exc}")
+                with self._cond:
+                    self.broken = self.broken or exc
             finally:
-                if not settled and self.broken is None:
-                    # Interrupted while cancelling: the pool can no longer be trusted. The next epoch
-                    # starts a new pipeline instead of reusing slots that may still be written.
-                    self.broken = PipelineError("an epoch was interrupted while it was being cancelled")
+                if not settled:
+                    with self._cond:
+                        # Interrupted while cancelling: the pool can no longer be trusted. The next
+                        # epoch starts a new pipeline instead of reusing slots that may still be written.
+                        self.broken = self.broken or PipelineError(
+                            "an epoch was interrupted while it was being cancelled"
+                        )
             epoch.thread.join(_STOP_TIMEOUT)
             if epoch.thread.is_alive():
                 log.warning(
@@ -351,14 +518,16 @@ class Pipeline:
                     "its batch slot is freed when it does",
                     _STOP_TIMEOUT,
                 )
-            epoch.reclaim()
-            self._acks.discard(epoch.number)
-            self._errors.pop(epoch.number, None)
-            self._done = {key: value for key, value in self._done.items() if key[0] != epoch.number}
+            with self._cond:
+                epoch.reclaim()
+                self._acks.discard(epoch.number)
+                self._errors.pop(epoch.number, None)
+                self._done = {key: value for key, value in self._done.items() if key[0] != epoch.number}
 
     def finish(self, epoch: Epoch) -> None:
         epoch.thread.join(_STOP_TIMEOUT)
-        self._errors.pop(epoch.number, None)
+        with self._cond:
+            self._errors.pop(epoch.number, None)
 
 
 class Epoch:
@@ -373,12 +542,13 @@ class Epoch:
     ) -> None:
         self.pipeline = pipeline
         self.number = number
-        self.items: queue.SimpleQueue = queue.SimpleQueue()
-        self.stop = threading.Event()
+        # Guarded by the pipeline's condition: the feeder's items for the consumer, in order.
+        self.items: collections.deque[Any] = collections.deque()
+        self.reclaimed = False  # the epoch was cancelled and its slots taken back
+        self.stopped: str | None = None  # why the consumer's next wait raises (stopped by another thread)
+        self.stop = threading.Event()  # tells the feeder to stop
         self._kind = kind
         self._reader = reader
-        self._lock = threading.Lock()
-        self._reclaimed = False
         self._sequence = 0
         self._acquired_at = 0.0
         self.thread = threading.Thread(target=self._feed, name=f"distill-reader-feeder-{number}", daemon=True)
@@ -387,38 +557,38 @@ class Epoch:
         self.thread.start()
 
     def reclaim(self) -> None:
-        """Free every slot of this epoch that is not yet the consumer's (after the cancel ack)."""
-        with self._lock:
-            self._reclaimed = True
-            while True:
-                try:
-                    item = self.items.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, (_Sealed, _Unsealed)):
-                    self.pipeline.free.release(item.slot)
-
-    def _hand_over(self, item: _Sealed | _Unsealed) -> None:
-        with self._lock:
-            if self._reclaimed:  # a late feeder: the epoch is over and cancelled
+        """Free every slot of this epoch that is not yet the consumer's (after the cancel ack; under
+        the pipeline's condition)."""
+        self.reclaimed = True
+        while self.items:
+            item = self.items.popleft()
+            if isinstance(item, (_Sealed, _Unsealed)):
                 self.pipeline.free.release(item.slot)
-            else:
-                self.items.put(item)
+
+    def give_back(self, item: _Sealed) -> None:
+        """The consumer took ``item`` but will not yield it (under the pipeline's condition): it is
+        freed with the epoch's other slots once the epoch is cancelled, or now if it already is."""
+        if self.reclaimed:
+            self.pipeline.free.release(item.slot)
+        else:
+            self.items.appendleft(item)
 
     # -- feeder thread -----------------------------------------------------------------------
     def _acquire(self) -> tuple[int, list[np.ndarray]] | None:
+        asked_at = time.perf_counter()
         slot = self.pipeline.free.acquire(self.stop)
         if slot is None:
             return None
         self._acquired_at = time.perf_counter()
+        self.pipeline.stats.feeder_waited(self._acquired_at - asked_at)
         return slot, self.pipeline.slots[slot][: len(self.pipeline.config.feeds)]
 
     def _on_d_batch(self, slot: int, start: int, count: int) -> None:
-        self.pipeline._send(("work", self.number, self._sequence, slot, start, count))
+        self.pipeline.send(Work(self.number, self._sequence, slot, start, count))
 
     def _on_sealed(self, slot: int, rows: int) -> None:
-        self.pipeline._send(("seal", self.number, slot, rows))
-        self._hand_over(_Sealed(self._sequence, slot, rows, time.perf_counter() - self._acquired_at))
+        self.pipeline.send(Seal(self.number, slot, rows))
+        self.pipeline.hand_over(self, _Sealed(self._sequence, slot, rows, time.perf_counter() - self._acquired_at))
         self._sequence += 1
 
     def _feed(self) -> None:
@@ -442,7 +612,7 @@ class Epoch:
                     value = next(source)
                 except StopIteration:
                     filler.finish()
-                    self.items.put(_END)
+                    self.pipeline.hand_over(self, _END)
                     return
                 except Exception as exc:
                     raise reader_function_error(exc, filler.position) from exc
@@ -451,13 +621,13 @@ class Epoch:
         except (DistillReaderError, OSError) as exc:
             if isinstance(exc, OSError):  # the pipe to the pipeline process broke
                 exc = PipelineError(f"lost the pipeline process: {exc}")
-            self.items.put(_Failed(exc))
+            self.pipeline.hand_over(self, _Failed(exc))
         except BaseException as exc:  # a bug of ours: still reach the consumer, never die silently
-            self.items.put(_Failed(PipelineError(f"feeder failed: {type(exc).__name__}: {exc}")))
+            self.pipeline.hand_over(self, _Failed(PipelineError(f"feeder failed: {type(exc).__name__}: {exc}")))
             raise
         finally:
             if filler.slot is not None:  # requests may be in flight: freed once the epoch is cancelled
-                self._hand_over(_Unsealed(filler.slot))
+                self.pipeline.hand_over(self, _Unsealed(filler.slot))
             close = getattr(source, "close", None)
             if close is not None and self.stop.is_set():
                 try:

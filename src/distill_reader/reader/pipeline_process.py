@@ -4,36 +4,68 @@ Started by :class:`distill_reader.reader.pipeline.Pipeline` as a fresh interpret
 :func:`main` with the two pipe descriptors as arguments (not ``multiprocessing``: its spawn would
 import the user's script again, which the seed's unguarded example cannot survive). Lifecycle:
 
-1. reads the :class:`PipelineSpec` from its input pipe, maps the shared pool, answers ``ready``;
+1. reads the :class:`PipelineSpec` from its input pipe, maps the shared pool, answers ``Ready``;
 2. runs an asyncio loop: messages from the parent become work for the
    :class:`~distill_reader.teacher.scheduler.Scheduler`, which writes teacher outputs into the pool;
-   when every row of a sealed slot is done it answers ``slot_done``;
-3. stops on ``stop``, on end-of-file from the parent (the parent exited or was killed) or when its
+   when every row of a sealed slot is done it answers ``SlotDone``;
+3. stops on ``Stop``, on end-of-file from the parent (the parent exited or was killed) or when its
    parent process changes (the pipe can stay open in processes the parent forked later).
 
 It ignores SIGINT: Ctrl-C is the training loop's to handle, which then stops this process.
 
-Parent -> child: ``("work", epoch, sequence, slot, start, count)`` (a d_batch),
-``("seal", epoch, slot, rows)`` (the slot's rows are all sent), ``("cancel", epoch)``, ``("stats?",)``,
-``("stop",)``. Child -> parent: ``("ready",)``,
-``("slot_done", epoch, slot, seconds_since_its_first_request)``, ``("error", epoch, exception)``,
-``("warning", message)``, ``("cancelled", epoch)``, ``("fatal", exception)``,
-``("stats", [TeacherStats], retries)`` in answer to ``("stats?",)``.
+The messages (NamedTuples of :mod:`distill_reader.reader.channel`). Parent -> child:
+
+* ``Work(epoch, sequence, slot, start, count)``: a d_batch is written, send it to a teacher;
+* ``Seal(epoch, slot, rows)``: every d_batch of the slot was sent;
+* ``Cancel(epoch)``: drop the work of that epoch and earlier, answered by ``Cancelled(epoch)``;
+  nothing is written into the pool for it afterwards;
+* ``StatsRequest()``, answered by ``StatsReport([TeacherStats], retries)``;
+* ``Stop()``.
+
+Child -> parent: ``Ready()``; ``SlotDone(epoch, slot, seconds_since_its_first_request)``;
+``EpochError(epoch, exception)`` (the training loop raises it); ``Cancelled(epoch)``;
+``Fatal(exception)`` (this process cannot go on: the next epoch starts a new one);
+``StatsReport(...)``; ``LogMessage(...)``: every log record of this process, which the training
+process emits under the same logger name (so the user's logging configuration applies). Only
+when the parent is gone do records go to this process's stderr instead.
+
+The event loop is the only reader of the input pipe; a lock serializes the writers of the output
+pipe (the event loop, and logging from any thread).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from distill_reader._logging import FORMAT
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import DistillReaderError, PipelineError
+from distill_reader.reader.channel import (
+    Cancel,
+    Cancelled,
+    EpochError,
+    Fatal,
+    LogMessage,
+    Message,
+    Ready,
+    Receiver,
+    Seal,
+    Sender,
+    SlotDone,
+    StatsReport,
+    StatsRequest,
+    Stop,
+    Work,
+)
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem, spawn
 
@@ -50,11 +82,44 @@ class PipelineSpec:
     parent_pid: int
 
 
+class _ForwardingHandler(logging.Handler):
+    """Sends every record to the training process; to stderr once the parent is gone."""
+
+    def __init__(self, outbox: Sender) -> None:
+        super().__init__()
+        self._outbox = outbox
+        self._parent_gone = False
+        self.setFormatter(logging.Formatter(FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if not self._parent_gone:
+                try:
+                    self._outbox.send(LogMessage.from_record(record))
+                    return
+                except OSError:
+                    self._parent_gone = True
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+# The scheduler's callbacks and discovery speak in the first channel's tagged tuples.
+_TAGGED = {"error": EpochError, "fatal": Fatal}
+
+
 class _PipelineProcess:
-    def __init__(self, spec: PipelineSpec, inbox: Connection, outbox: Connection) -> None:
+    def __init__(self, spec: PipelineSpec, inbox: Receiver, outbox: Sender) -> None:
         self.spec = spec
         self.inbox = inbox
         self.outbox = outbox
+        self._handlers = {
+            Work: self._on_work,
+            Seal: self._on_seal,
+            Cancel: self._on_cancel,
+            StatsRequest: self._on_stats_request,
+            Stop: self._on_stop,
+        }
         self.buffer = SharedBuffer.from_fd(spec.shm_fd, spec.layout.nbytes)
         self.buffer.close_fd()
         config, layout = spec.config, spec.layout
@@ -67,10 +132,16 @@ class _PipelineProcess:
         self.slot_started: list[float | None] = [None] * layout.capacity  # first request of the slot
         self.cancelled_upto = -1
 
-    def send(self, message: tuple) -> None:
-        # Written from the event loop: what is sent unasked is bounded (one slot_done per slot of
-        # the pool, one error per epoch, a warning per 5 s) and the pipe holds 1 MiB, so this does
-        # not block while the training loop is busy elsewhere.
+    def send(self, message: Message | tuple) -> None:
+        """Send a channel message (or a tagged tuple of the scheduler's callbacks and discovery).
+
+        Written from the event loop. The training process reads its pipe in a thread of its own at
+        all times (and the pipe holds 1 MiB), so this does not block while its loop is busy."""
+        if type(message) is tuple:
+            if message[0] == "warning":
+                log.warning("%s", message[1])
+                return
+            message = _TAGGED[message[0]](*message[1:])
         try:
             self.outbox.send(message)
         except OSError:
@@ -79,7 +150,7 @@ class _PipelineProcess:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
-        self.send(("ready",))
+        self.send(Ready())
         self.scheduler = Scheduler(
             self.spec.config,
             self.feed_arrays,
@@ -142,7 +213,7 @@ class _PipelineProcess:
         loop.default_exception_handler(context)  # the traceback, on this process's stderr
         if context.get("distill_reader"):
             exc = context.get("exception")
-            self.send(("fatal", PipelineError(f"the pipeline process failed: {context['message']}: {exc!r}")))
+            self.send(Fatal(PipelineError(f"the pipeline process failed: {context['message']}: {exc!r}")))
 
     def _on_readable(self) -> None:
         try:
@@ -156,32 +227,37 @@ class _PipelineProcess:
                 {"message": "handling a message failed", "exception": exc, "distill_reader": True},
             )
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "work":
-            _, epoch, sequence, slot, start, count = message
-            if epoch <= self.cancelled_upto:
-                return
-            if self.slot_started[slot] is None:
-                self.slot_started[slot] = time.perf_counter()
-            self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
-        elif kind == "seal":
-            _, epoch, slot, rows = message
-            if epoch > self.cancelled_upto:
-                self.sealed_rows[slot] = rows
-                self._check_slot(epoch, slot)
-        elif kind == "stats?":
-            self.send(("stats", self.scheduler.stats(), self.scheduler.retries))
-        elif kind == "cancel":
-            epoch = message[1]
-            self.cancelled_upto = max(self.cancelled_upto, epoch)
-            self.scheduler.cancel(epoch)
-            self.done_rows = [0] * len(self.done_rows)
-            self.sealed_rows = [None] * len(self.sealed_rows)
-            self.slot_started = [None] * len(self.slot_started)
-            self.send(("cancelled", epoch))
-        elif kind == "stop":
-            self.stopped.set()
+    def _handle(self, message: Message) -> None:
+        self._handlers[type(message)](message)
+
+    def _on_work(self, message: Work) -> None:
+        epoch, sequence, slot, start, count = message
+        if epoch <= self.cancelled_upto:
+            return
+        if self.slot_started[slot] is None:
+            self.slot_started[slot] = time.perf_counter()
+        self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
+
+    def _on_seal(self, message: Seal) -> None:
+        epoch, slot, rows = message
+        if epoch > self.cancelled_upto:
+            self.sealed_rows[slot] = rows
+            self._check_slot(epoch, slot)
+
+    def _on_stats_request(self, message: StatsRequest) -> None:
+        self.send(StatsReport(self.scheduler.stats(), self.scheduler.retries))
+
+    def _on_cancel(self, message: Cancel) -> None:
+        epoch = message.epoch
+        self.cancelled_upto = max(self.cancelled_upto, epoch)
+        self.scheduler.cancel(epoch)
+        self.done_rows = [0] * len(self.done_rows)
+        self.sealed_rows = [None] * len(self.sealed_rows)
+        self.slot_started = [None] * len(self.slot_started)
+        self.send(Cancelled(epoch))
+
+    def _on_stop(self, message: Stop) -> None:
+        self.stopped.set()
 
     def _on_done(self, item: WorkItem) -> None:
         self.done_rows[item.slot] += item.count
@@ -194,22 +270,25 @@ class _PipelineProcess:
             self.done_rows[slot] = 0
             self.sealed_rows[slot] = None
             self.slot_started[slot] = None
-            self.send(("slot_done", epoch, slot, seconds))
+            self.send(SlotDone(epoch, slot, seconds))
 
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     inbox = Connection(int(argv[0]), writable=False)
-    outbox = Connection(int(argv[1]), readable=False)
+    outbox = Sender(Connection(int(argv[1]), readable=False))
     try:
-        spec: PipelineSpec = inbox.recv()
+        spec: PipelineSpec = inbox.recv()  # the one message that is not a channel message
     except EOFError:
         return 0
-    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.handlers[:] = [_ForwardingHandler(outbox)]
+    logging.getLogger("distill_reader").setLevel(spec.log_level)
     try:
-        process = _PipelineProcess(spec, inbox, outbox)
+        process = _PipelineProcess(spec, Receiver(inbox), outbox)
     except Exception as exc:  # report start-up failures to the training loop, not only to stderr
-        outbox.send(("fatal", exc))
+        with contextlib.suppress(OSError):
+            outbox.send(Fatal(exc))
         return 1
     asyncio.run(process.run())
     return 0
