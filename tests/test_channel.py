@@ -63,7 +63,7 @@ def test_every_message_crosses_a_pipe_intact(pipe):
     stats = [TeacherStats("127.0.0.1:1", True, 2, 10, 1, 1.5, 2.5, None)]
     messages = [
         Work(3, 1234, 2, 8, 4),
-        Seal(3, 2, 31),
+        Seal(3, 2, 31, 5),
         Cancel(3),
         StatsRequest(),
         Stop(),

@@ -49,11 +49,13 @@ class Work(NamedTuple):
 
 
 class Seal(NamedTuple):
-    """Every d_batch of ``slot`` was sent: it holds ``rows`` rows."""
+    """Every d_batch of ``slot`` was sent: it holds ``rows`` rows. For variable-length rows no
+    ``Work`` is sent: the pipeline process groups the slot's rows by length into d_batches."""
 
     epoch: int
     slot: int
     rows: int
+    sequence: int
 
 
 class Cancel(NamedTuple):

@@ -14,7 +14,7 @@ import numpy as np
 from distill_reader.config import ReaderConfig, load_config, validate_reader_args
 from distill_reader.errors import ConfigError
 from distill_reader.reader.pipeline import Epoch, Pipeline, failure_of, is_end
-from distill_reader.reader.pool import PoolLayout, batch_views, check_fits
+from distill_reader.reader.pool import PoolLayout, batch_views, check_fits, variable_cuts
 from distill_reader.reader.source import ReaderSource
 from distill_reader.reader.stats import PoolShape, ReaderStats, StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
@@ -101,9 +101,8 @@ class DistillReader(ReaderSource):
             max_attempts=max_attempts,
             check_finite=bool(check_finite),
         )
-        self._layout = PoolLayout(
-            (*self.config.feeds, *self.config.fetches), len(self.config.feeds), self.batch_size, self.capacity
-        )
+        self._layout = PoolLayout(self.config.pool_specs, len(self.config.feeds), self.batch_size, self.capacity)
+        self._cuts = variable_cuts(self.config)
         check_fits(self._layout)
         self._stats = StatsTracker(
             float(log_interval),
@@ -196,7 +195,7 @@ class DistillReader(ReaderSource):
                 waited = done_at - waiting_since
                 if self._stats.batch(item.rows, waited, item.fill_seconds, teacher_seconds, done_at - sealed_at):
                     pipeline.request_stats(wait=0)
-                views = batch_views(pipeline.slots[item.slot], item.rows)
+                views = batch_views(pipeline.slots[item.slot], item.rows, self._cuts)
                 if self.copy:
                     batch = [v.copy() for v in views]
                     pipeline.free.release(item.slot)

@@ -241,6 +241,7 @@ class Pipeline:
             options=options,
             log_level=logging.getLogger("distill_reader").getEffectiveLevel(),
             parent_pid=os.getpid(),
+            d_batch_size=self.d_batch_size,
         )
         process = self._process
         self._receiver_thread = threading.Thread(
@@ -581,13 +582,16 @@ class Epoch:
             return None
         self._acquired_at = time.perf_counter()
         self.pipeline.stats.feeder_waited(self._acquired_at - asked_at)
-        return slot, self.pipeline.slots[slot][: len(self.pipeline.config.feeds)]
+        config, arrays = self.pipeline.config, self.pipeline.slots[slot]
+        # The feed vars, then the row lengths of the variable ones (after the fetch vars in the slot).
+        return slot, arrays[: len(config.feeds)] + arrays[len(config.feeds) + len(config.fetches) :]
 
     def _on_d_batch(self, slot: int, start: int, count: int) -> None:
-        self.pipeline.send(Work(self.number, self._sequence, slot, start, count))
+        if self.pipeline.config.length_source is None:  # variable rows are grouped by length at the seal
+            self.pipeline.send(Work(self.number, self._sequence, slot, start, count))
 
     def _on_sealed(self, slot: int, rows: int) -> None:
-        self.pipeline.send(Seal(self.number, slot, rows))
+        self.pipeline.send(Seal(self.number, slot, rows, self._sequence))
         self.pipeline.hand_over(self, _Sealed(self._sequence, slot, rows, time.perf_counter() - self._acquired_at))
         self._sequence += 1
 
@@ -599,6 +603,7 @@ class Epoch:
             self._acquire,
             self._on_d_batch,
             self._on_sealed,
+            self.pipeline.config.max_length,
         )
         add = filler.adder(self._kind)
         source: Iterator[Any] | None = None

@@ -66,6 +66,7 @@ from distill_reader.reader.channel import (
     Stop,
     Work,
 )
+from distill_reader.reader.grouping import group_by_length
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem, spawn
 
@@ -80,6 +81,7 @@ class PipelineSpec:
     options: SchedulerOptions
     log_level: int
     parent_pid: int
+    d_batch_size: int  # rows per request; variable rows are grouped by length into d_batches
 
 
 class _ForwardingHandler(logging.Handler):
@@ -104,10 +106,6 @@ class _ForwardingHandler(logging.Handler):
             self.handleError(record)
 
 
-# The scheduler's callbacks and discovery speak in the first channel's tagged tuples.
-_TAGGED = {"error": EpochError, "fatal": Fatal}
-
-
 class _PipelineProcess:
     def __init__(self, spec: PipelineSpec, inbox: Receiver, outbox: Sender) -> None:
         self.spec = spec
@@ -123,25 +121,24 @@ class _PipelineProcess:
         self.buffer = SharedBuffer.from_fd(spec.shm_fd, spec.layout.nbytes)
         self.buffer.close_fd()
         config, layout = spec.config, spec.layout
-        n_feeds = len(config.feeds)
+        n_feeds, n_vars = len(config.feeds), len(config.feeds) + len(config.fetches)
         slots = [layout.slot_arrays(self.buffer.mmap, s) for s in range(layout.capacity)]
         self.feed_arrays = [[arrays[i] for i in config.predict_feed_ids] for arrays in slots]
-        self.fetch_arrays = [arrays[n_feeds:] for arrays in slots]
+        self.fetch_arrays = [arrays[n_feeds:n_vars] for arrays in slots]
+        # The row lengths of the variable vars the teacher gets (the first one's group the rows).
+        lengths = [n_vars + config.variable_feeds.index(i) for i in config.predict_feed_ids if config.feeds[i].variable]
+        self.length_arrays = [[arrays[k] for k in lengths] for arrays in slots]
+        self.d_batch_size = spec.d_batch_size
         self.done_rows = [0] * layout.capacity
         self.sealed_rows: list[int | None] = [None] * layout.capacity
         self.slot_started: list[float | None] = [None] * layout.capacity  # first request of the slot
         self.cancelled_upto = -1
 
-    def send(self, message: Message | tuple) -> None:
-        """Send a channel message (or a tagged tuple of the scheduler's callbacks and discovery).
+    def send(self, message: Message) -> None:
+        """Send a channel message.
 
         Written from the event loop. The training process reads its pipe in a thread of its own at
         all times (and the pipe holds 1 MiB), so this does not block while its loop is busy."""
-        if type(message) is tuple:
-            if message[0] == "warning":
-                log.warning("%s", message[1])
-                return
-            message = _TAGGED[message[0]](*message[1:])
         try:
             self.outbox.send(message)
         except OSError:
@@ -157,8 +154,9 @@ class _PipelineProcess:
             self.fetch_arrays,
             self.spec.options,
             on_done=self._on_done,
-            on_error=lambda epoch, exc: self.send(("error", epoch, exc)),
-            on_warning=lambda message: self.send(("warning", message)),
+            on_error=lambda epoch, exc: self.send(EpochError(epoch, exc)),
+            on_warning=lambda message: log.warning("%s", message),
+            length_arrays=self.length_arrays if self.length_arrays[0] else (),
         )
         loop.set_exception_handler(self._on_loop_error)
         tasks = [spawn(self._watch_parent())]
@@ -205,7 +203,7 @@ class _PipelineProcess:
             finally:
                 await session.close()
         except DistillReaderError as exc:  # e.g. discovery rejected the student: the training loop must know
-            self.send(("fatal", exc))
+            self.send(Fatal(exc))
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A crash of ours (marked by :func:`spawn`) must reach the training loop: the work the
@@ -239,10 +237,16 @@ class _PipelineProcess:
         self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
 
     def _on_seal(self, message: Seal) -> None:
-        epoch, slot, rows = message
-        if epoch > self.cancelled_upto:
-            self.sealed_rows[slot] = rows
-            self._check_slot(epoch, slot)
+        epoch, slot, rows, sequence = message
+        if epoch <= self.cancelled_upto:
+            return
+        if self.length_arrays[slot]:  # variable rows: d_batches of rows of similar length
+            if self.slot_started[slot] is None:
+                self.slot_started[slot] = time.perf_counter()
+            for start, group in enumerate(group_by_length(self.length_arrays[slot][0][:rows], self.d_batch_size)):
+                self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(group), rows=group))
+        self.sealed_rows[slot] = rows
+        self._check_slot(epoch, slot)
 
     def _on_stats_request(self, message: StatsRequest) -> None:
         self.send(StatsReport(self.scheduler.stats(), self.scheduler.retries))
