@@ -3,9 +3,9 @@ another thread, an epoch started while another thread iterates one. Real teacher
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -171,11 +171,14 @@ def test_a_forked_child_closing_the_reader_does_not_stop_the_pipeline(write_conf
         pipeline = child_pids()
         pid = os.fork()
         if pid == 0:  # the child: close, run the finalizer's work, exit without the parent's atexit
+            # A child that hangs must not outlive the test (alarms are not inherited: this is its own).
+            # No gc.collect() here: it would finalize gRPC objects of this test process, whose
+            # threads did not survive the fork, and hang.
+            signal.alarm(20)
             code = 0
             try:
                 dr.close()
                 dr._holder.close()
-                gc.collect()
             except BaseException:
                 code = 1
             os._exit(code)

@@ -132,6 +132,7 @@ class _Teacher:
         self.workers: list[asyncio.Task] = []
         self.removed = False
         self.quarantined: TeacherError | None = None  # why it cannot serve the config now
+        self.warned = ""  # the reason last logged at WARNING; cleared when it answers well again
         self.quarantines = 0  # how often it was quarantined: the back-off grows with it
         self.in_flight = 0
         self.requests = 0
@@ -424,6 +425,7 @@ class Scheduler:
             log.info("teacher %s answers again", teacher.client.endpoint)
         teacher.failures = 0
         teacher.answered = True
+        teacher.warned = ""
         self._stalled_since = None
         if not self._live(item):
             return  # the epoch was cancelled while the request was in flight
@@ -456,7 +458,8 @@ class Scheduler:
         teacher.last_error = str(error)
         if teacher.quarantined is not None and not on_check:
             return  # answers to requests that were in flight when it was quarantined
-        repeated = teacher.quarantined is not None and str(teacher.quarantined) == str(error)
+        repeated = teacher.warned == str(error)
+        teacher.warned = str(error)
         teacher.quarantines += 1
         backoff = min(_QUARANTINE_FIRST * 2 ** (teacher.quarantines - 1), _QUARANTINE_MAX)
         teacher.quarantined = error
