@@ -171,3 +171,28 @@ def build_seq_onnx(path: Path) -> Path:
 def expected_seq_onnx(tokens: np.ndarray) -> np.ndarray:
     """What ``build_seq_onnx``'s model answers for rows ``tokens``."""
     return SEQ_TABLE[np.cumsum(tokens, axis=1) % SEQ_ONNX_ROWS]
+
+
+# --- top-k reference ---------------------------------------------------------------------------------
+
+
+def dense_topk(x: np.ndarray, k: int, values: str = "logprobs", temperature: float = 1.0, dtype=np.float32):
+    """The reference: a full stable argsort of every position (descending, ties by index)."""
+    work = np.float64 if x.dtype == np.float64 else np.float32
+    z = x.astype(work)
+    if values == "logprobs":
+        z = z / work(temperature)
+    idx = np.argsort(-z, axis=-1, kind="stable")[..., :k]
+    top = np.take_along_axis(z, idx, axis=-1)
+    if values == "logprobs":
+        m = z.max(axis=-1, keepdims=True)
+        top = top - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
+    return top.astype(dtype), idx.astype(np.int32)
+
+
+def assert_topk(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray]) -> None:
+    """``got`` is exactly the reference ``want``: same dtypes, indices and values."""
+    values, indices = got
+    assert values.dtype == want[0].dtype and indices.dtype == np.int32
+    np.testing.assert_array_equal(indices, want[1])
+    np.testing.assert_array_equal(values, want[0])

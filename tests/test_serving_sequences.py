@@ -15,7 +15,9 @@ from click.testing import CliRunner
 from conftest import TeacherProcesses, free_port
 from serving_models import (
     affine,
+    assert_topk,
     build_seq_onnx,
+    dense_topk,
     expected_seq_lengths,
     expected_seq_onnx,
     seq_logits,
@@ -25,6 +27,7 @@ from serving_models import (
 )
 from tritonclient.grpc import model_config_pb2
 
+from distill_reader.serving import topk as topk_module
 from distill_reader.serving.backends.python import PythonBackend
 from distill_reader.serving.commands import teacher
 from distill_reader.serving.server import running_server
@@ -33,30 +36,6 @@ from distill_reader.serving.topk import TopKBackend, topk
 pytestmark = pytest.mark.timeout(60)
 
 RNG = np.random.default_rng(7)
-
-
-def dense_topk(x: np.ndarray, k: int, values: str = "logprobs", temperature: float = 1.0, dtype=np.float32):
-    """The reference: a full stable argsort of every position (descending, ties by index)."""
-    work = np.float64 if x.dtype == np.float64 else np.float32
-    z = x.astype(work)
-    if values == "logprobs":
-        z = z / work(temperature)
-    idx = np.argsort(-z, axis=-1, kind="stable")[..., :k]
-    top = np.take_along_axis(z, idx, axis=-1)
-    if values == "logprobs":
-        m = z.max(axis=-1, keepdims=True)
-        top = top - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
-    return top.astype(dtype), idx.astype(np.int32)
-
-
-def assert_topk(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray], exact: bool = True) -> None:
-    values, indices = got
-    assert values.dtype == want[0].dtype and indices.dtype == np.int32
-    np.testing.assert_array_equal(indices, want[1])
-    if exact:
-        np.testing.assert_array_equal(values, want[0])
-    else:  # log-sum-exp summed in another order: float32 rounding
-        np.testing.assert_allclose(values, want[0], rtol=1e-6, atol=1e-6)
 
 
 # --- the top-k computation ------------------------------------------------------------------------
@@ -102,6 +81,16 @@ def test_topk_edge_rows() -> None:
     x[2, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         topk(x[2:3], 8)
+
+
+def test_topk_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch larger than a chunk: every chunk's rows land at their own positions."""
+    x = (RNG.standard_normal((7, 13, 3000)) * 4).astype(np.float32)
+    whole = topk(x, 8)
+    monkeypatch.setattr(topk_module, "CHUNK_ELEMENTS", 3000 * 5)
+    monkeypatch.setattr(topk_module, "CHUNK_ROWS", 1)
+    assert_topk(topk(x, 8), whole)
+    assert_topk(whole, dense_topk(x, 8))
 
 
 @pytest.mark.parametrize(
