@@ -139,6 +139,12 @@ def seq_shift(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"shifted": np.concatenate([np.zeros((len(tokens), 1), np.int64), tokens], axis=1)}
 
 
+@teacher_model(inputs=[("tokens", "int64", (-1,))], outputs=[("mean", "float64", (1,))])
+def seq_mean(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A pooled output over all positions: padding would change it, and nothing says where rows end."""
+    return {"mean": batch["tokens"].mean(axis=1, keepdims=True)}
+
+
 #: Rows of ``build_seq_onnx``'s embedding table, and its vocabulary.
 SEQ_ONNX_ROWS, SEQ_ONNX_VOCAB = 97, 1000
 SEQ_TABLE = np.random.default_rng(1).standard_normal((SEQ_ONNX_ROWS, SEQ_ONNX_VOCAB)).astype(np.float32)

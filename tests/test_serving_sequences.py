@@ -21,14 +21,17 @@ from serving_models import (
     expected_seq_lengths,
     expected_seq_onnx,
     seq_logits,
+    seq_mean,
     seq_shift,
     seq_tag,
     seq_tag_lengths,
 )
 from tritonclient.grpc import model_config_pb2
 
+from distill_reader.serving import teacher_model
 from distill_reader.serving import topk as topk_module
 from distill_reader.serving.backends.python import PythonBackend
+from distill_reader.serving.batcher import paddable
 from distill_reader.serving.commands import teacher
 from distill_reader.serving.server import running_server
 from distill_reader.serving.topk import TopKBackend, topk
@@ -219,15 +222,34 @@ def test_outputs_with_lengths_of_their_own_are_not_padded() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_pad_variable_off_never_merges_different_lengths() -> None:
+@pytest.mark.parametrize("model", ["pad_variable off", "pooled output"])
+def test_different_lengths_not_merged(model: str) -> None:
+    """With ``pad_variable=False``, or for a model that does not say padding is its business (a pooled
+    output, no ``tokens_length``), requests of different lengths run apart, each answered right."""
+    if model == "pooled output":
+        backend, options, output, expected = PythonBackend(seq_mean), {}, "mean", lambda t: t.mean(1, keepdims=True)
+    else:
+        backend, options, output, expected = PythonBackend(seq_tag), {"pad_variable": False}, "logits", seq_logits
     requests = _token_requests(10)
-    with running_server(PythonBackend(seq_tag), max_delay_ms=200, pad_variable=False) as address:
+    with running_server(backend, max_delay_ms=200, **options) as address:
         client = tc.InferenceServerClient(address)
         results = _concurrently(client, [[("tokens", t)] for t in requests])
         batches, _ = _execution_count(client)
     for tokens, result in zip(requests, results, strict=True):
-        np.testing.assert_array_equal(result.as_numpy("logits"), seq_logits(tokens))
+        np.testing.assert_array_equal(result.as_numpy(output), expected(tokens))
     assert batches == len(requests)
+
+
+def test_which_models_are_padded() -> None:
+    def declared(inputs, outputs):
+        return PythonBackend(teacher_model(inputs=inputs, outputs=outputs)(seq_tag))
+
+    tokens, tokens_length = ("tokens", "int64", (-1,)), ("tokens_length", "int64", ())
+    assert paddable(PythonBackend(seq_tag)) and paddable(PythonBackend(seq_tag_lengths))
+    assert paddable(declared([tokens, tokens_length], [("pooled", "float32", (4,))]))
+    assert not paddable(PythonBackend(seq_mean))  # a fixed output, no length
+    assert not paddable(declared([("img", "float32", (3, -1, -1))], [("mask", "float32", (-1, -1))]))
+    assert not paddable(PythonBackend(affine))  # nothing variable
 
 
 # --- distill teacher serve --topk ------------------------------------------------------------------

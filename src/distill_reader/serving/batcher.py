@@ -15,15 +15,16 @@ are queued or ``max_delay_ms`` has passed since the oldest queued request arrive
 instance is busy, requests pile up and the next batch is formed from them at once. A request
 larger than ``max_batch`` runs alone; requests are never split.
 
-Variable-length requests (a model input with a ``-1`` dim): requests that differ only in those
-dims are merged too (``pad_variable``, the default): each input is padded with zeros to the
-batch's longest along each ``-1`` dim, and each request gets its outputs cut back: an output dim
-that is ``-1`` in the model's spec takes the request's own size of the first variable dim of the
-first input that has one (per-token outputs, the reader's rule). The model must give padded
+Variable-length requests: for a sequence model (see :func:`paddable`), requests that differ only
+in ``-1`` dims are merged too (``pad_variable``, the default): each input is padded with zeros to
+the batch's longest along each ``-1`` dim, and each request gets its outputs cut back: an output
+dim that is ``-1`` in the model's spec takes the request's own size of the first variable dim of
+the first input that has one (per-token outputs, the reader's rule). The model must give padded
 positions no influence on real ones (causal, or masked by a ``<var>_length`` input the client
 sends, which is fixed-shape and merged like any input). A model whose variable outputs turn out
 not to follow the padded length (outputs with lengths of their own) is detected at its first
 padded batch: that batch's requests run again one by one and padding is turned off for good.
+Requests of other models are merged only when their shapes are equal.
 """
 
 from __future__ import annotations
@@ -102,6 +103,21 @@ def _length_dim(backend: Backend) -> tuple[str, int] | None:
     return None
 
 
+def paddable(backend: Backend) -> bool:
+    """Whether requests of different lengths may be merged by padding: every input with a ``-1`` dim
+    has one only (rows of tokens, frames: sequences), and the model says padding is its business,
+    with a ``-1`` output dim (per-token outputs, cut back per request) or an INT64 ``<var>_length``
+    input. Not, say, an image model with a ``-1`` height and width and a fixed output, which padding
+    would change silently."""
+    variable = [s for s in backend.inputs if -1 in s.shape]
+    if not variable or any(s.shape.count(-1) > 1 for s in variable):
+        return False
+    lengths = {f"{s.name}_length" for s in variable}
+    return any(-1 in s.shape for s in backend.outputs) or any(
+        s.name in lengths and s.datatype == "INT64" for s in backend.inputs
+    )
+
+
 class DynamicBatcher:
     """Queues requests for ``backend`` and runs them in merged batches, ``instances`` at a time."""
 
@@ -128,7 +144,7 @@ class DynamicBatcher:
         #: (``(name, axis)`` with the batch dim counted), or None for a model of fixed shapes.
         self.length_dim = _length_dim(backend)
         #: Whether requests of different variable sizes are merged by padding.
-        self.pad_variable = pad_variable and self.length_dim is not None
+        self.pad_variable = pad_variable and paddable(backend)
         # The batch axes of each output's -1 dims: cut back to each request's length.
         self._variable_axes = {s.name: tuple(i + 1 for i, d in enumerate(s.shape) if d == -1) for s in backend.outputs}
         # Shared between the loop (appends) and the instance threads (take); guarded by _cond.

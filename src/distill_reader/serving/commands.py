@@ -63,9 +63,9 @@ def teacher() -> None:
     "pad_variable",
     default=True,
     show_default=True,
-    help="Merge requests that differ in a variable (-1) dim by padding them with zeros to the longest. "
-    "Turn off for a model whose outputs at real positions change with padding and that takes no "
-    "<var>_length input.",
+    help="For a sequence model (docs/sequences.md), merge requests that differ in their variable (-1) dim "
+    "by padding them with zeros to the longest. Turn off for a model whose outputs at real positions "
+    "change with padding and that takes no <var>_length input.",
 )
 @click.option(
     "--topk",
