@@ -131,10 +131,12 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def start_triton(python: Path, onnx: Path, workdir: Path, digits_name: str, tag_name: str) -> ExternalServer:
-    """``examples/triton_teacher/serve_digits.py`` serving the ONNX file and the exact ``tag`` model."""
+def _start_pytriton(
+    python: Path, script: str, args: list[str], workdir: Path, models: list[str], env: dict[str, str] | None = None
+) -> ExternalServer:
+    """``examples/triton_teacher/SCRIPT ARGS`` on free ports, serving ``models``."""
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    env = _clean_env()
+    environ = {**_clean_env(), **(env or {})}
     # Triton's Python stub links libpython: point it at the interpreter's own (ENVIRONMENT.md).
     libdir = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
@@ -142,17 +144,34 @@ def start_triton(python: Path, onnx: Path, workdir: Path, digits_name: str, tag_
         text=True,
         check=True,
     ).stdout.strip() or sysconfig.get_config_var("LIBDIR")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, environ.get("LD_LIBRARY_PATH", "")) if p)
     command = [
         str(python),
-        str(EXAMPLES / "triton_teacher" / "serve_digits.py"),
-        *("--onnx", str(onnx), "--model-name", digits_name, "--tag-model", tag_name),
+        str(EXAMPLES / "triton_teacher" / script),
+        *args,
         *("--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)),
     ]
     log = workdir / "triton.log"
-    process = _popen("triton", command, log, workdir, env)
-    return ExternalServer(
-        "Triton (PyTriton)", process, f"127.0.0.1:{grpc_port}", log, [digits_name, tag_name], ("failed to load",)
+    process = _popen("triton", command, log, workdir, environ)
+    return ExternalServer("Triton (PyTriton)", process, f"127.0.0.1:{grpc_port}", log, models, ("failed to load",))
+
+
+def start_triton(python: Path, onnx: Path, workdir: Path, digits_name: str, tag_name: str) -> ExternalServer:
+    """``examples/triton_teacher/serve_digits.py`` serving the ONNX file and the exact ``tag`` model."""
+    args = ["--onnx", str(onnx), "--model-name", digits_name, "--tag-model", tag_name]
+    return _start_pytriton(python, "serve_digits.py", args, workdir, [digits_name, tag_name])
+
+
+def start_triton_sequences(python: Path, workdir: Path, model_name: str, *args: str) -> ExternalServer:
+    """``examples/triton_teacher/serve_sequences.py`` (its top-k options in ``args``) as ``model_name``;
+    the project's ``src`` on its path for ``distill_reader.serving.topk``."""
+    return _start_pytriton(
+        python,
+        "serve_sequences.py",
+        ["--model-name", model_name, *args],
+        workdir,
+        [model_name],
+        env={"PYTHONPATH": str(REPO / "src")},
     )
 
 

@@ -231,7 +231,8 @@ def test_max_batch_respected_and_large_request_runs_alone() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_requests_with_different_sample_shapes_are_not_merged() -> None:
+def test_requests_with_different_sample_shapes_get_their_own_shapes() -> None:
+    """Requests that differ in a -1 dim are merged padded and cut back (tests/test_serving_sequences.py)."""
     rec = Recorder()
     with running_server(PythonBackend(rec.model), max_delay_ms=100) as address:
         client = tc.InferenceServerClient(address)

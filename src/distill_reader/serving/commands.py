@@ -59,6 +59,49 @@ def teacher() -> None:
     help="Model instances: batches that may run at the same time.",
 )
 @click.option(
+    "--pad-merge/--no-pad-merge",
+    "pad_variable",
+    default=True,
+    show_default=True,
+    help="For a sequence model (docs/sequences.md), merge requests that differ in their variable (-1) dim "
+    "by padding them with zeros to the longest. Turn off for a model whose outputs at real positions "
+    "change with padding and that takes no <var>_length input.",
+)
+@click.option(
+    "--topk",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="K",
+    help="Publish the top K of each selected output X ([..., V]) as X_topk_values and X_topk_indices (INT32), "
+    "[..., K], instead of X (see docs/sequences.md).",
+)
+@click.option(
+    "--topk-output",
+    "topk_outputs",
+    multiple=True,
+    metavar="NAME",
+    help="An output to compress with --topk (repeatable; default: every floating-point output whose last "
+    "dim is larger than K).",
+)
+@click.option(
+    "--topk-values",
+    type=click.Choice(["logprobs", "logits"]),
+    default=None,
+    help="What the top-k values are: log_softmax(X / temperature) [default], or X itself.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Temperature of the --topk log-probs (default 1.0).",
+)
+@click.option(
+    "--topk-dtype",
+    type=click.Choice(["float32", "float16"]),
+    default=None,
+    help="Dtype of the --topk values (default float32; float16 halves their bytes).",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
@@ -115,6 +158,12 @@ def serve_command(
     max_batch: int,
     max_delay_ms: float,
     instances: int,
+    pad_variable: bool,
+    topk: int | None,
+    topk_outputs: tuple[str, ...],
+    topk_values: str | None,
+    temperature: float | None,
+    topk_dtype: str | None,
     threads: int | None,
     max_message_mb: int,
     discovery_endpoints: str | None,
@@ -137,6 +186,14 @@ def serve_command(
 
     if bool(discovery_endpoints) != bool(service_name):
         raise click.UsageError("--register and --service-name go together")
+    topk_options = {
+        "--topk-output": topk_outputs,
+        "--topk-values": topk_values,
+        "--temperature": temperature,
+        "--topk-dtype": topk_dtype,
+    }
+    if topk is None and (given := [k for k, v in topk_options.items() if v]):
+        raise click.UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --topk K")
     try:
         token = read_token_file(token_file) if token_file else None
         tls = load_tls(tls_ca, tls_cert, tls_key)
@@ -162,11 +219,27 @@ def serve_command(
     except Exception as e:  # import errors, ONNX Runtime load errors, bad declarations
         msg = str(e) if str(e).startswith("model ") else f"model {spec!r}: {e}"
         raise click.ClickException(f"cannot load {msg}") from None
+    if topk is not None:
+        from distill_reader.serving.topk import TopKBackend
+
+        try:
+            backend = TopKBackend(
+                backend,
+                topk,
+                outputs=topk_outputs or None,
+                values=topk_values or "logprobs",
+                temperature=1.0 if temperature is None else temperature,
+                dtype=topk_dtype or "float32",
+            )
+        except ValueError as e:
+            backend.close()
+            raise click.UsageError(f"--topk: {e}") from None
     options = dict(
         model_name=model_name,
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,
         instances=instances,
+        pad_variable=pad_variable,
         max_message_bytes=max_message_mb * 1024 * 1024,
         token=token,
         tls=tls,

@@ -40,6 +40,12 @@ class TeacherMetrics:
             registry=r,
             buckets=_ROW_BUCKETS,
         )
+        self.padded_positions = Counter(
+            "distill_teacher_padded_positions",
+            "Positions added by padding requests of different variable (-1) sizes into one batch "
+            "(rows x positions along the first variable dim)",
+            registry=r,
+        )
         self.batch_seconds = Histogram(
             "distill_teacher_batch_seconds", "Time the model took per batch", registry=r, buckets=_TIME_BUCKETS
         )
@@ -60,10 +66,12 @@ class TeacherMetrics:
         self.queue_requests.set_function(requests)
         self.queue_rows.set_function(rows)
 
-    def observe_batch(self, rows: int, seconds: float) -> None:
+    def observe_batch(self, rows: int, seconds: float, padding: int = 0) -> None:
         """One model batch ran (called from the batcher's instance threads; thread-safe)."""
         self.batch_rows.observe(rows)
         self.batch_seconds.observe(seconds)
+        if padding:
+            self.padded_positions.inc(padding)
 
 
 class MetricsHttpServer:

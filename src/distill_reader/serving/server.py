@@ -408,6 +408,7 @@ class InferenceServer:
         max_batch: int = 64,
         max_delay_ms: float = 2.0,
         instances: int = 1,
+        pad_variable: bool = True,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         token: Secret | None = None,
         tls: TlsFiles | None = None,
@@ -415,7 +416,9 @@ class InferenceServer:
     ) -> None:
         _split_listen(listen)
         self.listen = listen
-        self.batcher = DynamicBatcher(backend, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances)
+        self.batcher = DynamicBatcher(
+            backend, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances, pad_variable=pad_variable
+        )
         self.metrics = TeacherMetrics()
         self.metrics.watch_queue(lambda: self.batcher.queued_requests, lambda: self.batcher.queued_rows)
         self.servicer = TeacherServer(backend, self.batcher, model_name=model_name, metrics=self.metrics)
@@ -431,7 +434,7 @@ class InferenceServer:
         self._metrics_http: MetricsHttpServer | None = None
 
     def _on_batch(self, timing: BatchTiming) -> None:
-        self.metrics.observe_batch(timing.rows, timing.seconds)
+        self.metrics.observe_batch(timing.rows, timing.seconds, timing.padding)
         self.servicer.stats.record_batch(timing)
 
     async def start(self) -> str:
@@ -502,6 +505,7 @@ async def serve(
     max_batch: int = 64,
     max_delay_ms: float = 2.0,
     instances: int = 1,
+    pad_variable: bool = True,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     token: Secret | None = None,
     tls: TlsFiles | None = None,
@@ -515,7 +519,8 @@ async def serve(
     ``on_started(address)`` is awaited once the server accepts requests (e.g. to register the
     teacher with discovery); if it raises, the server stops and the error propagates. ``token``
     protects the :data:`PROTECTED_METHODS`, ``tls`` adds TLS (mTLS with a CA), ``metrics_listen``
-    serves Prometheus ``/metrics`` on that ``HOST:PORT``.
+    serves Prometheus ``/metrics`` on that ``HOST:PORT``. ``pad_variable=False`` never merges
+    requests that differ in a ``-1`` dim (see :mod:`~distill_reader.serving.batcher`).
     """
     server = InferenceServer(
         backend,
@@ -524,6 +529,7 @@ async def serve(
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,
         instances=instances,
+        pad_variable=pad_variable,
         max_message_bytes=max_message_bytes,
         token=token,
         tls=tls,
