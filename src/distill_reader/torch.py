@@ -20,6 +20,7 @@ the teachers over all ranks.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -74,3 +75,181 @@ class DistillDataset(IterableDataset):
             elif self.pin_memory:
                 tensors = [t.clone() for t in tensors]
             yield tensors
+
+
+# --- Top-k distillation loss -------------------------------------------------------------------
+
+# Teacher log-probs below this (the log of float32's smallest normal number, about -87.3),
+# including -inf, count as this value: the reverse KL stays finite where the teacher gives an entry
+# probability 0, and the forward KL moves by less than 1e-35 per entry.
+_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+_VALUES = ("logprobs", "logits")
+_TAILS = ("bucket", "renormalize")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def topk_kl_loss(
+    student_logits: torch.Tensor,
+    topk_values: torch.Tensor,
+    topk_indices: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    reverse: bool = False,
+    values: str = "logprobs",
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """KL divergence between a student and a teacher known only by its top-k entries per token.
+
+    ``student_logits`` ``[n, L, V]``; ``topk_values`` and ``topk_indices`` (int32 or int64)
+    ``[n, L, K]``: the teacher's K largest entries at each position and their vocabulary indices,
+    distinct within a position; ``lengths`` ``[n]``: positions ``>= lengths[i]`` are padding and
+    contribute nothing, whatever they hold (``None``: every position is real; then any
+    ``[..., V]`` / ``[..., K]`` shapes work). Computed in float32 at least (float16 inputs welcome),
+    differentiable w.r.t. ``student_logits``.
+
+    - ``values="logprobs"`` (what ``distill teacher serve`` publishes by default): the teacher's
+      log-probabilities over the whole vocabulary, at whatever temperature the server applied.
+      ``values="logits"``: raw teacher logits, divided by ``temperature`` like the student's; they
+      say nothing about the mass outside the top-k, so they need ``tail="renormalize"``.
+    - ``temperature`` divides the student's logits (and raw teacher logits).
+    - ``reverse=False``: forward KL(teacher || student), the usual distillation loss (mass-covering);
+      ``reverse=True``: KL(student || teacher) (mode-seeking).
+    - ``tail``, the rule for the probability mass outside the top-k:
+
+      ``"bucket"`` (default): the teacher's top-k probabilities are kept as they are and its missing
+      mass ``1 - sum(p_topk)`` goes into one "rest" bucket, compared with the student's mass outside
+      the same K indices. This is the exact KL between the two distributions coarse-grained onto
+      K + 1 outcomes (the K entries and "everything else"): a lower bound of the dense KL, equal to it
+      when K = V, and it never makes the teacher look more confident than it is.
+
+      ``"renormalize"``: the teacher's top-k renormalized to sum to 1, compared with the student's
+      distribution restricted to the same K indices and renormalized: the exact KL of the two
+      distributions conditioned on "the outcome is one of these K". It ignores how much mass the
+      student puts elsewhere (nothing pushes it back into the top-k), so prefer ``"bucket"`` when the
+      teacher sends log-probs.
+
+    - ``reduction="mean"``: the per-token KL averaged over real tokens (0 when there are none);
+      ``"sum"``: summed over real tokens; ``"none"``: per token, shape ``[n, L]``, 0 at padding.
+
+    Teacher log-probs below ``log(float32 tiny)`` (about -87.3), ``-inf`` included, count as that
+    floor, so the reverse KL stays finite. As in Hinton et al., multiply by ``temperature**2`` when
+    mixing with a hard-label loss.
+    """
+    if values not in _VALUES:
+        raise ConfigError(f"topk_kl_loss: values must be one of {_VALUES}, got {values!r}")
+    if tail not in _TAILS:
+        raise ConfigError(f"topk_kl_loss: tail must be one of {_TAILS}, got {tail!r}")
+    if reduction not in _REDUCTIONS:
+        raise ConfigError(f"topk_kl_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if values == "logits" and tail == "bucket":
+        raise ConfigError(
+            "topk_kl_loss: values='logits' carry no information about the mass outside the top-k; "
+            "pass tail='renormalize' (or have the teacher publish log-probs)"
+        )
+    if not temperature > 0:
+        raise ConfigError(f"topk_kl_loss: temperature must be > 0, got {temperature}")
+    real = _real_positions(student_logits, topk_values, topk_indices, lengths)
+
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    vocab, k = student_logits.shape[-1], topk_values.shape[-1]
+    # Padding may hold anything (NaN, duplicated indices): replace it with harmless values before
+    # computing, since masking a NaN afterwards would still poison the gradients.
+    real_k = real.unsqueeze(-1)
+    logits = torch.where(real_k, student_logits.to(dtype), 0.0) / temperature
+    teacher = torch.where(real_k, topk_values.to(dtype), -math.log(k))
+    indices = torch.where(real_k, topk_indices.long(), torch.arange(k, device=topk_indices.device))
+    _check_indices(indices, real, vocab)
+
+    student_logp = torch.log_softmax(logits, dim=-1)
+    student_topk = student_logp.gather(-1, indices)
+    if values == "logits":
+        teacher = teacher / temperature
+    if tail == "renormalize":
+        teacher_logp = torch.log_softmax(teacher.clamp(min=_LOG_FLOOR) if values == "logprobs" else teacher, dim=-1)
+        student_logq = torch.log_softmax(student_topk, dim=-1)
+        kl = _kl(teacher_logp, student_logq, reverse)
+    else:
+        teacher_logp = teacher.clamp(min=_LOG_FLOOR)
+        kl = _kl(teacher_logp, student_topk, reverse)
+        if k < vocab:  # at K = V there is no rest (and no rest bucket)
+            # log(1 - sum p_topk) cancels digits when the top-k holds nearly all the mass: in float64
+            # (cheap: K values a token) it is exact for the values given, as float32 would not be.
+            exact = torch.float64 if teacher_logp.device.type != "mps" else dtype  # MPS has no float64
+            teacher_rest = torch.logsumexp(teacher_logp.to(exact), dim=-1).clamp(max=0.0)
+            teacher_rest = torch.log(-torch.expm1(teacher_rest)).clamp(min=_LOG_FLOOR).to(dtype)
+            # The student's log-mass outside the K indices, computed from its logits rather than as
+            # log(1 - sum q_topk), which loses all precision when the top-k holds nearly all the mass.
+            outside = logits.scatter(-1, indices, torch.finfo(dtype).min)
+            student_rest = torch.logsumexp(outside, dim=-1) - torch.logsumexp(logits, dim=-1)
+            kl = kl + _kl(teacher_rest.unsqueeze(-1), student_rest.unsqueeze(-1), reverse)
+    kl = torch.where(real, kl, 0.0)
+    if reduction == "none":
+        return kl
+    total = kl.sum()
+    if reduction == "sum":
+        return total
+    return total / real.sum().clamp(min=1)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """KL(p || q) over the last dimension from log-probabilities (KL(q || p) when ``reverse``)."""
+    if reverse:
+        logp, logq = logq, logp
+    return (logp.exp() * (logp - logq)).sum(dim=-1)
+
+
+def _real_positions(
+    student_logits: torch.Tensor,
+    topk_values: torch.Tensor,
+    topk_indices: torch.Tensor,
+    lengths: torch.Tensor | None,
+) -> torch.Tensor:
+    """Check the shapes; the boolean mask of real (not padded) positions, ``student_logits.shape[:-1]``."""
+    if student_logits.dim() < 2:
+        raise ConfigError(f"topk_kl_loss: student_logits must be [..., V], got shape {tuple(student_logits.shape)}")
+    if topk_values.shape != topk_indices.shape:
+        raise ConfigError(
+            f"topk_kl_loss: topk_values {tuple(topk_values.shape)} and topk_indices "
+            f"{tuple(topk_indices.shape)} must have the same shape"
+        )
+    if topk_values.shape[:-1] != student_logits.shape[:-1]:
+        raise ConfigError(
+            f"topk_kl_loss: topk_values {tuple(topk_values.shape)} must match student_logits "
+            f"{tuple(student_logits.shape)} in every dimension but the last"
+        )
+    if not 1 <= topk_values.shape[-1] <= student_logits.shape[-1]:
+        raise ConfigError(
+            f"topk_kl_loss: K = {topk_values.shape[-1]} must be between 1 and the vocabulary size "
+            f"V = {student_logits.shape[-1]}"
+        )
+    if topk_indices.dtype not in (torch.int32, torch.int64):
+        raise ConfigError(f"topk_kl_loss: topk_indices must be int32 or int64, got {topk_indices.dtype}")
+    if not topk_values.is_floating_point():
+        raise ConfigError(f"topk_kl_loss: topk_values must be floating point, got {topk_values.dtype}")
+    if lengths is None:
+        return torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    if student_logits.dim() != 3:
+        raise ConfigError(
+            f"topk_kl_loss: with lengths, student_logits must be [n, L, V], got shape {tuple(student_logits.shape)}"
+        )
+    n, length = student_logits.shape[:2]
+    if lengths.shape != (n,) or lengths.is_floating_point():
+        raise ConfigError(
+            f"topk_kl_loss: lengths must be an integer tensor of shape ({n},), "
+            f"got {lengths.dtype} {tuple(lengths.shape)}"
+        )
+    if bool(((lengths < 0) | (lengths > length)).any()):
+        raise ConfigError(f"topk_kl_loss: lengths must be in [0, L = {length}], got {lengths.tolist()}")
+    positions = torch.arange(length, device=student_logits.device)
+    return positions < lengths.to(student_logits.device).unsqueeze(-1)
+
+
+def _check_indices(indices: torch.Tensor, real: torch.Tensor, vocab: int) -> None:
+    """Indices at real positions must lie in [0, V) and be distinct within their position."""
+    if bool(((indices < 0) | (indices >= vocab)).any()):
+        raise ConfigError(f"topk_kl_loss: topk_indices must lie in [0, V = {vocab}) at every real position")
+    sorted_indices = indices.sort(dim=-1).values
+    if bool((sorted_indices[..., 1:] == sorted_indices[..., :-1]).any()):
+        raise ConfigError("topk_kl_loss: topk_indices repeat an index within a position")
