@@ -68,3 +68,47 @@ def test_rows_of_different_lengths_get_their_exact_topk(triton: ExternalServer) 
             want = dense_topk(seq_logits(tokens[i : i + 1, :n]), K, temperature=TEMPERATURE, dtype=np.float16)
             assert_topk((values[i : i + 1, :n], indices[i : i + 1, :n]), want)
             assert not values[i, n:].any() and not indices[i, n:].any()
+
+
+def test_the_reader_streams_variable_rows_through_triton(triton: ExternalServer, tmp_path) -> None:
+    """DistillReader in fixed mode against the real Triton: rows of 1-40 tokens grouped by length
+    into padded d_batches, each row's lengths sent (the model declares ``tokens_length``); every
+    real position of every row gets the exact top-k, in input order."""
+    from distill_reader import DistillReader
+
+    conf = tmp_path / "seq.conf"
+    conf.write_text(
+        f"""[conf]
+mode = fixed
+servers = ['{triton.endpoint}']
+model_name = seq
+max_length = 40
+
+[feed]
+feed_vars = ['tokens', 'id']
+feed_types = ['int64', 'int64']
+feed_shapes = [(-1,), (1,)]
+predict_feed_ids = [0]
+
+[fetch]
+fetch_vars = ['logits_topk_values', 'logits_topk_indices']
+fetch_types = ['float16', 'int32']
+fetch_shapes = [(-1, {K}), (-1, {K})]
+"""
+    )
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(1, 1000, int(n)) for n in rng.integers(1, 41, 150)]
+    dr = DistillReader(conf, 32, 8, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60)
+    dr.set_sample_generator(lambda: ((row, np.array([i])) for i, row in enumerate(rows)))
+    with dr:
+        batches = list(dr.distill_reader()())
+    ids = np.concatenate([b[1][:, 0] for b in batches])
+    np.testing.assert_array_equal(ids, np.arange(len(rows)))
+    for tokens, id_, values, indices, lengths in batches:
+        for r in range(len(tokens)):
+            row = rows[int(id_[r, 0])]
+            n = len(row)
+            assert lengths[r] == n
+            want = dense_topk(seq_logits(row[None]), K, temperature=TEMPERATURE, dtype=np.float16)
+            assert_topk((values[r : r + 1, :n], indices[r : r + 1, :n]), want)
+            assert not values[r, n:].any() and not indices[r, n:].any()

@@ -37,6 +37,7 @@ SCENARIOS: dict[str, Scenario] = {
     "naive-loop": Scenario("speedup over one synchronous teacher call per batch", 40),
     "memory": Scenario("pool ÷ capacity × batch bytes; RSS growth over epochs", 35),
     "dbatch-scaling": Scenario("transport ratio for d_batch_size 1 … 256 (plot)", 190),
+    "sequence": Scenario("real tokens/s ÷ 4 sequence teachers' capacity at zero padding; top-k costs", 40),
     # chaos: the 82 s run of docs/fault-tolerance.md.
     "chaos": Scenario("faults injected: samples lost/duplicated/wrong, seconds to recover", 85),
 }
@@ -48,6 +49,7 @@ SCENARIO_NAMES = (
     "naive-loop",
     "memory",
     "dbatch-scaling",
+    "sequence",
 )
 # Run only when named (`distill bench chaos`): it kills processes and restarts services.
 EXTRA_SCENARIOS = ("chaos",)
@@ -55,7 +57,7 @@ EXTRA_SCENARIOS = ("chaos",)
 
 def _functions() -> dict[str, Callable[..., list[Row]]]:
     # Imported when a run starts, so that `distill bench --help` stays fast.
-    from distill_reader.bench import chaos, memory, naive, teacher_bound, training, transport
+    from distill_reader.bench import chaos, memory, naive, sequence, teacher_bound, training, transport
 
     return {
         "teacher-bound": teacher_bound.teacher_bound,
@@ -65,6 +67,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
         "naive-loop": naive.naive_loop,
         "memory": memory.memory,
         "dbatch-scaling": transport.dbatch_scaling,
+        "sequence": sequence.sequence,
         "chaos": chaos.chaos_rows,
     }
 

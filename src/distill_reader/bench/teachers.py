@@ -54,6 +54,27 @@ def simulated_gpu(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"prediction": out}
 
 
+SEQ_K = 16  # top-k entries per token of the simulated sequence teacher
+
+
+@teacher_model(
+    inputs=[("tokens", "int64", (-1,))],
+    outputs=[("logits_topk_values", "float16", (-1, SEQ_K)), ("logits_topk_indices", "int32", (-1, SEQ_K))],
+)
+def simulated_sequence_gpu(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A sequence "GPU": sleeps ``a + b·t`` ms for a request of ``t`` padded tokens (rows × the
+    longest row), as a transformer's time grows with the padded tokens it computes."""
+    tokens = batch["tokens"]
+    deadline = time.perf_counter() + _A_S + _B_S * tokens.size
+    n, length = tokens.shape
+    values = np.zeros((n, length, SEQ_K), dtype=np.float16)
+    indices = np.zeros((n, length, SEQ_K), dtype=np.int32)
+    remaining = deadline - time.perf_counter()
+    if remaining > 0:
+        time.sleep(remaining)
+    return {"logits_topk_values": values, "logits_topk_indices": indices}
+
+
 @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (N_CLASSES,))])
 def zero_cost(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Answers at once with zeros."""

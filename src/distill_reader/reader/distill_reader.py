@@ -47,7 +47,8 @@ class DistillReader(ReaderSource):
     answering before the epoch fails with :class:`~distill_reader.NoTeacherError` (120);
     ``max_attempts`` for a request a teacher answers with an error (3); ``log_interval``: seconds
     between statistics lines logged at INFO (60); ``check_finite``: treat teacher answers with NaN
-    or inf in a floating-point output as wrong (True). See :meth:`stats`.
+    or inf in a floating-point output as wrong (True); ``group_by_length``: send variable-length
+    rows in d_batches of similar lengths, not in input order (True). See :meth:`stats`.
 
     A batch is a list of arrays: every feed var in config order, then every fetch var.
 
@@ -73,6 +74,7 @@ class DistillReader(ReaderSource):
         max_attempts: int = 3,
         log_interval: float = 60.0,
         check_finite: bool = True,
+        group_by_length: bool = True,
     ) -> None:
         validate_reader_args(batch_size, d_batch_size, capacity, occupied_capacity)
         if max_in_flight is None:
@@ -100,6 +102,7 @@ class DistillReader(ReaderSource):
             teacher_timeout=float(teacher_timeout),
             max_attempts=max_attempts,
             check_finite=bool(check_finite),
+            group_by_length=bool(group_by_length),
         )
         self._layout = PoolLayout(self.config.pool_specs, len(self.config.feeds), self.batch_size, self.capacity)
         self._cuts = variable_cuts(self.config)

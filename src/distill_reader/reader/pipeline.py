@@ -183,6 +183,8 @@ class Pipeline:
     ) -> None:
         self.config = config
         self.d_batch_size = d_batch_size
+        #: the pipeline process cuts each sealed slot's rows into d_batches by length (no Work sent)
+        self.groups_by_length = options.group_by_length and config.length_source is not None
         self.stats = stats
         self.layout = layout
         self._owner_pid = os.getpid()
@@ -587,7 +589,7 @@ class Epoch:
         return slot, arrays[: len(config.feeds)] + arrays[len(config.feeds) + len(config.fetches) :]
 
     def _on_d_batch(self, slot: int, start: int, count: int) -> None:
-        if self.pipeline.config.length_source is None:  # variable rows are grouped by length at the seal
+        if not self.pipeline.groups_by_length:  # variable rows are grouped by length at the seal
             self.pipeline.send(Work(self.number, self._sequence, slot, start, count))
 
     def _on_sealed(self, slot: int, rows: int) -> None:

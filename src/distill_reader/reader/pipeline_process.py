@@ -240,7 +240,7 @@ class _PipelineProcess:
         epoch, slot, rows, sequence = message
         if epoch <= self.cancelled_upto:
             return
-        if self.length_arrays[slot]:  # variable rows: d_batches of rows of similar length
+        if self.length_arrays[slot] and self.spec.options.group_by_length:  # d_batches of similar lengths
             if self.slot_started[slot] is None:
                 self.slot_started[slot] = time.perf_counter()
             for start, group in enumerate(group_by_length(self.length_arrays[slot][0][:rows], self.d_batch_size)):

@@ -106,6 +106,8 @@ class SchedulerOptions:
     max_attempts: int = 3
     #: treat answers with NaN or inf in a floating-point output as wrong (quarantine the teacher)
     check_finite: bool = True
+    #: variable-length rows: d_batches of rows of similar length (False: in input order)
+    group_by_length: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,180 @@
+"""``distill bench sequence``: variable-length rows through teachers whose time grows with padding.
+
+Four simulated sequence GPUs (:func:`distill_reader.bench.teachers.simulated_sequence_gpu`) take
+``a + b·t`` ms for a request of ``t`` padded tokens (rows × its longest row), one request at a
+time (``--max-batch`` = the d_batch, so the server merges nothing). Rows are 8-64 tokens
+(uniform), d_batches of 16 rows. Their capacity at **zero padding** is exact: a d_batch of ``T``
+real tokens takes ``a + b·T`` ms, so N teachers deliver at most ``N·T̄ / (a + b·T̄)`` real tokens per
+ms, ``T̄`` = 16 × the mean length. The figure is the real tokens/s the training loop receives ÷
+that capacity, with the rows grouped by length (the reader's default) and in input order
+(``group_by_length=False``): padding is what separates them. Also reported: the padding each way
+(computed tokens ÷ real tokens, from the same grouping function on the same lengths), and the cost
+per token of top-k on the server (:func:`distill_reader.serving.topk.measure_topk`) and of
+decoding a top-k answer in the reader.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from distill_reader.bench.harness import Progress, Row, Sizes, TeacherSpec, teacher_processes
+from distill_reader.bench.teachers import SEQ_K
+from distill_reader.reader.grouping import group_by_length
+
+TEACHERS = 4
+MIN_LENGTH, MAX_LENGTH = 8, 64
+D_BATCH = 16
+BATCH_SIZE = 256
+GPU = TeacherSpec(model="simulated_sequence_gpu", a_ms=2.0, b_ms=0.1, max_batch=D_BATCH)
+TARGET = 0.9
+
+CONFIG = """\
+[conf]
+mode = fixed
+servers = {servers!r}
+max_length = {max_length}
+
+[feed]
+feed_vars = ['tokens', 'id']
+feed_types = ['int64', 'int64']
+feed_shapes = [(-1,), (1,)]
+predict_feed_ids = [0]
+
+[fetch]
+fetch_vars = ['logits_topk_values', 'logits_topk_indices']
+fetch_types = ['float16', 'int32']
+fetch_shapes = [(-1, {k}), (-1, {k})]
+"""
+
+
+def _lengths(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(MIN_LENGTH, MAX_LENGTH + 1, size=count)
+
+
+def _reader(lengths: np.ndarray):
+    rows = [np.arange(n, dtype=np.int64) % 1000 for n in lengths]
+
+    def reader() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        i = 0
+        while True:  # endless: the measuring window decides
+            yield rows[i % len(rows)], np.array([i], dtype=np.int64)
+            i += 1
+
+    return reader
+
+
+def padding_factor(lengths: np.ndarray, grouped: bool) -> float:
+    """Computed tokens ÷ real tokens for batches of :data:`BATCH_SIZE` rows cut into d_batches."""
+    computed = 0
+    for start in range(0, len(lengths) - BATCH_SIZE + 1, BATCH_SIZE):
+        batch = lengths[start : start + BATCH_SIZE]
+        in_order = np.array_split(np.arange(BATCH_SIZE), BATCH_SIZE // D_BATCH)
+        groups = group_by_length(batch, D_BATCH) if grouped else in_order
+        computed += sum(len(g) * int(batch[g].max()) for g in groups)
+    return computed / lengths[: len(lengths) // BATCH_SIZE * BATCH_SIZE].sum()
+
+
+def _measure(servers: list[str], lengths: np.ndarray, grouped: bool, sizes: Sizes) -> tuple[float, float]:
+    """Real tokens/s the training loop receives over the measuring window, and the window's seconds."""
+    from distill_reader import DistillReader
+
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as directory:
+        conf = Path(directory) / "sequence.conf"
+        conf.write_text(CONFIG.format(servers=servers, max_length=MAX_LENGTH, k=SEQ_K))
+        reader = DistillReader(conf, BATCH_SIZE, D_BATCH, capacity=6, occupied_capacity=1, group_by_length=grouped)
+        try:
+            reader.set_sample_generator(_reader(lengths))
+            epoch = reader.distill_reader()()
+            try:
+                start = now = time.perf_counter()
+                t0: float | None = None
+                tokens = 0
+                for batch in epoch:
+                    now = time.perf_counter()
+                    if t0 is None:
+                        t0 = now if now - start >= sizes.warmup_s else None
+                        continue
+                    tokens += int(batch[-1].sum())  # the batch's tokens_length
+                    if now - t0 >= sizes.measure_s:
+                        break
+            finally:
+                epoch.close()
+        finally:
+            reader.close()
+    assert t0 is not None
+    return tokens / (now - t0), now - t0
+
+
+def reader_decode_cost(k: int = SEQ_K, repeats: int = 200) -> float:
+    """Seconds per token to check, zero the padding of and store a top-k answer in the reader
+    (float16 values + int32 indices, a d_batch of 16 rows of 8-64 tokens)."""
+    from distill_reader.teacher.client import all_finite, zero_padding
+
+    lengths = _lengths(D_BATCH, seed=1)
+    longest = int(lengths.max())
+    values = np.zeros((D_BATCH, longest, k), np.float16)
+    indices = np.zeros((D_BATCH, longest, k), np.int32)
+    pool_values = np.zeros((BATCH_SIZE, MAX_LENGTH, k), np.float16)
+    pool_indices = np.zeros((BATCH_SIZE, MAX_LENGTH, k), np.int32)
+    rows = np.arange(D_BATCH) * 3
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for answer, pool in ((values, pool_values), (indices, pool_indices)):
+            block = zero_padding(answer, (-1, k), lengths)
+            if block.dtype.kind == "f":
+                all_finite(block)
+            pool[rows, :longest] = block
+            pool[rows, longest:] = 0
+    return (time.perf_counter() - started) / repeats / lengths.sum()
+
+
+def sequence(sizes: Sizes, progress: Progress) -> list[Row]:
+    """Real tokens/s ÷ the teachers' capacity at zero padding; padding, top-k costs per token."""
+    from distill_reader.serving.topk import measure_topk
+
+    lengths = _lengths(4096)
+    mean_tokens = D_BATCH * float(np.mean(lengths))
+    capacity = TEACHERS * mean_tokens / ((GPU.a_ms + GPU.b_ms * mean_tokens) / 1000.0)
+    rows: list[Row] = []
+    progress(f"sequence: starting {TEACHERS} simulated sequence teachers")
+    with teacher_processes(GPU, TEACHERS) as servers:
+        for grouped in (True, False):
+            label = "grouped by length" if grouped else "input order (group_by_length=False)"
+            progress(f"sequence: {label}")
+            tokens_per_s, seconds = _measure(servers, lengths, grouped, sizes)
+            rows.append(
+                Row(
+                    "sequence",
+                    f"real tokens/s, {label}",
+                    tokens_per_s,
+                    capacity,
+                    "tokens/s",
+                    tokens_per_s / capacity,
+                    TARGET if grouped else None,
+                    limit_label="teachers' capacity at zero padding",
+                    details={
+                        "teachers": TEACHERS,
+                        "a_ms": GPU.a_ms,
+                        "b_ms_per_token": GPU.b_ms,
+                        "lengths": [MIN_LENGTH, MAX_LENGTH],
+                        "d_batch_size": D_BATCH,
+                        "batch_size": BATCH_SIZE,
+                        "padding_factor": padding_factor(lengths, grouped),
+                        "seconds": seconds,
+                    },
+                )
+            )
+    progress("sequence: top-k costs per token")
+    server = measure_topk(32000, SEQ_K, repeats=2 if sizes.quick else 5)
+    reader = reader_decode_cost()
+    for label, seconds in (
+        (f"top-{SEQ_K} on the server, V = 32,000 (log-probs), per token", server),
+        (f"top-{SEQ_K} answer checked and stored in the pool (reader), per token", reader),
+    ):
+        rows.append(Row("sequence", label, seconds * 1e6, 1.0, "µs", seconds * 1e6))
+    return rows
