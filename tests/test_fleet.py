@@ -97,7 +97,7 @@ BAD_TEACHERS = {
     "not an OIP server": (lambda t, c, p: discovery_server(c), TeacherMismatchError, "not an Open Inference Protocol"),
     "not gRPC": (lambda t, c, p: http_server(c), TeacherMismatchError, "is not a gRPC server"),
     "wrong answers": (lambda t, c, p: wrong_teacher("shape", c), TeacherMismatchError, "returned FP32[4, 9]"),
-    "NaN answers": (lambda t, c, p: wrong_teacher("nan", c), TeacherOutputError, "non-finite value(s)"),
+    "NaN answers": (lambda t, c, p: wrong_teacher("nan", c), TeacherOutputError, "answered NaN or inf in fetch var"),
     "undeclared, wrong answers": (
         lambda t, c, p: wrong_teacher("undeclared-shape", c),
         TeacherMismatchError,

@@ -50,9 +50,9 @@ class TeacherAuthError(TeacherError):
 
 
 class TeacherOutputError(TeacherError):
-    """A teacher answered with values that are not finite (NaN or inf) where the reader checks
-    them (``check_finite=True``). Handled like a mismatch: the teacher is quarantined and the
-    request goes to another teacher."""
+    """A teacher answered NaN or inf for rows whose inputs are all finite (``check_finite=True``;
+    NaN in a sample's inputs is data, and the teacher's NaN for it passes through). Handled like a
+    mismatch: the teacher is quarantined and the request goes to another teacher."""
 
 
 class NoTeacherError(DistillReaderError, TimeoutError):

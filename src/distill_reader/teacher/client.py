@@ -218,18 +218,19 @@ class TeacherClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "a request to") from None
         if not self._variable_inputs:
-            return self._decode(response, count)
+            return self._decode(response, inputs)
         first = self._variable_inputs[0]
         padded = shapes[first][1 + self._inputs[first][1].shape.index(-1)]
-        return self._decode(response, count, padded, lengths[0])
+        return self._decode(response, inputs, padded, lengths[0])
 
     def _decode(
         self,
         response: service_pb2.ModelInferResponse,
-        count: int,
+        inputs: Sequence[np.ndarray],
         padded: int = 0,
         row_lengths: np.ndarray | None = None,
     ) -> list[np.ndarray]:
+        count = len(inputs[0])
         if len(response.raw_output_contents) != len(response.outputs):
             raise TeacherMismatchError(
                 f"teacher {self.endpoint} answered without raw_output_contents for every output; "
@@ -263,11 +264,15 @@ class TeacherClient:
                 assert row_lengths is not None
                 array = zero_padding(array, spec.shape, row_lengths)
             if self.check_finite and array.dtype.kind in "fc" and not all_finite(array):
-                bad = int(np.count_nonzero(~np.isfinite(array)))
-                raise TeacherOutputError(
-                    f"teacher {self.endpoint} answered {bad} non-finite value(s) (NaN or inf) in fetch var "
-                    f"{spec.name!r}; disable the check with check_finite=False if your teacher means them"
-                )
+                bad_rows = ~np.isfinite(array.reshape(count, -1)).all(axis=1)
+                # NaN in, NaN out is the model applied to the data: only rows with finite inputs count.
+                bad_rows &= ~_non_finite_rows(inputs)
+                if bad_rows.any():
+                    raise TeacherOutputError(
+                        f"teacher {self.endpoint} answered NaN or inf in fetch var {spec.name!r} for "
+                        f"{int(bad_rows.sum())} of {count} rows whose inputs are finite; disable the check "
+                        "with check_finite=False if your teacher means them"
+                    )
             arrays.append(array)
         return arrays
 
@@ -281,6 +286,15 @@ def zero_padding(array: np.ndarray, shape: Sequence[int], lengths: np.ndarray) -
             padding = np.arange(array.shape[1 + axis])[None, :] >= np.asarray(lengths)[:, None]
             np.moveaxis(array, 1 + axis, 1)[padding] = 0
     return array
+
+
+def _non_finite_rows(inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """Which rows have a NaN or inf in a floating-point input (run only when an answer has one)."""
+    rows = np.zeros(len(inputs[0]), dtype=bool)
+    for array in inputs:
+        if array.dtype.kind in "fc":
+            rows |= ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    return rows
 
 
 def all_finite(array: np.ndarray) -> bool:
