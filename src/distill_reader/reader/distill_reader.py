@@ -47,8 +47,9 @@ class DistillReader(ReaderSource):
     answering before the epoch fails with :class:`~distill_reader.NoTeacherError` (120);
     ``max_attempts`` for a request a teacher answers with an error (3); ``log_interval``: seconds
     between statistics lines logged at INFO (60); ``check_finite``: treat teacher answers with NaN
-    or inf in a floating-point output, for rows whose inputs are finite, as wrong (True); ``group_by_length``: send variable-length
-    rows in d_batches of similar lengths, not in input order (True). See :meth:`stats`.
+    or inf in a floating-point output, for rows whose inputs are finite, as wrong (True);
+    ``group_by_length``: send variable-length rows in d_batches of similar lengths, not in input
+    order (True). See :meth:`stats`.
 
     A batch is a list of arrays: every feed var in config order, then every fetch var.
 
