@@ -38,8 +38,8 @@ SCENARIOS: dict[str, Scenario] = {
     "memory": Scenario("pool ÷ capacity × batch bytes; RSS growth over epochs", 35),
     "dbatch-scaling": Scenario("transport ratio for d_batch_size 1 … 256 (plot)", 190),
     "sequence": Scenario("real tokens/s ÷ 4 sequence teachers' capacity at zero padding; top-k costs", 40),
-    # chaos: the 82 s run of docs/fault-tolerance.md.
-    "chaos": Scenario("faults injected: samples lost/duplicated/wrong, seconds to recover", 85),
+    # chaos: the 130 s run of docs/fault-tolerance.md.
+    "chaos": Scenario("faults injected: samples lost/duplicated/wrong, seconds to recover", 130),
 }
 SCENARIO_NAMES = (
     "teacher-bound",
