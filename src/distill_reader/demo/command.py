@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,8 +31,12 @@ TEACHERS = 2
 
 
 @contextlib.contextmanager
-def local_teachers(model_path: Path, count: int, model_name: str) -> Iterator[list[str]]:
+def local_teachers(
+    model_path: Path, count: int, model_name: str, serve_args: Sequence[str] = ()
+) -> Iterator[list[str]]:
     """Start ``count`` built-in teacher servers as child processes; stop them on exit.
+
+    ``serve_args``: more options of ``distill teacher serve`` (e.g. ``--topk 8``).
 
     Their output goes to a log file next to the model, shown only if one fails to start.
     """
@@ -55,6 +59,7 @@ def local_teachers(model_path: Path, count: int, model_name: str) -> Iterator[li
                     endpoint,
                     "--name",
                     model_name,
+                    *serve_args,
                 ]
                 processes.append(
                     subprocess.Popen(
@@ -166,7 +171,7 @@ def run_seed(
     )
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--seeds", default=5, show_default=True, type=click.IntRange(min=1), help="Runs, each on a fresh split.")
 @click.option(
     "--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Passes over the training set."
@@ -187,13 +192,24 @@ def run_seed(
 )
 @click.option("--batch-size", default=64, show_default=True, help="Rows of each training batch.")
 @click.option("--d-batch-size", default=16, show_default=True, help="Rows of each request to a teacher.")
+@click.pass_context
 def demo(
-    seeds: int, epochs: int, labelled_fraction: float, temperature: float, batch_size: int, d_batch_size: int
+    ctx: click.Context,
+    seeds: int,
+    epochs: int,
+    labelled_fraction: float,
+    temperature: float,
+    batch_size: int,
+    d_batch_size: int,
 ) -> None:
     """Run everything locally, on scikit-learn's digits: for each seed, train a teacher on a fresh
     split, serve it from two built-in teacher servers, stream the training set through
     DistillReader and train a student that has the labels of only a few samples but the teacher's
-    soft labels on all of them; compare with the same student trained on those few labels alone."""
+    soft labels on all of them; compare with the same student trained on those few labels alone.
+
+    `distill demo text` is the sequence demo: a character-level language model, top-k teachers."""
+    if ctx.invoked_subcommand is not None:
+        return  # `distill demo text`: the options above are the digits demo's
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -240,3 +256,12 @@ def demo(
     table.add_row(f"gain from the teacher, points (mean ± std over {over})", mean_std(gains, 2, "+"))
     table.add_row("seeds where the teacher helped", f"{sum(g > 0 for g in gains)} of {seeds}")
     console.print(table)
+
+
+def _add_subcommands() -> None:
+    from distill_reader.demo.text import text
+
+    demo.add_command(text)
+
+
+_add_subcommands()
