@@ -256,24 +256,15 @@ def test_which_models_are_padded() -> None:
 
 
 @pytest.fixture(scope="module")
-def fleet():
-    processes = TeacherProcesses()
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
-
-
-@pytest.fixture(scope="module")
 def seq_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_seq_onnx(tmp_path_factory.mktemp("seq") / "seq.onnx")
 
 
 @pytest.mark.timeout(90)
-def test_cli_topk_onnx_float16_temperature(fleet: TeacherProcesses, seq_onnx: Path) -> None:
+def test_cli_topk_onnx_float16_temperature(teachers: TeacherProcesses, seq_onnx: Path) -> None:
     metrics_port = free_port()
     options = ("--topk", "8", "--topk-dtype", "float16", "--temperature", "2", "--max-delay-ms", "300")
-    address = fleet.start(str(seq_onnx), *options, "--metrics", f"127.0.0.1:{metrics_port}")
+    address = teachers.start(str(seq_onnx), *options, "--metrics", f"127.0.0.1:{metrics_port}")
     client = tc.InferenceServerClient(address)
     meta = client.get_model_metadata("teacher", as_json=True)
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [
@@ -299,8 +290,10 @@ def test_cli_topk_onnx_float16_temperature(fleet: TeacherProcesses, seq_onnx: Pa
 
 
 @pytest.mark.timeout(90)
-def test_cli_topk_python_model_logits(fleet: TeacherProcesses) -> None:
-    address = fleet.start("serving_models:seq_tag", "--topk", "4", "--topk-values", "logits", "--topk-output", "logits")
+def test_cli_topk_python_model_logits(teachers: TeacherProcesses) -> None:
+    address = teachers.start(
+        "serving_models:seq_tag", "--topk", "4", "--topk-values", "logits", "--topk-output", "logits"
+    )
     client = tc.InferenceServerClient(address)
     tokens = RNG.integers(0, 100, (5, 17))
     result = client.infer("teacher", [_input("tokens", tokens)])
