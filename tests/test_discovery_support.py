@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from distill_reader.bench.chaos import StoreProcess
 from distill_reader.discovery.client import StudentSession
 
 
@@ -114,88 +112,9 @@ def register_process(discovery: str, service: str, endpoint: str, *extra: str) -
     )
 
 
-class ServiceProcess:
-    """A redis-server or etcd process on a free port in a tmp dir (restartable, same data)."""
-
-    def __init__(self, kind: str, workdir: Path) -> None:
-        self.kind = kind
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{self.kind}://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        if self.kind == "redis":
-            cmd = [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ]
-        else:
-            peer = free_port()
-            cmd = [
-                "etcd",
-                "--data-dir",
-                str(self.workdir / "etcd"),
-                "--listen-client-urls",
-                f"http://127.0.0.1:{self.port}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{self.port}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{peer}",
-                "--log-level",
-                "error",
-            ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}")
-            if self._ready():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} did not start on port {self.port}")
-
-    def _ready(self) -> bool:
-        try:
-            if self.kind == "redis":
-                import redis
-
-                return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
-            import urllib.request
-
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=0.5) as r:
-                return b"true" in r.read()
-        except Exception:
-            return False
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+# redis-server or etcd on a free port in a tmp dir, restartable with the same data: the
+# fault-injection benchmark's helper, shared so that both start the stores the same way.
+ServiceProcess = StoreProcess
 
 
 def have(binary: str) -> bool:
