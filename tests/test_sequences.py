@@ -12,32 +12,17 @@ import pytest
 from reader_models import K, make_sequence, seq_rows
 
 from distill_reader import ConfigError, DistillReader, FakeDistillReader, SampleError
+from distill_reader.bench.sequence import sequence_config
 from distill_reader.reader.grouping import group_by_length
 
 pytestmark = pytest.mark.timeout(90)
 
 MAX_LENGTH = 24
-SEQ_CONFIG = """\
-[conf]
-mode = fixed
-servers = {servers!r}
-max_length = {max_length}
-{extra}
-[feed]
-feed_vars = ['tokens', 'id']
-feed_types = ['int64', 'int64']
-feed_shapes = [(-1,), (1,)]
-predict_feed_ids = [0]
-
-[fetch]
-fetch_vars = ['topk_values', 'topk_indices']
-fetch_types = ['float32', 'int32']
-fetch_shapes = [(-1, {k}), (-1, {k})]
-"""
 
 
 def seq_config(write_config, servers: list[str], max_length: int = MAX_LENGTH, extra: str = ""):
-    return write_config(text=SEQ_CONFIG.format(servers=servers, max_length=max_length, extra=extra, k=K))
+    text = sequence_config(servers, max_length, K, values_dtype="float32", output="", conf=extra)
+    return write_config(text=text)
 
 
 def check_sequences(batches: list[list[np.ndarray]], n: int, batch_size: int, with_lengths: bool = False) -> None:
@@ -150,7 +135,7 @@ def test_bad_rows_name_the_var_and_length(write_config, seq_teachers):
 
 
 def test_variable_dims_of_one_var_must_agree(write_config):
-    text = SEQ_CONFIG.format(servers=["127.0.0.1:1"], max_length=8, extra="", k=K).replace(
+    text = sequence_config(["127.0.0.1:1"], 8, K, output="").replace(
         "feed_shapes = [(-1,), (1,)]", "feed_shapes = [(-1, -1), (1,)]"
     )
     fake = FakeDistillReader(write_config(text=text), 2)
@@ -160,7 +145,7 @@ def test_variable_dims_of_one_var_must_agree(write_config):
 
 
 def test_config_needs_max_length(write_config):
-    text = SEQ_CONFIG.format(servers=["127.0.0.1:1"], max_length=8, extra="", k=K).replace("max_length = 8\n", "")
+    text = sequence_config(["127.0.0.1:1"], 8, K, output="").replace("max_length = 8\n", "")
     with pytest.raises(ConfigError, match=r"\[conf\] max_length: missing key; \[feed\] var 'tokens'"):
         FakeDistillReader(write_config(text=text), 2)
 

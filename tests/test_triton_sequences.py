@@ -13,6 +13,8 @@ import tritonclient.grpc as tc
 from external_support import ExternalServer, session_pids, start_triton_sequences, venv_python
 from serving_models import assert_topk, dense_topk, seq_logits
 
+from distill_reader.bench.sequence import sequence_config
+
 pytestmark = pytest.mark.timeout(120)
 
 K = 8
@@ -77,25 +79,7 @@ def test_the_reader_streams_variable_rows_through_triton(triton: ExternalServer,
     from distill_reader import DistillReader
 
     conf = tmp_path / "seq.conf"
-    conf.write_text(
-        f"""[conf]
-mode = fixed
-servers = ['{triton.endpoint}']
-model_name = seq
-max_length = 40
-
-[feed]
-feed_vars = ['tokens', 'id']
-feed_types = ['int64', 'int64']
-feed_shapes = [(-1,), (1,)]
-predict_feed_ids = [0]
-
-[fetch]
-fetch_vars = ['logits_topk_values', 'logits_topk_indices']
-fetch_types = ['float16', 'int32']
-fetch_shapes = [(-1, {K}), (-1, {K})]
-"""
-    )
+    conf.write_text(sequence_config([triton.endpoint], 40, K, conf="model_name = seq"))
     rng = np.random.default_rng(5)
     rows = [rng.integers(1, 1000, int(n)) for n in rng.integers(1, 41, 150)]
     dr = DistillReader(conf, 32, 8, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60)

@@ -33,12 +33,12 @@ BATCH_SIZE = 256
 GPU = TeacherSpec(model="simulated_sequence_gpu", a_ms=2.0, b_ms=0.1, max_batch=D_BATCH)
 TARGET = 0.9
 
-CONFIG = """\
+_CONFIG = """\
 [conf]
 mode = fixed
 servers = {servers!r}
 max_length = {max_length}
-
+{conf}
 [feed]
 feed_vars = ['tokens', 'id']
 feed_types = ['int64', 'int64']
@@ -46,10 +46,32 @@ feed_shapes = [(-1,), (1,)]
 predict_feed_ids = [0]
 
 [fetch]
-fetch_vars = ['logits_topk_values', 'logits_topk_indices']
-fetch_types = ['float16', 'int32']
+fetch_vars = ['{output}topk_values', '{output}topk_indices']
+fetch_types = ['{values_dtype}', 'int32']
 fetch_shapes = [(-1, {k}), (-1, {k})]
 """
+
+
+def sequence_config(
+    servers: list[str],
+    max_length: int,
+    k: int,
+    *,
+    values_dtype: str = "float16",
+    output: str = "logits",
+    conf: str = "",
+) -> str:
+    """A reader config for token rows (``tokens`` int64 ``(-1,)`` and ``id``) and a teacher's top-k
+    of ``output`` (``<output>_topk_values``/``_indices``, ``(-1, k)``; ``output=""``: ``topk_*``);
+    ``conf``: more ``[conf]`` lines."""
+    return _CONFIG.format(
+        servers=list(servers),
+        max_length=max_length,
+        conf=conf,
+        output=f"{output}_" if output else "",
+        values_dtype=values_dtype,
+        k=k,
+    )
 
 
 def _lengths(count: int, seed: int = 0) -> np.ndarray:
@@ -85,7 +107,7 @@ def _measure(servers: list[str], lengths: np.ndarray, grouped: bool, sizes: Size
 
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as directory:
         conf = Path(directory) / "sequence.conf"
-        conf.write_text(CONFIG.format(servers=servers, max_length=MAX_LENGTH, k=SEQ_K))
+        conf.write_text(sequence_config(servers, MAX_LENGTH, SEQ_K))
         reader = DistillReader(conf, BATCH_SIZE, D_BATCH, capacity=6, occupied_capacity=1, group_by_length=grouped)
         try:
             reader.set_sample_generator(_reader(lengths))
