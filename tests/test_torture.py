@@ -88,8 +88,8 @@ def _epochs(config, epochs: int, seed: int) -> None:
         _assert_flat(before, _resources())
 
 
-def test_hundreds_of_epochs_with_random_early_breaks(write_config, tag_teachers):
-    _epochs(write_config(tag_teachers), 250, seed=0)
+def test_a_hundred_epochs_with_random_early_breaks(write_config, tag_teachers):
+    _epochs(write_config(tag_teachers), 120, seed=0)
 
 
 @slow
@@ -156,7 +156,7 @@ def _create_and_drop(config, rounds: int, seed: int) -> None:
 
 
 def test_readers_created_and_dropped_in_a_loop(write_config, tag_teachers):
-    _create_and_drop(write_config(tag_teachers), 12, seed=3)
+    _create_and_drop(write_config(tag_teachers), 8, seed=3)
 
 
 @slow

@@ -63,11 +63,11 @@ class Sizes:
 
     @property
     def warmup_s(self) -> float:
-        return 0.8 if self.quick else 2.0
+        return 0.3 if self.quick else 2.0
 
     @property
     def measure_s(self) -> float:
-        return 1.0 if self.quick else 6.0
+        return 0.5 if self.quick else 6.0
 
     @property
     def teacher_counts(self) -> tuple[int, ...]:
@@ -75,7 +75,7 @@ class Sizes:
 
     @property
     def memory_epochs(self) -> int:
-        return 20 if self.quick else 300
+        return 10 if self.quick else 300
 
     @property
     def d_batch_sizes(self) -> tuple[int, ...]:
