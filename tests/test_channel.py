@@ -150,6 +150,46 @@ def test_failed_epochs_do_not_lose_slots(write_config, teachers):
         for _ in range(6):
             with pytest.raises(TeacherError, match="the teacher model is broken"):
                 list(dr.distill_reader()())
+            assert _places(dr, capacity=2) == {"free": 2, "filling": 0, "queued": 0, "held": 0}
+
+
+def _places(dr: DistillReader, capacity: int = 4) -> dict[str, int]:
+    counts = dr._holder.pipeline.ledger.counts()
+    assert sum(counts.values()) == capacity, counts  # free + filling + queued + held == capacity
+    return counts
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_slot_ledger_balances_after_every_kind_of_epoch_end(write_config, tag_teachers):
+    """Whatever ends an epoch, every slot is free again except the ones the loop still holds."""
+    dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=1)
+    dr.set_sample_generator(lambda: (make_sample(i) for i in range(80)))
+    reader = dr.distill_reader()
+    with dr:
+        check_epoch([[a.copy() for a in b] for b in reader()], 80, 8)
+        assert _places(dr) == {"free": 3, "filling": 0, "queued": 0, "held": 1}  # the last batch's views
+        # Ended early, the loop still holds the batch it has and the one before (freed once it asks
+        # for one more batch: the next epoch's first).
+        for _ in zip(range(3), reader()):
+            pass  # break after 3 batches
+        assert _places(dr) == {"free": 2, "filling": 0, "queued": 0, "held": 2}
+        with pytest.raises(_Stop):
+            for _ in reader():
+                raise _Stop
+        assert _places(dr) == {"free": 2, "filling": 0, "queued": 0, "held": 2}
+        abandoned = reader()
+        next(abandoned)
+        check_epoch([[a.copy() for a in b] for b in reader()], 80, 8)  # stops the abandoned one
+        assert _places(dr) == {"free": 3, "filling": 0, "queued": 0, "held": 1}
+        # A new epoch's first batch counts as taking one more: the held slot is freed then.
+        next(iter(reader()))
+    dr.copy = True
+    with dr:
+        check_epoch(list(reader()), 80, 8)
+        assert _places(dr) == {"free": 4, "filling": 0, "queued": 0, "held": 0}
 
 
 def test_a_killed_pipeline_process_fails_the_epoch_and_is_replaced(write_config, tag_teachers, caplog):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -33,7 +35,9 @@ def fill(kind: str, chunks, batch_size: int, d_batch_size: int = 3):
         arrays[slot] = [np.zeros((batch_size, *s.shape), s.dtype) for s in SPECS]
         return slot, arrays[slot]
 
-    filler = SlotFiller(SPECS, batch_size, d_batch_size, acquire, on_d_batch, on_sealed)
+    filler = SlotFiller(
+        SPECS, batch_size, d_batch_size, SimpleNamespace(acquire=acquire, written=on_d_batch, sealed=on_sealed)
+    )
     add = filler.adder(kind)
     for chunk in chunks:
         assert add(chunk)

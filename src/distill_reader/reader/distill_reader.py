@@ -200,12 +200,8 @@ class DistillReader(ReaderSource):
                 if self._stats.batch(item.rows, waited, item.fill_seconds, teacher_seconds, done_at - sealed_at):
                     pipeline.request_stats(wait=0)
                 views = batch_views(pipeline.slots[item.slot], item.rows, self._cuts)
-                if self.copy:
-                    batch = [v.copy() for v in views]
-                    pipeline.free.release(item.slot)
-                else:
-                    batch = views
-                    pipeline.hold(item.slot)
+                batch = [v.copy() for v in views] if self.copy else views
+                pipeline.yielded(item.slot, copied=self.copy)
                 yield batch
                 pipeline.check(epoch)  # stopped or closed from another thread meanwhile: raise
                 # The consumer asked for the next batch: it has now taken one more.

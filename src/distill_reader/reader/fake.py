@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from distill_reader.config import load_config, validate_reader_args
+from distill_reader.config import ReaderConfig, load_config, validate_reader_args
 from distill_reader.reader.filling import SlotFiller
 from distill_reader.reader.pool import batch_views, variable_cuts
 from distill_reader.reader.source import ReaderSource, reader_function_error
@@ -41,23 +41,8 @@ class FakeDistillReader(ReaderSource):
         assert self._reader is not None
         kind, reader = self._reader
         config = self.config
-        ready: list[list[np.ndarray]] = []
-        slots: dict[int, list[np.ndarray]] = {}
-
-        n_feeds, n_vars = len(config.feeds), len(config.feeds) + len(config.fetches)
-        cuts = variable_cuts(config)
-
-        def acquire() -> tuple[int, list[np.ndarray]]:
-            slot = len(slots)
-            slots[slot] = [np.zeros(s.batch_shape(self.batch_size), s.dtype) for s in config.pool_specs]
-            return slot, slots[slot][:n_feeds] + slots[slot][n_vars:]
-
-        def sealed(slot: int, rows: int) -> None:
-            ready.append(batch_views(slots.pop(slot), rows, cuts))
-
-        filler = SlotFiller(
-            config.feeds, self.batch_size, self.batch_size, acquire, lambda *_: None, sealed, config.max_length
-        )
+        sink = _ZeroSlots(config, self.batch_size)
+        filler = SlotFiller(config.feeds, self.batch_size, self.batch_size, sink, config.max_length)
         add = filler.adder(kind)
         # The user's exceptions become ReaderFunctionError, bad samples SampleError, as in DistillReader.
         try:
@@ -72,7 +57,30 @@ class FakeDistillReader(ReaderSource):
             except Exception as exc:
                 raise reader_function_error(exc, filler.position) from exc
             add(value)
-            yield from ready
-            ready.clear()
+            yield from sink.ready
+            sink.ready.clear()
         filler.finish()
-        yield from ready
+        yield from sink.ready
+
+
+class _ZeroSlots:
+    """The fake reader's slots: fresh arrays per batch, the fetch vars left at zero."""
+
+    def __init__(self, config: ReaderConfig, batch_size: int) -> None:
+        self._config, self._batch_size = config, batch_size
+        self._cuts = variable_cuts(config)
+        self._slots: dict[int, list[np.ndarray]] = {}
+        self.ready: list[list[np.ndarray]] = []
+
+    def acquire(self) -> tuple[int, list[np.ndarray]]:
+        config, slot = self._config, len(self._slots)
+        arrays = [np.zeros(s.batch_shape(self._batch_size), s.dtype) for s in config.pool_specs]
+        self._slots[slot] = arrays
+        n_feeds, n_vars = len(config.feeds), len(config.feeds) + len(config.fetches)
+        return slot, arrays[:n_feeds] + arrays[n_vars:]
+
+    def written(self, slot: int, start: int, count: int) -> None:
+        pass
+
+    def sealed(self, slot: int, rows: int) -> None:
+        self.ready.append(batch_views(self._slots.pop(slot), rows, self._cuts))

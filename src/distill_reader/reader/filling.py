@@ -17,7 +17,7 @@ feed vars as extra arrays (the layout of the batches the reader yields).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,24 +31,31 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r:.60}"
 
 
-class SlotFiller:
-    """Fills slots from ``acquire()`` and reports every written d_batch and every complete slot.
+class SlotSink(Protocol):
+    """Where a :class:`SlotFiller`'s slots come from and where they go (an epoch's feeder)."""
 
-    ``acquire()`` returns a slot number and its feed arrays (``[batch_size, *shape]`` each, variable
-    dimensions at ``max_length``) followed by the length arrays of the variable vars, or None when
-    the epoch is being stopped. ``on_d_batch(slot, start, count)`` is called when rows
-    ``[start, start + count)`` are written; ``on_sealed(slot, rows)`` when the slot is complete (full,
-    or the epoch ended), after its last d_batch. ``position`` counts samples in the epoch.
-    """
+    def acquire(self) -> tuple[int, Sequence[np.ndarray]] | None:
+        """A free slot's number and its arrays: the feed vars (``[batch_size, *shape]``, variable
+        dimensions at ``max_length``), then the length arrays of the variable vars; None when the
+        epoch is being stopped."""
+
+    def written(self, slot: int, start: int, count: int) -> None:
+        """Rows ``[start, start + count)`` of ``slot`` are written (one d_batch)."""
+
+    def sealed(self, slot: int, rows: int) -> None:
+        """``slot`` is complete (full, or the epoch ended), after its last :meth:`written`."""
+
+
+class SlotFiller:
+    """Fills the slots that ``sink`` gives it and tells ``sink`` about every written d_batch and
+    every complete slot. ``position`` counts samples in the epoch."""
 
     def __init__(
         self,
         feeds: Sequence[TensorSpec],
         batch_size: int,
         d_batch_size: int,
-        acquire: Callable[[], tuple[int, Sequence[np.ndarray]] | None],
-        on_d_batch: Callable[[int, int, int], None],
-        on_sealed: Callable[[int, int], None],
+        sink: SlotSink,
         max_length: int | None = None,
     ) -> None:
         self._feeds = tuple(feeds)
@@ -58,9 +65,7 @@ class SlotFiller:
         self._lengths: Sequence[np.ndarray] = ()
         self._batch_size = batch_size
         self._d_batch_size = d_batch_size
-        self._acquire = acquire
-        self._on_d_batch = on_d_batch
-        self._on_sealed = on_sealed
+        self._sink = sink
         self.slot: int | None = None  # the slot being filled, owned by this filler until sealed
         self._arrays: Sequence[np.ndarray] = ()
         self._filled = 0  # rows written into the slot
@@ -150,7 +155,7 @@ class SlotFiller:
 
     # -- mechanics ---------------------------------------------------------------------------
     def _next_slot(self) -> bool:
-        acquired = self._acquire()
+        acquired = self._sink.acquire()
         if acquired is None:
             return False
         self.slot, arrays = acquired
@@ -168,7 +173,7 @@ class SlotFiller:
 
     def _dispatch(self, count: int) -> None:
         assert self.slot is not None
-        self._on_d_batch(self.slot, self._dispatched, count)
+        self._sink.written(self.slot, self._dispatched, count)
         self._dispatched += count
 
     def _seal(self) -> None:
@@ -177,7 +182,7 @@ class SlotFiller:
             self._dispatch(self._filled - self._dispatched)
         slot, rows = self.slot, self._filled
         self.slot, self._arrays, self._lengths = None, (), ()
-        self._on_sealed(slot, rows)
+        self._sink.sealed(slot, rows)
 
     def _write_rows(self, samples: Sequence[Sequence[Any]]) -> None:
         start, end = self._filled, self._filled + len(samples)

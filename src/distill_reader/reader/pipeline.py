@@ -19,9 +19,11 @@ Lifecycle (one owner for each):
   free slots and sends each d_batch to the pipeline process as soon as its rows are written. The
   consumer (the training loop's generator) takes sealed slots in order, waits until the pipeline
   process reports them done and yields views of them.
-* A slot is free, then owned by the feeder, then by the pipeline process and the consumer's queue,
-  then held by the consumer after it was yielded; it is freed once the consumer has taken
-  ``occupied_capacity`` further batches (or at once with ``copy=True``).
+* A slot is free, then filled by the feeder, then queued (at the pipeline process and in the
+  consumer's queue), then held by the consumer after it was yielded; it is freed once the consumer
+  has taken ``occupied_capacity`` further batches (or at once with ``copy=True``). The
+  :class:`~distill_reader.reader.slots.SlotLedger` records every slot's place and refuses a move
+  from the wrong one.
 * Early exit (``break``, an exception, Ctrl-C): the consumer's generator is closed and aborts the
   epoch: it stops the feeder, asks the pipeline process to cancel the epoch and waits for its
   acknowledgement (after which no teacher output is written for that epoch), then frees every
@@ -77,6 +79,7 @@ from distill_reader.reader.channel import (
 from distill_reader.reader.filling import SlotFiller
 from distill_reader.reader.pipeline_process import PipelineSpec
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
+from distill_reader.reader.slots import SlotLedger
 from distill_reader.reader.source import reader_function_error
 from distill_reader.reader.stats import StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
@@ -126,27 +129,6 @@ def _enlarge_pipe(fd: int) -> None:
     if set_size is not None:
         with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
             fcntl.fcntl(fd, set_size, 1 << 20)
-
-
-class SlotPool:
-    """Free batch slots; ``acquire`` waits until one is free or ``stop`` is set."""
-
-    def __init__(self, capacity: int) -> None:
-        self._free = collections.deque(range(capacity))
-        self._cond = threading.Condition()
-
-    def acquire(self, stop: threading.Event) -> int | None:
-        with self._cond:
-            while not self._free:
-                if stop.is_set():
-                    return None
-                self._cond.wait(_TICK * 2)
-            return self._free.popleft()
-
-    def release(self, slot: int) -> None:
-        with self._cond:
-            self._free.append(slot)
-            self._cond.notify()
 
 
 @dataclass(frozen=True)
@@ -210,8 +192,7 @@ class Pipeline:
         finally:
             self._buffer.close_fd()  # mapped on both sides (or failed): the descriptor is not needed
         self.slots = [layout.slot_arrays(self._buffer.mmap, s) for s in range(layout.capacity)]
-        self.free = SlotPool(layout.capacity)
-        self.held: collections.deque[int] = collections.deque()  # yielded slots, oldest first
+        self.ledger = SlotLedger(layout.capacity, _TICK * 2)  # where every slot is
         self._next_epoch = 0
 
     # -- process -----------------------------------------------------------------------------
@@ -461,21 +442,26 @@ class Pipeline:
         """The feeder's item for the consumer (under the condition, waking the consumer)."""
         with self._cond:
             if epoch.reclaimed and isinstance(item, (_Sealed, _Unsealed)):
-                self.free.release(item.slot)  # a late feeder: the epoch is over and cancelled
+                self.ledger.release(item.slot)  # a late feeder: the epoch is over and cancelled
             else:
+                if isinstance(item, (_Sealed, _Unsealed)):
+                    self.ledger.queue(item.slot)
                 epoch.items.append(item)
                 self._cond.notify_all()
 
-    def hold(self, slot: int) -> None:
-        """The consumer took ``slot``; it is freed by a later ``release_held``."""
-        self.held.append(slot)
+    def yielded(self, slot: int, copied: bool) -> None:
+        """The consumer yields ``slot``'s batch: a copy frees it now, views hold it until the
+        consumer has taken ``occupied_capacity`` further batches (:meth:`release_held`)."""
+        if copied:
+            self.ledger.release(slot)
+        else:
+            self.ledger.hold(slot)
 
     def release_held(self, keep: int) -> None:
-        if len(self.held) <= keep:
+        if self.ledger.held_count <= keep:
             return  # the common case on the hot path: no signal handler swap
         with deferred_interrupt():
-            while len(self.held) > keep:
-                self.free.release(self.held.popleft())
+            self.ledger.release_held(keep)
 
     def abort(self, epoch: Epoch, reason: str | None = None) -> None:
         """Stop ``epoch`` early and take back its slots; see the module docstring. With ``reason``
@@ -566,20 +552,20 @@ class Epoch:
         while self.items:
             item = self.items.popleft()
             if isinstance(item, (_Sealed, _Unsealed)):
-                self.pipeline.free.release(item.slot)
+                self.pipeline.ledger.release(item.slot)
 
     def give_back(self, item: _Sealed) -> None:
         """The consumer took ``item`` but will not yield it (under the pipeline's condition): it is
         freed with the epoch's other slots once the epoch is cancelled, or now if it already is."""
         if self.reclaimed:
-            self.pipeline.free.release(item.slot)
+            self.pipeline.ledger.release(item.slot)
         else:
             self.items.appendleft(item)
 
-    # -- feeder thread -----------------------------------------------------------------------
-    def _acquire(self) -> tuple[int, list[np.ndarray]] | None:
+    # -- feeder thread: the SlotFiller's sink --------------------------------------------------
+    def acquire(self) -> tuple[int, list[np.ndarray]] | None:
         asked_at = time.perf_counter()
-        slot = self.pipeline.free.acquire(self.stop)
+        slot = self.pipeline.ledger.acquire(self.stop)
         if slot is None:
             return None
         self._acquired_at = time.perf_counter()
@@ -588,11 +574,11 @@ class Epoch:
         # The feed vars, then the row lengths of the variable ones (after the fetch vars in the slot).
         return slot, arrays[: len(config.feeds)] + arrays[len(config.feeds) + len(config.fetches) :]
 
-    def _on_d_batch(self, slot: int, start: int, count: int) -> None:
+    def written(self, slot: int, start: int, count: int) -> None:
         if not self.pipeline.groups_by_length:  # variable rows are grouped by length at the seal
             self.pipeline.send(Work(self.number, self._sequence, slot, start, count))
 
-    def _on_sealed(self, slot: int, rows: int) -> None:
+    def sealed(self, slot: int, rows: int) -> None:
         self.pipeline.send(Seal(self.number, slot, rows, self._sequence))
         self.pipeline.hand_over(self, _Sealed(self._sequence, slot, rows, time.perf_counter() - self._acquired_at))
         self._sequence += 1
@@ -602,9 +588,7 @@ class Epoch:
             self.pipeline.config.feeds,
             self.pipeline.layout.batch_size,
             self.pipeline.d_batch_size,
-            self._acquire,
-            self._on_d_batch,
-            self._on_sealed,
+            self,
             self.pipeline.config.max_length,
         )
         add = filler.adder(self._kind)
