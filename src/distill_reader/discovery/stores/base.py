@@ -267,8 +267,14 @@ def open_store(url: str, security: StoreSecurity | None = None) -> Store:
     return EtcdStore(parsed.host, parsed.port, tls=parsed.tls, security=security)
 
 
-def auth_failed(url: str, detail: object) -> DiscoveryError:
-    """The error for a store that refused this server's user or password (``url`` holds no secret)."""
+def auth_failed(url: str, detail: object, given: bool = True) -> DiscoveryError:
+    """The error for a store that refused this server's user or password (``url`` holds no secret);
+    ``given``: whether this server had credentials for it at all."""
+    if not given:
+        return DiscoveryError(
+            f"store {url} requires authentication and none was given ({detail}); give the user in the URL or "
+            f"with --store-user, and the password with {PASSWORD_HELP}"
+        )
     return DiscoveryError(
         f"store {url}: authentication failed ({detail}); check the user (in the URL or --store-user) "
         f"and the password ({PASSWORD_HELP})"

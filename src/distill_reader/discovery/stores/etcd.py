@@ -57,7 +57,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 _AUTH_DETAILS = ("authentication failed", "user name is empty", "invalid user", "invalid auth token")
-_TLS_DETAILS = ("ssl", "handshake", "certificate", "tls")
+# How grpc reports a failed handshake (a rejected client certificate shows as TSI_DATA_CORRUPTED).
+_TLS_DETAILS = ("ssl", "handshake", "certificate", "tls", "tsi_")
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -193,7 +194,7 @@ class EtcdStore(Store):
         text = f"{code.name}: {details}"
         low = details.lower()
         if code == grpc.StatusCode.UNAUTHENTICATED or any(d in low for d in _AUTH_DETAILS):
-            return StoreRefused(str(auth_failed(self.url, text)))
+            return StoreRefused(str(auth_failed(self.url, text, self._security.password is not None)))
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return StoreRefused(str(permission_denied(self.url, text)))
         if code == grpc.StatusCode.UNAVAILABLE and any(d in low for d in _TLS_DETAILS):

@@ -23,6 +23,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError as RedisAuthError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, RedisError, ResponseError, WatchError
@@ -110,6 +112,7 @@ class RedisStore(Store):
         security = security or StoreSecurity()
         self.url = str(StoreURL("redis", host, port, db, security.username, tls))
         self.db = db
+        self._has_password = security.password is not None
         self._r = aioredis.Redis(
             host=host,
             port=port,
@@ -117,6 +120,9 @@ class RedisStore(Store):
             decode_responses=True,
             socket_timeout=2.0,
             socket_connect_timeout=1.0,
+            # Absorb a blip, then let the service's own retries take over: redis-py's default retries
+            # back off for seconds (longer than a lease's TTL), and retry refused passwords as well.
+            retry=Retry(EqualJitterBackoff(cap=0.2, base=0.02), 3),
             **_connection_kwargs(tls, security),
         )
         self._register = self._r.register_script(_REGISTER)
@@ -144,7 +150,7 @@ class RedisStore(Store):
     def _error(self, exc: Exception) -> StoreUnavailable:
         """The store error for a failed Redis command (redis-py never puts the password in messages)."""
         if isinstance(exc, RedisAuthError):
-            return StoreRefused(str(auth_failed(self.url, exc)))
+            return StoreRefused(str(auth_failed(self.url, exc, self._has_password)))
         if isinstance(exc, NoPermissionError):
             return StoreRefused(str(permission_denied(self.url, exc)))
         if isinstance(exc, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc):
