@@ -108,7 +108,7 @@ class _KeepAliveStream:
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:
-            error = asyncio.CancelledError()
+            pass  # closed: the keeps still waiting get "stream ended" (UNAVAILABLE), not a cancellation
         self.broken = True
         for waiters in self._waiting.values():
             for future in waiters:
