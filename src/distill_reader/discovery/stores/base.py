@@ -267,6 +267,14 @@ def open_store(url: str, security: StoreSecurity | None = None) -> Store:
     return EtcdStore(parsed.host, parsed.port, tls=parsed.tls, security=security)
 
 
+def unreachable_hint(url: str, detail: object) -> str:
+    """A hint for a plaintext URL whose store hung up on us: it may speak only TLS."""
+    text = str(detail).lower()
+    if "://" in url and url.split("://")[0] in ("redis", "etcd") and ("closed" in text or "reset" in text):
+        return f" (if the store speaks only TLS, use {url.split('://')[0]}s://)"
+    return ""
+
+
 def auth_failed(url: str, detail: object, given: bool = True) -> DiscoveryError:
     """The error for a store that refused this server's user or password (``url`` holds no secret);
     ``given``: whether this server had credentials for it at all."""

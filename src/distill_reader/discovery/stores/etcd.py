@@ -42,6 +42,7 @@ from distill_reader.discovery.stores.base import (
     encode_assignment,
     permission_denied,
     tls_failed,
+    unreachable_hint,
 )
 from distill_reader.errors import DiscoveryError
 
@@ -225,7 +226,7 @@ class EtcdStore(Store):
         except StoreRefused as exc:
             raise DiscoveryError(str(exc)) from None
         except StoreUnavailable as exc:
-            log.warning("store %s unreachable for now (retrying): %s", self.url, exc)
+            log.warning("store %s unreachable for now (retrying): %s%s", self.url, exc, unreachable_hint(self.url, exc))
 
     async def close(self) -> None:
         self._closed.set()
