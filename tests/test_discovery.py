@@ -21,7 +21,7 @@ from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.server import DiscoveryServer, running_server
 from distill_reader.discovery.service import status_dict
-from distill_reader.discovery.stores.base import parse_store_url
+from distill_reader.discovery.stores.base import StoreURL, parse_store_url
 from distill_reader.errors import DiscoveryError
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,8 +146,8 @@ def test_client_argument_errors():
     for bad in ("redis://", "redis://h", "redis://h:1/x", "etcd://h:1/x", "mysql://h:1", "memory:", "redis://h:99999"):
         with pytest.raises(DiscoveryError, match="store"):
             parse_store_url(bad)
-    assert parse_store_url("redis://h:6379/2") == ("redis", "h", 6379, 2)
-    assert parse_store_url("etcd://127.0.0.1:2379") == ("etcd", "127.0.0.1", 2379, 0)
+    assert parse_store_url("redis://h:6379/2") == StoreURL("redis", "h", 6379, 2)
+    assert parse_store_url("etcd://127.0.0.1:2379") == StoreURL("etcd", "127.0.0.1", 2379, 0)
 
 
 def test_readiness_registration_and_recovery():

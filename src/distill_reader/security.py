@@ -70,19 +70,22 @@ class Secret:
         self._value = state
 
 
-def read_token_file(path: str | Path, what: str = "--token-file") -> Secret:
-    """The token in ``path`` (its content, stripped); ConfigError naming ``what`` if unreadable or empty."""
+def read_token_file(path: str | Path, what: str = "--token-file", *, noun: str = "token") -> Secret:
+    """The secret in ``path`` (its content, stripped); ConfigError naming ``what`` if unreadable or empty.
+
+    ``noun`` names the secret in messages (a token, a store password); the content never appears.
+    """
     try:
         text = Path(path).read_bytes().decode("utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"{what}: cannot read token file {str(path)!r}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{what}: cannot read {noun} file {str(path)!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{what}: token file {str(path)!r} is not UTF-8 text") from None
+        raise ConfigError(f"{what}: {noun} file {str(path)!r} is not UTF-8 text") from None
     if not text:
-        raise ConfigError(f"{what}: token file {str(path)!r} is empty")
+        raise ConfigError(f"{what}: {noun} file {str(path)!r} is empty")
     if not all(32 <= ord(c) < 127 for c in text):
         # gRPC metadata values are printable ASCII; say so without echoing the content.
-        raise ConfigError(f"{what}: token file {str(path)!r} must hold one line of printable ASCII")
+        raise ConfigError(f"{what}: {noun} file {str(path)!r} must hold one line of printable ASCII")
     return Secret(text)
 
 

@@ -403,9 +403,10 @@ class StoreProcess:
 
     BINARIES = {"redis": "redis-server", "etcd": "etcd"}
 
-    def __init__(self, kind: str, workdir: str | os.PathLike[str]) -> None:
+    def __init__(self, kind: str, workdir: str | os.PathLike[str], extra_args: Sequence[str] = ()) -> None:
         self.kind = kind
         self.workdir = Path(workdir)
+        self.extra_args = list(extra_args)  # e.g. --requirepass, TLS files
         self.port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen | None = None
@@ -418,8 +419,8 @@ class StoreProcess:
     def url(self) -> str:
         return f"{self.kind}://127.0.0.1:{self.port}"
 
-    def start(self) -> float:
-        started = time.monotonic()
+    def command(self) -> list[str]:
+        """The server's command line (``extra_args`` last)."""
         if self.kind == "redis":
             cmd = [
                 "redis-server",
@@ -453,8 +454,16 @@ class StoreProcess:
                 "--log-level",
                 "error",
             ]
+        return cmd + self.extra_args
+
+    def start(self) -> float:
+        started = time.monotonic()
         self.process = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir, stdin=subprocess.DEVNULL
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -470,7 +479,7 @@ class StoreProcess:
             if self.kind == "redis":
                 with socket.create_connection(("127.0.0.1", self.port), 0.5) as sock:
                     sock.sendall(b"PING\r\n")
-                    return sock.recv(16).startswith(b"+PONG")
+                    return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up, with a password
             import urllib.request
 
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=0.5) as reply:

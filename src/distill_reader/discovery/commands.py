@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -11,6 +12,7 @@ import sys
 import click
 
 from distill_reader.discovery.service import DEFAULT_KEEPALIVE_S, DEFAULT_TTL_S
+from distill_reader.discovery.stores.base import PASSWORD_ENV, StoreSecurity
 from distill_reader.errors import DistillReaderError
 
 DEFAULT_LISTEN = "127.0.0.1:7400"
@@ -62,6 +64,76 @@ def client_security_or_exit(token_file: str | None, tls_ca: str | None, tls_cert
         raise click.UsageError(str(exc)) from None
 
 
+def store_options(default: str = "memory"):
+    """``--store`` and its credentials (``--store-user``, ``--store-password-file``, ``--store-ca``,
+    ``--store-cert``, ``--store-key``; the password may also come from ``$DISTILL_STORE_PASSWORD``).
+
+    The command receives ``store`` (the URL) and ``store_security`` (a
+    :class:`~distill_reader.discovery.stores.base.StoreSecurity` or None); a bad combination is a
+    usage error naming the flag. Use it on every command that opens a store.
+    """
+    flags = [
+        click.option(
+            "--store",
+            default=default,
+            show_default=True,
+            help="Where state lives: memory (this process only), redis://[USER@]HOST:PORT[/DB], rediss://… (TLS), "
+            "etcd://[USER@]HOST:PORT or etcds://… (TLS). Several servers on one Redis or etcd serve the same "
+            "clients. Never put a password in it: see --store-password-file.",
+        ),
+        click.option("--store-user", default=None, metavar="NAME", help="Store user (or USER@ in the URL)."),
+        click.option(
+            "--store-password-file",
+            type=_FILE,
+            default=None,
+            metavar="FILE",
+            help=f"The store password (the file's content, stripped); or set ${PASSWORD_ENV}. "
+            "Without a user, Redis's default user (requirepass).",
+        ),
+        click.option(
+            "--store-ca",
+            type=_FILE,
+            default=None,
+            metavar="FILE",
+            help="CA (PEM) that signed the TLS store's certificate.",
+        ),
+        click.option(
+            "--store-cert",
+            type=_FILE,
+            default=None,
+            metavar="FILE",
+            help="Client certificate (PEM) for a TLS store that requires one (needs --store-key).",
+        ),
+        click.option(
+            "--store-key", type=_FILE, default=None, metavar="FILE", help="The client certificate's key (PEM)."
+        ),
+    ]
+
+    def decorate(f):
+        @functools.wraps(f)
+        def command(*args, store_user, store_password_file, store_ca, store_cert, store_key, **kwargs):
+            from distill_reader.discovery.stores.base import store_security
+
+            try:
+                kwargs["store_security"] = store_security(
+                    kwargs["store"],
+                    user=store_user,
+                    password_file=store_password_file,
+                    ca=store_ca,
+                    cert=store_cert,
+                    key=store_key,
+                )
+            except DistillReaderError as exc:
+                raise click.UsageError(str(exc)) from None
+            return f(*args, **kwargs)
+
+        for flag in reversed(flags):
+            command = flag(command)
+        return command
+
+    return decorate
+
+
 def _run_until_signal(main) -> None:
     """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop``; DiscoveryError becomes a usage error."""
 
@@ -86,13 +158,7 @@ def discovery() -> None:
 
 @discovery.command()
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="gRPC address, HOST:PORT (port 0: any).")
-@click.option(
-    "--store",
-    default="memory",
-    show_default=True,
-    help="Where state lives: memory (this process only), redis://HOST:PORT[/DB] or etcd://HOST:PORT. "
-    "Several servers on one Redis or etcd serve the same clients.",
-)
+@store_options()
 @click.option("--http", default=None, help="Also serve a status page, /status.json and /metrics on HOST:PORT.")
 @click.option("--ttl", default=DEFAULT_TTL_S, show_default=True, type=float, help="Lease TTL in seconds.")
 @click.option(
@@ -107,6 +173,7 @@ def discovery() -> None:
 def serve(
     listen: str,
     store: str,
+    store_security: StoreSecurity | None,
     http: str | None,
     ttl: float,
     keepalive: float,
@@ -128,10 +195,19 @@ def serve(
         raise click.UsageError(str(exc)) from None
 
     async def main(stop: asyncio.Event) -> None:
-        server = DiscoveryServer(listen, store, http=http, ttl=ttl, keepalive=keepalive, token=token, tls=tls)
+        server = DiscoveryServer(
+            listen,
+            store,
+            http=http,
+            ttl=ttl,
+            keepalive=keepalive,
+            token=token,
+            tls=tls,
+            store_security=store_security,
+        )
         await server.start()
         extra = f", http://{server.http_address}/" if server.http_address else ""
-        click.echo(f"discovery listening on {server.address} (store {store}{extra})", err=True)
+        click.echo(f"discovery listening on {server.address} (store {server.store.url}{extra})", err=True)
         try:
             await stop.wait()
         finally:

@@ -26,7 +26,7 @@ from distill_reader.discovery.service import (
     status_dict,
     status_message,
 )
-from distill_reader.discovery.stores.base import check_hostport, open_store
+from distill_reader.discovery.stores.base import StoreSecurity, check_hostport, open_store
 from distill_reader.errors import DiscoveryError
 from distill_reader.rpc import strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, is_loopback, warn_if_exposed
@@ -44,7 +44,10 @@ SERVER_OPTIONS = [
 
 
 class DiscoveryServer:
-    """One discovery server: gRPC on ``listen``, optional HTTP on ``http``, state in ``store``."""
+    """One discovery server: gRPC on ``listen``, optional HTTP on ``http``, state in ``store``.
+
+    ``store_security``: the store's user, password and TLS files (see ``stores.base.store_security``).
+    """
 
     def __init__(
         self,
@@ -56,13 +59,14 @@ class DiscoveryServer:
         keepalive: float = DEFAULT_KEEPALIVE_S,
         token: Secret | None = None,
         tls: TlsFiles | None = None,
+        store_security: StoreSecurity | None = None,
     ) -> None:
         check_hostport(listen, "--listen", allow_port_zero=True)
         if http:
             check_hostport(http, "--http", allow_port_zero=True)
         if not 0.5 <= ttl <= 60 or not 0 < keepalive < ttl:
             raise DiscoveryError(f"need 0.5 <= ttl <= 60 and 0 < keepalive < ttl, got {ttl}, {keepalive}")
-        self.store = open_store(store)  # raises DiscoveryError for a bad URL
+        self.store = open_store(store, store_security)  # raises DiscoveryError for a bad URL
         self._listen, self._http = listen, http
         self._token, self._tls = token, tls
         self.service = DiscoveryService(self.store, ttl=ttl, keepalive=keepalive)
@@ -73,7 +77,12 @@ class DiscoveryServer:
 
     async def start(self) -> None:
         """Connect the store, start the service and bind the ports (``address`` is then set)."""
-        await self.store.start()
+        try:
+            await self.store.start()  # DiscoveryError for credentials the store refuses
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+            raise
         await self.service.start()
         interceptors = []
         if self._token is not None:
@@ -206,9 +215,19 @@ async def serve(
     stop: asyncio.Event | None = None,
     token: Secret | None = None,
     tls: TlsFiles | None = None,
+    store_security: StoreSecurity | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or the task is cancelled)."""
-    server = DiscoveryServer(listen, store_url, http=http, ttl=ttl, keepalive=keepalive, token=token, tls=tls)
+    server = DiscoveryServer(
+        listen,
+        store_url,
+        http=http,
+        ttl=ttl,
+        keepalive=keepalive,
+        token=token,
+        tls=tls,
+        store_security=store_security,
+    )
     await server.start()
     try:
         await (stop or asyncio.Event()).wait()

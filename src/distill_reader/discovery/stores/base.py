@@ -10,20 +10,28 @@ can answer any client.
 from __future__ import annotations
 
 import json
+import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
-from distill_reader.errors import DiscoveryError
+from distill_reader.errors import ConfigError, DiscoveryError
+from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 
 Kind = Literal["teacher", "student"]
 
 
 class StoreUnavailable(Exception):
     """The store cannot be reached right now (the caller retries)."""
+
+
+class StoreRefused(StoreUnavailable):
+    """The store answered but refused this server: a wrong user or password, a missing permission, or
+    a failed TLS handshake. Retrying will not help until the configuration is fixed; the message says
+    what to fix (and never holds a secret)."""
 
 
 class AlreadyRegistered(Exception):
@@ -97,48 +105,205 @@ class Store(ABC):
         "anything may have changed" (after a reconnect). Runs until the store is closed."""
 
 
-_STORE_HELP = "expected 'memory', 'redis://HOST:PORT[/DB]' or 'etcd://HOST:PORT'"
+_STORE_HELP = (
+    "expected 'memory', 'redis://[USER@]HOST:PORT[/DB]', 'rediss://…' (TLS), 'etcd://[USER@]HOST:PORT' "
+    "or 'etcds://…' (TLS)"
+)
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+_TLS_SCHEMES = {"rediss": "redis", "etcds": "etcd"}
+PASSWORD_ENV = "DISTILL_STORE_PASSWORD"
+PASSWORD_HELP = f"--store-password-file FILE or ${PASSWORD_ENV}"
+STORE_FLAGS = ("--store-ca", "--store-cert", "--store-key")
 
 
-def parse_store_url(url: str) -> tuple[str, str, int, int]:
-    """``(scheme, host, port, db)`` of a ``--store`` value; raises DiscoveryError if malformed."""
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed ``--store`` value: ``kind`` is ``memory``, ``redis`` or ``etcd``; ``tls`` for ``rediss``/``etcds``."""
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    db: int = 0
+    username: str | None = None
+    tls: bool = False
+
+    def __str__(self) -> str:
+        """The URL as shown in logs and status: never a password (a URL cannot hold one)."""
+        if self.kind == "memory":
+            return "memory"
+        scheme = self.kind + ("s" if self.tls else "")
+        user = f"{quote(self.username, safe='')}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        db = f"/{self.db}" if self.kind == "redis" else ""
+        return f"{scheme}://{user}{host}:{self.port}{db}"
+
+
+@dataclass(frozen=True)
+class StoreSecurity:
+    """How to authenticate to a store: a user and password, and TLS files (PEM paths).
+
+    Whether TLS is used is the URL's scheme (``rediss://``, ``etcds://``): ``ca`` verifies the
+    store (the system's CAs without one), ``cert``/``key`` are this side's identity for stores
+    that want client certificates. The password is a :class:`Secret`: its ``repr`` never shows it.
+    """
+
+    username: str | None = None
+    password: Secret | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def tls_files(self) -> TlsFiles:
+        """The PEM contents; DiscoveryError naming the ``--store-*`` flag of an unreadable file."""
+        try:
+            return load_tls(self.ca, self.cert, self.key, names=STORE_FLAGS) or TlsFiles()
+        except ConfigError as exc:
+            raise DiscoveryError(str(exc)) from None
+
+
+def _redacted(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for error messages)."""
+    return re.sub(r"^([a-z]+://[^:@/]*):[^@/]*@", r"\1:***@", url)
+
+
+def parse_store_url(url: str) -> StoreURL:
+    """The parts of a ``--store`` value; raises DiscoveryError if malformed or if it holds a password."""
     if url == "memory":
-        return ("memory", "", 0, 0)
+        return StoreURL("memory")
+    shown = _redacted(url)
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise DiscoveryError(f"bad store URL {url!r}: {exc}; {_STORE_HELP}") from None
-    if parts.scheme not in ("redis", "etcd") or not parts.hostname or port is None:
-        raise DiscoveryError(f"bad store URL {url!r}; {_STORE_HELP}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise DiscoveryError(f"bad store URL {url!r}: no credentials, query or fragment; {_STORE_HELP}")
+        raise DiscoveryError(f"bad store URL {shown!r}: {str(exc).replace(url, shown)}; {_STORE_HELP}") from None
+    kind = _TLS_SCHEMES.get(parts.scheme, parts.scheme)
+    if kind not in ("redis", "etcd") or not parts.hostname or port is None:
+        raise DiscoveryError(f"bad store URL {shown!r}; {_STORE_HELP}")
+    if parts.password is not None:
+        raise DiscoveryError(
+            f"bad store URL {shown!r}: no password in the URL (command lines and logs would show it); "
+            f"give it with {PASSWORD_HELP}"
+        )
+    if parts.query or parts.fragment:
+        raise DiscoveryError(f"bad store URL {shown!r}: no query or fragment; {_STORE_HELP}")
     path = parts.path.strip("/")
     db = 0
-    if parts.scheme == "redis" and path:
+    if kind == "redis" and path:
         if not path.isdigit():
-            raise DiscoveryError(f"bad store URL {url!r}: the Redis database must be a number")
+            raise DiscoveryError(f"bad store URL {shown!r}: the Redis database must be a number")
         db = int(path)
-    elif parts.scheme == "etcd" and path:
-        raise DiscoveryError(f"bad store URL {url!r}: etcd URLs take no path")
-    return (parts.scheme, parts.hostname, port, db)
+    elif kind == "etcd" and path:
+        raise DiscoveryError(f"bad store URL {shown!r}: etcd URLs take no path")
+    user = unquote(parts.username) if parts.username else None
+    return StoreURL(kind, parts.hostname, port, db, user, parts.scheme in _TLS_SCHEMES)
 
 
-def open_store(url: str) -> Store:
-    """A store for a ``--store`` URL (not started yet)."""
-    scheme, host, port, db = parse_store_url(url)
-    if scheme == "memory":
+def store_security(
+    url: str,
+    *,
+    user: str | None = None,
+    password_file: str | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> StoreSecurity | None:
+    """The credentials for ``url`` from the ``--store-*`` flags and ``$DISTILL_STORE_PASSWORD``.
+
+    DiscoveryError names the flag at fault: a user in both the URL and ``--store-user``, a
+    password from two places, TLS files for a plaintext URL, an unreadable file.
+    """
+    parsed = parse_store_url(url)
+    environ = os.environ if environ is None else environ
+    env_password = environ.get(PASSWORD_ENV) or None
+    if parsed.kind == "memory":
+        if user or password_file or ca or cert or key:
+            raise DiscoveryError("the memory store takes no --store-user, --store-password-file or TLS files")
+        return None
+    if user and parsed.username and user != parsed.username:
+        raise DiscoveryError(f"--store-user {user!r} differs from the user in the store URL ({parsed.username!r})")
+    if (ca or cert or key) and not parsed.tls:
+        raise DiscoveryError(
+            f"--store-ca/--store-cert/--store-key need a TLS store URL (rediss://… or etcds://…), got {str(parsed)!r}"
+        )
+    if password_file and env_password:
+        raise DiscoveryError(f"the store password comes from one place: --store-password-file or ${PASSWORD_ENV}")
+    try:
+        password = read_token_file(password_file, "--store-password-file", noun="password") if password_file else None
+    except ConfigError as exc:
+        raise DiscoveryError(str(exc)) from None
+    security = StoreSecurity(None, None, ca, cert, key)
+    security.tls_files()  # a missing or non-PEM file fails here, naming its flag
+    if env_password:
+        password = Secret(env_password)
+    username = user or parsed.username
+    if username and password is None:
+        raise DiscoveryError(f"store user {username!r} needs a password: {PASSWORD_HELP}")
+    if password is not None and username is None and parsed.kind == "etcd":
+        raise DiscoveryError(
+            "an etcd password needs a user: etcd://USER@HOST:PORT or --store-user (Redis alone has a default user)"
+        )
+    if username is None and password is None and not (ca or cert or key):
+        return None
+    return replace(security, username=username, password=password)
+
+
+def open_store(url: str, security: StoreSecurity | None = None) -> Store:
+    """A store for a ``--store`` URL (not started yet), with :func:`store_security`'s credentials."""
+    parsed = parse_store_url(url)
+    security = security or StoreSecurity()
+    if parsed.username and not security.username:
+        security = replace(security, username=parsed.username)
+    if parsed.kind == "memory":
         from distill_reader.discovery.stores.memory import MemoryStore
 
         return MemoryStore()
-    if scheme == "redis":
+    if parsed.kind == "redis":
         from distill_reader.discovery.stores.redis import RedisStore
 
-        return RedisStore(host, port, db)
+        return RedisStore(parsed.host, parsed.port, parsed.db, tls=parsed.tls, security=security)
     from distill_reader.discovery.stores.etcd import EtcdStore
 
-    return EtcdStore(host, port)
+    return EtcdStore(parsed.host, parsed.port, tls=parsed.tls, security=security)
+
+
+def unreachable_hint(url: str, detail: object) -> str:
+    """A hint for a plaintext URL whose store hung up on us: it may speak only TLS."""
+    text = str(detail).lower()
+    if "://" in url and url.split("://")[0] in ("redis", "etcd") and ("closed" in text or "reset" in text):
+        return f" (if the store speaks only TLS, use {url.split('://')[0]}s://)"
+    return ""
+
+
+def auth_failed(url: str, detail: object, given: bool = True) -> DiscoveryError:
+    """The error for a store that refused this server's user or password (``url`` holds no secret);
+    ``given``: whether this server had credentials for it at all."""
+    if not given:
+        return DiscoveryError(
+            f"store {url} requires authentication and none was given ({detail}); give the user in the URL or "
+            f"with --store-user, and the password with {PASSWORD_HELP}"
+        )
+    return DiscoveryError(
+        f"store {url}: authentication failed ({detail}); check the user (in the URL or --store-user) "
+        f"and the password ({PASSWORD_HELP})"
+    )
+
+
+def permission_denied(url: str, detail: object) -> DiscoveryError:
+    """The error for a store user that may not touch discovery's keys."""
+    return DiscoveryError(
+        f"store {url}: permission denied ({detail}); the store user needs read and write access to discovery's "
+        "keys (docs/security.md shows the Redis ACL and the etcd role)"
+    )
+
+
+def tls_failed(url: str, detail: object) -> DiscoveryError:
+    """The error for a TLS handshake with the store that failed."""
+    return DiscoveryError(
+        f"store {url}: TLS handshake failed ({detail}); check --store-ca (the CA that signed the store's "
+        "certificate), --store-cert/--store-key where the store wants client certificates, and that the URL's "
+        "scheme matches the store (rediss:// or etcds:// for TLS)"
+    )
 
 
 def check_hostport(value: str, what: str = "endpoint", *, allow_port_zero: bool = False) -> str:

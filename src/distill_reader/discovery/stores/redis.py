@@ -18,12 +18,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import AuthenticationError as RedisAuthError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from distill_reader.discovery.stores.base import (
@@ -31,9 +35,17 @@ from distill_reader.discovery.stores.base import (
     Kind,
     ServiceState,
     Store,
+    StoreRefused,
+    StoreSecurity,
     StoreUnavailable,
+    StoreURL,
+    auth_failed,
     encode_assignment,
+    permission_denied,
+    tls_failed,
+    unreachable_hint,
 )
+from distill_reader.errors import DiscoveryError
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +86,61 @@ return 0
 """
 
 
+def _connection_kwargs(tls: bool, security: StoreSecurity) -> dict:
+    """redis-py's AUTH and TLS arguments (the TLS files read once here so that a bad one fails now)."""
+    kwargs: dict = {}
+    if security.password is not None:  # no username: the default user (``requirepass``)
+        kwargs.update(username=security.username, password=security.password.reveal())
+    elif security.username:
+        kwargs["username"] = security.username
+    if tls:
+        files = security.tls_files()
+        kwargs.update(
+            ssl=True,
+            ssl_ca_data=files.ca.decode() if files.ca else None,
+            ssl_certfile=security.cert,
+            ssl_keyfile=security.key,
+        )
+    return kwargs
+
+
 class RedisStore(Store):
     """State in one Redis database; any number of discovery servers may share it."""
 
-    def __init__(self, host: str, port: int, db: int = 0) -> None:
-        self.url = f"redis://{host}:{port}/{db}"
+    def __init__(
+        self, host: str, port: int, db: int = 0, *, tls: bool = False, security: StoreSecurity | None = None
+    ) -> None:
+        security = security or StoreSecurity()
+        self.url = str(StoreURL("redis", host, port, db, security.username, tls))
         self.db = db
+        self._has_password = security.password is not None
         self._r = aioredis.Redis(
-            host=host, port=port, db=db, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0
+            host=host,
+            port=port,
+            db=db,
+            decode_responses=True,
+            socket_timeout=2.0,
+            socket_connect_timeout=1.0,
+            # Absorb a blip, then let the service's own retries take over: redis-py's default retries
+            # back off for seconds (longer than a lease's TTL), and retry refused passwords as well.
+            retry=Retry(EqualJitterBackoff(cap=0.2, base=0.02), 3),
+            **_connection_kwargs(tls, security),
         )
         self._register = self._r.register_script(_REGISTER)
         self._keep = self._r.register_script(_KEEP)
         self._drop = self._r.register_script(_DROP)
+
+    async def start(self) -> None:
+        """Check the credentials now: a wrong password, CA or ACL is a DiscoveryError, not a retry loop.
+
+        An unreachable Redis is only logged: the store may come up after this server.
+        """
+        try:
+            await self._call(self._r.exists(f"{_PREFIX}:services"))
+        except StoreRefused as exc:
+            raise DiscoveryError(str(exc)) from None
+        except StoreUnavailable as exc:
+            log.warning("store %s unreachable for now (retrying): %s%s", self.url, exc, unreachable_hint(self.url, exc))
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -93,11 +148,21 @@ class RedisStore(Store):
     def _key(self, service: str, kind: str, member: str | None = None) -> str:
         return f"{_PREFIX}:{service}:{kind}s" if member is None else f"{_PREFIX}:{service}:{kind}:{member}"
 
+    def _error(self, exc: Exception) -> StoreUnavailable:
+        """The store error for a failed Redis command (redis-py never puts the password in messages)."""
+        if isinstance(exc, RedisAuthError):
+            return StoreRefused(str(auth_failed(self.url, exc, self._has_password)))
+        if isinstance(exc, NoPermissionError):
+            return StoreRefused(str(permission_denied(self.url, exc)))
+        if isinstance(exc, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc):
+            return StoreRefused(str(tls_failed(self.url, exc)))
+        return StoreUnavailable(f"{self.url}: {exc}")
+
     async def _call(self, coro):
         try:
             return await coro
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"{self.url}: {exc}") from exc
+        except (RedisConnectionError, RedisTimeoutError, NoPermissionError, OSError) as exc:
+            raise self._error(exc) from exc
 
     async def _publish(self, service: str) -> None:
         await self._call(self._r.publish(_CHANNEL, service))
@@ -160,7 +225,7 @@ class RedisStore(Store):
         except WatchError:
             return False
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"{self.url}: {exc}") from exc
+            raise self._error(exc) from exc
         await self._publish(service)
         return True
 
@@ -181,14 +246,14 @@ class RedisStore(Store):
             pubsub = self._r.pubsub(ignore_subscribe_messages=True)
             await pubsub.subscribe(_CHANNEL, expired)
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"{self.url}: {exc}") from exc
+            raise self._error(exc) from exc
         yield None  # (re)connected: anything may have changed meanwhile
         try:
             while True:
                 try:
                     msg = await pubsub.get_message(timeout=1.0 if events else _POLL_S)
                 except (RedisError, OSError) as exc:
-                    raise StoreUnavailable(f"{self.url}: {exc}") from exc
+                    raise self._error(exc) from exc
                 if msg is None:
                     if not events:
                         yield None
