@@ -183,8 +183,11 @@ class Pipeline:
     ) -> None:
         self.config = config
         self.d_batch_size = d_batch_size
-        #: the pipeline process cuts each sealed slot's rows into d_batches by length (no Work sent)
-        self.groups_by_length = options.group_by_length and config.length_source is not None
+        #: no Work sent: the pipeline process cuts each sealed slot's rows into d_batches itself, by
+        #: length (variable rows), or after looking them up in the knowledge store ([store] read, cache)
+        self.work_at_seal = (options.group_by_length and config.length_source is not None) or (
+            config.store is not None and config.store.policy != "write"
+        )
         self.stats = stats
         self.layout = layout
         self._owner_pid = os.getpid()
@@ -589,7 +592,7 @@ class Epoch:
         return slot, arrays[: len(config.feeds)] + arrays[len(config.feeds) + len(config.fetches) :]
 
     def _on_d_batch(self, slot: int, start: int, count: int) -> None:
-        if not self.pipeline.groups_by_length:  # variable rows are grouped by length at the seal
+        if not self.pipeline.work_at_seal:  # the pipeline process makes the d_batches at the seal
             self.pipeline.send(Work(self.number, self._sequence, slot, start, count))
 
     def _on_sealed(self, slot: int, rows: int) -> None:
