@@ -7,8 +7,8 @@ A store is a directory::
     chunks/.<name>.tmp                 a chunk being written (renamed to its name when complete)
 
 Each chunk holds rows of: ``_key`` (int64: the row's position in the epoch, or its ``key_var``
-value), ``_fingerprint`` (16 bytes: BLAKE2b of the row's teacher inputs), ``_length`` (int32, only
-when a fetch var has a variable dimension: the row's length) and one column per fetch var: a
+value), ``_fingerprint`` (16 bytes: a hash of the row's teacher inputs, :func:`fingerprint_rows`),
+``_length`` (int32, only when a fetch var has a variable dimension: the row's length) and one column per fetch var: a
 fixed shape as ``fixed_size_list<T>[prod(shape)]`` (a scalar as ``T``), a variable one without
 padding, as ``list<fixed_size_list<T>[prod(rest)]>`` for ``(-1, *rest)`` (``list<T>`` for ``(-1,)``)
 and as ``list<T>`` of the row's flattened values for other variable shapes. Every field carries
@@ -31,7 +31,6 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
@@ -338,26 +337,66 @@ class Rows:
         return Rows(batch.column(KEY).to_numpy(), fingerprints.reshape(n, FINGERPRINT_BYTES), lengths, outputs)
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+_coefficients: dict[tuple[int, int, bool], np.ndarray] = {}
+
+
+def _coefficients_of(var: int, words: int, last_only: bool = False) -> np.ndarray:
+    """The odd multipliers of predict var ``var``'s first ``words`` 8-byte words, one row per lane:
+    ``splitmix64(var << 40 | lane << 32 | word) | 1`` (``last_only``: of word ``words - 1`` only)."""
+    cached = _coefficients.get((var, words, last_only))
+    if cached is None:
+        index = np.arange(words - 1 if last_only else 0, words, dtype=np.uint64)
+        lanes = [(np.uint64(var) << np.uint64(40)) | (np.uint64(lane) << np.uint64(32)) | index for lane in range(2)]
+        cached = _splitmix64(np.stack(lanes)) | np.uint64(1)
+        _coefficients[(var, words, last_only)] = cached
+    return cached
+
+
+def _words(block: np.ndarray) -> np.ndarray:
+    """Rows of ``block`` as little-endian uint64 words ``[n, words]`` (each row's bytes, zero-padded
+    to a multiple of 8)."""
+    data = np.ascontiguousarray(block).view(np.uint8).reshape(len(block), -1)
+    if data.shape[1] % 8:
+        data = np.pad(data, ((0, 0), (0, 8 - data.shape[1] % 8)))
+    return data.view("<u8")
+
+
 def fingerprint_rows(
     inputs: Sequence[tuple[np.ndarray, np.ndarray | None, TensorSpec]], rows: np.ndarray
 ) -> np.ndarray:
-    """BLAKE2b (16 bytes) of each row's teacher inputs: ``inputs`` is ``(array, lengths, spec)`` per
-    predict var (``lengths`` None for a fixed shape); a variable row counts up to its length, and
-    its length counts too. Returns uint8 ``[len(rows), 16]``."""
-    out = bytearray(FINGERPRINT_BYTES * len(rows))
-    fixed = [(memoryview(np.ascontiguousarray(a[rows])).cast("B"), s.sample_nbytes) for a, n, s in inputs if n is None]
-    variable = [(a, n, s) for a, n, s in inputs if n is not None]
-    for i, row in enumerate(rows.tolist()):
-        digest = blake2b(digest_size=FINGERPRINT_BYTES)
-        for view, size in fixed:
-            digest.update(view[i * size : (i + 1) * size])
-        for array, lengths, spec in variable:
-            length = int(lengths[row])
-            digest.update(length.to_bytes(8, "little"))
-            cut = array[row][tuple(slice(0, length) if d == -1 else slice(None) for d in spec.shape)]
-            digest.update(np.ascontiguousarray(cut))
-        out[i * FINGERPRINT_BYTES : (i + 1) * FINGERPRINT_BYTES] = digest.digest()
-    return np.frombuffer(bytes(out), np.uint8).reshape(len(rows), FINGERPRINT_BYTES)
+    """A 128-bit fingerprint of each row's teacher inputs: uint8 ``[len(rows), 16]``.
+
+    ``inputs`` is ``(pool array, lengths, spec)`` per predict var (``lengths`` None for a fixed
+    shape). Two 64-bit lanes of a multilinear hash, each finalized with SplitMix64: lane ``j`` is
+    ``sum(word[i] * c[var, j, i]) + length * c[var, j, 2**32 - 1]`` over the 8-byte words of every var's row
+    (mod 2**64, coefficients from :func:`_coefficients_of`). Vectorized over the rows (about 2 GB/s
+    here, against 0.2 GB/s for BLAKE2b row by row): the bytes of a variable row past its length are
+    0 in the pool (they add nothing), and its length counts. Not cryptographic: it tells a changed
+    sample from the recorded one, it does not resist someone crafting a collision."""
+    n = len(rows)
+    lanes = np.zeros((n, 2), np.uint64)
+    with np.errstate(over="ignore"):
+        for var, (array, lengths, spec) in enumerate(inputs):
+            block = array[rows]
+            if lengths is not None:
+                row_lengths = lengths[rows].astype(np.uint64)
+                if spec.shape[0] == -1 and -1 not in spec.shape[1:]:
+                    block = block[:, : int(row_lengths.max(initial=0))]  # the rest is 0 in every row
+                # the length's multipliers: word index 2**32 - 1, which no row reaches
+                lanes += row_lengths[:, None] * _coefficients_of(var, 1 << 32, last_only=True).T
+            words = _words(block)
+            # both lanes in one pass, without a temporary of products (einsum: 2.5x faster here)
+            lanes += np.einsum("ij,kj->ik", words, _coefficients_of(var, words.shape[1]))
+    return _splitmix64(lanes).astype("<u8").view(np.uint8).reshape(n, FINGERPRINT_BYTES)
 
 
 def output_specs(manifest: dict[str, Any]) -> tuple[TensorSpec, ...]:

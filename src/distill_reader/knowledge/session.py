@@ -44,7 +44,7 @@ from distill_reader.knowledge.layout import (
 log = logging.getLogger("distill_reader.knowledge")
 
 CHUNK_ROWS = 65536
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20  # small enough to be written quickly when the reader closes
 MAX_AGE = 10.0  # seconds
 IDLE_COMMIT = 1.0  # seconds
 _WARN_EVERY = 10.0  # seconds between WARNINGs about rows asked again (cache)
@@ -79,6 +79,9 @@ class KnowledgeSession:
         source = config.length_source
         variable_outputs = any(spec.variable for spec in config.fetches)
         self._output_lengths = [arrays[length_of[source]] if variable_outputs else None for arrays in slots]
+        #: per slot and row: the variable outputs there are 0 from this position on (the pool starts
+        #: zeroed; the teachers' answers are 0 past each row's length, and so are the store's)
+        self._ends = [np.zeros(batch_size, np.int64) for _ in slots]
         key_index = next((i for i, s in enumerate(config.feeds) if s.name == store.key_var), None)
         self._key_arrays = [arrays[key_index] for arrays in slots] if key_index is not None else None
         self._key_what = f"key_var {store.key_var!r}" if store.key_var else "the sample's position in the epoch"
@@ -158,11 +161,13 @@ class KnowledgeSession:
             bad = (mine != stored).any(axis=1)
             if bad.any():
                 self._mismatch(keys[found[bad]])
-            longest = self._longest(slot, count)
             for source in unique:
                 chosen = (sources == source) & ~bad
                 if chosen.any():
-                    self._copy(slot, found[chosen], self._source(int(source)), source_rows[chosen], longest)
+                    self._copy(slot, found[chosen], self._source(int(source)), source_rows[chosen])
+        lengths = self._output_lengths[slot]
+        if lengths is not None:  # once the slot is done, every row is 0 past its length
+            self._ends[slot][:count] = lengths[:count]
         self.from_store += len(found) - int(bad.sum())
         return np.sort(np.concatenate([rows[~hit], found[bad]]))
 
@@ -191,30 +196,35 @@ class KnowledgeSession:
                 self._asked_again,
             )
 
-    def _longest(self, slot: int, count: int) -> int:
-        lengths = self._output_lengths[slot]
-        return int(lengths[:count].max(initial=0)) if lengths is not None else 0
-
-    def _copy(self, slot: int, rows: np.ndarray, source: Rows, source_rows: np.ndarray, longest: int) -> None:
-        """Stored outputs into the slot; a variable var is zeroed from each row's length up to the
-        batch's longest row (what the consumer sees of it)."""
+    def _copy(self, slot: int, rows: np.ndarray, source: Rows, source_rows: np.ndarray) -> None:
+        """Stored outputs into the slot. A variable var's row is zeroed from its length up to where
+        the slot's previous row there ended (:attr:`_ends`): past that it is 0 already."""
+        ends = self._ends[slot]
         for spec, dst, output in zip(self.fetches, self._outputs[slot], source.outputs):
             if isinstance(output, np.ndarray):
                 _gather(dst, rows, output, source_rows)
                 continue
             flat, offsets = output
             assert source.lengths is not None
-            axes = [a for a, d in enumerate(spec.shape) if d == -1]
-            for row, at in zip(rows.tolist(), source_rows.tolist()):
-                length = int(source.lengths[at])
+            lengths = source.lengths[source_rows].tolist()
+            if spec.shape[0] == -1 and -1 not in spec.shape[1:]:  # (-1, *rest): one copy per row
+                positions = flat.reshape(-1, *spec.shape[1:])
+                starts = (offsets[source_rows] // max(1, int(np.prod(spec.shape[1:])))).tolist()
+                for row, start, length, end in zip(rows.tolist(), starts, lengths, ends[rows].tolist()):
+                    dst[row, :length] = positions[start : start + length]
+                    if end > length:
+                        dst[row, length:end] = 0
+                continue
+            for row, at, length in zip(rows.tolist(), source_rows.tolist(), lengths):
                 shape = row_shape(spec, length)
-                target = dst[row]
-                if len(axes) == 1:
-                    pad = tuple(slice(length, longest) if d == -1 else slice(None) for d in spec.shape)
-                    target[pad] = 0
-                else:
-                    target.fill(0)
-                target[tuple(slice(0, d) for d in shape)] = flat[offsets[at] : offsets[at + 1]].reshape(shape)
+                dst[row].fill(0)
+                dst[row][tuple(slice(0, d) for d in shape)] = flat[offsets[at] : offsets[at + 1]].reshape(shape)
+
+    def cancelled(self) -> None:
+        """An epoch was cancelled: teachers' answers for its rows may never have been written, so
+        nothing is known of where the slots' rows end."""
+        for ends in self._ends:
+            ends[:] = np.iinfo(np.int64).max
 
     # -- recording (write, cache) -------------------------------------------------------------
     def record(self, slot: int, rows: np.ndarray, sequence: int) -> None:

@@ -136,7 +136,8 @@ class DistillReader(ReaderSource):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the pipeline process and free the pool (bounded: a few seconds at worst). The reader
+        """Stop the pipeline process and free the pool (bounded: a few seconds at worst; up to 60 s
+        while a [store] writer writes its last rows). The reader
         can be used again afterwards.
 
         Safe from any thread: an epoch another thread iterates raises ``DistillReaderError`` ("the

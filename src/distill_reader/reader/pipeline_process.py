@@ -301,6 +301,8 @@ class _PipelineProcess:
         epoch = message.epoch
         self.cancelled_upto = max(self.cancelled_upto, epoch)
         self.scheduler.cancel(epoch)
+        if self.knowledge is not None:
+            self.knowledge.cancelled()
         self.done_rows = [0] * len(self.done_rows)
         self.sealed_rows = [None] * len(self.sealed_rows)
         self.slot_started = [None] * len(self.slot_started)
