@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from distill_reader.knowledge.layout import (
     differences,
     fingerprint_rows,
     manifest_of,
-    read_chunk,
+    map_chunk,
     row_shape,
     schema_of,
     write_chunk,
@@ -117,11 +118,11 @@ class KnowledgeSession:
 
     def _load(self) -> None:
         for file in chunk_files(self.path):
-            batch = read_chunk(file)
+            batch, base = map_chunk(file)
             found = differences(chunk_manifest(batch) or {}, self.manifest)
             if found:
                 raise StoreError(f"{str(file)!r} was written with another config: {'; '.join(found)}")
-            rows = Rows.from_arrow(batch, self.fetches)
+            rows = Rows.from_arrow(batch, self.fetches, (file, base))
             self._index_rows(self._add_source(rows), rows.keys)
         log.debug("knowledge store %s: %d rows indexed", self.path, len(self._index))
 
@@ -200,25 +201,43 @@ class KnowledgeSession:
         """Stored outputs into the slot. A variable var's row is zeroed from its length up to where
         the slot's previous row there ended (:attr:`_ends`): past that it is 0 already."""
         ends = self._ends[slot]
-        for spec, dst, output in zip(self.fetches, self._outputs[slot], source.outputs):
-            if isinstance(output, np.ndarray):
-                _gather(dst, rows, output, source_rows)
-                continue
-            flat, offsets = output
-            assert source.lengths is not None
-            lengths = source.lengths[source_rows].tolist()
-            if spec.shape[0] == -1 and -1 not in spec.shape[1:]:  # (-1, *rest): one copy per row
-                positions = flat.reshape(-1, *spec.shape[1:])
-                starts = (offsets[source_rows] // max(1, int(np.prod(spec.shape[1:])))).tolist()
-                for row, start, length, end in zip(rows.tolist(), starts, lengths, ends[rows].tolist()):
-                    dst[row, :length] = positions[start : start + length]
-                    if end > length:
-                        dst[row, length:end] = 0
-                continue
-            for row, at, length in zip(rows.tolist(), source_rows.tolist(), lengths):
-                shape = row_shape(spec, length)
-                dst[row].fill(0)
-                dst[row][tuple(slice(0, d) for d in shape)] = flat[offsets[at] : offsets[at + 1]].reshape(shape)
+        fd = -1
+        try:
+            if source.file is not None:
+                fd = os.open(source.file, os.O_RDONLY)
+            for spec, dst, output, at in zip(
+                self.fetches, self._outputs[slot], source.outputs, source.file_offsets or [None] * len(self.fetches)
+            ):
+                at = at if fd >= 0 else None
+                if isinstance(output, np.ndarray):
+                    _gather(dst, rows, output, source_rows, fd, at)
+                    continue
+                flat, offsets = output
+                assert source.lengths is not None
+                lengths = source.lengths[source_rows].tolist()
+                if spec.shape[0] == -1 and -1 not in spec.shape[1:]:  # (-1, *rest): one read per row
+                    inner = max(1, int(np.prod(spec.shape[1:])))
+                    positions = flat.reshape(-1, *spec.shape[1:])
+                    starts = (offsets[source_rows] // inner).tolist()
+                    step = inner * flat.itemsize
+                    for row, start, length, end in zip(rows.tolist(), starts, lengths, ends[rows].tolist()):
+                        if at is None:
+                            dst[row, :length] = positions[start : start + length]
+                        else:
+                            _pread(fd, dst[row, :length], at + start * step)
+                        if end > length:
+                            dst[row, length:end] = 0
+                    continue
+                for row, at_row, length in zip(rows.tolist(), source_rows.tolist(), lengths):
+                    shape = row_shape(spec, length)
+                    dst[row].fill(0)
+                    values = flat[offsets[at_row] : offsets[at_row + 1]].reshape(shape)
+                    dst[row][tuple(slice(0, d) for d in shape)] = values
+        except OSError as exc:
+            raise StoreError(f"reading {str(source.file)!r} of the knowledge store failed: {exc}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def cancelled(self) -> None:
         """An epoch was cancelled: teachers' answers for its rows may never have been written, so
@@ -310,7 +329,8 @@ class KnowledgeSession:
                     self._sources[source] = None
                 continue
             if self.reads:
-                written = Rows.from_arrow(read_chunk(file), self.fetches)
+                batch, base = map_chunk(file)
+                written = Rows.from_arrow(batch, self.fetches, (file, base))
                 chunk = self._add_source(written)
                 offset = 0
                 for source, rows in parts:
@@ -349,14 +369,26 @@ class KnowledgeSession:
             )
 
 
-def _gather(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray) -> None:
-    """``dst[rows] = src[src_rows]`` (``rows`` sorted), one copy; one memcpy when both are runs."""
+def _gather(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray, fd: int, at: int | None) -> None:
+    """``dst[rows] = src[src_rows]`` (``rows`` sorted), one copy; when both are runs, one read
+    from the chunk file (``fd``, ``src`` starting at byte ``at``) or one memcpy."""
     n = len(rows)
     if n and rows[-1] - rows[0] == n - 1:
         target = dst[rows[0] : rows[0] + n]
-        if (np.diff(src_rows) == 1).all():
-            target[...] = src[src_rows[0] : src_rows[0] + n]
+        if n == 1 or (np.diff(src_rows) == 1).all():
+            if at is not None:
+                _pread(fd, target, at + int(src_rows[0]) * (src.nbytes // max(1, len(src))))
+            else:
+                target[...] = src[src_rows[0] : src_rows[0] + n]
         else:
             np.take(src, src_rows, axis=0, out=target, mode="clip")
     else:
         dst[rows] = src[src_rows]
+
+
+def _pread(fd: int, target: np.ndarray, offset: int) -> None:
+    """Fill the C-contiguous ``target`` with the file's bytes from ``offset`` on."""
+    view = memoryview(target).cast("B")
+    got = os.preadv(fd, [view], offset)
+    if got != view.nbytes:
+        raise OSError(f"short read: {got} of {view.nbytes} bytes at {offset} (was the file changed?)")
