@@ -87,11 +87,13 @@ def _write_rows(directory: Path, sizes: Sizes, progress: Progress) -> list[Row]:
         with_store = directory / "write.conf"
         with_store.write_text(base + _store_section(directory / "mnist-store", "write"))
         without = written = 0.0
-        for round_ in range(1 if sizes.quick else 2):
+        rounds = 1 if sizes.quick else 2
+        for round_ in range(rounds):
             progress(f"store: teacher-bound without a store (round {round_ + 1})")
             without += _teacher_bound_rate(plain, sizes)
             progress(f"store: teacher-bound with policy = write (round {round_ + 1})")
             written += _teacher_bound_rate(with_store, sizes)
+    without, written = without / rounds, written / rounds
     summary = summarize(directory / "mnist-store")
     pool = _pool_bytes_per_row(with_store)
     details = {"teachers": TEACHERS, "a_ms": GPU.a_ms, "b_ms": GPU.b_ms, "batch_size": SIZED.batch_size}

@@ -421,11 +421,13 @@ def fingerprint_rows(
     sample from the recorded one, it does not resist someone crafting a collision."""
     n = len(rows)
     lanes = np.zeros((n, 2), np.uint64)
+    # a run of rows (the usual case) is a view, not a copy
+    picked: Any = slice(int(rows[0]), int(rows[0]) + n) if n and rows[-1] - rows[0] == n - 1 else rows
     with np.errstate(over="ignore"):
         for var, (array, lengths, spec) in enumerate(inputs):
-            block = array[rows]
+            block = array[picked]
             if lengths is not None:
-                row_lengths = lengths[rows].astype(np.uint64)
+                row_lengths = lengths[picked].astype(np.uint64)
                 if spec.shape[0] == -1 and -1 not in spec.shape[1:]:
                     block = block[:, : int(row_lengths.max(initial=0))]  # the rest is 0 in every row
                 # the length's multipliers: word index 2**32 - 1, which no row reaches

@@ -273,8 +273,9 @@ class KnowledgeSession:
             outputs.append((flat, offsets))
             nbytes += flat.nbytes
         piece = Rows(keys, fingerprint_rows(self._inputs[slot], rows), lengths, outputs)
-        source = self._add_source(piece)
+        source = -1  # write only: nothing is looked up, the rows need no index
         if self.reads:
+            source = self._add_source(piece)
             self._index_rows(source, keys)
         now = time.monotonic()
         if not self._pending:
@@ -326,10 +327,14 @@ class KnowledgeSession:
                 log.error("%s", self.failure)
                 for source, rows in parts:  # rows that are not in the store after all: forget them
                     self._repoint(source, rows, None)
-                    self._sources[source] = None
+                    self._drop(source)
                 continue
             if self.reads:
-                batch, base = map_chunk(file)
+                try:
+                    batch, base = map_chunk(file)
+                except StoreError as exc:  # written but not readable now: keep reading the rows from memory
+                    log.warning("%s", exc)
+                    continue
                 written = Rows.from_arrow(batch, self.fetches, (file, base))
                 chunk = self._add_source(written)
                 offset = 0
@@ -337,7 +342,12 @@ class KnowledgeSession:
                     self._repoint(source, rows, (chunk << _ROW_BITS) + offset)
                     offset += len(rows)
             for source, _ in parts:
-                self._sources[source] = None
+                self._drop(source)
+
+    def _drop(self, source: int) -> None:
+        """The rows of ``source`` are in a chunk now (or lost): free their memory."""
+        if source >= 0:
+            self._sources[source] = None
 
     def _repoint(self, source: int, rows: Rows, new: int | None) -> None:
         """Keys that still point at ``source``'s rows point at ``new`` + row instead (None: removed)."""
