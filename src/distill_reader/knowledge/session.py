@@ -99,6 +99,12 @@ class KnowledgeSession:
             if self.records
             else None
         )
+        #: reads stored outputs into the pool (two: one output var each, for the usual two top-k vars)
+        self._readers = (
+            concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="distill-knowledge-reader")
+            if self.reads
+            else None
+        )
         self._namer = ChunkNamer()
         self.failure: StoreError | None = None
         self._warned_at = 0.0
@@ -154,18 +160,31 @@ class KnowledgeSession:
         if len(found):
             sources, source_rows = locations >> _ROW_BITS, locations & ((1 << _ROW_BITS) - 1)
             unique = np.unique(sources)
-            mine = fingerprint_rows(self._inputs[slot], found)
-            stored = np.empty_like(mine)
+            # The outputs are read in threads while this one fingerprints the inputs (the reads
+            # release the GIL). Rows whose inputs turn out to differ are written again by their
+            # teacher (cache), or the epoch fails (read).
+            assert self._readers is not None
+            copies = []
             for source in unique:
                 chosen = sources == source
-                stored[chosen] = self._source(int(source)).fingerprints[source_rows[chosen]]
-            bad = (mine != stored).any(axis=1)
+                rows_of, source_rows_of = found[chosen], source_rows[chosen]
+                for var in range(len(self.fetches)):
+                    copies.append(
+                        self._readers.submit(self._copy, slot, rows_of, self._source(int(source)), source_rows_of, var)
+                    )
+            try:
+                mine = fingerprint_rows(self._inputs[slot], found)
+                stored = np.empty_like(mine)
+                for source in unique:
+                    chosen = sources == source
+                    stored[chosen] = self._source(int(source)).fingerprints[source_rows[chosen]]
+                bad = (mine != stored).any(axis=1)
+            finally:
+                concurrent.futures.wait(copies)  # nothing writes into the slot once this returns
+            for copy in copies:
+                copy.result()
             if bad.any():
                 self._mismatch(keys[found[bad]])
-            for source in unique:
-                chosen = (sources == source) & ~bad
-                if chosen.any():
-                    self._copy(slot, found[chosen], self._source(int(source)), source_rows[chosen])
         lengths = self._output_lengths[slot]
         if lengths is not None:  # once the slot is done, every row is 0 past its length
             self._ends[slot][:count] = lengths[:count]
@@ -197,42 +216,39 @@ class KnowledgeSession:
                 self._asked_again,
             )
 
-    def _copy(self, slot: int, rows: np.ndarray, source: Rows, source_rows: np.ndarray) -> None:
-        """Stored outputs into the slot. A variable var's row is zeroed from its length up to where
-        the slot's previous row there ended (:attr:`_ends`): past that it is 0 already."""
-        ends = self._ends[slot]
+    def _copy(self, slot: int, rows: np.ndarray, source: Rows, source_rows: np.ndarray, var: int) -> None:
+        """Output ``var`` of stored rows into the slot (in a reader thread). A variable var's row is
+        zeroed from its length up to where the slot's previous row there ended (:attr:`_ends`):
+        past that it is 0 already."""
+        spec, dst, output = self.fetches[var], self._outputs[slot][var], source.outputs[var]
+        at = source.file_offsets[var] if source.file is not None else None
         fd = -1
         try:
-            if source.file is not None:
-                fd = os.open(source.file, os.O_RDONLY)
-            for spec, dst, output, at in zip(
-                self.fetches, self._outputs[slot], source.outputs, source.file_offsets or [None] * len(self.fetches)
-            ):
-                at = at if fd >= 0 else None
-                if isinstance(output, np.ndarray):
-                    _gather(dst, rows, output, source_rows, fd, at)
-                    continue
-                flat, offsets = output
-                assert source.lengths is not None
-                lengths = source.lengths[source_rows].tolist()
-                if spec.shape[0] == -1 and -1 not in spec.shape[1:]:  # (-1, *rest): one read per row
-                    inner = max(1, int(np.prod(spec.shape[1:])))
-                    positions = flat.reshape(-1, *spec.shape[1:])
-                    starts = (offsets[source_rows] // inner).tolist()
-                    step = inner * flat.itemsize
-                    for row, start, length, end in zip(rows.tolist(), starts, lengths, ends[rows].tolist()):
-                        if at is None:
-                            dst[row, :length] = positions[start : start + length]
-                        else:
-                            _pread(fd, dst[row, :length], at + start * step)
-                        if end > length:
-                            dst[row, length:end] = 0
-                    continue
-                for row, at_row, length in zip(rows.tolist(), source_rows.tolist(), lengths):
-                    shape = row_shape(spec, length)
-                    dst[row].fill(0)
-                    values = flat[offsets[at_row] : offsets[at_row + 1]].reshape(shape)
-                    dst[row][tuple(slice(0, d) for d in shape)] = values
+            if at is not None:
+                fd = os.open(source.file, os.O_RDONLY)  # type: ignore[arg-type]
+            if isinstance(output, np.ndarray):
+                _gather(dst, rows, output, source_rows, fd, at)
+                return
+            flat, offsets = output
+            assert source.lengths is not None
+            lengths = source.lengths[source_rows].tolist()
+            if spec.shape[0] == -1 and -1 not in spec.shape[1:]:  # (-1, *rest): one read per row
+                inner = max(1, int(np.prod(spec.shape[1:])))
+                positions = flat.reshape(-1, *spec.shape[1:])
+                starts = (offsets[source_rows] // inner).tolist()
+                step = inner * flat.itemsize
+                for row, start, length, end in zip(rows.tolist(), starts, lengths, self._ends[slot][rows].tolist()):
+                    if at is None:
+                        dst[row, :length] = positions[start : start + length]
+                    else:
+                        _pread(fd, dst[row, :length], at + start * step)
+                    if end > length:
+                        dst[row, length:end] = 0
+                return
+            for row, at_row, length in zip(rows.tolist(), source_rows.tolist(), lengths):
+                shape = row_shape(spec, length)
+                dst[row].fill(0)
+                dst[row][tuple(slice(0, d) for d in shape)] = flat[offsets[at_row] : offsets[at_row + 1]].reshape(shape)
         except OSError as exc:
             raise StoreError(f"reading {str(source.file)!r} of the knowledge store failed: {exc}") from None
         finally:
@@ -362,21 +378,19 @@ class KnowledgeSession:
                     index[key] = new + j
 
     def close(self) -> None:
-        """Write every recorded row (bounded wait), then stop the writer thread."""
-        if self._executor is None:
-            return
-        self.commit()
-        concurrent.futures.wait([future for future, _ in self._commits], timeout=_CLOSE_TIMEOUT)
-        self._reap()
-        self._executor.shutdown(wait=False)
-        self._executor = None
+        """Write every recorded row (bounded wait), then stop the threads."""
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)  # idle: fill() waits for its reads
+            self._readers = None
+        if self._executor is not None:
+            self.commit()
+            concurrent.futures.wait([future for future, _ in self._commits], timeout=_CLOSE_TIMEOUT)
+            self._reap()
+            self._executor.shutdown(wait=False)
+            self._executor = None
         if self.recorded or self.from_store:
-            log.info(
-                "knowledge store %s: %d rows read from it, %d recorded",
-                self.path,
-                self.from_store,
-                self.recorded,
-            )
+            log.info("knowledge store %s: %d rows read from it, %d recorded", self.path, self.from_store, self.recorded)
+            self.recorded = self.from_store = 0
 
 
 def _gather(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray, fd: int, at: int | None) -> None:
