@@ -41,7 +41,7 @@ SCENARIOS: dict[str, Scenario] = {
     # chaos: the 130 s run of docs/fault-tolerance.md.
     "chaos": Scenario("faults injected: samples lost/duplicated/wrong, seconds to recover", 130),
     # store: writes about 150 MB to the temporary directory (docs/store.md).
-    "store": Scenario("knowledge store: write ÷ no store, read ÷ pyarrow on the same files, bytes/row", 60),
+    "store": Scenario("knowledge store: write ÷ no store, read ÷ pyarrow on the same files, bytes/row", 90),
 }
 SCENARIO_NAMES = (
     "teacher-bound",

@@ -137,8 +137,7 @@ class DistillReader(ReaderSource):
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the pipeline process and free the pool (bounded: a few seconds at worst; up to 60 s
-        while a [store] writer writes its last rows). The reader
-        can be used again afterwards.
+        while a ``[store]`` writer writes its last rows). The reader can be used again afterwards.
 
         Safe from any thread: an epoch another thread iterates raises ``DistillReaderError`` ("the
         reader was closed") at its next wait, at once if it is waiting now."""

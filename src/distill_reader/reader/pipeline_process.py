@@ -47,14 +47,13 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from distill_reader._logging import FORMAT
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import DistillReaderError, PipelineError, StoreError
-from distill_reader.knowledge.session import KnowledgeSession
 from distill_reader.reader.channel import (
     Cancel,
     Cancelled,
@@ -75,6 +74,9 @@ from distill_reader.reader.channel import (
 from distill_reader.reader.grouping import group_by_length
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem, spawn
+
+if TYPE_CHECKING:
+    from distill_reader.knowledge.session import KnowledgeSession
 
 log = logging.getLogger("distill_reader.pipeline")
 
@@ -140,7 +142,11 @@ class _PipelineProcess:
         self.slot_started: list[float | None] = [None] * layout.capacity  # first request of the slot
         self.cancelled_upto = -1
         # [store]: rows looked up at the seal (read, cache), teachers' answers recorded (write, cache).
-        self.knowledge = KnowledgeSession(config, slots, layout.batch_size) if config.store is not None else None
+        self.knowledge: KnowledgeSession | None = None
+        if config.store is not None:
+            from distill_reader.knowledge.session import KnowledgeSession  # pyarrow: only when used
+
+            self.knowledge = KnowledgeSession(config, slots, layout.batch_size)
 
     def send(self, message: Message) -> None:
         """Send a channel message.
