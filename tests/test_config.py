@@ -76,7 +76,10 @@ def test_bad_config_names_the_key(tmp_path, old, new, message):
         ("[conf]\nfeed_vars = ['img']\n", "[conf] feed_vars: unknown key; it belongs in [feed]"),
         ("[conf]\nbatch_size = 32\n", "[conf] batch_size: unknown key; known keys of [conf] are mode, servers,"),
         ("[feed]\nfeed_shape = [(1,)]\n", "[feed] feed_shape: unknown key; did you mean feed_shapes?"),
-        ("[stor]\nx = 1\n", "[stor]: unknown section; known sections are [conf], [feed], [fetch]"),
+        (
+            "[stor]\nx = 1\n",
+            "[stor]: unknown section; did you mean [store]? known sections are [conf], [feed], [fetch], [store]",
+        ),
         ("[Feed]\nx = 1\n", "[Feed]: unknown section; did you mean [feed]? known sections are [conf], [feed], [fetch]"),
         ("[DEFAULT]\nmode = fixed\n", "[DEFAULT]: unknown section; known sections are [conf], [feed], [fetch]"),
     ],

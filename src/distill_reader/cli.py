@@ -22,10 +22,11 @@ def _register_commands() -> None:
     from distill_reader.bench.commands import bench
     from distill_reader.demo.command import demo
     from distill_reader.discovery.commands import discovery, register
+    from distill_reader.knowledge.commands import store
     from distill_reader.serving.commands import teacher
 
     teacher.add_command(register, "register")
-    for command in (demo, teacher, discovery, bench):
+    for command in (demo, teacher, discovery, bench, store):
         main.add_command(command)
 
 

@@ -24,6 +24,8 @@ from distill_reader.oip import SUPPORTED_DTYPES, TensorSpec
 from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 
 MODES = ("fixed", "discover")
+#: ``[store] policy``: see docs/store.md
+STORE_POLICIES = ("write", "read", "cache")
 DEFAULT_MODEL_NAME = "teacher"
 _ENDPOINT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 #: Every section and key :func:`load_config` reads. Anything else is refused, so that a typo
@@ -46,7 +48,20 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "feed": ("feed_vars", "feed_types", "feed_shapes", "predict_feed_ids"),
     "fetch": ("fetch_vars", "fetch_types", "fetch_shapes"),
+    "store": ("path", "policy", "key_var"),
 }
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: the knowledge store of teacher outputs (docs/store.md)."""
+
+    #: the store's directory (relative paths are relative to the config file's folder)
+    path: Path
+    #: ``write`` (ask the teachers, record every row), ``read`` (never ask a teacher) or ``cache``
+    policy: str
+    #: the feed var whose value identifies a sample; None: its position in the epoch
+    key_var: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,8 @@ class ReaderConfig:
     tls: TlsFiles | None = field(default=None, repr=False)
     #: ``[conf] max_length``: the bound of every variable (``-1``) dimension; None without any.
     max_length: int | None = None
+    #: ``[store]``: teacher outputs recorded or reused (None: every row goes to a teacher)
+    store: StoreConfig | None = None
 
     @property
     def predict_feeds(self) -> tuple[TensorSpec, ...]:
@@ -303,7 +320,37 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         token=token,
         tls=tls,
         max_length=max_length,
+        store=_store(parser, path, feeds),
     )
+
+
+def _store(parser: configparser.ConfigParser, config_path: Path, feeds: Sequence[TensorSpec]) -> StoreConfig | None:
+    """The optional ``[store]`` section."""
+    if not parser.has_section("store"):
+        return None
+    section = _Section(parser, "store", str(config_path))
+    text = section.string("path")
+    if "://" in text:
+        raise ConfigError(
+            f"[store] path: {text!r} is a URL; the knowledge store is a directory, local or on a shared file system"
+        )
+    folder = Path(text).expanduser()
+    policy = section.string("policy")
+    if policy not in STORE_POLICIES:
+        raise ConfigError(f"[store] policy: unknown policy {policy!r}; expected one of {', '.join(STORE_POLICIES)}")
+    key_var = None
+    if section.has("key_var"):
+        key_var = section.string("key_var")
+        spec = next((s for s in feeds if s.name == key_var), None)
+        if spec is None:
+            names = ", ".join(s.name for s in feeds)
+            raise ConfigError(f"[store] key_var: {key_var!r} is not a feed var; [feed] feed_vars are {names}")
+        if spec.variable or spec.dtype.kind not in "iu" or spec.sample_nbytes != spec.dtype.itemsize:
+            raise ConfigError(
+                f"[store] key_var: {key_var!r} must hold one integer per sample (an integer feed var of shape () or "
+                f"(1,)); it is {spec.dtype.name} of shape {spec.shape}"
+            )
+    return StoreConfig(folder if folder.is_absolute() else config_path.parent / folder, policy, key_var)
 
 
 def _max_length(

@@ -63,6 +63,25 @@ class PipelineError(DistillReaderError):
     """The reader's pipeline process died or stopped answering."""
 
 
+class StoreError(DistillReaderError):
+    """The knowledge store (``[store]``, docs/store.md) cannot be used: it was captured with another
+    config (the message names the difference), a file of it is unreadable, or it cannot be written."""
+
+
+class StoreMissingError(StoreError, KeyError):
+    """``[store] policy = read`` and the store has no row under a sample's key (named in the
+    message): a ``read`` reader never asks a teacher."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreMismatchError(StoreError):
+    """The teacher inputs of a sample differ from what the store recorded under its key (named in the
+    message): the stored outputs belong to another sample. Raised by ``policy = read``; ``cache``
+    asks the teacher again instead and replaces the row (with a WARNING)."""
+
+
 class DiscoveryError(DistillReaderError):
     """Bad arguments for discovery (service name, require_num, endpoint, store URL), or a request
     the discovery server rejected as invalid. Unreachable discovery servers are not errors: clients

@@ -40,6 +40,8 @@ SCENARIOS: dict[str, Scenario] = {
     "sequence": Scenario("real tokens/s ÷ 4 sequence teachers' capacity at zero padding; top-k costs", 40),
     # chaos: the 130 s run of docs/fault-tolerance.md.
     "chaos": Scenario("faults injected: samples lost/duplicated/wrong, seconds to recover", 130),
+    # store: writes about 150 MB to the temporary directory (docs/store.md).
+    "store": Scenario("knowledge store: write ÷ no store, read ÷ pyarrow on the same files, bytes/row", 90),
 }
 SCENARIO_NAMES = (
     "teacher-bound",
@@ -51,13 +53,13 @@ SCENARIO_NAMES = (
     "dbatch-scaling",
     "sequence",
 )
-# Run only when named (`distill bench chaos`): it kills processes and restarts services.
-EXTRA_SCENARIOS = ("chaos",)
+# Run only when named: chaos kills processes and restarts services, store writes to disk.
+EXTRA_SCENARIOS = ("chaos", "store")
 
 
 def _functions() -> dict[str, Callable[..., list[Row]]]:
     # Imported when a run starts, so that `distill bench --help` stays fast.
-    from distill_reader.bench import chaos, memory, naive, sequence, teacher_bound, training, transport
+    from distill_reader.bench import chaos, memory, naive, sequence, store, teacher_bound, training, transport
 
     return {
         "teacher-bound": teacher_bound.teacher_bound,
@@ -69,6 +71,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
         "dbatch-scaling": transport.dbatch_scaling,
         "sequence": sequence.sequence,
         "chaos": chaos.chaos_rows,
+        "store": store.store,
     }
 
 
@@ -88,7 +91,7 @@ def _help() -> str:
         f"""Benchmarks: how close DistillReader runs to its limits, beside the alternatives.
 
         Every figure is a ratio of two rates measured in the same run. Scenarios (default: all but
-        chaos, {about(total)} in all; durations of a full run on 2 cores, --quick takes about a
+        chaos and store, {about(total)} in all; durations of a full run on 2 cores, --quick takes about a
         minute for all):
 
         \b
@@ -97,7 +100,8 @@ def _help() -> str:
         Progress goes to stderr, the table to stdout. dbatch-scaling writes its plot to
         ./{DEFAULT_PLOT} (or --plot FILE); the committed figure is refreshed with
         --plot docs/benchmarks-dbatch.png. See docs/benchmarks.md; chaos (teachers killed, hung or
-        wrong, discovery/Redis/etcd restarted, a link cut): docs/fault-tolerance.md.
+        wrong, discovery/Redis/etcd restarted, a link cut): docs/fault-tolerance.md; store:
+        docs/store.md.
         """
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 

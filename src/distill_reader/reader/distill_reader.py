@@ -92,6 +92,10 @@ class DistillReader(ReaderSource):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name}: must be a number of seconds > 0, got {value!r}")
         self.config: ReaderConfig = load_config(conf_file)
+        if self.config.store is not None:
+            from distill_reader.knowledge.layout import open_store
+
+            open_store(self.config)  # a store of another config is refused here, before any epoch
         self.batch_size = int(batch_size)
         self.d_batch_size = int(d_batch_size)
         self.capacity = int(capacity)
@@ -132,8 +136,8 @@ class DistillReader(ReaderSource):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the pipeline process and free the pool (bounded: a few seconds at worst). The reader
-        can be used again afterwards.
+        """Stop the pipeline process and free the pool (bounded: a few seconds at worst; up to 60 s
+        while a ``[store]`` writer writes its last rows). The reader can be used again afterwards.
 
         Safe from any thread: an epoch another thread iterates raises ``DistillReaderError`` ("the
         reader was closed") at its next wait, at once if it is waiting now."""

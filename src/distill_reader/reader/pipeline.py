@@ -5,7 +5,8 @@ Lifecycle (one owner for each):
 * :class:`Pipeline` owns the shared pool, the slot bookkeeping and the pipeline process. It starts
   with the first epoch and lives across epochs; if its process dies it is replaced at the next epoch.
   ``close()`` (the reader's ``close()``, its finalizer, or interpreter exit) stops the process:
-  ``Stop`` message, 2 s to exit, then SIGKILL. A forked copy of the training process (a DataLoader
+  ``Stop`` message, 2 s to exit (60 s when it records into a knowledge store: it writes the rows
+  it holds first), then SIGKILL. A forked copy of the training process (a DataLoader
   worker) never stops it.
 * The channel (:mod:`distill_reader.reader.channel`): any thread sends through the one
   :class:`~distill_reader.reader.channel.Sender`; one receiver thread (a daemon, ending at the
@@ -89,6 +90,8 @@ log = logging.getLogger("distill_reader")
 _START_TIMEOUT = 60.0  # seconds for the pipeline process to import and map the pool
 _ACK_TIMEOUT = 5.0  # seconds for the pipeline process to acknowledge a cancelled epoch
 _STOP_TIMEOUT = 2.0
+#: seconds a pipeline process that records into a knowledge store may take to write its last chunk
+_STORE_STOP_TIMEOUT = 60.0
 _STATS_WAIT = 1.0  # seconds an unawaited StatsRequest may wait for the pipe
 _STATS_RETRY = 5.0  # an unanswered StatsRequest is sent again after this
 _WAIT_SLICE = 1.0  # waits on the condition wake at least this often (they also wake on every message)
@@ -165,8 +168,11 @@ class Pipeline:
     ) -> None:
         self.config = config
         self.d_batch_size = d_batch_size
-        #: the pipeline process cuts each sealed slot's rows into d_batches by length (no Work sent)
-        self.groups_by_length = options.group_by_length and config.length_source is not None
+        #: no Work sent: the pipeline process cuts each sealed slot's rows into d_batches itself, by
+        #: length (variable rows), or after looking them up in the knowledge store ([store] read, cache)
+        self.work_at_seal = (options.group_by_length and config.length_source is not None) or (
+            config.store is not None and config.store.policy != "write"
+        )
         self.stats = stats
         self.layout = layout
         self._owner_pid = os.getpid()
@@ -290,8 +296,9 @@ class Pipeline:
         if self._sender is not None:
             with contextlib.suppress(OSError, ChannelTimeout):
                 self._sender.send(Stop(), timeout=_STOP_TIMEOUT)
+        records = self.config.store is not None and self.config.store.policy != "read"
         try:
-            process.wait(_STOP_TIMEOUT)
+            process.wait(_STORE_STOP_TIMEOUT if records else _STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(_STOP_TIMEOUT)
@@ -575,7 +582,7 @@ class Epoch:
         return slot, arrays[: len(config.feeds)] + arrays[len(config.feeds) + len(config.fetches) :]
 
     def written(self, slot: int, start: int, count: int) -> None:
-        if not self.pipeline.groups_by_length:  # variable rows are grouped by length at the seal
+        if not self.pipeline.work_at_seal:  # the pipeline process makes the d_batches at the seal
             self.pipeline.send(Work(self.number, self._sequence, slot, start, count))
 
     def sealed(self, slot: int, rows: int) -> None:

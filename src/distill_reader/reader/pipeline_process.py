@@ -7,7 +7,10 @@ import the user's script again, which the seed's unguarded example cannot surviv
 1. reads the :class:`PipelineSpec` from its input pipe, maps the shared pool, answers ``Ready``;
 2. runs an asyncio loop: messages from the parent become work for the
    :class:`~distill_reader.teacher.scheduler.Scheduler`, which writes teacher outputs into the pool;
-   when every row of a sealed slot is done it answers ``SlotDone``;
+   when every row of a sealed slot is done it answers ``SlotDone``. With a ``[store]``, a
+   :class:`~distill_reader.knowledge.session.KnowledgeSession` fills the rows of each sealed slot
+   it has (``read``, ``cache``: the others go to the teachers, or fail the epoch for ``read``,
+   which never contacts a teacher) and records what the teachers answer (``write``, ``cache``);
 3. stops on ``Stop``, on end-of-file from the parent (the parent exited or was killed) or when its
    parent process changes (the pipe can stay open in processes the parent forked later).
 
@@ -44,11 +47,13 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from distill_reader._logging import FORMAT
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import DistillReaderError, PipelineError
+from distill_reader.errors import DistillReaderError, PipelineError, StoreError
 from distill_reader.reader.channel import (
     Cancel,
     Cancelled,
@@ -69,6 +74,9 @@ from distill_reader.reader.channel import (
 from distill_reader.reader.grouping import group_by_length
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem, spawn
+
+if TYPE_CHECKING:
+    from distill_reader.knowledge.session import KnowledgeSession
 
 log = logging.getLogger("distill_reader.pipeline")
 
@@ -133,6 +141,12 @@ class _PipelineProcess:
         self.sealed_rows: list[int | None] = [None] * layout.capacity
         self.slot_started: list[float | None] = [None] * layout.capacity  # first request of the slot
         self.cancelled_upto = -1
+        # [store]: rows looked up at the seal (read, cache), teachers' answers recorded (write, cache).
+        self.knowledge: KnowledgeSession | None = None
+        if config.store is not None:
+            from distill_reader.knowledge.session import KnowledgeSession  # pyarrow: only when used
+
+            self.knowledge = KnowledgeSession(config, slots, layout.batch_size)
 
     def send(self, message: Message) -> None:
         """Send a channel message.
@@ -161,10 +175,14 @@ class _PipelineProcess:
         loop.set_exception_handler(self._on_loop_error)
         tasks = [spawn(self._watch_parent())]
         config = self.spec.config
-        if config.mode == "fixed":
+        if config.store is not None and config.store.policy == "read":
+            pass  # never contacts a teacher (nor discovery): every row comes from the store
+        elif config.mode == "fixed":
             self.scheduler.set_teachers([TeacherRef(endpoint) for endpoint in config.servers])
         else:
             tasks.append(spawn(self._follow_discovery()))
+        if self.knowledge is not None:
+            tasks.append(spawn(self._tick_knowledge()))
         loop.add_reader(self.inbox.fileno(), self._on_readable)
         try:
             await self.stopped.wait()
@@ -174,12 +192,20 @@ class _PipelineProcess:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.scheduler.close()
+            if self.knowledge is not None:
+                self.knowledge.close()  # writes what was recorded
 
     async def _watch_parent(self) -> None:
         while os.getppid() == self.spec.parent_pid:
             await asyncio.sleep(0.5)
         log.debug("parent process %d is gone; stopping", self.spec.parent_pid)
         self.stopped.set()
+
+    async def _tick_knowledge(self) -> None:
+        assert self.knowledge is not None
+        while True:
+            await asyncio.sleep(0.25)
+            self.knowledge.tick()
 
     async def _follow_discovery(self) -> None:
         from distill_reader.discovery.client import StudentSession
@@ -240,12 +266,38 @@ class _PipelineProcess:
         epoch, slot, rows, sequence = message
         if epoch <= self.cancelled_upto:
             return
+        if self.knowledge is not None and self.knowledge.reads:
+            self._seal_from_store(epoch, slot, rows, sequence)
+            return
         if self.length_arrays[slot] and self.spec.options.group_by_length:  # d_batches of similar lengths
             if self.slot_started[slot] is None:
                 self.slot_started[slot] = time.perf_counter()
             for start, group in enumerate(group_by_length(self.length_arrays[slot][0][:rows], self.d_batch_size)):
                 self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(group), rows=group))
         self.sealed_rows[slot] = rows
+        self._check_slot(epoch, slot)
+
+    def _seal_from_store(self, epoch: int, slot: int, rows: int, sequence: int) -> None:
+        """The slot's rows found in the knowledge store are done at once; the others go to the
+        teachers (cache) in d_batches, grouped by length for variable rows."""
+        assert self.knowledge is not None
+        if self.slot_started[slot] is None:
+            self.slot_started[slot] = time.perf_counter()
+        self.sealed_rows[slot] = rows
+        try:
+            missing = self.knowledge.fill(slot, rows, sequence)
+        except StoreError as exc:
+            self.send(EpochError(epoch, exc))
+            return
+        self.done_rows[slot] += rows - len(missing)
+        if len(missing):
+            size = self.d_batch_size
+            if self.length_arrays[slot] and self.spec.options.group_by_length:
+                groups = [missing[g] for g in group_by_length(self.length_arrays[slot][0][missing], size)]
+            else:
+                groups = [missing[i : i + size] for i in range(0, len(missing), size)]
+            for start, group in enumerate(groups):
+                self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(group), rows=group))
         self._check_slot(epoch, slot)
 
     def _on_stats_request(self, message: StatsRequest) -> None:
@@ -255,6 +307,8 @@ class _PipelineProcess:
         epoch = message.epoch
         self.cancelled_upto = max(self.cancelled_upto, epoch)
         self.scheduler.cancel(epoch)
+        if self.knowledge is not None:
+            self.knowledge.cancelled()
         self.done_rows = [0] * len(self.done_rows)
         self.sealed_rows = [None] * len(self.sealed_rows)
         self.slot_started = [None] * len(self.slot_started)
@@ -264,6 +318,12 @@ class _PipelineProcess:
         self.stopped.set()
 
     def _on_done(self, item: WorkItem) -> None:
+        if self.knowledge is not None and self.knowledge.records:
+            rows = item.rows if item.rows is not None else np.arange(item.start, item.start + item.count)
+            try:
+                self.knowledge.record(item.slot, rows, item.sequence)
+            except StoreError as exc:
+                self.send(EpochError(item.epoch, exc))
         self.done_rows[item.slot] += item.count
         self._check_slot(item.epoch, item.slot)
 

@@ -1,0 +1,443 @@
+"""The knowledge store on disk: its manifest, its chunk files, and rows to and from Arrow.
+
+A store is a directory::
+
+    manifest.json                      the config it was captured with (inputs, outputs, key, teacher)
+    chunks/<time>-<host>-<pid>-<n>.arrow   Arrow IPC files, one record batch each, never changed
+    chunks/.<name>.tmp                 a chunk being written (renamed to its name when complete)
+
+Each chunk holds rows of: ``_key`` (int64: the row's position in the epoch, or its ``key_var``
+value), ``_fingerprint`` (16 bytes: a hash of the row's teacher inputs, :func:`fingerprint_rows`),
+``_length`` (int32, only when a fetch var has a variable dimension: the row's length) and one column per fetch var: a
+fixed shape as ``fixed_size_list<T>[prod(shape)]`` (a scalar as ``T``), a variable one without
+padding, as ``list<fixed_size_list<T>[prod(rest)]>`` for ``(-1, *rest)`` (``list<T>`` for ``(-1,)``)
+and as ``list<T>`` of the row's flattened values for other variable shapes. Every field carries
+its per-row ``shape`` in its metadata and every chunk the manifest in its schema's.
+
+Writers never touch each other's files: each writes chunks under a name of its own and renames
+each one into place only once it is complete (and synced), so a capture killed at any moment
+leaves whole chunks and at most a ``.tmp`` file that readers ignore. When a key is in several
+chunks, the newest chunk (names sort by time) wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from distill_reader.config import ReaderConfig
+from distill_reader.errors import StoreError
+from distill_reader.oip import TensorSpec
+
+FORMAT = "distill-reader knowledge store"
+VERSION = 1
+MANIFEST = "manifest.json"
+CHUNKS = "chunks"
+KEY, FINGERPRINT, LENGTH = "_key", "_fingerprint", "_length"
+FINGERPRINT_BYTES = 16
+_SCHEMA_KEY = b"distill_reader.manifest"
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+
+
+def _describe(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "dtype": spec.dtype.name, "shape": list(spec.shape)}
+
+
+def manifest_of(config: ReaderConfig) -> dict[str, Any]:
+    """What identifies the rows a store may give this config: inputs, outputs, key, teacher model."""
+    store = config.store
+    assert store is not None
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": f"var {store.key_var}" if store.key_var else "position",
+        "teacher_model": config.model_name,
+        "inputs": [_describe(spec) for spec in config.predict_feeds],
+        "outputs": [_describe(spec) for spec in config.fetches],
+    }
+
+
+def _var_text(var: dict[str, Any]) -> str:
+    return f"{var['dtype']} {tuple(var['shape'])}"
+
+
+def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs between a store's manifest and a config's, one phrase each (empty: they agree)."""
+    found = []
+    for field in ("format", "version", "key", "teacher_model"):
+        if stored.get(field) != wanted[field]:
+            found.append(f"{field} {stored.get(field)!r} in the store, {wanted[field]!r} in this config")
+    for field in ("inputs", "outputs"):
+        have = {v["name"]: v for v in stored.get(field, [])}
+        want = {v["name"]: v for v in wanted[field]}
+        for name in want.keys() - have.keys():
+            found.append(f"{field[:-1]} {name!r} is not in the store")
+        for name in have.keys() - want.keys():
+            found.append(f"{field[:-1]} {name!r} is in the store but not in this config")
+        for name in want.keys() & have.keys():
+            if _var_text(have[name]) != _var_text(want[name]):
+                stored_text, wanted_text = _var_text(have[name]), _var_text(want[name])
+                found.append(f"{field[:-1]} {name!r} is {stored_text} in the store, {wanted_text} in this config")
+        if not found and [v["name"] for v in stored.get(field, [])] != [v["name"] for v in wanted[field]]:
+            found.append(f"{field} are in another order in the store")
+    return sorted(found)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the store at ``path``; StoreError if there is none or it is unreadable."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise StoreError(f"no knowledge store at {str(path)!r} (no {MANIFEST})") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{str(path / MANIFEST)!r}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{str(path / MANIFEST)!r} is not the manifest of a {FORMAT}")
+    return manifest
+
+
+def open_store(config: ReaderConfig) -> None:
+    """Check (``read``) or create (``write``, ``cache``) the store of ``config``'s ``[store]``.
+
+    Raises StoreError when there is no store to read, or when the store was captured with another
+    config (naming each difference)."""
+    store = config.store
+    assert store is not None
+    wanted = manifest_of(config)
+    if store.policy != "read":
+        try:
+            (store.path / CHUNKS).mkdir(parents=True, exist_ok=True)
+            if not (store.path / MANIFEST).exists():
+                _create_manifest(store.path, wanted)
+        except OSError as exc:
+            raise StoreError(f"[store] path: cannot create the knowledge store {str(store.path)!r}: {exc}") from None
+    try:
+        stored = read_manifest(store.path)
+    except StoreError as exc:
+        hint = "; policy = read needs a store captured with policy write or cache" if store.policy == "read" else ""
+        raise StoreError(f"[store] path: {exc}{hint}") from None
+    found = differences(stored, wanted)
+    if found:
+        raise StoreError(
+            f"[store] path: the knowledge store {str(store.path)!r} was captured with another config: "
+            + "; ".join(found)
+            + " (use another path for this config)"
+        )
+
+
+def _create_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically: the first of several concurrent writers wins, the others
+    compare theirs with it."""
+    tmp = path / f".{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    try:
+        os.link(tmp, path / MANIFEST)  # fails if another writer was first: never replaces it
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+# -- chunks ---------------------------------------------------------------------------------------
+
+
+def chunk_files(path: Path) -> list[Path]:
+    """The store's complete chunks, oldest first."""
+    folder = path / CHUNKS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix == ".arrow" and not p.name.startswith("."))
+
+
+def partial_files(path: Path) -> list[Path]:
+    """Chunks a writer had not finished (it was killed, or is still writing them)."""
+    folder = path / CHUNKS
+    return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+
+
+class ChunkNamer:
+    """Names of this writer's chunks: sortable by time, unique across hosts and processes."""
+
+    def __init__(self) -> None:
+        host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:40] or "host"
+        self._tag = f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._count = 0
+
+    def next(self) -> str:
+        self._count += 1
+        return f"{time.time_ns():020d}-{self._tag}-{self._count:06d}.arrow"
+
+
+def write_chunk(path: Path, name: str, batch: pa.RecordBatch) -> Path:
+    """Write ``batch`` as the chunk ``name`` of the store: into a temporary file, synced, then renamed."""
+    folder = path / CHUNKS
+    final = folder / name
+    tmp = folder / f".{name}.tmp"
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.rename(tmp, final)
+        with contextlib.suppress(OSError):  # the rename itself, durable (not possible everywhere)
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return final
+
+
+def map_chunk(file: Path) -> tuple[pa.RecordBatch, int]:
+    """A chunk's rows, memory-mapped (the bytes are read when used; no file stays open), and the
+    address of the file's first byte in memory."""
+    try:
+        with open(file, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        buffer = pa.py_buffer(mapped)
+        return _one_batch(pa.ipc.open_file(pa.BufferReader(buffer))), buffer.address
+    except (OSError, ValueError, pa.ArrowException, IndexError) as exc:
+        raise StoreError(f"{str(file)!r}: unreadable chunk of the knowledge store: {exc}") from None
+
+
+def read_chunk(file: Path, memory_map: bool = True) -> pa.RecordBatch:
+    """A chunk's rows (memory-mapped by default, else read into memory)."""
+    if memory_map:
+        return map_chunk(file)[0]
+    try:
+        with pa.OSFile(str(file), "rb") as source:
+            return _one_batch(pa.ipc.open_file(source))
+    except (OSError, pa.ArrowException, IndexError) as exc:
+        raise StoreError(f"{str(file)!r}: unreadable chunk of the knowledge store: {exc}") from None
+
+
+def _one_batch(reader: pa.ipc.RecordBatchFileReader) -> pa.RecordBatch:
+    if reader.num_record_batches == 1:
+        return reader.get_batch(0)
+    return reader.read_all().combine_chunks().to_batches()[0]  # not written by us: copies
+
+
+# -- rows -----------------------------------------------------------------------------------------
+
+
+def _arrow_type(spec: TensorSpec) -> pa.DataType:
+    item = pa.from_numpy_dtype(spec.dtype)
+    if not spec.variable:
+        return item if spec.shape == () else pa.list_(item, int(np.prod(spec.shape)))
+    rest = spec.shape[1:]
+    if spec.shape[0] == -1 and -1 not in rest:
+        return pa.list_(item if rest == () else pa.list_(item, int(np.prod(rest))))
+    return pa.list_(item)
+
+
+def schema_of(manifest: dict[str, Any]) -> pa.Schema:
+    """The Arrow schema of a store's chunks."""
+    fetches = output_specs(manifest)
+    fields = [pa.field(KEY, pa.int64()), pa.field(FINGERPRINT, pa.binary(FINGERPRINT_BYTES))]
+    if any(spec.variable for spec in fetches):
+        fields.append(pa.field(LENGTH, pa.int32()))
+    for spec in fetches:
+        fields.append(pa.field(spec.name, _arrow_type(spec), metadata={"shape": json.dumps(list(spec.shape))}))
+    return pa.schema(fields, metadata={_SCHEMA_KEY: json.dumps(manifest).encode()})
+
+
+def chunk_manifest(batch: pa.RecordBatch) -> dict[str, Any] | None:
+    """The manifest a chunk was written with (its schema's metadata)."""
+    raw = (batch.schema.metadata or {}).get(_SCHEMA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def row_shape(spec: TensorSpec, length: int) -> tuple[int, ...]:
+    return tuple(length if d == -1 else d for d in spec.shape)
+
+
+@dataclass
+class Rows:
+    """Stored rows in memory (recorded, not yet committed) or mapped from a chunk file.
+
+    ``outputs[j]`` is, for a fixed-shape fetch var, an array ``[n, *shape]``; for a variable one, a
+    pair ``(flat, offsets)``: every row's values flattened one after the other (1-D) and ``n + 1``
+    offsets into them."""
+
+    keys: np.ndarray  # int64 [n]
+    fingerprints: np.ndarray  # uint8 [n, 16]
+    lengths: np.ndarray | None  # [n] the rows' lengths, when a fetch var is variable
+    outputs: list[Any]
+    #: the chunk file of mapped rows, and where each output's (flat) values start in it: they are
+    #: read with ``preadv`` straight into the pool, faster here than copying from the mapping
+    file: Path | None = None
+    file_offsets: tuple[int | None, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @staticmethod
+    def concatenate(parts: Sequence[Rows]) -> Rows:
+        if len(parts) == 1:
+            return parts[0]
+        outputs = []
+        for j, first in enumerate(parts[0].outputs):
+            if isinstance(first, np.ndarray):
+                outputs.append(np.concatenate([p.outputs[j] for p in parts]))
+                continue
+            flats = [p.outputs[j][0] for p in parts]
+            starts = np.cumsum([0] + [len(f) for f in flats[:-1]])
+            offsets = np.concatenate([[0]] + [p.outputs[j][1][1:] + start for p, start in zip(parts, starts)]).astype(
+                np.int64
+            )
+            outputs.append((np.concatenate(flats), offsets))
+        lengths = None if parts[0].lengths is None else np.concatenate([p.lengths for p in parts])
+        return Rows(
+            np.concatenate([p.keys for p in parts]),
+            np.concatenate([p.fingerprints for p in parts]),
+            lengths,
+            outputs,
+        )
+
+    def to_arrow(self, fetches: Sequence[TensorSpec], schema: pa.Schema) -> pa.RecordBatch:
+        columns: list[pa.Array] = [
+            pa.array(self.keys, pa.int64()),
+            pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(FINGERPRINT_BYTES), len(self), [None, pa.py_buffer(np.ascontiguousarray(self.fingerprints))]
+            ),
+        ]
+        if self.lengths is not None:
+            columns.append(pa.array(self.lengths.astype(np.int32)))
+        for spec, output in zip(fetches, self.outputs):
+            kind = _arrow_type(spec)
+            if isinstance(output, np.ndarray):
+                flat = pa.array(output.reshape(-1))
+                columns.append(flat if spec.shape == () else pa.FixedSizeListArray.from_arrays(flat, kind.list_size))
+                continue
+            flat, offsets = output
+            values: pa.Array = pa.array(flat)
+            inner = kind.value_type
+            if pa.types.is_fixed_size_list(inner):
+                values = pa.FixedSizeListArray.from_arrays(values, inner.list_size)
+                offsets = offsets // inner.list_size
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values))
+        return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+    @staticmethod
+    def from_arrow(
+        batch: pa.RecordBatch, fetches: Sequence[TensorSpec], mapped: tuple[Path, int] | None = None
+    ) -> Rows:
+        """Numpy views of a chunk's columns (no copy); ``mapped``: the chunk file and the address
+        where :func:`map_chunk` mapped it."""
+        n = batch.num_rows
+        fingerprints = np.frombuffer(batch.column(FINGERPRINT).buffers()[1], np.uint8)[: n * FINGERPRINT_BYTES]
+        lengths = batch.column(LENGTH).to_numpy() if LENGTH in batch.schema.names else None
+        outputs: list[Any] = []
+        for spec in fetches:
+            column = batch.column(spec.name)
+            if not spec.variable:
+                values = column if spec.shape == () else column.values
+                outputs.append(values.to_numpy(zero_copy_only=False).reshape(n, *spec.shape))
+                continue
+            offsets = column.offsets.to_numpy().astype(np.int64)
+            values = column.values
+            if pa.types.is_fixed_size_list(values.type):
+                offsets = offsets * values.type.list_size
+                values = values.values
+            outputs.append((values.to_numpy(zero_copy_only=False), offsets))
+        rows = Rows(batch.column(KEY).to_numpy(), fingerprints.reshape(n, FINGERPRINT_BYTES), lengths, outputs)
+        if mapped is not None:
+            file, base = mapped
+            size = file.stat().st_size
+            flats = [output if isinstance(output, np.ndarray) else output[0] for output in outputs]
+            rows.file = file
+            rows.file_offsets = tuple(
+                flat.ctypes.data - base
+                if base <= flat.ctypes.data and flat.ctypes.data + flat.nbytes <= base + size
+                else None
+                for flat in flats
+            )
+        return rows
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+_coefficients: dict[tuple[int, int, bool], np.ndarray] = {}
+
+
+def _coefficients_of(var: int, words: int, last_only: bool = False) -> np.ndarray:
+    """The odd multipliers of predict var ``var``'s first ``words`` 8-byte words, one row per lane:
+    ``splitmix64(var << 40 | lane << 32 | word) | 1`` (``last_only``: of word ``words - 1`` only)."""
+    cached = _coefficients.get((var, words, last_only))
+    if cached is None:
+        index = np.arange(words - 1 if last_only else 0, words, dtype=np.uint64)
+        lanes = [(np.uint64(var) << np.uint64(40)) | (np.uint64(lane) << np.uint64(32)) | index for lane in range(2)]
+        cached = _splitmix64(np.stack(lanes)) | np.uint64(1)
+        _coefficients[(var, words, last_only)] = cached
+    return cached
+
+
+def _words(block: np.ndarray) -> np.ndarray:
+    """Rows of ``block`` as little-endian uint64 words ``[n, words]`` (each row's bytes, zero-padded
+    to a multiple of 8)."""
+    data = np.ascontiguousarray(block).view(np.uint8).reshape(len(block), -1)
+    if data.shape[1] % 8:
+        data = np.pad(data, ((0, 0), (0, 8 - data.shape[1] % 8)))
+    return data.view("<u8")
+
+
+def fingerprint_rows(
+    inputs: Sequence[tuple[np.ndarray, np.ndarray | None, TensorSpec]], rows: np.ndarray
+) -> np.ndarray:
+    """A 128-bit fingerprint of each row's teacher inputs: uint8 ``[len(rows), 16]``.
+
+    ``inputs`` is ``(pool array, lengths, spec)`` per predict var (``lengths`` None for a fixed
+    shape). Two 64-bit lanes of a multilinear hash, each finalized with SplitMix64: lane ``j`` is
+    ``sum(word[i] * c[var, j, i]) + length * c[var, j, 2**32 - 1]`` over the 8-byte words of every var's row
+    (mod 2**64, coefficients from :func:`_coefficients_of`). Vectorized over the rows (about 2 GB/s
+    here, against 0.2 GB/s for BLAKE2b row by row): the bytes of a variable row past its length are
+    0 in the pool (they add nothing), and its length counts. Not cryptographic: it tells a changed
+    sample from the recorded one, it does not resist someone crafting a collision."""
+    n = len(rows)
+    lanes = np.zeros((n, 2), np.uint64)
+    # a run of rows (the usual case) is a view, not a copy
+    picked: Any = slice(int(rows[0]), int(rows[0]) + n) if n and rows[-1] - rows[0] == n - 1 else rows
+    with np.errstate(over="ignore"):
+        for var, (array, lengths, spec) in enumerate(inputs):
+            block = array[picked]
+            if lengths is not None:
+                row_lengths = lengths[picked].astype(np.uint64)
+                if spec.shape[0] == -1 and -1 not in spec.shape[1:]:
+                    block = block[:, : int(row_lengths.max(initial=0))]  # the rest is 0 in every row
+                # the length's multipliers: word index 2**32 - 1, which no row reaches
+                lanes += row_lengths[:, None] * _coefficients_of(var, 1 << 32, last_only=True).T
+            words = _words(block)
+            # both lanes in one pass, without a temporary of products (einsum: 2.5x faster here)
+            lanes += np.einsum("ij,kj->ik", words, _coefficients_of(var, words.shape[1]))
+    return _splitmix64(lanes).astype("<u8").view(np.uint8).reshape(n, FINGERPRINT_BYTES)
+
+
+def output_specs(manifest: dict[str, Any]) -> tuple[TensorSpec, ...]:
+    """The fetch vars a store holds, from its manifest."""
+    return tuple(TensorSpec(v["name"], np.dtype(v["dtype"]), tuple(v["shape"])) for v in manifest["outputs"])

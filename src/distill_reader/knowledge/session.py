@@ -1,0 +1,418 @@
+"""The pipeline process's side of the knowledge store.
+
+:class:`KnowledgeSession` looks up the rows of each sealed slot (``read``, ``cache``): a row found
+under its key, with the same teacher inputs, gets its outputs copied from the store into the slot;
+the others go to the teachers (``cache``) or fail the epoch (``read``). It records each row the
+teachers answered (``write``, ``cache``) from the slot into memory, and a writer thread writes the
+recorded rows as a chunk (see :mod:`distill_reader.knowledge.layout`) when there are
+:data:`CHUNK_ROWS` rows or :data:`CHUNK_BYTES` bytes of them, when the oldest waited
+:data:`MAX_AGE` seconds, when none came for :data:`IDLE_COMMIT` seconds (the end of an epoch, a
+paused training loop), and when the reader closes. Rows recorded but not yet written are found by
+later lookups all the same: a second epoch in ``cache`` reads its rows from the store.
+
+The index is one dict from key to ``source << 32 | row``; sources are chunk files (memory-mapped)
+and recorded rows not yet written (in memory, replaced by their chunk once it is written). About
+100 bytes per key: a store of 1M rows costs about 100 MB in the pipeline process.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distill_reader.config import ReaderConfig
+from distill_reader.errors import StoreError, StoreMismatchError, StoreMissingError
+from distill_reader.knowledge.layout import (
+    ChunkNamer,
+    Rows,
+    chunk_files,
+    chunk_manifest,
+    differences,
+    fingerprint_rows,
+    manifest_of,
+    map_chunk,
+    row_shape,
+    schema_of,
+    write_chunk,
+)
+
+log = logging.getLogger("distill_reader.knowledge")
+
+CHUNK_ROWS = 65536
+CHUNK_BYTES = 16 << 20  # small enough to be written quickly when the reader closes
+MAX_AGE = 10.0  # seconds
+IDLE_COMMIT = 1.0  # seconds
+_WARN_EVERY = 10.0  # seconds between WARNINGs about rows asked again (cache)
+_CLOSE_TIMEOUT = 60.0  # seconds for the last chunks to be written when the reader closes
+_ROW_BITS = 32
+
+
+class KnowledgeSession:
+    """See the module docstring. Used from the pipeline process's event loop only."""
+
+    def __init__(self, config: ReaderConfig, slots: list[list[np.ndarray]], batch_size: int) -> None:
+        store = config.store
+        assert store is not None
+        self.path: Path = store.path
+        self.policy = store.policy
+        self.reads = store.policy in ("read", "cache")
+        self.records = store.policy in ("write", "cache")
+        self.batch_size = batch_size
+        self.fetches = config.fetches
+        self.manifest = manifest_of(config)
+        self._schema = schema_of(self.manifest)
+        n_feeds, n_vars = len(config.feeds), len(config.feeds) + len(config.fetches)
+        length_of = {i: n_vars + k for k, i in enumerate(config.variable_feeds)}
+        self._inputs = [
+            [
+                (arrays[i], arrays[length_of[i]] if i in length_of else None, config.feeds[i])
+                for i in config.predict_feed_ids
+            ]
+            for arrays in slots
+        ]
+        self._outputs = [arrays[n_feeds:n_vars] for arrays in slots]
+        source = config.length_source
+        variable_outputs = any(spec.variable for spec in config.fetches)
+        self._output_lengths = [arrays[length_of[source]] if variable_outputs else None for arrays in slots]
+        #: per slot and row: the variable outputs there are 0 from this position on (the pool starts
+        #: zeroed; the teachers' answers are 0 past each row's length, and so are the store's)
+        self._ends = [np.zeros(batch_size, np.int64) for _ in slots]
+        key_index = next((i for i, s in enumerate(config.feeds) if s.name == store.key_var), None)
+        self._key_arrays = [arrays[key_index] for arrays in slots] if key_index is not None else None
+        self._key_what = f"key_var {store.key_var!r}" if store.key_var else "the sample's position in the epoch"
+        self._sources: list[Rows | None] = []
+        self._index: dict[int, int] = {}
+        self._pending: list[tuple[int, Rows]] = []  # recorded, not yet handed to the writer
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        self._first_pending = 0.0
+        self._last_record = 0.0
+        self._commits: collections.deque[tuple[concurrent.futures.Future, list[tuple[int, Rows]]]] = collections.deque()
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distill-knowledge-writer")
+            if self.records
+            else None
+        )
+        #: reads stored outputs into the pool (two: one output var each, for the usual two top-k vars)
+        self._readers = (
+            concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="distill-knowledge-reader")
+            if self.reads
+            else None
+        )
+        self._namer = ChunkNamer()
+        self.failure: StoreError | None = None
+        self._warned_at = 0.0
+        self._asked_again = 0
+        self.from_store = self.recorded = 0
+        if self.reads:
+            self._load()
+
+    # -- the index ----------------------------------------------------------------------------
+    def _add_source(self, rows: Rows) -> int:
+        self._sources.append(rows)
+        return len(self._sources) - 1
+
+    def _index_rows(self, source: int, keys: np.ndarray) -> None:
+        base = source << _ROW_BITS
+        self._index.update(zip(keys.tolist(), range(base, base + len(keys))))
+
+    def _load(self) -> None:
+        for file in chunk_files(self.path):
+            batch, base = map_chunk(file)
+            found = differences(chunk_manifest(batch) or {}, self.manifest)
+            if found:
+                raise StoreError(f"{str(file)!r} was written with another config: {'; '.join(found)}")
+            rows = Rows.from_arrow(batch, self.fetches, (file, base))
+            self._index_rows(self._add_source(rows), rows.keys)
+        log.debug("knowledge store %s: %d rows indexed", self.path, len(self._index))
+
+    def keys(self, slot: int, rows: np.ndarray, sequence: int) -> np.ndarray:
+        """The keys of ``rows`` of ``slot``, the ``sequence``-th batch of the epoch."""
+        if self._key_arrays is None:
+            return rows.astype(np.int64) + sequence * self.batch_size
+        return self._key_arrays[slot][rows].reshape(len(rows)).astype(np.int64)
+
+    # -- lookups (read, cache) ----------------------------------------------------------------
+    def fill(self, slot: int, count: int, sequence: int) -> np.ndarray:
+        """Copy the stored outputs of rows ``0 .. count - 1`` of ``slot`` into it; the rows that need
+        a teacher (sorted). ``read``: raises StoreMissingError or StoreMismatchError instead."""
+        self._reap()
+        rows = np.arange(count)
+        keys = self.keys(slot, rows, sequence)
+        get = self._index.get
+        locations = np.fromiter((get(k, -1) for k in keys.tolist()), np.int64, count)
+        hit = locations >= 0
+        if self.policy == "read" and not hit.all():
+            first = int(keys[np.argmin(hit)])
+            raise StoreMissingError(
+                f"the knowledge store {str(self.path)!r} has no row under key {first} ({self._key_what}); "
+                f"{count - int(hit.sum())} of this batch's {count} rows are missing. policy = read never asks a "
+                "teacher: capture them with policy = write or cache"
+            )
+        found, locations = rows[hit], locations[hit]
+        bad = np.zeros(len(found), bool)
+        if len(found):
+            sources, source_rows = locations >> _ROW_BITS, locations & ((1 << _ROW_BITS) - 1)
+            unique = np.unique(sources)
+            # The outputs are read in threads while this one fingerprints the inputs (the reads
+            # release the GIL). Rows whose inputs turn out to differ are written again by their
+            # teacher (cache), or the epoch fails (read).
+            assert self._readers is not None
+            copies = []
+            for source in unique:
+                chosen = sources == source
+                rows_of, source_rows_of = found[chosen], source_rows[chosen]
+                for var in range(len(self.fetches)):
+                    copies.append(
+                        self._readers.submit(self._copy, slot, rows_of, self._source(int(source)), source_rows_of, var)
+                    )
+            try:
+                mine = fingerprint_rows(self._inputs[slot], found)
+                stored = np.empty_like(mine)
+                for source in unique:
+                    chosen = sources == source
+                    stored[chosen] = self._source(int(source)).fingerprints[source_rows[chosen]]
+                bad = (mine != stored).any(axis=1)
+            finally:
+                concurrent.futures.wait(copies)  # nothing writes into the slot once this returns
+            for copy in copies:
+                copy.result()
+            if bad.any():
+                self._mismatch(keys[found[bad]])
+        lengths = self._output_lengths[slot]
+        if lengths is not None:  # once the slot is done, every row is 0 past its length
+            self._ends[slot][:count] = lengths[:count]
+        self.from_store += len(found) - int(bad.sum())
+        return np.sort(np.concatenate([rows[~hit], found[bad]]))
+
+    def _source(self, source: int) -> Rows:
+        rows = self._sources[source]
+        assert rows is not None, "the index points at a dropped source"
+        return rows
+
+    def _mismatch(self, keys: np.ndarray) -> None:
+        message = (
+            f"the teacher inputs of the sample under key {int(keys[0])} ({self._key_what}) differ from those "
+            f"recorded in the knowledge store {str(self.path)!r}: its stored outputs belong to another sample "
+            f"({len(keys)} such row(s) in this batch)"
+        )
+        if self.policy == "read":
+            raise StoreMismatchError(
+                message + "; inputs that change between epochs cannot be read from a store (docs/store.md)"
+            )
+        self._asked_again += len(keys)
+        now = time.monotonic()
+        if now - self._warned_at >= _WARN_EVERY:
+            self._warned_at = now
+            log.warning(
+                "%s; asked the teacher again, the new answer replaces it (policy = cache; %d row(s) so far)",
+                message,
+                self._asked_again,
+            )
+
+    def _copy(self, slot: int, rows: np.ndarray, source: Rows, source_rows: np.ndarray, var: int) -> None:
+        """Output ``var`` of stored rows into the slot (in a reader thread). A variable var's row is
+        zeroed from its length up to where the slot's previous row there ended (:attr:`_ends`):
+        past that it is 0 already."""
+        spec, dst, output = self.fetches[var], self._outputs[slot][var], source.outputs[var]
+        at = source.file_offsets[var] if source.file is not None else None
+        fd = -1
+        try:
+            if at is not None:
+                fd = os.open(source.file, os.O_RDONLY)  # type: ignore[arg-type]
+            if isinstance(output, np.ndarray):
+                _gather(dst, rows, output, source_rows, fd, at)
+                return
+            flat, offsets = output
+            assert source.lengths is not None
+            lengths = source.lengths[source_rows].tolist()
+            if spec.shape[0] == -1 and -1 not in spec.shape[1:]:  # (-1, *rest): one read per row
+                inner = max(1, int(np.prod(spec.shape[1:])))
+                positions = flat.reshape(-1, *spec.shape[1:])
+                starts = (offsets[source_rows] // inner).tolist()
+                step = inner * flat.itemsize
+                for row, start, length, end in zip(rows.tolist(), starts, lengths, self._ends[slot][rows].tolist()):
+                    if at is None:
+                        dst[row, :length] = positions[start : start + length]
+                    else:
+                        _pread(fd, dst[row, :length], at + start * step)
+                    if end > length:
+                        dst[row, length:end] = 0
+                return
+            for row, at_row, length in zip(rows.tolist(), source_rows.tolist(), lengths):
+                shape = row_shape(spec, length)
+                dst[row].fill(0)
+                dst[row][tuple(slice(0, d) for d in shape)] = flat[offsets[at_row] : offsets[at_row + 1]].reshape(shape)
+        except OSError as exc:
+            raise StoreError(f"reading {str(source.file)!r} of the knowledge store failed: {exc}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def cancelled(self) -> None:
+        """An epoch was cancelled: teachers' answers for its rows may never have been written, so
+        nothing is known of where the slots' rows end."""
+        for ends in self._ends:
+            ends[:] = np.iinfo(np.int64).max
+
+    # -- recording (write, cache) -------------------------------------------------------------
+    def record(self, slot: int, rows: np.ndarray, sequence: int) -> None:
+        """Record the teachers' outputs for ``rows`` of ``slot`` (just written into it)."""
+        self._reap()
+        if self.failure is not None:
+            raise self.failure
+        keys = self.keys(slot, rows, sequence)
+        lengths_array = self._output_lengths[slot]
+        lengths = lengths_array[rows].astype(np.int64) if lengths_array is not None else None
+        outputs: list[object] = []
+        nbytes = 0
+        for spec, src in zip(self.fetches, self._outputs[slot]):
+            if not spec.variable:
+                block = src[rows]  # a copy: the slot is reused once the consumer is done with it
+                outputs.append(block)
+                nbytes += block.nbytes
+                continue
+            assert lengths is not None
+            parts = [
+                src[row][tuple(slice(0, d) for d in row_shape(spec, int(n)))].ravel()
+                for row, n in zip(rows.tolist(), lengths.tolist())
+            ]
+            flat = np.concatenate(parts) if parts else np.zeros(0, spec.dtype)
+            offsets = np.zeros(len(parts) + 1, np.int64)
+            np.cumsum([len(p) for p in parts], out=offsets[1:])
+            outputs.append((flat, offsets))
+            nbytes += flat.nbytes
+        piece = Rows(keys, fingerprint_rows(self._inputs[slot], rows), lengths, outputs)
+        source = -1  # write only: nothing is looked up, the rows need no index
+        if self.reads:
+            source = self._add_source(piece)
+            self._index_rows(source, keys)
+        now = time.monotonic()
+        if not self._pending:
+            self._first_pending = now
+        self._last_record = now
+        self._pending.append((source, piece))
+        self._pending_rows += len(rows)
+        self._pending_bytes += nbytes
+        self.recorded += len(rows)
+        if self._pending_rows >= CHUNK_ROWS or self._pending_bytes >= CHUNK_BYTES:
+            self.commit()
+
+    def tick(self) -> None:
+        """Called every fraction of a second: write what waited long enough, take in written chunks."""
+        self._reap()
+        if not self._pending:
+            return
+        now = time.monotonic()
+        if now - self._last_record >= IDLE_COMMIT or now - self._first_pending >= MAX_AGE:
+            self.commit()
+
+    def commit(self) -> None:
+        """Hand the recorded rows to the writer thread as one chunk."""
+        if not self._pending or self._executor is None:
+            return
+        parts, self._pending = self._pending, []
+        self._pending_rows = self._pending_bytes = 0
+        future = self._executor.submit(self._write, self._namer.next(), [rows for _, rows in parts])
+        self._commits.append((future, parts))
+
+    def _write(self, name: str, parts: list[Rows]) -> Path:
+        """The writer thread: one chunk file."""
+        rows = Rows.concatenate(parts)
+        file = write_chunk(self.path, name, rows.to_arrow(self.fetches, self._schema))
+        log.debug("knowledge store %s: committed %d rows (%s)", self.path, len(rows), file.name)
+        return file
+
+    def _reap(self) -> None:
+        """Take in the chunks the writer finished: their rows are then read from the file (mapped)
+        instead of memory."""
+        while self._commits and self._commits[0][0].done():
+            future, parts = self._commits.popleft()
+            try:
+                file = future.result()
+            except Exception as exc:
+                self.failure = self.failure or StoreError(
+                    f"writing to the knowledge store {str(self.path)!r} failed: {type(exc).__name__}: {exc}"
+                )
+                log.error("%s", self.failure)
+                for source, rows in parts:  # rows that are not in the store after all: forget them
+                    self._repoint(source, rows, None)
+                    self._drop(source)
+                continue
+            if self.reads:
+                try:
+                    batch, base = map_chunk(file)
+                except StoreError as exc:  # written but not readable now: keep reading the rows from memory
+                    log.warning("%s", exc)
+                    continue
+                written = Rows.from_arrow(batch, self.fetches, (file, base))
+                chunk = self._add_source(written)
+                offset = 0
+                for source, rows in parts:
+                    self._repoint(source, rows, (chunk << _ROW_BITS) + offset)
+                    offset += len(rows)
+            for source, _ in parts:
+                self._drop(source)
+
+    def _drop(self, source: int) -> None:
+        """The rows of ``source`` are in a chunk now (or lost): free their memory."""
+        if source >= 0:
+            self._sources[source] = None
+
+    def _repoint(self, source: int, rows: Rows, new: int | None) -> None:
+        """Keys that still point at ``source``'s rows point at ``new`` + row instead (None: removed)."""
+        if not self.reads:
+            return
+        index, old = self._index, source << _ROW_BITS
+        for j, key in enumerate(rows.keys.tolist()):
+            if index.get(key) == old + j:
+                if new is None:
+                    del index[key]
+                else:
+                    index[key] = new + j
+
+    def close(self) -> None:
+        """Write every recorded row (bounded wait), then stop the threads."""
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)  # idle: fill() waits for its reads
+            self._readers = None
+        if self._executor is not None:
+            self.commit()
+            concurrent.futures.wait([future for future, _ in self._commits], timeout=_CLOSE_TIMEOUT)
+            self._reap()
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        if self.recorded or self.from_store:
+            log.info("knowledge store %s: %d rows read from it, %d recorded", self.path, self.from_store, self.recorded)
+            self.recorded = self.from_store = 0
+
+
+def _gather(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, src_rows: np.ndarray, fd: int, at: int | None) -> None:
+    """``dst[rows] = src[src_rows]`` (``rows`` sorted), one copy; when both are runs, one read
+    from the chunk file (``fd``, ``src`` starting at byte ``at``) or one memcpy."""
+    n = len(rows)
+    if n and rows[-1] - rows[0] == n - 1:
+        target = dst[rows[0] : rows[0] + n]
+        if n == 1 or (np.diff(src_rows) == 1).all():
+            if at is not None:
+                _pread(fd, target, at + int(src_rows[0]) * (src.nbytes // max(1, len(src))))
+            else:
+                target[...] = src[src_rows[0] : src_rows[0] + n]
+        else:
+            np.take(src, src_rows, axis=0, out=target, mode="clip")
+    else:
+        dst[rows] = src[src_rows]
+
+
+def _pread(fd: int, target: np.ndarray, offset: int) -> None:
+    """Fill the C-contiguous ``target`` with the file's bytes from ``offset`` on."""
+    view = memoryview(target).cast("B")
+    got = os.preadv(fd, [view], offset)
+    if got != view.nbytes:
+        raise OSError(f"short read: {got} of {view.nbytes} bytes at {offset} (was the file changed?)")
