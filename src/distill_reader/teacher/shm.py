@@ -1,0 +1,282 @@
+"""The shared-memory transport: OIP over gRPC with the system shared-memory extension.
+
+A teacher on this host that announces ``system_shared_memory`` in its server metadata maps the
+reader's whole batch pool once (``SystemSharedMemoryRegister``); each request then carries only
+``shared_memory_region``/``_offset``/``_byte_size`` parameters on its inputs and requested outputs:
+the teacher reads the rows from the pool and writes its answer straight into the rows' slot. No
+tensor is serialized on either side.
+
+The pool has no name (see :mod:`distill_reader.reader.pool`); it gets one only for the duration of
+one registration call, then the name is unlinked: a registered region never outlives the reader in
+``/dev/shm``, whatever kills it. A teacher that registers later (discovery, a restart) gets the same
+pool under a fresh, equally short-lived name. See docs/transports.md.
+
+A request the extension cannot express goes over plain gRPC (counted in :attr:`fallbacks`): rows
+that are not contiguous in the pool (grouped by length) and variable vars cut shorter than
+``max_length`` (the request is padded to its longest row, the pool to ``max_length``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from distill_reader.config import ReaderConfig
+from distill_reader.errors import TeacherAuthError, TeacherMismatchError
+from distill_reader.oip import oip_datatype
+from distill_reader.security import ClientSecurity
+from distill_reader.teacher.client import TeacherClient, zero_padding
+from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
+
+if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
+    from distill_reader.reader.pool import SharedBuffer
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "system_shared_memory"
+
+Request = service_pb2.ModelInferRequest
+Parameter = service_pb2.InferParameter
+
+TransportFactory = Callable[[str, "str | None"], Transport]
+
+
+def _split_host(endpoint: str) -> str:
+    host = endpoint.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _is_local_address(address: str) -> bool:
+    """Loopback, or an address of one of this host's interfaces (it can be bound to)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+async def is_local_endpoint(endpoint: str, timeout: float) -> bool:
+    """Whether ``host:port`` names this host (every address it resolves to is local)."""
+    host = _split_host(endpoint)
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout
+        )
+    except (OSError, asyncio.TimeoutError):
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(_is_local_address(a) for a in addresses)
+
+
+def _region_parameters(request_tensor, region: str, offset: int, nbytes: int) -> None:
+    params = request_tensor.parameters
+    params["shared_memory_region"].string_param = region
+    params["shared_memory_offset"].int64_param = offset
+    params["shared_memory_byte_size"].int64_param = nbytes
+
+
+class SharedMemoryTransport(TeacherClient):
+    """:class:`TeacherClient` that sends offsets into the registered pool instead of tensors when
+    the teacher is on this host and announces the extension (``required``: it must, or the teacher
+    is quarantined naming ``[conf] shared_memory``)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        config: ReaderConfig,
+        model_name: str | None = None,
+        request_timeout: float = 30.0,
+        *,
+        pool: SharedBuffer,
+        required: bool = False,
+        check_finite: bool = True,
+        security: ClientSecurity | None = None,
+    ) -> None:
+        super().__init__(endpoint, config, model_name, request_timeout, check_finite=check_finite, security=security)
+        self._pool = pool
+        self._required = required
+        #: the name the teacher knows the pool by; None: requests go over plain gRPC
+        self.region: str | None = None
+        self.why_not = "not checked yet"
+        self.in_place = 0  # requests answered through the pool
+        self.fallbacks = 0  # requests on a registered region sent over plain gRPC (see the module docstring)
+        self._lock = asyncio.Lock()
+        self._shm_infer = self._channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=Request.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether a request in flight may write into the pool (cancelling must wait for it)."""
+        return self.region is not None
+
+    async def check_metadata(self) -> bool:
+        declares = await super().check_metadata()
+        async with self._lock:
+            await self._unregister()  # checked again (e.g. the teacher restarted): register afresh
+            await self._register()
+        return declares
+
+    async def _register(self) -> None:
+        reason = await self._unusable()
+        if reason is None:
+            name = f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}"
+            try:
+                with self._pool.temporary_name() as key:
+                    await self._stub.SystemSharedMemoryRegister(
+                        service_pb2.SystemSharedMemoryRegisterRequest(
+                            name=name, key=key, offset=0, byte_size=self._pool.nbytes
+                        ),
+                        timeout=self.request_timeout,
+                        metadata=self._metadata,
+                    )
+                self.region = name
+                self.why_not = ""
+                log.info(
+                    "teacher %s: shared memory region %s registered (%d bytes)", self.endpoint, name, self._pool.nbytes
+                )
+                return
+            except OSError as exc:
+                reason = f"the batch pool cannot be given a name ({exc})"
+            except grpc.aio.AioRpcError as exc:
+                error = self._error(exc, "registering shared memory with")
+                if isinstance(error, (TransientTeacherError, TeacherAuthError)):
+                    raise error from None
+                reason = f"it cannot map the batch pool ({exc.code().name}: {exc.details()})"
+        if self._required:
+            raise TeacherMismatchError(f"teacher {self.endpoint}: [conf] shared_memory is 'on' but {reason}")
+        if reason != self.why_not:
+            log.info("teacher %s: tensors over gRPC, not shared memory: %s", self.endpoint, reason)
+        self.why_not = reason
+
+    async def _unusable(self) -> str | None:
+        """Why the teacher cannot use the pool (None: it can, as far as one can tell before registering)."""
+        if not await is_local_endpoint(self.endpoint, self.request_timeout):
+            return "it is not on this host"
+        try:
+            meta = await self._stub.ServerMetadata(
+                service_pb2.ServerMetadataRequest(), timeout=self.request_timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "cannot read the server metadata of") from None
+        if EXTENSION not in meta.extensions:
+            return f"its server metadata does not announce the {EXTENSION} extension"
+        return None
+
+    async def _unregister(self) -> None:
+        region, self.region = self.region, None
+        if region is None:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError):  # a teacher that is gone has nothing registered
+            await self._stub.SystemSharedMemoryUnregister(
+                service_pb2.SystemSharedMemoryUnregisterRequest(name=region),
+                timeout=min(self.request_timeout, 5.0),
+                metadata=self._metadata,
+            )
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._unregister()
+        await super().close()
+
+    async def infer(self, batch: DBatch) -> list[np.ndarray] | None:
+        region = self.region
+        request = self._request(batch, region) if region is not None else None
+        if request is None:
+            if region is not None:
+                self.fallbacks += 1
+            return await super().infer(batch)
+        try:
+            response = await self._shm_infer(request, timeout=self.request_timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            if region in (exc.details() or "") and self.region == region:
+                # The teacher no longer knows the region (it restarted between two checks): ask again.
+                self.region = None
+                self.why_not = "its registration was lost"
+                raise TransientTeacherError(f"teacher {self.endpoint} lost the shared memory region {region}") from None
+            raise self._error(exc, "a request to") from None
+        self._check_in_place(response, batch)
+        self.in_place += 1
+        return None
+
+    def _request(self, batch: DBatch, region: str) -> Request | None:
+        """The request with every tensor by region, or None when the extension cannot express it."""
+        pool = self._pool
+        count = batch.count
+        if len(batch.outputs) != len(self._outputs):
+            return None
+        arrays = [*batch.inputs, *(batch.lengths[j] for _, j in self._length_inputs)]
+        names = [name for name, _ in self._inputs] + [name for name, _ in self._length_inputs]
+        datatypes = [oip_datatype(spec.dtype) for _, spec in self._inputs] + ["INT64"] * len(self._length_inputs)
+        if self._variable_inputs:
+            first = self._variable_inputs[0]
+            padded = batch.inputs[first].shape[1 + self._inputs[first][1].shape.index(-1)]
+        request = Request(model_name=self.model_name)
+        for name, datatype, array in zip(names, datatypes, arrays):
+            offset = pool.offset_of(array)
+            if offset is None:
+                return None
+            tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+            _region_parameters(tensor, region, offset, array.nbytes)
+        for (name, spec), dst in zip(self._outputs, batch.outputs):
+            expected = (spec.with_length(padded) if spec.variable else spec).batch_shape(count)
+            offset = pool.offset_of(dst)
+            if offset is None or dst.shape != expected:
+                return None
+            _region_parameters(request.outputs.add(name=name), region, offset, dst.nbytes)
+        return request
+
+    def _check_in_place(self, response: service_pb2.ModelInferResponse, batch: DBatch) -> None:
+        """The answer's tensors are what the config says; padding zeroed and values checked in the pool."""
+        by_name = {out.name: out for out in response.outputs}
+        for (name, spec), dst in zip(self._outputs, batch.outputs):
+            meta = by_name.get(name)
+            if meta is None:
+                raise TeacherMismatchError(
+                    f"teacher {self.endpoint} answered without output {name!r} ([fetch] {spec.name}); "
+                    f"its outputs are {sorted(by_name)}"
+                )
+            self._check_output_meta(meta, spec, dst.shape)
+            if spec.variable:  # what the teacher computed on padding is not its answer: zero it
+                zero_padding(dst, spec.shape, batch.lengths[0], copy=False)
+            self._check_finite(dst, spec.name, batch.inputs)
+
+
+def transport_factory(
+    config: ReaderConfig, request_timeout: float, check_finite: bool, pool: SharedBuffer | None
+) -> TransportFactory:
+    """The transport for a teacher ``(endpoint, model_name)``: shared memory where ``[conf]
+    shared_memory`` allows it and there is a pool to share, plain gRPC otherwise."""
+
+    def make(endpoint: str, model_name: str | None) -> Transport:
+        if config.shared_memory == "off" or pool is None:
+            return TeacherClient(endpoint, config, model_name, request_timeout, check_finite=check_finite)
+        return SharedMemoryTransport(
+            endpoint,
+            config,
+            model_name,
+            request_timeout,
+            pool=pool,
+            required=config.shared_memory == "on",
+            check_finite=check_finite,
+        )
+
+    return make
