@@ -19,7 +19,7 @@ import mmap
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +134,9 @@ class SharedBuffer:
         self.mmap = mmap.mmap(fd, nbytes)
         #: the address of the mapping's first byte (to find a view's offset in the pool)
         self.address = np.frombuffer(self.mmap, dtype=np.uint8).ctypes.data
+        self._expected = 0  # registrations expected while the pool has a name (see key())
+        self._name: str | None = None
+        self._named_once = False
 
     @classmethod
     def create(cls, nbytes: int) -> SharedBuffer:
@@ -171,21 +174,41 @@ class SharedBuffer:
             return None
         return offset
 
-    @contextlib.contextmanager
-    def temporary_name(self) -> Iterator[str]:
-        """A name in ``/dev/shm`` for the buffer while the block runs (a teacher maps it meanwhile),
-        unlinked when it ends: the ``shm_open`` key ``/<name>``. OSError when it cannot be named
-        (no descriptor, or not an ``O_TMPFILE`` file)."""
-        if self.fd < 0:
-            raise OSError("the batch pool's descriptor is closed")
-        sweep_stale_names()
-        name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        path = os.path.join(_shm_dir(), name)
-        _link(self.fd, path)
-        try:
-            yield "/" + name
-        finally:
-            os.unlink(path)
+    # -- a name for the teachers that map the pool (see docs/transports.md) -----------------------
+    #
+    # Linux lets an O_TMPFILE file be linked once: once that name is unlinked the file can never get
+    # a name again. So the pool is named for one window: from the first registration until every
+    # teacher expected meanwhile (expect_registration) has made its first attempt
+    # (registration_done). A teacher that registers later finds no name and uses plain gRPC.
+
+    def expect_registration(self) -> None:
+        """A teacher will register: keep the name (once given) until its :meth:`registration_done`."""
+        self._expected += 1
+
+    def registration_done(self) -> None:
+        """One expected registration was attempted; the last one unlinks the name."""
+        self._expected -= 1
+        name = self._name
+        if self._expected <= 0 and name is not None:
+            self._name = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(_shm_dir(), name))
+
+    def key(self) -> str:
+        """The ``shm_open`` key of the pool's name, naming it now if needed (call between
+        :meth:`expect_registration` and :meth:`registration_done`); OSError when it cannot be named
+        (no descriptor, not an ``O_TMPFILE`` file, or its one naming window is over)."""
+        name = self._name
+        if name is None:
+            if self.fd < 0:
+                raise OSError("the batch pool's descriptor is closed")
+            if self._named_once:
+                raise OSError("the batch pool's name was unlinked after the first teachers registered")
+            sweep_stale_names()
+            name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            _link(self.fd, os.path.join(_shm_dir(), name))
+            self._name, self._named_once = name, True
+        return "/" + name
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ reader's whole batch pool once (``SystemSharedMemoryRegister``); each request th
 the teacher reads the rows from the pool and writes its answer straight into the rows' slot. No
 tensor is serialized on either side.
 
-The pool has no name (see :mod:`distill_reader.reader.pool`); it gets one only for the duration of
-one registration call, then the name is unlinked: a registered region never outlives the reader in
-``/dev/shm``, whatever kills it. A teacher that registers later (discovery, a restart) gets the same
-pool under a fresh, equally short-lived name. See docs/transports.md.
+The pool has no name (see :mod:`distill_reader.reader.pool`); it gets one when the first teacher
+registers, unlinked as soon as every teacher known by then has made its registration call (one
+round trip each): a name never outlives the registration calls in ``/dev/shm``, whatever kills the
+reader afterwards. Linux can name such a file only once, so a teacher that registers later
+(discovery adds it, or it restarted) gets its tensors over plain gRPC. See docs/transports.md.
 
 A request the extension cannot express goes over plain gRPC (counted in :attr:`fallbacks`): rows
 that are not contiguous in the pool (grouped by length) and variable vars cut shorter than
@@ -117,6 +118,8 @@ class SharedMemoryTransport(TeacherClient):
         self.in_place = 0  # requests answered through the pool
         self.fallbacks = 0  # requests on a registered region sent over plain gRPC (see the module docstring)
         self._lock = asyncio.Lock()
+        self._expected = True  # the factory counted this transport's first registration
+        pool.expect_registration()
         self._shm_infer = self._channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
             request_serializer=Request.SerializeToString,
@@ -129,25 +132,43 @@ class SharedMemoryTransport(TeacherClient):
         return self.region is not None
 
     async def check_metadata(self) -> bool:
-        declares = await super().check_metadata()
+        try:
+            declares = await super().check_metadata()
+        except BaseException:
+            self._registration_done()  # no registration this time: keep no name for it
+            raise
         async with self._lock:
             await self._unregister()  # checked again (e.g. the teacher restarted): register afresh
             await self._register()
         return declares
 
+    def _registration_done(self) -> None:
+        if self._expected:
+            self._expected = False
+            self._pool.registration_done()
+
     async def _register(self) -> None:
+        if not self._expected:  # a later registration: the name is kept for it if it still exists
+            self._pool.expect_registration()
+            self._expected = True
+        try:
+            await self._try_register()
+        finally:
+            self._registration_done()
+
+    async def _try_register(self) -> None:
         reason = await self._unusable()
         if reason is None:
             name = f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}"
             try:
-                with self._pool.temporary_name() as key:
-                    await self._stub.SystemSharedMemoryRegister(
-                        service_pb2.SystemSharedMemoryRegisterRequest(
-                            name=name, key=key, offset=0, byte_size=self._pool.nbytes
-                        ),
-                        timeout=self.request_timeout,
-                        metadata=self._metadata,
-                    )
+                key = self._pool.key()
+                await self._stub.SystemSharedMemoryRegister(
+                    service_pb2.SystemSharedMemoryRegisterRequest(
+                        name=name, key=key, offset=0, byte_size=self._pool.nbytes
+                    ),
+                    timeout=self.request_timeout,
+                    metadata=self._metadata,
+                )
                 self.region = name
                 self.why_not = ""
                 log.info(
@@ -193,6 +214,7 @@ class SharedMemoryTransport(TeacherClient):
             )
 
     async def close(self) -> None:
+        self._registration_done()
         with contextlib.suppress(Exception):
             await self._unregister()
         await super().close()

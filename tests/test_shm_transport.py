@@ -1,0 +1,169 @@
+"""The shared-memory transport: the reader's pool mapped by a co-located teacher (OIP system
+shared-memory extension), the built-in server's side of it, and that no name is left in /dev/shm."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.utils.shared_memory as tshm
+from conftest import shm_files
+from reader_models import IMG_SHAPE, make_sample, tag, tag_rows
+from test_reader import check_epoch, sample_list_reader
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from distill_reader import DistillReader
+from distill_reader.config import load_config
+from distill_reader.errors import ConfigError
+from distill_reader.security import Secret
+from distill_reader.serving.backends.python import PythonBackend
+from distill_reader.serving.server import running_server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def regions(endpoint: str) -> dict[str, int]:
+    """The shared memory regions the teacher has registered: name -> byte size."""
+    with grpc.insecure_channel(endpoint) as channel:
+        status = service_pb2_grpc.GRPCInferenceServiceStub(channel).SystemSharedMemoryStatus(
+            service_pb2.SystemSharedMemoryStatusRequest(), timeout=5
+        )
+    return {name: region.byte_size for name, region in status.regions.items()}
+
+
+def test_reader_over_shared_memory_exactly_once_and_no_name_left(write_config, tag_teachers):
+    """``shared_memory = on``: both teachers map the pool (a teacher that cannot would be
+    quarantined and the epoch fail); every sample once, in order, with its own teacher output; the
+    pool has no name in /dev/shm while registered; closing the reader unregisters it."""
+    before = shm_files()
+    dr = DistillReader(write_config(tag_teachers, "shared_memory = on"), 16, 4, capacity=4, occupied_capacity=2)
+    dr.set_sample_list_generator(sample_list_reader(300, 8))
+    with dr:
+        batches = [[a.copy() for a in batch] for batch in dr.distill_reader()()]
+        check_epoch(batches, 300, 16)
+        pool_bytes = dr._holder.pipeline.layout.nbytes
+        for endpoint in tag_teachers:
+            assert list(regions(endpoint).values()) == [pool_bytes]
+        assert shm_files() == before
+    assert all(not regions(endpoint) for endpoint in tag_teachers)
+
+
+def test_teacher_killed_mid_request_with_a_region_registered(write_config, teachers):
+    """One of two slow teachers is SIGKILLed in the middle of an epoch while it holds the pool
+    mapped and requests are in flight: nothing is lost or repeated, and no region is left behind."""
+    before = shm_files()
+    endpoints = [teachers.start("reader_models:slow_tag") for _ in range(2)]
+    dr = DistillReader(write_config(endpoints, "shared_memory = on"), 16, 4, capacity=6, occupied_capacity=1, copy=True)
+    dr.set_sample_list_generator(sample_list_reader(400, 8))
+    with dr:
+        batches = []
+        for step, batch in enumerate(dr.distill_reader()()):
+            batches.append(batch)
+            if step == 5:
+                assert regions(endpoints[0])  # mapped, with requests in flight
+                teachers.kill(endpoints[0])
+        check_epoch(batches, 400, 16)
+        assert shm_files() == before
+    assert shm_files() == before and not regions(endpoints[1])
+
+
+def test_shared_memory_option_is_checked(write_config):
+    assert load_config(write_config(["127.0.0.1:1"])).shared_memory == "auto"
+    assert load_config(write_config(["127.0.0.1:1"], "shared_memory = off")).shared_memory == "off"
+    with pytest.raises(ConfigError, match=r"\[conf\] shared_memory: 'yes' is not one of auto, on, off"):
+        load_config(write_config(["127.0.0.1:1"], "shared_memory = yes"))
+
+
+# -- the built-in teacher server, asked by NVIDIA's own client ------------------------------------
+@contextlib.contextmanager
+def triton_region(nbytes: int):
+    """A region made by ``tritonclient.utils.shared_memory`` (a name in /dev/shm until closed)."""
+    key = f"/distill-reader-test-{os.getpid()}-{secrets.token_hex(4)}"
+    handle = tshm.create_shared_memory_region(key[1:], key, nbytes)
+    try:
+        yield key, handle
+    finally:
+        tshm.destroy_shared_memory_region(handle)
+
+
+def _inputs(img: np.ndarray, offset: int = 0, size: int | None = None, region: str = "in") -> list[tc.InferInput]:
+    inp = tc.InferInput("img", list(img.shape), "FP32")
+    inp.set_shared_memory(region, img.nbytes if size is None else size, offset)
+    return [inp]
+
+
+def _outputs(rows: int, offset: int, region: str = "out") -> list[tc.InferRequestedOutput]:
+    out = tc.InferRequestedOutput("prediction")
+    out.set_shared_memory(region, rows * 40, offset)
+    return [out]
+
+
+def test_server_reads_and_writes_registered_regions_and_checks_every_range():
+    rows = 5
+    img = np.stack([make_sample(i)[0] for i in range(rows)]).astype(np.float32)
+    assert img.shape[1:] == IMG_SHAPE
+    with running_server(PythonBackend(tag)) as endpoint, triton_region(4096) as (key, handle):
+        client = tc.InferenceServerClient(endpoint)
+        assert "system_shared_memory" in client.get_server_metadata().extensions
+        tshm.set_shared_memory_region(handle, [img])
+        client.register_system_shared_memory("in", key, img.nbytes)
+        client.register_system_shared_memory("out", key, 4096 - 1024, offset=1024)
+        status = client.get_system_shared_memory_status(as_json=True)["regions"]
+        assert {r["name"]: int(r["byte_size"]) for r in status.values()} == {"in": img.nbytes, "out": 3072}
+
+        result = client.infer("teacher", _inputs(img), outputs=_outputs(rows, 8))
+        assert result.get_output("prediction").shape == [rows, 10]
+        written = tshm.get_contents_as_numpy(handle, np.float32, [rows * 10 + 258])[258:].reshape(rows, 10)
+        np.testing.assert_array_equal(written, tag_rows(img))  # byte 1024 + 8 = float 258
+
+        bad = [
+            (lambda: client.infer("teacher", _inputs(img, offset=4)), "outside shared memory region 'in'"),
+            (lambda: client.infer("teacher", _inputs(img, size=img.nbytes - 4)), "but the tensor has"),
+            (lambda: client.infer("teacher", _inputs(img, region="nope")), "unknown shared memory region 'nope'"),
+            (lambda: client.infer("teacher", _inputs(img), outputs=_outputs(rows, 3072 - 8)), "outside"),
+            (lambda: client.infer("teacher", _inputs(img), outputs=_outputs(1, 0)), "more than the byte_size"),
+            (lambda: client.register_system_shared_memory("x", "/../../etc/passwd", 8), "is not the name of a file"),
+            (lambda: client.register_system_shared_memory("x", key, 8192), "past the end"),
+            (lambda: client.register_system_shared_memory("x", "/no-such-key", 8), "cannot open"),
+        ]
+        for call, message in bad:
+            with pytest.raises(tc.InferenceServerException, match=message) as info:
+                call()
+            assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(tc.InferenceServerException, match="already registered"):
+            client.register_system_shared_memory("in", key, 8)
+
+        client.unregister_system_shared_memory("in")
+        with pytest.raises(tc.InferenceServerException, match="unknown shared memory region 'in'"):
+            client.infer("teacher", _inputs(img))
+        client.unregister_system_shared_memory()
+        assert not client.get_system_shared_memory_status(as_json=True).get("regions")
+        # Still serving after all of it.
+        np.testing.assert_array_equal(
+            client.infer("teacher", [_set(tc.InferInput("img", list(img.shape), "FP32"), img)]).as_numpy("prediction"),
+            tag_rows(img),
+        )
+
+
+def _set(inp: tc.InferInput, array: np.ndarray) -> tc.InferInput:
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+def test_shared_memory_calls_need_the_token():
+    with running_server(PythonBackend(tag), token=Secret("s3cret")) as endpoint, triton_region(64) as (key, _):
+        client = tc.InferenceServerClient(endpoint)
+        for call in (
+            lambda headers: client.register_system_shared_memory("r", key, 64, headers=headers),
+            lambda headers: client.get_system_shared_memory_status(headers=headers),
+            lambda headers: client.unregister_system_shared_memory(headers=headers),
+        ):
+            with pytest.raises(tc.InferenceServerException) as info:
+                call(None)
+            assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+            call({"authorization": "Bearer s3cret"})
