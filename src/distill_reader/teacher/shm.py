@@ -34,7 +34,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import TeacherAuthError, TeacherMismatchError
+from distill_reader.errors import TeacherMismatchError
 from distill_reader.oip import oip_datatype
 from distill_reader.security import ClientSecurity
 from distill_reader.teacher.client import TeacherClient, zero_padding
@@ -177,10 +177,7 @@ class SharedMemoryTransport(TeacherClient):
                 return
             except OSError as exc:
                 reason = f"the batch pool cannot be given a name ({exc})"
-            except grpc.aio.AioRpcError as exc:
-                error = self._error(exc, "registering shared memory with")
-                if isinstance(error, (TransientTeacherError, TeacherAuthError)):
-                    raise error from None
+            except grpc.aio.AioRpcError as exc:  # e.g. PyTriton restricts the extension by default
                 reason = f"it cannot map the batch pool ({exc.code().name}: {exc.details()})"
         if self._required:
             raise TeacherMismatchError(f"teacher {self.endpoint}: [conf] shared_memory is 'on' but {reason}")
