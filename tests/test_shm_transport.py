@@ -4,8 +4,12 @@ shared-memory extension), the built-in server's side of it, and that no name is 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
+import subprocess
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,13 +17,15 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.utils.shared_memory as tshm
 from conftest import shm_files
-from reader_models import IMG_SHAPE, make_sample, tag, tag_rows
+from reader_models import IMG_SHAPE, make_sample, seq_tag, tag, tag_rows
 from test_reader import check_epoch, sample_list_reader
+from test_sequences import check_sequences, seq_config, sequence_reader
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from distill_reader import DistillReader
 from distill_reader.config import load_config
 from distill_reader.errors import ConfigError
+from distill_reader.reader.pool import NAME_PREFIX, SharedBuffer, sweep_stale_names
 from distill_reader.security import Secret
 from distill_reader.serving.backends.python import PythonBackend
 from distill_reader.serving.server import running_server
@@ -167,3 +173,44 @@ def test_shared_memory_calls_need_the_token():
                 call(None)
             assert info.value.status() == "StatusCode.UNAUTHENTICATED"
             call({"authorization": "Bearer s3cret"})
+
+
+def test_variable_rows_use_the_pool_when_they_can_and_grpc_when_not(write_config, caplog):
+    """Sequences in input order (d_batches of 4 rows of 1-24 tokens): a d_batch whose longest row is
+    ``max_length`` goes through the pool, the others (padded to a shorter longest row) over gRPC;
+    every position of every row exact either way."""
+    caplog.set_level(logging.INFO, logger="distill_reader")
+    with running_server(PythonBackend(seq_tag)) as endpoint:
+        config = seq_config(write_config, [endpoint], extra="shared_memory = on")
+        dr = DistillReader(config, 8, 4, capacity=4, occupied_capacity=1, copy=True, group_by_length=False)
+        dr.set_sample_generator(sequence_reader("sample", 96))
+        with dr:
+            check_sequences(list(dr.distill_reader()()), 96, 8)
+    (line,) = [r.getMessage() for r in caplog.records if "requests through shared memory" in r.getMessage()]
+    in_place, fallbacks = (int(n) for n in re.findall(r"(\d+) requests through shared memory, (\d+) over", line)[0])
+    assert in_place > 0 and fallbacks > 0 and in_place + fallbacks == 96 // 4
+
+
+def test_the_pool_is_named_for_one_registration_window_only():
+    """The name exists from the first registration until every expected one was made, then never
+    again (a later teacher gets gRPC); a name left by a killed reader is swept."""
+    pool = SharedBuffer.create(4096)
+    pool.expect_registration()
+    pool.expect_registration()
+    key = pool.key()
+    path = Path("/dev/shm") / key[1:]
+    assert path.stat().st_mode & 0o777 == 0o600 and pool.key() == key
+    pool.registration_done()
+    assert path.exists()
+    pool.registration_done()
+    assert not path.exists()
+    pool.expect_registration()
+    with pytest.raises(OSError, match="name was unlinked after the first teachers registered"):
+        pool.key()
+    pool.registration_done()
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path("/dev/shm") / f"{NAME_PREFIX}{dead.pid}-0123456789ab"
+    stale.touch()
+    assert sweep_stale_names() == [stale.name] and not stale.exists()

@@ -211,6 +211,13 @@ class SharedMemoryTransport(TeacherClient):
             )
 
     async def close(self) -> None:
+        if self.in_place or self.fallbacks:
+            log.info(
+                "teacher %s: %d requests through shared memory, %d over gRPC (rows a region cannot express)",
+                self.endpoint,
+                self.in_place,
+                self.fallbacks,
+            )
         self._registration_done()
         with contextlib.suppress(Exception):
             await self._unregister()
