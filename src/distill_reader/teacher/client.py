@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import TeacherAuthError, TeacherError, TeacherMismatchError, TeacherOutputError
-from distill_reader.oip import numpy_dtype, oip_datatype, shape_matches
+from distill_reader.oip import TensorSpec, numpy_dtype, oip_datatype, shape_matches
 from distill_reader.security import ClientSecurity, explain_unavailable
 from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
 
@@ -265,7 +265,9 @@ class TeacherClient(Transport):
             arrays.append(array)
         return arrays
 
-    def _check_output_meta(self, meta: service_pb2.ModelInferResponse.InferOutputTensor, spec, expected) -> None:
+    def _check_output_meta(
+        self, meta: service_pb2.ModelInferResponse.InferOutputTensor, spec: TensorSpec, expected: Sequence[int]
+    ) -> None:
         """TeacherMismatchError unless the answer's tensor has the config's datatype and ``expected`` shape."""
         if meta.datatype != oip_datatype(spec.dtype) or tuple(meta.shape) != tuple(expected):
             raise TeacherMismatchError(

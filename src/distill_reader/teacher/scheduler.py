@@ -406,7 +406,7 @@ class Scheduler:
         teacher.requests += 1
         started = time.perf_counter()
         in_place = None
-        if getattr(teacher.client, "writes_in_place", False):
+        if teacher.client.writes_in_place:
             in_place = asyncio.get_running_loop().create_future()
             self._in_place.add(in_place)
         try:

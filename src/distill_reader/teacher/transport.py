@@ -53,6 +53,11 @@ class Transport(ABC):
 
     endpoint: str
 
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether a request in flight may write into the pool itself (a cancel waits for it)."""
+        return False
+
     @abstractmethod
     async def check_metadata(self) -> bool:
         """Check the model's metadata against the config (raise TeacherMismatchError naming the var).
