@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.utils.shared_memory as tshm
 from conftest import shm_files
-from reader_models import IMG_SHAPE, make_sample, seq_tag, tag, tag_rows
+from reader_models import IMG_SHAPE, make_sample, seq_tag, slow_tag, tag, tag_rows
 from test_reader import check_epoch, sample_list_reader
 from test_sequences import check_sequences, seq_config, sequence_reader
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -59,23 +59,41 @@ def test_reader_over_shared_memory_exactly_once_and_no_name_left(write_config, t
     assert all(not regions(endpoint) for endpoint in tag_teachers)
 
 
-def test_teacher_killed_mid_request_with_a_region_registered(write_config, teachers):
+def test_teacher_killed_mid_request_with_a_region_registered_then_restarted(write_config, teachers, caplog):
     """One of two slow teachers is SIGKILLed in the middle of an epoch while it holds the pool
-    mapped and requests are in flight: nothing is lost or repeated, and no region is left behind."""
+    mapped and requests are in flight, then started again on its address: nothing is lost or
+    repeated, no region is left behind, and the restarted teacher (registering after the pool's
+    naming window) maps a fresh mirror of the pool."""
+    caplog.set_level(logging.INFO, logger="distill_reader")
+    with running_server(PythonBackend(slow_tag)) as survivor:
+        endpoints = [teachers.start("reader_models:slow_tag"), survivor]
+        _stream_through_a_teacher_killed_and_restarted(write_config, teachers, endpoints)
+    mirrored = [r.getMessage() for r in caplog.records if "a mirror of the batch pool" in r.getMessage()]
+    assert len(mirrored) == 1 and endpoints[0] in mirrored[0]
+    done = [r.getMessage() for r in caplog.records if "requests through shared memory" in r.getMessage()]
+    assert len(done) == 2 and all(" 0 over gRPC" in line for line in done)
+
+
+def _stream_through_a_teacher_killed_and_restarted(write_config, teachers, endpoints: list[str]) -> None:
     before = shm_files()
-    endpoints = [teachers.start("reader_models:slow_tag") for _ in range(2)]
     dr = DistillReader(write_config(endpoints, "shared_memory = on"), 16, 4, capacity=6, occupied_capacity=1, copy=True)
-    dr.set_sample_list_generator(sample_list_reader(400, 8))
+    dr.set_sample_list_generator(sample_list_reader(240, 8))
     with dr:
         batches = []
         for step, batch in enumerate(dr.distill_reader()()):
             batches.append(batch)
-            if step == 5:
+            if step == 3:
                 assert regions(endpoints[0])  # mapped, with requests in flight
                 teachers.kill(endpoints[0])
-        check_epoch(batches, 400, 16)
+                teachers.start("reader_models:slow_tag", endpoint=endpoints[0])
+        check_epoch(batches, 240, 16)
         assert shm_files() == before
-    assert shm_files() == before and not regions(endpoints[1])
+        for _ in range(10):  # epochs until the reader checks the restarted teacher again (its back-off)
+            check_epoch(list(dr.distill_reader()()), 240, 16)
+            if regions(endpoints[0]):
+                break
+        assert len(regions(endpoints[0])) == 1
+    assert shm_files() == before and not regions(endpoints[0]) and not regions(endpoints[1])
 
 
 def test_shared_memory_option_is_checked(write_config):

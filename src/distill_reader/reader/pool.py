@@ -179,7 +179,8 @@ class SharedBuffer:
     # Linux lets an O_TMPFILE file be linked once: once that name is unlinked the file can never get
     # a name again. So the pool is named for one window: from the first registration until every
     # teacher expected meanwhile (expect_registration) has made its first attempt
-    # (registration_done). A teacher that registers later finds no name and uses plain gRPC.
+    # (registration_done). A teacher that registers later maps a fresh mirror of the pool instead
+    # (teacher/shm.py), named for its own registration call only.
 
     def expect_registration(self) -> None:
         """A teacher will register: keep the name (once given) until its :meth:`registration_done`."""
@@ -193,6 +194,11 @@ class SharedBuffer:
             self._name = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(_shm_dir(), name))
+
+    @property
+    def nameable(self) -> bool:
+        """Whether :meth:`key` can give a name now (it has one, or never had one)."""
+        return self.fd >= 0 and (self._name is not None or not self._named_once)
 
     def key(self) -> str:
         """The ``shm_open`` key of the pool's name, naming it now if needed (call between

@@ -10,7 +10,9 @@ The pool has no name (see :mod:`distill_reader.reader.pool`); it gets one when t
 registers, unlinked as soon as every teacher known by then has made its registration call (one
 round trip each): a name never outlives the registration calls in ``/dev/shm``, whatever kills the
 reader afterwards. Linux can name such a file only once, so a teacher that registers later
-(discovery adds it, or it restarted) gets its tensors over plain gRPC. See docs/transports.md.
+(discovery adds it, or it restarted) maps a fresh *mirror* of the pool instead, with the same
+layout, named for its own registration call only: the reader copies each request's rows into the
+mirror and the answer out of it (two memcpy, no serialization). See docs/transports.md.
 
 A request the extension cannot express goes over plain gRPC (counted in :attr:`fallbacks`): rows
 that are not contiguous in the pool (grouped by length) and variable vars cut shorter than
@@ -117,7 +119,10 @@ class SharedMemoryTransport(TeacherClient):
         self.why_not = "not checked yet"
         self.in_place = 0  # requests answered through the pool
         self.fallbacks = 0  # requests on a registered region sent over plain gRPC (see the module docstring)
+        #: the bytes of the mirror the teacher maps instead of the pool (None: the pool itself)
+        self._mirror: np.ndarray | None = None
         self._lock = asyncio.Lock()
+        self._lost = False  # the teacher answered that it does not know our region
         self._expected = True  # the factory counted this transport's first registration
         pool.expect_registration()
         self._shm_infer = self._channel.unary_unary(
@@ -128,8 +133,9 @@ class SharedMemoryTransport(TeacherClient):
 
     @property
     def writes_in_place(self) -> bool:
-        """Whether a request in flight may write into the pool (cancelling must wait for it)."""
-        return self.region is not None
+        """Whether a request in flight may write into the pool (cancelling must wait for it): the
+        teacher maps the pool itself (a mirror's answers are copied in by the reader)."""
+        return self.region is not None and self._mirror is None
 
     async def check_metadata(self) -> bool:
         try:
@@ -138,8 +144,7 @@ class SharedMemoryTransport(TeacherClient):
             self._registration_done()  # no registration this time: keep no name for it
             raise
         async with self._lock:
-            await self._unregister()  # checked again (e.g. the teacher restarted): register afresh
-            await self._register()
+            await self._register()  # checked again (e.g. the teacher restarted): register afresh
         return declares
 
     def _registration_done(self) -> None:
@@ -148,6 +153,10 @@ class SharedMemoryTransport(TeacherClient):
             self._pool.registration_done()
 
     async def _register(self) -> None:
+        """Register the pool (or a mirror) anew, the previous registration unregistered first
+        (callers hold ``_lock``)."""
+        self._lost = False
+        await self._unregister()
         if not self._expected:  # a later registration: the name is kept for it if it still exists
             self._pool.expect_registration()
             self._expected = True
@@ -159,21 +168,8 @@ class SharedMemoryTransport(TeacherClient):
     async def _try_register(self) -> None:
         reason = await self._unusable()
         if reason is None:
-            name = f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}"
             try:
-                key = self._pool.key()
-                await self._stub.SystemSharedMemoryRegister(
-                    service_pb2.SystemSharedMemoryRegisterRequest(
-                        name=name, key=key, offset=0, byte_size=self._pool.nbytes
-                    ),
-                    timeout=self.request_timeout,
-                    metadata=self._metadata,
-                )
-                self.region = name
-                self.why_not = ""
-                log.info(
-                    "teacher %s: shared memory region %s registered (%d bytes)", self.endpoint, name, self._pool.nbytes
-                )
+                await self._register_memory()
                 return
             except OSError as exc:
                 reason = f"the batch pool cannot be given a name ({exc})"
@@ -184,6 +180,33 @@ class SharedMemoryTransport(TeacherClient):
         if reason != self.why_not:
             log.info("teacher %s: tensors over gRPC, not shared memory: %s", self.endpoint, reason)
         self.why_not = reason
+
+    async def _register_memory(self) -> None:
+        """Register the pool itself while it can be named; after its naming window, a fresh mirror
+        of it (same layout and offsets; rows copied in and answers copied out), named for this one
+        registration call."""
+        pool = self._pool
+        memory = pool if pool.nameable else type(pool).create(pool.nbytes)
+        if memory is not pool:
+            memory.expect_registration()
+        name = f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            await self._stub.SystemSharedMemoryRegister(
+                service_pb2.SystemSharedMemoryRegisterRequest(
+                    name=name, key=memory.key(), offset=0, byte_size=pool.nbytes
+                ),
+                timeout=self.request_timeout,
+                metadata=self._metadata,
+            )
+        finally:
+            if memory is not pool:
+                memory.registration_done()
+                memory.close_fd()  # mapped by both sides: the descriptor is not needed
+        self.region = name
+        self._mirror = None if memory is pool else np.frombuffer(memory.mmap, dtype=np.uint8)
+        self.why_not = ""
+        what = "the batch pool" if memory is pool else "a mirror of the batch pool (registered after its naming window)"
+        log.info("teacher %s: shared memory region %s registered: %s, %d bytes", self.endpoint, name, what, pool.nbytes)
 
     async def _unusable(self) -> str | None:
         """Why the teacher cannot use the pool (None: it can, as far as one can tell before registering)."""
@@ -224,27 +247,44 @@ class SharedMemoryTransport(TeacherClient):
         await super().close()
 
     async def infer(self, batch: DBatch) -> list[np.ndarray] | None:
-        region = self.region
-        request = self._request(batch, region) if region is not None else None
-        if request is None:
+        if self._lost:  # the teacher restarted since it registered: register again, once
+            async with self._lock:
+                if self._lost:
+                    self._lost = False
+                    await self._register()
+        region, mirror = self.region, self._mirror
+        placed = self._request(batch, region) if region is not None else None
+        if placed is None:
             if region is not None:
                 self.fallbacks += 1
             return await super().infer(batch)
+        request, inputs, outputs = placed
+        if mirror is not None:
+            for offset, array in inputs:
+                mirror[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
         try:
             response = await self._shm_infer(request, timeout=self.request_timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            if region in (exc.details() or "") and self.region == region:
-                # The teacher no longer knows the region (it restarted between two checks): ask again.
-                self.region = None
-                self.why_not = "its registration was lost"
+            if region in (exc.details() or ""):
+                # The teacher does not know the region: it restarted (the next request registers
+                # again), or this request raced a new registration. Not the request's fault.
+                if self.region == region:
+                    self.region = None
+                    self._lost = True
                 raise TransientTeacherError(f"teacher {self.endpoint} lost the shared memory region {region}") from None
             raise self._error(exc, "a request to") from None
+        if mirror is not None:
+            for offset, dst in outputs:
+                dst.reshape(-1).view(np.uint8)[:] = mirror[offset : offset + dst.nbytes]
         self._check_in_place(response, batch)
         self.in_place += 1
         return None
 
-    def _request(self, batch: DBatch, region: str) -> Request | None:
-        """The request with every tensor by region, or None when the extension cannot express it."""
+    def _request(
+        self, batch: DBatch, region: str
+    ) -> tuple[Request, list[tuple[int, np.ndarray]], list[tuple[int, np.ndarray]]] | None:
+        """The request with every tensor by region, and the (offset, array) of its inputs and
+        outputs; None when the extension cannot express it."""
         pool = self._pool
         count = batch.count
         if len(batch.outputs) != len(self._outputs):
@@ -256,19 +296,22 @@ class SharedMemoryTransport(TeacherClient):
             first = self._variable_inputs[0]
             padded = batch.inputs[first].shape[1 + self._inputs[first][1].shape.index(-1)]
         request = Request(model_name=self.model_name)
+        inputs, outputs = [], []
         for name, datatype, array in zip(names, datatypes, arrays):
             offset = pool.offset_of(array)
             if offset is None:
                 return None
             tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
             _region_parameters(tensor, region, offset, array.nbytes)
+            inputs.append((offset, array))
         for (name, spec), dst in zip(self._outputs, batch.outputs):
             expected = (spec.with_length(padded) if spec.variable else spec).batch_shape(count)
             offset = pool.offset_of(dst)
             if offset is None or dst.shape != expected:
                 return None
             _region_parameters(request.outputs.add(name=name), region, offset, dst.nbytes)
-        return request
+            outputs.append((offset, dst))
+        return request, inputs, outputs
 
     def _check_in_place(self, response: service_pb2.ModelInferResponse, batch: DBatch) -> None:
         """The answer's tensors are what the config says; padding zeroed and values checked in the pool."""
