@@ -36,7 +36,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import TeacherMismatchError
+from distill_reader.errors import TeacherAuthError, TeacherMismatchError
 from distill_reader.oip import oip_datatype
 from distill_reader.security import ClientSecurity
 from distill_reader.teacher.client import TeacherClient, zero_padding
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 EXTENSION = "system_shared_memory"
 
 Request = service_pb2.ModelInferRequest
-Parameter = service_pb2.InferParameter
 
 TransportFactory = Callable[[str, "str | None"], Transport]
 
@@ -186,7 +185,7 @@ class SharedMemoryTransport(TeacherClient):
         of it (same layout and offsets; rows copied in and answers copied out), named for this one
         registration call."""
         pool = self._pool
-        memory = pool if pool.nameable else type(pool).create(pool.nbytes)
+        memory = pool if pool.nameable else type(pool).create(pool.nbytes)  # (SharedBuffer: an import cycle)
         if memory is not pool:
             memory.expect_registration()
         name = f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}"
@@ -217,7 +216,11 @@ class SharedMemoryTransport(TeacherClient):
                 service_pb2.ServerMetadataRequest(), timeout=self.request_timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, "cannot read the server metadata of") from None
+            error = self._error(exc, "cannot read the server metadata of")
+            if isinstance(error, (TransientTeacherError, TeacherAuthError)):
+                raise error from None
+            # e.g. UNIMPLEMENTED: a minimal OIP server serves models without the server calls
+            return f"its server metadata cannot be read ({exc.code().name})"
         if EXTENSION not in meta.extensions:
             return f"its server metadata does not announce the {EXTENSION} extension"
         return None
