@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from distill_reader import DistillReader
 from distill_reader.config import load_config
-from distill_reader.errors import ConfigError
+from distill_reader.errors import ConfigError, TeacherMismatchError
 from distill_reader.reader.pool import NAME_PREFIX, SharedBuffer, sweep_stale_names
 from distill_reader.security import Secret
 from distill_reader.serving.backends.python import PythonBackend
@@ -232,3 +232,24 @@ def test_the_pool_is_named_for_one_registration_window_only():
     stale = Path("/dev/shm") / f"{NAME_PREFIX}{dead.pid}-0123456789ab"
     stale.touch()
     assert sweep_stale_names() == [stale.name] and not stale.exists()
+
+
+def test_a_teacher_without_shared_memory_is_used_over_grpc_or_refused_when_required(write_config):
+    """``distill teacher serve --no-shared-memory``: not announced, registrations refused; ``auto``
+    streams over gRPC, ``on`` fails the epoch naming the key and the reason."""
+    with running_server(PythonBackend(tag), shared_memory=False) as endpoint, triton_region(64) as (key, _):
+        client = tc.InferenceServerClient(endpoint)
+        assert "system_shared_memory" not in client.get_server_metadata().extensions
+        with pytest.raises(tc.InferenceServerException, match="--no-shared-memory") as info:
+            client.register_system_shared_memory("r", key, 64)
+        assert info.value.status() == "StatusCode.FAILED_PRECONDITION"
+
+        dr = DistillReader(write_config([endpoint]), 8, 4, capacity=3, occupied_capacity=1, copy=True)
+        dr.set_sample_list_generator(sample_list_reader(40, 8))
+        with dr:
+            check_epoch(list(dr.distill_reader()()), 40, 8)
+        dr = DistillReader(write_config([endpoint], "shared_memory = on"), 8, 4, capacity=3, occupied_capacity=1)
+        dr.set_sample_list_generator(sample_list_reader(40, 8))
+        message = r"\[conf\] shared_memory is 'on' but its server metadata does not announce the system_shared_memory"
+        with dr, pytest.raises(TeacherMismatchError, match=message):
+            list(dr.distill_reader()())

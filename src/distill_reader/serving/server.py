@@ -69,6 +69,7 @@ PROTECTED_METHODS = tuple(
 )
 #: The OIP extensions announced in the server metadata.
 EXTENSIONS = ("system_shared_memory",)
+_SHARED_MEMORY_OFF = "shared memory is off on this teacher (distill teacher serve --no-shared-memory)"
 #: Inference calls: a refused one counts as an ``unauthenticated`` request in the metrics.
 _INFER_METHODS = tuple(m for m in PROTECTED_METHODS if m.endswith("Infer"))
 
@@ -151,13 +152,14 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         *,
         model_name: str = "teacher",
         metrics: TeacherMetrics | None = None,
+        shared_memory: bool = True,
     ) -> None:
         self.backend = backend
         self.batcher = batcher
         self.model_name = model_name
         self.metrics = metrics or TeacherMetrics()
-        #: regions registered through the system shared-memory extension
-        self.regions = SharedMemoryRegions()
+        #: regions registered through the system shared-memory extension (None: the extension is off)
+        self.regions = SharedMemoryRegions() if shared_memory else None
         #: Triton-style statistics; batches are recorded by whoever wires the batcher's ``on_batch``.
         self.stats = ModelStats()
         self.ready = False
@@ -213,9 +215,15 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=self.ready and self._serves(request.name, request.version))
 
     async def ServerMetadata(self, request, context):  # noqa: N802
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        extensions = EXTENSIONS if self.regions is not None else ()
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=extensions)
+
+    async def _shared_memory_off(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, _SHARED_MEMORY_OFF)
 
     async def SystemSharedMemoryRegister(self, request, context):  # noqa: N802
+        if self.regions is None:
+            await self._shared_memory_off(context)
         try:
             self.regions.register(request.name, request.key, request.offset, request.byte_size)
         except RegionExists as e:
@@ -227,12 +235,16 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryStatus(self, request, context):  # noqa: N802
+        if self.regions is None:
+            await self._shared_memory_off(context)
         try:
             return self.regions.status(request.name)
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no shared memory region {request.name!r} is registered")
 
     async def SystemSharedMemoryUnregister(self, request, context):  # noqa: N802
+        if self.regions is None:
+            await self._shared_memory_off(context)
         self.regions.unregister(request.name)
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
@@ -280,6 +292,8 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if raw and len(raw) != len(tensors) - len(by_region):
             raise RequestError(f"{len(raw)} raw_input_contents for {len(tensors) - len(by_region)} inputs")
         regions = self.regions if by_region else None
+        if by_region and regions is None:
+            raise RequestError(_SHARED_MEMORY_OFF)
         raw_contents = iter(raw)
         arrays: dict[str, np.ndarray] = {}
         rows = -1
@@ -401,8 +415,12 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def output_placements(self, request: service_pb2.ModelInferRequest) -> dict[str, Placement]:
         """The requested outputs to write into a shared memory region, checked; RequestError if bad."""
-        placements = {}
+        placements: dict[str, Placement] = {}
         for output in request.outputs:
+            if self.regions is None:
+                if "shared_memory_region" in output.parameters:
+                    raise RequestError(_SHARED_MEMORY_OFF)
+                continue
             try:
                 placement = self.regions.placement(f"output {output.name!r}", output.parameters, None)
             except RegionError as e:
@@ -495,6 +513,7 @@ class InferenceServer:
         token: Secret | None = None,
         tls: TlsFiles | None = None,
         metrics_listen: str | None = None,
+        shared_memory: bool = True,
     ) -> None:
         _split_listen(listen)
         self.listen = listen
@@ -503,7 +522,9 @@ class InferenceServer:
         )
         self.metrics = TeacherMetrics()
         self.metrics.watch_queue(lambda: self.batcher.queued_requests, lambda: self.batcher.queued_rows)
-        self.servicer = TeacherServer(backend, self.batcher, model_name=model_name, metrics=self.metrics)
+        self.servicer = TeacherServer(
+            backend, self.batcher, model_name=model_name, metrics=self.metrics, shared_memory=shared_memory
+        )
         self.batcher.on_batch = self._on_batch
         self.max_message_bytes = max_message_bytes
         self.token = token
@@ -592,6 +613,7 @@ async def serve(
     token: Secret | None = None,
     tls: TlsFiles | None = None,
     metrics_listen: str | None = None,
+    shared_memory: bool = True,
     on_started: OnStarted | None = None,
     stop_event: asyncio.Event | None = None,
     grace: float = 1.0,
@@ -603,6 +625,7 @@ async def serve(
     protects the :data:`PROTECTED_METHODS`, ``tls`` adds TLS (mTLS with a CA), ``metrics_listen``
     serves Prometheus ``/metrics`` on that ``HOST:PORT``. ``pad_variable=False`` never merges
     requests that differ in a ``-1`` dim (see :mod:`~distill_reader.serving.batcher`).
+    ``shared_memory=False`` turns the system shared-memory extension off (not announced, refused).
     """
     server = InferenceServer(
         backend,
@@ -616,6 +639,7 @@ async def serve(
         token=token,
         tls=tls,
         metrics_listen=metrics_listen,
+        shared_memory=shared_memory,
     )
     stop_event = stop_event or asyncio.Event()
     try:
