@@ -162,6 +162,13 @@ def start_triton(python: Path, onnx: Path, workdir: Path, digits_name: str, tag_
     return _start_pytriton(python, "serve_digits.py", args, workdir, [digits_name, tag_name])
 
 
+def start_triton_tag(python: Path, workdir: Path, tag_name: str = "teacher") -> ExternalServer:
+    """``examples/triton_teacher/serve_digits.py`` serving only the exact ``tag`` model as ``tag_name``,
+    its system shared-memory extension open to readers."""
+    args = ["--tag-model", tag_name, "--shared-memory"]
+    return _start_pytriton(python, "serve_digits.py", args, workdir, [tag_name])
+
+
 def start_triton_sequences(python: Path, workdir: Path, model_name: str, *args: str) -> ExternalServer:
     """``examples/triton_teacher/serve_sequences.py`` (its top-k options in ``args``) as ``model_name``;
     the project's ``src`` on its path for ``distill_reader.serving.topk``."""

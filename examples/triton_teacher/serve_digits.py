@@ -22,7 +22,7 @@ import logging
 import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import DEFAULT_PROTECTED_ENDPOINTS, Triton, TritonConfig, TritonSecurityConfig
 
 TAG_SHAPE = (1, 4, 4)
 
@@ -70,6 +70,12 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=256, help="> 0: Triton batches requests")
     parser.add_argument("--max-queue-delay-us", type=int, default=500, help="dynamic batcher's wait for more")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="let readers on this host share their batch pool (Triton's system shared memory, which PyTriton "
+        "restricts to its own token by default)",
+    )
     args = parser.parse_args()
     if args.onnx is None and args.tag_model is None:
         parser.error("nothing to serve: give --onnx and/or --tag-model")
@@ -89,7 +95,8 @@ def main() -> None:
         max_batch_size=args.max_batch_size,
         batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us),
     )
-    with Triton(config=config) as triton:
+    restricted = [e for e in DEFAULT_PROTECTED_ENDPOINTS if not (args.shared_memory and e == "shared-memory")]
+    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=restricted)) as triton:
         if args.onnx is not None:
             (in_name, in_shape), (out_name, out_shape), infer = onnx_model(args.onnx, args.threads)
             triton.bind(

@@ -26,6 +26,7 @@ from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 MODES = ("fixed", "discover")
 #: ``[store] policy``: see docs/store.md
 STORE_POLICIES = ("write", "read", "cache")
+SHARED_MEMORY_MODES = ("auto", "on", "off")
 DEFAULT_MODEL_NAME = "teacher"
 _ENDPOINT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 #: Every section and key :func:`load_config` reads. Anything else is refused, so that a typo
@@ -45,6 +46,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
         "tls_ca",
         "tls_cert",
         "tls_key",
+        "shared_memory",
     ),
     "feed": ("feed_vars", "feed_types", "feed_shapes", "predict_feed_ids"),
     "fetch": ("fetch_vars", "fetch_types", "fetch_shapes"),
@@ -93,6 +95,9 @@ class ReaderConfig:
     max_length: int | None = None
     #: ``[store]``: teacher outputs recorded or reused (None: every row goes to a teacher)
     store: StoreConfig | None = None
+    #: ``[conf] shared_memory``: ``auto`` (a teacher on this host that announces the OIP system
+    #: shared-memory extension maps the pool), ``on`` (a teacher must), ``off`` (tensors over gRPC).
+    shared_memory: str = "auto"
 
     @property
     def predict_feeds(self) -> tuple[TensorSpec, ...]:
@@ -306,6 +311,9 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         *(_conf_path(conf, key, path) if conf.has(key) else None for key in ("tls_ca", "tls_cert", "tls_key")),
         names=("[conf] tls_ca", "[conf] tls_cert", "[conf] tls_key"),
     )
+    shared_memory = conf.string("shared_memory") if conf.has("shared_memory") else "auto"
+    if shared_memory not in SHARED_MEMORY_MODES:
+        raise ConfigError(f"[conf] shared_memory: {shared_memory!r} is not one of {', '.join(SHARED_MEMORY_MODES)}")
     return ReaderConfig(
         mode=mode,
         servers=servers,
@@ -321,6 +329,7 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         tls=tls,
         max_length=max_length,
         store=_store(parser, path, feeds),
+        shared_memory=shared_memory,
     )
 
 

@@ -110,10 +110,11 @@ def batch_bytes(batch_size: int) -> int:
     return batch_size * (SAMPLE_BYTES + OUTPUT_BYTES)
 
 
-def write_config(directory: str | os.PathLike[str], servers: Sequence[str]) -> Path:
-    """A reader config for MNIST-sized samples and the bench teachers."""
+def write_config(directory: str | os.PathLike[str], servers: Sequence[str], conf: str = "") -> Path:
+    """A reader config for MNIST-sized samples and the bench teachers; ``conf``: more [conf] lines."""
     path = Path(directory) / f"bench-{len(servers)}-{time.monotonic_ns()}.conf"
-    path.write_text(CONFIG.format(servers=list(servers), img_shape=IMG_SHAPE, n_classes=N_CLASSES))
+    text = CONFIG.format(servers=list(servers), img_shape=IMG_SHAPE, n_classes=N_CLASSES)
+    path.write_text(text.replace("\n\n[feed]", f"\n{conf}\n\n[feed]") if conf else text)
     return path
 
 
@@ -230,9 +231,9 @@ def teacher_processes(spec: TeacherSpec, count: int) -> Iterator[list[str]]:
 
 
 @contextlib.contextmanager
-def config_for(servers: Sequence[str]) -> Iterator[Path]:
+def config_for(servers: Sequence[str], conf: str = "") -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as directory:
-        yield write_config(directory, servers)
+        yield write_config(directory, servers, conf)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -293,13 +294,15 @@ def measure_reader(
     occupied_capacity: int = 2,
     step: Callable[[Sequence[np.ndarray]], None] | None = None,
     list_size: int = 64,
+    conf: str = "",
     **options: Any,
 ) -> Rate:
-    """DistillReader's rate over ``servers`` on an endless epoch of MNIST-sized sample lists."""
+    """DistillReader's rate over ``servers`` on an endless epoch of MNIST-sized sample lists
+    (``conf``: more ``[conf]`` lines, e.g. ``shared_memory = on``)."""
     from distill_reader import DistillReader
 
-    with config_for(servers) as conf:
-        reader = DistillReader(conf, batch_size, d_batch_size, capacity, occupied_capacity, **options)
+    with config_for(servers, conf) as path:
+        reader = DistillReader(path, batch_size, d_batch_size, capacity, occupied_capacity, **options)
         try:
             reader.set_sample_list_generator(sample_list_reader(list_size))
             epoch = reader.distill_reader()()

@@ -4,8 +4,9 @@ The seed guide's example runs as its own training process (``python -m distill_r
 lists of 8 MNIST-sized samples, 24 times and then 2 (194 samples an epoch),
 ``DistillReader(conf, 32, 4, capacity=4, occupied_capacity=2)``, 300 epochs, against one
 zero-cost teacher. It reads, from ``/proc``, the resident set (``VmRSS``) and its peak (``VmHWM``)
-of itself and of its pipeline process, and the shared memory both map (the pool's file, unlinked
-but mapped: ``/dev/shm/distill-reader-* (deleted)`` in ``/proc/PID/maps``).
+of itself and of its pipeline process, and the shared memory both map (the pool's file, nameless
+but mapped: ``/dev/shm/#INODE (deleted)`` for an ``O_TMPFILE`` pool, ``/dev/shm/distill-reader-*
+(deleted)`` where the system has none, in ``/proc/PID/maps``).
 
 Figures: shared memory in use ÷ ``capacity × batch bytes``; total RSS and total peak RSS after
 the last epoch ÷ the same after a warm-up of a tenth of the epochs (target: < 2 % growth).
@@ -73,7 +74,7 @@ def _pool_mapped(pid: int) -> int:
     except OSError:
         return 0
     for line in text.splitlines():
-        if "distill-reader-" in line:
+        if "distill-reader-" in line or "/dev/shm/#" in line:
             start, end = line.split()[0].split("-")
             total += int(end, 16) - int(start, 16)
     return total

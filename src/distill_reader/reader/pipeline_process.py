@@ -21,7 +21,8 @@ The messages (NamedTuples of :mod:`distill_reader.reader.channel`). Parent -> ch
 * ``Work(epoch, sequence, slot, start, count)``: a d_batch is written, send it to a teacher;
 * ``Seal(epoch, slot, rows)``: every d_batch of the slot was sent;
 * ``Cancel(epoch)``: drop the work of that epoch and earlier, answered by ``Cancelled(epoch)``;
-  nothing is written into the pool for it afterwards;
+  nothing is written into the pool for it afterwards (a teacher that writes into the pool itself,
+  over shared memory, finishes its requests in flight first: see docs/transports.md);
 * ``StatsRequest()``, answered by ``StatsReport([TeacherStats], retries)``;
 * ``Stop()``.
 
@@ -127,7 +128,8 @@ class _PipelineProcess:
             Stop: self._on_stop,
         }
         self.buffer = SharedBuffer.from_fd(spec.shm_fd, spec.layout.nbytes)
-        self.buffer.close_fd()
+        if spec.config.shared_memory == "off":
+            self.buffer.close_fd()  # else kept: a co-located teacher maps the pool by a name it gets
         config, layout = spec.config, spec.layout
         n_feeds, n_vars = len(config.feeds), len(config.feeds) + len(config.fetches)
         slots = [layout.slot_arrays(self.buffer.mmap, s) for s in range(layout.capacity)]
@@ -171,6 +173,7 @@ class _PipelineProcess:
             on_error=lambda epoch, exc: self.send(EpochError(epoch, exc)),
             on_warning=lambda message: log.warning("%s", message),
             length_arrays=self.length_arrays if self.length_arrays[0] else (),
+            pool=self.buffer if self.buffer.fd >= 0 else None,
         )
         loop.set_exception_handler(self._on_loop_error)
         tasks = [spawn(self._watch_parent())]
@@ -306,12 +309,19 @@ class _PipelineProcess:
     def _on_cancel(self, message: Cancel) -> None:
         epoch = message.epoch
         self.cancelled_upto = max(self.cancelled_upto, epoch)
-        self.scheduler.cancel(epoch)
+        writing = self.scheduler.cancel(epoch)
         if self.knowledge is not None:
             self.knowledge.cancelled()
         self.done_rows = [0] * len(self.done_rows)
         self.sealed_rows = [None] * len(self.sealed_rows)
         self.slot_started = [None] * len(self.slot_started)
+        if writing:  # a teacher may still write into the pool: the slots are not free before it is done
+            spawn(self._cancelled_after(writing, epoch))
+        else:
+            self.send(Cancelled(epoch))
+
+    async def _cancelled_after(self, writing: list[asyncio.Future], epoch: int) -> None:
+        await asyncio.wait(writing)  # each request ends by request_timeout
         self.send(Cancelled(epoch))
 
     def _on_stop(self, message: Stop) -> None:

@@ -4,12 +4,17 @@ Each slot holds ``batch_size`` rows of every feed var and every fetch var. The f
 user's samples into a slot (the only copy of them), the pipeline process sends the predict vars
 from it and writes the teacher outputs into it, and the consumer gets numpy views of it.
 
-The buffer is a file in ``/dev/shm`` unlinked as soon as it is created; the pipeline process maps
-it through the inherited descriptor, so nothing is left behind however the processes end.
+The buffer is a file in ``/dev/shm`` that has no name (``O_TMPFILE``, or unlinked as soon as it is
+created); the pipeline process maps it through the inherited descriptor, so nothing is left behind
+however the processes end. A co-located teacher maps it by name (the OIP system shared-memory
+extension): :meth:`SharedBuffer.temporary_name` gives it a name only for the moment of one
+registration call, see docs/transports.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import mmap
 import os
 import secrets
@@ -84,8 +89,40 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+#: Prefix of the names a pool has while a teacher registers it: ``distill-reader-shm-<pid>-<random>``.
+NAME_PREFIX = "distill-reader-shm-"
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _link(fd: int, path: str) -> None:
+    """Give the unnamed file ``fd`` the name ``path`` (``linkat`` through ``/proc/self/fd``; only an
+    ``O_TMPFILE`` file can be linked again). Python's ``os.link`` cannot: it resolves the magic link."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, path.encode(), _AT_SYMLINK_FOLLOW) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cannot name the batch pool {path}: {os.strerror(errno)}")
+
+
+def sweep_stale_names() -> list[str]:
+    """Unlink the pool names left by readers killed during a registration call (the name lives
+    for milliseconds; a SIGKILL in that window is the one way to leave one). Returns them."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(_shm_dir()):
+            if not entry.startswith(NAME_PREFIX):
+                continue
+            pid = entry[len(NAME_PREFIX) :].split("-", 1)[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(_shm_dir(), entry))
+                    removed.append(entry)
+    return removed
+
+
 class SharedBuffer:
-    """Shared memory that has no name: a file in ``/dev/shm`` unlinked the moment it is created.
+    """Shared memory that has no name: an ``O_TMPFILE`` file in ``/dev/shm`` (or, where the system
+    has none, a file unlinked the moment it is created).
 
     The parent keeps the open descriptor and hands it to the pipeline process (``pass_fds``), which
     maps it with :meth:`from_fd`. With no name there is nothing to leak, however either process ends.
@@ -93,13 +130,26 @@ class SharedBuffer:
 
     def __init__(self, fd: int, nbytes: int) -> None:
         self.fd = fd
+        self.nbytes = nbytes
         self.mmap = mmap.mmap(fd, nbytes)
+        #: the address of the mapping's first byte (to find a view's offset in the pool)
+        self.address = np.frombuffer(self.mmap, dtype=np.uint8).ctypes.data
+        self._expected = 0  # registrations expected while the pool has a name (see key())
+        self._name: str | None = None
+        self._named_once = False
 
     @classmethod
     def create(cls, nbytes: int) -> SharedBuffer:
-        path = os.path.join(_shm_dir(), f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.unlink(path)
+        try:  # O_TMPFILE: a file that can be given a name later (see temporary_name)
+            fd = os.open(_shm_dir(), os.O_TMPFILE | os.O_RDWR, 0o600)
+        except (AttributeError, OSError):  # not Linux, or a file system without it
+            path = os.path.join(_shm_dir(), f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.unlink(path)
+        return cls._sized(fd, nbytes)
+
+    @classmethod
+    def _sized(cls, fd: int, nbytes: int) -> SharedBuffer:
         try:
             os.ftruncate(fd, nbytes)
             return cls(fd, nbytes)
@@ -116,6 +166,55 @@ class SharedBuffer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def offset_of(self, array: np.ndarray) -> int | None:
+        """Where ``array``'s bytes start in the buffer, if it is a C-contiguous view inside it."""
+        offset = array.ctypes.data - self.address
+        if not array.flags.c_contiguous or offset < 0 or offset + array.nbytes > self.nbytes:
+            return None
+        return offset
+
+    # -- a name for the teachers that map the pool (see docs/transports.md) -----------------------
+    #
+    # Linux lets an O_TMPFILE file be linked once: once that name is unlinked the file can never get
+    # a name again. So the pool is named for one window: from the first registration until every
+    # teacher expected meanwhile (expect_registration) has made its first attempt
+    # (registration_done). A teacher that registers later maps a fresh mirror of the pool instead
+    # (teacher/shm.py), named for its own registration call only.
+
+    def expect_registration(self) -> None:
+        """A teacher will register: keep the name (once given) until its :meth:`registration_done`."""
+        self._expected += 1
+
+    def registration_done(self) -> None:
+        """One expected registration was attempted; the last one unlinks the name."""
+        self._expected -= 1
+        name = self._name
+        if self._expected <= 0 and name is not None:
+            self._name = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(_shm_dir(), name))
+
+    @property
+    def nameable(self) -> bool:
+        """Whether :meth:`key` can give a name now (it has one, or never had one)."""
+        return self.fd >= 0 and (self._name is not None or not self._named_once)
+
+    def key(self) -> str:
+        """The ``shm_open`` key of the pool's name, naming it now if needed (call between
+        :meth:`expect_registration` and :meth:`registration_done`); OSError when it cannot be named
+        (no descriptor, not an ``O_TMPFILE`` file, or its one naming window is over)."""
+        name = self._name
+        if name is None:
+            if self.fd < 0:
+                raise OSError("the batch pool's descriptor is closed")
+            if self._named_once:
+                raise OSError("the batch pool's name was unlinked after the first teachers registered")
+            sweep_stale_names()
+            name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            _link(self.fd, os.path.join(_shm_dir(), name))
+            self._name, self._named_once = name, True
+        return "/" + name
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,13 @@ def teacher() -> None:
     metavar="HOST:PORT",
     help="Serve Prometheus metrics on http://HOST:PORT/metrics (off by default).",
 )
+@click.option(
+    "--shared-memory/--no-shared-memory",
+    default=True,
+    show_default=True,
+    help="Offer the OIP system shared-memory extension: readers on this host (same /dev/shm, same user) "
+    "map their batch pool instead of sending tensors; behind --token-file like inference (docs/transports.md).",
+)
 def serve_command(
     spec: str,
     listen: str,
@@ -175,6 +182,7 @@ def serve_command(
     tls_key: str | None,
     tls_ca: str | None,
     metrics_listen: str | None,
+    shared_memory: bool,
 ) -> None:
     """Serve one model with dynamic batching until SIGINT or SIGTERM.
 
@@ -244,6 +252,7 @@ def serve_command(
         token=token,
         tls=tls,
         metrics_listen=metrics_listen,
+        shared_memory=shared_memory,
     )
     try:
         asyncio.run(

@@ -10,7 +10,9 @@ Three ways to run it:
 Besides the calls a student needs (readiness, ``ModelMetadata``, ``ModelInfer``), it answers the
 Triton calls that tools pointed at an OIP server use (perf_analyzer, Model Analyzer, dashboards):
 ``ModelConfig``, ``RepositoryIndex``, ``ModelStatistics`` (see :mod:`~distill_reader.serving.stats`)
-and ``ModelStreamInfer``, with Triton's semantics.
+and ``ModelStreamInfer``, with Triton's semantics. It implements the system shared-memory extension
+(``SystemSharedMemoryRegister``/``Status``/``Unregister``, inputs and outputs by region; see
+:mod:`~distill_reader.serving.shared_memory`) and announces it in its server metadata.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port
 from distill_reader.serving.backends.base import Backend
 from distill_reader.serving.batcher import BatcherStopped, BatchTiming, DynamicBatcher
 from distill_reader.serving.metrics import MetricsHttpServer, TeacherMetrics
+from distill_reader.serving.shared_memory import Placement, RegionError, RegionExists, RegionsFull, SharedMemoryRegions
 from distill_reader.serving.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -52,8 +55,21 @@ SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 #: about the model).
 PROTECTED_METHODS = tuple(
     f"/{SERVICE.full_name}/{name}"
-    for name in ("ModelInfer", "ModelStreamInfer", "ModelMetadata", "ModelConfig", "ModelStatistics", "RepositoryIndex")
+    for name in (
+        "ModelInfer",
+        "ModelStreamInfer",
+        "ModelMetadata",
+        "ModelConfig",
+        "ModelStatistics",
+        "RepositoryIndex",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryStatus",
+        "SystemSharedMemoryUnregister",
+    )
 )
+#: The OIP extensions announced in the server metadata.
+EXTENSIONS = ("system_shared_memory",)
+_SHARED_MEMORY_OFF = "shared memory is off on this teacher (distill teacher serve --no-shared-memory)"
 #: Inference calls: a refused one counts as an ``unauthenticated`` request in the metrics.
 _INFER_METHODS = tuple(m for m in PROTECTED_METHODS if m.endswith("Infer"))
 
@@ -94,13 +110,23 @@ def _config_tensor(spec: TensorSpec, kind: type) -> Any:
     return tensor
 
 
-def _decode_input(spec: TensorSpec, tensor: InputTensor, raw: bytes | None) -> np.ndarray:
+def _decode_input(
+    spec: TensorSpec, tensor: InputTensor, raw: bytes | None, regions: SharedMemoryRegions | None = None
+) -> np.ndarray:
     name = spec.name
     if tensor.datatype != spec.datatype:
         raise RequestError(f"input {name!r} has datatype {tensor.datatype}, expected {spec.datatype}")
     shape = tuple(tensor.shape)
     if len(shape) != len(spec.shape) + 1 or any(d < 0 for d in shape) or not shape_matches(spec.shape, shape[1:]):
         raise RequestError(f"input {name!r} has shape {list(shape)}, expected {[-1, *spec.shape]}")
+    if regions is not None:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * spec.dtype.itemsize
+        try:
+            placement = regions.placement(f"input {name!r}", tensor.parameters, nbytes)
+        except RegionError as e:
+            raise RequestError(str(e)) from None
+        if placement is not None:
+            return placement.array(spec.dtype, shape)
     if raw is not None:
         try:
             return array_from_raw(raw, spec.dtype, shape)
@@ -126,11 +152,14 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         *,
         model_name: str = "teacher",
         metrics: TeacherMetrics | None = None,
+        shared_memory: bool = True,
     ) -> None:
         self.backend = backend
         self.batcher = batcher
         self.model_name = model_name
         self.metrics = metrics or TeacherMetrics()
+        #: regions registered through the system shared-memory extension (None: the extension is off)
+        self.regions = SharedMemoryRegions() if shared_memory else None
         #: Triton-style statistics; batches are recorded by whoever wires the batcher's ``on_batch``.
         self.stats = ModelStats()
         self.ready = False
@@ -186,7 +215,38 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=self.ready and self._serves(request.name, request.version))
 
     async def ServerMetadata(self, request, context):  # noqa: N802
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+        extensions = EXTENSIONS if self.regions is not None else ()
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=extensions)
+
+    async def _shared_memory_off(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, _SHARED_MEMORY_OFF)
+
+    async def SystemSharedMemoryRegister(self, request, context):  # noqa: N802
+        if self.regions is None:
+            await self._shared_memory_off(context)
+        try:
+            self.regions.register(request.name, request.key, request.offset, request.byte_size)
+        except RegionExists as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except RegionsFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except RegionError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return service_pb2.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):  # noqa: N802
+        if self.regions is None:
+            await self._shared_memory_off(context)
+        try:
+            return self.regions.status(request.name)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no shared memory region {request.name!r} is registered")
+
+    async def SystemSharedMemoryUnregister(self, request, context):  # noqa: N802
+        if self.regions is None:
+            await self._shared_memory_off(context)
+        self.regions.unregister(request.name)
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
 
     async def ModelMetadata(self, request, context):  # noqa: N802
         if not self._serves(request.name, request.version):
@@ -223,22 +283,30 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         await context.abort(grpc.StatusCode.NOT_FOUND, self._not_found_message(name, version))
 
     def decode(self, request: service_pb2.ModelInferRequest) -> tuple[dict[str, np.ndarray], int, list[str]]:
-        """The input arrays, the batch size and the output names of a request; RequestError if bad."""
+        """The input arrays, the batch size and the output names of a request; RequestError if bad.
+
+        ``raw_input_contents``, when given, hold the inputs not read from a shared memory region, in order."""
         raw = request.raw_input_contents
         tensors = request.inputs
-        if raw and len(raw) != len(tensors):
-            raise RequestError(f"{len(raw)} raw_input_contents for {len(tensors)} inputs")
+        by_region = [t for t in tensors if "shared_memory_region" in t.parameters]
+        if raw and len(raw) != len(tensors) - len(by_region):
+            raise RequestError(f"{len(raw)} raw_input_contents for {len(tensors) - len(by_region)} inputs")
+        regions = self.regions if by_region else None
+        if by_region and regions is None:
+            raise RequestError(_SHARED_MEMORY_OFF)
+        raw_contents = iter(raw)
         arrays: dict[str, np.ndarray] = {}
         rows = -1
-        for i, tensor in enumerate(tensors):
+        for tensor in tensors:
             spec = self._inputs.get(tensor.name)
             if spec is None:
                 raise RequestError(f"unknown input {tensor.name!r}; the model takes {list(self._inputs)}")
             if tensor.name in arrays:
                 raise RequestError(f"input {tensor.name!r} given twice")
-            if raw and tensor.HasField("contents"):
-                raise RequestError(f"input {tensor.name!r} has both raw and typed contents")
-            arr = _decode_input(spec, tensor, raw[i] if raw else None)
+            in_region = "shared_memory_region" in tensor.parameters
+            if (raw or in_region) and tensor.HasField("contents"):
+                raise RequestError(f"input {tensor.name!r} has both raw (or shared memory) and typed contents")
+            arr = _decode_input(spec, tensor, next(raw_contents) if raw and not in_region else None, regions)
             if rows < 0:
                 rows = arr.shape[0]
             elif arr.shape[0] != rows:
@@ -345,12 +413,29 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if outcome not in ("ok", "not_found"):  # successes are recorded with their parts
                 self.stats.record_failure(elapsed)
 
+    def output_placements(self, request: service_pb2.ModelInferRequest) -> dict[str, Placement]:
+        """The requested outputs to write into a shared memory region, checked; RequestError if bad."""
+        placements: dict[str, Placement] = {}
+        for output in request.outputs:
+            if self.regions is None:
+                if "shared_memory_region" in output.parameters:
+                    raise RequestError(_SHARED_MEMORY_OFF)
+                continue
+            try:
+                placement = self.regions.placement(f"output {output.name!r}", output.parameters, None)
+            except RegionError as e:
+                raise RequestError(str(e)) from None
+            if placement is not None:
+                placements[output.name] = placement
+        return placements
+
     async def _infer(self, request, received: int) -> tuple[service_pb2.ModelInferResponse, int]:
         if not self._serves(request.model_name, request.model_version):
             message = self._not_found_message(request.model_name, request.model_version)
             raise _Refused("not_found", grpc.StatusCode.NOT_FOUND, message)
         try:
             arrays, rows, names = self.decode(request)
+            placements = self.output_placements(request)
         except RequestError as e:
             raise _Refused("invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         decoded = time.monotonic_ns()
@@ -367,8 +452,23 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for name in names:
             arr = served.outputs[name]
             response.outputs.add(name=name, datatype=self._outputs[name].datatype, shape=arr.shape)
-            # tobytes() copies a slice of the batch output once, in C order, as OIP wants.
-            response.raw_output_contents.append(arr.tobytes())
+            placement = placements.get(name)
+            if placement is None:
+                # tobytes() copies a slice of the batch output once, in C order, as OIP wants.
+                response.raw_output_contents.append(arr.tobytes())
+                continue
+            if arr.nbytes > placement.byte_size:
+                raise _Refused(
+                    "invalid",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"output {name!r} has {arr.nbytes} bytes ({arr.dtype}{list(arr.shape)}), more than the "
+                    f"byte_size {placement.byte_size} given in shared memory region {placement.region.name!r}",
+                )
+            # The model's output straight into the client's slot: one copy, no serialization.
+            start = placement.offset
+            placement.region.memory[start : start + arr.nbytes] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+            if len(placements) < len(names):  # raw contents stay aligned with the outputs
+                response.raw_output_contents.append(b"")
         done = time.monotonic_ns()
         batch = served.batch
         self.stats.record_success(
@@ -413,6 +513,7 @@ class InferenceServer:
         token: Secret | None = None,
         tls: TlsFiles | None = None,
         metrics_listen: str | None = None,
+        shared_memory: bool = True,
     ) -> None:
         _split_listen(listen)
         self.listen = listen
@@ -421,7 +522,9 @@ class InferenceServer:
         )
         self.metrics = TeacherMetrics()
         self.metrics.watch_queue(lambda: self.batcher.queued_requests, lambda: self.batcher.queued_rows)
-        self.servicer = TeacherServer(backend, self.batcher, model_name=model_name, metrics=self.metrics)
+        self.servicer = TeacherServer(
+            backend, self.batcher, model_name=model_name, metrics=self.metrics, shared_memory=shared_memory
+        )
         self.batcher.on_batch = self._on_batch
         self.max_message_bytes = max_message_bytes
         self.token = token
@@ -510,6 +613,7 @@ async def serve(
     token: Secret | None = None,
     tls: TlsFiles | None = None,
     metrics_listen: str | None = None,
+    shared_memory: bool = True,
     on_started: OnStarted | None = None,
     stop_event: asyncio.Event | None = None,
     grace: float = 1.0,
@@ -521,6 +625,7 @@ async def serve(
     protects the :data:`PROTECTED_METHODS`, ``tls`` adds TLS (mTLS with a CA), ``metrics_listen``
     serves Prometheus ``/metrics`` on that ``HOST:PORT``. ``pad_variable=False`` never merges
     requests that differ in a ``-1`` dim (see :mod:`~distill_reader.serving.batcher`).
+    ``shared_memory=False`` turns the system shared-memory extension off (not announced, refused).
     """
     server = InferenceServer(
         backend,
@@ -534,6 +639,7 @@ async def serve(
         token=token,
         tls=tls,
         metrics_listen=metrics_listen,
+        shared_memory=shared_memory,
     )
     stop_event = stop_event or asyncio.Event()
     try:

@@ -1,4 +1,4 @@
-"""One teacher, as the reader's pipeline sees it: an OIP gRPC channel, its metadata check, infer.
+"""The gRPC OIP transport: one teacher, an OIP gRPC channel, its metadata check, infer.
 
 Errors are sorted by what the scheduler does with them:
 
@@ -25,8 +25,11 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import TeacherAuthError, TeacherError, TeacherMismatchError, TeacherOutputError
-from distill_reader.oip import numpy_dtype, oip_datatype, shape_matches
+from distill_reader.oip import TensorSpec, numpy_dtype, oip_datatype, shape_matches
 from distill_reader.security import ClientSecurity, explain_unavailable
+from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
+
+__all__ = ["TeacherClient", "TransientTeacherError", "encode_infer_request"]
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -81,10 +84,6 @@ def encode_infer_request(header: bytes, arrays: Sequence[np.ndarray]) -> bytes:
     return b"".join(parts)
 
 
-class TransientTeacherError(Exception):
-    """The teacher is unreachable or timed out; the request should go to another teacher."""
-
-
 def _describe(exc: grpc.aio.AioRpcError, security: ClientSecurity | None = None) -> str:
     return f"{exc.code().name}: {explain_unavailable(exc, security)}"
 
@@ -94,8 +93,8 @@ def _not_http2(details: str) -> bool:
     return "Failed parsing HTTP/2" in details or "http1.x server" in details
 
 
-class TeacherClient:
-    """An asyncio OIP client for one teacher endpoint, bound to the reader's config."""
+class TeacherClient(Transport):
+    """The gRPC OIP transport: an asyncio client for one teacher endpoint, bound to the reader's config."""
 
     def __init__(
         self,
@@ -189,11 +188,14 @@ class TeacherClient:
             )
         return TeacherError(f"teacher {self.endpoint}: {doing} model {self.model_name!r} failed: {_describe(exc)}")
 
-    async def infer(self, inputs: Sequence[np.ndarray], lengths: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
-        """Run the model on one d_batch (arrays in predict_feed_ids order, variable vars padded to the
-        d_batch's longest row; ``lengths``: the rows' lengths of each variable var). Returns the
-        outputs in fetch order; a variable output is cut to the first variable var's padded length
-        and zero past each row's length."""
+    async def infer(self, batch: DBatch) -> list[np.ndarray]:
+        """Run the model on one d_batch (see :class:`DBatch`). Returns the outputs in fetch order; a
+        variable output is cut to the first variable var's padded length and zero past each row's
+        length."""
+        return await self.infer_arrays(batch.inputs, batch.lengths)
+
+    async def infer_arrays(self, inputs: Sequence[np.ndarray], lengths: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+        """:meth:`infer` of the arrays of a d_batch, tensors in the messages."""
         count = len(inputs[0])
         shapes = tuple(a.shape for a in inputs)
         header = self._headers.get(shapes)
@@ -248,11 +250,7 @@ class TeacherClient:
             meta = response.outputs[index]
             shape = spec.with_length(padded) if spec.variable else spec
             expected = shape.batch_shape(count)
-            if meta.datatype != oip_datatype(spec.dtype) or tuple(meta.shape) != expected:
-                raise TeacherMismatchError(
-                    f"teacher {self.endpoint} returned {meta.datatype}{list(meta.shape)} for fetch var "
-                    f"{spec.name!r}, expected {oip_datatype(spec.dtype)}{list(expected)}"
-                )
+            self._check_output_meta(meta, spec, expected)
             raw = response.raw_output_contents[index]
             if len(raw) != shape.sample_nbytes * count:
                 raise TeacherMismatchError(
@@ -263,24 +261,41 @@ class TeacherClient:
             if spec.variable:  # what the teacher computed on padding is not its answer: zero it
                 assert row_lengths is not None
                 array = zero_padding(array, spec.shape, row_lengths)
-            if self.check_finite and array.dtype.kind in "fc" and not all_finite(array):
-                bad_rows = ~np.isfinite(array.reshape(count, -1)).all(axis=1)
-                # NaN in, NaN out is the model applied to the data: only rows with finite inputs count.
-                bad_rows &= ~_non_finite_rows(inputs)
-                if bad_rows.any():
-                    raise TeacherOutputError(
-                        f"teacher {self.endpoint} answered NaN or inf in fetch var {spec.name!r} for "
-                        f"{int(bad_rows.sum())} of {count} rows whose inputs are finite; disable the check "
-                        "with check_finite=False if your teacher means them"
-                    )
+            self._check_finite(array, spec.name, inputs)
             arrays.append(array)
         return arrays
 
+    def _check_output_meta(
+        self, meta: service_pb2.ModelInferResponse.InferOutputTensor, spec: TensorSpec, expected: Sequence[int]
+    ) -> None:
+        """TeacherMismatchError unless the answer's tensor has the config's datatype and ``expected`` shape."""
+        if meta.datatype != oip_datatype(spec.dtype) or tuple(meta.shape) != tuple(expected):
+            raise TeacherMismatchError(
+                f"teacher {self.endpoint} returned {meta.datatype}{list(meta.shape)} for fetch var "
+                f"{spec.name!r}, expected {oip_datatype(spec.dtype)}{list(expected)}"
+            )
 
-def zero_padding(array: np.ndarray, shape: Sequence[int], lengths: np.ndarray) -> np.ndarray:
-    """A copy of ``array`` (``[rows, *shape]`` with the variable dimensions padded) with every
-    position at or past its row's length set to 0 along each variable dimension."""
-    array = np.array(array)
+    def _check_finite(self, array: np.ndarray, name: str, inputs: Sequence[np.ndarray]) -> None:
+        """TeacherOutputError for NaN or inf in an answer to rows whose inputs are finite."""
+        if not self.check_finite or array.dtype.kind not in "fc" or all_finite(array):
+            return
+        count = len(array)
+        bad_rows = ~np.isfinite(array.reshape(count, -1)).all(axis=1)
+        # NaN in, NaN out is the model applied to the data: only rows with finite inputs count.
+        bad_rows &= ~_non_finite_rows(inputs)
+        if bad_rows.any():
+            raise TeacherOutputError(
+                f"teacher {self.endpoint} answered NaN or inf in fetch var {name!r} for "
+                f"{int(bad_rows.sum())} of {count} rows whose inputs are finite; disable the check "
+                "with check_finite=False if your teacher means them"
+            )
+
+
+def zero_padding(array: np.ndarray, shape: Sequence[int], lengths: np.ndarray, *, copy: bool = True) -> np.ndarray:
+    """``array`` (``[rows, *shape]`` with the variable dimensions padded), a copy unless ``copy`` is
+    False, with every position at or past its row's length set to 0 along each variable dimension."""
+    if copy:
+        array = np.array(array)
     for axis, dim in enumerate(shape):
         if dim == -1:
             padding = np.arange(array.shape[1 + axis])[None, :] >= np.asarray(lengths)[:, None]

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,8 +45,12 @@ from distill_reader.errors import (
     TeacherMismatchError,
     TeacherOutputError,
 )
-from distill_reader.teacher.client import TeacherClient, TransientTeacherError
+from distill_reader.teacher.shm import TransportFactory, transport_factory
 from distill_reader.teacher.stats import LatencyWindow, TeacherStats
+from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
+
+if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
+    from distill_reader.reader.pool import SharedBuffer
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +125,7 @@ class TeacherRef:
 
 
 class _Teacher:
-    def __init__(self, ref: TeacherRef, client: TeacherClient) -> None:
+    def __init__(self, ref: TeacherRef, client: Transport) -> None:
         self.ref = ref
         self.client = client
         self.failures = 0  # consecutive transient failures
@@ -188,8 +192,17 @@ class Scheduler:
         on_error: Callable[[int, Exception], None],
         on_warning: Callable[[str], None],
         length_arrays: Sequence[Sequence[np.ndarray]] = (),
+        *,
+        pool: SharedBuffer | None = None,
+        transports: TransportFactory | None = None,
     ) -> None:
+        """``pool``: the shared buffer the arrays are views of, for a teacher that maps it (see
+        :mod:`~distill_reader.teacher.shm`); ``transports``: makes the transport of a teacher
+        ``(endpoint, model_name)`` (default: :func:`~distill_reader.teacher.shm.transport_factory`)."""
         self._config = config
+        self._transports = transports or transport_factory(config, options.request_timeout, options.check_finite, pool)
+        #: requests in flight on a transport that writes into the pool: a cancel waits for them
+        self._in_place: set[asyncio.Future] = set()
         self._feed_arrays = feed_arrays  # [slot][predict var] views
         self._fetch_arrays = fetch_arrays  # [slot][fetch var] views
         self._length_arrays = length_arrays  # [slot][variable predict var] views of the row lengths
@@ -227,14 +240,7 @@ class Scheduler:
                 teacher.recheck_now()
         for endpoint, ref in wanted.items():
             if endpoint not in self._teachers:
-                client = TeacherClient(
-                    endpoint,
-                    self._config,
-                    ref.model_name,
-                    self._options.request_timeout,
-                    check_finite=self._options.check_finite,
-                )
-                teacher = _Teacher(ref, client)
+                teacher = _Teacher(ref, self._transports(endpoint, ref.model_name))
                 teacher.workers = [spawn(self._worker(teacher)) for _ in range(self._options.max_in_flight)]
                 self._teachers[endpoint] = teacher
         self._ensure_watchdog()
@@ -288,12 +294,15 @@ class Scheduler:
         self._queue.put_nowait(item)
         self._fail_if_none_usable()
 
-    def cancel(self, epoch: int) -> None:
-        """Drop all work of ``epoch`` and earlier: no write into the pool happens for it after this."""
+    def cancel(self, epoch: int) -> list[asyncio.Future]:
+        """Drop all work of ``epoch`` and earlier: no write into the pool happens for it once the
+        returned futures are done (requests in flight on a transport that writes into the pool
+        itself; each ends by ``request_timeout``)."""
         self._cancelled_upto = max(self._cancelled_upto, epoch)
         if self._active_epoch <= epoch:
             self._outstanding = 0
             self._stalled_since = None
+        return list(self._in_place)
 
     def _live(self, item: WorkItem) -> bool:
         return item.epoch > self._cancelled_upto and item.epoch != self._failed_epoch
@@ -359,12 +368,15 @@ class Scheduler:
                 teacher.quarantined = None
             return True
 
-    def _request(self, item: WorkItem) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The d_batch's inputs (variable vars cut to its longest row) and its rows' lengths."""
+    def _request(self, item: WorkItem) -> DBatch:
+        """The d_batch's inputs (variable vars cut to its longest row), its rows' lengths and, when
+        its rows are contiguous, their place in the pool's fetch vars."""
         rows = slice(item.start, item.start + item.count) if item.rows is None else item.rows
         inputs = [a[rows] for a in self._feed_arrays[item.slot]]
+        # Rows picked by index would be copies: only contiguous rows can be written in place.
+        outputs = [a[rows] for a in self._fetch_arrays[item.slot]] if item.rows is None else []
         if not self._length_arrays:
-            return inputs, []
+            return DBatch(inputs, [], outputs)
         lengths = [a[rows] for a in self._length_arrays[item.slot]]
         lengths_of = iter(lengths)
         for k, axes in enumerate(self._feed_axes):
@@ -373,7 +385,7 @@ class Scheduler:
                 inputs[k] = inputs[k][
                     tuple(slice(0, longest) if a in axes else slice(None) for a in range(inputs[k].ndim))
                 ]
-        return inputs, lengths
+        return DBatch(inputs, lengths, outputs)
 
     def _write(self, item: WorkItem, outputs: Sequence[np.ndarray]) -> None:
         """Teacher outputs into the pool; a variable var's space past the answer is zeroed (the
@@ -389,12 +401,16 @@ class Scheduler:
                 dst[(rows, *(slice(src.shape[a], None) if b == a else slice(None) for b in range(1, src.ndim)))] = 0
 
     async def _run(self, teacher: _Teacher, item: WorkItem) -> None:
-        inputs, lengths = self._request(item)
+        batch = self._request(item)
         teacher.in_flight += 1
         teacher.requests += 1
         started = time.perf_counter()
+        in_place = None
+        if teacher.client.writes_in_place:
+            in_place = asyncio.get_running_loop().create_future()
+            self._in_place.add(in_place)
         try:
-            outputs = await teacher.client.infer(inputs, lengths)
+            outputs = await teacher.client.infer(batch)
         except TransientTeacherError as exc:
             self._teacher_failed(teacher, str(exc))
             self._requeue(item)
@@ -422,6 +438,9 @@ class Scheduler:
             return
         finally:
             teacher.in_flight -= 1
+            if in_place is not None:
+                in_place.set_result(None)
+                self._in_place.discard(in_place)
         teacher.latencies.add(time.perf_counter() - started)
         if teacher.failing:
             log.info("teacher %s answers again", teacher.client.endpoint)
@@ -431,7 +450,8 @@ class Scheduler:
         self._stalled_since = None
         if not self._live(item):
             return  # the epoch was cancelled while the request was in flight
-        self._write(item, outputs)
+        if outputs is not None:  # None: the transport wrote them into the pool
+            self._write(item, outputs)
         self._outstanding -= 1
         self._on_done(item)
 

@@ -1,0 +1,354 @@
+"""The shared-memory transport: OIP over gRPC with the system shared-memory extension.
+
+A teacher on this host that announces ``system_shared_memory`` in its server metadata maps the
+reader's whole batch pool once (``SystemSharedMemoryRegister``); each request then carries only
+``shared_memory_region``/``_offset``/``_byte_size`` parameters on its inputs and requested outputs:
+the teacher reads the rows from the pool and writes its answer straight into the rows' slot. No
+tensor is serialized on either side.
+
+The pool has no name (see :mod:`distill_reader.reader.pool`); it gets one when the first teacher
+registers, unlinked as soon as every teacher known by then has made its registration call (one
+round trip each): a name never outlives the registration calls in ``/dev/shm``, whatever kills the
+reader afterwards. Linux can name such a file only once, so a teacher that registers later
+(discovery adds it, or it restarted) maps a fresh *mirror* of the pool instead, with the same
+layout, named for its own registration call only: the reader copies each request's rows into the
+mirror and the answer out of it (two memcpy, no serialization). See docs/transports.md.
+
+A request the extension cannot express goes over plain gRPC (counted in :attr:`fallbacks`): rows
+that are not contiguous in the pool (grouped by length) and variable vars cut shorter than
+``max_length`` (the request is padded to its longest row, the pool to ``max_length``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from distill_reader.config import ReaderConfig
+from distill_reader.errors import TeacherAuthError, TeacherMismatchError
+from distill_reader.oip import oip_datatype
+from distill_reader.security import ClientSecurity
+from distill_reader.teacher.client import TeacherClient, zero_padding
+from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
+
+if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
+    from distill_reader.reader.pool import SharedBuffer
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "system_shared_memory"
+
+Request = service_pb2.ModelInferRequest
+
+TransportFactory = Callable[[str, "str | None"], Transport]
+
+
+def _split_host(endpoint: str) -> str:
+    host = endpoint.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _is_local_address(address: str) -> bool:
+    """Loopback, or an address of one of this host's interfaces (it can be bound to)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+async def is_local_endpoint(endpoint: str, timeout: float) -> bool:
+    """Whether ``host:port`` names this host (every address it resolves to is local)."""
+    host = _split_host(endpoint)
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout
+        )
+    except (OSError, asyncio.TimeoutError):
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(_is_local_address(a) for a in addresses)
+
+
+def _region_parameters(request_tensor, region: str, offset: int, nbytes: int) -> None:
+    params = request_tensor.parameters
+    params["shared_memory_region"].string_param = region
+    params["shared_memory_offset"].int64_param = offset
+    params["shared_memory_byte_size"].int64_param = nbytes
+
+
+class SharedMemoryTransport(TeacherClient):
+    """:class:`TeacherClient` that sends offsets into the registered pool instead of tensors when
+    the teacher is on this host and announces the extension (``required``: it must, or the teacher
+    is quarantined naming ``[conf] shared_memory``)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        config: ReaderConfig,
+        model_name: str | None = None,
+        request_timeout: float = 30.0,
+        *,
+        pool: SharedBuffer,
+        required: bool = False,
+        check_finite: bool = True,
+        security: ClientSecurity | None = None,
+    ) -> None:
+        super().__init__(endpoint, config, model_name, request_timeout, check_finite=check_finite, security=security)
+        self._pool = pool
+        self._required = required
+        #: the name the teacher knows the pool by; None: requests go over plain gRPC
+        self.region: str | None = None
+        self.why_not = "not checked yet"
+        self.in_place = 0  # requests answered through the pool
+        self.fallbacks = 0  # requests on a registered region sent over plain gRPC (see the module docstring)
+        #: the bytes of the mirror the teacher maps instead of the pool (None: the pool itself)
+        self._mirror: np.ndarray | None = None
+        self._lock = asyncio.Lock()
+        self._lost = False  # the teacher answered that it does not know our region
+        self._expected = True  # the factory counted this transport's first registration
+        pool.expect_registration()
+        self._shm_infer = self._channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=Request.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether a request in flight may write into the pool (cancelling must wait for it): the
+        teacher maps the pool itself (a mirror's answers are copied in by the reader)."""
+        return self.region is not None and self._mirror is None
+
+    async def check_metadata(self) -> bool:
+        try:
+            declares = await super().check_metadata()
+        except BaseException:
+            self._registration_done()  # no registration this time: keep no name for it
+            raise
+        async with self._lock:
+            await self._register()  # checked again (e.g. the teacher restarted): register afresh
+        return declares
+
+    def _registration_done(self) -> None:
+        if self._expected:
+            self._expected = False
+            self._pool.registration_done()
+
+    async def _register(self) -> None:
+        """Register the pool (or a mirror) anew, the previous registration unregistered first
+        (callers hold ``_lock``)."""
+        self._lost = False
+        await self._unregister()
+        if not self._expected:  # a later registration: the name is kept for it if it still exists
+            self._pool.expect_registration()
+            self._expected = True
+        try:
+            await self._try_register()
+        finally:
+            self._registration_done()
+
+    async def _try_register(self) -> None:
+        reason = await self._unusable()
+        if reason is None:
+            try:
+                await self._register_memory()
+                return
+            except OSError as exc:
+                reason = f"the batch pool cannot be given a name ({exc})"
+            except grpc.aio.AioRpcError as exc:  # e.g. PyTriton restricts the extension by default
+                reason = f"it cannot map the batch pool ({exc.code().name}: {exc.details()})"
+        if self._required:
+            raise TeacherMismatchError(f"teacher {self.endpoint}: [conf] shared_memory is 'on' but {reason}")
+        if reason != self.why_not:
+            log.info("teacher %s: tensors over gRPC, not shared memory: %s", self.endpoint, reason)
+        self.why_not = reason
+
+    async def _register_memory(self) -> None:
+        """Register the pool itself while it can be named; after its naming window, a fresh mirror
+        of it (same layout and offsets; rows copied in and answers copied out), named for this one
+        registration call."""
+        pool = self._pool
+        memory = pool if pool.nameable else type(pool).create(pool.nbytes)  # (SharedBuffer: an import cycle)
+        if memory is not pool:
+            memory.expect_registration()
+        name = f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            await self._stub.SystemSharedMemoryRegister(
+                service_pb2.SystemSharedMemoryRegisterRequest(
+                    name=name, key=memory.key(), offset=0, byte_size=pool.nbytes
+                ),
+                timeout=self.request_timeout,
+                metadata=self._metadata,
+            )
+        finally:
+            if memory is not pool:
+                memory.registration_done()
+                memory.close_fd()  # mapped by both sides: the descriptor is not needed
+        self.region = name
+        self._mirror = None if memory is pool else np.frombuffer(memory.mmap, dtype=np.uint8)
+        self.why_not = ""
+        what = "the batch pool" if memory is pool else "a mirror of the batch pool (registered after its naming window)"
+        log.info("teacher %s: shared memory region %s registered: %s, %d bytes", self.endpoint, name, what, pool.nbytes)
+
+    async def _unusable(self) -> str | None:
+        """Why the teacher cannot use the pool (None: it can, as far as one can tell before registering)."""
+        if not await is_local_endpoint(self.endpoint, self.request_timeout):
+            return "it is not on this host"
+        try:
+            meta = await self._stub.ServerMetadata(
+                service_pb2.ServerMetadataRequest(), timeout=self.request_timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            error = self._error(exc, "cannot read the server metadata of")
+            if isinstance(error, (TransientTeacherError, TeacherAuthError)):
+                raise error from None
+            # e.g. UNIMPLEMENTED: a minimal OIP server serves models without the server calls
+            return f"its server metadata cannot be read ({exc.code().name})"
+        if EXTENSION not in meta.extensions:
+            return f"its server metadata does not announce the {EXTENSION} extension"
+        return None
+
+    async def _unregister(self) -> None:
+        region, self.region = self.region, None
+        if region is None:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError):  # a teacher that is gone has nothing registered
+            await self._stub.SystemSharedMemoryUnregister(
+                service_pb2.SystemSharedMemoryUnregisterRequest(name=region),
+                timeout=min(self.request_timeout, 5.0),
+                metadata=self._metadata,
+            )
+
+    async def close(self) -> None:
+        if self.in_place or self.fallbacks:
+            log.info(
+                "teacher %s: %d requests through shared memory, %d over gRPC (rows a region cannot express)",
+                self.endpoint,
+                self.in_place,
+                self.fallbacks,
+            )
+        self._registration_done()
+        with contextlib.suppress(Exception):
+            await self._unregister()
+        await super().close()
+
+    async def infer(self, batch: DBatch) -> list[np.ndarray] | None:
+        if self._lost:  # the teacher restarted since it registered: register again, once
+            async with self._lock:
+                if self._lost:
+                    self._lost = False
+                    await self._register()
+        region, mirror = self.region, self._mirror
+        placed = self._request(batch, region) if region is not None else None
+        if placed is None:
+            if region is not None:
+                self.fallbacks += 1
+            return await super().infer(batch)
+        request, inputs, outputs = placed
+        if mirror is not None:
+            for offset, array in inputs:
+                mirror[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
+        try:
+            response = await self._shm_infer(request, timeout=self.request_timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            if region in (exc.details() or ""):
+                # The teacher does not know the region: it restarted (the next request registers
+                # again), or this request raced a new registration. Not the request's fault.
+                if self.region == region:
+                    self.region = None
+                    self._lost = True
+                raise TransientTeacherError(f"teacher {self.endpoint} lost the shared memory region {region}") from None
+            raise self._error(exc, "a request to") from None
+        if mirror is not None:
+            for offset, dst in outputs:
+                dst.reshape(-1).view(np.uint8)[:] = mirror[offset : offset + dst.nbytes]
+        self._check_in_place(response, batch)
+        self.in_place += 1
+        return None
+
+    def _request(
+        self, batch: DBatch, region: str
+    ) -> tuple[Request, list[tuple[int, np.ndarray]], list[tuple[int, np.ndarray]]] | None:
+        """The request with every tensor by region, and the (offset, array) of its inputs and
+        outputs; None when the extension cannot express it."""
+        pool = self._pool
+        count = batch.count
+        if len(batch.outputs) != len(self._outputs):
+            return None
+        arrays = [*batch.inputs, *(batch.lengths[j] for _, j in self._length_inputs)]
+        names = [name for name, _ in self._inputs] + [name for name, _ in self._length_inputs]
+        datatypes = [oip_datatype(spec.dtype) for _, spec in self._inputs] + ["INT64"] * len(self._length_inputs)
+        if self._variable_inputs:
+            first = self._variable_inputs[0]
+            padded = batch.inputs[first].shape[1 + self._inputs[first][1].shape.index(-1)]
+        request = Request(model_name=self.model_name)
+        inputs, outputs = [], []
+        for name, datatype, array in zip(names, datatypes, arrays):
+            offset = pool.offset_of(array)
+            if offset is None:
+                return None
+            tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+            _region_parameters(tensor, region, offset, array.nbytes)
+            inputs.append((offset, array))
+        for (name, spec), dst in zip(self._outputs, batch.outputs):
+            expected = (spec.with_length(padded) if spec.variable else spec).batch_shape(count)
+            offset = pool.offset_of(dst)
+            if offset is None or dst.shape != expected:
+                return None
+            _region_parameters(request.outputs.add(name=name), region, offset, dst.nbytes)
+            outputs.append((offset, dst))
+        return request, inputs, outputs
+
+    def _check_in_place(self, response: service_pb2.ModelInferResponse, batch: DBatch) -> None:
+        """The answer's tensors are what the config says; padding zeroed and values checked in the pool."""
+        by_name = {out.name: out for out in response.outputs}
+        for (name, spec), dst in zip(self._outputs, batch.outputs):
+            meta = by_name.get(name)
+            if meta is None:
+                raise TeacherMismatchError(
+                    f"teacher {self.endpoint} answered without output {name!r} ([fetch] {spec.name}); "
+                    f"its outputs are {sorted(by_name)}"
+                )
+            self._check_output_meta(meta, spec, dst.shape)
+            if spec.variable:  # what the teacher computed on padding is not its answer: zero it
+                zero_padding(dst, spec.shape, batch.lengths[0], copy=False)
+            self._check_finite(dst, spec.name, batch.inputs)
+
+
+def transport_factory(
+    config: ReaderConfig, request_timeout: float, check_finite: bool, pool: SharedBuffer | None
+) -> TransportFactory:
+    """The transport for a teacher ``(endpoint, model_name)``: shared memory where ``[conf]
+    shared_memory`` allows it and there is a pool to share, plain gRPC otherwise."""
+
+    def make(endpoint: str, model_name: str | None) -> Transport:
+        if config.shared_memory == "off" or pool is None:
+            return TeacherClient(endpoint, config, model_name, request_timeout, check_finite=check_finite)
+        return SharedMemoryTransport(
+            endpoint,
+            config,
+            model_name,
+            request_timeout,
+            pool=pool,
+            required=config.shared_memory == "on",
+            check_finite=check_finite,
+        )
+
+    return make

@@ -1,0 +1,104 @@
+"""The transport seam: how the scheduler reaches one teacher.
+
+The scheduler knows only :class:`Transport` (like httpx's ``AsyncBaseTransport``): check the
+teacher's metadata, infer one d_batch, close. Implementations:
+
+* :class:`~distill_reader.teacher.client.TeacherClient`: OIP over gRPC, tensors in the messages;
+* :class:`~distill_reader.teacher.shm.SharedMemoryTransport`: OIP over gRPC with the system
+  shared-memory extension: the teacher reads the inputs from, and writes the outputs into, the
+  reader's pool; only offsets travel (a co-located teacher that announces the extension);
+* :class:`InProcessTransport`: calls a Python function (tests; like httpx's ``MockTransport``).
+
+:func:`~distill_reader.teacher.shm.transport_factory` chooses one per teacher.
+
+Errors follow :mod:`distill_reader.teacher.client`: :class:`TransientTeacherError` to try
+elsewhere, ``TeacherMismatchError``/``TeacherAuthError``/``TeacherOutputError`` to quarantine the
+teacher, ``TeacherError`` for a failed attempt.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class TransientTeacherError(Exception):
+    """The teacher is unreachable or timed out; the request should go to another teacher."""
+
+
+@dataclass(frozen=True)
+class DBatch:
+    """One request's rows, as views of the reader's pool.
+
+    ``inputs``: the predict vars in ``predict_feed_ids`` order, each variable var cut to the
+    d_batch's longest row; ``lengths``: the rows' lengths of each variable predict var;
+    ``outputs``: the pool's rows of every fetch var (variable dimensions at ``max_length``), where
+    a transport that writes in place puts the answer."""
+
+    inputs: Sequence[np.ndarray]
+    lengths: Sequence[np.ndarray] = ()
+    outputs: Sequence[np.ndarray] = ()
+
+    @property
+    def count(self) -> int:
+        return len(self.inputs[0])
+
+
+class Transport(ABC):
+    """One teacher endpoint, bound to the reader's config."""
+
+    endpoint: str
+
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether a request in flight may write into the pool itself (a cancel waits for it)."""
+        return False
+
+    @abstractmethod
+    async def check_metadata(self) -> bool:
+        """Check the model's metadata against the config (raise TeacherMismatchError naming the var).
+        Returns False when the model declares no tensors (only its answers can be checked)."""
+
+    @abstractmethod
+    async def infer(self, batch: DBatch) -> list[np.ndarray] | None:
+        """Run the model on ``batch``: the outputs in fetch order (a variable output cut to the first
+        variable input's padded length, zero past each row's length), or None when the answer was
+        written into ``batch.outputs`` already."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection (and anything registered with the teacher)."""
+
+
+Handler = Callable[
+    [Sequence[np.ndarray], Sequence[np.ndarray]], "Sequence[np.ndarray] | Awaitable[Sequence[np.ndarray]]"
+]
+
+
+class InProcessTransport(Transport):
+    """A teacher that is a Python function ``handler(inputs, lengths) -> outputs`` (sync or async),
+    for tests: what it raises reaches the scheduler as a transport error would."""
+
+    def __init__(self, endpoint: str, handler: Handler, *, declares_tensors: bool = True) -> None:
+        self.endpoint = endpoint
+        self.handler = handler
+        self.declares_tensors = declares_tensors
+        self.requests = 0
+        self.closed = False
+
+    async def check_metadata(self) -> bool:
+        return self.declares_tensors
+
+    async def infer(self, batch: DBatch) -> list[np.ndarray]:
+        self.requests += 1
+        result = self.handler(batch.inputs, batch.lengths)
+        if inspect.isawaitable(result):
+            result = await result
+        return [np.asarray(a) for a in result]
+
+    async def close(self) -> None:
+        self.closed = True
