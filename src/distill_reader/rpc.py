@@ -1,21 +1,93 @@
-"""gRPC plumbing shared by the servers.
+"""gRPC and event-loop plumbing shared by the servers and clients (internal, not public API).
 
-:func:`strict_handler` serves a servicer's async methods like the generated ``add_*_to_server``
-does, except that it parses requests itself, so a request that is not a valid protobuf gets
-``INVALID_ARGUMENT`` naming the expected message (gRPC's generated deserializer would fail before
-the servicer runs, with ``UNKNOWN``).
+- :data:`MAX_MESSAGE_BYTES`: the one limit on OIP message sizes, for the teacher client and server;
+- :func:`run_until_signal` / :func:`stop_on_signals`: the one way a command runs until SIGINT/SIGTERM;
+- :class:`LoopThread`: the one way to run a server's event loop in a background thread;
+- :func:`strict_handler` serves a servicer's async methods like the generated ``add_*_to_server``
+  does, except that it parses requests itself, so a request that is not a valid protobuf gets
+  ``INVALID_ARGUMENT`` naming the expected message (gRPC's generated deserializer would fail before
+  the servicer runs, with ``UNKNOWN``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+
+T = TypeVar("T")
+
+#: The largest OIP message the teacher client and server accept (a d_batch of big tensors).
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def stop_on_signals(stop: asyncio.Event, on_signal: Callable[[signal.Signals], None] | None = None) -> None:
+    """In the running loop, make SIGINT and SIGTERM call ``on_signal(sig)`` (if given) and set ``stop``."""
+    loop = asyncio.get_running_loop()
+
+    def received(sig: signal.Signals) -> None:
+        if on_signal is not None:
+            on_signal(sig)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, received, sig)
+
+
+def run_until_signal(
+    main: Callable[[asyncio.Event], Awaitable[T]], on_signal: Callable[[signal.Signals], None] | None = None
+) -> T:
+    """``asyncio.run(main(stop))`` where SIGINT and SIGTERM set ``stop`` (see :func:`stop_on_signals`)."""
+
+    async def runner() -> T:
+        stop = asyncio.Event()
+        stop_on_signals(stop, on_signal)
+        return await main(stop)
+
+    return asyncio.run(runner())
+
+
+class LoopThread:
+    """An asyncio event loop in a daemon thread; :meth:`run` runs a coroutine on it from any thread."""
+
+    def __init__(self, name: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def start(self) -> LoopThread:
+        self._thread.start()
+        return self
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coroutine`` on the loop and wait (at most ``timeout`` s) for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the loop and join the thread (idempotent); False if the thread did not end in time."""
+        if self._loop.is_closed():
+            return True
+        with contextlib.suppress(RuntimeError):  # already stopped
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        self._loop.close()
+        return True
 
 
 def _parser(request_class: type) -> Callable[[bytes, Any], Any]:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from distill_reader.rpc import LoopThread
 from distill_reader.serving.backends.python import teacher_model
 from distill_reader.teacher.local import free_port, wait_until_ready
 
@@ -275,8 +276,7 @@ class WrongTeacher:
         self.mode = mode
         self.requests = 0
         self.endpoint = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="wrong-teacher", daemon=True)
+        self._thread = LoopThread("wrong-teacher")
         self._server: Any = None
 
     def start(self) -> WrongTeacher:
@@ -333,16 +333,14 @@ class WrongTeacher:
             await self._server.start()
             return f"127.0.0.1:{port}"
 
-        self._thread.start()
-        self.endpoint = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
+        self.endpoint = self._thread.start().run(serve(), 10)
         return self
 
     def close(self) -> None:
         if self._server is not None:
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+                self._thread.run(self._server.stop(0), 5)
+        self._thread.stop(5)
 
 
 class DiscoveryProcess:

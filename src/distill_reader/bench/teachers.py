@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import time
 
 import numpy as np
 
+from distill_reader.rpc import stop_on_signals
 from distill_reader.serving.backends.python import teacher_model
 
 IMG_SHAPE = (1, 28, 28)
@@ -102,9 +102,7 @@ async def _serve_with_latency(spec: str, listen: str, latency_ms: float, max_bat
 
     servicer.ModelInfer = delayed  # registered by start(), which looks the handler up on the instance
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     address = await server.start()
     print(f"teacher serving on {address} with {latency_ms:g} ms latency per request", file=sys.stderr, flush=True)
     try:

@@ -11,8 +11,9 @@ import click
 
 from distill_reader.discovery.commands import tls_options
 from distill_reader.errors import DistillReaderError
+from distill_reader.rpc import MAX_MESSAGE_BYTES, stop_on_signals
 from distill_reader.serving.backends.base import Backend
-from distill_reader.serving.server import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
+from distill_reader.serving.server import DEFAULT_LISTEN
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,7 +111,7 @@ def teacher() -> None:
 @click.option(
     "--max-message-mb",
     type=click.IntRange(min=1),
-    default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024),
+    default=MAX_MESSAGE_BYTES // (1024 * 1024),
     show_default=True,
     help="Largest gRPC message sent or received, in MiB.",
 )
@@ -290,10 +291,8 @@ async def _serve_until_signal(
         if not received:
             received.append(sig)
             click.echo(f"{where[0]} stopping ({sig.name})", err=True)
-        stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop_on_signals(stop, on_signal)
     registration: list[asyncio.Task] = []
 
     async def started(address: str) -> None:

@@ -33,7 +33,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from distill_reader import __version__
 from distill_reader.oip import TensorSpec, array_from_raw, shape_matches
-from distill_reader.rpc import strict_handler
+from distill_reader.rpc import MAX_MESSAGE_BYTES, LoopThread, run_until_signal, strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, warn_if_exposed
 from distill_reader.serving.backends.base import Backend
 from distill_reader.serving.batcher import BatcherStopped, BatchTiming, DynamicBatcher
@@ -44,7 +44,6 @@ from distill_reader.serving.stats import ModelStats
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:8001"
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVER_NAME = "distill-reader"
 MODEL_VERSION = "1"
 
@@ -509,7 +508,7 @@ class InferenceServer:
         max_delay_ms: float = 2.0,
         instances: int = 1,
         pad_variable: bool = True,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         token: Secret | None = None,
         tls: TlsFiles | None = None,
         metrics_listen: str | None = None,
@@ -609,7 +608,7 @@ async def serve(
     max_delay_ms: float = 2.0,
     instances: int = 1,
     pad_variable: bool = True,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
     token: Secret | None = None,
     tls: TlsFiles | None = None,
     metrics_listen: str | None = None,
@@ -661,31 +660,22 @@ async def serve(
 
 def run_server(backend: Backend, listen: str = DEFAULT_LISTEN, **kwargs: Any) -> None:
     """Serve ``backend`` in this (main) thread until SIGINT or SIGTERM; takes :func:`serve`'s options."""
+    address, received = [listen], []
+    on_started = kwargs.pop("on_started", None)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        address, received = [listen], []
-        on_started = kwargs.pop("on_started", None)
+    async def started(bound: str) -> None:
+        address[0] = bound
+        if on_started is not None:
+            await on_started(bound)
 
-        async def started(bound: str) -> None:
-            address[0] = bound
-            if on_started is not None:
-                await on_started(bound)
+    def on_signal(sig: signal.Signals) -> None:
+        if not received:
+            received.append(sig)
+            log.info("teacher server on %s stopping (%s)", address[0], sig.name)
 
-        def on_signal(sig: signal.Signals) -> None:
-            if not received:
-                received.append(sig)
-                log.info("teacher server on %s stopping (%s)", address[0], sig.name)
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
-        await serve(backend, listen, stop_event=stop, on_started=started, **kwargs)
-        if received:
-            log.info("teacher server on %s stopped", address[0])
-
-    asyncio.run(main())
+    run_until_signal(lambda stop: serve(backend, listen, stop_event=stop, on_started=started, **kwargs), on_signal)
+    if received:
+        log.info("teacher server on %s stopped", address[0])
 
 
 @contextlib.contextmanager
@@ -702,8 +692,6 @@ def running_server(
     """
     ready = threading.Event()
     address: list[str] = []
-    error: list[BaseException] = []
-    loop: list[asyncio.AbstractEventLoop] = []
     stop = asyncio.Event()  # not bound to a loop until first awaited (Python >= 3.10)
 
     async def announce(bound: str) -> None:
@@ -712,29 +700,21 @@ def running_server(
         address.append(bound)
         ready.set()
 
-    async def main() -> None:
-        loop.append(asyncio.get_running_loop())
-        await serve(backend, listen, on_started=announce, stop_event=stop, **kwargs)
-
-    def thread_main() -> None:
-        try:
-            asyncio.run(main())
-        except BaseException as e:  # handed to the caller, who is waiting on `ready`
-            error.append(e)
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=thread_main, name="teacher-server", daemon=True)
-    thread.start()
+    thread = LoopThread("teacher-server").start()
+    serving = asyncio.run_coroutine_threadsafe(
+        serve(backend, listen, on_started=announce, stop_event=stop, **kwargs), thread.loop
+    )
+    serving.add_done_callback(lambda _: ready.set())
     ready.wait()
-    if not address:
-        thread.join()
-        raise error[0] if error else RuntimeError("the teacher server did not start")
     try:
+        if not address:
+            serving.result()  # raises what stopped the start
+            raise RuntimeError("the teacher server did not start")
         yield address[0]
     finally:
         with contextlib.suppress(RuntimeError):  # the loop already ended
-            loop[0].call_soon_threadsafe(stop.set)
-        thread.join(timeout=10)
-        if thread.is_alive():
+            thread.loop.call_soon_threadsafe(stop.set)
+        with contextlib.suppress(Exception):
+            serving.result(timeout=10)
+        if not thread.stop(10):
             log.warning("the teacher server thread did not stop within 10 s")

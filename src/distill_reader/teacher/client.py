@@ -26,12 +26,12 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from distill_reader.config import ReaderConfig
 from distill_reader.errors import TeacherAuthError, TeacherError, TeacherMismatchError, TeacherOutputError
 from distill_reader.oip import TensorSpec, numpy_dtype, oip_datatype, shape_matches
+from distill_reader.rpc import MAX_MESSAGE_BYTES
 from distill_reader.security import ClientSecurity, explain_unavailable
 from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
 
 __all__ = ["TeacherClient", "TransientTeacherError", "encode_infer_request"]
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 _AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 # The teacher could not be reached or did not answer in time: try elsewhere, it is no one's fault.
