@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from distill_reader.teacher.local import free_port, wait_until_ready
+from distill_reader.teacher.local import free_port, start_teacher, wait_until_ready
 
 TESTS_DIR = Path(__file__).parent
 
@@ -64,12 +63,7 @@ class TeacherProcesses:
         endpoint = endpoint or f"127.0.0.1:{free_port()}"
         environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
         environ.update(env or {})
-        process = subprocess.Popen(
-            [sys.executable, "-m", "distill_reader", "teacher", "serve", "--model", model, "--listen", endpoint, *args],
-            env=environ,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        process = start_teacher(model, endpoint, *args, env=environ, output=None, wait=False)
         self.processes[endpoint] = process
         wait_until_ready(endpoint, process)
         return endpoint

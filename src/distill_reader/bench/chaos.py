@@ -39,7 +39,7 @@ import numpy as np
 
 from distill_reader.rpc import LoopThread
 from distill_reader.serving.backends.python import teacher_model
-from distill_reader.teacher.local import free_port, wait_until_ready
+from distill_reader.teacher.local import free_port, start_teacher, wait_until_ready
 
 IMG_SHAPE = (1, 4, 4)
 N_OUT = 10
@@ -162,26 +162,8 @@ class Fleet:
 
     def _spawn(self, endpoint: str, wait: bool = True) -> None:
         prefix, (spec, *extra) = self._args[endpoint]
-        process = subprocess.Popen(
-            [
-                *prefix,
-                sys.executable,
-                "-m",
-                "distill_reader",
-                "teacher",
-                "serve",
-                "--model",
-                spec,
-                "--listen",
-                endpoint,
-                *extra,
-            ],
-            env=_python_env({DELAY_ENV: repr(self.delay_s)}),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        env = _python_env({DELAY_ENV: repr(self.delay_s)})
+        process = start_teacher(spec, endpoint, *extra, env=env, prefix=prefix, wait=False)
         self.processes[endpoint] = process
         if wait:
             wait_until_ready(endpoint, process)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from distill_reader.bench.teachers import A_ENV, B_ENV, IMG_SHAPE, N_CLASSES
-from distill_reader.teacher.local import free_port, wait_until_ready
+from distill_reader.teacher.local import free_port, start_teacher, stop_processes, wait_until_ready
 
 Progress = Callable[[str], None]
 
@@ -177,12 +177,8 @@ def teacher_processes(spec: TeacherSpec, count: int) -> Iterator[list[str]]:
         for _ in range(count):
             endpoint = f"127.0.0.1:{free_port()}"
             if spec.latency_ms > 0:
-                command = [
-                    sys.executable,
-                    "-m",
-                    "distill_reader.bench.teachers",
-                    "--model",
-                    model,
+                command = [sys.executable, "-m", "distill_reader.bench.teachers", "--model", model]
+                command += [
                     "--listen",
                     endpoint,
                     "--latency-ms",
@@ -190,44 +186,23 @@ def teacher_processes(spec: TeacherSpec, count: int) -> Iterator[list[str]]:
                     "--max-batch",
                     str(spec.max_batch),
                 ]
+                process = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             else:
-                command = [
-                    sys.executable,
-                    "-m",
-                    "distill_reader",
-                    "teacher",
-                    "serve",
-                    "--model",
-                    model,
-                    "--listen",
-                    endpoint,
-                    "--max-batch",
-                    str(spec.max_batch),
-                    "--instances",
-                    "1",
-                ]
-            process = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+                options = ("--max-batch", str(spec.max_batch), "--instances", "1")
+                process = start_teacher(model, endpoint, *options, env=env, wait=False)
             processes.append((endpoint, process))
         for endpoint, process in processes:
             wait_until_ready(endpoint, process)
         yield [endpoint for endpoint, _ in processes]
     finally:
-        for _, process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for _, process in processes:
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        stop_processes([process for _, process in processes])
 
 
 @contextlib.contextmanager

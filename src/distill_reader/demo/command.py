@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from distill_reader.teacher.local import free_port, wait_until_ready
+from distill_reader.teacher.local import free_port, start_teacher, stop_processes, wait_until_ready
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -47,24 +46,8 @@ def local_teachers(
         with log_path.open("ab") as log:
             for _ in range(count):
                 endpoint = f"127.0.0.1:{free_port()}"
-                command = [
-                    sys.executable,
-                    "-m",
-                    "distill_reader",
-                    "teacher",
-                    "serve",
-                    "--model",
-                    str(model_path),
-                    "--listen",
-                    endpoint,
-                    "--name",
-                    model_name,
-                    *serve_args,
-                ]
                 processes.append(
-                    subprocess.Popen(
-                        command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                    )
+                    start_teacher(str(model_path), endpoint, "--name", model_name, *serve_args, output=log, wait=False)
                 )
                 endpoints.append(endpoint)
         for endpoint, process in zip(endpoints, processes):
@@ -75,14 +58,7 @@ def local_teachers(
                 raise click.ClickException(f"{exc}; the teachers' output:\n{output}") from None
         yield endpoints
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(processes)
 
 
 @dataclass(frozen=True)
