@@ -15,7 +15,7 @@ import numpy as np
 
 # The exact model and the samples are the fault-injection benchmark's, so tests and `distill bench
 # chaos` check the same thing.
-from distill_reader.bench.chaos import IMG_SHAPE, make_sample, tag_rows
+from distill_reader.bench.fleet import IMG_SHAPE, make_sample, tag_rows
 from distill_reader.serving import teacher_model
 
 __all__ = ["IMG_SHAPE", "make_sample", "tag_rows"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from chaos_support import assert_clean, slow
 
-from distill_reader.bench import chaos
+from distill_reader.bench import chaos, fleet
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -126,15 +126,15 @@ def test_discovery_server_killed_and_restarted(tmp_path):
 
 @pytest.mark.parametrize("kind", ["redis", "etcd"])
 def test_store_killed_and_restarted(tmp_path, kind):
-    if not chaos.StoreProcess.available(kind):
-        pytest.skip(f"{chaos.StoreProcess.BINARIES[kind]} is not installed (scripts/install-services.sh)")
+    if not fleet.StoreProcess.available(kind):
+        pytest.skip(f"{fleet.StoreProcess.BINARIES[kind]} is not installed (scripts/install-services.sh)")
     result = chaos.store_restart(tmp_path, kind, 960, seed=5, down_s=1.0)
     assert_clean(result)
     assert result.details["assigned_after"] >= 0
 
 
 def test_teacher_link_down_in_network_namespace(tmp_path):
-    why = chaos.NetNamespace.unavailable()
+    why = fleet.NetNamespace.unavailable()
     if why is not None:
         pytest.skip(f"network namespaces unavailable: {why}")
     result = chaos.link_down(tmp_path, 960, seed=6, down_s=2.0, request_timeout=1.0)

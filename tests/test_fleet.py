@@ -26,7 +26,7 @@ from distill_reader import (
     TeacherMismatchError,
     TeacherOutputError,
 )
-from distill_reader.bench.chaos import WrongTeacher
+from distill_reader.bench.fleet import WrongTeacher
 from distill_reader.discovery.server import running_server
 from distill_reader.teacher.local import free_port
 
