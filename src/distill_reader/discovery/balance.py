@@ -165,11 +165,13 @@ def balance(
     short.sort()
     takers = _fill(short, held, cost, load)
     if n_teachers > 1:
-        _rebalance(_Loads(cost, load, takers), held, cost)
+        # Students whose set changes anyway (they are sent a message regardless) move first.
+        touched = {s for _, s in short} | {s for s, ts in held.items() if len(ts) < len(previous.get(s, ()))}
+        _rebalance(_Loads(cost, load, takers), held, cost, touched)
     return {s: tuple(sorted(ts)) for s, ts in held.items()}
 
 
-def _rebalance(loads: _Loads, held: dict[str, list[str]], cost: dict[str, int]) -> None:
+def _rebalance(loads: _Loads, held: dict[str, list[str]], cost: dict[str, int], touched: set[str]) -> None:
     """Move one link at a time from a most loaded teacher to a least loaded one that a student of
     the first lacks, until no such move would balance the pair better. Each move lowers
     ``sum(n * (n + 1) * cost / 2)``, so this terminates."""
@@ -184,10 +186,11 @@ def _rebalance(loads: _Loads, held: dict[str, list[str]], cost: dict[str, int]) 
             for s, ts in held.items():
                 for t in ts:
                     holders[t].add(s)
-        move = _best_move(loads, holders, held, (la, a), (lb, b))
+        move = _best_move(loads, holders, held, (la, a), (lb, b), touched)
         if move is None:
             return
         s, a, b = move
+        touched.add(s)
         held[s][held[s].index(a)] = b
         holders[a].discard(s)
         holders[b].add(s)
@@ -201,16 +204,19 @@ def _best_move(
     held: dict[str, list[str]],
     donor: tuple[int, str],
     taker: tuple[int, str],
+    touched: set[str],
 ) -> tuple[str, str, str] | None:
     """The (student, from, to) move that fixes the worst imbalance, or None when balanced.
 
     Usually the most loaded teacher has a student lacking the least loaded one (a link move between
     the heaps' tops). Only when every student of the donor already holds the taker (few teachers,
-    large require_num) are all pairs scanned in order, heaviest donor and lightest taker first."""
+    large require_num) are all pairs scanned in order, heaviest donor and lightest taker first.
+    Among the students that could move, one whose set changes anyway (``touched``) is preferred,
+    so that a teacher's death changes no more students than it must; then the smallest id."""
     (la, a), (_, b) = donor, taker
     candidates = [s for s in holders[a] if b not in held[s]]
     if candidates:
-        return min(candidates), a, b
+        return _pick(candidates, touched), a, b
     cost, load = loads.cost, loads.load
     donors = sorted(load, key=lambda t: (-load[t] * cost[t], t))
     takers = sorted(load, key=lambda t: ((load[t] + 1) * cost[t], t))
@@ -221,8 +227,13 @@ def _best_move(
                 break  # no taker after this one is lighter either
             candidates = [s for s in holders[a] if b not in held[s]]
             if candidates:
-                return min(candidates), a, b
+                return _pick(candidates, touched), a, b
     return None
+
+
+def _pick(candidates: list[str], touched: set[str]) -> str:
+    preferred = [s for s in candidates if s in touched]
+    return min(preferred or candidates)
 
 
 def loads(teachers: Mapping[str, float], assignment: Mapping[str, Sequence[str]]) -> dict[str, int]:

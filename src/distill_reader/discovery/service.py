@@ -55,6 +55,7 @@ DEFAULT_KEEPALIVE_S = 0.5
 RESYNC_S = 1.0
 # Reconciles run at most this often: the events of a burst are coalesced into one.
 COALESCE_S = 0.05
+_EXPIRY_CHECK_S = 0.05
 MAX_MESSAGE_BYTES = 64 * 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
@@ -161,12 +162,15 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._rejoins: set[asyncio.Task] = set()
+        # (service, endpoint) -> when the lease of a teacher kept through this server ends, unless
+        # kept again: the reconcile then runs at once, not when the store's expiry event comes.
+        self._lease_ends: dict[tuple[str, str], float] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the background tasks (reconcile, store notifications, student leases, resync)."""
-        for coro in (self._reconcile_loop(), self._listen(), self._keep_students(), self._resync()):
+        for coro in (self._reconcile_loop(), self._listen(), self._keep_students(), self._resync(), self._expiries()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def stop(self) -> None:
@@ -209,6 +213,17 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         while True:
             await asyncio.sleep(RESYNC_S)
             self.mark_dirty(None)
+
+    async def _expiries(self) -> None:
+        """Reconcile a service as soon as a teacher lease kept here ends (Redis's expiry events can
+        come hundreds of milliseconds late: its expire cycle samples keys)."""
+        while True:
+            await asyncio.sleep(_EXPIRY_CHECK_S)
+            now = time.monotonic()
+            ended = [key for key, end in self._lease_ends.items() if end <= now]
+            for key in ended:
+                del self._lease_ends[key]
+                self.mark_dirty(key[0])
 
     async def _reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -388,6 +403,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             )
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        self._lease_ends[(service, endpoint)] = time.monotonic() + self.ttl + _EXPIRY_CHECK_S
         self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
         log.info("teacher %s registered in %s (weight %g)", endpoint, service, weight)
@@ -417,6 +433,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 f"no lease {request.lease_id!r} for teacher {endpoint} in service {service!r} "
                 "(expired, or the store lost it): register again",
             )
+        self._lease_ends[(service, endpoint)] = time.monotonic() + self.ttl + _EXPIRY_CHECK_S
         if data is not None:
             state = self._states.get(service)
             old = state.teachers.get(endpoint, {}).get("healthy") if state else None
@@ -436,6 +453,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await self.store.drop("teacher", service, endpoint, request.lease_id)
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        self._lease_ends.pop((service, endpoint), None)
         self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
         return pb.DeregisterTeacherResponse()

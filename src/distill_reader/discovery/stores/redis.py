@@ -36,6 +36,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 _PREFIX = "distill"
 _CHANNEL = f"{_PREFIX}:changes"
 _POLL_S = 0.25
+_JOIN_BATCH = 500  # students joined by one script (Redis runs nothing else meanwhile)
+_PUBLISH_S = 0.02  # student arrivals and departures are announced at most this often per service
 _GROUP = f"{_PREFIX}:_group:"  # service names start with a letter or digit: no clash
 #: The connection pool's bound; two are kept for the pub/sub listener and the script loader.
 MAX_CONNECTIONS = 32
@@ -91,26 +94,37 @@ if redis.call('HGET', KEYS[1], 'lease') == ARGV[1] then return redis.call('DEL',
 return 0
 """
 
-# KEYS: grouped hash, group key, services set. ARGV: member, instance, group lease, record (JSON),
-# ttl ms, create ('1': the group may be (re)created with this lease), service.
-# Returns -1: the group lapsed (join again with a new lease); 0: taken by another live instance; 1: joined.
+# Joins a batch of students to a group. KEYS: group key, services set. ARGV: group lease, ttl ms,
+# create ('1': the group may be (re)created with this lease), then per student: service, id,
+# instance, record (JSON). Returns -1 if the group lapsed (join again with a new lease), else per
+# student 1 (joined) or 0 (held by another live instance).
 _JOIN = (
     """
-local cur = redis.call('GET', KEYS[2])
-if cur ~= ARGV[3] then
-  if ARGV[6] ~= '1' then return -1 end
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[5])
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then
+  if ARGV[3] ~= '1' then return -1 end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then
-  local o = cjson.decode(old)
-  if o.i ~= ARGV[2] and redis.call('GET', '"""
+local out = {}
+for i = 4, #ARGV, 4 do
+  local h = '"""
     + _PREFIX
-    + """:_group:' .. o.g) == o.gl then return 0 end
+    + """:' .. ARGV[i] .. ':grouped'
+  local old = redis.call('HGET', h, ARGV[i + 1])
+  local ok = 1
+  if old then
+    local o = cjson.decode(old)
+    if o.i ~= ARGV[i + 2] and redis.call('GET', '"""
+    + _PREFIX
+    + """:_group:' .. o.g) == o.gl then ok = 0 end
+  end
+  if ok == 1 then
+    redis.call('HSET', h, ARGV[i + 1], ARGV[i + 3])
+    redis.call('SADD', KEYS[2], ARGV[i])
+  end
+  out[#out + 1] = ok
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
-redis.call('SADD', KEYS[3], ARGV[7])
-return 1
+return out
 """
 )
 _KEEP_GROUP = """
@@ -169,6 +183,19 @@ return 1
 """
 
 
+@dataclass
+class _Join:
+    """A student waiting to be joined to a group by the next batch."""
+
+    service: str
+    member: str
+    instance: str
+    data: dict
+    lease: str
+    ttl: float
+    done: asyncio.Future
+
+
 class RedisStore(Store):
     """State in one Redis database; any number of discovery servers may share it."""
 
@@ -192,8 +219,16 @@ class RedisStore(Store):
         self._group_leases: dict[str, str] = {}
         self._grouped: dict[str, dict[tuple[str, str, str], str]] = {}
         self._lapsed: dict[str, list[tuple[str, str, str]]] = {}
+        # Joins waiting for the next batch, per group; the groups whose batch is being flushed.
+        self._join_queue: dict[str, list[_Join]] = {}
+        self._flushing: dict[str, asyncio.Task] = {}
+        self._to_publish: set[str] = set()
+        self._publisher: asyncio.Task | None = None
 
     async def close(self) -> None:
+        for task in [*self._flushing.values(), self._publisher]:
+            if task is not None:
+                task.cancel()
         await self._r.aclose()
 
     def _key(self, service: str, kind: str, member: str | None = None) -> str:
@@ -283,24 +318,72 @@ class RedisStore(Store):
     ) -> str:
         if kind != "student":  # teachers keep their own leases (their keep-alives come one by one)
             return await super().join(group, kind, service, member, instance, data, ttl)
-        lease = uuid.uuid4().hex
-        keys = [f"{_PREFIX}:{service}:grouped", f"{_GROUP}{group}", f"{_PREFIX}:services"]
+        # Batched: the joins of a burst (arriving in the same loop iterations) go in one script.
+        job = _Join(service, member, instance, data, uuid.uuid4().hex, ttl, asyncio.get_running_loop().create_future())
+        self._join_queue.setdefault(group, []).append(job)
+        if group not in self._flushing:
+            self._flushing[group] = asyncio.create_task(self._flush_joins(group))
+        return await job.done
+
+    async def _flush_joins(self, group: str) -> None:
+        try:
+            await asyncio.sleep(0)  # let the rest of the burst queue up
+            while self._join_queue.get(group):
+                queue = self._join_queue[group]
+                batch, self._join_queue[group] = queue[:_JOIN_BATCH], queue[_JOIN_BATCH:]
+                try:
+                    results = await self._join_batch(group, batch)
+                except Exception as exc:
+                    for job in batch:
+                        if not job.done.done():
+                            job.done.set_exception(exc)
+                    continue
+                for job, ok in zip(batch, results):
+                    if job.done.done() and ok:  # the caller gave up (its stream was cancelled): undo
+                        await self.leave(group, "student", job.service, job.member, job.lease)
+                    elif ok:
+                        job.done.set_result(job.lease)
+                    elif not job.done.done():
+                        job.done.set_exception(AlreadyRegistered(job.member))
+                for service in {job.service for job, ok in zip(batch, results) if ok}:
+                    self._publish_soon(service)
+        finally:
+            del self._flushing[group]
+
+    async def _join_batch(self, group: str, batch: list[_Join]) -> list[int]:
+        keys = [f"{_GROUP}{group}", f"{_PREFIX}:services"]
         for _ in range(2):
-            members = self._grouped.setdefault(group, {})
             fresh = group not in self._group_leases
             glease = self._group_leases.setdefault(group, uuid.uuid4().hex)
-            record = json.dumps({"g": group, "gl": glease, "i": instance, "l": lease, "d": data})
-            args = [member, instance, glease, record, int(ttl * 1000), "1" if fresh else "0", service]
+            args: list[str | int] = [glease, int(batch[0].ttl * 1000), "1" if fresh else "0"]
+            for job in batch:
+                record = json.dumps({"g": group, "gl": glease, "i": job.instance, "l": job.lease, "d": job.data})
+                args += [job.service, job.member, job.instance, record]
             result = await self._call(self._join(keys=keys, args=args))
             if result == -1:  # the group lapsed: its members are gone; start it again
                 self._lose_group(group)
                 continue
-            if result == 0:
-                raise AlreadyRegistered(member)
-            members[(kind, service, member)] = lease
-            await self._publish(service)
-            return lease
-        raise StoreUnavailable(f"{self.url}: group {group} lapsed twice while joining {member}")
+            members = self._grouped.setdefault(group, {})
+            for job, ok in zip(batch, result):
+                if ok:
+                    members[("student", job.service, job.member)] = job.lease
+            return result
+        raise StoreUnavailable(f"{self.url}: group {group} lapsed twice while joining students")
+
+    def _publish_soon(self, service: str) -> None:
+        """Announce a change within ``_PUBLISH_S`` (one message for all the changes meanwhile)."""
+        self._to_publish.add(service)
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_pending())
+
+    async def _publish_pending(self) -> None:
+        await asyncio.sleep(_PUBLISH_S)
+        services, self._to_publish = self._to_publish, set()
+        for service in sorted(services):
+            try:
+                await self._publish(service)
+            except StoreUnavailable as exc:  # the others resync within a second
+                log.warning("announcing a change of %s failed: %s", service, exc)
 
     async def keep_group(self, group: str, ttl: float) -> list[tuple[str, str, str]]:
         glease = self._group_leases.get(group)
@@ -319,7 +402,7 @@ class RedisStore(Store):
         if members.get((kind, service, member)) == lease:
             del members[(kind, service, member)]
         if await self._call(self._leave(keys=[f"{_PREFIX}:{service}:grouped"], args=[member, lease])):
-            await self._publish(service)
+            self._publish_soon(service)
 
     async def _enable_expiry_events(self) -> bool:
         try:
