@@ -367,21 +367,15 @@ class SizeResult:
     join_moved: int = 0
     join_needed: int = 0
     reconciles: dict[str, int] = field(default_factory=dict)
+    connected: int = 0  # students that got a first set
+    load_avg: float = math.nan  # the machine's 1-minute load average after the steady state
     error: str = ""
 
 
-async def _run_size(
-    endpoint: str,
-    http: str,
-    pid: int,
-    store: str,
-    n_students: int,
-    n_teachers: int,
-    steady_s: float,
-    events: int,
-    progress: Progress,
-) -> SizeResult:
-    r = SizeResult(store, n_students, n_teachers, steady_s=steady_s)
+async def _run_size(r: SizeResult, endpoint: str, http: str, pid: int, events: int, progress: Progress) -> SizeResult:
+    """Measure one size into ``r`` (what was measured stays there if a step fails)."""
+    n_students, n_teachers, steady_s = r.students, r.teachers, r.steady_s
+    store = r.store
     label = f"{store} {n_students}/{n_teachers}"
     async with Simulator(endpoint) as sim:
         progress(f"{label}: {n_teachers} teachers register")
@@ -397,9 +391,12 @@ async def _run_size(
         progress(f"{label}: {n_students} students connect at once")
         cpu0, t0 = _cpu_s(pid), time.monotonic()
         sim.add_students(n_students)
-        await sim.wait(lambda: all(s.sets for s in sim.students), 120, "every student gets its first set", 0.05)
+        try:
+            await sim.wait(lambda: all(s.sets for s in sim.students), 60, "every student gets its first set", 0.05)
+        finally:
+            r.connected = sum(1 for s in sim.students if s.sets)
         r.first_s = max(s.sets[0][0] for s in sim.students) - t0
-        await sim.wait(lambda: all(sim.full(s) for s in sim.students), 120, "every student has its full set", 0.05)
+        await sim.wait(lambda: all(sim.full(s) for s in sim.students), 60, "every student has its full set", 0.05)
         r.full_s = (
             max(next(at for at, cur in s.sets if len(cur) == min(REQUIRE_NUM, n_teachers)) for s in sim.students) - t0
         )
@@ -419,6 +416,7 @@ async def _run_size(
         r.cpu_percent = 100 * (_cpu_s(pid) - cpu0) / elapsed
         m1 = scrape(http)
         r.rss_bytes = _rss_bytes(pid)
+        r.load_avg = os.getloadavg()[0]
         r.rss_per_student = (r.rss_bytes - rss0) / max(1, n_students)
         r.steady_messages = sim.messages_since(t0)
         r.steady_changes = int(
@@ -462,20 +460,20 @@ def run_size(
             url = backing.url
         http = f"127.0.0.1:{free_port()}"
         server = DiscoveryProcess(url, ["--http", http])
+        r = SizeResult(store, n_students, n_teachers, steady_s=steady_s)
         try:
             server.start()
             assert server.process is not None
-            return asyncio.run(
-                _run_size(
-                    server.endpoint, http, server.process.pid, store, n_students, n_teachers, steady_s, events, progress
-                )
-            )
+            asyncio.run(_run_size(r, server.endpoint, http, server.process.pid, events, progress))
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
-            return SizeResult(store, n_students, n_teachers, error=str(exc))
+            r.error = (
+                str(exc).splitlines()[0] if isinstance(exc, TimeoutError) else f"{exc.code().name}: {exc.details()}"
+            )
         finally:
             server.stop()
             if backing is not None:
                 backing.stop()
+        return r
 
 
 def _rows(r: SizeResult) -> list[Row]:
@@ -550,5 +548,6 @@ def summary(r: SizeResult) -> str:
         f"{r.steady_s:g} s: {r.steady_messages} messages, {r.steady_changes} writes, {r.student_lapses}+"
         f"{r.teacher_lapses} expiries, CPU {r.cpu_percent:.0f} %, RSS {r.rss_bytes / 2**20:.0f} MiB "
         f"({r.rss_per_student / 1024:.1f} KiB/student), keep-alive p99 {r.keepalive_p99_s * 1000:.0f} ms; "
-        f"reconciles {hist}" + (f"; {r.error}" if r.error else "")
+        f"reconciles {hist}; machine load average {r.load_avg:.1f}"
+        + (f"; {r.error} ({r.connected} of {r.students} streams got a first set)" if r.error else "")
     )
