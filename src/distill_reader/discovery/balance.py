@@ -21,7 +21,8 @@ Invariants (checked by the property tests in ``tests/test_balance.py``):
    Rebalancing moves one link at a time from the most loaded teacher to the least loaded one, so
    it makes no move that the balance does not need. ``balance(x, balance(x, p)) == balance(x, p)``.
 4. **Determinism.** The result depends only on the arguments' contents, not on dict order; ties
-   are broken by endpoint and student id.
+   are broken by student id, by a fixed hash of a teacher's endpoint and load (which teacher of
+   equally loaded ones a student takes), and by endpoint.
 
 Loads are compared exactly, in integers: each weight is the exact fraction ``p / q`` of its float
 (``float.as_integer_ratio``), all are brought to one denominator, and a student on teacher ``t``
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 
 Assignment = dict[str, tuple[str, ...]]
@@ -61,13 +63,26 @@ def _check(teachers: Mapping[str, float], students: Mapping[str, int]) -> dict[s
     return {t: lcm // w for t, w in ints.items()}
 
 
+def _seed(endpoint: str) -> int:
+    return zlib.crc32(endpoint.encode())
+
+
+def _tie(seed: int, n: int) -> int:
+    """Among equally loaded teachers, the order in which students take them: a fixed hash of the
+    endpoint and its load, so that it differs from one round of picks to the next. (Ties broken by
+    name would give every student of a teacher the same partner, and when that teacher leaves, its
+    students could then only be rebalanced by moving students that did not hold it.)"""
+    return ((seed ^ (n * 0x9E3779B1)) * 0x85EBCA6B) & 0xFFFFFFFF
+
+
 class _Loads:
     """Teacher loads with two lazily updated heaps: the most loaded teacher (a donor) and the one
     least loaded after taking one more student (a taker). Entries carry the count they were pushed
     with; an entry whose count is stale is skipped."""
 
-    def __init__(self, cost: dict[str, int], load: dict[str, int], takers: list[tuple[int, str, int]]) -> None:
+    def __init__(self, cost: dict[str, int], load: dict[str, int], takers: list[tuple[int, int, str, int]]) -> None:
         self.cost, self.load = cost, load
+        self.seeds = {t: _seed(t) for t in cost}
         self.donors = [(-n * cost[t], t, n) for t, n in load.items()]
         self.takers = takers
         heapq.heapify(self.donors)
@@ -76,11 +91,11 @@ class _Loads:
         n = self.load[t] + delta
         self.load[t] = n
         heapq.heappush(self.donors, (-n * self.cost[t], t, n))
-        heapq.heappush(self.takers, ((n + 1) * self.cost[t], t, n))
+        heapq.heappush(self.takers, ((n + 1) * self.cost[t], _tie(self.seeds[t], n), t, n))
 
     @staticmethod
-    def _top(heap: list[tuple[int, str, int]], load: dict[str, int]) -> tuple[int, str, int]:
-        while heap[0][2] != load[heap[0][1]]:
+    def _top(heap: list[tuple], load: dict[str, int]) -> tuple:
+        while heap[0][-1] != load[heap[0][-2]]:
             heapq.heappop(heap)
         return heap[0]
 
@@ -91,14 +106,15 @@ class _Loads:
 
     def taker(self) -> tuple[int, str]:
         """(load after one more student, endpoint) of the teacher that would be least loaded."""
-        key, t, _ = self._top(self.takers, self.load)
+        key, _, t, _ = self._top(self.takers, self.load)
         return key, t
 
 
 def _fill(short: list[tuple[int, str]], held: dict[str, list[str]], cost: dict[str, int], load: dict[str, int]):
     """Give each short student (``(-k, id)``, in that order) the teachers that would be least loaded
     after taking it, one at a time; returns the takers' heap for the rebalance."""
-    takers = [((n + 1) * cost[t], t, n) for t, n in load.items()]
+    seeds = {t: _seed(t) for t in cost}
+    takers = [((n + 1) * cost[t], _tie(seeds[t], n), t, n) for t, n in load.items()]
     heapq.heapify(takers)
     pop, push = heapq.heappop, heapq.heappush
     for minus_k, s in short:
@@ -108,8 +124,8 @@ def _fill(short: list[tuple[int, str]], held: dict[str, list[str]], cost: dict[s
         chosen = []
         while need:
             entry = pop(takers)
-            t = entry[1]
-            if entry[2] != load[t]:
+            t = entry[2]
+            if entry[3] != load[t]:
                 continue  # stale
             if t in ts:
                 skipped.append(entry)
@@ -121,7 +137,7 @@ def _fill(short: list[tuple[int, str]], held: dict[str, list[str]], cost: dict[s
         for t in chosen:
             n = load[t] + 1
             load[t] = n
-            push(takers, ((n + 1) * cost[t], t, n))
+            push(takers, ((n + 1) * cost[t], _tie(seeds[t], n), t, n))
         ts.extend(chosen)
     return takers
 
