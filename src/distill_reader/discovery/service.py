@@ -227,11 +227,13 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
 
     async def _reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        last = -math.inf
+        last, took = -math.inf, 0.0
         while True:
             await self._wake.wait()
-            # Coalesce: what arrives within the window since the last reconcile joins this one.
-            wait = last + self.coalesce - loop.time()
+            # Coalesce: what arrives within the window since the last reconcile joins this one. The
+            # window is at least as long as the last round took, so that reconciles never take more
+            # than about half of the loop from the RPCs (keep-alives, streams) during a burst.
+            wait = last + max(self.coalesce, took) - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
             self._wake.clear()
@@ -244,6 +246,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     names = {s for s in dirty if s is not None}
                 for service in sorted(names):
                     await self._reconcile(service)
+                took = loop.time() - last
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from distill_reader.discovery.stores.base import AlreadyRegistered, Kind, ServiceState, Store
 
 _SWEEP_S = 0.05  # how often expired leases are removed; small next to the 2 s TTL
+_STALL_S = 0.5  # a sweep this much late means the process itself was stalled
 
 Key = tuple[str, str, str]  # (kind, service, member)
 
@@ -20,8 +21,8 @@ class MemoryStore(Store):
     """Dicts and a sweeper task; change notifications go to in-process queues.
 
     Members of a group (a discovery server's students) have no deadline of their own: the group's
-    deadline is theirs, so keeping them all is one dict update, and the sweeper looks only at
-    teachers and groups.
+    deadline is theirs, so keeping them all is one dict update. A lease ends when the sweeper
+    removes it; after a stall of this process it first gives every lease the stalled time back.
     """
 
     url = "memory"
@@ -53,16 +54,31 @@ class MemoryStore(Store):
             q.put_nowait(service)
 
     async def _sweep(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(_SWEEP_S)
-            self._expire(time.monotonic())
+            now = time.monotonic()
+            stall = now - last - _SWEEP_S
+            last = now
+            if stall > _STALL_S:
+                # This process did not run for a while (its host was overloaded): the keep-alives
+                # that came meanwhile still wait in its sockets. Give every lease that time back
+                # rather than expire leases whose holders did keep them (as etcd does after an
+                # election).
+                self._extend(stall)
+            self._expire(now)
+
+    def _extend(self, seconds: float) -> None:
+        for members in self._members.values():
+            for m, (lease, instance, data, deadline) in list(members.items()):
+                members[m] = (lease, instance, data, deadline + seconds)
+        for group in self._groups:
+            self._groups[group] += seconds
 
     def _expire(self, now: float) -> None:
         for group in [g for g, deadline in self._groups.items() if deadline <= now]:
             self._lose_group(group)
-        for (kind, service), members in self._members.items():
-            if kind != "teacher":
-                continue  # students live in groups (or, registered alone, are checked on read)
+        for (_, service), members in self._members.items():
             dead = [m for m, (_, _, _, deadline) in members.items() if deadline <= now]
             for m in dead:
                 del members[m]
@@ -101,7 +117,9 @@ class MemoryStore(Store):
     ) -> bool:
         members = self._members.get((kind, service), {})
         old = members.get(member)
-        if not old or old[0] != lease or old[3] <= time.monotonic():
+        # A lease ends when the sweeper removes it (not at its deadline): after a stall of this
+        # process, the sweeper first gives the leases the stalled time back.
+        if not old or old[0] != lease:
             return False
         # Keep-alives carry only what changes (readiness): merge, as the Redis and etcd stores do.
         merged = {**old[2], **data} if data is not None else old[2]
@@ -149,11 +167,9 @@ class MemoryStore(Store):
         return sorted(names | set(self._assignments))
 
     async def read(self, service: str) -> ServiceState:
-        now = time.monotonic()
-
         def live(kind: str) -> dict[str, dict]:
-            members = self._members.get((kind, service), {})
-            return {m: dict(v[2]) for m, v in members.items() if v[3] > now}
+            # Present means live: the sweeper removes expired leases (see keep).
+            return {m: dict(v[2]) for m, v in self._members.get((kind, service), {}).items()}
 
         version = self._versions.get(service)
         # The assignment's lists are never mutated (writes replace them), so a shallow copy is safe.
