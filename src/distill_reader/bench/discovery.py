@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -88,8 +89,11 @@ class SimTeacher:
 class Simulator:
     """Students and teachers over shared channels to one discovery endpoint (use ``async with``)."""
 
-    def __init__(self, endpoint: str, service: str = SERVICE, require_num: int = REQUIRE_NUM) -> None:
+    def __init__(
+        self, endpoint: str, service: str = SERVICE, require_num: int = REQUIRE_NUM, fleet: TeacherFleet | None = None
+    ) -> None:
         self.endpoint = endpoint
+        self.fleet = fleet  # teachers kept in that process instead of this one
         self.service = service
         self.require_num = require_num
         self.students: list[SimStudent] = []
@@ -118,6 +122,10 @@ class Simulator:
     async def add_teacher(self, endpoint: str, weight: float = 1.0) -> SimTeacher:
         """Register a teacher (returns once registered) and keep its lease in a task."""
         t = SimTeacher(endpoint)
+        if self.fleet is not None:
+            self.ttl = await self.fleet.call("add", endpoint, weight)
+            self.teachers[endpoint] = t
+            return t
         stub = self._stub(self._teacher_stubs, len(self.teachers), TEACHERS_PER_CHANNEL)
         req = pb.RegisterTeacherRequest(service_name=self.service, endpoint=endpoint, weight=weight)
         resp = await stub.RegisterTeacher(req, timeout=_RPC_TIMEOUT_S)
@@ -148,6 +156,8 @@ class Simulator:
     async def kill_teacher(self, endpoint: str) -> float:
         """Stop a teacher's keep-alives (it dies); returns when its lease ends."""
         t = self.teachers.pop(endpoint)
+        if self.fleet is not None:
+            return await self.fleet.call("kill", endpoint)
         assert t.task is not None
         t.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -157,6 +167,8 @@ class Simulator:
     async def deregister_teacher(self, endpoint: str) -> float:
         """Deregister a teacher; returns when the request was sent."""
         t = self.teachers.pop(endpoint)
+        if self.fleet is not None:
+            return await self.fleet.call("deregister", endpoint)
         assert t.task is not None
         t.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -167,6 +179,17 @@ class Simulator:
             timeout=_RPC_TIMEOUT_S,
         )
         return sent
+
+    async def teacher_stats(self, reset: bool = False) -> tuple[int, list[float]]:
+        """KeepAlives answered NOT_FOUND so far, and the KeepAlive latencies (since the last reset)."""
+        if self.fleet is not None:
+            return await self.fleet.call("stats", reset)
+        lapses = sum(t.not_found for t in self.teachers.values())
+        latencies = [x for t in self.teachers.values() for x in t.latencies]
+        if reset:
+            for t in self.teachers.values():
+                t.latencies.clear()
+        return lapses, latencies
 
     # -- students ---------------------------------------------------------------------------------
 
@@ -254,6 +277,66 @@ class Simulator:
             await asyncio.wait(tasks, timeout=10)
         for channel in self._channels:
             await channel.close()
+
+
+class TeacherFleet:
+    """Simulated teachers in a process of their own, driven through a pipe: their keep-alives do
+    not wait behind the students' streams in the simulator's event loop (on a real fleet they come
+    from other machines). Times are ``time.monotonic()``, the same clock in both processes."""
+
+    def __init__(self, endpoint: str, service: str = SERVICE) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_fleet_main, args=(child, endpoint, service), daemon=True)
+        self._process.start()
+        self._lock = asyncio.Lock()
+
+    async def call(self, *message: Any) -> Any:
+        """Send one command and wait (at most 60 s) for its answer; re-raises the fleet's error."""
+        async with self._lock:
+            self._conn.send(message)
+            if not await asyncio.to_thread(self._conn.poll, 60):
+                raise TimeoutError(f"the teacher fleet did not answer {message[0]!r} within 60 s")
+            reply = self._conn.recv()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(("stop",))
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+
+
+def _fleet_main(conn: Any, endpoint: str, service: str) -> None:
+    """The teacher fleet process: a Simulator with teachers only, answering the pipe's commands."""
+
+    async def main() -> None:
+        async with Simulator(endpoint, service) as sim:
+            while True:
+                message = await asyncio.to_thread(conn.recv)
+                try:
+                    if message[0] == "stop":
+                        break
+                    if message[0] == "add":
+                        await sim.add_teacher(message[1], message[2])
+                        reply: Any = sim.ttl
+                    elif message[0] == "kill":
+                        reply = await sim.kill_teacher(message[1])
+                    elif message[0] == "deregister":
+                        reply = await sim.deregister_teacher(message[1])
+                    else:
+                        reply = await sim.teacher_stats(message[1])
+                except grpc.aio.AioRpcError as exc:
+                    reply = RuntimeError(f"{message[0]}: {exc.code().name}: {exc.details()}")
+                except Exception as exc:
+                    reply = RuntimeError(f"{message[0]}: {exc!r}")
+                conn.send(reply)
+
+    asyncio.run(main())
 
 
 async def teacher_loss(sim: Simulator, endpoint: str, how: str) -> dict[str, Any]:
@@ -388,10 +471,20 @@ class SizeResult:
 
 async def _run_size(r: SizeResult, endpoint: str, http: str, pid: int, events: int, progress: Progress) -> SizeResult:
     """Measure one size into ``r`` (what was measured stays there if a step fails)."""
+    label = f"{r.store} {r.students}/{r.teachers}"
+    fleet = TeacherFleet(endpoint)
+    try:
+        await _measure(r, Simulator(endpoint, fleet=fleet), http, pid, events, progress, label)
+    finally:
+        fleet.close()
+    return r
+
+
+async def _measure(
+    r: SizeResult, sim: Simulator, http: str, pid: int, events: int, progress: Progress, label: str
+) -> None:
     n_students, n_teachers, steady_s = r.students, r.teachers, r.steady_s
-    store = r.store
-    label = f"{store} {n_students}/{n_teachers}"
-    async with Simulator(endpoint) as sim:
+    async with sim:
         progress(f"{label}: {n_teachers} teachers register")
         for i in range(0, n_teachers, 50):
             await asyncio.gather(
@@ -420,9 +513,7 @@ async def _run_size(r: SizeResult, endpoint: str, http: str, pid: int, events: i
         await sim.wait_quiet(1.0, 60)
         progress(f"{label}: steady state for {steady_s:g} s")
         m0 = scrape(http)
-        lapses0 = sum(t.not_found for t in sim.teachers.values())
-        for t in sim.teachers.values():
-            t.latencies.clear()
+        lapses0, _ = await sim.teacher_stats(reset=True)
         cpu0, t0 = _cpu_s(pid), time.monotonic()
         await asyncio.sleep(steady_s)
         elapsed = time.monotonic() - t0
@@ -439,8 +530,9 @@ async def _run_size(r: SizeResult, endpoint: str, http: str, pid: int, events: i
         r.student_lapses = int(
             metric(m1, "distill_discovery_student_lapses_total") - metric(m0, "distill_discovery_student_lapses_total")
         )
-        r.teacher_lapses = sum(t.not_found for t in sim.teachers.values()) - lapses0
-        r.keepalive_p99_s = _pct([x for t in sim.teachers.values() for x in t.latencies], 0.99)
+        lapses1, latencies = await sim.teacher_stats()
+        r.teacher_lapses = lapses1 - lapses0
+        r.keepalive_p99_s = _pct(latencies, 0.99)
         rnd = random.Random(0)
         for i in range(events):
             for how, out in (("die", r.die), ("deregister", r.deregister)):
@@ -454,7 +546,6 @@ async def _run_size(r: SizeResult, endpoint: str, http: str, pid: int, events: i
         join = await teacher_join(sim, "10.255.255.1:8001")
         r.join_s, r.join_moved, r.join_needed = join["seconds"], join["moved"], join["needed"]
         r.reconciles = reconcile_histogram(scrape(http))
-    return r
 
 
 def run_size(
