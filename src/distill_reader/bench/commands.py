@@ -42,6 +42,8 @@ SCENARIOS: dict[str, Scenario] = {
     "chaos": Scenario("faults injected: samples lost/duplicated/wrong, seconds to recover", 130),
     # store: writes about 150 MB to the temporary directory (docs/store.md).
     "store": Scenario("knowledge store: write ÷ no store, read ÷ pyarrow on the same files, bytes/row", 90),
+    # discovery: the default size (1,000 students / 100 teachers, memory store).
+    "discovery": Scenario("simulated students/teachers vs a discovery server: full sets, pushes, leases", 75),
 }
 SCENARIO_NAMES = (
     "teacher-bound",
@@ -53,13 +55,24 @@ SCENARIO_NAMES = (
     "dbatch-scaling",
     "sequence",
 )
-# Run only when named: chaos kills processes and restarts services, store writes to disk.
-EXTRA_SCENARIOS = ("chaos", "store")
+# Run only when named: chaos kills processes and restarts services, store writes to disk,
+# discovery simulates a thousand clients.
+EXTRA_SCENARIOS = ("chaos", "store", "discovery")
 
 
 def _functions() -> dict[str, Callable[..., list[Row]]]:
     # Imported when a run starts, so that `distill bench --help` stays fast.
-    from distill_reader.bench import chaos, memory, naive, sequence, store, teacher_bound, training, transport
+    from distill_reader.bench import (
+        chaos,
+        discovery,
+        memory,
+        naive,
+        sequence,
+        store,
+        teacher_bound,
+        training,
+        transport,
+    )
 
     return {
         "teacher-bound": teacher_bound.teacher_bound,
@@ -72,6 +85,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
         "sequence": sequence.sequence,
         "chaos": chaos.chaos_rows,
         "store": store.store,
+        "discovery": discovery.discovery,
     }
 
 
@@ -106,6 +120,27 @@ def _help() -> str:
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 
 
+def _discovery_options(students: str, teachers: str, stores: str, steady_s: float | None) -> dict:
+    """The discovery scenario's options from the command line; a usage error names a bad one."""
+
+    def numbers(value: str, option: str) -> list[int]:
+        try:
+            out = [int(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise click.UsageError(f"{option} must be comma-separated integers, got {value!r}") from None
+        if any(n <= 0 for n in out):
+            raise click.UsageError(f"{option} must be positive, got {value!r}")
+        return out
+
+    kinds = [k.strip() for k in stores.split(",") if k.strip()]
+    if not kinds or any(k not in ("memory", "redis", "etcd") for k in kinds):
+        raise click.UsageError(f"--store takes memory, redis and/or etcd, got {stores!r}")
+    s, t = numbers(students, "--students"), numbers(teachers, "--teachers")
+    if s and t and len(t) not in (1, len(s)):
+        raise click.UsageError("--teachers needs one value, or one per --students value")
+    return {"students": s, "teachers": t, "stores": kinds, "steady_s": steady_s}
+
+
 def _fmt(value: float, unit: str) -> str:
     if unit == "bytes":
         return f"{value / 2**20:,.2f} MiB"
@@ -122,13 +157,17 @@ def _verdict(row: Row) -> str:
     return {None: "", True: "[green]pass[/]", False: "[red]miss[/]"}[row.passed]
 
 
-def run_scenarios(names: list[str], sizes: Sizes, progress: Progress, plot: Path | None) -> dict[str, list[Row]]:
-    """Run the named scenarios in order; the rows of each."""
+def run_scenarios(
+    names: list[str], sizes: Sizes, progress: Progress, plot: Path | None, discovery: dict | None = None
+) -> dict[str, list[Row]]:
+    """Run the named scenarios in order; the rows of each (``discovery``: that scenario's options)."""
     functions = _functions()
     results: dict[str, list[Row]] = {}
     for name in names:
         if name == "dbatch-scaling":
             results[name] = functions[name](sizes, progress, plot=plot)
+        elif name == "discovery":
+            results[name] = functions[name](sizes, progress, **(discovery or {}))
         else:
             results[name] = functions[name](sizes, progress)
     return results
@@ -224,11 +263,42 @@ class _ProgressReport:
     help=f"Where dbatch-scaling writes its PNG (needs matplotlib). Default: ./{DEFAULT_PLOT} in the current "
     "directory, none with --quick. The committed figure: --plot docs/benchmarks-dbatch.png.",
 )
-def bench(scenarios: tuple[str, ...], quick: bool, json_file: str | None, plot_file: str | None) -> None:
+@click.option(
+    "--students",
+    default="",
+    metavar="N[,N…]",
+    help="discovery: simulated students per run (default 1000; --quick 200), e.g. 1000,3000,10000.",
+)
+@click.option(
+    "--teachers",
+    default="",
+    metavar="N[,N…]",
+    help="discovery: simulated teachers, one per --students value or one for all.",
+)
+@click.option(
+    "--store",
+    "stores",
+    default="memory",
+    show_default=True,
+    metavar="KIND[,KIND…]",
+    help="discovery: memory, redis and/or etcd (Redis and etcd are started by the benchmark).",
+)
+@click.option("--steady-s", default=None, type=float, help="discovery: steady-state window, s (default 30; --quick 5).")
+def bench(
+    scenarios: tuple[str, ...],
+    quick: bool,
+    json_file: str | None,
+    plot_file: str | None,
+    students: str,
+    teachers: str,
+    stores: str,
+    steady_s: float | None,
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     names = list(dict.fromkeys(scenarios)) or list(SCENARIO_NAMES)
+    discovery_options = _discovery_options(students, teachers, stores, steady_s)
     sizes = Sizes(quick=quick)
     plot = plot_path(plot_file, quick)
     if plot is not None and "dbatch-scaling" in names:
@@ -252,7 +322,7 @@ def bench(scenarios: tuple[str, ...], quick: bool, json_file: str | None, plot_f
     with _ProgressReport(console, names, quick) as report:
         for index, name in enumerate(names):
             report.scenario(index, name)
-            rows = run_scenarios([name], sizes, report.step, plot)[name]
+            rows = run_scenarios([name], sizes, report.step, plot, discovery_options)[name]
             results[name] = rows
             for row in rows:
                 console.print(

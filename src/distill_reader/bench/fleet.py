@@ -320,8 +320,9 @@ class WrongTeacher:
 class DiscoveryProcess:
     """``distill discovery serve`` as a process on a fixed port: killable and restartable."""
 
-    def __init__(self, store: str = "memory") -> None:
+    def __init__(self, store: str = "memory", args: Sequence[str] = ()) -> None:
         self.store = store
+        self.args = list(args)  # more ``distill discovery serve`` options (e.g. --http)
         self.endpoint = f"127.0.0.1:{free_port()}"
         self.process: subprocess.Popen | None = None
 
@@ -338,6 +339,7 @@ class DiscoveryProcess:
                 self.endpoint,
                 "--store",
                 self.store,
+                *self.args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

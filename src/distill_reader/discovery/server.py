@@ -40,6 +40,11 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
+    # gRPC queues calls that arrive faster than the asyncio server takes them, and past 1,000
+    # queued it cancels new ones at random (3,000: all): a burst of students connecting at once
+    # (thousands of WatchAssignment streams) would see CANCELLED. They are cheap to queue.
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
 ]
 
 

@@ -4,16 +4,21 @@ Lifecycle of a change (a teacher registers, expires or changes health; a student
 
 1. the change is written to the store; the store notifies every discovery server on it (and this
    server marks the service dirty itself, so it does not wait for the round trip);
-2. the reconcile loop reads the service's state from the store, computes
+2. the reconcile loop, at most once per ``COALESCE_S`` (a burst of arrivals is one reconcile, not
+   one per arrival), reads the service's state from the store, computes
    ``balance(healthy teachers, students, previous assignment)`` and, if the result differs, writes
-   it with compare-and-swap (a server that loses the race re-reads and finds the same answer,
-   since balance is deterministic);
-3. every open ``WatchAssignment`` stream of that service on this server is woken, and a student
-   whose teacher set changed gets one message.
+   what changed with compare-and-swap (a server that loses the race re-reads and finds the same
+   answer, since balance is deterministic);
+3. each student streaming to this server whose teacher set changed gets one message; no other
+   stream is woken.
 
 Every server also resyncs all services every second, so a lost notification costs at most that.
-Student leases are kept by the server holding the student's stream; if that server dies, the
-lease expires and the student, reconnecting elsewhere with the same instance id, takes it over.
+Student leases are kept in bulk: the students streaming to a server are members of the server's
+*group* in the store, kept with one store operation per keep-alive interval. A stream that ends
+leaves the group at once; if the server dies, its group lapses after the TTL and its students with
+it (reconnecting elsewhere with the same instance id, a student takes its record over). A student
+whose record lapsed while its stream is open (the server stalled, the store lost it) is joined
+again as soon as a keep or a reconcile notices, and gets its new set.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from distill_reader.discovery.stores.base import (
     Store,
     StoreUnavailable,
     check_hostport,
-    encode_assignment,
 )
 from distill_reader.errors import DiscoveryError
 
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 2.0
 DEFAULT_KEEPALIVE_S = 0.5
 RESYNC_S = 1.0
+# Reconciles run at most this often: the events of a burst are coalesced into one.
+COALESCE_S = 0.05
+_EXPIRY_CHECK_S = 0.05
 MAX_MESSAGE_BYTES = 64 * 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
@@ -94,9 +101,14 @@ class _Watcher:
     instance: str
     require_num: int
     lease: str
+    joined: float = 0.0  # monotonic time the store had it (reads started before may lack it)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     replaced: bool = False
+    rejoining: bool = False
     error: tuple[grpc.StatusCode, str] | None = None
+    sent: tuple[str, ...] | None = None  # endpoints of the last set sent (None: nothing sent yet)
+    last: tuple[tuple[str, str, str], ...] | None = None  # (endpoint, model, registration) last sent
+    pending: tuple[tuple[str, str, str], ...] | None = None  # to send
 
 
 class _Metrics:
@@ -110,6 +122,11 @@ class _Metrics:
             "distill_discovery_assignment_changes", "Assignments written", ["service"], registry=registry
         )
         self.pushes = Counter("distill_discovery_pushes", "Assignment messages sent to students", registry=registry)
+        self.lapses = Counter(
+            "distill_discovery_student_lapses",
+            "Students whose lease lapsed while their stream was open (joined again)",
+            registry=registry,
+        )
         self.rpcs = Counter("distill_discovery_rpcs", "RPCs handled", ["method", "code"], registry=registry)
         self.reconcile = Histogram(
             "distill_discovery_reconcile_seconds",
@@ -130,10 +147,12 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         keepalive: float = DEFAULT_KEEPALIVE_S,
         server_id: str | None = None,
         registry: CollectorRegistry | None = None,
+        coalesce: float = COALESCE_S,
     ) -> None:
         self.store = store
         self.ttl = ttl
         self.keepalive = keepalive
+        self.coalesce = coalesce
         self.server_id = server_id or uuid.uuid4().hex[:8]
         self.registry = registry or CollectorRegistry()
         self.metrics = _Metrics(self.registry)
@@ -142,19 +161,23 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._dirty: set[str | None] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._rejoins: set[asyncio.Task] = set()
+        # (service, endpoint) -> when the lease of a teacher kept through this server ends, unless
+        # kept again: the reconcile then runs at once, not when the store's expiry event comes.
+        self._lease_ends: dict[tuple[str, str], float] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the background tasks (reconcile, store notifications, student leases, resync)."""
-        for coro in (self._reconcile_loop(), self._listen(), self._keep_students(), self._resync()):
+        for coro in (self._reconcile_loop(), self._listen(), self._keep_students(), self._resync(), self._expiries()):
             self._tasks.append(asyncio.create_task(coro))
 
     async def stop(self) -> None:
         """Stop the background tasks (open streams end when the gRPC server stops)."""
         # Cancel until done: a store client may swallow one cancellation (redis-py does, when it
         # arrives mid-command), which would leave a loop running forever.
-        pending = set(self._tasks)
+        pending = set(self._tasks) | self._rejoins
         for _ in range(20):
             if not pending:
                 break
@@ -191,10 +214,30 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await asyncio.sleep(RESYNC_S)
             self.mark_dirty(None)
 
+    async def _expiries(self) -> None:
+        """Reconcile a service as soon as a teacher lease kept here ends (Redis's expiry events can
+        come hundreds of milliseconds late: its expire cycle samples keys)."""
+        while True:
+            await asyncio.sleep(_EXPIRY_CHECK_S)
+            now = time.monotonic()
+            ended = [key for key, end in self._lease_ends.items() if end <= now]
+            for key in ended:
+                del self._lease_ends[key]
+                self.mark_dirty(key[0])
+
     async def _reconcile_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last, took = -math.inf, 0.0
         while True:
             await self._wake.wait()
+            # Coalesce: what arrives within the window since the last reconcile joins this one. The
+            # window is at least as long as the last round took, so that reconciles never take more
+            # than about half of the loop from the RPCs (keep-alives, streams) during a burst.
+            wait = last + max(self.coalesce, took) - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._wake.clear()
+            last = loop.time()
             dirty, self._dirty = self._dirty, set()
             try:
                 if None in dirty:
@@ -203,6 +246,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     names = {s for s in dirty if s is not None}
                 for service in sorted(names):
                     await self._reconcile(service)
+                took = loop.time() - last
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -214,46 +258,116 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
     async def _reconcile(self, service: str) -> None:
         t0 = time.perf_counter()
         for _ in range(10):
+            read_at = time.monotonic()
             state = await self.store.read(service)
             healthy = {ep: float(t.get("weight", 1.0)) for ep, t in state.teachers.items() if t.get("healthy", True)}
             wants = {s: int(v["require_num"]) for s, v in state.students.items()}
-            new = {s: list(ts) for s, ts in balance(healthy, wants, state.assignment).items()}
-            if encode_assignment(new) == encode_assignment(state.assignment):
+            new = balance(healthy, wants, state.assignment)
+            old = state.assignment
+            changed = {s: list(ts) for s, ts in new.items() if tuple(old.get(s, ())) != ts}
+            removed = [s for s in old if s not in new]
+            if not changed and not removed:
                 break
-            if await self.store.write_assignment(service, state.version, new):
+            if await self.store.update_assignment(service, state.version, new, changed, removed):
                 self.metrics.changes.labels(service).inc()
-                state.assignment = new
                 break
             # Another server wrote first: read its result and check it against ours.
+        state.assignment = new
+        previous = self._states.get(service)
         self._states[service] = state
         self.metrics.reconcile.observe(time.perf_counter() - t0)
-        n_healthy = sum(1 for t in state.teachers.values() if t.get("healthy", True))
+        n_healthy = len(healthy)
         self.metrics.teachers.labels(service, "true").set(n_healthy)
         self.metrics.teachers.labels(service, "false").set(len(state.teachers) - n_healthy)
         self.metrics.students.labels(service).set(len(state.students))
-        for w in self._watchers.get(service, {}).values():
-            w.wake.set()
+        self._push(service, previous, state, read_at)
+
+    def _push(self, service: str, previous: ServiceState | None, state: ServiceState, read_at: float) -> None:
+        """Hand each local student whose set changed its new set (and wake only its stream); join
+        again the local students that the store lost."""
+        local = self._watchers.get(service)
+        if not local:
+            return
+        teachers = state.teachers
+        before = previous.teachers if previous else {}
+        # Teachers whose model or registration changed: their students are told even if their
+        # endpoints did not change (a re-registered teacher is checked again).
+        renewed = {
+            ep
+            for ep, d in teachers.items()
+            if (d.get("model_name"), d.get("registration"))
+            != (before.get(ep, {}).get("model_name"), before.get(ep, {}).get("registration"))
+        }
+        assignment = state.assignment
+        for student, w in local.items():
+            ts = assignment.get(student)
+            if ts is None:
+                if student not in state.students and w.joined < read_at and not w.rejoining:
+                    self._rejoin(w)  # its lease lapsed behind its back
+                continue
+            if w.sent == ts and not (renewed and any(t in renewed for t in ts)):
+                continue
+            w.sent = ts
+            info = tuple(
+                (
+                    ep,
+                    str(teachers.get(ep, {}).get("model_name", "teacher")),
+                    str(teachers.get(ep, {}).get("registration", "")),
+                )
+                for ep in ts
+            )
+            if info != w.last:
+                w.last = w.pending = info
+                w.wake.set()
+
+    def _rejoin(self, w: _Watcher) -> None:
+        """Join ``w``'s student again (its lease lapsed while its stream is open)."""
+        w.rejoining = True
+
+        async def rejoin() -> None:
+            try:
+                if self._watchers.get(w.service, {}).get(w.student) is not w:
+                    return  # the stream ended meanwhile
+                w.lease = await self.store.join(
+                    self.server_id,
+                    "student",
+                    w.service,
+                    w.student,
+                    w.instance,
+                    {"require_num": w.require_num},
+                    self.ttl,
+                )
+                w.joined = time.monotonic()
+                self.metrics.lapses.inc()
+                log.info("student %s in %s: lease lapsed, joined again", w.student, w.service)
+                self.mark_dirty(w.service)
+            except AlreadyRegistered:
+                w.error = (grpc.StatusCode.ALREADY_EXISTS, f"student {w.student!r} was taken over")
+                w.wake.set()
+            except Exception as exc:  # store trouble: the next keep or reconcile tries again
+                log.warning("joining student %s again failed: %s", w.student, exc)
+            finally:
+                w.rejoining = False
+
+        task = asyncio.create_task(rejoin())
+        self._rejoins.add(task)
+        task.add_done_callback(self._rejoins.discard)
 
     async def _keep_students(self) -> None:
+        """Keep this server's students: one store operation per interval, however many there are."""
         while True:
             await asyncio.sleep(self.keepalive)
-            for watchers in list(self._watchers.values()):
-                for w in list(watchers.values()):
-                    try:
-                        if await self.store.keep("student", w.service, w.student, w.lease, self.ttl):
-                            continue
-                        # Lost (store restarted, or this server was too slow): take it back.
-                        w.lease = await self.store.register(
-                            "student", w.service, w.student, w.instance, {"require_num": w.require_num}, self.ttl
-                        )
-                        self.mark_dirty(w.service)
-                    except AlreadyRegistered:
-                        w.error = (grpc.StatusCode.ALREADY_EXISTS, f"student {w.student!r} was taken over")
-                        w.wake.set()
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        log.warning("keeping student %s failed: %s", w.student, exc)
+            try:
+                lapsed = await self.store.keep_group(self.server_id, self.ttl)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("keeping this server's students failed: %s", exc)
+                continue
+            for _, service, student in lapsed:
+                w = self._watchers.get(service, {}).get(student)
+                if w is not None and not w.rejoining:
+                    self._rejoin(w)
 
     # --- RPCs -----------------------------------------------------------------------------------
 
@@ -292,6 +406,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             )
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        self._lease_ends[(service, endpoint)] = time.monotonic() + self.ttl + _EXPIRY_CHECK_S
         self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
         log.info("teacher %s registered in %s (weight %g)", endpoint, service, weight)
@@ -321,6 +436,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 f"no lease {request.lease_id!r} for teacher {endpoint} in service {service!r} "
                 "(expired, or the store lost it): register again",
             )
+        self._lease_ends[(service, endpoint)] = time.monotonic() + self.ttl + _EXPIRY_CHECK_S
         if data is not None:
             state = self._states.get(service)
             old = state.teachers.get(endpoint, {}).get("healthy") if state else None
@@ -340,6 +456,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await self.store.drop("teacher", service, endpoint, request.lease_id)
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        self._lease_ends.pop((service, endpoint), None)
         self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
         return pb.DeregisterTeacherResponse()
@@ -354,8 +471,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         except DiscoveryError as exc:
             await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            lease = await self.store.register(
-                "student", service, student, instance, {"require_num": require_num}, self.ttl
+            lease = await self.store.join(
+                self.server_id, "student", service, student, instance, {"require_num": require_num}, self.ttl
             )
         except AlreadyRegistered:
             await self._fail(
@@ -366,7 +483,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             )
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
-        w = _Watcher(service, student, instance, require_num, lease)
+        w = _Watcher(service, student, instance, require_num, lease, joined=time.monotonic())
         local = self._watchers.setdefault(service, {})
         if student in local:  # the same student reconnected to this server: the old stream ends
             local[student].replaced = True
@@ -375,9 +492,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.metrics.streams.inc()
         self.metrics.rpcs.labels(m, "OK").inc()
         self.mark_dirty(service)
-        log.info("student %s joined %s wanting %d", student, service, require_num)
+        log.debug("student %s joined %s wanting %d", student, service, require_num)
         try:
-            last: list[tuple[str, str, str]] | None = None
             while True:
                 await w.wake.wait()
                 w.wake.clear()
@@ -385,20 +501,14 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     return
                 if w.error:
                     await context.abort(*w.error)
-                state = self._states.get(service)
-                if state is None or student not in state.assignment:
-                    continue  # not reconciled with this student yet; the reconcile wakes us
-                teachers = []
-                for ep in state.assignment[student]:
-                    data = state.teachers.get(ep, {})
-                    teachers.append((ep, str(data.get("model_name", "teacher")), str(data.get("registration", ""))))
-                if teachers != last:
-                    last = teachers
-                    self.metrics.pushes.inc()
-                    yield pb.Assignment(
-                        student_id=student,
-                        teachers=[pb.TeacherEndpoint(endpoint=e, model_name=n, registration=r) for e, n, r in teachers],
-                    )
+                teachers, w.pending = w.pending, None
+                if teachers is None:
+                    continue
+                self.metrics.pushes.inc()
+                yield pb.Assignment(
+                    student_id=student,
+                    teachers=[pb.TeacherEndpoint(endpoint=e, model_name=n, registration=r) for e, n, r in teachers],
+                )
         finally:
             self.metrics.streams.dec()
             if local.get(student) is w:
@@ -411,11 +521,11 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
 
     async def _drop_student(self, w: _Watcher) -> None:
         try:
-            await self.store.drop("student", w.service, w.student, w.lease)
-        except Exception as exc:  # it expires on its own
+            await self.store.leave(self.server_id, "student", w.service, w.student, w.lease)
+        except Exception as exc:  # its group's lease ends it if this server goes; else the next join
             log.warning("dropping student %s failed: %s", w.student, exc)
         self.mark_dirty(w.service)
-        log.info("student %s left %s", w.student, w.service)
+        log.debug("student %s left %s", w.student, w.service)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         m = "Status"

@@ -9,6 +9,7 @@ can answer any client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -22,6 +23,9 @@ from distill_reader.errors import ConfigError, DiscoveryError
 from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 
 Kind = Literal["teacher", "student"]
+
+# Default keep_group: how many per-member keeps run at once.
+_KEEP_BATCH = 64
 
 
 class StoreUnavailable(Exception):
@@ -103,6 +107,69 @@ class Store(ABC):
     def changes(self) -> AsyncIterator[str | None]:
         """Yields a service name whenever something in it may have changed, or None for
         "anything may have changed" (after a reconnect). Runs until the store is closed."""
+
+    # --- bulk leases and incremental writes ---------------------------------------------------
+    #
+    # A discovery server streams to many students and keeps their leases. Instead of one lease per
+    # student, a server *joins* its students to a *group* (one per server) and keeps the group: one
+    # store operation per keep-alive interval however many students it streams to. A member of a
+    # group lives while the group is kept and until it leaves; when the group is not kept for a TTL
+    # (the server died or stalled), every member goes with it.
+    #
+    # The defaults below are built from the per-member primitives (one lease per member, kept in
+    # concurrent batches), so a store without native groups works unchanged; the memory and Redis
+    # stores override them natively.
+
+    def _group_book(self) -> dict[str, dict[tuple[str, str, str], str]]:
+        """The default implementation's bookkeeping: group -> (kind, service, member) -> lease."""
+        return vars(self).setdefault("_default_groups", {})
+
+    async def join(
+        self, group: str, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float
+    ) -> str:
+        """Create or take over (same ``instance``) a member whose lease is ``group``'s; returns an id
+        for :meth:`leave`. Raises :class:`AlreadyRegistered` like :meth:`register`."""
+        lease = await self.register(kind, service, member, instance, data, ttl)
+        self._group_book().setdefault(group, {})[(kind, service, member)] = lease
+        return lease
+
+    async def keep_group(self, group: str, ttl: float) -> list[tuple[str, str, str]]:
+        """Extend the lease of every member of ``group``; returns the ``(kind, service, member)`` whose
+        lease had lapsed (they are no longer members: join them again)."""
+        members = self._group_book().get(group, {})
+        items = list(members.items())
+        lapsed: list[tuple[str, str, str]] = []
+        for i in range(0, len(items), _KEEP_BATCH):
+            batch = items[i : i + _KEEP_BATCH]
+            results = await asyncio.gather(
+                *(self.keep(k, s, m, lease, ttl) for (k, s, m), lease in batch), return_exceptions=True
+            )
+            for (key, lease), ok in zip(batch, results):
+                if isinstance(ok, BaseException):
+                    raise ok
+                if not ok and members.get(key) == lease:
+                    del members[key]
+                    lapsed.append(key)
+        return lapsed
+
+    async def leave(self, group: str, kind: Kind, service: str, member: str, lease: str) -> None:
+        """End a member's lease now, if it is still this one."""
+        members = self._group_book().get(group, {})
+        if members.get((kind, service, member)) == lease:
+            del members[(kind, service, member)]
+        await self.drop(kind, service, member, lease)
+
+    async def update_assignment(
+        self,
+        service: str,
+        version: str | None,
+        assignment: dict[str, list[str]],
+        changed: dict[str, list[str]],
+        removed: list[str],
+    ) -> bool:
+        """Like :meth:`write_assignment`, given also what changed since ``version`` (``changed``:
+        students with a new set, ``removed``: students gone), so that a store can write only that."""
+        return await self.write_assignment(service, version, assignment)
 
 
 _STORE_HELP = (

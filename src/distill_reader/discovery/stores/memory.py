@@ -4,30 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 
-from distill_reader.discovery.stores.base import (
-    AlreadyRegistered,
-    Kind,
-    ServiceState,
-    Store,
-    encode_assignment,
-)
+from distill_reader.discovery.stores.base import AlreadyRegistered, Kind, ServiceState, Store
 
 _SWEEP_S = 0.05  # how often expired leases are removed; small next to the 2 s TTL
+_STALL_S = 0.5  # a sweep this much late means the process itself was stalled
+
+Key = tuple[str, str, str]  # (kind, service, member)
 
 
 class MemoryStore(Store):
-    """Dicts and a sweeper task; change notifications go to in-process queues."""
+    """Dicts and a sweeper task; change notifications go to in-process queues.
+
+    Members of a group (a discovery server's students) have no deadline of their own: the group's
+    deadline is theirs, so keeping them all is one dict update. A lease ends when the sweeper
+    removes it; after a stall of this process it first gives every lease the stalled time back.
+    """
 
     url = "memory"
 
     def __init__(self) -> None:
-        # (kind, service) -> member -> (lease, instance, data, deadline)
+        # (kind, service) -> member -> (lease, instance, data, deadline); a group member's deadline is inf
         self._members: dict[tuple[str, str], dict[str, tuple[str, str, dict, float]]] = {}
-        self._assignments: dict[str, str] = {}
+        self._groups: dict[str, float] = {}  # group -> deadline
+        self._group_members: dict[str, dict[Key, str]] = {}  # group -> member -> lease
+        self._lapsed: dict[str, list[Key]] = {}  # group -> members it lost, until keep_group reports them
+        self._assignments: dict[str, dict[str, list[str]]] = {}
+        self._versions: dict[str, int] = {}
         self._queues: list[asyncio.Queue[str | None]] = []
         self._sweeper: asyncio.Task | None = None
 
@@ -47,21 +54,59 @@ class MemoryStore(Store):
             q.put_nowait(service)
 
     async def _sweep(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(_SWEEP_S)
             now = time.monotonic()
-            for (_, service), members in self._members.items():
-                dead = [m for m, (_, _, _, deadline) in members.items() if deadline <= now]
-                for m in dead:
-                    del members[m]
-                if dead:
-                    self._notify(service)
+            stall = now - last - _SWEEP_S
+            last = now
+            if stall > _STALL_S:
+                # This process did not run for a while (its host was overloaded): the keep-alives
+                # that came meanwhile still wait in its sockets. Give every lease that time back
+                # rather than expire leases whose holders did keep them (as etcd does after an
+                # election).
+                self._extend(stall)
+            self._expire(now)
 
-    async def register(self, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float) -> str:
-        members = self._members.setdefault((kind, service), {})
+    def _extend(self, seconds: float) -> None:
+        for members in self._members.values():
+            for m, (lease, instance, data, deadline) in list(members.items()):
+                members[m] = (lease, instance, data, deadline + seconds)
+        for group in self._groups:
+            self._groups[group] += seconds
+
+    def _expire(self, now: float) -> None:
+        for group in [g for g, deadline in self._groups.items() if deadline <= now]:
+            self._lose_group(group)
+        for (_, service), members in self._members.items():
+            dead = [m for m, (_, _, _, deadline) in members.items() if deadline <= now]
+            for m in dead:
+                del members[m]
+            if dead:
+                self._notify(service)
+
+    def _lose_group(self, group: str) -> None:
+        """The group lapsed: its members go, and keep_group will report them."""
+        del self._groups[group]
+        lost = self._group_members.pop(group, {})
+        services = set()
+        for (kind, service, member), lease in lost.items():
+            members = self._members.get((kind, service), {})
+            if member in members and members[member][0] == lease:
+                del members[member]
+                services.add(service)
+        self._lapsed.setdefault(group, []).extend(lost)
+        for service in sorted(services):
+            self._notify(service)
+
+    def _check_free(self, members: dict, member: str, instance: str) -> None:
         old = members.get(member)
         if old and old[3] > time.monotonic() and old[1] != instance:
             raise AlreadyRegistered(member)
+
+    async def register(self, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float) -> str:
+        members = self._members.setdefault((kind, service), {})
+        self._check_free(members, member, instance)
         lease = uuid.uuid4().hex
         members[member] = (lease, instance, dict(data), time.monotonic() + ttl)
         self._notify(service)
@@ -72,11 +117,14 @@ class MemoryStore(Store):
     ) -> bool:
         members = self._members.get((kind, service), {})
         old = members.get(member)
-        if not old or old[0] != lease or old[3] <= time.monotonic():
+        # A lease ends when the sweeper removes it (not at its deadline): after a stall of this
+        # process, the sweeper first gives the leases the stalled time back.
+        if not old or old[0] != lease:
             return False
         # Keep-alives carry only what changes (readiness): merge, as the Redis and etcd stores do.
         merged = {**old[2], **data} if data is not None else old[2]
-        members[member] = (lease, old[1], merged, time.monotonic() + ttl)
+        deadline = old[3] if math.isinf(old[3]) else time.monotonic() + ttl
+        members[member] = (lease, old[1], merged, deadline)
         if merged != old[2]:
             self._notify(service)
         return True
@@ -87,28 +135,79 @@ class MemoryStore(Store):
             del members[member]
             self._notify(service)
 
+    async def join(
+        self, group: str, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float
+    ) -> str:
+        members = self._members.setdefault((kind, service), {})
+        self._check_free(members, member, instance)
+        if group not in self._groups:
+            self._groups[group] = time.monotonic() + ttl
+        lease = uuid.uuid4().hex
+        members[member] = (lease, instance, dict(data), math.inf)
+        self._group_members.setdefault(group, {})[(kind, service, member)] = lease
+        self._notify(service)
+        return lease
+
+    async def keep_group(self, group: str, ttl: float) -> list[tuple[str, str, str]]:
+        now = time.monotonic()
+        if group in self._groups and self._groups[group] <= now:
+            self._lose_group(group)  # lapsed before the sweeper saw it
+        if group in self._groups:
+            self._groups[group] = now + ttl
+        return self._lapsed.pop(group, [])
+
+    async def leave(self, group: str, kind: Kind, service: str, member: str, lease: str) -> None:
+        key = (kind, service, member)
+        if self._group_members.get(group, {}).get(key) == lease:
+            del self._group_members[group][key]
+        await self.drop(kind, service, member, lease)
+
     async def services(self) -> list[str]:
         names = {s for (_, s), members in self._members.items() if members}
         return sorted(names | set(self._assignments))
 
     async def read(self, service: str) -> ServiceState:
-        import json
-
-        now = time.monotonic()
-
         def live(kind: str) -> dict[str, dict]:
-            members = self._members.get((kind, service), {})
-            return {m: dict(v[2]) for m, v in members.items() if v[3] > now}
+            # Present means live: the sweeper removes expired leases (see keep).
+            return {m: dict(v[2]) for m, v in self._members.get((kind, service), {}).items()}
 
-        version = self._assignments.get(service)
-        return ServiceState(live("teacher"), live("student"), json.loads(version) if version else {}, version)
+        version = self._versions.get(service)
+        # The assignment's lists are never mutated (writes replace them), so a shallow copy is safe.
+        assignment = dict(self._assignments.get(service, {}))
+        return ServiceState(live("teacher"), live("student"), assignment, None if version is None else str(version))
 
     async def write_assignment(self, service: str, version: str | None, assignment: dict) -> bool:
-        if self._assignments.get(service) != version:
+        if self._version(service) != version:
             return False
-        self._assignments[service] = encode_assignment(assignment)
-        self._notify(service)
+        self._assignments[service] = {s: list(ts) for s, ts in assignment.items()}
+        self._bump(service)
         return True
+
+    async def update_assignment(
+        self,
+        service: str,
+        version: str | None,
+        assignment: dict[str, list[str]],
+        changed: dict[str, list[str]],
+        removed: list[str],
+    ) -> bool:
+        if self._version(service) != version:
+            return False
+        current = self._assignments.setdefault(service, {})
+        for s in removed:
+            current.pop(s, None)
+        for s, ts in changed.items():
+            current[s] = list(ts)
+        self._bump(service)
+        return True
+
+    def _version(self, service: str) -> str | None:
+        v = self._versions.get(service)
+        return None if v is None else str(v)
+
+    def _bump(self, service: str) -> None:
+        self._versions[service] = self._versions.get(service, 0) + 1
+        self._notify(service)
 
     async def changes(self) -> AsyncIterator[str | None]:
         q: asyncio.Queue[str | None] = asyncio.Queue()

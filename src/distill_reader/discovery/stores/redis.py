@@ -1,15 +1,31 @@
-"""Redis store: one hash per lease with a PEXPIRE TTL, pub/sub plus keyspace events for changes.
+"""Redis store: one hash per teacher lease with a PEXPIRE TTL, students in groups, pub/sub plus
+keyspace events for changes.
 
-Keys (``{s}`` a service, ``{k}`` ``teacher`` or ``student``)::
+Keys (``{s}`` a service, ``{g}`` a group: one per discovery server)::
 
     distill:services                  set of service names
-    distill:{s}:{k}s                  set of member ids (an index; expired ids are pruned on read)
-    distill:{s}:{k}:{id}              hash {lease, instance, data (JSON)}, expires after the TTL
-    distill:{s}:assignment            JSON of the assignment, written with WATCH/MULTI
+    distill:{s}:teachers              set of teacher endpoints (an index; expired ids are pruned on read)
+    distill:{s}:teacher:{id}          hash {lease, instance, data (JSON)}, expires after the TTL
+    distill:_group:{g}                the group's lease id, expires after the TTL unless kept
+    distill:{s}:grouped               hash student id -> JSON {g, gl (group lease), i (instance),
+                                      l (lease), d (data)}; alive while key distill:_group:{g} holds gl
+    distill:{s}:assign                hash student id -> "endpoint,endpoint" (the assignment)
+    distill:{s}:assign:v              the assignment's version, incremented by every write
     distill:changes                   pub/sub channel: a service name per explicit change
+
+(``distill:{s}:students`` and ``distill:{s}:student:{id}``, per-student leases, are what
+:meth:`register` writes for a student; the service joins students to groups instead.)
+
+Reading a service is one Lua script that returns the whole live state as one JSON reply (and prunes
+what expired), and a write sends only the students whose set changed: a redis-py reply costs tens
+of microseconds of Python each, so one reply instead of thousands is what keeps a reconcile of
+10,000 students within tens of milliseconds. Keeping a discovery server's students is one PEXPIRE.
 
 Expiry is noticed through keyspace notifications (``notify-keyspace-events Ex``, which this store
 turns on); where CONFIG is refused (managed Redis) it falls back to polling every 0.25 s.
+
+At most ``MAX_CONNECTIONS`` connections are open (the pool's bound); commands beyond that wait
+for a free one (a semaphore: redis-py's bounded pool would fail them instead).
 """
 
 from __future__ import annotations
@@ -21,13 +37,14 @@ import logging
 import ssl
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError as RedisAuthError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, RedisError, ResponseError, WatchError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from distill_reader.discovery.stores.base import (
@@ -40,7 +57,6 @@ from distill_reader.discovery.stores.base import (
     StoreUnavailable,
     StoreURL,
     auth_failed,
-    encode_assignment,
     permission_denied,
     tls_failed,
     unreachable_hint,
@@ -52,6 +68,11 @@ log = logging.getLogger(__name__)
 _PREFIX = "distill"
 _CHANNEL = f"{_PREFIX}:changes"
 _POLL_S = 0.25
+_JOIN_BATCH = 500  # students joined by one script (Redis runs nothing else meanwhile)
+_PUBLISH_S = 0.02  # student arrivals and departures are announced at most this often per service
+_GROUP = f"{_PREFIX}:_group:"  # service names start with a letter or digit: no clash
+#: The connection pool's bound; two are kept for the pub/sub listener and the script loader.
+MAX_CONNECTIONS = 32
 
 _REGISTER = """
 local inst = redis.call('HGET', KEYS[1], 'instance')
@@ -84,6 +105,107 @@ _DROP = """
 if redis.call('HGET', KEYS[1], 'lease') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# Joins a batch of students to a group. KEYS: group key, services set. ARGV: group lease, ttl ms,
+# create ('1': the group may be (re)created with this lease), then per student: service, id,
+# instance, record (JSON). Returns -1 if the group lapsed (join again with a new lease), else per
+# student 1 (joined) or 0 (held by another live instance).
+_JOIN = (
+    """
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then
+  if ARGV[3] ~= '1' then return -1 end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+local out = {}
+for i = 4, #ARGV, 4 do
+  local h = '"""
+    + _PREFIX
+    + """:' .. ARGV[i] .. ':grouped'
+  local old = redis.call('HGET', h, ARGV[i + 1])
+  local ok = 1
+  if old then
+    local o = cjson.decode(old)
+    if o.i ~= ARGV[i + 2] and redis.call('GET', '"""
+    + _PREFIX
+    + """:_group:' .. o.g) == o.gl then ok = 0 end
+  end
+  if ok == 1 then
+    redis.call('HSET', h, ARGV[i + 1], ARGV[i + 3])
+    redis.call('SADD', KEYS[2], ARGV[i])
+  end
+  out[#out + 1] = ok
+end
+return out
+"""
+)
+_KEEP_GROUP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+_LEAVE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and cjson.decode(old).l == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+# KEYS: teachers index, students index, grouped hash, assign hash, assign version. ARGV: key prefix.
+# Teacher data stays a JSON string (decoded in Python: weights keep every digit).
+_READ = (
+    """
+local out = {t = {}, s = {}, a = {}, v = redis.call('GET', KEYS[5]) or ''}
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local d = redis.call('HGET', ARGV[1] .. 'teacher:' .. m, 'data')
+  if d then out.t[m] = d else redis.call('SREM', KEYS[1], m) end
+end
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local d = redis.call('HGET', ARGV[1] .. 'student:' .. m, 'data')
+  if d then out.s[m] = cjson.decode(d) else redis.call('SREM', KEYS[2], m) end
+end
+local groups = {}
+local kv = redis.call('HGETALL', KEYS[3])
+for i = 1, #kv, 2 do
+  local r = cjson.decode(kv[i + 1])
+  local alive = groups[r.g]
+  if alive == nil then
+    alive = redis.call('GET', '"""
+    + _PREFIX
+    + """:_group:' .. r.g) or false
+    groups[r.g] = alive
+  end
+  if alive == r.gl then out.s[kv[i]] = r.d else redis.call('HDEL', KEYS[3], kv[i]) end
+end
+local a = redis.call('HGETALL', KEYS[4])
+for i = 1, #a, 2 do out.a[a[i]] = a[i + 1] end
+return cjson.encode(out)
+"""
+)
+# KEYS: assign hash, version, services set. ARGV: expected version ('' for none), service,
+# replace ('1': the hash is rewritten whole), number of changed students, then student/endpoints
+# pairs, then removed students.
+_UPDATE = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+if ARGV[3] == '1' then redis.call('DEL', KEYS[1]) end
+local n = tonumber(ARGV[4])
+for i = 5, 4 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+redis.call('INCR', KEYS[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+
+@dataclass
+class _Join:
+    """A student waiting to be joined to a group by the next batch."""
+
+    service: str
+    member: str
+    instance: str
+    data: dict
+    lease: str
+    ttl: float
+    done: asyncio.Future
 
 
 def _connection_kwargs(tls: bool, security: StoreSecurity) -> dict:
@@ -126,9 +248,25 @@ class RedisStore(Store):
             retry=Retry(EqualJitterBackoff(cap=0.2, base=0.02), 3),
             **_connection_kwargs(tls, security),
         )
+        self._r.connection_pool.max_connections = MAX_CONNECTIONS
         self._register = self._r.register_script(_REGISTER)
         self._keep = self._r.register_script(_KEEP)
         self._drop = self._r.register_script(_DROP)
+        self._join = self._r.register_script(_JOIN)
+        self._keep_group = self._r.register_script(_KEEP_GROUP)
+        self._leave = self._r.register_script(_LEAVE)
+        self._read = self._r.register_script(_READ)
+        self._update = self._r.register_script(_UPDATE)
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS - 2)
+        # group -> its current lease, and the members this process joined to it
+        self._group_leases: dict[str, str] = {}
+        self._grouped: dict[str, dict[tuple[str, str, str], str]] = {}
+        self._lapsed: dict[str, list[tuple[str, str, str]]] = {}
+        # Joins waiting for the next batch, per group; the groups whose batch is being flushed.
+        self._join_queue: dict[str, list[_Join]] = {}
+        self._flushing: dict[str, asyncio.Task] = {}
+        self._to_publish: set[str] = set()
+        self._publisher: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Check the credentials now: a wrong password, CA or ACL is a DiscoveryError, not a retry loop.
@@ -143,6 +281,9 @@ class RedisStore(Store):
             log.warning("store %s unreachable for now (retrying): %s%s", self.url, exc, unreachable_hint(self.url, exc))
 
     async def close(self) -> None:
+        for task in [*self._flushing.values(), self._publisher]:
+            if task is not None:
+                task.cancel()
         await self._r.aclose()
 
     def _key(self, service: str, kind: str, member: str | None = None) -> str:
@@ -160,7 +301,8 @@ class RedisStore(Store):
 
     async def _call(self, coro):
         try:
-            return await coro
+            async with self._slots:
+                return await coro
         except (RedisConnectionError, RedisTimeoutError, NoPermissionError, OSError) as exc:
             raise self._error(exc) from exc
 
@@ -192,42 +334,140 @@ class RedisStore(Store):
     async def services(self) -> list[str]:
         return sorted(await self._call(self._r.smembers(f"{_PREFIX}:services")))
 
-    async def _members(self, service: str, kind: str) -> dict[str, dict]:
-        ids = sorted(await self._call(self._r.smembers(self._key(service, kind))))
-        if not ids:
-            return {}
-        pipe = self._r.pipeline(transaction=False)
-        for m in ids:
-            pipe.hget(self._key(service, kind, m), "data")
-        values = await self._call(pipe.execute())
-        gone = [m for m, v in zip(ids, values) if v is None]
-        if gone:  # expired: prune the index (a re-registration re-adds it)
-            await self._call(self._r.srem(self._key(service, kind), *gone))
-        return {m: json.loads(v) for m, v in zip(ids, values) if v is not None}
-
     async def read(self, service: str) -> ServiceState:
-        teachers = await self._members(service, "teacher")
-        students = await self._members(service, "student")
-        raw = await self._call(self._r.get(f"{_PREFIX}:{service}:assignment"))
-        return ServiceState(teachers, students, json.loads(raw) if raw else {}, raw)
+        keys = [
+            self._key(service, "teacher"),
+            self._key(service, "student"),
+            f"{_PREFIX}:{service}:grouped",
+            f"{_PREFIX}:{service}:assign",
+            f"{_PREFIX}:{service}:assign:v",
+        ]
+        out = json.loads(await self._call(self._read(keys=keys, args=[f"{_PREFIX}:{service}:"])))
+        teachers = {m: json.loads(d) for m, d in out["t"].items()}
+        assignment = {s: ts.split(",") if ts else [] for s, ts in out["a"].items()}
+        return ServiceState(teachers, out["s"], assignment, out["v"] or None)
 
     async def write_assignment(self, service: str, version: str | None, assignment: dict) -> bool:
-        key = f"{_PREFIX}:{service}:assignment"
-        try:
-            async with self._r.pipeline(transaction=True) as pipe:
-                await pipe.watch(key)
-                if await pipe.get(key) != version:
-                    return False
-                pipe.multi()
-                pipe.set(key, encode_assignment(assignment))
-                pipe.sadd(f"{_PREFIX}:services", service)
-                await pipe.execute()
-        except WatchError:
+        return await self._write(service, version, assignment, [], replace=True)
+
+    async def update_assignment(
+        self,
+        service: str,
+        version: str | None,
+        assignment: dict[str, list[str]],
+        changed: dict[str, list[str]],
+        removed: list[str],
+    ) -> bool:
+        return await self._write(service, version, changed, removed, replace=False)
+
+    async def _write(self, service: str, version: str | None, changed: dict, removed: list[str], replace: bool) -> bool:
+        keys = [f"{_PREFIX}:{service}:assign", f"{_PREFIX}:{service}:assign:v", f"{_PREFIX}:services"]
+        args: list[str | int] = [version or "", service, "1" if replace else "0", len(changed)]
+        for s, ts in changed.items():
+            args += [s, ",".join(ts)]
+        args += removed
+        if not await self._call(self._update(keys=keys, args=args)):
             return False
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise self._error(exc) from exc
         await self._publish(service)
         return True
+
+    # --- groups: a discovery server's students, kept with one PEXPIRE ---------------------------
+
+    def _lose_group(self, group: str) -> None:
+        """The group's key lapsed: every member this process joined to it is gone."""
+        self._lapsed.setdefault(group, []).extend(self._grouped.pop(group, {}))
+        self._group_leases.pop(group, None)
+
+    async def join(
+        self, group: str, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float
+    ) -> str:
+        if kind != "student":  # teachers keep their own leases (their keep-alives come one by one)
+            return await super().join(group, kind, service, member, instance, data, ttl)
+        # Batched: the joins of a burst (arriving in the same loop iterations) go in one script.
+        job = _Join(service, member, instance, data, uuid.uuid4().hex, ttl, asyncio.get_running_loop().create_future())
+        self._join_queue.setdefault(group, []).append(job)
+        if group not in self._flushing:
+            self._flushing[group] = asyncio.create_task(self._flush_joins(group))
+        return await job.done
+
+    async def _flush_joins(self, group: str) -> None:
+        try:
+            await asyncio.sleep(0)  # let the rest of the burst queue up
+            while self._join_queue.get(group):
+                queue = self._join_queue[group]
+                batch, self._join_queue[group] = queue[:_JOIN_BATCH], queue[_JOIN_BATCH:]
+                try:
+                    results = await self._join_batch(group, batch)
+                except Exception as exc:
+                    for job in batch:
+                        if not job.done.done():
+                            job.done.set_exception(exc)
+                    continue
+                for job, ok in zip(batch, results):
+                    if job.done.done() and ok:  # the caller gave up (its stream was cancelled): undo
+                        await self.leave(group, "student", job.service, job.member, job.lease)
+                    elif ok:
+                        job.done.set_result(job.lease)
+                    elif not job.done.done():
+                        job.done.set_exception(AlreadyRegistered(job.member))
+                for service in {job.service for job, ok in zip(batch, results) if ok}:
+                    self._publish_soon(service)
+        finally:
+            del self._flushing[group]
+
+    async def _join_batch(self, group: str, batch: list[_Join]) -> list[int]:
+        keys = [f"{_GROUP}{group}", f"{_PREFIX}:services"]
+        for _ in range(2):
+            fresh = group not in self._group_leases
+            glease = self._group_leases.setdefault(group, uuid.uuid4().hex)
+            args: list[str | int] = [glease, int(batch[0].ttl * 1000), "1" if fresh else "0"]
+            for job in batch:
+                record = json.dumps({"g": group, "gl": glease, "i": job.instance, "l": job.lease, "d": job.data})
+                args += [job.service, job.member, job.instance, record]
+            result = await self._call(self._join(keys=keys, args=args))
+            if result == -1:  # the group lapsed: its members are gone; start it again
+                self._lose_group(group)
+                continue
+            members = self._grouped.setdefault(group, {})
+            for job, ok in zip(batch, result):
+                if ok:
+                    members[("student", job.service, job.member)] = job.lease
+            return result
+        raise StoreUnavailable(f"{self.url}: group {group} lapsed twice while joining students")
+
+    def _publish_soon(self, service: str) -> None:
+        """Announce a change within ``_PUBLISH_S`` (one message for all the changes meanwhile)."""
+        self._to_publish.add(service)
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_pending())
+
+    async def _publish_pending(self) -> None:
+        await asyncio.sleep(_PUBLISH_S)
+        services, self._to_publish = self._to_publish, set()
+        for service in sorted(services):
+            try:
+                await self._publish(service)
+            except StoreUnavailable as exc:  # the others resync within a second
+                log.warning("announcing a change of %s failed: %s", service, exc)
+
+    async def keep_group(self, group: str, ttl: float) -> list[tuple[str, str, str]]:
+        glease = self._group_leases.get(group)
+        if glease is not None and not await self._call(
+            self._keep_group(keys=[f"{_GROUP}{group}"], args=[glease, int(ttl * 1000)])
+        ):
+            self._lose_group(group)
+        lapsed = self._lapsed.pop(group, [])
+        # Members joined through the default (teachers) keep their own leases.
+        return lapsed + await super().keep_group(group, ttl)
+
+    async def leave(self, group: str, kind: Kind, service: str, member: str, lease: str) -> None:
+        if kind != "student":
+            return await super().leave(group, kind, service, member, lease)
+        members = self._grouped.get(group, {})
+        if members.get((kind, service, member)) == lease:
+            del members[(kind, service, member)]
+        if await self._call(self._leave(keys=[f"{_PREFIX}:{service}:grouped"], args=[member, lease])):
+            self._publish_soon(service)
 
     async def _enable_expiry_events(self) -> bool:
         try:
@@ -260,6 +500,8 @@ class RedisStore(Store):
                     continue
                 if msg["channel"] == _CHANNEL:
                     yield msg["data"]
+                elif msg["data"].startswith(_GROUP):
+                    yield None  # a discovery server's group lapsed: its students may be in any service
                 elif msg["data"].startswith(f"{_PREFIX}:"):
                     yield msg["data"].split(":")[1]
         finally:
