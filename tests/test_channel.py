@@ -15,10 +15,10 @@ from reader_models import make_sample
 from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import DistillReader, PipelineError, TeacherError
+from distill_reader.errors import ChannelTimeout
 from distill_reader.reader.channel import (
     Cancel,
     Cancelled,
-    ChannelTimeout,
     EpochError,
     Fatal,
     LogMessage,

@@ -25,7 +25,7 @@ except ImportError:
 
 from distill_reader import DistillReader  # noqa: E402
 from distill_reader.paddle import DistillDataset  # noqa: E402
-from distill_reader.serving.backends.base import load_backend  # noqa: E402
+from distill_reader.serving.backends import load_backend  # noqa: E402
 from distill_reader.serving.backends.paddle import PaddleBackend, find_paddle_model  # noqa: E402
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

@@ -37,7 +37,7 @@ from distill_reader.discovery.server import DiscoveryServer, ServerThread
 from distill_reader.discovery.service import status_dict
 from distill_reader.errors import ConfigError, DiscoveryError
 from distill_reader.security import ClientSecurity, Secret, TokenInterceptor, load_tls, read_token_file
-from distill_reader.serving.backends.base import load_backend
+from distill_reader.serving.backends import load_backend
 from distill_reader.serving.commands import teacher
 from distill_reader.serving.server import InferenceServer, running_server
 

@@ -32,15 +32,14 @@ from test_discovery_support import ServiceProcess, Watch, free_port, have
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.server import DiscoveryServer
+from distill_reader.discovery.stores import open_store
 from distill_reader.discovery.stores.base import (
     PASSWORD_ENV,
-    StoreRefused,
     StoreSecurity,
-    open_store,
     parse_store_url,
     store_security,
 )
-from distill_reader.errors import DiscoveryError
+from distill_reader.errors import DiscoveryError, StoreRefused
 from distill_reader.security import Secret
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,7 +11,6 @@ import ast
 import configparser
 import difflib
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from distill_reader.errors import ConfigError
 from distill_reader.oip import SUPPORTED_DTYPES, TensorSpec
+from distill_reader.rpc import split_hostport
 from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 
 MODES = ("fixed", "discover")
@@ -28,7 +28,6 @@ MODES = ("fixed", "discover")
 STORE_POLICIES = ("write", "read", "cache")
 SHARED_MEMORY_MODES = ("auto", "on", "off")
 DEFAULT_MODEL_NAME = "teacher"
-_ENDPOINT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 #: Every section and key :func:`load_config` reads. Anything else is refused, so that a typo
 #: (``reqire_num``, ``[stor]``) fails loudly instead of being ignored.
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
@@ -135,8 +134,7 @@ class ReaderConfig:
 def parse_endpoint(text: str, what: str) -> str:
     """Validate a ``host:port`` string; ``what`` names it in the error."""
     text = str(text).strip()
-    match = _ENDPOINT_RE.match(text)
-    if not match or not 0 < int(match.group(2)) < 65536:
+    if split_hostport(text) is None:
         raise ConfigError(f"{what}: {text!r} is not a 'host:port' address")
     return text
 

@@ -86,3 +86,34 @@ class DiscoveryError(DistillReaderError):
     """Bad arguments for discovery (service name, require_num, endpoint, store URL), or a request
     the discovery server rejected as invalid. Unreachable discovery servers are not errors: clients
     retry."""
+
+
+# -- internal signals -------------------------------------------------------------------------
+# Raised and caught inside distill-reader; none reaches the user's code (each is turned into one of
+# the errors above, an RPC status, or a retry), so they are not DistillReaderErrors and not exported.
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now (the caller retries)."""
+
+
+class StoreRefused(StoreUnavailable):
+    """The store answered but refused this server: a wrong user or password, a missing permission, or
+    a failed TLS handshake. Retrying will not help until the configuration is fixed; the message says
+    what to fix (and never holds a secret)."""
+
+
+class AlreadyRegistered(Exception):
+    """A live lease for this member is held by another instance."""
+
+
+class ChannelTimeout(Exception):
+    """A bounded send could not start in time: the other side does not read its pipe."""
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher stopped before the request ran."""
+
+
+class RequestError(ValueError):
+    """A request that does not fit the model; becomes INVALID_ARGUMENT."""

@@ -3,6 +3,7 @@
 - :data:`MAX_MESSAGE_BYTES`: the one limit on OIP message sizes, for the teacher client and server;
 - :func:`run_until_signal` / :func:`stop_on_signals`: the one way a command runs until SIGINT/SIGTERM;
 - :class:`LoopThread`: the one way to run a server's event loop in a background thread;
+- :func:`split_hostport`: the one check of a ``host:port`` address;
 - :func:`strict_handler` serves a servicer's async methods like the generated ``add_*_to_server``
   does, except that it parses requests itself, so a request that is not a valid protobuf gets
   ``INVALID_ARGUMENT`` naming the expected message (gRPC's generated deserializer would fail before
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -25,6 +27,19 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
 T = TypeVar("T")
+
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+
+
+def split_hostport(value: str, *, allow_port_zero: bool = False) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` address (an IPv6 host in brackets; port 1-65535, or 0 if
+    allowed), or None if ``value`` is not one. Callers raise their own error, naming the setting."""
+    match = _HOSTPORT.match(value or "")
+    if match is None or len(value) > 262:
+        return None
+    port = int(match.group(2))
+    return (match.group(1), port) if (0 if allow_port_zero else 1) <= port < 65536 else None
+
 
 #: The largest OIP message the teacher client and server accept (a d_batch of big tensors).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024

@@ -87,7 +87,7 @@ def capacity(a_ms: float, b_ms: float, max_batch: int) -> float:
 
 
 async def _serve_with_latency(spec: str, listen: str, latency_ms: float, max_batch: int, max_delay_ms: float) -> None:
-    from distill_reader.serving.backends.base import load_backend
+    from distill_reader.serving.backends import load_backend
     from distill_reader.serving.server import InferenceServer
 
     backend = load_backend(spec)

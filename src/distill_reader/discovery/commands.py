@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
-import signal
 import sys
 
 import click
@@ -14,6 +12,7 @@ import click
 from distill_reader.discovery.service import DEFAULT_KEEPALIVE_S, DEFAULT_TTL_S
 from distill_reader.discovery.stores.base import PASSWORD_ENV, StoreSecurity
 from distill_reader.errors import DistillReaderError
+from distill_reader.rpc import run_until_signal
 
 DEFAULT_LISTEN = "127.0.0.1:7400"
 
@@ -135,18 +134,9 @@ def store_options(default: str = "memory"):
 
 
 def _run_until_signal(main) -> None:
-    """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop``; DiscoveryError becomes a usage error."""
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        await main(stop)
-
+    """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop``; DistillReaderError becomes a usage error."""
     try:
-        asyncio.run(runner())
+        run_until_signal(main)
     except DistillReaderError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -11,7 +11,6 @@ import contextlib
 import html
 import json
 import logging
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -26,9 +25,10 @@ from distill_reader.discovery.service import (
     status_dict,
     status_message,
 )
-from distill_reader.discovery.stores.base import StoreSecurity, check_hostport, open_store
+from distill_reader.discovery.stores import open_store
+from distill_reader.discovery.stores.base import StoreSecurity, check_hostport
 from distill_reader.errors import DiscoveryError
-from distill_reader.rpc import strict_handler
+from distill_reader.rpc import LoopThread, strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, is_loopback, warn_if_exposed
 
 log = logging.getLogger(__name__)
@@ -246,8 +246,7 @@ class ServerThread:
     def __init__(self, listen: str = "127.0.0.1:0", store: str = "memory", **kwargs) -> None:
         self._args = (listen, store)
         self._kwargs = kwargs
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="discovery-server", daemon=True)
+        self._thread = LoopThread("discovery-server")
         self.server: DiscoveryServer | None = None
 
     @property
@@ -262,7 +261,6 @@ class ServerThread:
 
     def start(self, timeout: float = 10.0) -> ServerThread:
         """Start and wait until the server is bound; raises what its start raised."""
-        self._thread.start()
 
         async def _start() -> DiscoveryServer:
             server = DiscoveryServer(*self._args, **self._kwargs)
@@ -270,24 +268,18 @@ class ServerThread:
             return server
 
         try:
-            self.server = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout)
+            self.server = self._thread.start().run(_start(), timeout)
         except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout)
+            self._thread.stop(timeout)
             raise
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server and its thread (idempotent)."""
-        if self._loop.is_closed():
-            return
-        if self.server and self._loop.is_running():
+        if self.server is not None and self._thread.loop.is_running():
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(timeout)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._loop.close()
+                self._thread.run(self.server.stop(), timeout)
+        self._thread.stop(timeout)
 
 
 @contextlib.contextmanager

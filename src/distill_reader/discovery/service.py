@@ -40,13 +40,11 @@ from distill_reader.discovery.balance import balance
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.stores.base import (
-    AlreadyRegistered,
     ServiceState,
     Store,
-    StoreUnavailable,
     check_hostport,
 )
-from distill_reader.errors import DiscoveryError
+from distill_reader.errors import AlreadyRegistered, DiscoveryError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

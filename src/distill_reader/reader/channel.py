@@ -34,6 +34,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
+from distill_reader.errors import ChannelTimeout
 from distill_reader.teacher.stats import TeacherStats
 
 
@@ -189,10 +190,6 @@ def encode(message: Message) -> bytes:
 def decode(data: bytes) -> Message:
     raw = pickle.loads(data)
     return _new(_TYPES[raw[0]], raw[1:])
-
-
-class ChannelTimeout(Exception):
-    """A bounded send could not start in time: the other side does not read its pipe."""
 
 
 class Sender:

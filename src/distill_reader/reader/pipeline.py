@@ -58,11 +58,10 @@ import numpy as np
 
 from distill_reader._logging import handle_forwarded
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import DistillReaderError, PipelineError
+from distill_reader.errors import ChannelTimeout, DistillReaderError, PipelineError
 from distill_reader.reader.channel import (
     Cancel,
     Cancelled,
-    ChannelTimeout,
     EpochError,
     Fatal,
     LogMessage,

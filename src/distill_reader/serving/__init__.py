@@ -4,7 +4,7 @@
 :mod:`distill_reader.serving.server` (``serve``, ``run_server``, ``running_server``).
 """
 
-from distill_reader.serving.backends.base import Backend, load_backend
+from distill_reader.serving.backends import Backend, load_backend
 from distill_reader.serving.backends.python import teacher_model
 
 __all__ = ["Backend", "load_backend", "running_server", "serve", "run_server", "teacher_model"]

@@ -40,13 +40,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from distill_reader.errors import BatcherStopped
 from distill_reader.serving.backends.base import Backend
 
 log = logging.getLogger(__name__)
-
-
-class BatcherStopped(RuntimeError):
-    """The batcher stopped before the request ran."""
 
 
 @dataclass(frozen=True)

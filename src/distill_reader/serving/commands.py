@@ -191,7 +191,7 @@ def serve_command(
     discovery servers and --tls-cert/--tls-key are the client certificate where they require one.
     """
     from distill_reader.security import ClientSecurity, load_tls, read_token_file
-    from distill_reader.serving.backends.base import load_backend
+    from distill_reader.serving.backends import load_backend
 
     if bool(discovery_endpoints) != bool(service_name):
         raise click.UsageError("--register and --service-name go together")

@@ -20,26 +20,13 @@ from typing import Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from distill_reader.errors import ConfigError, DiscoveryError
+from distill_reader.rpc import split_hostport
 from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 
 Kind = Literal["teacher", "student"]
 
 # Default keep_group: how many per-member keeps run at once.
 _KEEP_BATCH = 64
-
-
-class StoreUnavailable(Exception):
-    """The store cannot be reached right now (the caller retries)."""
-
-
-class StoreRefused(StoreUnavailable):
-    """The store answered but refused this server: a wrong user or password, a missing permission, or
-    a failed TLS handshake. Retrying will not help until the configuration is fixed; the message says
-    what to fix (and never holds a secret)."""
-
-
-class AlreadyRegistered(Exception):
-    """A live lease for this member is held by another instance."""
 
 
 @dataclass
@@ -176,7 +163,6 @@ _STORE_HELP = (
     "expected 'memory', 'redis://[USER@]HOST:PORT[/DB]', 'rediss://…' (TLS), 'etcd://[USER@]HOST:PORT' "
     "or 'etcds://…' (TLS)"
 )
-_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 _TLS_SCHEMES = {"rediss": "redis", "etcds": "etcd"}
 PASSWORD_ENV = "DISTILL_STORE_PASSWORD"
 PASSWORD_HELP = f"--store-password-file FILE or ${PASSWORD_ENV}"
@@ -315,25 +301,6 @@ def store_security(
     return replace(security, username=username, password=password)
 
 
-def open_store(url: str, security: StoreSecurity | None = None) -> Store:
-    """A store for a ``--store`` URL (not started yet), with :func:`store_security`'s credentials."""
-    parsed = parse_store_url(url)
-    security = security or StoreSecurity()
-    if parsed.username and not security.username:
-        security = replace(security, username=parsed.username)
-    if parsed.kind == "memory":
-        from distill_reader.discovery.stores.memory import MemoryStore
-
-        return MemoryStore()
-    if parsed.kind == "redis":
-        from distill_reader.discovery.stores.redis import RedisStore
-
-        return RedisStore(parsed.host, parsed.port, parsed.db, tls=parsed.tls, security=security)
-    from distill_reader.discovery.stores.etcd import EtcdStore
-
-    return EtcdStore(parsed.host, parsed.port, tls=parsed.tls, security=security)
-
-
 def unreachable_hint(url: str, detail: object) -> str:
     """A hint for a plaintext URL whose store hung up on us: it may speak only TLS."""
     text = str(detail).lower()
@@ -375,8 +342,7 @@ def tls_failed(url: str, detail: object) -> DiscoveryError:
 
 def check_hostport(value: str, what: str = "endpoint", *, allow_port_zero: bool = False) -> str:
     """``value`` if it is ``host:port`` (port 1-65535, or 0 if allowed), else DiscoveryError."""
-    m = _HOSTPORT.match(value or "")
-    low = 0 if allow_port_zero else 1
-    if not m or not low <= int(m.group(2)) < 65536 or len(value) > 262:
+    if split_hostport(value, allow_port_zero=allow_port_zero) is None:
+        low = 0 if allow_port_zero else 1
         raise DiscoveryError(f"{what} must be HOST:PORT with a port in {low}-65535, got {value!r}")
     return value

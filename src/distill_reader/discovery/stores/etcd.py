@@ -30,13 +30,10 @@ import grpc
 from aetcd import rpc
 
 from distill_reader.discovery.stores.base import (
-    AlreadyRegistered,
     Kind,
     ServiceState,
     Store,
-    StoreRefused,
     StoreSecurity,
-    StoreUnavailable,
     StoreURL,
     auth_failed,
     encode_assignment,
@@ -44,7 +41,7 @@ from distill_reader.discovery.stores.base import (
     tls_failed,
     unreachable_hint,
 )
-from distill_reader.errors import DiscoveryError
+from distill_reader.errors import AlreadyRegistered, DiscoveryError, StoreRefused, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from distill_reader.discovery.stores.base import AlreadyRegistered, Kind, ServiceState, Store
+from distill_reader.discovery.stores.base import Kind, ServiceState, Store
+from distill_reader.errors import AlreadyRegistered
 
 _SWEEP_S = 0.05  # how often expired leases are removed; small next to the 2 s TTL
 _STALL_S = 0.5  # a sweep this much late means the process itself was stalled

@@ -48,20 +48,17 @@ from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from distill_reader.discovery.stores.base import (
-    AlreadyRegistered,
     Kind,
     ServiceState,
     Store,
-    StoreRefused,
     StoreSecurity,
-    StoreUnavailable,
     StoreURL,
     auth_failed,
     permission_denied,
     tls_failed,
     unreachable_hint,
 )
-from distill_reader.errors import DiscoveryError
+from distill_reader.errors import AlreadyRegistered, DiscoveryError, StoreRefused, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,40 @@
-"""Teacher backends: one small interface (:class:`Backend`), one implementation per file."""
+"""Teacher backends: one small interface (:class:`Backend`), one implementation per file, and
+:func:`load_backend`, the factory that picks one for a ``--model`` spec."""
 
-from distill_reader.serving.backends.base import Backend, load_backend
+from __future__ import annotations
+
+import os
+
+from distill_reader.serving.backends.base import Backend
+
+
+def load_backend(spec: str, *, threads: int | None = None) -> Backend:
+    """The backend for SPEC: ``path/to/model.onnx`` (an existing file), a saved Paddle inference
+    model (``PATH.json``/``PATH.pdmodel``, the prefix ``PATH`` or a directory holding one; see
+    :mod:`~distill_reader.serving.backends.paddle`) or ``module:function``.
+
+    ``module`` may also be a path to a ``.py`` file. ``threads`` sets ONNX Runtime's or Paddle's
+    intra-op threads (ignored by Python backends). Raises ``ValueError`` naming the spec when it is unusable.
+    """
+    if spec.endswith(".onnx"):
+        if not os.path.isfile(spec):
+            raise ValueError(f"model file {spec!r} does not exist")
+        from distill_reader.serving.backends.onnx import OnnxBackend
+
+        return OnnxBackend(spec, threads=threads)
+    from distill_reader.serving.backends.paddle import PaddleBackend, find_paddle_model
+
+    if paddle_files := find_paddle_model(spec):
+        return PaddleBackend(*paddle_files, threads=threads)
+    module, sep, attr = spec.rpartition(":")
+    if sep and module and attr and attr.isidentifier():
+        from distill_reader.serving.backends.python import PythonBackend
+
+        return PythonBackend.from_spec(spec)
+    raise ValueError(
+        f"model spec {spec!r} is neither an ONNX file (path ending in .onnx), a saved Paddle model "
+        "(PATH.json or PATH.pdmodel beside PATH.pdiparams) nor a Python callable (module:function)"
+    )
+
 
 __all__ = ["Backend", "load_backend"]
