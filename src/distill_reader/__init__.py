@@ -1,11 +1,14 @@
 """distill-reader: service-based knowledge distillation.
 
-The public API is what this module exports; everything else is private and may change.
+The public API is what this module exports, plus ``distill_reader.serving.teacher_model``,
+``distill_reader.torch`` (``DistillDataset``), ``distill_reader.paddle`` and the ``distill`` command;
+every other module is internal and may change (docs/architecture.md lists them).
 """
 
 from distill_reader._logging import install_default_handler
 from distill_reader.errors import (
     ConfigError,
+    DiscoveryError,
     DistillReaderError,
     NoTeacherError,
     PipelineError,
@@ -29,6 +32,7 @@ install_default_handler()
 
 __all__ = [
     "ConfigError",
+    "DiscoveryError",
     "DistillReader",
     "DistillReaderError",
     "FakeDistillReader",

@@ -2,6 +2,8 @@
 
 Client side: :class:`StudentSession`, :func:`keep_registered`. Server side:
 ``distill_reader.discovery.server``. Balancing: ``distill_reader.discovery.balance``.
+
+Internal: not public API (the public surface is what ``distill_reader`` exports; docs/architecture.md).
 """
 
 from distill_reader.discovery.client import StudentSession, TeacherEndpoint, keep_registered, parse_endpoints
