@@ -105,7 +105,7 @@ def _help() -> str:
         f"""Benchmarks: how close DistillReader runs to its limits, beside the alternatives.
 
         Every figure is a ratio of two rates measured in the same run. Scenarios (default: all but
-        chaos and store, {about(total)} in all; durations of a full run on 2 cores, --quick takes about a
+        chaos, store and discovery, {about(total)} in all; durations of a full run on 2 cores, --quick takes about a
         minute for all):
 
         \b
