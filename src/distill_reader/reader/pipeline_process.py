@@ -309,19 +309,12 @@ class _PipelineProcess:
     def _on_cancel(self, message: Cancel) -> None:
         epoch = message.epoch
         self.cancelled_upto = max(self.cancelled_upto, epoch)
-        writing = self.scheduler.cancel(epoch)
+        self.scheduler.cancel(epoch)  # no teacher writes into the pool: the slots are free at once
         if self.knowledge is not None:
             self.knowledge.cancelled()
         self.done_rows = [0] * len(self.done_rows)
         self.sealed_rows = [None] * len(self.sealed_rows)
         self.slot_started = [None] * len(self.slot_started)
-        if writing:  # a teacher may still write into the pool: the slots are not free before it is done
-            spawn(self._cancelled_after(writing, epoch))
-        else:
-            self.send(Cancelled(epoch))
-
-    async def _cancelled_after(self, writing: list[asyncio.Future], epoch: int) -> None:
-        await asyncio.wait(writing)  # each request ends by request_timeout
         self.send(Cancelled(epoch))
 
     def _on_stop(self, message: Stop) -> None:
