@@ -282,19 +282,21 @@ def test_answers_after_the_request_timed_out_never_land_in_the_pool(write_config
     it up), never into the pool."""
     caplog.set_level(logging.INFO, logger="distill_reader")
     late: list[float] = []  # when a late answer was written (its client had given up)
-    calls: list[int] = []
+    calls, slowed = [0], []
     monkeypatch.setattr(TeacherServer, "ModelInfer", functools.partialmethod(_infer_to_the_end, late=late))
-    timeout, slow_calls = 0.3, (0, 6, 12, 18)
+    timeout, slow_calls = 0.3, 4  # each times out the 1-2 requests in flight: their entries are retired
 
     @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
     def sometimes_slow(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        calls.append(len(calls))
-        if calls[-1] in slow_calls:  # past the deadline, but done before its back-off ends
+        calls[0] += 1
+        if len(slowed) < slow_calls and calls[0] % 2:  # past the deadline, done before its back-off ends
+            slowed.append(calls[0])
             time.sleep(1.5 * timeout)
             return {"prediction": np.full((len(batch["img"]), 10), -1, np.float32)}
         return {"prediction": tag_rows(batch["img"])}
 
-    with running_server(PythonBackend(sometimes_slow)) as slow, running_server(PythonBackend(tag)) as fast:
+    # The other teacher takes 20 ms a call (slow_tag), so that the first one gets its share of the rows.
+    with running_server(PythonBackend(sometimes_slow)) as slow, running_server(PythonBackend(slow_tag)) as fast:
         config = write_config([slow, fast], "shared_memory = on")
         dr = DistillReader(
             config, 16, 4, capacity=3, occupied_capacity=1, copy=True, max_in_flight=2, request_timeout=timeout
@@ -303,6 +305,6 @@ def test_answers_after_the_request_timed_out_never_land_in_the_pool(write_config
         with dr:
             for _ in range(2):
                 check_epoch(list(dr.distill_reader()()), 480, 16)
-    assert len(calls) > max(slow_calls) and len(late) >= len(slow_calls)  # each slow call answered late
+    assert len(slowed) == slow_calls and len(late) >= slow_calls  # each slow call answered late
     replaced = [r.getMessage() for r in caplog.records if "replaced by" in r.getMessage()]
     assert replaced and all(slow in line for line in replaced)

@@ -21,8 +21,8 @@ The messages (NamedTuples of :mod:`distill_reader.reader.channel`). Parent -> ch
 * ``Work(epoch, sequence, slot, start, count)``: a d_batch is written, send it to a teacher;
 * ``Seal(epoch, slot, rows)``: every d_batch of the slot was sent;
 * ``Cancel(epoch)``: drop the work of that epoch and earlier, answered by ``Cancelled(epoch)``;
-  nothing is written into the pool for it afterwards (a teacher that writes into the pool itself,
-  over shared memory, finishes its requests in flight first: see docs/transports.md);
+  nothing is written into the pool for it afterwards, so it is answered at once (no teacher writes
+  into the pool itself: over shared memory, answers go into an output ring, see docs/transports.md);
 * ``StatsRequest()``, answered by ``StatsReport([TeacherStats], retries)``;
 * ``Stop()``.
 

@@ -20,7 +20,8 @@ round trip each): a name never outlives the registration calls in ``/dev/shm``, 
 reader afterwards. Linux can name such a file only once, so a teacher that registers later
 (discovery adds it, or it restarted) maps a fresh *mirror* of the pool instead, with the same
 layout, named for its own registration call only: the reader copies each request's rows into the
-mirror and the answer out of it (two memcpy, no serialization). See docs/transports.md.
+mirror (one more memcpy, no serialization). An output ring is named the same way. See
+docs/transports.md.
 
 A request the extension cannot express goes over plain gRPC (counted in :attr:`fallbacks`): rows
 that are not contiguous in the pool (grouped by length) and variable vars cut shorter than
@@ -371,8 +372,11 @@ class SharedMemoryTransport(TeacherClient):
         ring = self._ring
         if ring is not None and not ring.free and ring.retired:  # timed-out requests used it up
             async with self._lock:
-                if self._ring is ring:
-                    await self._replace_ring(ring)
+                try:
+                    if self._ring is ring:
+                        await self._replace_ring(ring)
+                except (grpc.aio.AioRpcError, OSError) as exc:  # this request goes over gRPC; the next tries again
+                    log.warning("teacher %s: cannot register a fresh output region: %s", self.endpoint, exc)
         region, mirror = self.region, self._mirror
         placed = self._request(batch, region) if region is not None else None
         taken = self._take_entry() if placed is not None else None
