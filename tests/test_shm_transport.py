@@ -3,12 +3,15 @@ shared-memory extension), the built-in server's side of it, and that no name is 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
 import secrets
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -27,8 +30,9 @@ from distill_reader.config import load_config
 from distill_reader.errors import ConfigError, TeacherMismatchError
 from distill_reader.reader.pool import NAME_PREFIX, SharedBuffer, sweep_stale_names
 from distill_reader.security import Secret
+from distill_reader.serving import teacher_model
 from distill_reader.serving.backends.python import PythonBackend
-from distill_reader.serving.server import running_server
+from distill_reader.serving.server import TeacherServer, running_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,8 +57,8 @@ def test_reader_over_shared_memory_exactly_once_and_no_name_left(write_config, t
         batches = [[a.copy() for a in batch] for batch in dr.distill_reader()()]
         check_epoch(batches, 300, 16)
         pool_bytes = dr._holder.pipeline.layout.nbytes
-        for endpoint in tag_teachers:
-            assert list(regions(endpoint).values()) == [pool_bytes]
+        for endpoint in tag_teachers:  # the pool, and the transport's output ring
+            assert len(regions(endpoint)) == 2 and pool_bytes in regions(endpoint).values()
         assert shm_files() == before
     assert all(not regions(endpoint) for endpoint in tag_teachers)
 
@@ -92,7 +96,7 @@ def _stream_through_a_teacher_killed_and_restarted(write_config, teachers, endpo
             check_epoch(list(dr.distill_reader()()), 240, 16)
             if regions(endpoints[0]):
                 break
-        assert len(regions(endpoints[0])) == 1
+        assert len(regions(endpoints[0])) == 2  # a mirror of the pool, and an output ring
     assert shm_files() == before and not regions(endpoints[0]) and not regions(endpoints[1])
 
 
@@ -253,3 +257,54 @@ def test_a_teacher_without_shared_memory_is_used_over_grpc_or_refused_when_requi
         message = r"\[conf\] shared_memory is 'on' but its server metadata does not announce the system_shared_memory"
         with dr, pytest.raises(TeacherMismatchError, match=message):
             list(dr.distill_reader()())
+
+
+# -- a teacher that answers after the reader gave up ------------------------------------------------
+async def _infer_to_the_end(self: TeacherServer, request, context, *, late: list[float]):
+    """``TeacherServer.ModelInfer`` as Triton behaves: a request whose client gave up (its deadline
+    passed) is computed to the end and its outputs written into the region it named. (The built-in
+    server's own handler is cancelled with the call, before it writes anything.)"""
+    answer = asyncio.ensure_future(self._answer(request))
+    try:
+        return await asyncio.shield(answer)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await answer  # the outputs are written into shared memory now
+            late.append(time.monotonic())
+        raise
+
+
+def test_answers_after_the_request_timed_out_never_land_in_the_pool(write_config, monkeypatch, caplog):
+    """A teacher slower than ``request_timeout`` on some calls (their rows go to a fast teacher) goes
+    on computing and writes its late answers (-1 everywhere) where the requests told it to, after
+    their slots may have been reused: two epochs exact, every sample once with its own output; the
+    late writes happened, into output entries retired for good (the ring is replaced once they use
+    it up), never into the pool."""
+    caplog.set_level(logging.INFO, logger="distill_reader")
+    late: list[float] = []  # when a late answer was written (its client had given up)
+    calls, slowed = [0], []
+    monkeypatch.setattr(TeacherServer, "ModelInfer", functools.partialmethod(_infer_to_the_end, late=late))
+    timeout, slow_calls = 0.3, 4  # each times out the 1-2 requests in flight: their entries are retired
+
+    @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
+    def sometimes_slow(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls[0] += 1
+        if len(slowed) < slow_calls and calls[0] % 2:  # past the deadline, done before its back-off ends
+            slowed.append(calls[0])
+            time.sleep(1.5 * timeout)
+            return {"prediction": np.full((len(batch["img"]), 10), -1, np.float32)}
+        return {"prediction": tag_rows(batch["img"])}
+
+    # The other teacher takes 20 ms a call (slow_tag), so that the first one gets its share of the rows.
+    with running_server(PythonBackend(sometimes_slow)) as slow, running_server(PythonBackend(slow_tag)) as fast:
+        config = write_config([slow, fast], "shared_memory = on")
+        dr = DistillReader(
+            config, 16, 4, capacity=3, occupied_capacity=1, copy=True, max_in_flight=2, request_timeout=timeout
+        )
+        dr.set_sample_list_generator(sample_list_reader(480, 8))
+        with dr:
+            for _ in range(2):
+                check_epoch(list(dr.distill_reader()()), 480, 16)
+    assert len(slowed) == slow_calls and len(late) >= slow_calls  # each slow call answered late
+    replaced = [r.getMessage() for r in caplog.records if "replaced by" in r.getMessage()]
+    assert replaced and all(slow in line for line in replaced)

@@ -21,8 +21,8 @@ The messages (NamedTuples of :mod:`distill_reader.reader.channel`). Parent -> ch
 * ``Work(epoch, sequence, slot, start, count)``: a d_batch is written, send it to a teacher;
 * ``Seal(epoch, slot, rows)``: every d_batch of the slot was sent;
 * ``Cancel(epoch)``: drop the work of that epoch and earlier, answered by ``Cancelled(epoch)``;
-  nothing is written into the pool for it afterwards (a teacher that writes into the pool itself,
-  over shared memory, finishes its requests in flight first: see docs/transports.md);
+  nothing is written into the pool for it afterwards, so it is answered at once (no teacher writes
+  into the pool itself: over shared memory, answers go into an output ring, see docs/transports.md);
 * ``StatsRequest()``, answered by ``StatsReport([TeacherStats], retries)``;
 * ``Stop()``.
 
@@ -309,19 +309,12 @@ class _PipelineProcess:
     def _on_cancel(self, message: Cancel) -> None:
         epoch = message.epoch
         self.cancelled_upto = max(self.cancelled_upto, epoch)
-        writing = self.scheduler.cancel(epoch)
+        self.scheduler.cancel(epoch)  # no teacher writes into the pool: the slots are free at once
         if self.knowledge is not None:
             self.knowledge.cancelled()
         self.done_rows = [0] * len(self.done_rows)
         self.sealed_rows = [None] * len(self.sealed_rows)
         self.slot_started = [None] * len(self.slot_started)
-        if writing:  # a teacher may still write into the pool: the slots are not free before it is done
-            spawn(self._cancelled_after(writing, epoch))
-        else:
-            self.send(Cancelled(epoch))
-
-    async def _cancelled_after(self, writing: list[asyncio.Future], epoch: int) -> None:
-        await asyncio.wait(writing)  # each request ends by request_timeout
         self.send(Cancelled(epoch))
 
     def _on_stop(self, message: Stop) -> None:

@@ -460,7 +460,7 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     f"output {name!r} has {arr.nbytes} bytes ({arr.dtype}{list(arr.shape)}), more than the "
                     f"byte_size {placement.byte_size} given in shared memory region {placement.region.name!r}",
                 )
-            # The model's output straight into the client's slot: one copy, no serialization.
+            # The model's output straight into the client's region: one copy, no serialization.
             start = placement.offset
             placement.region.memory[start : start + arr.nbytes] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
             if len(placements) < len(names):  # raw contents stay aligned with the outputs

@@ -112,6 +112,8 @@ class SchedulerOptions:
     check_finite: bool = True
     #: variable-length rows: d_batches of rows of similar length (False: in input order)
     group_by_length: bool = True
+    #: rows of a request at most (sizes a shared-memory transport's output entries; None: a whole batch)
+    d_batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,9 +202,10 @@ class Scheduler:
         :mod:`~distill_reader.teacher.shm`); ``transports``: makes the transport of a teacher
         ``(endpoint, model_name)`` (default: :func:`~distill_reader.teacher.shm.transport_factory`)."""
         self._config = config
-        self._transports = transports or transport_factory(config, options.request_timeout, options.check_finite, pool)
-        #: requests in flight on a transport that writes into the pool: a cancel waits for them
-        self._in_place: set[asyncio.Future] = set()
+        rows = options.d_batch_size or (len(fetch_arrays[0][0]) if fetch_arrays and fetch_arrays[0] else 1)
+        self._transports = transports or transport_factory(
+            config, options.request_timeout, options.check_finite, pool, rows=rows, in_flight=options.max_in_flight
+        )
         self._feed_arrays = feed_arrays  # [slot][predict var] views
         self._fetch_arrays = fetch_arrays  # [slot][fetch var] views
         self._length_arrays = length_arrays  # [slot][variable predict var] views of the row lengths
@@ -294,15 +297,14 @@ class Scheduler:
         self._queue.put_nowait(item)
         self._fail_if_none_usable()
 
-    def cancel(self, epoch: int) -> list[asyncio.Future]:
-        """Drop all work of ``epoch`` and earlier: no write into the pool happens for it once the
-        returned futures are done (requests in flight on a transport that writes into the pool
-        itself; each ends by ``request_timeout``)."""
+    def cancel(self, epoch: int) -> None:
+        """Drop all work of ``epoch`` and earlier: from now on nothing is written into the pool for
+        it (no transport writes into the pool while a request is in flight: see DBatch.live), so its
+        slots may be reused at once."""
         self._cancelled_upto = max(self._cancelled_upto, epoch)
         if self._active_epoch <= epoch:
             self._outstanding = 0
             self._stalled_since = None
-        return list(self._in_place)
 
     def _live(self, item: WorkItem) -> bool:
         return item.epoch > self._cancelled_upto and item.epoch != self._failed_epoch
@@ -376,7 +378,7 @@ class Scheduler:
         # Rows picked by index would be copies: only contiguous rows can be written in place.
         outputs = [a[rows] for a in self._fetch_arrays[item.slot]] if item.rows is None else []
         if not self._length_arrays:
-            return DBatch(inputs, [], outputs)
+            return DBatch(inputs, [], outputs, live=lambda: self._live(item))
         lengths = [a[rows] for a in self._length_arrays[item.slot]]
         lengths_of = iter(lengths)
         for k, axes in enumerate(self._feed_axes):
@@ -385,7 +387,7 @@ class Scheduler:
                 inputs[k] = inputs[k][
                     tuple(slice(0, longest) if a in axes else slice(None) for a in range(inputs[k].ndim))
                 ]
-        return DBatch(inputs, lengths, outputs)
+        return DBatch(inputs, lengths, outputs, live=lambda: self._live(item))
 
     def _write(self, item: WorkItem, outputs: Sequence[np.ndarray]) -> None:
         """Teacher outputs into the pool; a variable var's space past the answer is zeroed (the
@@ -405,10 +407,6 @@ class Scheduler:
         teacher.in_flight += 1
         teacher.requests += 1
         started = time.perf_counter()
-        in_place = None
-        if teacher.client.writes_in_place:
-            in_place = asyncio.get_running_loop().create_future()
-            self._in_place.add(in_place)
         try:
             outputs = await teacher.client.infer(batch)
         except TransientTeacherError as exc:
@@ -438,9 +436,6 @@ class Scheduler:
             return
         finally:
             teacher.in_flight -= 1
-            if in_place is not None:
-                in_place.set_result(None)
-                self._in_place.discard(in_place)
         teacher.latencies.add(time.perf_counter() - started)
         if teacher.failing:
             log.info("teacher %s answers again", teacher.client.endpoint)

@@ -1,10 +1,18 @@
 """The shared-memory transport: OIP over gRPC with the system shared-memory extension.
 
 A teacher on this host that announces ``system_shared_memory`` in its server metadata maps the
-reader's whole batch pool once (``SystemSharedMemoryRegister``); each request then carries only
-``shared_memory_region``/``_offset``/``_byte_size`` parameters on its inputs and requested outputs:
-the teacher reads the rows from the pool and writes its answer straight into the rows' slot. No
-tensor is serialized on either side.
+reader's whole batch pool once (``SystemSharedMemoryRegister``), and an *output ring* of the
+transport's own; each request then carries only ``shared_memory_region``/``_offset``/``_byte_size``
+parameters on its inputs and requested outputs: the teacher reads the rows from the pool and writes
+its answer into one entry of the ring, which the reader checks and copies into the rows' slot (one
+memcpy) if the slot still holds that batch. No tensor is serialized on either side.
+
+Why not write into the slot itself: a request that timed out or was cancelled may still be computed
+by its teacher (Triton does not stop), which would write its answer whenever it is done, possibly
+into a slot reused for another batch since. So no teacher is ever told an offset in the pool to
+write to: an entry whose request did not end with an answer is *retired*, never lent again; when a
+ring has no free entry left, a fresh ring is registered and the old one is unregistered (and
+unmapped here) once no request that can still succeed uses it.
 
 The pool has no name (see :mod:`distill_reader.reader.pool`); it gets one when the first teacher
 registers, unlinked as soon as every teacher known by then has made its registration call (one
@@ -12,7 +20,8 @@ round trip each): a name never outlives the registration calls in ``/dev/shm``, 
 reader afterwards. Linux can name such a file only once, so a teacher that registers later
 (discovery adds it, or it restarted) maps a fresh *mirror* of the pool instead, with the same
 layout, named for its own registration call only: the reader copies each request's rows into the
-mirror and the answer out of it (two memcpy, no serialization). See docs/transports.md.
+mirror (one more memcpy, no serialization). An output ring is named the same way. See
+docs/transports.md.
 
 A request the extension cannot express goes over plain gRPC (counted in :attr:`fallbacks`): rows
 that are not contiguous in the pool (grouped by length) and variable vars cut shorter than
@@ -93,6 +102,28 @@ def _region_parameters(request_tensor, region: str, offset: int, nbytes: int) ->
     params["shared_memory_byte_size"].int64_param = nbytes
 
 
+def _register_request(name: str, key: str, nbytes: int) -> service_pb2.SystemSharedMemoryRegisterRequest:
+    return service_pb2.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=0, byte_size=nbytes)
+
+
+def _region_name() -> str:
+    return f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+class _OutputRing:
+    """A registered output region: ``entries`` entries of ``entry_nbytes``, each the outputs of one
+    request of up to ``rows`` rows (every fetch var at ``max_length``, 64-byte aligned)."""
+
+    def __init__(self, name: str, buffer: SharedBuffer, entry_nbytes: int, entries: int) -> None:
+        self.name = name
+        self.buffer = buffer  # our mapping; dropped (unmapped) with the ring
+        self.memory = np.frombuffer(buffer.mmap, dtype=np.uint8)
+        self.entry_nbytes = entry_nbytes
+        self.free = list(range(entries - 1, -1, -1))
+        self.live = 0  # entries lent to requests in flight
+        self.retired = 0  # entries a teacher may still write into: never lent again
+
+
 class SharedMemoryTransport(TeacherClient):
     """:class:`TeacherClient` that sends offsets into the registered pool instead of tensors when
     the teacher is on this host and announces the extension (``required``: it must, or the teacher
@@ -109,9 +140,26 @@ class SharedMemoryTransport(TeacherClient):
         required: bool = False,
         check_finite: bool = True,
         security: ClientSecurity | None = None,
+        rows: int,
+        in_flight: int = 4,
     ) -> None:
+        """``rows``: rows of a request at most (a larger one goes over gRPC); ``in_flight``: requests
+        in flight at most; the output ring has ``2 × in_flight`` entries of ``rows`` rows each."""
         super().__init__(endpoint, config, model_name, request_timeout, check_finite=check_finite, security=security)
         self._pool = pool
+        self._entry_rows = max(1, rows)
+        self._entries = 2 * max(1, in_flight)
+        #: per fetch var, its offset in an entry (the vars of a d_batch, each at max_length)
+        self._entry_offsets, offset = [], 0
+        for spec in config.pool_specs[len(config.feeds) : len(config.feeds) + len(config.fetches)]:
+            self._entry_offsets.append(offset)
+            offset += -(-spec.sample_nbytes * self._entry_rows // 64) * 64
+        self._entry_nbytes = max(offset, 64)
+        #: the ring new requests take entries from; replaced ones live on until their last request ends
+        self._ring: _OutputRing | None = None
+        self._rings: dict[str, _OutputRing] = {}  # every ring registered with the teacher
+        self.rings_replaced = 0  # rings given up because timed-out requests retired their entries
+        self._tasks: set[asyncio.Task] = set()
         self._required = required
         #: the name the teacher knows the pool by; None: requests go over plain gRPC
         self.region: str | None = None
@@ -129,12 +177,6 @@ class SharedMemoryTransport(TeacherClient):
             request_serializer=Request.SerializeToString,
             response_deserializer=service_pb2.ModelInferResponse.FromString,
         )
-
-    @property
-    def writes_in_place(self) -> bool:
-        """Whether a request in flight may write into the pool (cancelling must wait for it): the
-        teacher maps the pool itself (a mirror's answers are copied in by the reader)."""
-        return self.region is not None and self._mirror is None
 
     async def check_metadata(self) -> bool:
         try:
@@ -188,12 +230,10 @@ class SharedMemoryTransport(TeacherClient):
         memory = pool if pool.nameable else type(pool).create(pool.nbytes)  # (SharedBuffer: an import cycle)
         if memory is not pool:
             memory.expect_registration()
-        name = f"distill-reader-{os.getpid()}-{secrets.token_hex(6)}"
+        name = _region_name()
         try:
             await self._stub.SystemSharedMemoryRegister(
-                service_pb2.SystemSharedMemoryRegisterRequest(
-                    name=name, key=memory.key(), offset=0, byte_size=pool.nbytes
-                ),
+                _register_request(name, memory.key(), pool.nbytes),
                 timeout=self.request_timeout,
                 metadata=self._metadata,
             )
@@ -201,11 +241,75 @@ class SharedMemoryTransport(TeacherClient):
             if memory is not pool:
                 memory.registration_done()
                 memory.close_fd()  # mapped by both sides: the descriptor is not needed
+        try:
+            self._ring = await self._new_ring()
+        except BaseException:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._unregister_name(name)
+            raise
         self.region = name
         self._mirror = None if memory is pool else np.frombuffer(memory.mmap, dtype=np.uint8)
         self.why_not = ""
         what = "the batch pool" if memory is pool else "a mirror of the batch pool (registered after its naming window)"
         log.info("teacher %s: shared memory region %s registered: %s, %d bytes", self.endpoint, name, what, pool.nbytes)
+
+    async def _new_ring(self) -> _OutputRing:
+        """A fresh output ring registered with the teacher (named for that one call, like a mirror)."""
+        buffer = type(self._pool).create(self._entry_nbytes * self._entries)  # (SharedBuffer: an import cycle)
+        buffer.expect_registration()
+        name = _region_name()
+        try:
+            await self._stub.SystemSharedMemoryRegister(
+                _register_request(name, buffer.key(), buffer.nbytes),
+                timeout=self.request_timeout,
+                metadata=self._metadata,
+            )
+        finally:
+            buffer.registration_done()
+            buffer.close_fd()
+        ring = self._rings[name] = _OutputRing(name, buffer, self._entry_nbytes, self._entries)
+        return ring
+
+    async def _replace_ring(self, old: _OutputRing) -> None:
+        """Register a fresh ring in place of ``old``, whose free entries ran out (callers hold ``_lock``)."""
+        self._ring = await self._new_ring()
+        self.rings_replaced += 1
+        log.info(
+            "teacher %s: output region %s replaced by %s (%d entries retired by requests that timed out or "
+            "were cancelled)",
+            self.endpoint,
+            old.name,
+            self._ring.name,
+            old.retired,
+        )
+        if old.live == 0:
+            await self._drop_ring(old)
+
+    async def _drop_ring(self, ring: _OutputRing) -> None:
+        """Unregister a ring no request that can still succeed uses; our mapping goes with the object."""
+        if self._rings.pop(ring.name, None) is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._unregister_name(ring.name)
+
+    def _take_entry(self) -> tuple[_OutputRing, int] | None:
+        ring = self._ring
+        if ring is None or not ring.free:
+            return None
+        ring.live += 1
+        return ring, ring.free.pop()
+
+    def _give_back(self, ring: _OutputRing, entry: int, answered: bool) -> None:
+        """An entry's request ended: free again if the teacher answered, retired if it may still
+        write into it (timed out, cancelled, or any failure whose end we did not see)."""
+        ring.live -= 1
+        if answered:
+            ring.free.append(entry)
+        else:
+            ring.retired += 1
+        if ring is not self._ring and ring.live == 0 and ring.name in self._rings:
+            task = asyncio.get_running_loop().create_task(self._drop_ring(ring))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _unusable(self) -> str | None:
         """Why the teacher cannot use the pool (None: it can, as far as one can tell before registering)."""
@@ -226,15 +330,22 @@ class SharedMemoryTransport(TeacherClient):
         return None
 
     async def _unregister(self) -> None:
+        """Unregister the pool (or mirror) and every ring (a request in flight on one fails, or
+        writes into memory the teacher keeps mapped until it is done: never into the pool)."""
         region, self.region = self.region, None
-        if region is None:
-            return
-        with contextlib.suppress(grpc.aio.AioRpcError):  # a teacher that is gone has nothing registered
-            await self._stub.SystemSharedMemoryUnregister(
-                service_pb2.SystemSharedMemoryUnregisterRequest(name=region),
-                timeout=min(self.request_timeout, 5.0),
-                metadata=self._metadata,
-            )
+        self._ring = None
+        names = ([region] if region is not None else []) + list(self._rings)
+        self._rings.clear()
+        for name in names:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # a teacher that is gone has nothing registered
+                await self._unregister_name(name)
+
+    async def _unregister_name(self, name: str) -> None:
+        await self._stub.SystemSharedMemoryUnregister(
+            service_pb2.SystemSharedMemoryUnregisterRequest(name=name),
+            timeout=min(self.request_timeout, 5.0),
+            metadata=self._metadata,
+        )
 
     async def close(self) -> None:
         if self.in_place or self.fallbacks:
@@ -245,6 +356,9 @@ class SharedMemoryTransport(TeacherClient):
                 self.fallbacks,
             )
         self._registration_done()
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
         with contextlib.suppress(Exception):
             await self._unregister()
         await super().close()
@@ -255,20 +369,38 @@ class SharedMemoryTransport(TeacherClient):
                 if self._lost:
                     self._lost = False
                     await self._register()
+        ring = self._ring
+        if ring is not None and not ring.free and ring.retired:  # timed-out requests used it up
+            async with self._lock:
+                try:
+                    if self._ring is ring:
+                        await self._replace_ring(ring)
+                except (grpc.aio.AioRpcError, OSError) as exc:  # this request goes over gRPC; the next tries again
+                    log.warning("teacher %s: cannot register a fresh output region: %s", self.endpoint, exc)
         region, mirror = self.region, self._mirror
         placed = self._request(batch, region) if region is not None else None
-        if placed is None:
+        taken = self._take_entry() if placed is not None else None
+        if taken is None:
             if region is not None:
                 self.fallbacks += 1
             return await super().infer(batch)
-        request, inputs, outputs = placed
+        request, inputs = placed
+        ring, entry = taken
+        views = self._place_outputs(request, batch, ring, entry)
         if mirror is not None:
             for offset, array in inputs:
                 mirror[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
+        answered = False
         try:
             response = await self._shm_infer(request, timeout=self.request_timeout, metadata=self._metadata)
+            answered = True
+            self._check_answer(response, batch, views)
+            if batch.live():  # the slot still holds this batch (no await since): one memcpy per var
+                for dst, view in zip(batch.outputs, views):
+                    dst[...] = view
         except grpc.aio.AioRpcError as exc:
-            if region in (exc.details() or ""):
+            details = exc.details() or ""
+            if region in details or ring.name in details:
                 # The teacher does not know the region: it restarted (the next request registers
                 # again), or this request raced a new registration. Not the request's fault.
                 if self.region == region:
@@ -276,21 +408,17 @@ class SharedMemoryTransport(TeacherClient):
                     self._lost = True
                 raise TransientTeacherError(f"teacher {self.endpoint} lost the shared memory region {region}") from None
             raise self._error(exc, "a request to") from None
-        if mirror is not None:
-            for offset, dst in outputs:
-                dst.reshape(-1).view(np.uint8)[:] = mirror[offset : offset + dst.nbytes]
-        self._check_in_place(response, batch)
+        finally:
+            self._give_back(ring, entry, answered)
         self.in_place += 1
         return None
 
-    def _request(
-        self, batch: DBatch, region: str
-    ) -> tuple[Request, list[tuple[int, np.ndarray]], list[tuple[int, np.ndarray]]] | None:
-        """The request with every tensor by region, and the (offset, array) of its inputs and
-        outputs; None when the extension cannot express it."""
+    def _request(self, batch: DBatch, region: str) -> tuple[Request, list[tuple[int, np.ndarray]]] | None:
+        """The request with every input by region, and the (offset, array) of its inputs; None when
+        the extension cannot express it (outputs: :meth:`_place_outputs`)."""
         pool = self._pool
         count = batch.count
-        if len(batch.outputs) != len(self._outputs):
+        if len(batch.outputs) != len(self._outputs) or count > self._entry_rows:
             return None
         arrays = [*batch.inputs, *(batch.lengths[j] for _, j in self._length_inputs)]
         names = [name for name, _ in self._inputs] + [name for name, _ in self._length_inputs]
@@ -299,7 +427,7 @@ class SharedMemoryTransport(TeacherClient):
             first = self._variable_inputs[0]
             padded = batch.inputs[first].shape[1 + self._inputs[first][1].shape.index(-1)]
         request = Request(model_name=self.model_name)
-        inputs, outputs = [], []
+        inputs = []
         for name, datatype, array in zip(names, datatypes, arrays):
             offset = pool.offset_of(array)
             if offset is None:
@@ -307,36 +435,50 @@ class SharedMemoryTransport(TeacherClient):
             tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
             _region_parameters(tensor, region, offset, array.nbytes)
             inputs.append((offset, array))
-        for (name, spec), dst in zip(self._outputs, batch.outputs):
-            expected = (spec.with_length(padded) if spec.variable else spec).batch_shape(count)
-            offset = pool.offset_of(dst)
-            if offset is None or dst.shape != expected:
+        for (_, spec), dst in zip(self._outputs, batch.outputs):
+            # The answer is copied into the slot as is: it must have the slot rows' shape.
+            if dst.shape != (spec.with_length(padded) if spec.variable else spec).batch_shape(count):
                 return None
-            _region_parameters(request.outputs.add(name=name), region, offset, dst.nbytes)
-            outputs.append((offset, dst))
-        return request, inputs, outputs
+        return request, inputs
 
-    def _check_in_place(self, response: service_pb2.ModelInferResponse, batch: DBatch) -> None:
-        """The answer's tensors are what the config says; padding zeroed and values checked in the pool."""
+    def _place_outputs(self, request: Request, batch: DBatch, ring: _OutputRing, entry: int) -> list[np.ndarray]:
+        """Ask for every output in ``entry`` of ``ring``; the views of the entry they will be in."""
+        views = []
+        base = entry * ring.entry_nbytes
+        for (name, _), dst, offset in zip(self._outputs, batch.outputs, self._entry_offsets):
+            start = base + offset
+            views.append(ring.memory[start : start + dst.nbytes].view(dst.dtype).reshape(dst.shape))
+            _region_parameters(request.outputs.add(name=name), ring.name, start, dst.nbytes)
+        return views
+
+    def _check_answer(self, response: service_pb2.ModelInferResponse, batch: DBatch, views: list[np.ndarray]) -> None:
+        """The answer's tensors are what the config says; padding zeroed and values checked in the entry."""
         by_name = {out.name: out for out in response.outputs}
-        for (name, spec), dst in zip(self._outputs, batch.outputs):
+        for (name, spec), view in zip(self._outputs, views):
             meta = by_name.get(name)
             if meta is None:
                 raise TeacherMismatchError(
                     f"teacher {self.endpoint} answered without output {name!r} ([fetch] {spec.name}); "
                     f"its outputs are {sorted(by_name)}"
                 )
-            self._check_output_meta(meta, spec, dst.shape)
+            self._check_output_meta(meta, spec, view.shape)
             if spec.variable:  # what the teacher computed on padding is not its answer: zero it
-                zero_padding(dst, spec.shape, batch.lengths[0], copy=False)
-            self._check_finite(dst, spec.name, batch.inputs)
+                zero_padding(view, spec.shape, batch.lengths[0], copy=False)
+            self._check_finite(view, spec.name, batch.inputs)
 
 
 def transport_factory(
-    config: ReaderConfig, request_timeout: float, check_finite: bool, pool: SharedBuffer | None
+    config: ReaderConfig,
+    request_timeout: float,
+    check_finite: bool,
+    pool: SharedBuffer | None,
+    *,
+    rows: int,
+    in_flight: int,
 ) -> TransportFactory:
     """The transport for a teacher ``(endpoint, model_name)``: shared memory where ``[conf]
-    shared_memory`` allows it and there is a pool to share, plain gRPC otherwise."""
+    shared_memory`` allows it and there is a pool to share, plain gRPC otherwise (``rows``, ``in_flight``:
+    the most rows of a request and requests in flight, which size its output ring)."""
 
     def make(endpoint: str, model_name: str | None) -> Transport:
         if config.shared_memory == "off" or pool is None:
@@ -349,6 +491,8 @@ def transport_factory(
             pool=pool,
             required=config.shared_memory == "on",
             check_finite=check_finite,
+            rows=rows,
+            in_flight=in_flight,
         )
 
     return make

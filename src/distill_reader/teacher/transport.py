@@ -5,8 +5,9 @@ teacher's metadata, infer one d_batch, close. Implementations:
 
 * :class:`~distill_reader.teacher.client.TeacherClient`: OIP over gRPC, tensors in the messages;
 * :class:`~distill_reader.teacher.shm.SharedMemoryTransport`: OIP over gRPC with the system
-  shared-memory extension: the teacher reads the inputs from, and writes the outputs into, the
-  reader's pool; only offsets travel (a co-located teacher that announces the extension);
+  shared-memory extension: the teacher reads the inputs from the reader's pool and writes the
+  outputs into the transport's own output region (copied into the pool on success); only offsets
+  travel (a co-located teacher that announces the extension);
 * :class:`InProcessTransport`: calls a Python function (tests; like httpx's ``MockTransport``).
 
 :func:`~distill_reader.teacher.shm.transport_factory` chooses one per teacher.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +43,9 @@ class DBatch:
     inputs: Sequence[np.ndarray]
     lengths: Sequence[np.ndarray] = ()
     outputs: Sequence[np.ndarray] = ()
+    #: whether the rows' slot still holds this request's batch (False once its epoch is cancelled):
+    #: a transport that copies an answer into ``outputs`` itself asks right before, with no await between
+    live: Callable[[], bool] = field(default=lambda: True, compare=False)
 
     @property
     def count(self) -> int:
@@ -53,11 +57,6 @@ class Transport(ABC):
 
     endpoint: str
 
-    @property
-    def writes_in_place(self) -> bool:
-        """Whether a request in flight may write into the pool itself (a cancel waits for it)."""
-        return False
-
     @abstractmethod
     async def check_metadata(self) -> bool:
         """Check the model's metadata against the config (raise TeacherMismatchError naming the var).
@@ -67,7 +66,8 @@ class Transport(ABC):
     async def infer(self, batch: DBatch) -> list[np.ndarray] | None:
         """Run the model on ``batch``: the outputs in fetch order (a variable output cut to the first
         variable input's padded length, zero past each row's length), or None when the answer was
-        written into ``batch.outputs`` already."""
+        written into ``batch.outputs`` already (only while ``batch.live()``). No write into
+        ``batch.outputs`` may happen once this returns or raises: the slot may be reused at once."""
 
     @abstractmethod
     async def close(self) -> None:
