@@ -117,3 +117,19 @@ class BatcherStopped(RuntimeError):
 
 class RequestError(ValueError):
     """A request that does not fit the model; becomes INVALID_ARGUMENT."""
+
+
+class TransientTeacherError(Exception):
+    """The teacher is unreachable or timed out; the request should go to another teacher."""
+
+
+class RegionError(ValueError):
+    """A registration or a tensor's region parameters the server refuses (INVALID_ARGUMENT)."""
+
+
+class RegionsFull(RegionError):
+    """Too many regions registered (RESOURCE_EXHAUSTED)."""
+
+
+class RegionExists(RegionError):
+    """A region of that name is registered already (ALREADY_EXISTS)."""

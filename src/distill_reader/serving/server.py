@@ -32,14 +32,14 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from distill_reader import __version__
-from distill_reader.errors import BatcherStopped, RequestError
+from distill_reader.errors import BatcherStopped, RegionError, RegionExists, RegionsFull, RequestError
 from distill_reader.oip import TensorSpec, array_from_raw, shape_matches
 from distill_reader.rpc import MAX_MESSAGE_BYTES, LoopThread, run_until_signal, strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, warn_if_exposed
 from distill_reader.serving.backends.base import Backend
 from distill_reader.serving.batcher import BatchTiming, DynamicBatcher
 from distill_reader.serving.metrics import MetricsHttpServer, TeacherMetrics
-from distill_reader.serving.shared_memory import Placement, RegionError, RegionExists, RegionsFull, SharedMemoryRegions
+from distill_reader.serving.shared_memory import Placement, SharedMemoryRegions
 from distill_reader.serving.stats import ModelStats
 
 log = logging.getLogger(__name__)

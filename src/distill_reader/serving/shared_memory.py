@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from distill_reader.errors import RegionError, RegionExists, RegionsFull
+
 SHM_DIR = "/dev/shm"
 MAX_REGIONS = 256  # registrations a server keeps at once; more is RESOURCE_EXHAUSTED
 _KEY_RE = re.compile(r"^/?[A-Za-z0-9_.\-]{1,200}$")
@@ -31,18 +33,6 @@ _KEY_RE = re.compile(r"^/?[A-Za-z0-9_.\-]{1,200}$")
 REGION = "shared_memory_region"
 OFFSET = "shared_memory_offset"
 BYTE_SIZE = "shared_memory_byte_size"
-
-
-class RegionError(ValueError):
-    """A registration or a tensor's region parameters the server refuses (INVALID_ARGUMENT)."""
-
-
-class RegionsFull(RegionError):
-    """Too many regions registered (RESOURCE_EXHAUSTED)."""
-
-
-class RegionExists(RegionError):
-    """A region of that name is registered already (ALREADY_EXISTS)."""
 
 
 @dataclass(frozen=True)

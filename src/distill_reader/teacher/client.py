@@ -24,11 +24,17 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import TeacherAuthError, TeacherError, TeacherMismatchError, TeacherOutputError
+from distill_reader.errors import (
+    TeacherAuthError,
+    TeacherError,
+    TeacherMismatchError,
+    TeacherOutputError,
+    TransientTeacherError,
+)
 from distill_reader.oip import TensorSpec, numpy_dtype, oip_datatype, shape_matches
 from distill_reader.rpc import MAX_MESSAGE_BYTES
 from distill_reader.security import ClientSecurity, explain_unavailable
-from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
+from distill_reader.teacher.transport import DBatch, Transport
 
 __all__ = ["TeacherClient", "TransientTeacherError", "encode_infer_request"]
 

@@ -44,10 +44,11 @@ from distill_reader.errors import (
     TeacherError,
     TeacherMismatchError,
     TeacherOutputError,
+    TransientTeacherError,
 )
 from distill_reader.teacher.shm import TransportFactory, transport_factory
 from distill_reader.teacher.stats import LatencyWindow, TeacherStats
-from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
+from distill_reader.teacher.transport import DBatch, Transport
 
 if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
     from distill_reader.reader.pool import SharedBuffer

@@ -45,11 +45,11 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from distill_reader.config import ReaderConfig
-from distill_reader.errors import TeacherAuthError, TeacherMismatchError
+from distill_reader.errors import TeacherAuthError, TeacherMismatchError, TransientTeacherError
 from distill_reader.oip import oip_datatype
 from distill_reader.security import ClientSecurity
 from distill_reader.teacher.client import TeacherClient, zero_padding
-from distill_reader.teacher.transport import DBatch, TransientTeacherError, Transport
+from distill_reader.teacher.transport import DBatch, Transport
 
 if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
     from distill_reader.reader.pool import SharedBuffer

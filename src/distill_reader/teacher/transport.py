@@ -27,10 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-class TransientTeacherError(Exception):
-    """The teacher is unreachable or timed out; the request should go to another teacher."""
-
-
 @dataclass(frozen=True)
 class DBatch:
     """One request's rows, as views of the reader's pool.
