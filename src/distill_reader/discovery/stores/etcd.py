@@ -378,6 +378,7 @@ class EtcdStore(Store):
                 reply = await self._txn(rpc.TxnRequest(compare=[absent], success=[put], failure=[read]))
                 if not reply.succeeded:
                     kvs = reply.responses[0].response_range.kvs
+                    old: dict | None = None
                     if kvs:
                         old = json.loads(kvs[0].value)
                         if old["instance"] != instance:
@@ -390,7 +391,7 @@ class EtcdStore(Store):
                         same = absent
                     if not (await self._txn(rpc.TxnRequest(compare=[same], success=[put]))).succeeded:
                         raise StoreUnavailable(f"{self.url}: joining {member!r} raced with another registration")
-                    if kvs and "member" not in old and int(old["lease"]) != glease:
+                    if old and "member" not in old and int(old["lease"]) != glease:
                         await self._revoke(int(old["lease"]))  # its own lease (register()): holds nothing now
             except StoreUnavailable as exc:
                 if "lease not found" not in str(exc) or attempt:
