@@ -18,7 +18,7 @@ from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.server import DiscoveryServer
 from distill_reader.discovery.service import status_dict
-from distill_reader.discovery.stores.base import AlreadyRegistered, open_store
+from distill_reader.discovery.stores import AlreadyRegistered, open_store
 
 pytestmark = pytest.mark.timeout(90)
 
