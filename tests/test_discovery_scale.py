@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import time
+import urllib.request
 
 import pytest
 import redis
@@ -53,6 +54,30 @@ def redis_url(tmp_path_factory):
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory):
+    proc = start_store("etcd", tmp_path_factory)
+    yield proc.url
+    proc.stop()
+
+
+def store_calls(url: str) -> int:
+    """Store operations served so far: Redis script calls, or etcd gRPC messages received (a unary
+    call is one; each keep-alive on a LeaseKeepAlive stream is one), from etcd's /metrics."""
+    if url.startswith("redis"):
+        stats = redis.Redis.from_url(url)
+        try:
+            info = stats.info("commandstats")
+        finally:
+            stats.close()
+        return sum(int(v["calls"]) for k, v in info.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    with urllib.request.urlopen(f"http://{url.split('://', 1)[1]}/metrics", timeout=5) as reply:
+        lines = reply.read().decode().splitlines()
+    return sum(
+        int(float(line.rsplit(" ", 1)[1])) for line in lines if line.startswith("grpc_server_msg_received_total")
+    )
+
+
 def test_only_students_whose_set_changed_are_messaged():
     """150 students, 15 teachers: a teacher dies, another deregisters, one joins. Each time exactly
     the students whose set changed get one message each; nobody else hears anything."""
@@ -89,19 +114,21 @@ def test_only_students_whose_set_changed_are_messaged():
     run(main())
 
 
-def test_student_leases_kept_per_server_and_freed_when_stream_ends_or_server_dies(redis_url):
-    """Students streaming to server B, observed through server A on the same Redis: keeping 100
-    students costs Redis a handful of calls per keep-alive, not one per student; a student whose
+@pytest.mark.parametrize("kind", ["redis", "etcd"])
+def test_student_leases_kept_per_server_and_freed_when_stream_ends_or_server_dies(kind, request):
+    """Students streaming to server B, observed through server A on the same store: keeping 100
+    students costs the store a handful of calls per keep-alive, not one per student; a student whose
     stream ends is gone at once, and when B is SIGKILLed all of its students are gone within the
     TTL, so their teachers' loads are free again."""
 
+    url = request.getfixturevalue(f"{kind}_url")
+
     async def main():
         service = "scale-leases"
-        a = DiscoveryServer("127.0.0.1:0", redis_url)
+        a = DiscoveryServer("127.0.0.1:0", url)
         await a.start()
-        b = DiscoveryProcess(redis_url)
+        b = DiscoveryProcess(url)
         await asyncio.to_thread(b.start)
-        stats = redis.Redis.from_url(redis_url)
         try:
             async with Simulator(a.address, service) as teachers, Simulator(b.endpoint, service) as students:
                 for i in range(5):
@@ -114,15 +141,12 @@ def test_student_leases_kept_per_server_and_freed_when_stream_ends_or_server_die
                 )
                 await until(lambda: _count(a.address, service, 100), 10, "A sees B's 100 students")
 
-                def script_calls() -> int:
-                    info = stats.info("commandstats")
-                    return sum(int(v["calls"]) for k, v in info.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
-
-                calls = script_calls()
+                calls = await asyncio.to_thread(store_calls, url)
                 await asyncio.sleep(2 * DEFAULT_TTL_S)  # eight keep-alive intervals
-                # Per-student leases would be 100 x 8 = 800 calls; a group is one per interval per
-                # server, plus the 5 teachers' keep-alives (40) and each server's resync reads (8).
-                assert script_calls() - calls < 150
+                # Per-student leases would be 100 x 8 = 800 calls (etcd: 1,600, a read and a keep-alive
+                # each); a group is one per interval per server, plus the 5 teachers' keep-alives (40;
+                # etcd: 80) and each server's resync reads (8).
+                assert await asyncio.to_thread(store_calls, url) - calls < 200
 
                 for s in students.students[:10]:
                     students.end_student(s)
@@ -135,7 +159,6 @@ def test_student_leases_kept_per_server_and_freed_when_stream_ends_or_server_die
                 assert all(t["students"] == [] for t in st["teachers"])
         finally:
             b.stop()
-            stats.close()
             await a.stop()
 
     run(main())
@@ -145,17 +168,19 @@ async def _count(address: str, service: str, n: int) -> bool:
     return len(await students_in(address, service)) == n
 
 
-def test_student_whose_lease_lapsed_is_joined_again_and_told(redis_url):
+@pytest.mark.parametrize("kind", ["redis", "etcd"])
+def test_student_whose_lease_lapsed_is_joined_again_and_told(kind, request):
     """Server B stalls (SIGSTOP) for longer than the TTL: its student's lease lapses and the student
     leaves the assignment; meanwhile the student's teacher deregisters. When B resumes, it notices
     the lapse, joins the student again, and the student is sent its new set: it does not keep the
     teacher that left."""
+    url = request.getfixturevalue(f"{kind}_url")
 
     async def main():
         service = "scale-lapse"
-        a = DiscoveryServer("127.0.0.1:0", redis_url)
+        a = DiscoveryServer("127.0.0.1:0", url)
         await a.start()
-        b = DiscoveryProcess(redis_url)
+        b = DiscoveryProcess(url)
         await asyncio.to_thread(b.start)
         try:
             async with Simulator(a.address, service, 1) as teachers, Simulator(b.endpoint, service, 1) as students:

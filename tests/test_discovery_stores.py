@@ -18,6 +18,7 @@ from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.server import DiscoveryServer
 from distill_reader.discovery.service import status_dict
+from distill_reader.discovery.stores import AlreadyRegistered, open_store
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -89,6 +90,44 @@ def test_lease_expiry(store):
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             await w.close()
         await server.stop()
+
+    run(main())
+
+
+def test_group_join_leave_and_lapse(store):
+    """The store's group contract: a student joined to a group is live while the group is kept; a
+    second instance is refused, the same instance takes over; a stale leave is a no-op; when the group
+    is not kept for the TTL every member goes, keep_group reports them, and they can join again."""
+
+    async def main():
+        svc, ttl = service_name(), 2.0
+        a, b = open_store(store.url), open_store(store.url)
+        await a.start()
+        await b.start()
+        try:
+            first = await a.join("ga", "student", svc, "s1", "i1", {"require_num": 1}, ttl)
+            await a.join("ga", "student", svc, "s2", "i2", {"require_num": 2}, ttl)
+            with pytest.raises(AlreadyRegistered):
+                await b.join("gb", "student", svc, "s1", "other", {"require_num": 1}, ttl)
+            again = await b.join("gb", "student", svc, "s1", "i1", {"require_num": 3}, ttl)  # a re-opened stream
+            await a.leave("ga", "student", svc, "s1", first)  # stale: s1 is gb's now
+            assert (await a.read(svc)).students == {"s1": {"require_num": 3}, "s2": {"require_num": 2}}
+            await b.leave("gb", "student", svc, "s1", again)
+            assert (await a.read(svc)).students == {"s2": {"require_num": 2}}
+            for _ in range(5):  # kept past the TTL: still there
+                assert await a.keep_group("ga", ttl) == []
+                await asyncio.sleep(0.5)
+            assert set((await b.read(svc)).students) == {"s2"}
+            deadline = time.monotonic() + ttl + 3  # not kept: the members go within the TTL
+            while (await b.read(svc)).students and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert (await b.read(svc)).students == {}
+            assert await a.keep_group("ga", ttl) == [("student", svc, "s2")]
+            await a.join("ga", "student", svc, "s2", "i2", {"require_num": 2}, ttl)
+            assert set((await b.read(svc)).students) == {"s2"}
+        finally:
+            await a.close()
+            await b.close()
 
     run(main())
 

@@ -3,9 +3,14 @@
 Keys (``{s}`` a service, ``{k}`` ``teacher`` or ``student``)::
 
     /distill/{s}/{k}/{id}        JSON {lease, instance, data}, attached to an etcd lease
+                                 (a grouped student also has ``member``: the id :meth:`leave` checks)
     /distill/{s}/assignment      JSON of the assignment, written with a compare-and-swap txn
 
-The lease id handed to clients is the etcd lease id, so any discovery server can keep it alive.
+The lease id handed to teachers is the etcd lease id, so any discovery server can keep it alive.
+A discovery server's students share one etcd lease, its *group*'s (:meth:`EtcdStore.join`): keeping
+them all is one keep-alive per interval, and when the server stops keeping it etcd deletes all their
+keys at once. The assignment stays one JSON key written whole: ~70 bytes per student fits about
+20,000 students under etcd's default 1.5 MiB request limit (``--max-request-bytes``).
 etcd TTLs are whole seconds (at least 2 with default etcd settings) and etcd checks for expired
 leases every 0.5 s.
 
@@ -22,6 +27,7 @@ import contextlib
 import json
 import logging
 import math
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -149,6 +155,12 @@ class EtcdStore(Store):
         self._auth_lock: asyncio.Lock | None = None
         self._closed = asyncio.Event()
         self._keepalive: _KeepAliveStream | None = None
+        # group -> its etcd lease; the students this process joined to it (member uuid and the
+        # group lease it was joined under); the members it lost, until keep_group reports them.
+        self._group_leases: dict[str, int] = {}
+        self._grouped: dict[str, dict[tuple[str, str, str], tuple[str, int]]] = {}
+        self._lapsed: dict[str, list[tuple[str, str, str]]] = {}
+        self._grant_locks: dict[str, asyncio.Lock] = {}
 
     # -- connection, authentication, errors ------------------------------------------------------
 
@@ -255,6 +267,14 @@ class EtcdStore(Store):
         reply = await self._call(lambda s, md: s.kv.Txn(request, timeout=_TIMEOUT_S, metadata=md))
         return reply.succeeded
 
+    async def _grant(self, ttl: float) -> int:
+        """A new etcd lease of ``ttl`` seconds (whole seconds, at least 2)."""
+        grant = rpc.LeaseGrantRequest(TTL=max(2, math.ceil(ttl)))
+        return (await self._call(lambda s, md: s.lease.LeaseGrant(grant, timeout=_TIMEOUT_S, metadata=md))).ID
+
+    async def _txn(self, request: rpc.TxnRequest) -> Any:
+        return await self._call(lambda s, md: s.kv.Txn(request, timeout=_TIMEOUT_S, metadata=md))
+
     async def _revoke(self, lease: int) -> None:
         request = rpc.LeaseRevokeRequest(ID=lease)
         try:
@@ -285,8 +305,7 @@ class EtcdStore(Store):
             old = await self._get(key)
             if old and old[0]["instance"] != instance:
                 raise AlreadyRegistered(member)
-            grant = rpc.LeaseGrantRequest(TTL=max(2, math.ceil(ttl)))
-            lease = (await self._call(lambda s, md, g=grant: s.lease.LeaseGrant(g, timeout=_TIMEOUT_S, metadata=md))).ID
+            lease = await self._grant(ttl)
             value = json.dumps({"lease": str(lease), "instance": instance, "data": data})
             if await self._put_if(key, value, lease, old[1] if old else 0):
                 if old:  # a takeover: the old lease holds nothing now; end it rather than let it linger
@@ -314,6 +333,97 @@ class EtcdStore(Store):
         old = await self._get(self._key(service, kind, member))
         if old and old[0]["lease"] == lease:
             await self._revoke(int(lease))  # deletes the key with it
+
+    # -- groups: a discovery server's students share one etcd lease ---------------------------
+
+    def _lose_group(self, group: str, lease: int) -> None:
+        """The group's lease ``lease`` is gone (etcd deleted its keys): its members are lapsed."""
+        if self._group_leases.get(group) != lease:
+            return  # already noticed (another join or the keep got there first)
+        del self._group_leases[group]
+        members = self._grouped.get(group, {})
+        lost = [key for key, (_, joined) in members.items() if joined == lease]
+        for key in lost:
+            del members[key]
+        self._lapsed.setdefault(group, []).extend(lost)
+
+    async def _group_lease(self, group: str, ttl: float) -> int:
+        """The group's lease, granted on first use (one grant however many joins wait for it)."""
+        lock = self._grant_locks.setdefault(group, asyncio.Lock())
+        async with lock:
+            if group not in self._group_leases:
+                self._group_leases[group] = await self._grant(ttl)
+            return self._group_leases[group]
+
+    async def join(
+        self, group: str, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float
+    ) -> str:
+        """Put the student's key on the group's lease (a txn: only if absent, or held by ``instance``)."""
+        if kind != "student":  # teachers keep their own leases (their keep-alives carry readiness)
+            return await super().join(group, kind, service, member, instance, data, ttl)
+        key = self._key(service, kind, member)
+        uid = uuid.uuid4().hex
+        for attempt in (0, 1):
+            glease = await self._group_lease(group, ttl)
+            value = json.dumps({"lease": str(glease), "instance": instance, "member": uid, "data": data}).encode()
+            put = rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=glease))
+            try:
+                # A key of another instance exists only while its lease lives (etcd deletes it with
+                # the lease), so "absent" is the whole liveness check: one round trip per join.
+                absent = rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=key, create_revision=0)
+                read = rpc.RequestOp(request_range=rpc.RangeRequest(key=key))
+                reply = await self._txn(rpc.TxnRequest(compare=[absent], success=[put], failure=[read]))
+                if not reply.succeeded:
+                    kvs = reply.responses[0].response_range.kvs
+                    old: dict | None = None
+                    if kvs:
+                        old = json.loads(kvs[0].value)
+                        if old["instance"] != instance:
+                            raise AlreadyRegistered(member)
+                        # A takeover by the same instance (a stream re-opened, here or elsewhere).
+                        same = rpc.Compare(
+                            result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=key, mod_revision=kvs[0].mod_revision
+                        )
+                    else:  # deleted meanwhile
+                        same = absent
+                    if not (await self._txn(rpc.TxnRequest(compare=[same], success=[put]))).succeeded:
+                        raise StoreUnavailable(f"{self.url}: joining {member!r} raced with another registration")
+                    if old and "member" not in old and int(old["lease"]) != glease:
+                        await self._revoke(int(old["lease"]))  # its own lease (register()): holds nothing now
+            except StoreUnavailable as exc:
+                if "lease not found" not in str(exc) or attempt:
+                    raise
+                self._lose_group(group, glease)  # lapsed (this server stalled): start the group again
+                continue
+            if self._group_leases.get(group) == glease:
+                self._grouped.setdefault(group, {})[(kind, service, member)] = (uid, glease)
+            else:  # the group lapsed while this join was in flight: report it with the others
+                self._lapsed.setdefault(group, []).append((kind, service, member))
+            return uid
+        raise AssertionError("unreachable")
+
+    async def keep_group(self, group: str, ttl: float) -> list[tuple[str, str, str]]:
+        """One keep-alive of the group's lease (on the shared stream) for all its students."""
+        glease = self._group_leases.get(group)
+        if glease is not None and await self._refresh(glease) <= 0:
+            self._lose_group(group, glease)
+        lapsed = self._lapsed.pop(group, [])
+        # Members joined through the default (teachers) keep their own leases.
+        return lapsed + await super().keep_group(group, ttl)
+
+    async def leave(self, group: str, kind: Kind, service: str, member: str, lease: str) -> None:
+        """Delete the student's key if it is still this join's (never the group's lease: others hold it)."""
+        if kind != "student":
+            return await super().leave(group, kind, service, member, lease)
+        members = self._grouped.get(group, {})
+        if members.get((kind, service, member), ("",))[0] == lease:
+            del members[(kind, service, member)]
+        key = self._key(service, kind, member)
+        old = await self._get(key)
+        if old and old[0].get("member") == lease:
+            same = rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=key, mod_revision=old[1])
+            delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+            await self._txn(rpc.TxnRequest(compare=[same], success=[delete]))
 
     async def services(self) -> list[str]:
         kvs = await self._range(_PREFIX, prefix=True, keys_only=True)
@@ -346,6 +456,17 @@ class EtcdStore(Store):
         request = rpc.TxnRequest(compare=[compare], success=[put])
         reply = await self._call(lambda s, md: s.kv.Txn(request, timeout=_TIMEOUT_S, metadata=md))
         return reply.succeeded
+
+    async def update_assignment(
+        self,
+        service: str,
+        version: str | None,
+        assignment: dict[str, list[str]],
+        changed: dict[str, list[str]],
+        removed: list[str],
+    ) -> bool:
+        """The whole assignment in one CAS put (one key, one round trip; see the module's note on size)."""
+        return await self.write_assignment(service, version, assignment)
 
     async def changes(self) -> AsyncIterator[str | None]:
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(key=_PREFIX, range_end=_range_end(_PREFIX)))
