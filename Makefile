@@ -32,7 +32,8 @@ test: venv
 		bash scripts/install-services.sh; }
 	bash scripts/external-teachers.sh
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest -q
+	# Two workers, a test file each at a time: most tests wait on servers and timeouts, not the CPU.
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

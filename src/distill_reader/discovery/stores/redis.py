@@ -233,6 +233,9 @@ class RedisStore(Store):
         self.url = str(StoreURL("redis", host, port, db, security.username, tls))
         self.db = db
         self._has_password = security.password is not None
+        # TLS without a client certificate: a store that requires one may just reset the connection
+        # (TLS 1.3 checks the client's certificate after the client's side of the handshake is done).
+        self._tls_without_cert = tls and not security.cert
         self._r = aioredis.Redis(
             host=host,
             port=port,
@@ -294,6 +297,8 @@ class RedisStore(Store):
             return StoreRefused(str(permission_denied(self.url, exc)))
         if isinstance(exc, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc):
             return StoreRefused(str(tls_failed(self.url, exc)))
+        if self._tls_without_cert and "reset by peer" in str(exc):
+            return StoreRefused(str(tls_failed(self.url, f"{exc}; the store may require a client certificate")))
         return StoreUnavailable(f"{self.url}: {exc}")
 
     async def _call(self, coro):
