@@ -173,7 +173,7 @@ def serve(
     tls_ca: str | None,
 ) -> None:
     """Run a discovery server until SIGINT/SIGTERM."""
-    from distill_reader.discovery.server import DiscoveryServer
+    from distill_reader.discovery import server as discovery_server
     from distill_reader.security import load_tls, read_token_file
 
     try:
@@ -184,25 +184,30 @@ def serve(
     except DistillReaderError as exc:
         raise click.UsageError(str(exc)) from None
 
-    async def main(stop: asyncio.Event) -> None:
-        server = DiscoveryServer(
-            listen,
-            store,
-            http=http,
-            ttl=ttl,
-            keepalive=keepalive,
-            token=token,
-            tls=tls,
-            store_security=store_security,
-        )
-        await server.start()
+    started = []
+
+    def announce(server: discovery_server.DiscoveryServer) -> None:
+        started.append(server)
         extra = f", http://{server.http_address}/" if server.http_address else ""
         click.echo(f"discovery listening on {server.address} (store {server.store.url}{extra})", err=True)
+
+    async def main(stop: asyncio.Event) -> None:
         try:
-            await stop.wait()
+            await discovery_server.serve(
+                listen,
+                store,
+                http=http,
+                ttl=ttl,
+                keepalive=keepalive,
+                stop=stop,
+                token=token,
+                tls=tls,
+                store_security=store_security,
+                on_started=announce,
+            )
         finally:
-            await server.stop()
-            click.echo("discovery stopped", err=True)
+            if started:
+                click.echo("discovery stopped", err=True)
 
     _run_until_signal(main)
 

@@ -11,7 +11,7 @@ import contextlib
 import html
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -221,8 +221,9 @@ async def serve(
     token: Secret | None = None,
     tls: TlsFiles | None = None,
     store_security: StoreSecurity | None = None,
+    on_started: Callable[[DiscoveryServer], None] | None = None,
 ) -> None:
-    """Serve until ``stop`` is set (or the task is cancelled)."""
+    """Serve until ``stop`` is set (or the task is cancelled); ``on_started(server)`` once it listens."""
     server = DiscoveryServer(
         listen,
         store_url,
@@ -235,6 +236,8 @@ async def serve(
     )
     await server.start()
     try:
+        if on_started is not None:
+            on_started(server)
         await (stop or asyncio.Event()).wait()
     finally:
         await server.stop()

@@ -457,17 +457,6 @@ class EtcdStore(Store):
         reply = await self._call(lambda s, md: s.kv.Txn(request, timeout=_TIMEOUT_S, metadata=md))
         return reply.succeeded
 
-    async def update_assignment(
-        self,
-        service: str,
-        version: str | None,
-        assignment: dict[str, list[str]],
-        changed: dict[str, list[str]],
-        removed: list[str],
-    ) -> bool:
-        """The whole assignment in one CAS put (one key, one round trip; see the module's note on size)."""
-        return await self.write_assignment(service, version, assignment)
-
     async def changes(self) -> AsyncIterator[str | None]:
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(key=_PREFIX, range_end=_range_end(_PREFIX)))
 
