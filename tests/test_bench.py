@@ -109,3 +109,20 @@ def test_progress_goes_to_stderr_step_by_step(tmp_path: Path) -> None:
     assert any(re.fullmatch(r"training-overhead took \d+ s", line) for line in err)
     assert "training-overhead" in done.stdout and "training-overhead took" not in done.stdout
     assert list(tmp_path.iterdir()) == []  # --quick writes no plot
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--store", "memory", "--servers", "2"], "--servers above 1 needs a shared store"),
+        (["--store", "mysql"], "--store takes memory, redis and/or etcd"),
+        (["--students", "1000,3000", "--teachers", "1,2,3"], "--teachers needs one value, or one per --students"),
+    ],
+)
+def test_bench_discovery_options_are_checked_before_anything_runs(args, message) -> None:
+    from click.testing import CliRunner
+
+    from distill_reader.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "discovery", *args])
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -120,7 +120,7 @@ def _help() -> str:
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 
 
-def _discovery_options(students: str, teachers: str, stores: str, steady_s: float | None) -> dict:
+def _discovery_options(students: str, teachers: str, stores: str, steady_s: float | None, servers: int = 1) -> dict:
     """The discovery scenario's options from the command line; a usage error names a bad one."""
 
     def numbers(value: str, option: str) -> list[int]:
@@ -138,7 +138,11 @@ def _discovery_options(students: str, teachers: str, stores: str, steady_s: floa
     s, t = numbers(students, "--students"), numbers(teachers, "--teachers")
     if s and t and len(t) not in (1, len(s)):
         raise click.UsageError("--teachers needs one value, or one per --students value")
-    return {"students": s, "teachers": t, "stores": kinds, "steady_s": steady_s}
+    if servers > 1 and "memory" in kinds:
+        raise click.UsageError(
+            "--servers above 1 needs a shared store: --store redis and/or etcd (memory is per server)"
+        )
+    return {"students": s, "teachers": t, "stores": kinds, "steady_s": steady_s, "servers": servers}
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -284,6 +288,13 @@ class _ProgressReport:
     help="discovery: memory, redis and/or etcd (Redis and etcd are started by the benchmark).",
 )
 @click.option("--steady-s", default=None, type=float, help="discovery: steady-state window, s (default 30; --quick 5).")
+@click.option(
+    "--servers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="discovery: discovery servers sharing the store (redis or etcd); clients spread over them.",
+)
 def bench(
     scenarios: tuple[str, ...],
     quick: bool,
@@ -293,12 +304,13 @@ def bench(
     teachers: str,
     stores: str,
     steady_s: float | None,
+    servers: int,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
 
     names = list(dict.fromkeys(scenarios)) or list(SCENARIO_NAMES)
-    discovery_options = _discovery_options(students, teachers, stores, steady_s)
+    discovery_options = _discovery_options(students, teachers, stores, steady_s, servers)
     sizes = Sizes(quick=quick)
     plot = plot_path(plot_file, quick)
     if plot is not None and "dbatch-scaling" in names:

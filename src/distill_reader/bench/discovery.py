@@ -87,12 +87,14 @@ class SimTeacher:
 
 
 class Simulator:
-    """Students and teachers over shared channels to one discovery endpoint (use ``async with``)."""
+    """Students and teachers over shared channels to discovery servers (use ``async with``): with
+    several endpoints (``"h:p,h:p"``), the channels go to them in turn, so students and teachers
+    are spread evenly over the servers."""
 
     def __init__(
         self, endpoint: str, service: str = SERVICE, require_num: int = REQUIRE_NUM, fleet: TeacherFleet | None = None
     ) -> None:
-        self.endpoint = endpoint
+        self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
         self.fleet = fleet  # teachers kept in that process instead of this one
         self.service = service
         self.require_num = require_num
@@ -112,7 +114,8 @@ class Simulator:
 
     def _stub(self, stubs: list[pb_grpc.DiscoveryStub], index: int, per: int) -> pb_grpc.DiscoveryStub:
         while len(stubs) <= index // per:
-            channel = grpc.aio.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
+            target = self.endpoints[len(stubs) % len(self.endpoints)]
+            channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
             self._channels.append(channel)
             stubs.append(pb_grpc.DiscoveryStub(channel))
         return stubs[index // per]
@@ -376,26 +379,35 @@ async def teacher_join(sim: Simulator, endpoint: str) -> dict[str, Any]:
 # -- the server process and its figures -----------------------------------------------------------
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds the servers have used, together."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _rss_bytes(pids: Sequence[int]) -> int:
+    """The servers' resident memory, together."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 def scrape(http: str) -> dict[str, float]:
-    """The server's Prometheus metrics as ``{"name{labels}": value}``."""
-    text = urllib.request.urlopen(f"http://{http}/metrics", timeout=10).read().decode()
+    """The servers' Prometheus metrics as ``{"name{labels}": value}``, summed over the servers
+    (``http``: their ``host:port`` status addresses, comma-separated)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
+    for address in http.split(","):
+        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = out.get(name, 0.0) + float(value)
     return out
 
 
@@ -443,6 +455,7 @@ class SizeResult:
     store: str
     students: int
     teachers: int
+    servers: int = 1  # discovery servers sharing the store (students and teachers spread over them)
     full_s: float = math.nan
     first_s: float = math.nan
     burst_cpu_s: float = math.nan
@@ -469,19 +482,21 @@ class SizeResult:
     error: str = ""
 
 
-async def _run_size(r: SizeResult, endpoint: str, http: str, pid: int, events: int, progress: Progress) -> SizeResult:
+async def _run_size(
+    r: SizeResult, endpoint: str, http: str, pids: Sequence[int], events: int, progress: Progress
+) -> SizeResult:
     """Measure one size into ``r`` (what was measured stays there if a step fails)."""
-    label = f"{r.store} {r.students}/{r.teachers}"
+    label = f"{_name(r)} {r.students}/{r.teachers}"
     fleet = TeacherFleet(endpoint)
     try:
-        await _measure(r, Simulator(endpoint, fleet=fleet), http, pid, events, progress, label)
+        await _measure(r, Simulator(endpoint, fleet=fleet), http, pids, events, progress, label)
     finally:
         fleet.close()
     return r
 
 
 async def _measure(
-    r: SizeResult, sim: Simulator, http: str, pid: int, events: int, progress: Progress, label: str
+    r: SizeResult, sim: Simulator, http: str, pids: Sequence[int], events: int, progress: Progress, label: str
 ) -> None:
     n_students, n_teachers, steady_s = r.students, r.teachers, r.steady_s
     async with sim:
@@ -494,9 +509,9 @@ async def _measure(
                 )
             )
         await asyncio.sleep(1.0)
-        rss0 = _rss_bytes(pid)
+        rss0 = _rss_bytes(pids)
         progress(f"{label}: {n_students} students connect at once")
-        cpu0, t0 = _cpu_s(pid), time.monotonic()
+        cpu0, t0 = _cpu_s(pids), time.monotonic()
         sim.add_students(n_students)
         try:
             await sim.wait(lambda: all(s.sets for s in sim.students), 60, "every student gets its first set", 0.05)
@@ -508,18 +523,18 @@ async def _measure(
         r.full_s = (
             max(next(at for at, cur in s.sets if len(cur) == min(REQUIRE_NUM, n_teachers)) for s in sim.students) - t0
         )
-        r.burst_cpu_s = _cpu_s(pid) - cpu0
+        r.burst_cpu_s = _cpu_s(pids) - cpu0
         r.reopened = sum(s.reopened for s in sim.students)
         await sim.wait_quiet(1.0, 60)
         progress(f"{label}: steady state for {steady_s:g} s")
         m0 = scrape(http)
         lapses0, _ = await sim.teacher_stats(reset=True)
-        cpu0, t0 = _cpu_s(pid), time.monotonic()
+        cpu0, t0 = _cpu_s(pids), time.monotonic()
         await asyncio.sleep(steady_s)
         elapsed = time.monotonic() - t0
-        r.cpu_percent = 100 * (_cpu_s(pid) - cpu0) / elapsed
+        r.cpu_percent = 100 * (_cpu_s(pids) - cpu0) / elapsed
         m1 = scrape(http)
-        r.rss_bytes = _rss_bytes(pid)
+        r.rss_bytes = _rss_bytes(pids)
         r.load_avg = os.getloadavg()[0]
         r.rss_per_student = (r.rss_bytes - rss0) / max(1, n_students)
         r.steady_messages = sim.messages_since(t0)
@@ -549,9 +564,10 @@ async def _measure(
 
 
 def run_size(
-    store: str, n_students: int, n_teachers: int, steady_s: float, events: int, progress: Progress
+    store: str, n_students: int, n_teachers: int, steady_s: float, events: int, progress: Progress, servers: int = 1
 ) -> SizeResult:
-    """One size on one store (``memory``, ``redis`` or ``etcd``: started here), in fresh processes."""
+    """One size on one store (``memory``, ``redis`` or ``etcd``: started here), in fresh processes;
+    ``servers`` discovery servers share the store (Redis or etcd)."""
     from distill_reader.bench.fleet import DiscoveryProcess, StoreProcess
     from distill_reader.teacher.local import free_port
 
@@ -562,19 +578,22 @@ def run_size(
             backing = StoreProcess(store, tmp)
             backing.start()
             url = backing.url
-        http = f"127.0.0.1:{free_port()}"
-        server = DiscoveryProcess(url, ["--http", http])
-        r = SizeResult(store, n_students, n_teachers, steady_s=steady_s)
+        https = [f"127.0.0.1:{free_port()}" for _ in range(servers)]
+        running = [DiscoveryProcess(url, ["--http", http]) for http in https]
+        r = SizeResult(store, n_students, n_teachers, servers=servers, steady_s=steady_s)
         try:
-            server.start()
-            assert server.process is not None
-            asyncio.run(_run_size(r, server.endpoint, http, server.process.pid, events, progress))
+            for server in running:
+                server.start()
+            pids = [server.process.pid for server in running if server.process is not None]
+            endpoints = ",".join(server.endpoint for server in running)
+            asyncio.run(_run_size(r, endpoints, ",".join(https), pids, events, progress))
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             r.error = (
                 str(exc).splitlines()[0] if isinstance(exc, TimeoutError) else f"{exc.code().name}: {exc.details()}"
             )
         finally:
-            server.stop()
+            for server in running:
+                server.stop()
             if backing is not None:
                 backing.stop()
         return r
@@ -582,7 +601,7 @@ def run_size(
 
 def _rows(r: SizeResult) -> list[Row]:
     name = "discovery"
-    tag = f"{r.store} {r.students:,}/{r.teachers:,}"
+    tag = f"{_name(r)} {r.students:,}/{r.teachers:,}"
     details = {k: v for k, v in r.__dict__.items() if k not in ("die", "deregister")}
     details["die_p50_s"], details["die_p99_s"] = _pct(r.die, 0.5), _pct(r.die, 0.99)
     details["deregister_p50_s"], details["deregister_p99_s"] = _pct(r.deregister, 0.5), _pct(r.deregister, 0.99)
@@ -623,8 +642,10 @@ def discovery(
     teachers: Sequence[int] = (),
     stores: Sequence[str] = (),
     steady_s: float | None = None,
+    servers: int = 1,
 ) -> list[Row]:
-    """The ``discovery`` scenario: every (students, teachers) pair on every store."""
+    """The ``discovery`` scenario: every (students, teachers) pair on every store, with ``servers``
+    discovery servers sharing the store (Redis or etcd)."""
     students = list(students) or ([200] if sizes.quick else [1000])
     teachers = list(teachers) or ([20] if sizes.quick else [100])
     if len(teachers) == 1:
@@ -635,17 +656,22 @@ def discovery(
     rows: list[Row] = []
     for store in stores or ["memory"]:
         for n_s, n_t in zip(students, teachers):
-            r = run_size(store, n_s, n_t, steady, 1 if sizes.quick else 3, progress)
+            r = run_size(store, n_s, n_t, steady, 1 if sizes.quick else 3, progress, servers)
             progress(summary(r))
             rows += _rows(r)
     return rows
+
+
+def _name(r: SizeResult) -> str:
+    """The store, and the number of servers when more than one (``redis ×2``)."""
+    return r.store if r.servers == 1 else f"{r.store} ×{r.servers}"
 
 
 def summary(r: SizeResult) -> str:
     """One line per size, as in docs/discovery.md's table."""
     hist = ", ".join(f"{k}: {v}" for k, v in r.reconciles.items() if v)
     return (
-        f"{r.store} {r.students}/{r.teachers}: full sets {r.full_s:.2f} s (first {r.first_s:.2f} s, server CPU "
+        f"{_name(r)} {r.students}/{r.teachers}: full sets {r.full_s:.2f} s (first {r.first_s:.2f} s, server CPU "
         f"{r.burst_cpu_s:.1f} s, {r.reopened} streams re-opened); "
         f"die p50/p99 {_pct(r.die, 0.5):.2f}/{_pct(r.die, 0.99):.2f} s, deregister "
         f"{_pct(r.deregister, 0.5):.2f}/{_pct(r.deregister, 0.99):.2f} s, unaffected messaged "
