@@ -265,8 +265,11 @@ class KnowledgeSession:
     def record(self, slot: int, rows: np.ndarray, sequence: int) -> None:
         """Record the teachers' outputs for ``rows`` of ``slot`` (just written into it)."""
         self._reap()
-        if self.failure is not None:
-            raise self.failure
+        # Raised once, in the epoch that finds it: the rows of the failed chunk were forgotten and
+        # are asked again (cache) or recorded again (write), so a fixed disk serves the next epoch.
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
         keys = self.keys(slot, rows, sequence)
         lengths_array = self._output_lengths[slot]
         lengths = lengths_array[rows].astype(np.int64) if lengths_array is not None else None

@@ -675,6 +675,9 @@ def run_server(backend: Backend, listen: str = DEFAULT_LISTEN, **kwargs: Any) ->
         log.info("teacher server on %s stopped", address[0])
 
 
+_START_TIMEOUT_S = 60.0  # running_server: binding the port and loading the model
+
+
 @contextlib.contextmanager
 def running_server(
     backend: Backend,
@@ -702,11 +705,12 @@ def running_server(
         serve(backend, listen, on_started=announce, stop_event=stop, **kwargs), thread.loop
     )
     serving.add_done_callback(lambda _: ready.set())
-    ready.wait()
+    ready.wait(_START_TIMEOUT_S)
     try:
         if not address:
-            serving.result()  # raises what stopped the start
-            raise RuntimeError("the teacher server did not start")
+            if serving.done():
+                serving.result()  # raises what stopped the start
+            raise RuntimeError(f"the teacher server did not start within {_START_TIMEOUT_S:.0f} s")
         yield address[0]
     finally:
         with contextlib.suppress(RuntimeError):  # the loop already ended
