@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,29 @@ def test_sequences_are_stored_without_padding(write_config, teachers, tmp_path):
     outputs = tokens * K * (4 + 4)  # top-k values float32 and indices int32 of every real token
     assert summary.keys == n and outputs < summary.bytes < outputs + n * 64 + 4096  # no padding stored
     assert verify(path)[1] == []
+
+
+def test_a_failed_chunk_write_fails_one_epoch_and_the_next_ones_work(write_config, tag_teachers, tmp_path, caplog):
+    """The store's chunk folder becomes unwritable (a file stands where it was), then is fixed: the
+    epoch that finds the failure raises StoreError naming the store, the next ones are whole, and
+    the rows lost with the failed chunk are recorded again."""
+    path = tmp_path / "store"
+    caplog.set_level(logging.WARNING, "distill_reader")
+    dr = reader(store_config(write_config, tag_teachers, path, "cache"))
+    dr.set_sample_generator(samples(range(N)))
+    chunks, away = path / "chunks", path / "chunks-away"
+    with dr:
+        check_epoch(epoch_of(dr), N, 16)  # recorded, held in memory until 1 s without records
+        chunks.rename(away)
+        chunks.write_text("not a folder")
+        deadline = time.monotonic() + 20  # the writer tries to commit the epoch's rows, and fails
+        while not any("knowledge store" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any(r.levelno == logging.ERROR and "failed" in r.getMessage() for r in caplog.records)
+        with pytest.raises(StoreError, match=re.escape(str(path))):
+            epoch_of(dr)
+        chunks.unlink()
+        away.rename(chunks)
+        for _ in range(2):
+            check_epoch(epoch_of(dr), N, 16)
+    assert summarize(path).keys == N and verify(path)[1] == []
