@@ -10,6 +10,12 @@ files only); every offset and size is checked against the registered range befor
 read or written (:class:`RegionError`: INVALID_ARGUMENT); a region unregistered while a request
 still uses it stays mapped until that request is done (the mapping is released by the last view
 of it), so unregistering never crashes a request in flight.
+
+Clients that die without unregistering (a reader killed with SIGKILL) would leave their regions
+mapped for good, and with enough of them fill the table for every later client. So a region no
+request has used for :data:`REGION_IDLE_S` is forgotten at the next registration; a live client
+whose region was forgotten this way gets "unknown shared memory region" and registers again (the
+reader's shared-memory transport does, on its next request).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import mmap
 import os
 import re
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,6 +35,7 @@ from distill_reader.errors import RegionError, RegionExists, RegionsFull
 
 SHM_DIR = "/dev/shm"
 MAX_REGIONS = 256  # registrations a server keeps at once; more is RESOURCE_EXHAUSTED
+REGION_IDLE_S = 300.0  # a region unused this long is forgotten at the next registration
 _KEY_RE = re.compile(r"^/?[A-Za-z0-9_.\-]{1,200}$")
 
 REGION = "shared_memory_region"
@@ -72,14 +80,23 @@ def _int_param(params: Mapping, key: str, default: int | None = None) -> int:
 class SharedMemoryRegions:
     """The regions registered with one server, by name."""
 
-    def __init__(self, shm_dir: str = SHM_DIR) -> None:
+    def __init__(self, shm_dir: str = SHM_DIR, idle_s: float | None = None) -> None:
         self._dir = shm_dir
+        self._idle_s = REGION_IDLE_S if idle_s is None else idle_s
         self._regions: dict[str, Region] = {}
+        self._used: dict[str, float] = {}  # name -> when it was registered or last used
+
+    def _forget_idle(self) -> None:
+        """Forget the regions no request used for ``idle_s`` (their clients are likely gone)."""
+        horizon = time.monotonic() - self._idle_s
+        for name in [name for name, used in self._used.items() if used < horizon]:
+            self.unregister(name)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         """Map ``byte_size`` bytes at ``offset`` of the file ``key``; RegionError saying why not."""
         if not name:
             raise RegionError("a shared memory region needs a name")
+        self._forget_idle()
         if name in self._regions:
             raise RegionExists(f"shared memory region {name!r} is already registered")
         if len(self._regions) >= MAX_REGIONS:
@@ -109,14 +126,17 @@ class SharedMemoryRegions:
             os.close(fd)
         memory = np.frombuffer(mapped, dtype=np.uint8)[offset:]
         region = self._regions[name] = Region(name, key, offset, byte_size, memory)
+        self._used[name] = time.monotonic()
         return region
 
     def unregister(self, name: str = "") -> None:
         """Forget ``name`` (every region when empty). Views in use keep the mapping alive."""
         if name:
             self._regions.pop(name, None)
+            self._used.pop(name, None)
         else:
             self._regions.clear()
+            self._used.clear()
 
     def status(self, name: str = "") -> service_pb2.SystemSharedMemoryStatusResponse:
         """Triton's status answer for ``name`` (every region when empty); KeyError if unknown."""
@@ -145,6 +165,7 @@ class SharedMemoryRegions:
         region = self._regions.get(name)
         if region is None:
             raise RegionError(f"{what}: unknown shared memory region {name!r}; register it first")
+        self._used[name] = time.monotonic()
         offset = _int_param(params, OFFSET, 0)
         byte_size = _int_param(params, BYTE_SIZE)
         if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
