@@ -172,6 +172,9 @@ def test_two_servers_one_killed_mid_run(store):
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError(f"the assignment did not settle at loads 2, 2, 2 within 10 s: {st}")
+            settled = {s["id"]: s["teachers"] for s in st["students"]}
+            for w in students:  # the pushes of the settled assignment may still be on their way
+                await w.wait_for(lambda s, w=w: s == settled[w.session.student_id])
             before = {w.session.student_id: w.current for w in students}
             assert all(w.session.connected_to == endpoints[0] for w in students)
             seen = [len(w.sets) for w in students]
