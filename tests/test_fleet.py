@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -129,6 +130,24 @@ def test_a_bad_teacher_beside_a_good_one_is_quarantined(kind, teachers, write_co
     warnings = quarantine_warnings(caplog, bad)
     assert len(warnings) == 1, warnings
     assert words in warnings[0]
+
+
+def test_wrong_answers_keep_a_teacher_quarantined_after_its_metadata_passes(write_config, teachers, closers):
+    """Its metadata was never the problem, so passing its check (after the 2 s back-off, here while
+    no epoch runs) does not put it back in use: only a request answered right does."""
+    good = teachers.start()
+    teacher = WrongTeacher("shape").start()
+    closers.append(teacher.close)
+    with reader(write_config([teacher.endpoint, good])) as dr:
+        run_epoch(dr)
+        time.sleep(3.0)  # past the first back-off: its metadata is checked again and passes
+        assert dr.stats().teachers[0].quarantined is not None
+        before = teacher.requests
+        run_epoch(dr)
+        (bad, _) = dr.stats().teachers
+    assert bad.endpoint == teacher.endpoint and "returned FP32[4, 9]" in (bad.quarantined or "")
+    # On trial it gets one request at a time, not a round of max_in_flight.
+    assert teacher.requests - before <= 2
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_TEACHERS))

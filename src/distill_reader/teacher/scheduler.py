@@ -13,7 +13,9 @@ What happens to a teacher, by what went wrong (see :mod:`distill_reader.teacher.
   OIP server, it answers NaN or inf): the teacher is **quarantined**. One WARNING names it and
   what is wrong; its requests go to the other teachers without counting as attempts; its metadata
   is checked again after a back-off (2 s doubling to 60 s), at the start of each epoch, and when it
-  registers again with discovery. Once it passes, it rejoins. When every teacher is quarantined,
+  registers again with discovery. Once its metadata passes, it is *on trial*: one request at a time
+  (its answer, when right, is used) and it stays quarantined until one is answered right, since
+  metadata cannot show wrong answers. Then it rejoins. When every teacher is quarantined,
   the epoch fails at once with the reasons of each.
 * *A request answered with an error*: it counts as an attempt and goes to a teacher that has not
   failed it, if there is one; once it has failed ``max_attempts`` times and on every usable teacher,
@@ -61,6 +63,7 @@ _QUARANTINE_FIRST = 2.0
 _QUARANTINE_MAX = 60.0
 _WARN_EVERY = 5.0
 _PASS_OVER_DELAY = 0.05  # a worker that leaves an item to other teachers waits this long
+_TRIAL_WAIT = 1.0  # longest sleep of a worker while another one's trial request is in flight
 #: errors after which a teacher cannot serve the config until it changes: it is quarantined
 UNUSABLE = (TeacherMismatchError, TeacherAuthError, TeacherOutputError)
 
@@ -143,6 +146,7 @@ class _Teacher:
         self.quarantined: TeacherError | None = None  # why it cannot serve the config now
         self.warned = ""  # the reason last logged at WARNING; cleared when it answers well again
         self.quarantines = 0  # how often it was quarantined: the back-off grows with it
+        self.on_trial = False  # quarantined, checked, and one request is in flight to see if it answers right
         self.in_flight = 0
         self.requests = 0
         self.failed_requests = 0
@@ -321,19 +325,34 @@ class Scheduler:
                 continue
             if not teacher.checked and not await self._check(teacher):
                 continue
-            item = await self._queue.get()
-            if not self._live(item):
-                continue
-            if teacher.removed:
-                self._queue.put_nowait(item)
-                return
-            if teacher.available_at > time.monotonic() or self._better_elsewhere(teacher, item):
-                # This teacher failed meanwhile, or answered this item wrongly while another
-                # teacher has not tried it yet: leave the item to the others.
-                self._queue.put_nowait(item)
-                await asyncio.sleep(_PASS_OVER_DELAY)
-                continue
-            await self._run(teacher, item)
+            trial = teacher.quarantined is not None  # checked but still quarantined: one request tells
+            if trial:
+                if teacher.on_trial:
+                    await teacher.sleep(_TRIAL_WAIT)  # another worker's trial request is in flight
+                    continue
+                teacher.on_trial = True
+            try:
+                await self._take_and_run(teacher, trial)
+            finally:
+                if trial:
+                    teacher.on_trial = False
+                    teacher.wake()
+
+    async def _take_and_run(self, teacher: _Teacher, trial: bool) -> None:
+        item = await self._queue.get()
+        if not self._live(item):
+            return
+        if teacher.removed:
+            self._queue.put_nowait(item)
+            return
+        quarantined_meanwhile = teacher.quarantined is not None and not trial
+        if teacher.available_at > time.monotonic() or quarantined_meanwhile or self._better_elsewhere(teacher, item):
+            # This teacher failed or was quarantined meanwhile, or answered this item wrongly while
+            # another teacher has not tried it yet: leave the item to the others.
+            self._queue.put_nowait(item)
+            await asyncio.sleep(_PASS_OVER_DELAY)
+            return
+        await self._run(teacher, item)
 
     def _better_elsewhere(self, teacher: _Teacher, item: WorkItem) -> bool:
         endpoint = teacher.client.endpoint
@@ -354,7 +373,7 @@ class Scheduler:
                 self._teacher_failed(teacher, str(exc))
                 return False
             except UNUSABLE as exc:
-                self._quarantine(teacher, exc, on_check=True)
+                self._quarantine(teacher, exc, again=True)
                 return False
             except TeacherError as exc:  # an error answer to the metadata call: try again later
                 self._teacher_failed(teacher, str(exc))
@@ -367,8 +386,10 @@ class Scheduler:
                     teacher.client.endpoint,
                 )
             if teacher.quarantined is not None:
-                log.info("teacher %s passed its check again; back in use", teacher.client.endpoint)
-                teacher.quarantined = None
+                log.info(
+                    "teacher %s passed its metadata check; back in use once it answers one request right",
+                    teacher.client.endpoint,
+                )
             return True
 
     def _request(self, item: WorkItem) -> DBatch:
@@ -405,6 +426,7 @@ class Scheduler:
 
     async def _run(self, teacher: _Teacher, item: WorkItem) -> None:
         batch = self._request(item)
+        trial = teacher.quarantined is not None  # sent while quarantined: its answer decides
         teacher.in_flight += 1
         teacher.requests += 1
         started = time.perf_counter()
@@ -415,13 +437,14 @@ class Scheduler:
             self._requeue(item)
             return
         except UNUSABLE as exc:
-            self._quarantine(teacher, exc)
+            self._quarantine(teacher, exc, again=trial)
             self._requeue(item)
             return
         except TeacherError as exc:
             if not teacher.declares_tensors and not teacher.answered:
                 # Nothing was declared and nothing answered yet: the request itself does not fit it.
-                self._quarantine(teacher, TeacherMismatchError(f"{exc} (it declares no tensors to check against)"))
+                error = TeacherMismatchError(f"{exc} (it declares no tensors to check against)")
+                self._quarantine(teacher, error, again=trial)
                 self._requeue(item)
                 return
             self._teacher_failed(teacher, str(exc))
@@ -443,6 +466,10 @@ class Scheduler:
         teacher.failures = 0
         teacher.answered = True
         teacher.warned = ""
+        if teacher.quarantined is not None:
+            log.info("teacher %s answered right again; back in use", teacher.client.endpoint)
+            teacher.quarantined = None
+            teacher.wake()
         self._stalled_since = None
         if not self._live(item):
             return  # the epoch was cancelled while the request was in flight
@@ -470,11 +497,13 @@ class Scheduler:
         teacher.available_at = now + backoff
         teacher.checked = teacher.checked and teacher.failures < 2  # re-read metadata after a restart
 
-    def _quarantine(self, teacher: _Teacher, error: TeacherError, *, on_check: bool = False) -> None:
-        """Take a teacher that cannot serve the config out of use until it passes a check again."""
+    def _quarantine(self, teacher: _Teacher, error: TeacherError, *, again: bool = False) -> None:
+        """Take a teacher that cannot serve the config out of use until it passes a check and a trial
+        request again. ``again``: it failed its check or trial (not a request sent before it was
+        quarantined), so its back-off grows."""
         teacher.failed_requests += 1
         teacher.last_error = str(error)
-        if teacher.quarantined is not None and not on_check:
+        if teacher.quarantined is not None and not again:
             return  # answers to requests that were in flight when it was quarantined
         repeated = teacher.warned == str(error)
         teacher.warned = str(error)
