@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from distill_reader import DistillReader
+from distill_reader.reader.stats import ReaderStats
 from distill_reader.teacher.local import free_port, start_teacher, wait_until_ready
 
 TESTS_DIR = Path(__file__).parent
@@ -118,3 +121,25 @@ def child_pids(pid: int | None = None) -> set[int]:
 
 def shm_files() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("distill-reader-")}
+
+
+def settled_stats(dr: DistillReader) -> ReaderStats:
+    """``dr.stats()`` as of now, however loaded the machine: the answer to a request sent earlier
+    (e.g. by the pool check during the epoch) is awaited first, then that of a fresh one."""
+    dr.stats(timeout=30)
+    return dr.stats(timeout=30)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    """The first true value of ``predicate()`` (exceptions count as false), polled every 0.2 s;
+    TimeoutError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} within {timeout} s")

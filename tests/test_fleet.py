@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SEED_CONFIG, TeacherProcesses
+from conftest import SEED_CONFIG, TeacherProcesses, settled_stats
 from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import (
@@ -123,7 +123,7 @@ def test_a_bad_teacher_beside_a_good_one_is_quarantined(kind, teachers, write_co
     with caplog.at_level(logging.INFO, logger="distill_reader"), reader(write_config([bad, good])) as dr:
         for _ in range(2):  # the next epoch too: nothing of the first one's trouble remains
             run_epoch(dr)
-        by_endpoint = {t.endpoint: t for t in dr.stats().teachers}
+        by_endpoint = {t.endpoint: t for t in settled_stats(dr).teachers}
     assert by_endpoint[bad].quarantined is not None and words in by_endpoint[bad].quarantined
     assert by_endpoint[good].quarantined is None and by_endpoint[good].healthy
     # One WARNING naming the teacher and what is wrong, not one per request or per check.
@@ -141,10 +141,10 @@ def test_wrong_answers_keep_a_teacher_quarantined_after_its_metadata_passes(writ
     with reader(write_config([teacher.endpoint, good])) as dr:
         run_epoch(dr)
         time.sleep(3.0)  # past the first back-off: its metadata is checked again and passes
-        assert dr.stats().teachers[0].quarantined is not None
+        assert settled_stats(dr).teachers[0].quarantined is not None
         before = teacher.requests
         run_epoch(dr)
-        (bad, _) = dr.stats().teachers
+        (bad, _) = settled_stats(dr).teachers
     assert bad.endpoint == teacher.endpoint and "returned FP32[4, 9]" in (bad.quarantined or "")
     # On trial it gets one request at a time, not a round of max_in_flight.
     assert teacher.requests - before <= 2
@@ -183,7 +183,7 @@ def test_no_failure_outlives_its_epoch(teachers, write_config):
         teachers.start("reader_models:tag", endpoint=endpoint)
         run_epoch(dr)
         run_epoch(dr)
-        (stats,) = dr.stats().teachers
+        (stats,) = settled_stats(dr).teachers
     assert stats.quarantined is None and stats.healthy
 
 
@@ -196,7 +196,7 @@ def test_a_fixed_teacher_rejoins(teachers, write_config, caplog):
         teachers.start("reader_models:tag", endpoint=bad)
         for _ in range(10):
             run_epoch(dr)
-            stats = {t.endpoint: t for t in dr.stats().teachers}
+            stats = {t.endpoint: t for t in settled_stats(dr).teachers}
             if stats[bad].requests > 0:
                 break
     assert stats[bad].quarantined is None and stats[bad].requests > 0, stats[bad]

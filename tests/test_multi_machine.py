@@ -11,12 +11,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_for
 from netns_support import NetnsHosts, netns_available
 
 from distill_reader import DistillReader
@@ -55,19 +55,6 @@ class Cluster:
     def stop_all(self) -> None:
         for name in self.processes:
             self.kill(name)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} within {timeout} s")
 
 
 def status(address: str) -> dict:

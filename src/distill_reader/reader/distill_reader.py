@@ -123,16 +123,17 @@ class DistillReader(ReaderSource):
         # Stops the pipeline process when the reader is dropped or the interpreter exits.
         weakref.finalize(self, self._holder.close)
 
-    def stats(self) -> ReaderStats:
+    def stats(self, timeout: float = 1.0) -> ReaderStats:
         """Throughput, time the training loop waited, retries, per-teacher requests in flight and
         latency percentiles, and whether the pool limits throughput. A summary is also logged at
         INFO every ``log_interval`` seconds.
 
         Safe from any thread, e.g. a monitoring thread while the training loop iterates; it waits at
-        most about a second for the pipeline process's numbers."""
+        most ``timeout`` seconds for the pipeline process's numbers (the last ones it sent if they do
+        not come in time)."""
         pipeline = self._holder.pipeline
         if pipeline is not None:
-            pipeline.request_stats(wait=1.0)
+            pipeline.request_stats(wait=timeout)
         return self._stats.snapshot()
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -5,8 +5,9 @@ Lifecycle (one owner for each):
 * :class:`Pipeline` owns the shared pool, the slot bookkeeping and the pipeline process. It starts
   with the first epoch and lives across epochs; if its process dies it is replaced at the next epoch.
   ``close()`` (the reader's ``close()``, its finalizer, or interpreter exit) stops the process:
-  ``Stop`` message, 2 s to exit (60 s when it records into a knowledge store: it writes the rows
-  it holds first), then SIGKILL. A forked copy of the training process (a DataLoader
+  ``Stop`` message, 2 s to exit (10 s unless ``shared_memory = off``: it unregisters its regions
+  from the teachers; 60 s when it records into a knowledge store: it writes the rows it holds
+  first), then SIGKILL. A forked copy of the training process (a DataLoader
   worker) never stops it.
 * The channel (:mod:`distill_reader.reader.channel`): any thread sends through the one
   :class:`~distill_reader.reader.channel.Sender`; one receiver thread (a daemon, ending at the
@@ -89,6 +90,9 @@ log = logging.getLogger("distill_reader")
 _START_TIMEOUT = 60.0  # seconds for the pipeline process to import and map the pool
 _ACK_TIMEOUT = 5.0  # seconds for the pipeline process to acknowledge a cancelled epoch
 _STOP_TIMEOUT = 2.0
+#: seconds a pipeline process that may have shared-memory regions on teachers may take to
+#: unregister them (one call per region, each bounded by 5 s, all teachers at once)
+_SHM_STOP_TIMEOUT = 10.0
 #: seconds a pipeline process that records into a knowledge store may take to write its last chunk
 _STORE_STOP_TIMEOUT = 60.0
 _STATS_WAIT = 1.0  # seconds an unawaited StatsRequest may wait for the pipe
@@ -285,7 +289,8 @@ class Pipeline:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop the pipeline process (bounded: 2 s, then SIGKILL). Idempotent; any thread."""
+        """Stop the pipeline process (bounded: 2 s, 10 s while it may hold shared-memory regions on
+        teachers, 60 s while it writes a knowledge store; then SIGKILL). Idempotent; any thread."""
         if not self.owned:
             return  # a forked copy of the training process (e.g. a DataLoader worker) exiting: not ours
         self.mark_closed()
@@ -296,8 +301,14 @@ class Pipeline:
             with contextlib.suppress(OSError, ChannelTimeout):
                 self._sender.send(Stop(), timeout=_STOP_TIMEOUT)
         records = self.config.store is not None and self.config.store.policy != "read"
+        if records:
+            stop_timeout = _STORE_STOP_TIMEOUT
+        elif self.config.shared_memory != "off":
+            stop_timeout = _SHM_STOP_TIMEOUT
+        else:
+            stop_timeout = _STOP_TIMEOUT
         try:
-            process.wait(_STORE_STOP_TIMEOUT if records else _STOP_TIMEOUT)
+            process.wait(stop_timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(_STOP_TIMEOUT)

@@ -274,9 +274,9 @@ class Scheduler:
                 task.cancel()
         if self._watchdog:
             self._watchdog.cancel()
-        for teacher in self._teachers.values():
-            await asyncio.gather(*teacher.workers, return_exceptions=True)
-            await teacher.client.close()
+        # All at once: a transport's close may make calls (shared memory unregisters its regions),
+        # and the pipeline process has a bounded time to stop.
+        await asyncio.gather(*(self._close_later(t) for t in self._teachers.values()), return_exceptions=True)
         self._teachers.clear()
 
     def _ensure_watchdog(self) -> None:
@@ -566,12 +566,13 @@ class Scheduler:
                 self._last_warning = 0.0
             waited = now - self._stalled_since
             detail = "; ".join(t.last_error for t in teachers if t.last_error) or self.describe_source()
-            if waited >= self._options.teacher_timeout:
+            timeout = self._options.teacher_timeout
+            if waited >= timeout:
+                # The limit, not ``waited``: a late tick on a busy machine must not change the message.
                 self._fail(
                     self._active_epoch,
                     NoTeacherError(
-                        f"no teacher answered for {waited:.0f} s (teacher_timeout={self._options.teacher_timeout:g}); "
-                        f"last errors: {detail}"
+                        f"no teacher answered for {timeout:g} s (teacher_timeout={timeout:g}); last errors: {detail}"
                     ),
                 )
             elif now - self._last_warning >= _WARN_EVERY:
