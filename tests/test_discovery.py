@@ -199,7 +199,9 @@ def test_keeper_killed_lease_expires():
             t0 = time.monotonic()
             t1 = await w.wait_for(lambda s: s == [])
             print(f"killed teacher's students had their new set after {t1 - t0:.2f} s")
-            assert t1 - t0 < 3.0
+            # At the TTL after the last keep-alive; generous on a loaded machine (a lease that never
+            # ends fails the wait above).
+            assert t1 - t0 < server.service.ttl + 3.0
             await w.close()
         finally:
             proc.kill()

@@ -243,7 +243,13 @@ def test_no_discovery_server_is_a_no_teacher_error_then_recovers(teachers, write
         assert all(f"{address}: UNAVAILABLE" in message for address in addresses), message
         assert any("no teacher answers" in r.getMessage() for r in caplog.records)
         with running_server(addresses[1]) as discovery:
-            teachers.start("reader_models:tag", "--register", discovery, "--service-name", "fleet")
+            endpoint = teachers.start("reader_models:tag", "--register", discovery, "--service-name", "fleet")
+            # The teacher registers in the background once ready, and the student reconnects to
+            # discovery after a back-off: wait until it has the teacher, or the epoch races that
+            # (under load) with its 3 s teacher_timeout.
+            deadline = time.monotonic() + 30
+            while endpoint not in {t.endpoint for t in dr.stats().teachers} and time.monotonic() < deadline:
+                time.sleep(0.1)
             run_epoch(dr)
 
 

@@ -218,15 +218,25 @@ def test_cli_info_and_verify(captured):
 
 # The capture run that is killed: logs (DEBUG) go to stderr, among them each chunk committed.
 CAPTURE = """
-import logging, sys, time
+import logging, sys, threading, time
 from reader_models import make_sample
 from distill_reader import DistillReader
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s %(message)s")
+committed = threading.Event()
+
+class CommitWatch(logging.Handler):  # after basicConfig's handler: the line is on stderr when it is set
+    def emit(self, record):
+        if "committed" in record.getMessage():
+            committed.set()
+
+logging.getLogger().addHandler(CommitWatch())
 dr = DistillReader(sys.argv[1], 16, 4, capacity=4, occupied_capacity=1)
 dr.set_sample_generator(lambda: (make_sample(i) for i in range(int(sys.argv[2]))))
 for k, batch in enumerate(dr.distill_reader()()):
     print(f"batch {k}", file=sys.stderr, flush=True)
-    time.sleep(1.5 if k == 5 else 0.01)  # the pause: the pipeline process goes idle and commits
+    if k == 5 and not committed.wait(30):  # the pause: the pipeline process goes idle and commits
+        sys.exit("no chunk committed within 30 s of the training loop pausing")
+    time.sleep(0.01)
 time.sleep(60)
 """
 
@@ -255,6 +265,7 @@ def test_a_capture_killed_mid_way_is_complete_after_a_rerun(write_config, tag_te
     finally:
         process.kill()
         process.wait(10)
+    assert committed, "the capture committed no chunk before it was killed"
     summary = summarize(path)
     assert committed <= summary.keys < n
     shutil.copy(next((path / "chunks").glob("*.arrow")), path / "chunks" / ".unfinished.arrow.tmp")
@@ -304,9 +315,15 @@ def test_a_failed_chunk_write_fails_one_epoch_and_the_next_ones_work(write_confi
     dr.set_sample_generator(samples(range(N)))
     chunks, away = path / "chunks", path / "chunks-away"
     with dr:
-        check_epoch(epoch_of(dr), N, 16)  # recorded, held in memory until 1 s without records
-        chunks.rename(away)
-        chunks.write_text("not a folder")
+        batches = []
+        for batch in dr.distill_reader()():
+            batches.append(batch)
+            if len(batches) == -(-N // 16):
+                # The last batch: every row of the epoch is recorded, held in memory until 1 s without
+                # records; broken now, in the epoch, the folder is broken when they are committed.
+                chunks.rename(away)
+                chunks.write_text("not a folder")
+        check_epoch(batches, N, 16)
         deadline = time.monotonic() + 20  # the writer tries to commit the epoch's rows, and fails
         while not any("knowledge store" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
             time.sleep(0.1)

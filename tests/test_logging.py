@@ -15,17 +15,20 @@ from distill_reader.teacher.local import free_port
 pytestmark = pytest.mark.timeout(120)
 
 SCRIPT = """
-import logging, sys, time
+import logging, sys, threading, time
 sys.path.insert(0, {tests!r})
 from reader_models import make_sample
 {setup}
 from distill_reader import DistillReader
 
 dr = DistillReader({config!r}, 4, 2, capacity=4, occupied_capacity=1)
+release = threading.Event()  # set once the epoch was aborted
 
 def reader():
     yield from (make_sample(i) for i in range(8))
-    time.sleep(3)  # after the loop's break: the training process warns that the reader did not return
+    # Still blocked when the loop's break makes abort wait 2 s for it, however slow the first batch
+    # was: the training process warns that the reader did not return.
+    release.wait(60)
     yield from (make_sample(i) for i in range(8, 16))
 
 dr.set_sample_generator(reader)
@@ -37,6 +40,7 @@ batches.close()
 deadline = time.monotonic() + 60
 while all(t.healthy for t in dr.stats().teachers) and time.monotonic() < deadline:
     time.sleep(0.05)
+release.set()
 dr.close()
 print("DONE", flush=True)
 """

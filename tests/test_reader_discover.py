@@ -32,6 +32,15 @@ def assigned_teachers(discovery: str) -> list[list[str]]:
     return [sorted(student.teachers) for service in status.services for student in service.students]
 
 
+def wait_for_assignment(discovery: str, expected: list[list[str]], timeout: float = 20) -> None:
+    """Wait (bounded) until discovery reports the ``expected`` teacher sets, then assert it: a teacher
+    registers in the background after it is ready, and a dead one's lease lapses only after the TTL."""
+    deadline = time.monotonic() + timeout
+    while assigned_teachers(discovery) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert assigned_teachers(discovery) == expected
+
+
 def test_discover_mode_follows_teacher_changes_without_losing_a_sample(write_config, teachers):
     with running_server() as discovery:
         first = teachers.start("reader_models:slow_tag", "--register", discovery, "--service-name", "tagger")
@@ -48,17 +57,14 @@ def test_discover_mode_follows_teacher_changes_without_losing_a_sample(write_con
                     second = teachers.start(
                         "reader_models:slow_tag", "--register", discovery, "--service-name", "tagger"
                     )
-                if step == 20:
-                    assert assigned_teachers(discovery) == [sorted([first, second])]
+                    # It registers in the background after it is ready: wait until it is assigned.
+                    wait_for_assignment(discovery, [sorted([first, second])])
                 if step == 30:  # ...and the first one dies
                     teachers.kill(first)
             check_epoch(batches, n, 16)
             assert second is not None
             # The dead teacher's lease expires within a few seconds; the survivor serves alone.
-            deadline = time.monotonic() + 5
-            while assigned_teachers(discovery) != [[second]] and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert assigned_teachers(discovery) == [[second]]
+            wait_for_assignment(discovery, [[second]])
             start = time.monotonic()
             check_epoch(list(dr.distill_reader()()), n, 16)
             assert time.monotonic() - start < 60

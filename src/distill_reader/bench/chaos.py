@@ -582,6 +582,10 @@ def no_discovery_server(tmp: Path, n: int = 1000, teacher_timeout: float = 2.0) 
             discovery.start()
             started = time.monotonic()
             fleet.start("tag", "--register", discovery.endpoint, "--service-name", SERVICE)
+            # The teacher registers in the background once ready, and the student reconnects to
+            # discovery after a back-off: the next epoch starts once the student has the teacher, or
+            # it races that (under load) with the short teacher_timeout.
+            result.details["assigned_after"] = _wait_assigned(discovery.endpoint, 1, timeout=30)
             second, error2 = run_epoch(dr, n)
             result.recover_s = (second.arrivals[0] - started) if second.arrivals else -1.0
             second.fill(result)
