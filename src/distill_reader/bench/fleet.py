@@ -317,7 +317,21 @@ class WrongTeacher:
         self._thread.stop(5)
 
 
-class DiscoveryProcess:
+class _KillableProcess:
+    """A server process that a scenario may SIGKILL (and start again)."""
+
+    process: subprocess.Popen | None
+
+    def kill(self) -> float:
+        """SIGKILL it and wait for it; when the signal was sent (``time.monotonic()``)."""
+        assert self.process is not None
+        sent = time.monotonic()
+        self.process.kill()
+        self.process.wait(10)
+        return sent
+
+
+class DiscoveryProcess(_KillableProcess):
     """``distill discovery serve`` as a process on a fixed port: killable and restartable."""
 
     def __init__(self, store: str = "memory", args: Sequence[str] = ()) -> None:
@@ -359,20 +373,13 @@ class DiscoveryProcess:
         host, port = self.endpoint.rsplit(":", 1)
         return host, int(port)
 
-    def kill(self) -> float:
-        assert self.process is not None
-        sent = time.monotonic()
-        self.process.kill()
-        self.process.wait(10)
-        return sent
-
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
 
 
-class StoreProcess:
+class StoreProcess(_KillableProcess):
     """``redis-server`` or ``etcd`` on a free port in a temporary directory (restartable, same data)."""
 
     BINARIES = {"redis": "redis-server", "etcd": "etcd"}
@@ -460,13 +467,6 @@ class StoreProcess:
                 return b"true" in reply.read()
         except OSError:
             return False
-
-    def kill(self) -> float:
-        assert self.process is not None
-        sent = time.monotonic()
-        self.process.kill()
-        self.process.wait(10)
-        return sent
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
