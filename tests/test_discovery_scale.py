@@ -8,10 +8,12 @@ small here; ``distill bench discovery`` measures the large ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -125,43 +127,54 @@ def test_student_leases_kept_per_server_and_freed_when_stream_ends_or_server_die
 
     async def main():
         service = "scale-leases"
-        a = DiscoveryServer("127.0.0.1:0", url)
-        await a.start()
-        b = DiscoveryProcess(url)
-        await asyncio.to_thread(b.start)
-        try:
-            async with Simulator(a.address, service) as teachers, Simulator(b.endpoint, service) as students:
-                for i in range(5):
-                    await teachers.add_teacher(teacher(i))
-                students.add_students(100)
-                await students.wait(
-                    lambda: all(s.current is not None and len(s.current) == 2 for s in students.students),
-                    20,
-                    "every student has two teachers",
-                )
-                await until(lambda: _count(a.address, service, 100), 10, "A sees B's 100 students")
+        async with (
+            servers_a_and_b(url) as (a, b),
+            Simulator(a.address, service) as teachers,
+            Simulator(b.endpoint, service) as students,
+        ):
+            for i in range(5):
+                await teachers.add_teacher(teacher(i))
+            students.add_students(100)
+            await students.wait(
+                lambda: all(s.current is not None and len(s.current) == 2 for s in students.students),
+                20,
+                "every student has two teachers",
+            )
+            await until(lambda: _count(a.address, service, 100), 10, "A sees B's 100 students")
 
-                calls = await asyncio.to_thread(store_calls, url)
-                await asyncio.sleep(2 * DEFAULT_TTL_S)  # eight keep-alive intervals
-                # Per-student leases would be 100 x 8 = 800 calls (etcd: 1,600, a read and a keep-alive
-                # each); a group is one per interval per server, plus the 5 teachers' keep-alives (40;
-                # etcd: 80) and each server's resync reads (8).
-                assert await asyncio.to_thread(store_calls, url) - calls < 200
+            calls = await asyncio.to_thread(store_calls, url)
+            await asyncio.sleep(2 * DEFAULT_TTL_S)  # eight keep-alive intervals
+            # Per-student leases would be 100 x 8 = 800 calls (etcd: 1,600, a read and a keep-alive
+            # each); a group is one per interval per server, plus the 5 teachers' keep-alives (40;
+            # etcd: 80) and each server's resync reads (8).
+            assert await asyncio.to_thread(store_calls, url) - calls < 200
 
-                for s in students.students[:10]:
-                    students.end_student(s)
-                await until(lambda: _count(a.address, service, 90), 5, "the ended streams' students leave")
-                killed = time.monotonic()
-                os.kill(b.process.pid, signal.SIGKILL)
-                await until(lambda: _count(a.address, service, 0), DEFAULT_TTL_S + 3, "B's students expire")
-                print(f"SIGKILLed server's students gone after {time.monotonic() - killed:.2f} s")
-                st = status_dict(await fetch_status(a.address, service))["services"][service]
-                assert all(t["students"] == [] for t in st["teachers"])
-        finally:
-            b.stop()
-            await a.stop()
+            for s in students.students[:10]:
+                students.end_student(s)
+            await until(lambda: _count(a.address, service, 90), 5, "the ended streams' students leave")
+            killed = time.monotonic()
+            os.kill(b.process.pid, signal.SIGKILL)
+            await until(lambda: _count(a.address, service, 0), DEFAULT_TTL_S + 3, "B's students expire")
+            print(f"SIGKILLed server's students gone after {time.monotonic() - killed:.2f} s")
+            st = status_dict(await fetch_status(a.address, service))["services"][service]
+            assert all(t["students"] == [] for t in st["teachers"])
 
     run(main())
+
+
+@contextlib.asynccontextmanager
+async def servers_a_and_b(url: str) -> AsyncIterator[tuple[DiscoveryServer, DiscoveryProcess]]:
+    """Two discovery servers on the store at ``url``: A in this process (observed), B a process of
+    its own (to SIGKILL or SIGSTOP)."""
+    a = DiscoveryServer("127.0.0.1:0", url)
+    await a.start()
+    b = DiscoveryProcess(url)
+    try:
+        await asyncio.to_thread(b.start)
+        yield a, b
+    finally:
+        b.stop()
+        await a.stop()
 
 
 async def _count(address: str, service: str, n: int) -> bool:
@@ -178,30 +191,26 @@ def test_student_whose_lease_lapsed_is_joined_again_and_told(kind, request):
 
     async def main():
         service = "scale-lapse"
-        a = DiscoveryServer("127.0.0.1:0", url)
-        await a.start()
-        b = DiscoveryProcess(url)
-        await asyncio.to_thread(b.start)
-        try:
-            async with Simulator(a.address, service, 1) as teachers, Simulator(b.endpoint, service, 1) as students:
-                await teachers.add_teacher(teacher(1))
-                await teachers.add_teacher(teacher(2))
-                (s,) = students.add_students(1)
-                await students.wait(lambda: s.current is not None and len(s.current) == 1, 10, "the student's set")
-                held = next(iter(s.current))
-                other = teacher(2) if held == teacher(1) else teacher(1)
-                os.kill(b.process.pid, signal.SIGSTOP)
-                try:
-                    await teachers.deregister_teacher(held)
-                    await until(lambda: _count(a.address, service, 0), DEFAULT_TTL_S + 3, "the stalled lease lapses")
-                    n_sets = len(s.sets)
-                finally:
-                    os.kill(b.process.pid, signal.SIGCONT)
-                await students.wait(lambda: s.current == {other}, 10, "the lapsed student is told its new set")
-                assert len(s.sets) == n_sets + 1
-                assert await students_in(a.address, service) == {s.id: [other]}
-        finally:
-            b.stop()
-            await a.stop()
+        async with (
+            servers_a_and_b(url) as (a, b),
+            Simulator(a.address, service, 1) as teachers,
+            Simulator(b.endpoint, service, 1) as students,
+        ):
+            await teachers.add_teacher(teacher(1))
+            await teachers.add_teacher(teacher(2))
+            (s,) = students.add_students(1)
+            await students.wait(lambda: s.current is not None and len(s.current) == 1, 10, "the student's set")
+            held = next(iter(s.current))
+            other = teacher(2) if held == teacher(1) else teacher(1)
+            os.kill(b.process.pid, signal.SIGSTOP)
+            try:
+                await teachers.deregister_teacher(held)
+                await until(lambda: _count(a.address, service, 0), DEFAULT_TTL_S + 3, "the stalled lease lapses")
+                n_sets = len(s.sets)
+            finally:
+                os.kill(b.process.pid, signal.SIGCONT)
+            await students.wait(lambda: s.current == {other}, 10, "the lapsed student is told its new set")
+            assert len(s.sets) == n_sets + 1
+            assert await students_in(a.address, service) == {s.id: [other]}
 
     run(main())
