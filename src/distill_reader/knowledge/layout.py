@@ -407,6 +407,12 @@ def _words(block: np.ndarray) -> np.ndarray:
     return data.view("<u8")
 
 
+def _is_run(rows: np.ndarray) -> bool:
+    """Whether ``rows`` are ``k, k + 1, ..., k + n - 1`` in this order (and not empty)."""
+    n = len(rows)
+    return bool(n) and rows[-1] - rows[0] == n - 1 and (n < 3 or bool((np.diff(rows) == 1).all()))
+
+
 def fingerprint_rows(
     inputs: Sequence[tuple[np.ndarray, np.ndarray | None, TensorSpec]], rows: np.ndarray
 ) -> np.ndarray:
@@ -421,8 +427,9 @@ def fingerprint_rows(
     sample from the recorded one, it does not resist someone crafting a collision."""
     n = len(rows)
     lanes = np.zeros((n, 2), np.uint64)
-    # a run of rows (the usual case) is a view, not a copy
-    picked: Any = slice(int(rows[0]), int(rows[0]) + n) if n and rows[-1] - rows[0] == n - 1 else rows
+    # a run of rows in order (the usual case) is a view, not a copy; rows of a d_batch grouped by
+    # length (``[0, 2, 1, 3]``) span a run too, out of order: each row's own fingerprint, in order
+    picked: Any = slice(int(rows[0]), int(rows[0]) + n) if _is_run(rows) else rows
     with np.errstate(over="ignore"):
         for var, (array, lengths, spec) in enumerate(inputs):
             block = array[picked]
