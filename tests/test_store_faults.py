@@ -10,11 +10,16 @@ variables that a test sets.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from reader_models import K, seq_rows
+from conftest import SEED_CONFIG
+from reader_models import K, make_sample, seq_rows
+from test_reader import check_epoch
 
 from distill_reader import DistillReader
 from distill_reader.bench.sequence import sequence_config
@@ -118,3 +123,67 @@ def test_fingerprints_of_rows_out_of_order_are_each_rows_own():
     assert len({bytes(f) for f in each}) == 8
     for rows in ([3, 5, 4, 6], [0, 2, 1, 3], [1, 0], [7], [6, 7, 4, 5], [2, 3, 4, 5]):
         np.testing.assert_array_equal(fingerprint_rows(inputs, np.array(rows)), each[rows], err_msg=str(rows))
+
+
+# -- crash safety -----------------------------------------------------------------------------
+
+
+def seed_reader(write_config, servers, path: Path, policy: str) -> DistillReader:
+    text = SEED_CONFIG.format(servers=list(servers), extra="")
+    conf = store_config(write_config, servers, path, policy, text=text)
+    return DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=1)
+
+
+def samples(order):
+    return lambda: (make_sample(int(i)) for i in order)
+
+
+def test_the_manifest_is_durable_before_it_is_used(write_config, tmp_path, monkeypatch):
+    """A power loss right after the store is created must not leave an empty manifest: its contents
+    are synced before its name appears (the link), and its folder after."""
+    events: list[tuple] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def link(src, dst, *args, **kwargs):
+        events.append(("link", str(src), str(dst)))
+        real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    path = tmp_path / "store"
+    seed_reader(write_config, NOWHERE, path, "write").close()
+    monkeypatch.undo()
+    manifest = path / "manifest.json"
+    linked = [i for i, e in enumerate(events) if e[0] == "link" and e[2] == str(manifest)]
+    assert len(linked) == 1, events
+    at, tmp = linked[0], events[linked[0]][1]
+    assert ("fsync", tmp, manifest.stat().st_size) in events[:at], events  # its whole contents
+    assert ("fsync", str(path), os.stat(path).st_size) in events[at + 1 :], events  # its name
+    assert ("fsync", str(tmp_path), os.stat(tmp_path).st_size) in events, events  # the store's own name
+
+
+def test_a_manifest_cut_off_by_a_crash_is_recovered_from_the_chunks(write_config, tag_teachers, tmp_path, caplog):
+    """What a power loss left of a manifest that was not synced (an empty file), beside synced
+    chunks: the store reads back (each chunk carries the manifest); write or cache rewrites it."""
+    n = 48
+    path = tmp_path / "store"
+    dr = seed_reader(write_config, tag_teachers, path, "write")
+    dr.set_sample_generator(samples(range(n)))
+    with dr:
+        check_epoch(epoch_of(dr), n, 16)
+    wanted = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text("")
+    caplog.set_level(logging.WARNING, "distill_reader")
+    dr = seed_reader(write_config, NOWHERE, path, "read")
+    dr.set_sample_generator(samples(range(n)))
+    with dr:
+        check_epoch(epoch_of(dr), n, 16)
+    assert "manifest.json is empty or cut off" in caplog.text
+    assert (path / "manifest.json").read_text() == ""  # read never writes
+    seed_reader(write_config, NOWHERE, path, "cache").close()
+    assert json.loads((path / "manifest.json").read_text()) == wanted
+    assert verify(path)[1] == []

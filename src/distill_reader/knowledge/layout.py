@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -49,6 +50,8 @@ CHUNKS = "chunks"
 KEY, FINGERPRINT, LENGTH = "_key", "_fingerprint", "_length"
 FINGERPRINT_BYTES = 16
 _SCHEMA_KEY = b"distill_reader.manifest"
+
+log = logging.getLogger("distill_reader.knowledge")
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -98,16 +101,55 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return sorted(found)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the store at ``path``; StoreError if there is none or it is unreadable."""
+def _manifest_file(path: Path) -> dict[str, Any] | None:
+    """The manifest file of the store at ``path``; None when it is empty or not JSON (cut off by
+    a crash of a version that did not sync it); StoreError if there is none or it is not ours."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        text = (path / MANIFEST).read_text()
     except FileNotFoundError:
         raise StoreError(f"no knowledge store at {str(path)!r} (no {MANIFEST})") from None
     except (OSError, ValueError) as exc:
         raise StoreError(f"{str(path / MANIFEST)!r}: unreadable manifest: {exc}") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{str(path / MANIFEST)!r} is not the manifest of a {FORMAT}")
+    return manifest
+
+
+def _manifest_of_chunks(path: Path) -> dict[str, Any] | None:
+    """The manifest the store's newest readable chunk was written with (each chunk carries it)."""
+    for file in reversed(chunk_files(path)):
+        try:
+            manifest = chunk_manifest(read_chunk(file))
+        except (StoreError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+            return manifest
+    return None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the store at ``path``; StoreError if there is none or it is unreadable.
+
+    A manifest file that is empty or cut off (what a power loss left of it before it was synced
+    when created) is read from the chunks instead, each of which carries it, with a WARNING."""
+    manifest = _manifest_file(path)
+    if manifest is not None:
+        return manifest
+    manifest = _manifest_of_chunks(path)
+    if manifest is None:
+        raise StoreError(
+            f"{str(path / MANIFEST)!r}: unreadable manifest (empty or cut off, as a crash while the store "
+            "was created leaves it) and no chunk to recover it from: the store holds no rows; remove it"
+        )
+    log.warning(
+        "%s is empty or cut off (a crash while the store was created); using the manifest its chunks were "
+        "written with (a reader with policy write or cache rewrites the file)",
+        path / MANIFEST,
+    )
     return manifest
 
 
@@ -121,9 +163,14 @@ def open_store(config: ReaderConfig) -> None:
     wanted = manifest_of(config)
     if store.policy != "read":
         try:
+            created = not store.path.exists()
             (store.path / CHUNKS).mkdir(parents=True, exist_ok=True)
+            if created:
+                _sync_folder(store.path.parent)
             if not (store.path / MANIFEST).exists():
                 _create_manifest(store.path, wanted)
+            elif _damaged_manifest(store.path):
+                _replace_manifest(store.path, _manifest_of_chunks(store.path) or wanted)
         except OSError as exc:
             raise StoreError(f"[store] path: cannot create the knowledge store {str(store.path)!r}: {exc}") from None
     try:
@@ -140,17 +187,57 @@ def open_store(config: ReaderConfig) -> None:
         )
 
 
-def _create_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest atomically: the first of several concurrent writers wins, the others
-    compare theirs with it."""
-    tmp = path / f".{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+def _damaged_manifest(path: Path) -> bool:
     try:
+        return _manifest_file(path) is None
+    except StoreError:
+        return False  # missing or not ours: read_manifest says so
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the names created in ``folder`` durable (not possible on every file system)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_synced(file: Path, text: str) -> None:
+    with open(file, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _create_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically and durably: its contents synced before its name appears, the
+    name synced after. The first of several concurrent writers wins, the others compare theirs
+    with it."""
+    tmp = path / f".{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        _write_synced(tmp, json.dumps(manifest, indent=2) + "\n")
         os.link(tmp, path / MANIFEST)  # fails if another writer was first: never replaces it
     except FileExistsError:
         pass
     finally:
-        tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    _sync_folder(path)
+
+
+def _replace_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Replace an empty or cut-off manifest file (synced, then renamed over it)."""
+    log.warning("%s is empty or cut off (a crash while the store was created); rewriting it", path / MANIFEST)
+    tmp = path / f".{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        _write_synced(tmp, json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, path / MANIFEST)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    _sync_folder(path)
 
 
 # -- chunks ---------------------------------------------------------------------------------------
@@ -194,12 +281,7 @@ def write_chunk(path: Path, name: str, batch: pa.RecordBatch) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.rename(tmp, final)
-        with contextlib.suppress(OSError):  # the rename itself, durable (not possible everywhere)
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        _sync_folder(folder)  # the rename itself, durable
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
