@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SEED_CONFIG
-from reader_models import K, make_sample, seq_rows
+from reader_models import K, make_sample, seq_rows, tag_rows
 from test_reader import check_epoch
 
 from distill_reader import DistillReader
@@ -30,6 +30,31 @@ pytestmark = pytest.mark.timeout(120)
 NOWHERE = ["127.0.0.1:1"]  # no teacher listens here
 MAX_LENGTH = 24
 BATCH, D_BATCH = 16, 4
+
+
+# Installed in the pipeline process through its PYTHONPATH; acts only on the variables a test sets.
+SITECUSTOMIZE = """
+import os
+
+if os.environ.get("DISTILL_TEST_CLOCK_BACK"):
+    # The wall clock stepped back by that many seconds, as Python's time_ns() sees it (time.time()
+    # stays: gRPC's deadlines mix it with its own clock, which cannot be moved from here).
+    import time
+
+    _back_ns = int(float(os.environ["DISTILL_TEST_CLOCK_BACK"]) * 1e9)
+    _time_ns = time.time_ns
+    time.time_ns = lambda: _time_ns() - _back_ns
+"""
+
+
+@pytest.fixture
+def pipeline_hooks(tmp_path, monkeypatch):
+    """``set(NAME, value)``: a variable that the pipeline processes started from now on act on."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]))
+    return monkeypatch.setenv
 
 
 def store_config(write_config, servers, path: Path, policy: str, extra: str = "", text: str | None = None) -> Path:
@@ -187,3 +212,57 @@ def test_a_manifest_cut_off_by_a_crash_is_recovered_from_the_chunks(write_config
     seed_reader(write_config, NOWHERE, path, "cache").close()
     assert json.loads((path / "manifest.json").read_text()) == wanted
     assert verify(path)[1] == []
+
+
+# -- which copy of a key wins -----------------------------------------------------------------
+
+
+def test_a_newer_answer_wins_though_the_clock_stepped_back(write_config, tag_teachers, tmp_path, pipeline_hooks):
+    """Sample 1005 at position 5, recorded (cache) by a process whose wall clock is an hour behind
+    the capture's (stepped back, or another host's): its answer is the one read back."""
+    n = 48
+    path = tmp_path / "store"
+    dr = seed_reader(write_config, tag_teachers, path, "write")
+    dr.set_sample_generator(samples(range(n)))
+    with dr:
+        check_epoch(epoch_of(dr), n, 16)
+    order = [1005 if i == 5 else i for i in range(n)]
+
+    def check(batches):
+        img = np.concatenate([b[0] for b in batches])
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in batches])[:, 0], order)
+        np.testing.assert_array_equal(np.concatenate([b[2] for b in batches]), tag_rows(img))
+
+    pipeline_hooks("DISTILL_TEST_CLOCK_BACK", "3600")
+    dr = seed_reader(write_config, tag_teachers, path, "cache")
+    dr.set_sample_generator(samples(order))
+    with dr:
+        check(epoch_of(dr))
+    pipeline_hooks("DISTILL_TEST_CLOCK_BACK", "")
+    assert summarize(path).rows == n + 1  # the new copy of key 5
+    dr = seed_reader(write_config, NOWHERE, path, "read")
+    dr.set_sample_generator(samples(order))
+    with dr:
+        check(epoch_of(dr))
+
+
+def test_chunk_names_sort_after_every_chunk_in_the_store(tmp_path):
+    """Whatever the names there (an earlier version's, by a clock ahead of this one's; another
+    writer's), each new chunk's name sorts after them, and this writer's names keep their order."""
+    from distill_reader.knowledge.layout import CHUNKS, ChunkNamer, chunk_sequence
+
+    folder = tmp_path / CHUNKS
+    folder.mkdir()
+    ahead = f"{(1 << 62):020d}-otherhost-17-abcdef-000001.arrow"  # an old version's name, its clock far ahead
+    (folder / ahead).write_bytes(b"")
+    (folder / ".00000000000000000009-x-1-aaaaaa-000001.arrow.tmp").write_bytes(b"")  # unfinished: no part
+    mine, other = ChunkNamer(tmp_path), ChunkNamer(tmp_path)
+    names = [mine.next(), mine.next()]
+    assert chunk_sequence(names[0]) == (1 << 62) + 1 and chunk_sequence(names[1]) == (1 << 62) + 2
+    (folder / names[1]).write_bytes(b"")
+    names.append(other.next())  # after mine, which it sees in the folder
+    names.append(mine.next())  # named while the other's chunk is not written yet: the same sequence
+    assert chunk_sequence(names[2]) == chunk_sequence(names[3]) == chunk_sequence(names[1]) + 1
+    assert sorted([ahead, *names]) == [ahead, *names[:2], *sorted(names[2:])]  # the tie: by writer
+    (folder / names[2]).write_bytes(b"")
+    assert chunk_sequence(mine.next()) == chunk_sequence(names[2]) + 1

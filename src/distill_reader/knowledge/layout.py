@@ -3,7 +3,7 @@
 A store is a directory::
 
     manifest.json                      the config it was captured with (inputs, outputs, key, teacher)
-    chunks/<time>-<host>-<pid>-<n>.arrow   Arrow IPC files, one record batch each, never changed
+    chunks/<sequence>-<host>-<pid>-<random>-<n>.arrow   Arrow IPC files, one record batch each, never changed
     chunks/.<name>.tmp                 a chunk being written (renamed to its name when complete)
 
 Each chunk holds rows of: ``_key`` (int64: the row's position in the epoch, or its ``key_var``
@@ -17,7 +17,8 @@ its per-row ``shape`` in its metadata and every chunk the manifest in its schema
 Writers never touch each other's files: each writes chunks under a name of its own and renames
 each one into place only once it is complete (and synced), so a capture killed at any moment
 leaves whole chunks and at most a ``.tmp`` file that readers ignore. When a key is in several
-chunks, the newest chunk (names sort by time) wins.
+chunks, the newest chunk wins: names sort by a sequence number that no clock moves
+(:class:`ChunkNamer`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import os
 import re
 import secrets
 import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,17 +257,46 @@ def partial_files(path: Path) -> list[Path]:
     return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
 
 
-class ChunkNamer:
-    """Names of this writer's chunks: sortable by time, unique across hosts and processes."""
+_SEQUENCE = re.compile(r"(\d{20})-")
 
-    def __init__(self) -> None:
+
+def chunk_sequence(name: str) -> int | None:
+    """The sequence number at the start of a chunk's name (None: not a name of ours)."""
+    match = _SEQUENCE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def newest_sequence(path: Path) -> int:
+    """The largest sequence number among the store's complete chunks (0: none)."""
+    try:
+        names = os.listdir(path / CHUNKS)
+    except OSError:
+        return 0
+    found = (chunk_sequence(name) for name in names if name.endswith(".arrow") and not name.startswith("."))
+    return max((n for n in found if n is not None), default=0)
+
+
+class ChunkNamer:
+    """Names of one writer's chunks, ``<sequence>-<writer>-<n>.arrow``: unique across hosts and
+    processes (the writer: host, process, random), and sorted oldest first by a counter that no
+    clock moves. Each name's sequence is one more than the largest in the store's folder, and
+    than this writer's previous one: a chunk sorts after every chunk that was complete when it
+    was named (and that the folder listed), whatever the clocks of the hosts say. Two writers that
+    name a chunk at once may get the same sequence: the writer, then ``n``, decide (the same order
+    for every reader). Chunks named by earlier versions (by wall-clock time, ``time_ns``) read as
+    sequences too: the first chunk named here comes after all of them."""
+
+    def __init__(self, path: Path) -> None:
         host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:40] or "host"
+        self._path = path
         self._tag = f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
         self._count = 0
+        self._sequence = 0
 
     def next(self) -> str:
         self._count += 1
-        return f"{time.time_ns():020d}-{self._tag}-{self._count:06d}.arrow"
+        self._sequence = max(self._sequence, newest_sequence(self._path)) + 1
+        return f"{self._sequence:020d}-{self._tag}-{self._count:06d}.arrow"
 
 
 def write_chunk(path: Path, name: str, batch: pa.RecordBatch) -> Path:

@@ -105,7 +105,7 @@ class KnowledgeSession:
             if self.reads
             else None
         )
-        self._namer = ChunkNamer()
+        self._namer = ChunkNamer(self.path)
         self.failure: StoreError | None = None
         self._warned_at = 0.0
         self._asked_again = 0
@@ -322,13 +322,13 @@ class KnowledgeSession:
             return
         parts, self._pending = self._pending, []
         self._pending_rows = self._pending_bytes = 0
-        future = self._executor.submit(self._write, self._namer.next(), [rows for _, rows in parts])
+        future = self._executor.submit(self._write, [rows for _, rows in parts])
         self._commits.append((future, parts))
 
-    def _write(self, name: str, parts: list[Rows]) -> Path:
-        """The writer thread: one chunk file."""
+    def _write(self, parts: list[Rows]) -> Path:
+        """The writer thread: one chunk file, named when it is written (after every chunk there)."""
         rows = Rows.concatenate(parts)
-        file = write_chunk(self.path, name, rows.to_arrow(self.fetches, self._schema))
+        file = write_chunk(self.path, self._namer.next(), rows.to_arrow(self.fetches, self._schema))
         log.debug("knowledge store %s: committed %d rows (%s)", self.path, len(rows), file.name)
         return file
 
