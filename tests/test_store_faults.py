@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SEED_CONFIG
+from conftest import SEED_CONFIG, wait_for
 from reader_models import K, make_sample, seq_rows, tag_rows
 from test_reader import check_epoch
 
@@ -44,6 +45,26 @@ if os.environ.get("DISTILL_TEST_CLOCK_BACK"):
     _back_ns = int(float(os.environ["DISTILL_TEST_CLOCK_BACK"]) * 1e9)
     _time_ns = time.time_ns
     time.time_ns = lambda: _time_ns() - _back_ns
+
+if os.environ.get("DISTILL_TEST_STORE_GATE"):
+    # A store on a disk that stalls: every read of stored outputs announces itself ("reading") and
+    # waits until the test opens the gate ("open"; at most 60 s).
+    import pathlib
+    import time
+
+    from distill_reader.knowledge import session as _session
+
+    _gate = pathlib.Path(os.environ["DISTILL_TEST_STORE_GATE"])
+    _copy = _session.KnowledgeSession._copy
+
+    def _stalled_copy(self, *args, **kwargs):
+        (_gate / "reading").touch()
+        deadline = time.monotonic() + 60
+        while not (_gate / "open").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return _copy(self, *args, **kwargs)
+
+    _session.KnowledgeSession._copy = _stalled_copy
 """
 
 
@@ -266,3 +287,48 @@ def test_chunk_names_sort_after_every_chunk_in_the_store(tmp_path):
     assert sorted([ahead, *names]) == [ahead, *names[:2], *sorted(names[2:])]  # the tie: by writer
     (folder / names[2]).write_bytes(b"")
     assert chunk_sequence(mine.next()) == chunk_sequence(names[2]) + 1
+
+
+# -- store reads off the pipeline process's event loop ----------------------------------------
+
+
+def test_teachers_are_asked_while_the_store_is_read(write_config, tag_teachers, tmp_path, pipeline_hooks):
+    """The first batch's rows are in the store, on a disk that stalls; the next batches' are not.
+    While the store read is held, the pipeline process's event loop goes on: it answers stats and
+    its requests to the teachers for the next batches are answered. Then every row is exact."""
+    path = tmp_path / "store"
+    dr = seed_reader(write_config, tag_teachers, path, "write")
+    dr.set_sample_generator(samples(range(16)))
+    with dr:
+        check_epoch(epoch_of(dr), 16, 16)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pipeline_hooks("DISTILL_TEST_STORE_GATE", str(gate))
+    dr = seed_reader(write_config, tag_teachers, path, "cache")
+    dr.set_sample_generator(samples(range(48)))
+    seen: dict[str, object] = {}
+
+    def watch() -> None:
+        try:
+            wait_for(lambda: (gate / "reading").exists(), 30, "no store read began")
+            seen["answered"] = wait_for(
+                lambda: sum(t.requests for t in dr.stats(timeout=1).teachers),
+                30,
+                "no teacher request was answered while the store read was held",
+            )
+        except BaseException as exc:
+            seen["error"] = exc
+        finally:
+            (gate / "open").touch()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    with dr:
+        watcher.start()
+        try:
+            batches = epoch_of(dr)
+        finally:
+            (gate / "open").touch()
+            watcher.join(70)
+    assert "error" not in seen, seen["error"]
+    assert (gate / "reading").exists() and seen["answered"]
+    check_epoch(batches, 48, 16)
