@@ -1,8 +1,9 @@
 """The pipeline process's side of the knowledge store.
 
 :class:`KnowledgeSession` looks up the rows of each sealed slot (``read``, ``cache``): a row found
-under its key, with the same teacher inputs, gets its outputs copied from the store into the slot;
-the others go to the teachers (``cache``) or fail the epoch (``read``). It records each row the
+under its key, with the same teacher inputs, gets its outputs copied from the store into the slot
+(by threads: the event loop never waits for a disk, see :meth:`KnowledgeSession.fill`); the others
+go to the teachers (``cache``) or fail the epoch (``read``). It records each row the
 teachers answered (``write``, ``cache``) from the slot into memory, and a writer thread writes the
 recorded rows as a chunk (see :mod:`distill_reader.knowledge.layout`) when there are
 :data:`CHUNK_ROWS` rows or :data:`CHUNK_BYTES` bytes of them, when the oldest waited
@@ -180,7 +181,7 @@ class KnowledgeSession:
         parts = [(self._source(int(s)), sources == s) for s in np.unique(sources)]
         assert self._filler is not None
         future = self._filler.submit(self._fill, slot, count, keys, found, source_rows, parts)
-        self._reading.append(future)
+        self._reading = [*self.reading(), future]
         return rows[~hit], future
 
     def reading(self) -> list[concurrent.futures.Future]:
