@@ -22,7 +22,7 @@ from conftest import SEED_CONFIG, wait_for
 from reader_models import K, make_sample, seq_rows, tag_rows
 from test_reader import check_epoch
 
-from distill_reader import DistillReader
+from distill_reader import DistillReader, DistillReaderError
 from distill_reader.bench.sequence import sequence_config
 from distill_reader.knowledge.commands import summarize, verify
 
@@ -57,14 +57,38 @@ if os.environ.get("DISTILL_TEST_STORE_GATE"):
     _gate = pathlib.Path(os.environ["DISTILL_TEST_STORE_GATE"])
     _copy = _session.KnowledgeSession._copy
 
+    def _event(what):
+        with open(_gate / "events", "a") as fh:
+            fh.write(what + "\\n")
+
     def _stalled_copy(self, *args, **kwargs):
         (_gate / "reading").touch()
         deadline = time.monotonic() + 60
         while not (_gate / "open").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-        return _copy(self, *args, **kwargs)
+        try:
+            return _copy(self, *args, **kwargs)
+        finally:
+            _event("read ended")
 
     _session.KnowledgeSession._copy = _stalled_copy
+
+    # the pipeline process's side of a cancelled epoch: when Cancel came, when it was acknowledged
+    from distill_reader.reader import channel as _channel, pipeline_process as _process
+
+    _on_cancel, _send = _process._PipelineProcess._on_cancel, _process._PipelineProcess.send
+
+    def _cancel(self, message):
+        _event("cancel")
+        (_gate / "cancel").touch()
+        return _on_cancel(self, message)
+
+    def _sent(self, message):
+        if isinstance(message, _channel.Cancelled):
+            _event("acknowledged")
+        return _send(self, message)
+
+    _process._PipelineProcess._on_cancel, _process._PipelineProcess.send = _cancel, _sent
 """
 
 
@@ -73,6 +97,7 @@ def pipeline_hooks(tmp_path, monkeypatch):
     """``set(NAME, value)``: a variable that the pipeline processes started from now on act on."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
+    compile(SITECUSTOMIZE, "sitecustomize.py", "exec")  # a broken one would only print a line, and act on nothing
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]))
     return monkeypatch.setenv
@@ -332,3 +357,52 @@ def test_teachers_are_asked_while_the_store_is_read(write_config, tag_teachers, 
     assert "error" not in seen, seen["error"]
     assert (gate / "reading").exists() and seen["answered"]
     check_epoch(batches, 48, 16)
+
+
+def test_an_epoch_left_during_a_store_read_is_acknowledged_after_it(
+    write_config, tag_teachers, tmp_path, pipeline_hooks
+):
+    """A newer epoch stops one whose first batch is being read from a stalled store: the pipeline
+    process acknowledges the cancellation only once that read has ended (it writes into a slot
+    that the newer epoch reuses), and the newer epoch's rows are exact."""
+    n = 48
+    path = tmp_path / "store"
+    dr = seed_reader(write_config, tag_teachers, path, "write")
+    dr.set_sample_generator(samples(range(n)))
+    with dr:
+        check_epoch(epoch_of(dr), n, 16)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pipeline_hooks("DISTILL_TEST_STORE_GATE", str(gate))
+    dr = seed_reader(write_config, NOWHERE, path, "read")
+    dr.set_sample_generator(samples(range(n)))
+    first: dict[str, object] = {}
+
+    def first_epoch() -> None:
+        try:
+            first["batches"] = epoch_of(dr)
+        except BaseException as exc:
+            first["error"] = exc
+
+    def open_on_cancel() -> None:
+        try:
+            wait_for(lambda: (gate / "cancel").exists(), 30, "no Cancel reached the pipeline process")
+        finally:
+            (gate / "open").touch()
+
+    with dr:
+        stopped = threading.Thread(target=first_epoch, daemon=True)
+        opener = threading.Thread(target=open_on_cancel, daemon=True)
+        stopped.start()
+        try:
+            wait_for(lambda: (gate / "reading").exists(), 30, "no store read began")
+            opener.start()
+            check_epoch(epoch_of(dr), n, 16)  # stops the first epoch: Cancel, then the acknowledgement
+        finally:
+            (gate / "open").touch()
+            stopped.join(30)
+            if opener.is_alive():
+                opener.join(40)
+    assert isinstance(first.get("error"), DistillReaderError) and "stopped" in str(first["error"]), first
+    events = (gate / "events").read_text().splitlines()
+    assert events.index("cancel") < events.index("read ended") < events.index("acknowledged"), events
