@@ -146,8 +146,9 @@ def check_token_rows(batches: list[list[np.ndarray]], ids: np.ndarray, length_of
 @pytest.mark.parametrize("keyed", ["position", "key_var"])
 def test_grouped_variable_rows_read_back(write_config, teachers, tmp_path, keyed):
     """Token rows captured from two teachers with policy write, length grouping on (the default),
-    in d_batches such as ``[0, 2, 1, 3]``, read back with the teachers gone: every row exact. By
-    position, and shuffled with key_var (another order for the reading epoch)."""
+    in d_batches such as ``[0, 2, 1, 3]``, read back with the teachers gone (cache, then read):
+    every row exact, none asked again or recorded twice. By position, and shuffled with key_var
+    (another order for the reading epochs)."""
     servers = [teachers.start("reader_models:seq_tag"), teachers.start("reader_models:seq_tag")]
     n = 480
     rng = np.random.default_rng(7)
@@ -161,7 +162,9 @@ def test_grouped_variable_rows_read_back(write_config, teachers, tmp_path, keyed
     def samples(order):
         return lambda: ((token_row(int(s), length_of[int(s)]), np.array([s], np.int64)) for s in order)
 
-    for policy, order, where in (("write", capture, servers), ("read", read, NOWHERE)):
+    # cache with no teacher: every row must come from the store (a row asked again fails the epoch)
+    passes = (("write", capture, servers), ("cache", read, NOWHERE), ("read", read, NOWHERE))
+    for policy, order, where in passes:
         text = sequence_config(where, MAX_LENGTH, K, values_dtype="float32", output="")
         dr = DistillReader(
             store_config(write_config, where, path, policy, extra, text=text),

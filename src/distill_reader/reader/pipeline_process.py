@@ -22,7 +22,8 @@ The messages (NamedTuples of :mod:`distill_reader.reader.channel`). Parent -> ch
 * ``Seal(epoch, slot, rows)``: every d_batch of the slot was sent;
 * ``Cancel(epoch)``: drop the work of that epoch and earlier, answered by ``Cancelled(epoch)``;
   nothing is written into the pool for it afterwards, so it is answered at once (no teacher writes
-  into the pool itself: over shared memory, answers go into an output ring, see docs/transports.md);
+  into the pool itself: over shared memory, answers go into an output ring, see docs/transports.md),
+  or once the knowledge store's reads into slots (in threads, off the event loop) have ended;
 * ``StatsRequest()``, answered by ``StatsReport([TeacherStats], retries)``;
 * ``Stop()``.
 
