@@ -3,7 +3,7 @@
 A store is a directory::
 
     manifest.json                      the config it was captured with (inputs, outputs, key, teacher)
-    chunks/<time>-<host>-<pid>-<n>.arrow   Arrow IPC files, one record batch each, never changed
+    chunks/<sequence>-<host>-<pid>-<random>-<n>.arrow   Arrow IPC files, one record batch each, never changed
     chunks/.<name>.tmp                 a chunk being written (renamed to its name when complete)
 
 Each chunk holds rows of: ``_key`` (int64: the row's position in the epoch, or its ``key_var``
@@ -17,19 +17,20 @@ its per-row ``shape`` in its metadata and every chunk the manifest in its schema
 Writers never touch each other's files: each writes chunks under a name of its own and renames
 each one into place only once it is complete (and synced), so a capture killed at any moment
 leaves whole chunks and at most a ``.tmp`` file that readers ignore. When a key is in several
-chunks, the newest chunk (names sort by time) wins.
+chunks, the newest chunk wins: names sort by a sequence number that no clock moves
+(:class:`ChunkNamer`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import mmap
 import os
 import re
 import secrets
 import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ CHUNKS = "chunks"
 KEY, FINGERPRINT, LENGTH = "_key", "_fingerprint", "_length"
 FINGERPRINT_BYTES = 16
 _SCHEMA_KEY = b"distill_reader.manifest"
+
+log = logging.getLogger("distill_reader.knowledge")
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -98,16 +101,55 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return sorted(found)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the store at ``path``; StoreError if there is none or it is unreadable."""
+def _manifest_file(path: Path) -> dict[str, Any] | None:
+    """The manifest file of the store at ``path``; None when it is empty or not JSON (cut off by
+    a crash of a version that did not sync it); StoreError if there is none or it is not ours."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        text = (path / MANIFEST).read_text()
     except FileNotFoundError:
         raise StoreError(f"no knowledge store at {str(path)!r} (no {MANIFEST})") from None
     except (OSError, ValueError) as exc:
         raise StoreError(f"{str(path / MANIFEST)!r}: unreadable manifest: {exc}") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{str(path / MANIFEST)!r} is not the manifest of a {FORMAT}")
+    return manifest
+
+
+def _manifest_of_chunks(path: Path) -> dict[str, Any] | None:
+    """The manifest the store's newest readable chunk was written with (each chunk carries it)."""
+    for file in reversed(chunk_files(path)):
+        try:
+            manifest = chunk_manifest(read_chunk(file))
+        except (StoreError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+            return manifest
+    return None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the store at ``path``; StoreError if there is none or it is unreadable.
+
+    A manifest file that is empty or cut off (what a power loss left of it before it was synced
+    when created) is read from the chunks instead, each of which carries it, with a WARNING."""
+    manifest = _manifest_file(path)
+    if manifest is not None:
+        return manifest
+    manifest = _manifest_of_chunks(path)
+    if manifest is None:
+        raise StoreError(
+            f"{str(path / MANIFEST)!r}: unreadable manifest (empty or cut off, as a crash while the store "
+            "was created leaves it) and no chunk to recover it from: the store holds no rows; remove it"
+        )
+    log.warning(
+        "%s is empty or cut off (a crash while the store was created); using the manifest its chunks were "
+        "written with (a reader with policy write or cache rewrites the file)",
+        path / MANIFEST,
+    )
     return manifest
 
 
@@ -121,9 +163,14 @@ def open_store(config: ReaderConfig) -> None:
     wanted = manifest_of(config)
     if store.policy != "read":
         try:
+            created = not store.path.exists()
             (store.path / CHUNKS).mkdir(parents=True, exist_ok=True)
+            if created:
+                _sync_folder(store.path.parent)
             if not (store.path / MANIFEST).exists():
                 _create_manifest(store.path, wanted)
+            elif _damaged_manifest(store.path):
+                _replace_manifest(store.path, _manifest_of_chunks(store.path) or wanted)
         except OSError as exc:
             raise StoreError(f"[store] path: cannot create the knowledge store {str(store.path)!r}: {exc}") from None
     try:
@@ -140,17 +187,57 @@ def open_store(config: ReaderConfig) -> None:
         )
 
 
-def _create_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest atomically: the first of several concurrent writers wins, the others
-    compare theirs with it."""
-    tmp = path / f".{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+def _damaged_manifest(path: Path) -> bool:
     try:
+        return _manifest_file(path) is None
+    except StoreError:
+        return False  # missing or not ours: read_manifest says so
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the names created in ``folder`` durable (not possible on every file system)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_synced(file: Path, text: str) -> None:
+    with open(file, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _create_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically and durably: its contents synced before its name appears, the
+    name synced after. The first of several concurrent writers wins, the others compare theirs
+    with it."""
+    tmp = path / f".{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        _write_synced(tmp, json.dumps(manifest, indent=2) + "\n")
         os.link(tmp, path / MANIFEST)  # fails if another writer was first: never replaces it
     except FileExistsError:
         pass
     finally:
-        tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    _sync_folder(path)
+
+
+def _replace_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Replace an empty or cut-off manifest file (synced, then renamed over it)."""
+    log.warning("%s is empty or cut off (a crash while the store was created); rewriting it", path / MANIFEST)
+    tmp = path / f".{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        _write_synced(tmp, json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, path / MANIFEST)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    _sync_folder(path)
 
 
 # -- chunks ---------------------------------------------------------------------------------------
@@ -170,17 +257,46 @@ def partial_files(path: Path) -> list[Path]:
     return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
 
 
-class ChunkNamer:
-    """Names of this writer's chunks: sortable by time, unique across hosts and processes."""
+_SEQUENCE = re.compile(r"(\d{20})-")
 
-    def __init__(self) -> None:
+
+def chunk_sequence(name: str) -> int | None:
+    """The sequence number at the start of a chunk's name (None: not a name of ours)."""
+    match = _SEQUENCE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def newest_sequence(path: Path) -> int:
+    """The largest sequence number among the store's complete chunks (0: none)."""
+    try:
+        names = os.listdir(path / CHUNKS)
+    except OSError:
+        return 0
+    found = (chunk_sequence(name) for name in names if name.endswith(".arrow") and not name.startswith("."))
+    return max((n for n in found if n is not None), default=0)
+
+
+class ChunkNamer:
+    """Names of one writer's chunks, ``<sequence>-<writer>-<n>.arrow``: unique across hosts and
+    processes (the writer: host, process, random), and sorted oldest first by a counter that no
+    clock moves. Each name's sequence is one more than the largest in the store's folder, and
+    than this writer's previous one: a chunk sorts after every chunk that was complete when it
+    was named (and that the folder listed), whatever the clocks of the hosts say. Two writers that
+    name a chunk at once may get the same sequence: the writer, then ``n``, decide (the same order
+    for every reader). Chunks named by earlier versions (by wall-clock time, ``time_ns``) read as
+    sequences too: the first chunk named here comes after all of them."""
+
+    def __init__(self, path: Path) -> None:
         host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:40] or "host"
+        self._path = path
         self._tag = f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
         self._count = 0
+        self._sequence = 0
 
     def next(self) -> str:
         self._count += 1
-        return f"{time.time_ns():020d}-{self._tag}-{self._count:06d}.arrow"
+        self._sequence = max(self._sequence, newest_sequence(self._path)) + 1
+        return f"{self._sequence:020d}-{self._tag}-{self._count:06d}.arrow"
 
 
 def write_chunk(path: Path, name: str, batch: pa.RecordBatch) -> Path:
@@ -194,12 +310,7 @@ def write_chunk(path: Path, name: str, batch: pa.RecordBatch) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.rename(tmp, final)
-        with contextlib.suppress(OSError):  # the rename itself, durable (not possible everywhere)
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        _sync_folder(folder)  # the rename itself, durable
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -407,6 +518,12 @@ def _words(block: np.ndarray) -> np.ndarray:
     return data.view("<u8")
 
 
+def _is_run(rows: np.ndarray) -> bool:
+    """Whether ``rows`` are ``k, k + 1, ..., k + n - 1`` in this order (and not empty)."""
+    n = len(rows)
+    return bool(n) and rows[-1] - rows[0] == n - 1 and (n < 3 or bool((np.diff(rows) == 1).all()))
+
+
 def fingerprint_rows(
     inputs: Sequence[tuple[np.ndarray, np.ndarray | None, TensorSpec]], rows: np.ndarray
 ) -> np.ndarray:
@@ -421,8 +538,9 @@ def fingerprint_rows(
     sample from the recorded one, it does not resist someone crafting a collision."""
     n = len(rows)
     lanes = np.zeros((n, 2), np.uint64)
-    # a run of rows (the usual case) is a view, not a copy
-    picked: Any = slice(int(rows[0]), int(rows[0]) + n) if n and rows[-1] - rows[0] == n - 1 else rows
+    # a run of rows in order (the usual case) is a view, not a copy; rows of a d_batch grouped by
+    # length (``[0, 2, 1, 3]``) span a run too, out of order: each row's own fingerprint, in order
+    picked: Any = slice(int(rows[0]), int(rows[0]) + n) if _is_run(rows) else rows
     with np.errstate(over="ignore"):
         for var, (array, lengths, spec) in enumerate(inputs):
             block = array[picked]

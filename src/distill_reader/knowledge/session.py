@@ -1,8 +1,9 @@
 """The pipeline process's side of the knowledge store.
 
 :class:`KnowledgeSession` looks up the rows of each sealed slot (``read``, ``cache``): a row found
-under its key, with the same teacher inputs, gets its outputs copied from the store into the slot;
-the others go to the teachers (``cache``) or fail the epoch (``read``). It records each row the
+under its key, with the same teacher inputs, gets its outputs copied from the store into the slot
+(by threads: the event loop never waits for a disk, see :meth:`KnowledgeSession.fill`); the others
+go to the teachers (``cache``) or fail the epoch (``read``). It records each row the
 teachers answered (``write``, ``cache``) from the slot into memory, and a writer thread writes the
 recorded rows as a chunk (see :mod:`distill_reader.knowledge.layout`) when there are
 :data:`CHUNK_ROWS` rows or :data:`CHUNK_BYTES` bytes of them, when the oldest waited
@@ -54,7 +55,9 @@ _ROW_BITS = 32
 
 
 class KnowledgeSession:
-    """See the module docstring. Used from the pipeline process's event loop only."""
+    """See the module docstring. Used from the pipeline process's event loop, which it never keeps
+    waiting for a disk: stored outputs are read into the pool in threads (:meth:`fill`), chunks
+    written in another."""
 
     def __init__(self, config: ReaderConfig, slots: list[list[np.ndarray]], batch_size: int) -> None:
         store = config.store
@@ -99,13 +102,22 @@ class KnowledgeSession:
             if self.records
             else None
         )
+        #: reads the stored outputs of a slot's rows found in the index into it, with the readers,
+        #: off the event loop (one slot after the other); the reads in flight, which a cancelled
+        #: epoch waits for
+        self._filler = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distill-knowledge-filler")
+            if self.reads
+            else None
+        )
+        self._reading: list[concurrent.futures.Future] = []
         #: reads stored outputs into the pool (two: one output var each, for the usual two top-k vars)
         self._readers = (
             concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="distill-knowledge-reader")
             if self.reads
             else None
         )
-        self._namer = ChunkNamer()
+        self._namer = ChunkNamer(self.path)
         self.failure: StoreError | None = None
         self._warned_at = 0.0
         self._asked_again = 0
@@ -139,9 +151,14 @@ class KnowledgeSession:
         return self._key_arrays[slot][rows].reshape(len(rows)).astype(np.int64)
 
     # -- lookups (read, cache) ----------------------------------------------------------------
-    def fill(self, slot: int, count: int, sequence: int) -> np.ndarray:
-        """Copy the stored outputs of rows ``0 .. count - 1`` of ``slot`` into it; the rows that need
-        a teacher (sorted). ``read``: raises StoreMissingError or StoreMismatchError instead."""
+    def fill(self, slot: int, count: int, sequence: int) -> tuple[np.ndarray, concurrent.futures.Future | None]:
+        """Look up rows ``0 .. count - 1`` of ``slot`` (in memory: the index) and start reading the
+        stored outputs of those found into it, off the calling thread (the event loop).
+
+        Returns the rows that are not in the store (sorted: they need a teacher; ``read`` raises
+        StoreMissingError instead) and, when some are, a future of the reading: done once every
+        found row is in the slot, its result the rows whose inputs differ from the recorded ones
+        (sorted: they need a teacher too; ``read``: StoreMismatchError)."""
         self._reap()
         rows = np.arange(count)
         keys = self.keys(slot, rows, sequence)
@@ -156,28 +173,48 @@ class KnowledgeSession:
                 "teacher: capture them with policy = write or cache"
             )
         found, locations = rows[hit], locations[hit]
-        bad = np.zeros(len(found), bool)
-        if len(found):
-            sources, source_rows = locations >> _ROW_BITS, locations & ((1 << _ROW_BITS) - 1)
-            unique = np.unique(sources)
+        if not len(found):
+            self._rows_end(slot, count)
+            return rows, None
+        sources, source_rows = locations >> _ROW_BITS, locations & ((1 << _ROW_BITS) - 1)
+        # The sources are taken here: the rows stay readable if the writer replaces them meanwhile.
+        parts = [(self._source(int(s)), sources == s) for s in np.unique(sources)]
+        assert self._filler is not None
+        future = self._filler.submit(self._fill, slot, count, keys, found, source_rows, parts)
+        self._reading = [*self.reading(), future]
+        return rows[~hit], future
+
+    def reading(self) -> list[concurrent.futures.Future]:
+        """The reads :meth:`fill` started that are not done (they write into slots)."""
+        self._reading = [future for future in self._reading if not future.done()]
+        return list(self._reading)
+
+    def _fill(
+        self,
+        slot: int,
+        count: int,
+        keys: np.ndarray,
+        found: np.ndarray,
+        source_rows: np.ndarray,
+        parts: list[tuple[Rows, np.ndarray]],
+    ) -> np.ndarray:
+        """The filler thread: copy the stored outputs of ``found`` into the slot; the rows whose
+        inputs differ from the recorded ones."""
+        try:
             # The outputs are read in threads while this one fingerprints the inputs (the reads
             # release the GIL). Rows whose inputs turn out to differ are written again by their
             # teacher (cache), or the epoch fails (read).
             assert self._readers is not None
-            copies = []
-            for source in unique:
-                chosen = sources == source
-                rows_of, source_rows_of = found[chosen], source_rows[chosen]
-                for var in range(len(self.fetches)):
-                    copies.append(
-                        self._readers.submit(self._copy, slot, rows_of, self._source(int(source)), source_rows_of, var)
-                    )
+            copies = [
+                self._readers.submit(self._copy, slot, found[chosen], source, source_rows[chosen], var)
+                for source, chosen in parts
+                for var in range(len(self.fetches))
+            ]
             try:
                 mine = fingerprint_rows(self._inputs[slot], found)
                 stored = np.empty_like(mine)
-                for source in unique:
-                    chosen = sources == source
-                    stored[chosen] = self._source(int(source)).fingerprints[source_rows[chosen]]
+                for source, chosen in parts:
+                    stored[chosen] = source.fingerprints[source_rows[chosen]]
                 bad = (mine != stored).any(axis=1)
             finally:
                 concurrent.futures.wait(copies)  # nothing writes into the slot once this returns
@@ -185,11 +222,17 @@ class KnowledgeSession:
                 copy.result()
             if bad.any():
                 self._mismatch(keys[found[bad]])
+        except BaseException:
+            self._ends[slot][:count] = np.iinfo(np.int64).max  # rows partly copied: where they end is unknown
+            raise
+        self._rows_end(slot, count)
+        self.from_store += len(found) - int(bad.sum())
+        return found[bad]
+
+    def _rows_end(self, slot: int, count: int) -> None:
         lengths = self._output_lengths[slot]
         if lengths is not None:  # once the slot is done, every row is 0 past its length
             self._ends[slot][:count] = lengths[:count]
-        self.from_store += len(found) - int(bad.sum())
-        return np.sort(np.concatenate([rows[~hit], found[bad]]))
 
     def _source(self, source: int) -> Rows:
         rows = self._sources[source]
@@ -197,6 +240,7 @@ class KnowledgeSession:
         return rows
 
     def _mismatch(self, keys: np.ndarray) -> None:
+        """Rows whose inputs differ from the recorded ones (in the filler thread)."""
         message = (
             f"the teacher inputs of the sample under key {int(keys[0])} ({self._key_what}) differ from those "
             f"recorded in the knowledge store {str(self.path)!r}: its stored outputs belong to another sample "
@@ -322,13 +366,13 @@ class KnowledgeSession:
             return
         parts, self._pending = self._pending, []
         self._pending_rows = self._pending_bytes = 0
-        future = self._executor.submit(self._write, self._namer.next(), [rows for _, rows in parts])
+        future = self._executor.submit(self._write, [rows for _, rows in parts])
         self._commits.append((future, parts))
 
-    def _write(self, name: str, parts: list[Rows]) -> Path:
-        """The writer thread: one chunk file."""
+    def _write(self, parts: list[Rows]) -> Path:
+        """The writer thread: one chunk file, named when it is written (after every chunk there)."""
         rows = Rows.concatenate(parts)
-        file = write_chunk(self.path, name, rows.to_arrow(self.fetches, self._schema))
+        file = write_chunk(self.path, self._namer.next(), rows.to_arrow(self.fetches, self._schema))
         log.debug("knowledge store %s: committed %d rows (%s)", self.path, len(rows), file.name)
         return file
 
@@ -382,8 +426,14 @@ class KnowledgeSession:
 
     def close(self) -> None:
         """Write every recorded row (bounded wait), then stop the threads."""
+        if self._filler is not None:  # reads into the pool: they end before it is unmapped
+            _, late = concurrent.futures.wait(self.reading(), timeout=_CLOSE_TIMEOUT)
+            if late:
+                log.error("knowledge store %s: a read did not end within %.0f s", self.path, _CLOSE_TIMEOUT)
+            self._filler.shutdown(wait=not late)
+            self._filler = None
         if self._readers is not None:
-            self._readers.shutdown(wait=True)  # idle: fill() waits for its reads
+            self._readers.shutdown(wait=True)  # idle: a fill waits for its reads
             self._readers = None
         if self._executor is not None:
             self.commit()

@@ -22,7 +22,8 @@ The messages (NamedTuples of :mod:`distill_reader.reader.channel`). Parent -> ch
 * ``Seal(epoch, slot, rows)``: every d_batch of the slot was sent;
 * ``Cancel(epoch)``: drop the work of that epoch and earlier, answered by ``Cancelled(epoch)``;
   nothing is written into the pool for it afterwards, so it is answered at once (no teacher writes
-  into the pool itself: over shared memory, answers go into an output ring, see docs/transports.md);
+  into the pool itself: over shared memory, answers go into an output ring, see docs/transports.md),
+  or once the knowledge store's reads into slots (in threads, off the event loop) have ended;
 * ``StatsRequest()``, answered by ``StatsReport([TeacherStats], retries)``;
 * ``Stop()``.
 
@@ -40,6 +41,7 @@ pipe (the event loop, and logging from any thread).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -145,6 +147,7 @@ class _PipelineProcess:
         self.cancelled_upto = -1
         # [store]: rows looked up at the seal (read, cache), teachers' answers recorded (write, cache).
         self.knowledge: KnowledgeSession | None = None
+        self._store_reads: set[asyncio.Task] = set()  # tasks waiting for store reads (off the loop)
         if config.store is not None:
             from distill_reader.knowledge.session import KnowledgeSession  # pyarrow: only when used
 
@@ -281,27 +284,52 @@ class _PipelineProcess:
         self._check_slot(epoch, slot)
 
     def _seal_from_store(self, epoch: int, slot: int, rows: int, sequence: int) -> None:
-        """The slot's rows found in the knowledge store are done at once; the others go to the
-        teachers (cache) in d_batches, grouped by length for variable rows."""
+        """The slot's rows found in the knowledge store are read into it off the event loop (then
+        they are done); the others go to the teachers (cache) at once, in d_batches grouped by
+        length for variable rows, as do those found whose inputs changed once they are known."""
         assert self.knowledge is not None
         if self.slot_started[slot] is None:
             self.slot_started[slot] = time.perf_counter()
         self.sealed_rows[slot] = rows
         try:
-            missing = self.knowledge.fill(slot, rows, sequence)
+            missing, reading = self.knowledge.fill(slot, rows, sequence)
         except StoreError as exc:
             self.send(EpochError(epoch, exc))
             return
-        self.done_rows[slot] += rows - len(missing)
-        if len(missing):
-            size = self.d_batch_size
-            if self.length_arrays[slot] and self.spec.options.group_by_length:
-                groups = [missing[g] for g in group_by_length(self.length_arrays[slot][0][missing], size)]
-            else:
-                groups = [missing[i : i + size] for i in range(0, len(missing), size)]
-            for start, group in enumerate(groups):
-                self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(group), rows=group))
+        start = self._ask_teachers(epoch, slot, sequence, missing, 0)
+        if reading is None:
+            self._check_slot(epoch, slot)
+            return
+        task = spawn(self._read_from_store(epoch, slot, sequence, rows - len(missing), start, reading))
+        self._store_reads.add(task)
+        task.add_done_callback(self._store_reads.discard)
+
+    async def _read_from_store(
+        self, epoch: int, slot: int, sequence: int, found: int, start: int, reading: concurrent.futures.Future
+    ) -> None:
+        try:
+            again = await asyncio.wrap_future(reading)
+        except StoreError as exc:
+            if epoch > self.cancelled_upto:
+                self.send(EpochError(epoch, exc))
+            return
+        if epoch <= self.cancelled_upto:
+            return
+        self.done_rows[slot] += found - len(again)
+        self._ask_teachers(epoch, slot, sequence, again, start)
         self._check_slot(epoch, slot)
+
+    def _ask_teachers(self, epoch: int, slot: int, sequence: int, rows: np.ndarray, start: int) -> int:
+        """Submit ``rows`` of ``slot`` in d_batches numbered from ``start``; the next number."""
+        size = self.d_batch_size
+        if self.length_arrays[slot] and self.spec.options.group_by_length:
+            groups = [rows[g] for g in group_by_length(self.length_arrays[slot][0][rows], size)]
+        else:
+            groups = [rows[i : i + size] for i in range(0, len(rows), size)]
+        for group in groups:
+            self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(group), rows=group))
+            start += 1
+        return start
 
     def _on_stats_request(self, message: StatsRequest) -> None:
         self.send(StatsReport(self.scheduler.stats(), self.scheduler.retries))
@@ -310,11 +338,23 @@ class _PipelineProcess:
         epoch = message.epoch
         self.cancelled_upto = max(self.cancelled_upto, epoch)
         self.scheduler.cancel(epoch)  # no teacher writes into the pool: the slots are free at once
-        if self.knowledge is not None:
-            self.knowledge.cancelled()
         self.done_rows = [0] * len(self.done_rows)
         self.sealed_rows = [None] * len(self.sealed_rows)
         self.slot_started = [None] * len(self.slot_started)
+        reading = self.knowledge.reading() if self.knowledge is not None else []
+        if reading:  # store reads still write into slots: acknowledged once they end
+            task = spawn(self._cancelled_after(epoch, reading))
+            self._store_reads.add(task)
+            task.add_done_callback(self._store_reads.discard)
+            return
+        if self.knowledge is not None:
+            self.knowledge.cancelled()
+        self.send(Cancelled(epoch))
+
+    async def _cancelled_after(self, epoch: int, reading: list[concurrent.futures.Future]) -> None:
+        await asyncio.gather(*(asyncio.wrap_future(future) for future in reading), return_exceptions=True)
+        assert self.knowledge is not None
+        self.knowledge.cancelled()
         self.send(Cancelled(epoch))
 
     def _on_stop(self, message: Stop) -> None:
