@@ -177,7 +177,8 @@ class SharedMemoryRegions:
             )
         path = os.path.join(self._dir, key.lstrip("/"))
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put there must not block the server (refused below, not regular)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise RegionError(f"cannot open shared memory key {key!r}: {exc.strerror}") from None
         file = _File(fd)  # closes it when dropped, here on an error
