@@ -151,7 +151,10 @@ def test_a_region_that_shrank_is_an_error_and_the_teacher_serves_on(teachers, wr
     bad = threading.Thread(target=bad_client, daemon=True)
     bad.start()
     try:
-        dr = DistillReader(write_config([endpoint], "shared_memory = on"), 16, 4, capacity=4, occupied_capacity=1)
+        # (A teacher that checks the file's size and then touches a mapping of it dies in this race:
+        # teacher_timeout makes the epoch fail sooner than its default 120 s.)
+        config = write_config([endpoint], "shared_memory = on")
+        dr = DistillReader(config, 16, 4, capacity=4, occupied_capacity=1, teacher_timeout=30)
         dr.set_sample_list_generator(sample_list_reader(320, 8))
         with dr:
             for _ in range(2):
