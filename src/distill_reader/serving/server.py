@@ -119,10 +119,10 @@ def _decode_input(
         nbytes = int(np.prod(shape, dtype=np.int64)) * spec.dtype.itemsize
         try:
             placement = regions.placement(f"input {name!r}", tensor.parameters, nbytes)
+            if placement is not None:  # a copy: the client may shrink its file at any time
+                return placement.read(f"input {name!r}", spec.dtype, shape)
         except RegionError as e:
             raise RequestError(str(e)) from None
-        if placement is not None:
-            return placement.array(spec.dtype, shape)
     if raw is not None:
         try:
             return array_from_raw(raw, spec.dtype, shape)
@@ -461,8 +461,10 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     f"byte_size {placement.byte_size} given in shared memory region {placement.region.name!r}",
                 )
             # The model's output straight into the client's region: one copy, no serialization.
-            start = placement.offset
-            placement.region.memory[start : start + arr.nbytes] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+            try:
+                placement.write(f"output {name!r}", arr)
+            except RegionError as e:
+                raise _Refused("invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             if len(placements) < len(names):  # raw contents stay aligned with the outputs
                 response.raw_output_contents.append(b"")
         done = time.monotonic_ns()

@@ -1,18 +1,33 @@
 """The teacher server's side of the OIP system shared-memory extension (Triton's semantics).
 
 A client on the same host registers a region (``SystemSharedMemoryRegister``: a name of its
-choice, the ``shm_open`` key of a file in ``/dev/shm``, an offset and a byte size); the server maps
-it at once, so the client may unlink the key right after the call. Requests then name the region,
-an offset and a byte size for an input (read from it) or a requested output (written into it).
+choice, the ``shm_open`` key of a file in ``/dev/shm``, an offset and a byte size); the server opens
+the file at once and keeps it open, so the client may unlink the key right after the call (the
+region is the file that was registered, not its name: a file created later under the same name is
+never read or written). Requests then name the region, an offset and a byte size for an input (read
+from it) or a requested output (written into it).
 
-Safety: keys are plain names in ``/dev/shm`` (no ``/`` or ``..``, no symlinks followed, regular
-files only); every offset and size is checked against the registered range before any byte is
-read or written (:class:`RegionError`: INVALID_ARGUMENT); a region unregistered while a request
-still uses it stays mapped until that request is done (the mapping is released by the last view
-of it), so unregistering never crashes a request in flight.
+No client can make the server fault. The server never maps a region: a client may truncate its
+file at any moment, and a mapping touched past the file's new end kills the process with SIGBUS
+(every student of the teacher would lose it). It copies with system calls on the descriptor instead:
+``preadv`` for an input (past the end of the file it returns short: "region shrank",
+:class:`RegionError`) and ``pwrite`` for an output (refused when the file no longer reaches the
+output's end; a truncation that races the write can only make the write extend the file again up
+to the registered end, never fault). That is one copy of each input, where a mapped view had none;
+outputs were copied before too (docs/transports.md measures it). Zero-copy would need a file that
+cannot shrink: Linux seals only ``memfd_create`` files against it (``F_SEAL_SHRINK``), every file in
+``/dev/shm`` carries ``F_SEAL_SEAL`` (no seal can be added) and a memfd cannot be linked there
+(``EXDEV``), so no key can name one.
+
+Other safety: keys are plain names in ``/dev/shm`` (no ``/`` or ``..``, no symlinks followed,
+regular files only); every offset and size is checked against the registered range before any byte
+is read or written (:class:`RegionError`: INVALID_ARGUMENT); a region unregistered while a request
+still uses it keeps its descriptor open until that request is done (closed with the last reference
+to it), so unregistering never makes a request read or write through a descriptor number reused by
+another file.
 
 Clients that die without unregistering (a reader killed with SIGKILL) would leave their regions
-mapped for good, and with enough of them fill the table for every later client. So a region no
+open for good, and with enough of them fill the table for every later client. So a region no
 request has used for :data:`REGION_IDLE_S` is forgotten at the next registration; a live client
 whose region was forgotten this way gets "unknown shared memory region" and registers again (the
 reader's shared-memory transport does, on its next request).
@@ -20,7 +35,6 @@ reader's shared-memory transport does, on its next request).
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import stat
@@ -43,13 +57,26 @@ OFFSET = "shared_memory_offset"
 BYTE_SIZE = "shared_memory_byte_size"
 
 
+class _File:
+    """A registered file's descriptor, closed when the last reference goes (the region's, and
+    those of the requests that use it): never while a request may still read or write through it."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass(frozen=True)
 class Region:
     name: str
     key: str
-    offset: int
+    offset: int  # of the region in its file
     byte_size: int
-    memory: np.ndarray  # uint8 view of the registered bytes
+    file: _File  # the file registered, open for reading and writing
 
 
 @dataclass(frozen=True)
@@ -60,9 +87,50 @@ class Placement:
     offset: int
     byte_size: int
 
-    def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor ``dtype[shape]`` over its bytes (a view into the region, no copy)."""
-        return self.region.memory[self.offset : self.offset + self.byte_size].view(dtype).reshape(shape)
+    def _shrank(self, what: str, nbytes: int) -> RegionError:
+        region = self.region
+        try:
+            size = f"{os.fstat(region.file.fd).st_size} bytes"
+        except OSError as exc:  # pragma: no cover - an open descriptor can be stat'ed
+            size = exc.strerror
+        start = region.offset + self.offset
+        return RegionError(
+            f"{what}: shared memory region {region.name!r} shrank: its file {region.key!r} has {size} now, the "
+            f"tensor's bytes are {start}..{start + nbytes} of it"
+        )
+
+    def read(self, what: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A copy of the tensor ``dtype[shape]`` in its bytes (``preadv``: never a fault, whatever
+        the client did to its file); RegionError when the file no longer holds them all."""
+        array = np.empty(shape, dtype)
+        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        position, done, fd = self.region.offset + self.offset, 0, self.region.file.fd
+        while done < len(buffer):
+            try:
+                got = os.preadv(fd, [buffer[done:]], position + done)
+            except OSError as exc:
+                raise RegionError(
+                    f"{what}: cannot read shared memory region {self.region.name!r}: {exc.strerror}"
+                ) from None
+            if got == 0:
+                raise self._shrank(what, len(buffer))
+            done += got
+        return array
+
+    def write(self, what: str, array: np.ndarray) -> None:
+        """Write ``array``'s bytes (C order) at the start of the range (``pwrite``: never a fault);
+        RegionError when the file no longer reaches their end (it is not grown back)."""
+        buffer = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        position, done, fd = self.region.offset + self.offset, 0, self.region.file.fd
+        try:
+            if os.fstat(fd).st_size < position + len(buffer):
+                raise self._shrank(what, len(buffer))
+            while done < len(buffer):
+                done += os.pwrite(fd, buffer[done:], position + done)
+        except OSError as exc:
+            raise RegionError(
+                f"{what}: cannot write shared memory region {self.region.name!r}: {exc.strerror}"
+            ) from None
 
 
 def _int_param(params: Mapping, key: str, default: int | None = None) -> int:
@@ -93,7 +161,7 @@ class SharedMemoryRegions:
             self.unregister(name)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
-        """Map ``byte_size`` bytes at ``offset`` of the file ``key``; RegionError saying why not."""
+        """Open the file ``key`` for ``byte_size`` bytes at ``offset``; RegionError saying why not."""
         if not name:
             raise RegionError("a shared memory region needs a name")
         self._forget_idle()
@@ -109,28 +177,25 @@ class SharedMemoryRegions:
             )
         path = os.path.join(self._dir, key.lstrip("/"))
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put there must not block the server (refused below, not regular)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise RegionError(f"cannot open shared memory key {key!r}: {exc.strerror}") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise RegionError(f"shared memory key {key!r} is not a regular file")
-            if offset + byte_size > info.st_size:
-                raise RegionError(
-                    f"shared memory region {name!r}: offset {offset} + byte_size {byte_size} is past the end of "
-                    f"{key!r} ({info.st_size} bytes)"
-                )
-            mapped = mmap.mmap(fd, offset + byte_size)
-        finally:
-            os.close(fd)
-        memory = np.frombuffer(mapped, dtype=np.uint8)[offset:]
-        region = self._regions[name] = Region(name, key, offset, byte_size, memory)
+        file = _File(fd)  # closes it when dropped, here on an error
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RegionError(f"shared memory key {key!r} is not a regular file")
+        if offset + byte_size > info.st_size:
+            raise RegionError(
+                f"shared memory region {name!r}: offset {offset} + byte_size {byte_size} is past the end of "
+                f"{key!r} ({info.st_size} bytes)"
+            )
+        region = self._regions[name] = Region(name, key, offset, byte_size, file)
         self._used[name] = time.monotonic()
         return region
 
     def unregister(self, name: str = "") -> None:
-        """Forget ``name`` (every region when empty). Views in use keep the mapping alive."""
+        """Forget ``name`` (every region when empty). Requests in flight keep its file open."""
         if name:
             self._regions.pop(name, None)
             self._used.pop(name, None)
