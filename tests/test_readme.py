@@ -195,3 +195,39 @@ def test_readme_store_commands_capture_then_read_back(tmp_path) -> None:
     config = load_config(tmp_path / "store.conf")
     assert config.store is not None
     assert (config.store.path, config.store.policy) == (tmp_path / "teacher-outputs", "read")
+
+
+def test_readme_sizing_text_and_the_pool_warning_agree(tmp_path) -> None:
+    """The usage example's sizes draw the pool warning with its one teacher (issue 17: the README
+    called them fine for one small teacher while the example printed the warning). The README says
+    that the example gets it, quotes its advice, and both say what the advice cannot see: a teacher
+    that is busy already (the example's own, measured) gains nothing from it."""
+    from distill_reader.reader.stats import StatsTracker
+    from distill_reader.teacher.stats import TeacherStats
+
+    code = code_blocks(section("## Using DistillReader"), "python")[0]
+    sizes = re.search(r"DistillReader\('[^']+', (\d+), (\d+), capacity=(\d+), occupied_capacity=(\d+)\)", code)
+    assert sizes, code
+    batch_size, d_batch_size, capacity, occupied = map(int, sizes.groups())
+    reader = DistillReader(ROOT / CONFIG, batch_size, d_batch_size, capacity=capacity, occupied_capacity=occupied)
+    pool = reader._stats._pool  # the sizes the reader judges its pool by, max_in_flight's default included
+    reader.close()
+    assert pool is not None
+
+    def warning(teachers: int) -> str:
+        tracker = StatsTracker(60.0, pool)
+        tracker.pipeline_report([TeacherStats(f"t{i}:1", True, 16, 0, 0, 10.0, 10.0, 10.0) for i in range(teachers)], 0)
+        message = tracker._judge_pool()
+        assert message is not None, "no pool warning for the usage example's sizes"
+        return message
+
+    one, eight = warning(1), warning(8)
+    sizing = README[README.index("**Sizing for throughput.**") : README.index("### Failures and shutdown")]
+    text = " ".join(sizing.split())
+    advice = re.search(r"capacity=\d+ would feed them", one)[0]
+    assert advice == "capacity=7 would feed them" and f"`{advice}`" in text
+    eight_advice = re.search(r"capacity=\d+ would feed them", eight)[0].removesuffix(" would feed them")
+    assert eight_advice == "capacity=35" and f"get `{eight_advice}`" in text
+    assert "fine for one" not in text
+    assert "unless the teachers are busy already" in one and "busy already" in text
+    assert "gains nothing" in one and "gains nothing" in text
