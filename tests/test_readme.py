@@ -231,3 +231,14 @@ def test_readme_sizing_text_and_the_pool_warning_agree(tmp_path) -> None:
     assert "fine for one" not in text
     assert "unless the teachers are busy already" in one and "busy already" in text
     assert "gains nothing" in one and "gains nothing" in text
+
+
+@pytest.mark.parametrize("document", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
+def test_docs_speak_of_the_product_not_of_how_it_was_made(document) -> None:
+    """Words of the development process mean nothing to a user (issue 17: "the seed's example", "the
+    seed guide's sizes", "after the fleet-robustness and sequence work"); the guide the API comes from
+    is "the original DistillReader guide"."""
+    text = (ROOT / document if document == "README.md" else ROOT / "docs" / document).read_text(encoding="utf-8")
+    text = " ".join(text.split())
+    for phrase in ("the seed's", "seed guide", "fleet-robustness", "sequence work"):
+        assert phrase not in text.lower(), f"{document}: {phrase!r}"
