@@ -125,9 +125,13 @@ def _help() -> str:
 def _no_hyphen_breaks() -> Iterator[None]:
     """While help is formatted, click wraps lines at spaces only: not inside ``training-overhead``
     or ``docs/benchmarks-dbatch.png`` (textwrap breaks at hyphens and splits long words by default)."""
-    from click import _textwrap
+    try:
+        from click import _textwrap
 
-    original = _textwrap.TextWrapper
+        original = _textwrap.TextWrapper
+    except (ImportError, AttributeError):  # another click: its own wrapping, whatever it is
+        yield
+        return
 
     class Wrapper(original):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
