@@ -114,8 +114,8 @@ def test_progress_goes_to_stderr_step_by_step(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--store", "memory", "--servers", "2"], "--servers above 1 needs a shared store"),
-        (["--store", "mysql"], "--store takes memory, redis and/or etcd"),
+        (["--discovery-store", "memory", "--servers", "2"], "--servers above 1 needs a shared store"),
+        (["--discovery-store", "mysql"], "--discovery-store takes memory, redis and/or etcd"),
         (["--students", "1000,3000", "--teachers", "1,2,3"], "--teachers needs one value, or one per --students"),
     ],
 )
@@ -126,3 +126,38 @@ def test_bench_discovery_options_are_checked_before_anything_runs(args, message)
 
     result = CliRunner().invoke(main, ["bench", "discovery", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("width", [50, 80, 120])
+def test_bench_help_breaks_no_name_at_a_hyphen(width: int) -> None:
+    """Scenario names, options and paths stay whole in --help at any terminal width (issue 17: the
+    usage line listed the scenarios as one long word that broke at `teacher-` and `chao`)."""
+    from click.testing import CliRunner
+
+    from distill_reader.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--help"], terminal_width=width)
+    assert result.exit_code == 0
+    assert not re.search(r"[\w/.]-\n", result.output), result.output
+    words = {word.rstrip(".,;:") for word in result.output.split()}
+    assert "bench [OPTIONS] [SCENARIO]..." in " ".join(result.output.split()), result.output
+    for name in (*SCENARIO_NAMES, *EXTRA_SCENARIOS):
+        assert name in words, (name, result.output)
+    assert {"docs/benchmarks-dbatch.png", "./benchmarks-dbatch.png", "--discovery-store", "--steady-s"} <= words
+
+
+def test_bench_options_say_their_defaults_and_none_is_named_like_a_scenario() -> None:
+    from click.testing import CliRunner
+
+    from distill_reader.bench.commands import bench
+    from distill_reader.cli import main
+
+    options = {name: param for param in bench.params if not getattr(param, "hidden", False) for name in param.opts}
+    assert not set(options) & {f"--{name}" for name in (*SCENARIO_NAMES, *EXTRA_SCENARIOS)}
+    for option in ("--students", "--teachers", "--steady-s"):
+        assert re.search(r"\(default \d+; --quick \d+\)", options[option].help), (option, options[option].help)
+    # The discovery scenario's store kinds are --discovery-store; the old `--store` is refused, naming it.
+    result = CliRunner().invoke(main, ["bench", "discovery", "--store", "redis"])
+    assert result.exit_code == 2 and "--store is now --discovery-store" in result.output, result.output
+    assert "--discovery-store redis" in result.output
+    assert "--store" not in CliRunner().invoke(main, ["bench", "--help"]).output.replace("--discovery-store", "")

@@ -7,7 +7,7 @@ import pytest
 from conftest import SEED_CONFIG
 
 from distill_reader import ConfigError, DistillReader
-from distill_reader.config import load_config
+from distill_reader.config import load_config, strip_inline_comment
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -173,3 +173,58 @@ def test_reader_must_be_set(tmp_path):
     path.write_text(GOOD)
     with pytest.raises(Exception, match="no reader set"):
         DistillReader(path, 8, 4, 2, 0).distill_reader()
+
+
+def test_comments_after_values_are_not_part_of_them(tmp_path):
+    """``#`` and ``;`` after whitespace start a comment, after a value too (issue 17): the README's
+    own snippets are written that way. Inside a quoted string they are the value's."""
+    text = GOOD.replace(
+        "mode = fixed\nservers = ['127.0.0.1:9292', 'localhost:9393']\n",
+        "mode = fixed          # or: discover\n"
+        "servers = ['127.0.0.1:9292',   # the first teacher\n"
+        "           'localhost:9393']   ; two teachers\n"
+        "model_name = 'tag #1'  # a quoted '#' is the name's\n",
+    ).replace("predict_feed_ids = [0]", "predict_feed_ids = [0]  ; the teacher takes the image")
+    text += (
+        "\n[store]\n"
+        "path = teacher-outputs   # a directory: Arrow IPC files and a manifest of the config\n"
+        "policy = cache           # write: ask and record; read: never ask a teacher\n"
+    )
+    path = tmp_path / "commented.conf"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.mode == "fixed"
+    assert config.servers == ("127.0.0.1:9292", "localhost:9393")
+    assert config.model_name == "tag #1"
+    assert config.predict_feed_ids == (0,)
+    assert config.store is not None
+    assert config.store.path == tmp_path / "teacher-outputs"  # no comment in the directory's name
+    assert config.store.policy == "cache"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("cache   # write: ask and record", "cache"),
+        ("cache ; a comment", "cache"),
+        ("a#b", "a#b"),  # not after whitespace: part of the value (the usual INI rule)
+        ("x;y", "x;y"),
+        ("run #3", "run"),  # unquoted: a comment; quote such a value
+        ("'run #3'  # quoted", "'run #3'"),
+        ('"a ; b" ; c', '"a ; b"'),
+        ("['h:1', 'h:2']  # two teachers", "['h:1', 'h:2']"),
+        ("[1,   # a\n 2]  ; b", "[1,\n 2]"),
+        ("bob's teacher  # an apostrophe opens no string", "bob's teacher"),
+        (r"'a\' #b'  # an escaped quote", r"'a\' #b'"),
+        ("# only a comment", ""),
+    ],
+)
+def test_strip_inline_comment(value, expected):
+    assert strip_inline_comment(value) == expected
+
+
+def test_a_key_with_only_a_comment_is_missing(tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text(GOOD.replace("mode = fixed", "mode =    # fixed or discover"))
+    with pytest.raises(ConfigError, match=r"\[conf\] mode: missing key"):
+        load_config(path)

@@ -94,3 +94,19 @@ def test_readme_quotes_the_demo_as_it_runs(demo_output):
     for row in ROWS:
         if row != "samples/s (reader + student training)":
             assert quoted[row] == ran[row], row
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--batch-size", "0"], ["--d-batch-size", "0"], ["--batch-size", "-3"], ["--seeds", "0"], ["--epochs", "0"]],
+)
+def test_demo_sizes_out_of_range_are_usage_errors(args):
+    """A bad size is a usage error naming the option, before anything runs (issue 17: `--batch-size 0`
+    ended in a ConfigError traceback after a teacher was trained and served)."""
+    from click.testing import CliRunner
+
+    from distill_reader.cli import main
+
+    result = CliRunner().invoke(main, ["demo", *args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[0]}'" in result.output and "Traceback" not in result.output

@@ -1,7 +1,9 @@
 """The reader's INI config (the seed's format) parsed into a typed, validated :class:`ReaderConfig`.
 
 Values are Python literals (``['img', 'label']``, ``[(1, 28, 28), (1,)]``); plain words are accepted
-for string keys (``mode = fixed``). Every error is a :class:`~distill_reader.errors.ConfigError`
+for string keys (``mode = fixed``). ``#`` or ``;`` after whitespace starts a comment, after a value
+too (``policy = cache   # ask only for what is missing``), except inside a quoted string
+(``path = 'run #3'``). Every error is a :class:`~distill_reader.errors.ConfigError`
 whose message names the section and key.
 """
 
@@ -251,6 +253,7 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
     except configparser.Error as exc:
         raise ConfigError(f"{path}: not a valid INI file: {exc}") from None
+    _strip_inline_comments(parser)
     _refuse_unknown(parser)
 
     conf = _Section(parser, "conf", str(path))
@@ -390,6 +393,57 @@ def _max_length(
                 "rename one of them"
             )
     return max_length
+
+
+#: What starts a comment after a value (after whitespace, outside a quoted string); also a whole
+#: line (configparser's default ``comment_prefixes``).
+INLINE_COMMENT_PREFIXES = ("#", ";")
+_STRING_PREFIXES = frozenset({"", "r", "u", "b", "br", "rb", "f", "fr", "rf"})
+
+
+def strip_inline_comment(value: str) -> str:
+    """``value`` without its comments: from a ``#`` or ``;`` that follows whitespace (or starts a
+    line) to the end of its line, unless it is inside a quoted Python string, so that
+    ``['h:1', 'h:2']  # two teachers`` and ``'run #3'  ; a path`` keep their values. A quote
+    opens a string only where a Python string can start (not the apostrophe of ``bob's``)."""
+    lines = []
+    quote = ""  # the open string's quote (one character or three), carried over continuation lines
+    for line in value.split("\n"):
+        end = len(line)
+        i = 0
+        while i < len(line):
+            char = line[i]
+            if quote:
+                if char == "\\":
+                    i += 2
+                    continue
+                if line.startswith(quote, i):
+                    i += len(quote)
+                    quote = ""
+                    continue
+            elif char in "'\"":
+                start = i
+                while start > 0 and (line[start - 1].isalnum() or line[start - 1] == "_"):
+                    start -= 1
+                if line[start:i].lower() in _STRING_PREFIXES:
+                    quote = char * 3 if line.startswith(char * 3, i) else char
+                    i += len(quote)
+                    continue
+            elif char in INLINE_COMMENT_PREFIXES and (i == 0 or line[i - 1].isspace()):
+                end = i
+                break
+            i += 1
+        if len(quote) == 1:
+            quote = ""  # a one-quote string ends with its line (an unterminated literal fails later)
+        lines.append(line[:end].rstrip())
+    return "\n".join(lines).strip()
+
+
+def _strip_inline_comments(parser: configparser.ConfigParser) -> None:
+    """Remove every value's comments (:func:`strip_inline_comment`), in place."""
+    for section in parser.sections():
+        for key, value in parser.items(section, raw=True):
+            parser.set(section, key, strip_inline_comment(value))
 
 
 def _nearest(word: str, choices: Iterable[str]) -> str | None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,39 @@ def _help() -> str:
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 
 
+@contextlib.contextmanager
+def _no_hyphen_breaks() -> Iterator[None]:
+    """While help is formatted, click wraps lines at spaces only: not inside ``training-overhead``
+    or ``docs/benchmarks-dbatch.png`` (textwrap breaks at hyphens and splits long words by default)."""
+    try:
+        from click import _textwrap
+
+        original = _textwrap.TextWrapper
+    except (ImportError, AttributeError):  # another click: its own wrapping, whatever it is
+        yield
+        return
+
+    class Wrapper(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("break_on_hyphens", False)
+            kwargs.setdefault("break_long_words", False)
+            super().__init__(*args, **kwargs)
+
+    _textwrap.TextWrapper = Wrapper  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        _textwrap.TextWrapper = original  # type: ignore[misc]
+
+
+class _HelpCommand(click.Command):
+    """A command whose --help never breaks a scenario name, an option or a path at a hyphen."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with _no_hyphen_breaks():
+            super().format_help(ctx, formatter)
+
+
 def _discovery_options(students: str, teachers: str, stores: str, steady_s: float | None, servers: int = 1) -> dict:
     """The discovery scenario's options from the command line; a usage error names a bad one."""
 
@@ -134,13 +168,13 @@ def _discovery_options(students: str, teachers: str, stores: str, steady_s: floa
 
     kinds = [k.strip() for k in stores.split(",") if k.strip()]
     if not kinds or any(k not in ("memory", "redis", "etcd") for k in kinds):
-        raise click.UsageError(f"--store takes memory, redis and/or etcd, got {stores!r}")
+        raise click.UsageError(f"--discovery-store takes memory, redis and/or etcd, got {stores!r}")
     s, t = numbers(students, "--students"), numbers(teachers, "--teachers")
     if s and t and len(t) not in (1, len(s)):
         raise click.UsageError("--teachers needs one value, or one per --students value")
     if servers > 1 and "memory" in kinds:
         raise click.UsageError(
-            "--servers above 1 needs a shared store: --store redis and/or etcd (memory is per server)"
+            "--servers above 1 needs a shared store: --discovery-store redis and/or etcd (memory is per server)"
         )
     return {"students": s, "teachers": t, "stores": kinds, "steady_s": steady_s, "servers": servers}
 
@@ -249,8 +283,8 @@ class _ProgressReport:
         self.console.print(f"[dim]{name} took {time.monotonic() - self.current_started:.0f} s[/]")
 
 
-@click.command("bench", help=_help(), context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("scenarios", nargs=-1, type=click.Choice(SCENARIO_NAMES + EXTRA_SCENARIOS))
+@click.command("bench", cls=_HelpCommand, help=_help(), context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("scenarios", nargs=-1, metavar="[SCENARIO]...", type=click.Choice(SCENARIO_NAMES + EXTRA_SCENARIOS))
 @click.option("--quick", is_flag=True, help="Small sizes (the whole run takes about a minute): a smoke run.")
 @click.option(
     "--json",
@@ -277,16 +311,19 @@ class _ProgressReport:
     "--teachers",
     default="",
     metavar="N[,N…]",
-    help="discovery: simulated teachers, one per --students value or one for all.",
+    help="discovery: simulated teachers, one per --students value or one for all (default 100; --quick 20).",
 )
 @click.option(
-    "--store",
+    "--discovery-store",
     "stores",
     default="memory",
     show_default=True,
     metavar="KIND[,KIND…]",
     help="discovery: memory, redis and/or etcd (Redis and etcd are started by the benchmark).",
 )
+# The discovery scenario's store kinds were `--store` until it was confused with the `store` scenario
+# (issue 17); the old spelling is refused with the new one.
+@click.option("--store", "old_store", default=None, hidden=True)
 @click.option("--steady-s", default=None, type=float, help="discovery: steady-state window, s (default 30; --quick 5).")
 @click.option(
     "--servers",
@@ -303,11 +340,18 @@ def bench(
     students: str,
     teachers: str,
     stores: str,
+    old_store: str | None,
     steady_s: float | None,
     servers: int,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    if old_store is not None:
+        raise click.UsageError(
+            f"--store is now --discovery-store (the discovery scenario's store kinds): --discovery-store {old_store}; "
+            "`distill bench store` is the knowledge-store scenario"
+        )
 
     names = list(dict.fromkeys(scenarios)) or list(SCENARIO_NAMES)
     discovery_options = _discovery_options(students, teachers, stores, steady_s, servers)

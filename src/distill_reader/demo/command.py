@@ -166,8 +166,16 @@ def run_seed(
     type=click.FloatRange(0, min_open=True),
     help="Softens the teacher's and the student's logits in the distillation loss.",
 )
-@click.option("--batch-size", default=64, show_default=True, help="Rows of each training batch.")
-@click.option("--d-batch-size", default=16, show_default=True, help="Rows of each request to a teacher.")
+@click.option(
+    "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Rows of each training batch."
+)
+@click.option(
+    "--d-batch-size",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows of each request to a teacher.",
+)
 @click.pass_context
 def demo(
     ctx: click.Context,

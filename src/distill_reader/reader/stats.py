@@ -63,6 +63,8 @@ class ReaderStats:
     ``pool_limited`` is True once the pool was seen limiting throughput (the training loop waited
     for teacher outputs, the feeder for a free slot, while the teachers could take more requests
     than the pool can hold); ``suggested_capacity`` is then the ``capacity`` that would feed them.
+    From the student's side a teacher that is busy with the requests it has (one sharing this
+    machine's CPUs, say) looks the same: more capacity then gains nothing.
     """
 
     samples: int
@@ -82,7 +84,7 @@ class ReaderStats:
         )
         pool = ""
         if self.pool_limited:
-            pool = f"; the pool limits throughput (capacity={self.suggested_capacity} would not)"
+            pool = f"; the pool may limit throughput (capacity={self.suggested_capacity} would feed the teachers)"
         return (
             f"{self.samples} samples in {self.batches} batches, {self.samples_per_second:,.0f} samples/s, "
             f"training loop waited {self.consumer_wait_seconds:.1f} s, {self.retries} retries; "
@@ -200,12 +202,14 @@ class StatsTracker:
         self.pool_limited = True
         self.suggested_capacity = pool.capacity_for(could_take)
         return (
-            f"the pool limits throughput: with capacity={pool.capacity}, occupied_capacity={pool.occupied_capacity} "
+            "the pool limits throughput unless the teachers are busy already: "
+            f"with capacity={pool.capacity}, occupied_capacity={pool.occupied_capacity} "
             f"and batch_size={pool.batch_size}, at most {pool.slots_in_flight} batches "
             f"({at_most} requests of d_batch_size={pool.d_batch_size}) can be at the teachers while the training "
             f"loop waits, and only {pool.slots_in_flight - 1} during a step, while the {n} teacher(s) could take "
             f"{could_take} (max_in_flight={pool.max_in_flight} each); "
-            f"capacity={self.suggested_capacity} would feed them"
+            f"capacity={self.suggested_capacity} would feed them (a teacher that computes all the time with "
+            "fewer requests, e.g. one sharing this machine's CPUs, gains nothing from more: compare samples/s)"
         )
 
     def snapshot(self) -> ReaderStats:
