@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -143,3 +144,18 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> obje
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{what} within {timeout} s")
+
+
+@contextlib.contextmanager
+def sigint_default_in_children() -> Iterator[None]:
+    """Children started meanwhile get SIGINT's default disposition, which these tests rely on (a
+    SIGINT kills a Python script that has not installed its handler yet, and raises KeyboardInterrupt
+    in one that has). A disposition is inherited across exec only when it is SIG_IGN, and a shell
+    without job control starts its background jobs (``make test &``, ``nohup make test``) with SIGINT
+    ignored: pytest then ignores it, and so would the scripts it starts. A handler of our own in this
+    process becomes SIG_DFL in the child at exec. (Popen returns once the child has exec'd.)"""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 from chaos_support import alive
-from conftest import TESTS_DIR, shm_files
+from conftest import TESTS_DIR, shm_files, sigint_default_in_children
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,9 +61,14 @@ def test_signal_stops_everything(tmp_path, write_config, tag_teachers, sig):
     it, and nothing is left in /dev/shm."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(TESTS_DIR), config=str(write_config(tag_teachers))))
-    process = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    with sigint_default_in_children():
+        process = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     try:
         line = process.stdout.readline()
         assert line.startswith("PIPELINE"), process.stderr.read()

@@ -7,7 +7,6 @@ The long versions are marked slow (``DISTILL_SLOW_TESTS=1``).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import random
@@ -17,11 +16,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from chaos_support import alive, fd_count, rss_bytes, slow
-from conftest import TESTS_DIR, child_pids
+from conftest import TESTS_DIR, child_pids, sigint_default_in_children
 from reader_models import make_sample
 from test_lifecycle import own_shm, wait_until
 from test_reader import check_epoch
@@ -204,21 +202,6 @@ def _marked(token: str) -> set[int]:
     return found
 
 
-@contextlib.contextmanager
-def _sigint_default_in_children() -> Iterator[None]:
-    """Children started meanwhile get SIGINT's default disposition, which these tests rely on (a
-    SIGINT kills a Python script that has not installed its handler yet, and raises KeyboardInterrupt
-    in one that has). A disposition is inherited across exec only when it is SIG_IGN, and a shell
-    without job control starts its background jobs (``make test &``, ``nohup make test``) with SIGINT
-    ignored: pytest then ignores it, and so would the scripts it starts. A handler of our own in this
-    process becomes SIG_DFL in the child at exec. (Popen returns once the child has exec'd.)"""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_stream: bool) -> tuple[float, float, int]:
     """Run a training script, signal it at a random moment, wait (bounded, else fail) until it has
     exited by the signal and no process of it is left; (seconds to exit, seconds until no process of
@@ -227,7 +210,7 @@ def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_str
     token = uuid.uuid4().hex
     script = tmp_path / f"train{seed}.py"
     script.write_text(SCRIPT.format(tests=str(TESTS_DIR), config=str(config), seed=seed))
-    with _sigint_default_in_children():
+    with sigint_default_in_children():
         process = subprocess.Popen(
             [sys.executable, str(script)],
             stdout=subprocess.PIPE,
