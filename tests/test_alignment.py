@@ -467,6 +467,7 @@ def test_uld_gradients_flow_and_masked_positions_get_none() -> None:
     student, values, alignment, student_lengths, teacher_lengths = random_case(3)
     values[2] = float("nan")  # a row with no real positions may hold anything
     values[1, teacher_lengths[1] :] = float("nan")  # so may the teacher's padding
+    student[1, student_lengths[1] :] = float("nan")  # and the student's
     student = student.clone().requires_grad_(True)
     loss = uld_loss(student, values, alignment, student_lengths, teacher_lengths)
     loss.backward()
@@ -478,9 +479,9 @@ def test_uld_gradients_flow_and_masked_positions_get_none() -> None:
     assert (student.grad[~aligned] == 0).all()
     assert (student.grad[aligned].abs().sum(-1) > 0).all()
     # Against finite differences, in float64 (the sort is locally constant: random logits tie nowhere).
-    student64 = student.detach().double().requires_grad_(True)
+    student64 = student.detach().nan_to_num().double().requires_grad_(True)
     torch.autograd.gradcheck(
-        lambda x: uld_loss(x, values.double().nan_to_num(), alignment, student_lengths, teacher_lengths),
+        lambda x: uld_loss(x, values.double(), alignment, student_lengths, teacher_lengths),
         (student64,),
     )
 
