@@ -3,9 +3,10 @@
 The alignment is tested on hand-made offsets (a character covered by several tokens on each side,
 a multi-byte character split across tokens, whitespace that one side's offsets leave out, special
 tokens) and on tokenizers trained here with ``tokenizers`` (byte-level BPE of 300 and 1,000
-tokens with other merges, a WordPiece), with a property test: paired positions have seen the same
-bytes of the text and predict tokens that start at the same byte, every position both sides can
-compare is paired, and the pairs are strictly increasing. The loss (``uld_loss``) is tested
+tokens with other merges, a WordPiece; a byte-fallback SentencePiece-style BPE built by hand),
+with a property test: paired positions have seen the same bytes of the text and predict tokens
+that start at the same byte, every position both sides can compare is paired, and the pairs are
+strictly increasing. The loss (``uld_loss``) is tested
 against a position-by-position float64 computation of Boizard et al.'s sorted-probability
 distance.
 """
@@ -305,6 +306,37 @@ def test_wordpiece_against_byte_level(trained) -> None:
     if hello:
         assert alignment[hello[0]] >= 0
     assert (alignment >= 0).mean() > 0.3
+
+
+def byte_fallback_sentencepiece() -> Tokenizer:
+    """A SentencePiece-style BPE ('▁' for spaces) whose unknown characters fall back to <0xHH> tokens."""
+    pieces = ["<unk>", "▁", "a", "b", "▁a"] + [f"<0x{b:02X}>" for b in range(256)]
+    model = models.BPE(
+        vocab={p: i for i, p in enumerate(pieces)}, merges=[("▁", "a")], byte_fallback=True, unk_token="<unk>"
+    )
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
+
+
+def test_byte_fallback_tokens_align_inside_a_character(trained) -> None:
+    text = "a b€b"
+    ids, char_offsets = tokenize(byte_fallback_sentencepiece(), text, unit="char")
+    assert char_offsets.tolist() == [[0, 1], [1, 2], [2, 3], [3, 4], [3, 4], [3, 4], [4, 5]]  # ▁a ▁ b E2 82 AC b
+    _, offsets = tokenize(byte_fallback_sentencepiece(), text)
+    assert offsets.tolist() == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 6], [6, 7]]
+    # Against a byte-level tokenizer that also splits '€' into its three bytes: all pair up.
+    small_ids, small_offsets = tokenize(trained["small"], text)
+    assert [small_offsets[i].tolist() for i in range(len(small_ids)) if small_offsets[i, 0] >= 3][:3] == [
+        [3, 4],
+        [4, 5],
+        [5, 6],
+    ]
+    alignment = align(offsets, small_offsets)
+    ends = context_ends(offsets)
+    assert all(context_ends(small_offsets)[alignment[s]] == ends[s] for s in np.flatnonzero(alignment >= 0))
+    assert alignment[3:6].tolist() == [i for i in range(len(small_ids)) if 4 <= small_offsets[i, 1] <= 6]
 
 
 def test_special_tokens_from_a_post_processor(trained) -> None:
