@@ -121,10 +121,9 @@ def align(student_offsets: Any, teacher_offsets: Any) -> np.ndarray:
     teacher = context_ends(teacher_offsets)
     teacher_positions = np.flatnonzero(teacher >= 0)
     teacher_ends = teacher[teacher_positions]  # strictly increasing
-    found = np.searchsorted(teacher_ends, student)
-    found = np.minimum(found, max(len(teacher_ends) - 1, 0))
     if len(teacher_ends) == 0:
         return np.full(len(student), -1, dtype=np.int64)
+    found = np.minimum(np.searchsorted(teacher_ends, student), len(teacher_ends) - 1)
     match = (student >= 0) & (teacher_ends[found] == student)
     return np.where(match, teacher_positions[found], -1).astype(np.int64)
 
@@ -151,27 +150,40 @@ def utf8_offsets(text: str, offsets: Any, byte_lengths: Any = None) -> np.ndarra
     lengths = np.asarray(byte_lengths, dtype=np.int64)
     if lengths.shape != (len(offsets),):
         raise ValueError(f"byte_lengths must be [{len(offsets)}], got shape {lengths.shape}")
+    members, first = _shared_runs(offsets)
+    if len(members) == 0:
+        return result
+    # Each run's byte span, and whether its lengths place its inner boundaries: all known, adding
+    # up to the span, the last token ending where the run does.
+    heads = np.flatnonzero(first)
+    known = lengths[members]
+    span_start = result[members[heads], 0]
+    span_end = np.maximum.reduceat(result[members, 1], heads)
+    last = np.append(heads[1:], len(members)) - 1
+    ok = (np.minimum.reduceat(known, heads) > 0) & (np.add.reduceat(known, heads) == span_end - span_start)
+    ok &= result[members[last], 1] == span_end
+    # Backwards from each run's end: a token starts where the lengths of the tokens after it end.
+    run = np.cumsum(first) - 1
+    total = np.cumsum(known)
+    after = total[last][run] - total  # bytes of the run's tokens after each token
+    use = ok[run]
+    result[members[use], 1] = (span_end[run] - after)[use]
+    result[members[use], 0] = (span_end[run] - after - known)[use]
+    return result
+
+
+def _shared_runs(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens in runs of text-carrying tokens that share characters, in order, and which of
+    them start a run: a token that starts before the end of the tokens before it, with those."""
     start, end = offsets[:, 0], offsets[:, 1]
     text_positions = np.flatnonzero(end > start)
+    if len(text_positions) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     cursor = np.maximum.accumulate(end[text_positions])
-    inside = np.flatnonzero(start[text_positions[1:]] < cursor[:-1]) + 1  # index into text_positions
-    # Runs of tokens sharing characters: a token that starts inside, with the tokens before it.
-    runs: list[list[int]] = []
-    for i in inside:
-        if runs and runs[-1][-1] == i - 1:
-            runs[-1].append(int(i))
-        else:
-            runs.append([int(i) - 1, int(i)])
-    for run in runs:
-        tokens = text_positions[run]
-        span_start, span_end = result[tokens[0], 0], result[tokens, 1].max()
-        known = lengths[tokens]
-        if (known <= 0).any() or known.sum() != span_end - span_start or result[tokens[-1], 1] != span_end:
-            continue
-        bounds = span_end - np.concatenate([np.cumsum(known[::-1])[::-1], [0]])
-        result[tokens, 0] = bounds[:-1]
-        result[tokens, 1] = bounds[1:]
-    return result
+    inside = np.append(False, start[text_positions[1:]] < cursor[:-1])  # starts in a shared character
+    member = inside | np.append(inside[1:], False)
+    first = member & ~inside
+    return text_positions[member], first[member]
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -233,7 +245,11 @@ def tokenize(
     ids = np.asarray(encoding.ids, dtype=np.int64)
     offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
     if unit == "byte":
-        offsets = utf8_offsets(text, offsets, _byte_lengths(tokenizer, ids))
+        # Byte lengths matter only where tokens share a character: look up those tokens only.
+        lengths = np.full(len(ids), -1, dtype=np.int64)
+        members, _ = _shared_runs(_check_offsets(offsets))
+        lengths[members] = _byte_lengths(tokenizer, ids[members])
+        offsets = utf8_offsets(text, offsets, lengths)
     return ids, offsets
 
 
