@@ -586,3 +586,22 @@ def test_uld_on_an_aligned_batch_of_texts(trained) -> None:
     for i, (_, _, a) in enumerate(rows):
         assert touched[i, : len(a)].tolist() == (a >= 0).tolist()
         assert not touched[i, len(a) :].any()
+
+
+def test_uld_trains_a_student_towards_the_teachers_shape() -> None:
+    """Gradient descent on the loss alone brings a student of another vocabulary size to the
+    teacher's sorted distribution (whatever tokens carry it)."""
+    g = torch.Generator().manual_seed(6)
+    teacher = torch.log_softmax(2 * torch.randn(2, 5, 40, generator=g), dim=-1).topk(8, dim=-1).values
+    student = torch.zeros(2, 4, 25, requires_grad=True)
+    alignment = torch.tensor([[0, 2, 3, -1], [1, 2, 3, 4]])
+    optimizer = torch.optim.Adam([student], lr=0.1)
+    first = float(uld_loss(student, teacher, alignment).detach())
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = uld_loss(student, teacher, alignment)
+        loss.backward()
+        optimizer.step()
+    assert first > 0.5 and float(loss.detach()) < 0.05
+    assert (student.grad[0, 3] == 0).all()  # the unaligned position never moved
+    assert (student[0, 3] == 0).all()
