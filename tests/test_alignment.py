@@ -354,6 +354,22 @@ def test_special_tokens_from_a_post_processor(trained) -> None:
     assert align(plain, offsets).tolist() == list(range(1, len(plain) + 1))
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_trimmed_offsets_pair_like_untrimmed_ones(trained, text) -> None:
+    """``trim_offsets`` moves "Ġworld"'s start past its space and makes whitespace-only tokens
+    zero-width: the same tokens pair one to one, except at those whitespace tokens (their positions
+    have seen a space that the trimmed offsets do not show)."""
+    trimmed = Tokenizer.from_str(trained["large"].to_str())
+    trimmed.post_processor = processors.ByteLevel(trim_offsets=True)
+    ids, offsets = tokenize(trained["large"], text)
+    trimmed_ids, trimmed_offsets = tokenize(trimmed, text)
+    assert trimmed_ids.tolist() == ids.tolist()
+    blank = trimmed_offsets[:, 0] == trimmed_offsets[:, 1]
+    assert (trimmed_offsets[:, 0] > offsets[:, 0]).any()  # "Ġword" starts after its space
+    assert blank[0] == text.startswith(" ")
+    assert align(offsets, trimmed_offsets).tolist() == np.where(blank, -1, np.arange(len(ids))).tolist()
+
+
 def test_load_tokenizer_and_transformers_fast_tokenizers(trained, tmp_path) -> None:
     trained["large"].save(str(tmp_path / "tokenizer.json"))
     loaded = load_tokenizer(tmp_path)
