@@ -293,7 +293,8 @@ def uld_loss(
       whatever temperature the server applied; ``alignment`` (integer) ``[n, S]``: for each student
       position, the teacher position whose distribution supervises it, -1 for none
       (:func:`distill_reader.alignment.align`: the positions whose contexts end at the same place
-      of the text). The paper pairs positions by index from the answer's first token instead; the
+      of the text). The teacher's values must be on the student's device; the alignment and the
+      lengths are moved there. The paper pairs positions by index from the answer's first token instead; the
       alignment replaces that.
     - Masked (contributing 0): student positions ``>= student_lengths[i]``, positions whose
       alignment is negative, and positions aligned with a teacher position ``>= teacher_lengths[i]``
@@ -327,7 +328,7 @@ def uld_loss(
     k = teacher_topk_values.shape[-1]
     # The teacher's values at the aligned positions; unaligned ones get harmless values (they may
     # hold anything, and a NaN masked afterwards would still poison the gradients).
-    source = torch.where(aligned, alignment.long(), 0)
+    source = torch.where(aligned, alignment.to(aligned.device).long(), 0)
     teacher = teacher_topk_values.gather(1, source.unsqueeze(-1).expand(-1, -1, k))
     aligned_k = aligned.unsqueeze(-1)
     teacher = torch.where(aligned_k, teacher.to(dtype), -math.log(k))
