@@ -352,6 +352,11 @@ def test_special_tokens_from_a_post_processor(trained) -> None:
     assert len(ids) == len(plain) + 2 and offsets[0].tolist() == [0, 0]
     # The student without them: shifted by one (the BOS), the teacher's EOS position unused.
     assert align(plain, offsets).tolist() == list(range(1, len(plain) + 1))
+    student_ids, teacher_ids, alignment = align_text(text, trained["large"], teacher, teacher_special_tokens=True)
+    assert teacher_ids.tolist() == ids.tolist() and alignment.tolist() == list(range(1, len(plain) + 1))
+    # Both with them: BOS pairs with BOS (nothing seen yet), the EOS positions stay out.
+    _, _, both = align_text(text, teacher, teacher, student_special_tokens=True, teacher_special_tokens=True)
+    assert both.tolist() == list(range(len(plain) + 1)) + [-1]
 
 
 @pytest.mark.parametrize("text", TEXTS)

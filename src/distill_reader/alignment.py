@@ -26,8 +26,8 @@ align too. Both sides must use the same unit. The rules, for offsets from any to
   byte-level BPE gives every token holding a byte of a split multi-byte character, like ``'€'``'s
   three bytes, the same character offsets; a normalizer that expands ``'ﬁ'`` into ``'f' 'i'``
   does the same) is not comparable and gets no counterpart. In byte offsets from :func:`tokenize`,
-  the byte boundaries inside such a character are recovered for byte-level tokenizers (each
-  token's bytes are known), so those positions align like any other.
+  the byte boundaries inside such a character are recovered for byte-level and byte-fallback
+  tokenizers (each token's bytes are known), so those positions align like any other.
 - Positions are matched one to one, so the alignment is strictly increasing where it is not -1.
 
 Which side tokenizes the teacher's tokens: the reader (with the teacher's tokenizer), not the
@@ -232,9 +232,10 @@ def tokenize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int64 [N], offsets int64 [N, 2])`` of ``text``.
 
-    ``tokenizer``: a ``tokenizers.Tokenizer`` or a transformers fast tokenizer (anything with
-    ``backend_tokenizer``). ``unit="byte"`` (default): UTF-8 byte offsets, with the boundaries
-    inside multi-byte characters placed from the byte-level tokens' own bytes (see
+    ``tokenizer``: a ``tokenizers.Tokenizer`` or a transformers fast tokenizer (its
+    ``backend_tokenizer`` encodes: transformers' own call options do not apply).
+    ``unit="byte"`` (default): UTF-8 byte offsets, with the boundaries inside multi-byte
+    characters placed from the tokens' own bytes where the vocabulary tells them (see
     :func:`utf8_offsets`); ``unit="char"``: the tokenizer's character offsets as they are.
     ``add_special_tokens``: whether the post-processor adds BOS/EOS and the like (zero-width
     tokens; :func:`context_ends` handles them).
@@ -258,10 +259,19 @@ def align_text(
     student_tokenizer: Any,
     teacher_tokenizer: Any,
     *,
-    add_special_tokens: bool = False,
+    student_special_tokens: bool = False,
+    teacher_special_tokens: bool = False,
     unit: str = "byte",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(student_ids [S], teacher_ids [T], alignment [S])`` of one text: what a row carries."""
-    student_ids, student_offsets = tokenize(student_tokenizer, text, add_special_tokens=add_special_tokens, unit=unit)
-    teacher_ids, teacher_offsets = tokenize(teacher_tokenizer, text, add_special_tokens=add_special_tokens, unit=unit)
+    """``(student_ids [S], teacher_ids [T], alignment [S])`` of one text: what a row carries.
+
+    ``*_special_tokens``: whether that side's post-processor adds its special tokens (a teacher
+    trained with a BOS should get it; a student that had none needs none to be aligned).
+    """
+    student_ids, student_offsets = tokenize(
+        student_tokenizer, text, add_special_tokens=student_special_tokens, unit=unit
+    )
+    teacher_ids, teacher_offsets = tokenize(
+        teacher_tokenizer, text, add_special_tokens=teacher_special_tokens, unit=unit
+    )
     return student_ids, teacher_ids, align(student_offsets, teacher_offsets)
