@@ -253,3 +253,155 @@ def _check_indices(indices: torch.Tensor, real: torch.Tensor, vocab: int) -> Non
     sorted_indices = indices.sort(dim=-1).values
     if bool((sorted_indices[..., 1:] == sorted_indices[..., :-1]).any()):
         raise ConfigError("topk_kl_loss: topk_indices repeat an index within a position")
+
+
+# --- Cross-tokenizer distillation: Universal Logit Distillation --------------------------------
+
+_ULD_TAILS = ("bucket", "zeros")
+
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_values: torch.Tensor,
+    alignment: torch.Tensor,
+    student_lengths: torch.Tensor | None = None,
+    teacher_lengths: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Universal Logit Distillation between a student and a teacher with another tokenizer.
+
+    Boizard, El Haddad, Hudelot, Colombo, "Towards Cross-Tokenizer Distillation: the Universal
+    Logit Distillation Loss for LLMs", arXiv:2402.12030 (2024). At each aligned pair of positions,
+    the distance between the student's and the teacher's next-token distributions **sorted in
+    decreasing order**, the shorter vector padded with zeros::
+
+        d = sum_i | q_(i) - p_(i) |        q_(1) >= q_(2) >= ...,  p_(1) >= p_(2) >= ...
+
+    which the paper derives as a closed form of the 1-Wasserstein distance between the two
+    distributions when the transport cost between any student token and any teacher token is the
+    same (the vocabularies have no known correspondence). What it assumes, and so what it teaches:
+    it ignores *which* tokens carry the mass (it is unchanged by any relabelling of either
+    vocabulary) and matches only the shape of the distribution: how confident the teacher is, and
+    how its mass spreads over its 1st, 2nd, ... most likely tokens. Its value lies in [0, 2].
+
+    - ``student_logits`` ``[n, S, V]``; ``teacher_topk_values`` ``[n, T, K]``: the teacher's top-K
+      **log-probabilities** at each of its positions (what ``distill teacher serve --topk``
+      publishes; the indices are not needed, the loss does not look at token identities), at
+      whatever temperature the server applied; ``alignment`` (integer) ``[n, S]``: for each student
+      position, the teacher position whose distribution supervises it, -1 for none
+      (:func:`distill_reader.alignment.align`: the positions whose contexts end at the same place
+      of the text). The teacher's values must be on the student's device; the alignment and the
+      lengths are moved there. The paper pairs positions by index from the answer's first token instead; the
+      alignment replaces that.
+    - Masked (contributing 0): student positions ``>= student_lengths[i]``, positions whose
+      alignment is negative, and positions aligned with a teacher position ``>= teacher_lengths[i]``
+      (or ``>= T``), e.g. a teacher row cut shorter than the text. ``None`` lengths: all real.
+    - ``temperature`` divides the student's logits (the teacher's is the server's).
+    - ``tail``: the teacher is known by its top K only; ``r = 1 - sum(p_topk)`` is its mass on
+      tokens it did not send, in unknown pieces each at most ``p_(K)``. ``"bucket"`` (default) ends
+      the sum with ``|sum_{i>K} q_(i) - r|`` (the student's mass past its own K largest against
+      ``r``): by the triangle inequality a lower bound of the full-vocabulary distance, within
+      ``2 r`` of it, and 0 for a student equal to the teacher. ``"zeros"``: the teacher's sorted
+      vector padded with zeros after its K values, as the paper pads the shorter vocabulary: it ends
+      with ``sum_{i>K} q_(i)``, within ``r`` of the full distance, but it pushes the student to put
+      all its mass into K tokens. Both equal the paper's loss when ``r = 0`` (K the teacher's whole
+      vocabulary); when ``K > V``, the student's vector is padded with zeros.
+    - ``reduction="mean"``: averaged over aligned positions (0 when there are none; the paper's code
+      averages over each row's positions, then over rows); ``"sum"``; ``"none"``: ``[n, S]``.
+
+    Computed in float32 at least, differentiable w.r.t. ``student_logits``. The paper's training
+    loss is cross-entropy on the student's own tokens plus ``lambda`` times this distillation term.
+    """
+    if tail not in _ULD_TAILS:
+        raise ConfigError(f"uld_loss: tail must be one of {_ULD_TAILS}, got {tail!r}")
+    if reduction not in _REDUCTIONS:
+        raise ConfigError(f"uld_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not temperature > 0:
+        raise ConfigError(f"uld_loss: temperature must be > 0, got {temperature}")
+    aligned = _aligned_positions(student_logits, teacher_topk_values, alignment, student_lengths, teacher_lengths)
+
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    n, _, vocab = student_logits.shape
+    k = teacher_topk_values.shape[-1]
+    # The teacher's values at the aligned positions; unaligned ones get harmless values (they may
+    # hold anything, and a NaN masked afterwards would still poison the gradients).
+    source = torch.where(aligned, alignment.to(aligned.device).long(), 0)
+    teacher = teacher_topk_values.gather(1, source.unsqueeze(-1).expand(-1, -1, k))
+    aligned_k = aligned.unsqueeze(-1)
+    teacher = torch.where(aligned_k, teacher.to(dtype), -math.log(k))
+    teacher_p = teacher.exp().sort(dim=-1, descending=True).values
+    logits = torch.where(aligned_k, student_logits.to(dtype), 0.0) / temperature
+    student_p = torch.softmax(logits, dim=-1)
+    top, top_indices = student_p.topk(min(k, vocab), dim=-1)  # sorted, descending
+    if k > vocab:
+        top = torch.nn.functional.pad(top, (0, k - vocab))
+    distance = (top - teacher_p).abs().sum(dim=-1)
+    if k < vocab:
+        # The student's mass past its K largest, from its logits rather than as 1 - sum(top), which
+        # cancels digits when the top K hold nearly all the mass.
+        outside = logits.scatter(-1, top_indices, torch.finfo(dtype).min)
+        student_rest = (torch.logsumexp(outside, dim=-1) - torch.logsumexp(logits, dim=-1)).exp()
+    else:
+        student_rest = torch.zeros_like(distance)
+    if tail == "bucket":
+        exact = torch.float64 if teacher.device.type != "mps" else dtype  # MPS has no float64
+        teacher_rest = (1.0 - teacher.to(exact).exp().sum(dim=-1)).clamp(min=0.0).to(dtype)
+        distance = distance + (student_rest - teacher_rest).abs()
+    else:
+        distance = distance + student_rest
+    distance = torch.where(aligned, distance, 0.0)
+    if reduction == "none":
+        return distance
+    total = distance.sum()
+    if reduction == "sum":
+        return total
+    return total / aligned.sum().clamp(min=1)
+
+
+def _aligned_positions(
+    student_logits: torch.Tensor,
+    teacher_topk_values: torch.Tensor,
+    alignment: torch.Tensor,
+    student_lengths: torch.Tensor | None,
+    teacher_lengths: torch.Tensor | None,
+) -> torch.Tensor:
+    """Check the shapes; the boolean ``[n, S]`` mask of the student positions the loss compares."""
+    if student_logits.dim() != 3:
+        raise ConfigError(f"uld_loss: student_logits must be [n, S, V], got shape {tuple(student_logits.shape)}")
+    n, length, _ = student_logits.shape
+    if teacher_topk_values.dim() != 3 or teacher_topk_values.shape[0] != n or teacher_topk_values.shape[-1] < 1:
+        raise ConfigError(
+            f"uld_loss: teacher_topk_values must be [n = {n}, T, K], got shape {tuple(teacher_topk_values.shape)}"
+        )
+    if not teacher_topk_values.is_floating_point():
+        raise ConfigError(f"uld_loss: teacher_topk_values must be floating point, got {teacher_topk_values.dtype}")
+    if alignment.shape != (n, length) or alignment.is_floating_point():
+        raise ConfigError(
+            f"uld_loss: alignment must be an integer tensor of shape ({n}, {length}), "
+            f"got {alignment.dtype} {tuple(alignment.shape)}"
+        )
+    device = student_logits.device
+    teacher_length = teacher_topk_values.shape[1]
+    alignment = alignment.to(device)
+    aligned = (alignment >= 0) & (alignment < teacher_length)
+    for name, lengths, limit in (
+        ("student_lengths", student_lengths, length),
+        ("teacher_lengths", teacher_lengths, teacher_length),
+    ):
+        if lengths is None:
+            continue
+        if lengths.shape != (n,) or lengths.is_floating_point():
+            raise ConfigError(
+                f"uld_loss: {name} must be an integer tensor of shape ({n},), "
+                f"got {lengths.dtype} {tuple(lengths.shape)}"
+            )
+        if bool(((lengths < 0) | (lengths > limit)).any()):
+            raise ConfigError(f"uld_loss: {name} must be in [0, {limit}], got {lengths.tolist()}")
+    if student_lengths is not None:
+        aligned &= torch.arange(length, device=device) < student_lengths.to(device).unsqueeze(-1)
+    if teacher_lengths is not None:
+        aligned &= alignment < teacher_lengths.to(device).unsqueeze(-1)
+    return aligned
