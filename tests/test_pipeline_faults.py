@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pickle
+import threading
+
 import pytest
 from conftest import wait_for
 from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import DistillReader, DistillReaderError, PipelineError
+from distill_reader.errors import PipelineProcessError, TeacherError
+from distill_reader.reader.channel import EpochError, Fatal, decode, encode
 from distill_reader.reader.pipeline import Epoch
 
 pytestmark = pytest.mark.timeout(300)
@@ -14,6 +19,53 @@ pytestmark = pytest.mark.timeout(300)
 
 def _places(dr: DistillReader) -> dict[str, int]:
     return dr._holder.pipeline.ledger.counts()
+
+
+# -- an exception that cannot be pickled --------------------------------------------------------
+class _Locked(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class _TwoArguments(Exception):
+    """Pickles, but cannot be unpickled (its __init__ takes two arguments)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a} and {b}")
+
+
+class _LockedTeacherError(TeacherError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def _raised(exc: BaseException) -> BaseException:
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "name", "text"),
+    [
+        (_Locked("a socket went away"), PipelineProcessError, "_Locked", "a socket went away"),
+        (_TwoArguments("this", "that"), PipelineProcessError, "_TwoArguments", "this and that"),
+        # One of ours keeps its type, so `except TeacherError` still catches it.
+        (_LockedTeacherError("the teacher is gone"), TeacherError, "_LockedTeacherError", "the teacher is gone"),
+    ],
+)
+def test_an_error_that_cannot_cross_the_channel_arrives_as_text(error, kind, name, text):
+    for message in (EpochError(3, _raised(error)), Fatal(_raised(error))):
+        received = decode(encode(message))
+        got = received.error
+        assert isinstance(got, kind), got
+        assert name in str(got) and text in str(got) and "Traceback" in str(got) and "_raised" in str(got)
+        pickle.loads(pickle.dumps(got))
+    # An error that crosses as it is keeps its type and its attributes.
+    assert decode(encode(EpochError(1, ValueError("plain")))).error.args == ("plain",)
 
 
 # -- a seal that fails --------------------------------------------------------------------------
