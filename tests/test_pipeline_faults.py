@@ -1,7 +1,15 @@
-"""Faults between the training process and its pipeline process. Each leaves the reader usable."""
+"""Faults between the training process and its pipeline process: an exception that cannot be
+pickled, a slot whose seal fails. Each leaves the reader usable.
+
+The faults inside the pipeline process are injected by a ``sitecustomize`` module put on the
+PYTHONPATH that the pipeline process inherits; it acts only in a process started the way the
+reader starts its pipeline process (``python -c ... <fd> <fd>``) and only when the test's
+environment variables ask for it.
+"""
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 
@@ -15,6 +23,95 @@ from distill_reader.reader.channel import EpochError, Fatal, decode, encode
 from distill_reader.reader.pipeline import Epoch
 
 pytestmark = pytest.mark.timeout(300)
+
+SITECUSTOMIZE = '''
+"""Fault injection for tests/test_pipeline_faults.py, in a reader's pipeline process only."""
+import os
+import sys
+import threading
+
+
+class LockedError(Exception):
+    """Cannot be pickled: it holds a lock (as errors of client libraries hold sockets)."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def _first_time():
+    """True once per test (a marker file): the next pipeline process runs without the fault."""
+    try:
+        os.close(os.open(os.environ["DR_FAULT_MARKER"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _flood(count):
+    import logging
+    import time
+
+    root = logging.getLogger()
+    deadline = time.monotonic() + 60
+    while not any(type(h).__name__ == "_ForwardingHandler" for h in root.handlers):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
+    flood = logging.getLogger("distill_reader.flood")
+    for i in range(count):
+        flood.warning("flood record %d", i)
+
+
+def _install():
+    fault = os.environ.get("DR_FAULT")
+    if fault == "start":
+        from distill_reader.reader import pipeline_process
+
+        original = pipeline_process.SharedBuffer.from_fd.__func__
+
+        def failing_from_fd(cls, fd, size):
+            if _first_time():
+                raise LockedError("the pool cannot be mapped")
+            return original(cls, fd, size)
+
+        pipeline_process.SharedBuffer.from_fd = classmethod(failing_from_fd)
+    elif fault == "infer":
+        from distill_reader.teacher.client import TeacherClient
+
+        original = TeacherClient.infer
+
+        async def failing_infer(self, batch):
+            if _first_time():
+                raise LockedError("the teacher client library failed")
+            return await original(self, batch)
+
+        TeacherClient.infer = failing_infer
+    flood = os.environ.get("DR_LOG_FLOOD")
+    if flood:
+        threading.Thread(target=_flood, args=(int(flood),), daemon=True).start()
+
+
+# The pipeline process: python -c <its main> <input fd> <output fd>
+if len(sys.argv) == 3 and sys.argv[0] == "-c" and sys.argv[1].isdigit() and sys.argv[2].isdigit():
+    _install()
+'''
+
+
+@pytest.fixture
+def inject(tmp_path, monkeypatch):
+    """``inject(DR_FAULT=..., DR_LOG_FLOOD=...)``: the faults the next pipeline processes get."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+
+    def install(**env: str) -> None:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+        monkeypatch.setenv("DR_FAULT_MARKER", str(tmp_path / "fault-done"))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+
+    return install
 
 
 def _places(dr: DistillReader) -> dict[str, int]:
@@ -66,6 +163,39 @@ def test_an_error_that_cannot_cross_the_channel_arrives_as_text(error, kind, nam
         pickle.loads(pickle.dumps(got))
     # An error that crosses as it is keeps its type and its attributes.
     assert decode(encode(EpochError(1, ValueError("plain")))).error.args == ("plain",)
+
+
+def test_an_unpicklable_error_at_start_reaches_the_loop_and_the_next_epoch_works(write_config, tag_teachers, inject):
+    """The pipeline process fails to start with an exception that cannot be pickled: the loop gets
+    its type, message and traceback, not just an exit code; the next epoch starts a new one."""
+    inject(DR_FAULT="start")
+    dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=1, copy=True)
+    dr.set_sample_list_generator(sample_list_reader(80, 5))
+    with dr:
+        with pytest.raises(PipelineError) as info:
+            list(dr.distill_reader()())
+        text = str(info.value)
+        assert "LockedError" in text and "the pool cannot be mapped" in text, text
+        assert "Traceback" in text and "failing_from_fd" in text, text
+        check_epoch(list(dr.distill_reader()()), 80, 8)
+
+
+def test_a_crash_in_the_teacher_client_reaches_the_loop_with_its_traceback(write_config, tag_teachers, inject):
+    """The teacher client raises an exception that cannot be pickled in the middle of an epoch: the
+    loop gets its type, message and traceback text; the next epoch (a new pipeline process) is whole."""
+    inject(DR_FAULT="infer")
+    dr = DistillReader(
+        write_config(tag_teachers, extra="shared_memory = off"), 8, 3, capacity=4, occupied_capacity=1, copy=True
+    )
+    dr.set_sample_list_generator(sample_list_reader(80, 5))
+    with dr:
+        with pytest.raises(PipelineError) as info:
+            list(dr.distill_reader()())
+        text = str(info.value)
+        assert "LockedError" in text and "the teacher client library failed" in text, text
+        assert "Traceback" in text and "failing_infer" in text, text
+        check_epoch(list(dr.distill_reader()()), 80, 8)
+        check_epoch(list(dr.distill_reader()()), 80, 8)
 
 
 # -- a seal that fails --------------------------------------------------------------------------
