@@ -1,5 +1,5 @@
-"""Faults between the training process and its pipeline process: an exception that cannot be
-pickled, a slot whose seal fails. Each leaves the reader usable.
+"""Faults between the training process and its pipeline process: a log handler that blocks, an
+exception that cannot be pickled, a slot whose seal fails. Each leaves the reader usable.
 
 The faults inside the pipeline process are injected by a ``sitecustomize`` module put on the
 PYTHONPATH that the pipeline process inherits; it acts only in a process started the way the
@@ -9,16 +9,20 @@ environment variables ask for it.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import re
 import threading
+import time
 
 import pytest
-from conftest import wait_for
+from conftest import settled_stats, wait_for
 from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import DistillReader, DistillReaderError, PipelineError
 from distill_reader.errors import PipelineProcessError, TeacherError
+from distill_reader.reader import pipeline as pipeline_module
 from distill_reader.reader.channel import EpochError, Fatal, decode, encode
 from distill_reader.reader.pipeline import Epoch
 
@@ -116,6 +120,88 @@ def inject(tmp_path, monkeypatch):
 
 def _places(dr: DistillReader) -> dict[str, int]:
     return dr._holder.pipeline.ledger.counts()
+
+
+# -- a log handler that blocks ------------------------------------------------------------------
+class _BlockingHandler(logging.Handler):
+    """Blocks on the first record of the pipeline process until released (60 s at most), as a log
+    shipper whose network is down would; then records every message.
+
+    Only the pipeline process's records go through its lock: a handler that blocks holding its
+    lock also blocks the training process's own log calls (here the pool warning the training loop
+    logs), as any Python logging does; that is not what this test is about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unblock = threading.Event()
+        self.blocked = threading.Event()
+        self.messages: list[str] = []
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if record.processName != "distill-reader-pipeline":
+            self.messages.append(record.getMessage())
+            return True
+        return super().handle(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.processName == "distill-reader-pipeline" and not self.blocked.is_set():
+            self.blocked.set()
+            self.unblock.wait(60)
+        self.messages.append(record.getMessage())
+
+
+FLOOD = 3000
+DROPPED = re.compile(r"(\d+) log record\(s\) of the pipeline process were dropped")
+
+
+def test_a_blocked_log_handler_stalls_neither_the_epochs_nor_stats_nor_abort(
+    write_config, tag_teachers, inject, monkeypatch
+):
+    """While the user's log handler blocks on a record of the pipeline process, and that process
+    logs thousands more, epochs run whole, stats() answers and an early break returns at once.
+    The records the handlers could not take are dropped and counted; a warning says how many."""
+    inject(DR_LOG_FLOOD=str(FLOOD))
+    monkeypatch.setattr(pipeline_module, "_LOG_BACKLOG", 100)  # drop sooner
+    handler = _BlockingHandler()
+    logger = logging.getLogger("distill_reader")
+    logger.addHandler(handler)
+    n = 160
+    dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=1)
+    dr.set_sample_list_generator(sample_list_reader(n, 5))
+    try:
+        with dr:
+            started = time.monotonic()
+            batches = dr.distill_reader()()
+            first = [a.copy() for a in next(batches)]
+            assert handler.blocked.wait(30), "the pipeline process logged nothing"
+            check_epoch([first] + [[a.copy() for a in b] for b in batches], n, 8)
+            for _ in range(2):
+                check_epoch([[a.copy() for a in b] for b in dr.distill_reader()()], n, 8)
+            stats = settled_stats(dr)
+            assert stats.samples == 3 * n
+            break_at = time.monotonic()
+            for _ in zip(range(2), dr.distill_reader()()):
+                pass  # an early break: abort waits for the pipeline process to acknowledge
+            assert time.monotonic() - break_at < 10
+            check_epoch([[a.copy() for a in b] for b in dr.distill_reader()()], n, 8)
+            elapsed = time.monotonic() - started
+            assert not handler.unblock.is_set()
+            assert elapsed < 45, f"the epochs took {elapsed:.0f} s: they waited for the log handler"
+            handler.unblock.set()
+
+            def dropped_counts() -> list[int]:
+                return [int(m.group(1)) for m in map(DROPPED.search, list(handler.messages)) if m]
+
+            def all_accounted() -> bool:
+                delivered = sum(1 for m in list(handler.messages) if m.startswith("flood record"))
+                return delivered + sum(dropped_counts()) >= FLOOD
+
+            wait_for(all_accounted, 60, "every flood record delivered or counted as dropped")
+            assert sum(dropped_counts()) > 0
+            assert sum(dropped_counts()) == dr._holder.pipeline.dropped_log_records
+    finally:
+        handler.unblock.set()
+        logger.removeHandler(handler)
 
 
 # -- an exception that cannot be pickled --------------------------------------------------------
