@@ -23,7 +23,7 @@ from test_reader import check_epoch, sample_list_reader
 from distill_reader import DistillReader, DistillReaderError, PipelineError
 from distill_reader.errors import PipelineProcessError, TeacherError
 from distill_reader.reader import pipeline as pipeline_module
-from distill_reader.reader.channel import EpochError, Fatal, decode, encode
+from distill_reader.reader.channel import EpochError, Fatal, Ready, Receiver, decode, encode
 from distill_reader.reader.pipeline import Epoch
 
 pytestmark = pytest.mark.timeout(300)
@@ -94,6 +94,39 @@ def _install():
     flood = os.environ.get("DR_LOG_FLOOD")
     if flood:
         threading.Thread(target=_flood, args=(int(flood),), daemon=True).start()
+    heartbeat = os.environ.get("DR_LOOP_HEARTBEAT")
+    if heartbeat:
+        _beat_into(heartbeat)
+
+
+def _beat_into(path):
+    """Every 50 ms the event loop logs a record (a send from the loop) and then writes how many
+    beats it made into ``path``: the file stops changing when the loop is stuck."""
+    import asyncio
+    import logging
+
+    from distill_reader.reader import pipeline_process
+
+    original = pipeline_process._PipelineProcess.run
+
+    async def beat():
+        n = 0
+        while True:
+            logging.getLogger("distill_reader.heartbeat").warning("beat %d", n)
+            with open(path + ".tmp", "w") as f:
+                f.write(str(n))
+            os.replace(path + ".tmp", path)
+            n += 1
+            await asyncio.sleep(0.05)
+
+    async def run_with_heartbeat(self):
+        task = asyncio.get_running_loop().create_task(beat())
+        try:
+            await original(self)
+        finally:
+            task.cancel()
+
+    pipeline_process._PipelineProcess.run = run_with_heartbeat
 
 
 # The pipeline process: python -c <its main> <input fd> <output fd>
@@ -202,6 +235,50 @@ def test_a_blocked_log_handler_stalls_neither_the_epochs_nor_stats_nor_abort(
     finally:
         handler.unblock.set()
         logger.removeHandler(handler)
+
+
+def test_the_event_loop_runs_on_while_the_training_process_does_not_read(
+    write_config, tag_teachers, inject, monkeypatch, tmp_path
+):
+    """The training process stops reading its pipe (its receiver thread held) while the pipeline
+    process logs far more than the pipe holds: the pipeline process's event loop goes on (a loop
+    that logs, i.e. sends, every 50 ms keeps beating); once the training process reads again,
+    the reader works."""
+    heartbeat = tmp_path / "beats"
+    inject(DR_LOG_FLOOD="20000", DR_LOOP_HEARTBEAT=str(heartbeat))
+    gate = threading.Event()
+    ready = threading.Event()
+    original = Receiver.recv
+
+    def recv(self):
+        if ready.is_set():
+            gate.wait(60)  # the receiver stops reading once the pipeline process started
+        message = original(self)
+        if isinstance(message, Ready):
+            ready.set()
+        return message
+
+    monkeypatch.setattr(Receiver, "recv", recv)
+
+    def beats() -> int:
+        return int(heartbeat.read_text() or 0)
+
+    dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=1, copy=True)
+    dr.set_sample_list_generator(sample_list_reader(80, 5))
+    try:
+        with dr:
+            dr._ensure_pipeline()
+            wait_for(heartbeat.exists, 30, "the pipeline process's loop beating")
+            time.sleep(2)  # the flood fills the pipe (1 MiB) meanwhile
+            before = beats()
+            time.sleep(3)
+            after = beats()
+            assert not gate.is_set()
+            assert after >= before + 10, f"the event loop stopped: {before} beats, then {after} 3 s later"
+            gate.set()
+            check_epoch(list(dr.distill_reader()()), 80, 8)
+    finally:
+        gate.set()
 
 
 # -- an exception that cannot be pickled --------------------------------------------------------
