@@ -63,6 +63,25 @@ class PipelineError(DistillReaderError):
     """The reader's pipeline process died or stopped answering."""
 
 
+class PipelineProcessError(PipelineError):
+    """An exception of the reader's pipeline process that reaches the training loop as text: a crash
+    there, or an exception that cannot travel between the processes as it is (it cannot be pickled,
+    e.g. it holds a lock or a socket, as errors of client libraries do). ``type_name`` names its
+    type (module and name), ``message`` is its ``str()``, ``remote_traceback`` its traceback in the
+    pipeline process; ``str()`` shows all three, after ``context`` (what failed) if there is one."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str, context: str = "") -> None:
+        super().__init__(type_name, message, remote_traceback, context)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.context = context
+
+    def __str__(self) -> str:
+        head = f"{self.context}: " if self.context else ""
+        return f"{head}{self.type_name}: {self.message}\n\nIn the pipeline process:\n{self.remote_traceback}"
+
+
 class StoreError(DistillReaderError):
     """The knowledge store (``[store]``, docs/store.md) cannot be used: it was captured with another
     config (the message names the difference), a file of it is unreadable, or it cannot be written."""

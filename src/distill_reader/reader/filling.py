@@ -43,7 +43,8 @@ class SlotSink(Protocol):
         """Rows ``[start, start + count)`` of ``slot`` are written (one d_batch)."""
 
     def sealed(self, slot: int, rows: int) -> None:
-        """``slot`` is complete (full, or the epoch ended), after its last :meth:`written`."""
+        """``slot`` is complete (full, or the epoch ended), after its last :meth:`written`. Once
+        this returns the sink owns the slot; if it raises, the filler still does (``slot``)."""
 
 
 class SlotFiller:
@@ -180,9 +181,10 @@ class SlotFiller:
         assert self.slot is not None
         if self._filled > self._dispatched:  # the slot's last, short d_batch
             self._dispatch(self._filled - self._dispatched)
-        slot, rows = self.slot, self._filled
+        # The slot stays this filler's until the sink took it: if sealing fails, the feeder still
+        # knows it has the slot and hands it back (else it would stay "filling" for good).
+        self._sink.sealed(self.slot, self._filled)
         self.slot, self._arrays, self._lengths = None, (), ()
-        self._sink.sealed(slot, rows)
 
     def _write_rows(self, samples: Sequence[Sequence[Any]]) -> None:
         start, end = self._filled, self._filled + len(samples)

@@ -10,13 +10,21 @@ Lifecycle (one owner for each):
   first), then SIGKILL. A forked copy of the training process (a DataLoader
   worker) never stops it.
 * The channel (:mod:`distill_reader.reader.channel`): any thread sends through the one
-  :class:`~distill_reader.reader.channel.Sender`; one receiver thread (a daemon, ending at the
-  pipe's end-of-file when the process exits) is the only reader of the pipe from the pipeline
-  process. It emits the process's log records under their logger names, hands statistics to the
-  :class:`~distill_reader.reader.stats.StatsTracker`, and records everything else (slots done,
-  epoch errors, cancel acknowledgements, a fatal error, the end of the process) under one
+  :class:`~distill_reader.reader.channel.Sender` (none holds it while the pipe is full); one
+  receiver thread (a daemon, ending at the pipe's end-of-file when the process exits) is the only
+  reader of the pipe from the pipeline process, and never waits for anything but that pipe and,
+  briefly, the condition below. It hands the process's log records to the log thread, statistics
+  to the :class:`~distill_reader.reader.stats.StatsTracker`, and records everything else (slots
+  done, epoch errors, cancel acknowledgements, a fatal error, the end of the process) under one
   condition. Every wait (the training loop's, ``abort``'s, ``request_stats``'s) waits on that
   condition, woken by each message, by each item the feeder hands over and by ``mark_closed``.
+* The log thread (:class:`_LogRelay`, a daemon) emits the pipeline process's records under their
+  logger names, so the user's handlers run there: a slow one (a log shipper whose network is down)
+  delays only the log. Beyond ``_LOG_BACKLOG`` records waiting, records are dropped and counted
+  (with those the pipeline process dropped itself); once the handlers catch up, one WARNING says
+  how many (:attr:`Pipeline.dropped_log_records` counts them all). Before the training loop raises
+  an error of the pipeline process it gives the log thread up to ``_LOG_FLUSH`` seconds to emit the
+  records that came before it; ``close()`` gives it ``_STOP_TIMEOUT`` to emit the last ones.
 * :class:`Epoch` owns one pass over the user's reader: a feeder thread that writes samples into
   free slots and sends each d_batch to the pipeline process as soon as its rows are written. The
   consumer (the training loop's generator) takes sealed slots in order, waits until the pipeline
@@ -66,6 +74,7 @@ from distill_reader.reader.channel import (
     EpochError,
     Fatal,
     LogMessage,
+    LogsDropped,
     Message,
     Ready,
     Receiver,
@@ -99,6 +108,8 @@ _STATS_WAIT = 1.0  # seconds an unawaited StatsRequest may wait for the pipe
 _STATS_RETRY = 5.0  # an unanswered StatsRequest is sent again after this
 _WAIT_SLICE = 1.0  # waits on the condition wake at least this often (they also wake on every message)
 _TICK = 0.05
+_LOG_BACKLOG = 10_000  # records of the pipeline process waiting for the user's log handlers, at most
+_LOG_FLUSH = 1.0  # seconds an error of the pipeline process waits for the records that came before it
 _CLOSED_HINT = " (close() was called, maybe from another thread); a new epoch starts it again"
 _CHILD_MAIN = "import sys; from distill_reader.reader.pipeline_process import main; sys.exit(main(sys.argv[1:]))"
 
@@ -158,6 +169,79 @@ class _Failed:
 _END = object()
 
 
+class _LogRelay:
+    """The log thread: emits the pipeline process's records (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[LogMessage] = collections.deque()
+        self._cond = threading.Condition()
+        self._dropped = 0  # since the last warning
+        self.dropped_total = 0
+        self._busy = False  # a record is in the handlers
+        self._ended = False
+        self.thread = threading.Thread(target=self._run, name="distill-reader-log", daemon=True)
+
+    def put(self, message: LogMessage) -> None:
+        with self._cond:
+            if len(self._queue) >= _LOG_BACKLOG:
+                self._dropped += 1
+                self.dropped_total += 1
+            else:
+                self._queue.append(message)
+            self._cond.notify_all()
+
+    def dropped(self, count: int) -> None:
+        """``count`` records were dropped before they got here (by the pipeline process)."""
+        with self._cond:
+            self._dropped += count
+            self.dropped_total += count
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        """No more records: the thread ends once it has emitted those it has."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until every record received so far was emitted."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._queue or self._busy) and self.thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._dropped and not self._ended:
+                    self._cond.wait()
+                message = self._queue.popleft() if self._queue else None
+                dropped = 0
+                if message is None:
+                    if not self._dropped:
+                        return  # ended, and everything was emitted
+                    dropped, self._dropped = self._dropped, 0  # caught up: say how many were lost
+                self._busy = True
+            try:
+                # A user's filter or handler failing is not the channel's concern.
+                with contextlib.suppress(Exception):
+                    if message is not None:
+                        handle_forwarded(message.to_record())
+                    else:
+                        log.warning(
+                            "%d log record(s) of the pipeline process were dropped: the log handlers did not "
+                            "keep up (the pipeline never waits for them)",
+                            dropped,
+                        )
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
 class Pipeline:
     """See the module docstring."""
 
@@ -195,6 +279,7 @@ class Pipeline:
         self._process: subprocess.Popen | None = None
         self._sender: Sender | None = None
         self._receiver_thread: threading.Thread | None = None
+        self._logs = _LogRelay()
         self._buffer = SharedBuffer.create(layout.nbytes)
         try:
             self._start_process(options)
@@ -240,6 +325,7 @@ class Pipeline:
             target=self._receive, args=(receiver, process), name="distill-reader-receiver", daemon=True
         )
         try:
+            self._logs.thread.start()
             self._receiver_thread.start()
             to_child.send(spec)  # the one message that is not a channel message: no sender exists yet
             self._sender = Sender(to_child)
@@ -260,6 +346,11 @@ class Pipeline:
                 to_child.close()
             self.close()
             raise
+
+    @property
+    def dropped_log_records(self) -> int:
+        """Log records of the pipeline process dropped because the log handlers did not keep up."""
+        return self._logs.dropped_total
 
     @property
     def alive(self) -> bool:
@@ -319,6 +410,9 @@ class Pipeline:
         thread = self._receiver_thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(_STOP_TIMEOUT)
+        self._logs.end()  # (the receiver ends it too, once it read the end of the pipe)
+        if self._logs.thread.is_alive() and self._logs.thread is not threading.current_thread():
+            self._logs.thread.join(_STOP_TIMEOUT)  # the last records; a stuck handler is left behind
 
     # -- the receiver thread: the one reader of the pipe from the pipeline process -----------
     def _receive(self, receiver: Receiver, process: subprocess.Popen) -> None:
@@ -330,9 +424,10 @@ class Pipeline:
                     return  # the pipeline process exited, or was killed
                 kind = type(message)
                 if kind is LogMessage:
-                    # A user's filter or handler failing is not the channel's concern.
-                    with contextlib.suppress(Exception):
-                        handle_forwarded(message.to_record())
+                    self._logs.put(message)  # the user's handlers run on the log thread
+                    continue
+                if kind is LogsDropped:
+                    self._logs.dropped(message.count)
                     continue
                 if kind is StatsReport:
                     self.stats.pipeline_report(message.teachers, message.retries)
@@ -345,6 +440,7 @@ class Pipeline:
             log.error("reading from the pipeline process failed", exc_info=True)
         finally:
             receiver.close()
+            self._logs.end()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(_TICK)  # for the exit code
             with self._cond:
@@ -427,33 +523,41 @@ class Pipeline:
     def wait_sealed(self, epoch: Epoch) -> Any:
         """The feeder's next item for ``epoch`` (a sealed slot, the end, or a failure). Wakes on
         every message and every item; raises when the epoch fails, is stopped, or the reader closed."""
-        with self._cond:
-            while True:
-                self._check(epoch)
-                error = self._errors.get(epoch.number)
-                if error is not None:
-                    raise error
-                if epoch.items:
-                    return epoch.items.popleft()
-                if self.broken is not None:
-                    raise self.broken
-                self._cond.wait(_WAIT_SLICE)
+        try:
+            with self._cond:
+                while True:
+                    self._check(epoch)
+                    error = self._errors.get(epoch.number)
+                    if error is not None:
+                        raise error
+                    if epoch.items:
+                        return epoch.items.popleft()
+                    if self.broken is not None:
+                        raise self.broken
+                    self._cond.wait(_WAIT_SLICE)
+        except Exception:
+            self._logs.flush(_LOG_FLUSH)  # the pipeline process's records from before the error first
+            raise
 
     def wait_done(self, epoch: Epoch, item: _Sealed) -> float:
         """Wait until the teachers have answered for every row of ``item``'s slot; returns the seconds
         from its first request to its last answer. If it raises, the slot goes back to the epoch,
         which frees it once the pipeline process acknowledged the epoch's cancellation."""
         key = (epoch.number, item.slot)
-        with self._cond:
-            try:
-                while key not in self._done:
-                    self._check(epoch)
-                    self._raise_if_failed(epoch)
-                    self._cond.wait(_WAIT_SLICE)
-                return self._done.pop(key)
-            except BaseException:
-                epoch.give_back(item)
-                raise
+        try:
+            with self._cond:
+                try:
+                    while key not in self._done:
+                        self._check(epoch)
+                        self._raise_if_failed(epoch)
+                        self._cond.wait(_WAIT_SLICE)
+                    return self._done.pop(key)
+                except BaseException:
+                    epoch.give_back(item)
+                    raise
+        except Exception:
+            self._logs.flush(_LOG_FLUSH)  # the pipeline process's records from before the error first
+            raise
 
     def hand_over(self, epoch: Epoch, item: Any) -> None:
         """The feeder's item for the consumer (under the condition, waking the consumer)."""

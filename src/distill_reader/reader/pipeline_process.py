@@ -31,23 +31,32 @@ Child -> parent: ``Ready()``; ``SlotDone(epoch, slot, seconds_since_its_first_re
 ``EpochError(epoch, exception)`` (the training loop raises it); ``Cancelled(epoch)``;
 ``Fatal(exception)`` (this process cannot go on: the next epoch starts a new one);
 ``StatsReport(...)``; ``LogMessage(...)``: every log record of this process, which the training
-process emits under the same logger name (so the user's logging configuration applies). Only
-when the parent is gone do records go to this process's stderr instead.
+process emits under the same logger name (so the user's logging configuration applies);
+``LogsDropped(count)``: records this process dropped (below). Only when the parent is gone do
+records go to this process's stderr instead.
 
-The event loop is the only reader of the input pipe; a lock serializes the writers of the output
-pipe (the event loop, and logging from any thread).
+The event loop is the only reader of the input pipe. Nothing here waits for the training process:
+the event loop (and logging, from any thread) only puts messages on the :class:`_Outbox`, whose
+thread is the one writer of the output pipe. Channel messages are always queued (how many can be
+pending is bounded by what the training process asked for: a ``SlotDone`` per sealed slot, a
+``Cancelled`` per ``Cancel``, a ``StatsReport`` per ``StatsRequest``); log records beyond
+``_LOG_BACKLOG`` waiting are dropped and counted, and the count is sent as ``LogsDropped`` once
+the pipe takes messages again. An exception this process cannot send as it is (it cannot be
+pickled) is sent as its type, message and traceback text (see :mod:`~distill_reader.reader.channel`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
-import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -63,6 +72,7 @@ from distill_reader.reader.channel import (
     EpochError,
     Fatal,
     LogMessage,
+    LogsDropped,
     Message,
     Ready,
     Receiver,
@@ -73,6 +83,8 @@ from distill_reader.reader.channel import (
     StatsRequest,
     Stop,
     Work,
+    as_text,
+    encode,
 )
 from distill_reader.reader.grouping import group_by_length
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
@@ -82,6 +94,9 @@ if TYPE_CHECKING:
     from distill_reader.knowledge.session import KnowledgeSession
 
 log = logging.getLogger("distill_reader.pipeline")
+
+_LOG_BACKLOG = 10_000  # log records waiting for the pipe beyond which more are dropped (and counted)
+_FLUSH_TIMEOUT = 2.0  # seconds the last messages may take to leave when this process exits
 
 
 @dataclass(frozen=True)
@@ -95,30 +110,109 @@ class PipelineSpec:
     d_batch_size: int  # rows per request; variable rows are grouped by length into d_batches
 
 
+class _Outbox:
+    """The messages to the training process: queued by anyone without waiting, written into the pipe
+    by a thread of their own (see the module docstring)."""
+
+    def __init__(self, sender: Sender) -> None:
+        self._sender = sender
+        self._queue: collections.deque[tuple[bytes, str, bool]] = collections.deque()  # data, name, is a log
+        self._cond = threading.Condition()
+        self._logs = 0  # log records in the queue
+        self._dropped = 0  # log records dropped since the last LogsDropped
+        self._sending = False
+        self._closing = False
+        self.gone = False  # the training process is gone (its end of the pipe is closed)
+        self.on_gone: Callable[[], None] = lambda: None  # called once, from the outbox's thread
+        self._thread = threading.Thread(target=self._run, name="distill-reader-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, message: Message) -> None:
+        """Queue a channel message (an exception it carries is made sendable first)."""
+        data = encode(message)
+        with self._cond:
+            self._queue.append((data, type(message).__name__, False))
+            self._cond.notify()
+
+    def put_log(self, message: LogMessage) -> bool:
+        """Queue a log record, or count it as dropped when too many wait; False once the parent is gone."""
+        if self.gone:
+            return False
+        data = encode(message)
+        with self._cond:
+            if self._logs >= _LOG_BACKLOG:
+                self._dropped += 1
+                return True
+            self._logs += 1
+            self._queue.append((data, "LogMessage", True))
+            self._cond.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._dropped and not self._closing:
+                    self._cond.wait()
+                if self._queue:
+                    data, what, is_log = self._queue.popleft()
+                    self._logs -= is_log
+                elif self._dropped:  # the pipe takes messages again: say how many were dropped
+                    data, what = encode(LogsDropped(self._dropped)), "LogsDropped"
+                    self._dropped = 0
+                else:
+                    return  # closing, and everything was sent
+                self._sending = True
+            try:
+                self._sender.send_bytes(data, what)
+            except OSError:
+                self._parent_gone()
+                return
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
+
+    def _parent_gone(self) -> None:
+        with self._cond:
+            self.gone = True
+            self._queue.clear()
+            self._cond.notify_all()
+        self.on_gone()
+
+    def close(self, timeout: float) -> bool:
+        """Send what is queued (at most ``timeout`` seconds), then stop the thread; True if all was sent."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while (self._queue or self._sending) and not self.gone:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False  # the training process does not read: its thread dies with us
+                self._cond.wait(remaining)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.gone
+
+
 class _ForwardingHandler(logging.Handler):
     """Sends every record to the training process; to stderr once the parent is gone."""
 
-    def __init__(self, outbox: Sender) -> None:
+    def __init__(self, outbox: _Outbox) -> None:
         super().__init__()
         self._outbox = outbox
-        self._parent_gone = False
         self.setFormatter(logging.Formatter(FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if not self._parent_gone:
-                try:
-                    self._outbox.send(LogMessage.from_record(record))
-                    return
-                except OSError:
-                    self._parent_gone = True
+            if self._outbox.put_log(LogMessage.from_record(record)):
+                return
             sys.stderr.write(self.format(record) + "\n")
         except Exception:
             self.handleError(record)
 
 
 class _PipelineProcess:
-    def __init__(self, spec: PipelineSpec, inbox: Receiver, outbox: Sender) -> None:
+    def __init__(self, spec: PipelineSpec, inbox: Receiver, outbox: _Outbox) -> None:
         self.spec = spec
         self.inbox = inbox
         self.outbox = outbox
@@ -154,18 +248,16 @@ class _PipelineProcess:
             self.knowledge = KnowledgeSession(config, slots, layout.batch_size)
 
     def send(self, message: Message) -> None:
-        """Send a channel message.
-
-        Written from the event loop. The training process reads its pipe in a thread of its own at
-        all times (and the pipe holds 1 MiB), so this does not block while its loop is busy."""
-        try:
-            self.outbox.send(message)
-        except OSError:
+        """Send a channel message: queued on the outbox, never waits for the training process."""
+        if self.outbox.gone:
             self.stopped.set()  # the parent is gone
+            return
+        self.outbox.put(message)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
+        self.outbox.on_gone = lambda: loop.call_soon_threadsafe(self.stopped.set)
         self.send(Ready())
         self.scheduler = Scheduler(
             self.spec.config,
@@ -240,10 +332,12 @@ class _PipelineProcess:
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A crash of ours (marked by :func:`spawn`) must reach the training loop: the work the
         task held would otherwise never finish and the epoch would wait for it forever."""
-        loop.default_exception_handler(context)  # the traceback, on this process's stderr
+        loop.default_exception_handler(context)  # the traceback, logged (to the training process)
         if context.get("distill_reader"):
             exc = context.get("exception")
-            self.send(Fatal(PipelineError(f"the pipeline process failed: {context['message']}: {exc!r}")))
+            what = f"the pipeline process failed: {context['message']}"
+            # Its type, message and traceback as text: whatever it holds, it cannot fail to be sent.
+            self.send(Fatal(as_text(exc, what) if exc is not None else PipelineError(what)))
 
     def _on_readable(self) -> None:
         try:
@@ -383,7 +477,7 @@ class _PipelineProcess:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     inbox = Connection(int(argv[0]), writable=False)
-    outbox = Sender(Connection(int(argv[1]), readable=False))
+    outbox = _Outbox(Sender(Connection(int(argv[1]), readable=False)))
     try:
         spec: PipelineSpec = inbox.recv()  # the one message that is not a channel message
     except EOFError:
@@ -392,10 +486,17 @@ def main(argv: list[str]) -> int:
     root.handlers[:] = [_ForwardingHandler(outbox)]
     logging.getLogger("distill_reader").setLevel(spec.log_level)
     try:
-        process = _PipelineProcess(spec, Receiver(inbox), outbox)
-    except Exception as exc:  # report start-up failures to the training loop, not only to stderr
-        with contextlib.suppress(OSError):
-            outbox.send(Fatal(exc))
-        return 1
-    asyncio.run(process.run())
-    return 0
+        try:
+            process = _PipelineProcess(spec, Receiver(inbox), outbox)
+        except Exception as exc:  # report start-up failures to the training loop, not only to stderr
+            outbox.put(Fatal(exc))  # (an exception that cannot be pickled goes as text)
+            return 1
+        try:
+            asyncio.run(process.run())
+        except Exception as exc:  # a bug of ours outside any task: the training loop must know why
+            log.error("the pipeline process failed", exc_info=True)
+            outbox.put(Fatal(as_text(exc, "the pipeline process failed")))
+            return 1
+        return 0
+    finally:
+        outbox.close(_FLUSH_TIMEOUT)
