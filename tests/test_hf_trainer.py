@@ -27,6 +27,7 @@ from distill_reader.hf import DistillCollator, DistillRows, DistillTrainer  # no
 K = 4
 ROWS = 96
 
+
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
