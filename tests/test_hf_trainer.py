@@ -287,3 +287,44 @@ def test_collator_pads_rows_with_and_without_a_teacher():
     assert batch["teacher_topk_indices"].dtype == torch.int32
     with pytest.raises(Exception, match="some rows carry"):
         collate([rows[0], {"input_ids": [1]}])
+
+
+def test_example_script_trains_and_resumes(tmp_path, monkeypatch, capsys):
+    """examples/hf_trainer_student.py on the tiny GPT-2 of tests/llm_support.py, its teacher served."""
+    import runpy
+    import sys
+    import sysconfig
+
+    from conftest import TeacherProcesses
+    from llm_support import tiny_lm_dir
+
+    directory = tiny_lm_dir()
+    text = tmp_path / "text.txt"
+    text.write_text((Path(sysconfig.get_paths()["stdlib"]) / "heapq.py").read_text()[:12000])
+    script = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer_student.py"
+    fleet = TeacherProcesses()
+    try:
+        endpoint = fleet.start("hf_trainer_models:hf_lm", "--topk", "8", env={"HF_TEACHER_DIR": str(directory)})
+        command = [
+            str(script),
+            f"--teacher={endpoint}",
+            f"--tokenizer={directory}",
+            f"--text={text}",
+            f"--output-dir={tmp_path / 'out'}",
+            "--topk=8",
+            "--max-length=32",
+            "--batch-size=8",
+            "--eval-steps=3",
+            "--save-steps=3",
+            "--cpu",
+        ]
+        for steps, resume in ((3, []), (6, ["--resume"])):
+            monkeypatch.setattr(sys, "argv", [*command, f"--max-steps={steps}", *resume])
+            runpy.run_path(str(script), run_name="__main__")
+            assert f"after {steps} steps" in capsys.readouterr().out
+    finally:
+        fleet.stop_all()
+    for step, rows in ((3, 24), (6, 48)):  # the resumed run went on from row 24
+        saved = json.loads((tmp_path / "out" / f"checkpoint-{step}" / "distill_rows_rank0.json").read_text())
+        assert saved == {"rows": rows, "epoch": 0, "row": rows, "world_size": 1}
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
