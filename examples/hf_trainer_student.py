@@ -1,7 +1,7 @@
 """Distil a causal-LM teacher into a small GPT-2 student with transformers' Trainer.
 
     # a teacher: any local save_pretrained causal LM, its top-16 log-probs per token
-    distill teacher serve --model hf:./teacher --topk 16 --endpoint 127.0.0.1:8001 &
+    distill teacher serve --model hf:./teacher --topk 16 --listen 127.0.0.1:8001 &
     python examples/hf_trainer_student.py --teacher 127.0.0.1:8001 --tokenizer ./teacher \\
         --text corpus.txt --output-dir student --max-steps 1000
 

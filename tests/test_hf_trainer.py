@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,6 +288,58 @@ def test_collator_pads_rows_with_and_without_a_teacher():
     assert batch["teacher_topk_indices"].dtype == torch.int32
     with pytest.raises(Exception, match="some rows carry"):
         collate([rows[0], {"input_ids": [1]}])
+
+
+def test_ddp_one_reader_per_rank_under_torchrun(tmp_path, teacher):
+    """``torchrun --nproc_per_node 2`` on the CPU (gloo): each rank's reader sends its own rows to the
+    teacher, once, the ranks' rows partition the data, and the model is the one a single process
+    trains with batches of both ranks' rows (tokens counted over the ranks)."""
+    import subprocess
+    import sys
+
+    from hf_trainer_ddp import student_config
+
+    from distill_reader.teacher.local import free_port
+
+    endpoint, log = teacher
+    log.unlink(missing_ok=True)
+    rows = 32
+    tests = Path(__file__).resolve().parent
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+    }
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}"]
+    done = subprocess.run(
+        [*torchrun, str(tests / "hf_trainer_ddp.py"), endpoint, str(tmp_path), str(rows)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r, result in enumerate(ranks):
+        assert result["world_size"] == 2
+        assert [tuple(row) for row in result["rows"]] == [tuple(count_row(i).tolist()) for i in range(r, rows, 2)]
+        saved = json.loads((tmp_path / "out" / "checkpoint-4" / f"distill_rows_rank{r}.json").read_text())
+        assert saved["rows"] == 16 and saved["world_size"] == 2
+        # the end of the first epoch (the dataset may have seen it end already)
+        assert (saved["epoch"], saved["row"]) in ((0, 16), (1, 0))
+    assert sorted(seen_rows(log)) == sorted(expected_rows(0, rows))
+    # One process, batches of 8 rows: rows 0-7 are the first step's rows of both ranks, and so on.
+    with make_reader(tmp_path / "single", endpoint, K, rows=rows) as reader:
+        torch.manual_seed(0)
+        single = DistillTrainer(
+            model=GPT2LMHeadModel(student_config()),
+            args=arguments(tmp_path / "single", max_steps=rows // 8, optim="sgd", learning_rate=0.1),
+            train_dataset=DistillRows(reader),
+        )
+        single.train()
+    ddp = torch.load(tmp_path / "params.pt")
+    for name, p in single.model.named_parameters():
+        torch.testing.assert_close(ddp[name], p.detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_example_script_trains_and_resumes(tmp_path, monkeypatch, capsys):
