@@ -381,3 +381,10 @@ def test_example_script_trains_and_resumes(tmp_path, monkeypatch, capsys):
         saved = json.loads((tmp_path / "out" / f"checkpoint-{step}" / "distill_rows_rank0.json").read_text())
         assert saved == {"rows": rows, "epoch": 0, "row": rows, "world_size": 1}
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_the_docs_show_the_example_script():
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "llm-trainer.md").read_text()
+    script = (root / "examples" / "hf_trainer_student.py").read_text()
+    assert "```python\n" + script + "```" in doc

@@ -265,7 +265,9 @@ class DistillTrainer(Trainer):
     ``values``, ``tail``, ``reverse``: as in :func:`~distill_reader.torch.topk_kl_loss`. Every other
     argument is ``Trainer``'s; ``data_collator`` defaults to :class:`DistillCollator`.
 
-    Needs transformers >= 5 (``Trainer.loss_is_scaled_for_ga``). Keep ``dataloader_num_workers=0``.
+    Needs a transformers whose ``Trainer`` has ``loss_is_scaled_for_ga`` (5.25 is tested): the loss
+    is normalized over the optimizer step, which the Trainer must not divide again. Keep
+    ``dataloader_num_workers=0``.
     """
 
     def __init__(
@@ -283,7 +285,10 @@ class DistillTrainer(Trainer):
         if not temperature > 0:
             raise ConfigError(f"DistillTrainer: temperature must be > 0, got {temperature}")
         if "loss_is_scaled_for_ga" not in vars(Trainer):
-            raise ImportError("DistillTrainer needs transformers >= 5: pip install -U transformers")
+            raise ImportError(
+                "DistillTrainer needs a transformers whose Trainer has loss_is_scaled_for_ga (5.25 is tested): "
+                "pip install -U transformers"
+            )
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = DistillCollator()
         super().__init__(*args, **kwargs)
