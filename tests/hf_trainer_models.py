@@ -118,35 +118,3 @@ def make_reader(folder: Path, endpoint: str, k: int, rows: int = 96, kind: str =
         # a variable var as a list of per-row arrays
         reader.set_batch_generator(lambda: ([samples[i : i + 5]] for i in range(0, rows, 5)))
     return reader
-
-
-# --- a transformers teacher (until the hf: backend is on this branch) ---------------------------------
-
-
-def _hf_lm():
-    """A ``teacher_model`` over the causal LM in ``$HF_TEACHER_DIR`` (None where it is not set)."""
-    directory = os.environ.get("HF_TEACHER_DIR")
-    if not directory:
-        return None
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    model.eval()
-
-    @teacher_model(
-        inputs=[("tokens", "int64", (-1,)), ("tokens_length", "int64", ())],
-        outputs=[("logits", "float32", (-1, model.config.vocab_size))],
-    )
-    def lm(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tokens = torch.tensor(batch["tokens"])
-        mask = torch.arange(tokens.shape[1])[None, :] < torch.tensor(batch["tokens_length"])[:, None]
-        with torch.inference_mode():
-            return {"logits": model(input_ids=tokens, attention_mask=mask.long()).logits.float().numpy()}
-
-    return lm
-
-
-#: ``distill teacher serve --model hf_trainer_models:hf_lm`` with ``HF_TEACHER_DIR`` set.
-hf_lm = _hf_lm()

@@ -342,41 +342,38 @@ def test_ddp_one_reader_per_rank_under_torchrun(tmp_path, teacher):
         torch.testing.assert_close(ddp[name], p.detach(), rtol=1e-4, atol=1e-5)
 
 
-def test_example_script_trains_and_resumes(tmp_path, monkeypatch, capsys):
-    """examples/hf_trainer_student.py on the tiny GPT-2 of tests/llm_support.py, its teacher served."""
+def test_example_script_trains_and_resumes(tmp_path, teacher, monkeypatch, capsys):
+    """examples/hf_trainer_student.py with tests/llm_support's tiny GPT-2 tokenizer, run and resumed.
+
+    (The teacher is the counting one: its top-k indices are ids below 32 of the tokenizer's 2,048.)
+    """
     import runpy
     import sys
     import sysconfig
 
-    from conftest import TeacherProcesses
     from llm_support import tiny_lm_dir
 
     directory = tiny_lm_dir()
     text = tmp_path / "text.txt"
     text.write_text((Path(sysconfig.get_paths()["stdlib"]) / "heapq.py").read_text()[:12000])
     script = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer_student.py"
-    fleet = TeacherProcesses()
-    try:
-        endpoint = fleet.start("hf_trainer_models:hf_lm", "--topk", "8", env={"HF_TEACHER_DIR": str(directory)})
-        command = [
-            str(script),
-            f"--teacher={endpoint}",
-            f"--tokenizer={directory}",
-            f"--text={text}",
-            f"--output-dir={tmp_path / 'out'}",
-            "--topk=8",
-            "--max-length=32",
-            "--batch-size=8",
-            "--eval-steps=3",
-            "--save-steps=3",
-            "--cpu",
-        ]
-        for steps, resume in ((3, []), (6, ["--resume"])):
-            monkeypatch.setattr(sys, "argv", [*command, f"--max-steps={steps}", *resume])
-            runpy.run_path(str(script), run_name="__main__")
-            assert f"after {steps} steps" in capsys.readouterr().out
-    finally:
-        fleet.stop_all()
+    command = [
+        str(script),
+        f"--teacher={teacher[0]}",
+        f"--tokenizer={directory}",
+        f"--text={text}",
+        f"--output-dir={tmp_path / 'out'}",
+        f"--topk={K}",
+        f"--max-length={MAX_LENGTH}",
+        "--batch-size=8",
+        "--eval-steps=3",
+        "--save-steps=3",
+        "--cpu",
+    ]
+    for steps, resume in ((3, []), (6, ["--resume"])):
+        monkeypatch.setattr(sys, "argv", [*command, f"--max-steps={steps}", *resume])
+        runpy.run_path(str(script), run_name="__main__")
+        assert f"after {steps} steps" in capsys.readouterr().out
     for step, rows in ((3, 24), (6, 48)):  # the resumed run went on from row 24
         saved = json.loads((tmp_path / "out" / f"checkpoint-{step}" / "distill_rows_rank0.json").read_text())
         assert saved == {"rows": rows, "epoch": 0, "row": rows, "world_size": 1}
