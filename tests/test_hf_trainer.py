@@ -23,6 +23,7 @@ pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate
 from hf_trainer_models import MAX_LENGTH, VOCAB, count_row, count_teacher, expected_topk, make_reader, seen_rows  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
 
+from distill_reader import ConfigError  # noqa: E402
 from distill_reader.hf import DistillCollator, DistillRows, DistillTrainer  # noqa: E402
 
 K = 4
@@ -385,3 +386,15 @@ def test_the_docs_show_the_example_script():
     doc = (root / "docs" / "llm-trainer.md").read_text()
     script = (root / "examples" / "hf_trainer_student.py").read_text()
     assert "```python\n" + script + "```" in doc
+
+
+def test_rows_name_the_vars_they_need(tmp_path):
+    reader = make_reader(tmp_path, "127.0.0.1:1", K, rows=1)  # no epoch runs: nothing is asked
+    with pytest.raises(ConfigError, match="'ids' is not a feed var"):
+        DistillRows(reader, tokens="ids")
+    with pytest.raises(ConfigError, match="'topk_values' is not a fetch var"):
+        DistillRows(reader, topk_values="topk_values")
+    with pytest.raises(ConfigError, match="epochs"):
+        DistillRows(reader, epochs=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        DistillTrainer(model=student(), args=arguments(tmp_path / "out"), alpha=1.5)

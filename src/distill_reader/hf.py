@@ -83,9 +83,10 @@ class DistillRows(IterableDataset):
 
     ``tokens``: the feed var of the token ids (variable length, ``(-1,)``); ``topk_values`` and
     ``topk_indices``: the fetch vars of the teacher's top-k (``(-1, K)``). ``epochs``: passes over
-    the user's reader per iteration of the dataset (``None``: forever, for a run bounded by
-    ``max_steps``). Iterate it in the main process only (``dataloader_num_workers=0``): the reader
-    runs its own pipeline process.
+    the user's reader (``None``: forever, for a run bounded by ``max_steps``); a train set's
+    iterations continue one another (:meth:`resume_at`), an evaluation set's each start again.
+    Iterate it in the main process only (``dataloader_num_workers=0``): the reader runs its own
+    pipeline process.
     """
 
     def __init__(
