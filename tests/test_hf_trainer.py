@@ -252,13 +252,19 @@ def test_resumed_run_goes_on_from_the_rows_it_had_reached(tmp_path, teacher):
 def test_evaluation_with_and_without_a_teacher(tmp_path, teacher):
     endpoint, _ = teacher
     held_out = [{"input_ids": count_row(i)} for i in range(ROWS, ROWS + 24)]
+    # the eval reader's rows, with the teacher's top-k, as a map-style dataset (Trainer keeps the columns)
+    mapped = [
+        {"input_ids": row, "teacher_topk_values": topk[0], "teacher_topk_indices": topk[1]}
+        for row in map(count_row, range(24))
+        for topk in [expected_topk(row, K)]
+    ]
     eval_reader = make_reader(tmp_path / "eval", endpoint, K, rows=24)
     with make_reader(tmp_path, endpoint, K) as reader, eval_reader:
         trainer = DistillTrainer(
             model=student(),
             args=arguments(tmp_path / "out", max_steps=ROWS // 8),
             train_dataset=DistillRows(reader),
-            eval_dataset={"plain": held_out, "teacher": DistillRows(eval_reader)},
+            eval_dataset={"plain": held_out, "teacher": DistillRows(eval_reader), "mapped": mapped},
         )
         before = trainer.evaluate()
         trainer.train()
@@ -268,6 +274,8 @@ def test_evaluation_with_and_without_a_teacher(tmp_path, teacher):
         assert after[key] < 0.5 * before[key], (key, before, after)
     # Without a teacher the loss is the cross-entropy: a random student's is about log(VOCAB).
     assert abs(before["eval_plain_loss"] - math.log(VOCAB)) < 0.5
+    for metrics in (before, after):
+        assert metrics["eval_mapped_loss"] == pytest.approx(metrics["eval_teacher_loss"], rel=1e-6)
 
 
 def test_collator_pads_rows_with_and_without_a_teacher():
