@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -136,6 +138,18 @@ class DistillReader(ReaderSource):
             pipeline.request_stats(wait=timeout)
         return self._stats.snapshot()
 
+    def distill_reader(self, skip_rows: int = 0) -> Callable[[], Iterator[Batch]]:
+        """A callable; each call runs one epoch (calling the user's reader again) as a generator.
+
+        ``skip_rows``: each epoch drops the first ``skip_rows`` rows the user's reader yields before
+        they reach the pool, a teacher or a store: to resume a run where it stopped. The reader
+        function still makes those rows (it is called as always); nothing else is done with them.
+        A list or a batch that straddles the cut is cut (its later rows are kept)."""
+        epoch = super().distill_reader()
+        if isinstance(skip_rows, bool) or not isinstance(skip_rows, int) or skip_rows < 0:
+            raise ConfigError(f"skip_rows: must be an integer >= 0, got {skip_rows!r}")
+        return functools.partial(self._epoch, skip_rows=skip_rows) if skip_rows else epoch
+
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the pipeline process and free the pool (bounded: a few seconds at worst; up to 60 s
@@ -174,9 +188,11 @@ class DistillReader(ReaderSource):
             holder.pipeline = Pipeline(self.config, self._layout, self.d_batch_size, self._options, self._stats)
         return holder.pipeline
 
-    def _epoch(self) -> Iterator[Batch]:
+    def _epoch(self, skip_rows: int = 0) -> Iterator[Batch]:
         assert self._reader is not None
         kind, reader = self._reader
+        if skip_rows:
+            reader = _skipping(kind, reader, skip_rows)
         with self._lock:
             if self._active is not None and self._holder.pipeline is not None:
                 # An earlier epoch's generator was left unfinished and is still referenced (or is
@@ -220,6 +236,31 @@ class DistillReader(ReaderSource):
                         pipeline.finish(epoch)
                     else:
                         pipeline.abort(epoch)
+
+
+def _skipping(kind: str, reader: Callable[[], Iterable[Any]], rows: int) -> Callable[[], Iterator[Any]]:
+    """``reader`` (of ``kind``: sample, sample_list, batch) without its first ``rows`` rows."""
+
+    def skipped() -> Iterator[Any]:
+        left = rows
+        source = iter(reader())
+        for item in source:
+            if kind == "sample":
+                left -= 1
+            else:
+                # a list of samples, or a batch: fields (arrays, or lists of per-row arrays) whose
+                # first dimension is the rows
+                count = len(item) if kind == "sample_list" else len(item[0])
+                if count > left:
+                    yield item[left:] if kind == "sample_list" else [field[left:] for field in item]
+                    left = 0
+                else:
+                    left -= count
+            if left == 0:
+                break
+        yield from source
+
+    return skipped
 
 
 class _PipelineHolder:
