@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SEED_CONFIG
-from external_support import ExternalServer, session_pids, start_mlserver, start_triton, venv_python
+from external_support import (
+    ExternalServer,
+    missing_external_teacher,
+    require_venv,
+    session_pids,
+    start_mlserver,
+    start_triton,
+)
 from reader_models import make_sample
 from test_reader import check_epoch, sample_list_reader
 
@@ -43,8 +50,11 @@ SERVERS = {
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory):
     """The demo's teacher: weights (the numpy reference), its ONNX file and the test images."""
-    pytest.importorskip("sklearn")
-    pytest.importorskip("onnx")
+    try:
+        import onnx  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        missing_external_teacher(f"{exc.name} is not installed (pip install -e '.[demo]')")
     from distill_reader.demo.digits import load_digits_split, train_teacher, write_onnx
 
     data = load_digits_split()
@@ -57,9 +67,7 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory):
 def server(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[ExternalServer]:
     """One external server (per parameter), started once for the module's tests."""
     venv, module = SERVERS[request.param]
-    python = venv_python(venv, module)
-    if python is None:
-        pytest.skip(f"build/teachers/{venv} missing or broken: run scripts/external-teachers.sh")
+    python = require_venv(venv, module)
     _, onnx, _ = request.getfixturevalue("digits_teacher")  # trained only when a server can run
     workdir = tmp_path_factory.mktemp(request.param)
     if request.param == "triton":
