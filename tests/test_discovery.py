@@ -207,7 +207,12 @@ def test_keeper_killed_lease_expires():
         try:
             w = Watch(server.address, "svc", 1)
             await w.wait_for(lambda s: s == [endpoint], timeout=20)
-            await asyncio.sleep(0.3)  # let a keep-alive or two pass
+            # Once the lease was kept (a keep-alive answered), so that it ends a TTL after a renewal.
+            labels = {"method": "KeepAlive", "code": "OK"}
+            deadline = time.monotonic() + 10
+            while not server.service.registry.get_sample_value("distill_discovery_rpcs_total", labels):
+                assert time.monotonic() < deadline, "no keep-alive within 10 s"
+                await asyncio.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
             t0 = time.monotonic()
             t1 = await w.wait_for(lambda s: s == [])
