@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 from distill_reader import DistillReader
+from distill_reader.reader.pool import NAME_PREFIX
 from distill_reader.reader.stats import ReaderStats
 from distill_reader.teacher.local import free_port, start_teacher, wait_until_ready
 
@@ -124,26 +125,62 @@ def shm_files() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("distill-reader-")}
 
 
-def settled_stats(dr: DistillReader) -> ReaderStats:
+def reader_shm(pids: Iterable[int]) -> set[str]:
+    """The names in /dev/shm that a reader of the processes ``pids`` can leave behind.
+
+    The pool and the output rings have no name (``O_TMPFILE``) but for a registration call, when
+    the process that registers them (the pipeline process) links them as
+    ``distill-reader-shm-<its pid>-<random>`` (reader/pool.py). Where ``O_TMPFILE`` is missing the
+    pool is created as ``distill-reader-<pid>-<random>`` by the training process and unlinked at
+    once. Give the training process's pid and its pipeline processes' pids."""
+    prefixes = tuple(f"{prefix}{pid}-" for pid in pids for prefix in (NAME_PREFIX, "distill-reader-"))
+    return {name for name in shm_files() if name.startswith(prefixes)} if prefixes else set()
+
+
+def settled_stats(dr: DistillReader, timeout: float = 30.0) -> ReaderStats:
     """``dr.stats()`` as of now, however loaded the machine: the answer to a request sent earlier
-    (e.g. by the pool check during the epoch) is awaited first, then that of a fresh one."""
-    dr.stats(timeout=30)
-    return dr.stats(timeout=30)
+    (e.g. by the pool check during the epoch) is awaited first, then that of a fresh one. Fails,
+    with the numbers it has, when either report does not come within ``timeout`` seconds (``stats()``
+    itself then returns the last numbers it had, stale)."""
+    tracker = dr._stats  # counts the reports the pipeline process sends (its receiver calls this)
+    report = tracker.pipeline_report
+    reports = [0]
+
+    def counted(*args: object, **kwargs: object) -> None:
+        reports[0] += 1
+        report(*args, **kwargs)
+
+    tracker.pipeline_report = counted
+    try:
+        for which in ("the answer to an earlier request", "the answer to a fresh request"):
+            before = reports[0]
+            stats = dr.stats(timeout=timeout)
+            if reports[0] == before:
+                raise AssertionError(
+                    f"no statistics from the pipeline process within {timeout} s ({which}); stale: {stats}"
+                )
+    finally:
+        del tracker.pipeline_report
+    return stats
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    """The first true value of ``predicate()`` (exceptions count as false), polled every 0.2 s;
-    TimeoutError naming ``what`` after ``timeout`` seconds."""
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.2) -> object:
+    """The first true value of ``predicate()``, polled every ``every`` seconds. An exception counts
+    as false (a server not up yet, say). After ``timeout`` seconds, fails naming ``what`` and what it
+    saw last: the value, or the exception (chained)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
+        error: Exception | None = None
         try:
             value = predicate()
             if value:
                 return value
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} within {timeout} s")
+        except Exception as exc:  # noqa: BLE001 - reported if it is still what we see at the end
+            error = exc
+        if time.monotonic() >= deadline:
+            last = f"it raised {error!r}" if error is not None else f"it was {value!r}"
+            raise AssertionError(f"{what}: not within {timeout} s; {last}") from error
+        time.sleep(every)
 
 
 @contextlib.contextmanager

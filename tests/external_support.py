@@ -1,7 +1,13 @@
 """Real external OIP servers (NVIDIA Triton via PyTriton, Seldon MLServer) run as test teachers.
 
 Each runs from its own virtual environment made by ``scripts/external-teachers.sh`` under
-``build/teachers/``; :func:`venv_python` says whether it is there.
+``build/teachers/``; :func:`require_venv` gives its python, or skips the test saying why, or fails
+it where the environment requires external teachers (``make test`` with ``CI=true``):
+
+``DISTILL_REQUIRE_EXTERNAL_TEACHERS``: unset, empty or ``0``: a missing one skips the test (with its
+reason, shown by ``-ra``); ``1``: a missing one fails the test; or a comma-separated list of venv
+names (``pytriton-venv,mlserver-venv``): those fail, the others skip.
+:func:`missing_external_teacher` does the same for any other thing such a test needs.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
+import pytest
 from conftest import free_port
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -26,13 +34,52 @@ TEACHER_VENVS = REPO / "build" / "teachers"
 EXAMPLES = REPO / "examples"
 
 
-def venv_python(name: str, module: str) -> Path | None:
-    """The python of ``build/teachers/<name>`` when it exists and imports ``module``."""
+#: Set by ``make test`` when ``CI=true``: see the module's docstring.
+REQUIRE_ENV = "DISTILL_REQUIRE_EXTERNAL_TEACHERS"
+
+
+def required(venv: str | None = None) -> bool:
+    """Whether a missing ``venv`` (under ``build/teachers``) fails the test instead of skipping it;
+    ``None``: anything an external teacher test needs, when any external teacher is required."""
+    value = os.environ.get(REQUIRE_ENV, "").strip()
+    if value.lower() in ("", "0", "false", "no"):
+        return False
+    if value.lower() in ("1", "true", "yes", "all") or venv is None:
+        return True
+    return venv in {name.strip() for name in value.split(",")}
+
+
+def missing_external_teacher(reason: str, venv: str | None = None) -> NoReturn:
+    """Skip the test saying ``reason``; fail it instead where :func:`required` says so."""
+    if required(venv):
+        pytest.fail(f"{reason} ({REQUIRE_ENV}={os.environ.get(REQUIRE_ENV)}: required here)", pytrace=False)
+    pytest.skip(reason)
+
+
+def venv_problem(name: str, module: str) -> str | None:
+    """Why ``build/teachers/<name>`` cannot be used (missing, or ``module`` does not import), or None."""
     python = TEACHER_VENVS / name / "bin" / "python"
     if not python.exists():
-        return None
-    check = subprocess.run([python, "-c", f"import {module}"], capture_output=True, timeout=60)
-    return python if check.returncode == 0 else None
+        return f"build/teachers/{name} is missing: run scripts/external-teachers.sh"
+    check = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
+    if check.returncode != 0:
+        last = (check.stderr.strip().splitlines() or ["no error output"])[-1]
+        return f"build/teachers/{name} is broken (import {module}: {last}): run scripts/external-teachers.sh"
+    return None
+
+
+def venv_python(name: str, module: str) -> Path | None:
+    """The python of ``build/teachers/<name>`` when it exists and imports ``module``."""
+    return None if venv_problem(name, module) else TEACHER_VENVS / name / "bin" / "python"
+
+
+def require_venv(name: str, module: str) -> Path:
+    """The python of ``build/teachers/<name>``, which imports ``module``; else the test skips, or
+    fails where :func:`required` says so."""
+    problem = venv_problem(name, module)
+    if problem is not None:
+        missing_external_teacher(problem, name)
+    return TEACHER_VENVS / name / "bin" / "python"
 
 
 def session_pids(sid: int) -> list[int]:

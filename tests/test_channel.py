@@ -154,8 +154,18 @@ def test_failed_epochs_do_not_lose_slots(write_config, teachers):
 
 
 def _places(dr: DistillReader, capacity: int = 4) -> dict[str, int]:
-    counts = dr._holder.pipeline.ledger.counts()
-    assert sum(counts.values()) == capacity, counts  # free + filling + queued + held == capacity
+    """How many slots are in each place, once the ledger's queues are checked against each slot's
+    place: the free queue holds exactly the free slots and the held queue exactly the held ones,
+    each once (a slot freed twice, or marked free but never queued, is lost or handed out twice)."""
+    ledger = dr._holder.pipeline.ledger
+    with ledger._cond:
+        place, free, held = list(ledger._place), list(ledger._free), list(ledger._held)
+    assert len(place) == ledger.capacity == capacity, place
+    where = {p: [slot for slot, at in enumerate(place) if at == p] for p in ("free", "held")}
+    assert sorted(free) == where["free"], f"free queue {free}, places {place}"
+    assert sorted(held) == where["held"], f"held queue {held}, places {place}"
+    counts = ledger.counts()
+    assert counts == {p: place.count(p) for p in counts} and sum(counts.values()) == capacity, (counts, place)
     return counts
 
 

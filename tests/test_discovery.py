@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -184,6 +185,18 @@ def test_readiness_registration_and_recovery():
     run(main())
 
 
+async def _logged_failures(caplog, endpoint: str, n: int, timeout: float = 10.0) -> list[str]:
+    """Wait until the student sessions have logged ``n`` failed attempts to reach ``endpoint``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        failed = [m for m in caplog.messages if m.startswith(f"discovery {endpoint}: ")]
+        if len(failed) >= n:
+            return failed
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(failed)} failed attempts to reach {endpoint} logged within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
 def test_keeper_killed_lease_expires():
     """SIGKILL the process keeping a teacher registered: the lease expires after the TTL."""
 
@@ -194,7 +207,12 @@ def test_keeper_killed_lease_expires():
         try:
             w = Watch(server.address, "svc", 1)
             await w.wait_for(lambda s: s == [endpoint], timeout=20)
-            await asyncio.sleep(0.3)  # let a keep-alive or two pass
+            # Once the lease was kept (a keep-alive answered), so that it ends a TTL after a renewal.
+            labels = {"method": "KeepAlive", "code": "OK"}
+            deadline = time.monotonic() + 10
+            while not server.service.registry.get_sample_value("distill_discovery_rpcs_total", labels):
+                assert time.monotonic() < deadline, "no keep-alive within 10 s"
+                await asyncio.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
             t0 = time.monotonic()
             t1 = await w.wait_for(lambda s: s == [])
@@ -211,7 +229,9 @@ def test_keeper_killed_lease_expires():
     run(main())
 
 
-def test_student_close_deregisters_and_no_discovery_keeps_set():
+def test_student_close_deregisters_and_no_discovery_keeps_set(caplog):
+    caplog.set_level(logging.INFO, logger="distill_reader.discovery.client")
+
     async def main():
         port = free_port()
         server = DiscoveryServer(f"127.0.0.1:{port}", "memory")
@@ -231,9 +251,12 @@ def test_student_close_deregisters_and_no_discovery_keeps_set():
         # Discovery goes away: the student keeps its set (nothing yielded), and gets a new one later.
         w = Watch(server.address, "svc", 1, "s2")
         await w.wait_for(lambda s: s == [])
+        yielded = len(w.sets)
         await server.stop()
-        await asyncio.sleep(0.5)
-        assert w.current == [] and not w.task.done()
+        # Two failed attempts to reach it (the stream's end, then a reconnect after the back-off),
+        # each logged by the session: meanwhile nothing was yielded and it keeps trying.
+        failed = await _logged_failures(caplog, server.address, 2)
+        assert len(w.sets) == yielded and w.current == [] and not w.task.done(), (w.sets, failed)
         server = DiscoveryServer(f"127.0.0.1:{port}", "memory")
         await server.start()
         async with grpc.aio.insecure_channel(server.address) as ch:

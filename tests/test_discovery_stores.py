@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import subprocess
 import sys
@@ -64,6 +65,22 @@ async def started(url: str, port: int = 0) -> DiscoveryServer:
     server = DiscoveryServer(f"127.0.0.1:{port}", url)
     await server.start()
     return server
+
+
+def rpcs(server: DiscoveryServer, method: str, code: str = "OK") -> float:
+    """How many ``method`` calls ``server`` answered with ``code`` (its ``distill_discovery_rpcs`` metric)."""
+    labels = {"method": method, "code": code}
+    return server.service.registry.get_sample_value("distill_discovery_rpcs_total", labels) or 0.0
+
+
+async def until(condition, timeout: float, what) -> None:
+    """Wait until ``condition()``; after ``timeout`` seconds, fail with ``what()`` (what it waited
+    for and what it saw)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what()}: not within {timeout} s")
+        await asyncio.sleep(0.05)
 
 
 def test_lease_expiry(store):
@@ -178,8 +195,10 @@ def test_two_servers_one_killed_mid_run(store):
             before = {w.session.student_id: w.current for w in students}
             assert all(w.session.connected_to == endpoints[0] for w in students)
             seen = [len(w.sets) for w in students]
+            kept_before = rpcs(a, "KeepAlive")
             b.send_signal(signal.SIGKILL)
             b.wait()
+            killed = time.monotonic()
             for w in students:
                 for _ in range(200):
                     if w.session.connected_to == a.address:
@@ -187,7 +206,16 @@ def test_two_servers_one_killed_mid_run(store):
                     await asyncio.sleep(0.05)
                 else:
                     raise AssertionError(f"{w.session.student_id} did not move to the surviving server within 10 s")
-            await asyncio.sleep(2.5)  # longer than a TTL: leases kept through a, nobody expired
+            # Longer than a TTL since the kill, and the leases kept through a meanwhile (each keeper
+            # every keep-alive interval, a TTL's worth each): any lease not kept would have expired.
+            ttl, keeps = a.service.ttl, len(teachers) * math.ceil(a.service.ttl / a.service.keepalive)
+            await until(
+                lambda: time.monotonic() - killed > ttl + 0.5 and rpcs(a, "KeepAlive") - kept_before >= keeps,
+                20,
+                lambda: (
+                    f"{keeps} keep-alives through the surviving server ({rpcs(a, 'KeepAlive') - kept_before:g} seen)"
+                ),
+            )
             st = status_dict(await fetch_status(a.address, svc))["services"][svc]
             assert sorted(t["endpoint"] for t in st["teachers"]) == teachers
             assert {s["id"]: s["teachers"] for s in st["students"]} == before
@@ -207,7 +235,7 @@ def test_two_servers_one_killed_mid_run(store):
 
 
 @pytest.mark.parametrize("kind", ["redis", "etcd"])
-def test_store_restarted(kind, tmp_path_factory):
+def test_store_restarted(kind, tmp_path_factory, caplog):
     """The store is killed and restarted (Redis without persistence loses everything): the
     students keep their teachers meanwhile, and registrations come back by themselves (with Redis
     a student may see an empty set for a moment while they do)."""
@@ -224,9 +252,20 @@ def test_store_restarted(kind, tmp_path_factory):
             w = Watch(server.address, svc, 1)
             await w.wait_for(lambda s: s == ["127.0.0.1:9200"])
             at_kill = len(w.sets)
+            refused = rpcs(server, "KeepAlive", "UNAVAILABLE")
+            caplog.clear()
             store.kill()
-            await asyncio.sleep(1.0)
-            assert len(w.sets) == at_kill  # nothing pushed while the store is down
+            # The server has found the store down, both keeping the teacher's lease and reconciling
+            # (which is when a wrong set would be pushed): nothing was pushed meanwhile.
+            await until(
+                lambda: (
+                    rpcs(server, "KeepAlive", "UNAVAILABLE") > refused
+                    and any(m.startswith("reconcile failed") for m in caplog.messages)
+                ),
+                15,
+                lambda: f"a keep-alive refused and a reconcile failed while the store is down ({caplog.messages})",
+            )
+            assert len(w.sets) == at_kill, w.sets[at_kill:]
             await asyncio.to_thread(store.start)
             t0 = time.monotonic()
             for _ in range(200):

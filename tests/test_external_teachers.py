@@ -15,14 +15,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SEED_CONFIG
-from external_support import ExternalServer, session_pids, start_mlserver, start_triton, venv_python
+from conftest import SEED_CONFIG, free_port, wait_for
+from external_support import (
+    ExternalServer,
+    missing_external_teacher,
+    require_venv,
+    session_pids,
+    start_mlserver,
+    start_triton,
+)
+from prometheus_client.parser import text_string_to_metric_families
 from reader_models import make_sample
 from test_reader import check_epoch, sample_list_reader
 
@@ -43,8 +51,11 @@ SERVERS = {
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory):
     """The demo's teacher: weights (the numpy reference), its ONNX file and the test images."""
-    pytest.importorskip("sklearn")
-    pytest.importorskip("onnx")
+    try:
+        import onnx  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        missing_external_teacher(f"{exc.name} is not installed (pip install -e '.[demo]')")
     from distill_reader.demo.digits import load_digits_split, train_teacher, write_onnx
 
     data = load_digits_split()
@@ -57,9 +68,7 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory):
 def server(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[ExternalServer]:
     """One external server (per parameter), started once for the module's tests."""
     venv, module = SERVERS[request.param]
-    python = venv_python(venv, module)
-    if python is None:
-        pytest.skip(f"build/teachers/{venv} missing or broken: run scripts/external-teachers.sh")
+    python = require_venv(venv, module)
     _, onnx, _ = request.getfixturevalue("digits_teacher")  # trained only when a server can run
     workdir = tmp_path_factory.mktemp(request.param)
     if request.param == "triton":
@@ -173,19 +182,32 @@ def registered_models(discovery: str) -> dict[str, list[tuple[str, str, bool]]]:
     return {s.name: [(t.endpoint, t.model_name, t.healthy) for t in s.teachers] for s in status.services}
 
 
+def keepalives(http: str) -> float:
+    """The keep-alives a discovery server answered OK, from its ``/metrics`` on ``http``."""
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "distill_discovery_rpcs_total" and sample.labels == {"method": "KeepAlive", "code": "OK"}
+    )
+
+
 def test_discover_mode_through_teacher_register(server, digits_teacher, write_config, tmp_path):
     services = {"ext-tag": "tag", "ext-digits": "digits"}
-    with running_server() as discovery:
+    http = f"127.0.0.1:{free_port()}"
+    with running_server(http=http) as discovery:
         registrations = [register(discovery, name, server.endpoint, model) for name, model in services.items()]
         try:
             expected = {name: [(server.endpoint, model, True)] for name, model in services.items()}
-            deadline = time.monotonic() + 20
-            while registered_models(discovery) != expected and time.monotonic() < deadline:
-                time.sleep(0.1)
-            # Past a few keep-alives (0.5 s each, with the readiness check's health): the model
-            # names the teachers registered with must still be the ones students are told. (Not the
-            # health: on a loaded machine one slow readiness check may flip it for a keep-alive.)
-            time.sleep(1.5)
+            wait_for(lambda: registered_models(discovery) == expected, 20, "both registered, ready", every=0.1)
+            # Past two keep-alives of each (every 0.5 s, with the readiness check's health): the
+            # model names the teachers registered with must still be the ones students are told.
+            # (Not the health: on a loaded machine one slow readiness check may flip it for a
+            # keep-alive.)
+            kept = keepalives(http)
+            wait_for(lambda: keepalives(http) >= kept + 2 * len(services), 20, "two keep-alives each", every=0.1)
             named = {
                 name: [(endpoint, model) for endpoint, model, _ in ts]
                 for name, ts in registered_models(discovery).items()

@@ -11,12 +11,11 @@ from __future__ import annotations
 import http.server
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SEED_CONFIG, TeacherProcesses, settled_stats
+from conftest import SEED_CONFIG, TeacherProcesses, settled_stats, wait_for
 from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import (
@@ -132,15 +131,20 @@ def test_a_bad_teacher_beside_a_good_one_is_quarantined(kind, teachers, write_co
     assert words in warnings[0]
 
 
-def test_wrong_answers_keep_a_teacher_quarantined_after_its_metadata_passes(write_config, teachers, closers):
+def test_wrong_answers_keep_a_teacher_quarantined_after_its_metadata_passes(write_config, teachers, closers, caplog):
     """Its metadata was never the problem, so passing its check (after the 2 s back-off, here while
     no epoch runs) does not put it back in use: only a request answered right does."""
     good = teachers.start()
     teacher = WrongTeacher("shape").start()
     closers.append(teacher.close)
-    with reader(write_config([teacher.endpoint, good])) as dr:
+    with caplog.at_level(logging.INFO, logger="distill_reader"), reader(write_config([teacher.endpoint, good])) as dr:
         run_epoch(dr)
-        time.sleep(3.0)  # past the first back-off: its metadata is checked again and passes
+
+        def passed() -> list[str]:  # a check after a back-off, logged by the pipeline process
+            return [m for m in caplog.messages if "passed its metadata check" in m and teacher.endpoint in m]
+
+        checks = len(passed())  # (a long first epoch may have seen a check, and a trial answered wrong)
+        wait_for(lambda: len(passed()) > checks, 30, f"{teacher.endpoint} passed its metadata check", every=0.05)
         assert settled_stats(dr).teachers[0].quarantined is not None
         before = teacher.requests
         run_epoch(dr)
@@ -247,9 +251,7 @@ def test_no_discovery_server_is_a_no_teacher_error_then_recovers(teachers, write
             # The teacher registers in the background once ready, and the student reconnects to
             # discovery after a back-off: wait until it has the teacher, or the epoch races that
             # (under load) with its 3 s teacher_timeout.
-            deadline = time.monotonic() + 30
-            while endpoint not in {t.endpoint for t in dr.stats().teachers} and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_for(lambda: endpoint in {t.endpoint for t in dr.stats().teachers}, 30, "the student has the teacher")
             run_epoch(dr)
 
 

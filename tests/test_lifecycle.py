@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 from chaos_support import alive
-from conftest import TESTS_DIR, shm_files, sigint_default_in_children
+from conftest import TESTS_DIR, reader_shm, sigint_default_in_children
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,9 +50,34 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = STOP_B
     return time.monotonic() - start
 
 
-def own_shm(pid: int) -> set[str]:
-    """Shared-memory files of the reader created by ``pid`` (others' test runs may share /dev/shm)."""
-    return {name for name in shm_files() if name.startswith(f"distill-reader-{pid}-")}
+def children(pid: int) -> set[int]:
+    """The children of ``pid``: those of each of its threads (``/proc/<pid>/task/<tid>/children``),
+    nothing once it is gone."""
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                found.update(int(child) for child in fh.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def watch_children(pid: int, seconds: float, seen: set[int]) -> None:
+    """Sleep ``seconds``, adding the children of ``pid`` to ``seen`` every 20 ms meanwhile. (A
+    pipeline process names nothing in its first 20 ms: it starts Python and reaches its teachers
+    first.)"""
+    deadline = time.monotonic() + seconds
+    while True:
+        seen |= children(pid)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(0.02, left))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -86,4 +111,4 @@ def test_signal_stops_everything(tmp_path, write_config, tag_teachers, sig):
     assert process.returncode == -sig
     if sig == signal.SIGINT:
         assert "KeyboardInterrupt" in process.stderr.read()
-    assert not own_shm(process.pid)
+    assert not reader_shm({process.pid, *pipeline_pids})

@@ -329,11 +329,25 @@ def test_answers_after_the_request_timed_out_never_land_in_the_pool(write_config
     assert replaced and all(slow in line for line in replaced)
 
 
+class _Clock:
+    """``time`` for a module under test: ``monotonic()`` runs ``ahead`` seconds ahead of the real one."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+
 def test_a_killed_readers_regions_are_forgotten_and_a_live_reader_registers_again(write_config, monkeypatch):
     """A reader killed without unregistering leaves its regions on the teacher; once idle they are
     forgotten at the next registration (they would fill the teacher's table for good), and a live
-    reader whose regions were forgotten that way registers again and loses nothing."""
-    monkeypatch.setattr(shared_memory, "REGION_IDLE_S", 1.0)
+    reader whose regions were forgotten that way registers again and loses nothing. (The server's
+    clock is moved past the idle limit, as sleeping would, and only between epochs: a live reader's
+    regions are never idle by accident on a loaded machine.)"""
+    clock = _Clock()
+    monkeypatch.setattr(shared_memory, "time", clock)
+    idle = shared_memory.REGION_IDLE_S + 1.0
     with running_server(PythonBackend(tag)) as endpoint:
         conf = write_config([endpoint], "shared_memory = on")
         killed = DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True)
@@ -343,14 +357,14 @@ def test_a_killed_readers_regions_are_forgotten_and_a_live_reader_registers_agai
         assert len(stale) == 2  # the pool and the output ring
         os.kill(killed._holder.pipeline._process.pid, signal.SIGKILL)  # no unregistering
         killed.close()
-        time.sleep(1.2)
+        clock.ahead += idle
         dr = DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True)
         dr.set_sample_list_generator(sample_list_reader(64, 8))
         with dr:
             check_epoch(list(dr.distill_reader()()), 64, 16)
             mine = set(regions(endpoint))
             assert len(mine) == 2 and not mine & stale
-            time.sleep(1.2)  # this reader's regions are idle now: another registration forgets them
+            clock.ahead += idle  # this reader's regions are idle now: another registration forgets them
             with triton_region(4096) as (key, _handle):
                 tc.InferenceServerClient(endpoint).register_system_shared_memory("other", key, 4096)
                 assert set(regions(endpoint)) == {"other"}

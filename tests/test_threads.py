@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
 import pytest
-from conftest import child_pids
+from conftest import child_pids, wait_for
 from reader_models import make_sample
 from test_reader import check_epoch, sample_list_reader
 
@@ -69,37 +70,68 @@ def test_stats_from_a_monitoring_thread_while_the_loop_iterates(write_config, ta
     assert dr.stats().samples == 6 * n
 
 
-def _blocking_reader(n: int, block_after: int, release: threading.Event, first_call_only: bool = False):
+def _blocking_reader(
+    n: int,
+    block_after: int,
+    release: threading.Event,
+    first_call_only: bool = False,
+    blocked: threading.Event | None = None,
+):
     """Yields samples 0..n-1, but waits for ``release`` after ``block_after`` of them (on the first
-    call only, with ``first_call_only``)."""
+    call only, with ``first_call_only``), setting ``blocked`` then."""
     calls = []
 
     def reader():
         calls.append(1)
         for i in range(n):
             if i == block_after and (len(calls) == 1 or not first_call_only):
+                if blocked is not None:
+                    blocked.set()
                 release.wait(60)
             yield make_sample(i)
 
     return reader
 
 
+def _waiting_in_the_reader(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked in a wait (``threading``'s: a condition, an event, a queue)
+    that the reader's code called."""
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None or (frame.f_code.co_filename, frame.f_code.co_name) != (threading.__file__, "wait"):
+        return False
+    while frame is not None:
+        if f"{os.sep}distill_reader{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def test_close_from_another_thread_while_the_loop_waits_for_the_reader(write_config, tag_teachers):
     """The loop waits for the user's reader; close() from another thread makes that wait raise at
     once; the reader then runs a later epoch whole."""
-    release = threading.Event()
+    release, blocked = threading.Event(), threading.Event()
     dr = DistillReader(write_config(tag_teachers), 4, 2, capacity=4, occupied_capacity=1, copy=True)
-    dr.set_sample_generator(_blocking_reader(40, 10, release, first_call_only=True))
+    dr.set_sample_generator(_blocking_reader(40, 10, release, first_call_only=True, blocked=blocked))
     before = child_pids()
     batches = dr.distill_reader()()
     first = [next(batches), next(batches)]  # 8 samples; the feeder then waits in the reader
     check_epoch(first, 8, 4)
-    closer = threading.Thread(target=lambda: (time.sleep(0.3), dr.close()))
+    loop, closed = threading.current_thread(), []
+
+    def close_once_the_loop_waits() -> None:
+        try:  # the feeder is stuck in the reader and the loop waits for the batch it cannot fill
+            wait_for(lambda: blocked.is_set() and _waiting_in_the_reader(loop), 30, "the loop waits", every=0.01)
+            closed.append("while the loop waited")
+        finally:
+            dr.close()
+
+    closer = threading.Thread(target=close_once_the_loop_waits)
     closer.start()
     with pytest.raises(DistillReaderError, match="the reader was closed"):
         next(batches)
     closer.join(30)
     assert not closer.is_alive()
+    assert closed == ["while the loop waited"]
     assert child_pids() == before  # close() stopped the pipeline process
     release.set()
     with dr:
@@ -113,11 +145,14 @@ def test_close_from_another_thread_while_the_loop_waits_for_a_teacher(write_conf
     dr = DistillReader(write_config([endpoint]), 4, 2, capacity=3, occupied_capacity=0)
     dr.set_sample_generator(lambda: (make_sample(i) for i in range(40)))
 
+    closed = []
+
     def close_once_a_request_is_in_flight() -> None:
-        deadline = time.monotonic() + 60
-        while not any(t.in_flight for t in dr.stats().teachers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        dr.close()
+        try:
+            wait_for(lambda: any(t.in_flight for t in dr.stats().teachers), 60, "a request in flight", every=0.05)
+            closed.append("with a request in flight")
+        finally:
+            dr.close()
 
     closer = threading.Thread(target=close_once_a_request_is_in_flight)
     closer.start()
@@ -125,6 +160,7 @@ def test_close_from_another_thread_while_the_loop_waits_for_a_teacher(write_conf
         list(dr.distill_reader()())
     closer.join(30)
     assert not closer.is_alive()
+    assert closed == ["with a request in flight"]
 
 
 def test_a_new_epoch_from_another_thread_stops_the_one_being_iterated(write_config, tag_teachers, caplog):
@@ -146,10 +182,13 @@ def test_a_new_epoch_from_another_thread_stops_the_one_being_iterated(write_conf
     with dr, caplog.at_level(logging.WARNING, logger="distill_reader"):
         thread = threading.Thread(target=first_epoch)
         thread.start()
-        deadline = time.monotonic() + 30
-        while dr.stats().batches < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
         try:
+            wait_for(
+                lambda: dr.stats().batches >= 2 and _waiting_in_the_reader(thread),
+                30,
+                "the first epoch's thread waiting for its third batch",
+                every=0.02,
+            )
             second = list(dr.distill_reader()())  # from this thread, while the first still runs
         finally:
             release.set()

@@ -7,6 +7,7 @@ The long versions are marked slow (``DISTILL_SLOW_TESTS=1``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -14,14 +15,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 
 import pytest
 from chaos_support import alive, fd_count, rss_bytes, slow
-from conftest import TESTS_DIR, child_pids, sigint_default_in_children
+from conftest import TESTS_DIR, child_pids, reader_shm, sigint_default_in_children
 from reader_models import make_sample
-from test_lifecycle import own_shm, wait_until
+from test_lifecycle import wait_until, watch_children
 from test_reader import check_epoch
 
 from distill_reader import DistillReader, ReaderFunctionError
@@ -124,7 +124,16 @@ def test_reader_function_failing_at_random_moments(write_config, tag_teachers):
 
 def _create_and_drop(config, rounds: int, seed: int) -> None:
     rng = random.Random(seed)
-    before_children, before_shm = child_pids(), own_shm(os.getpid())
+    # What a reader can leave in /dev/shm carries the pid of this process or of a pipeline process
+    # (see reader_shm): each reader's pipeline process is noted while its first batch is out.
+    pipelines: set[int] = set()
+    before_children, before_shm = child_pids(), reader_shm({os.getpid()})
+
+    def first(batches):
+        batch = next(batches)
+        pipelines.update(child_pids() - before_children)
+        return batch
+
     before = None
     for round_ in range(rounds):
         if round_ == 3:
@@ -133,25 +142,31 @@ def _create_and_drop(config, rounds: int, seed: int) -> None:
         dr.set_sample_generator(lambda: (make_sample(i) for i in range(N)))
         how = rng.choice(["close", "drop", "with", "drop-mid-epoch", "never-started"])
         if how == "close":
-            next(iter(dr.distill_reader()()))
+            first(iter(dr.distill_reader()()))
             dr.close()
         elif how == "drop":
-            check_epoch([[a.copy() for a in b] for b in dr.distill_reader()()], N, 8)
-            del dr
+            batches = dr.distill_reader()()
+            got = [[a.copy() for a in first(batches)]]
+            check_epoch(got + [[a.copy() for a in b] for b in batches], N, 8)
+            del dr, batches
         elif how == "with":
             with dr:
-                for step, _ in enumerate(dr.distill_reader()()):
+                batches = dr.distill_reader()()
+                first(batches)
+                for step, _ in enumerate(batches, 1):
                     if step == 2:
                         break
+                del batches
         elif how == "drop-mid-epoch":
             batches = dr.distill_reader()()
-            next(batches)
+            first(batches)
             del dr, batches
         else:
             del dr
         gc.collect()
         assert child_pids() == before_children, (round_, how, child_pids() - before_children)
-        assert own_shm(os.getpid()) == before_shm, how
+        assert reader_shm({os.getpid(), *pipelines}) == before_shm, (round_, how)
+    assert pipelines, "no pipeline process was seen"
     _assert_flat(before, _resources())
 
 
@@ -202,10 +217,13 @@ def _marked(token: str) -> set[int]:
     return found
 
 
-def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_stream: bool) -> tuple[float, float, int]:
+def _signal_at_random_moment(
+    tmp_path, config, sig: int, seed: int, wait_for_stream: bool
+) -> tuple[float, float, set[int]]:
     """Run a training script, signal it at a random moment, wait (bounded, else fail) until it has
     exited by the signal and no process of it is left; (seconds to exit, seconds until no process of
-    it is left, both from the signal; its pid)."""
+    it is left, both from the signal; the pids of the script and of every process it was seen to
+    start: what it leaves in /dev/shm carries one of them, see reader_shm)."""
     rng = random.Random(seed)
     token = uuid.uuid4().hex
     script = tmp_path / f"train{seed}.py"
@@ -220,16 +238,23 @@ def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_str
             env={**os.environ, "DISTILL_TORTURE_TOKEN": token},
         )
     where = f"{signal.Signals(sig).name}, seed {seed}, {'streaming' if wait_for_stream else 'starting'}"
+    seen = {process.pid}
+
+    def none_left() -> bool:
+        left = _marked(token)
+        seen.update(left)
+        return not left
+
     try:
         if wait_for_stream:  # a random moment of streaming, breaking and restarting epochs
             assert process.stdout.readline().startswith("STREAMING"), process.stderr.read()
-            time.sleep(rng.uniform(0.0, 1.0))
+            watch_children(process.pid, rng.uniform(0.0, 1.0), seen)
         else:  # a random moment of start-up: imports, the pool, the pipeline process starting
-            time.sleep(rng.uniform(0.0, 1.5))
+            watch_children(process.pid, rng.uniform(0.0, 1.5), seen)
         os.kill(process.pid, sig)
         exited = wait_until(lambda: process.poll() is not None, f"the training script did not exit ({where})")
         outlived = f"a process of the training script outlived it ({where})"
-        gone = exited + wait_until(lambda: not _marked(token), outlived)
+        gone = exited + wait_until(none_left, outlived)
     finally:
         process.kill()
         process.wait()
@@ -238,7 +263,9 @@ def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_str
     # By the signal itself: SIGTERM has no handler, and Python ends an uncaught KeyboardInterrupt
     # by re-raising SIGINT.
     assert process.returncode == -sig, (where, process.returncode, process.stderr.read()[-2000:])
-    return exited, gone, process.pid
+    if wait_for_stream:
+        assert len(seen) > 1, f"the streaming script's pipeline process was not seen ({where})"
+    return exited, gone, seen
 
 
 @pytest.mark.parametrize(
@@ -246,9 +273,9 @@ def _signal_at_random_moment(tmp_path, config, sig: int, seed: int, wait_for_str
     [(signal.SIGINT, 10, True), (signal.SIGTERM, 11, True), (signal.SIGINT, 12, False), (signal.SIGTERM, 13, False)],
 )
 def test_signal_at_a_random_moment_stops_everything(tmp_path, write_config, tag_teachers, sig, seed, streaming):
-    exited, gone, pid = _signal_at_random_moment(tmp_path, write_config(tag_teachers), sig, seed, streaming)
+    exited, gone, pids = _signal_at_random_moment(tmp_path, write_config(tag_teachers), sig, seed, streaming)
     print(f"\n{signal.Signals(sig).name}: exited after {exited:.2f} s, no process left after {gone:.2f} s")
-    assert not own_shm(pid)
+    assert not reader_shm(pids)
 
 
 @slow
@@ -258,9 +285,9 @@ def test_signals_at_hundreds_of_random_moments(tmp_path, write_config, tag_teach
     worst = (0.0, 0.0)
     for seed in range(100):
         sig = random.Random(seed).choice([signal.SIGINT, signal.SIGTERM])
-        exited, gone, pid = _signal_at_random_moment(tmp_path, config, sig, seed, streaming := seed % 2 == 0)
+        exited, gone, pids = _signal_at_random_moment(tmp_path, config, sig, seed, streaming := seed % 2 == 0)
         if streaming or sig == signal.SIGINT:
-            assert not own_shm(pid), (seed, sig, streaming)
+            assert not reader_shm(pids), (seed, sig, streaming)
         worst = (max(worst[0], exited), max(worst[1], gone))
     print(f"\nworst: exited after {worst[0]:.2f} s, no process left after {worst[1]:.2f} s")
 
@@ -271,17 +298,33 @@ def test_sigterm_while_the_pipeline_process_starts_leaves_no_shared_memory(tmp_p
     at once) at any moment of the pipeline's start leaves nothing in /dev/shm."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(TESTS_DIR), config=str(write_config(tag_teachers)), seed=0))
+    token = uuid.uuid4().hex
     process = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        [sys.executable, str(script)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "DISTILL_TORTURE_TOKEN": token},
     )
+    seen = {process.pid}
+
+    def none_left() -> bool:
+        left = _marked(token)
+        seen.update(left)
+        return not left
+
     try:
-        time.sleep(delay)
+        watch_children(process.pid, delay, seen)
         os.kill(process.pid, signal.SIGTERM)
         wait_until(lambda: process.poll() is not None, f"the training script did not exit on SIGTERM after {delay} s")
-        left = own_shm(process.pid)
+        wait_until(none_left, f"a process of the training script outlived it (SIGTERM after {delay} s)")
+        left = reader_shm(seen)
     finally:
         process.kill()
         process.wait()
-        for name in own_shm(process.pid):
-            os.unlink(os.path.join("/dev/shm", name))
-    assert not left
+        for pid in _marked(token):
+            os.kill(pid, signal.SIGKILL)
+        for name in reader_shm(seen):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join("/dev/shm", name))
+    assert not left, (left, seen)

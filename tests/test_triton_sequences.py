@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from external_support import ExternalServer, session_pids, start_triton_sequences, venv_python
+from external_support import ExternalServer, require_venv, session_pids, start_triton_sequences
 from serving_models import assert_topk, dense_topk, seq_logits
 
 from distill_reader.bench.sequence import sequence_config
@@ -23,9 +23,7 @@ TEMPERATURE = 2.0
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExternalServer]:
-    python = venv_python("pytriton-venv", "pytriton.triton")
-    if python is None:
-        pytest.skip("build/teachers/pytriton-venv missing or broken: run scripts/external-teachers.sh")
+    python = require_venv("pytriton-venv", "pytriton.triton")
     options = ("--topk", str(K), "--topk-dtype", "float16", "--temperature", str(TEMPERATURE))
     started = start_triton_sequences(python, tmp_path_factory.mktemp("triton-seq"), "seq", *options)
     try:

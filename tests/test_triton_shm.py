@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import shm_files
-from external_support import ExternalServer, session_pids, start_triton_tag, venv_python
+from external_support import ExternalServer, require_venv, session_pids, start_triton_tag
 from test_reader import check_epoch, sample_list_reader
 from test_shm_transport import regions
 
@@ -19,9 +19,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExternalServer]:
-    python = venv_python("pytriton-venv", "pytriton.triton")
-    if python is None:
-        pytest.skip("build/teachers/pytriton-venv missing or broken: run scripts/external-teachers.sh")
+    python = require_venv("pytriton-venv", "pytriton.triton")
     started = start_triton_tag(python, tmp_path_factory.mktemp("triton-shm"))
     try:
         started.wait_ready(90)
