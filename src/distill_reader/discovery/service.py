@@ -37,6 +37,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from distill_reader.discovery.balance import balance
+from distill_reader.discovery.fleet import REPORT_SECONDS, Fleet
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.stores.base import (
@@ -154,6 +155,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.server_id = server_id or uuid.uuid4().hex[:8]
         self.registry = registry or CollectorRegistry()
         self.metrics = _Metrics(self.registry)
+        #: the students' last reports (Report), for the status page and metrics
+        self.fleet = Fleet(self.registry)
         self._watchers: dict[str, dict[str, _Watcher]] = {}
         self._states: dict[str, ServiceState] = {}
         self._dirty: set[str | None] = set()
@@ -524,6 +527,24 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             log.warning("dropping student %s failed: %s", w.student, exc)
         self.mark_dirty(w.service)
         log.debug("student %s left %s", w.student, w.service)
+
+    async def Report(self, request: pb.StudentReport, context) -> pb.ReportResponse:
+        m = "Report"
+        try:
+            if request.service_name or not request.fixed:
+                check_service_name(request.service_name)
+            check_id(request.student_id, "student_id")
+            if request.instance_id:
+                check_id(request.instance_id, "instance_id")
+            if len(request.teachers) > _MAX_REQUIRE:
+                raise DiscoveryError(f"a report names at most {_MAX_REQUIRE} teachers")
+            for t in request.teachers:
+                check_hostport(t.endpoint, "teacher endpoint")
+        except DiscoveryError as exc:
+            await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.fleet.report(request)
+        self.metrics.rpcs.labels(m, "OK").inc()
+        return pb.ReportResponse(report_seconds=max(REPORT_SECONDS, self.keepalive))
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         m = "Status"

@@ -223,6 +223,7 @@ class _PipelineProcess:
                 list(config.discovery),
                 config.service_name or "",
                 config.require_num,
+                config.student_id,  # the id the training process reports under
                 security=ClientSecurity(config.token, config.tls),
             )
             self.scheduler.describe_source = session.describe

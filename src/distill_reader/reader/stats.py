@@ -73,6 +73,10 @@ class ReaderStats:
     teachers: tuple[TeacherStats, ...]
     pool_limited: bool = False
     suggested_capacity: int | None = None
+    #: of ``consumer_wait_seconds``, the time the loop waited for teacher outputs (reported to discovery)
+    teacher_wait_seconds: float = 0.0
+    #: tokens of the rows taken (variable-length rows: the first variable var the teacher is given)
+    tokens: int = 0
 
     def summary(self) -> str:
         teachers = ", ".join(
@@ -107,6 +111,8 @@ class StatsTracker:
         self.samples = 0
         self.batches = 0
         self.wait_seconds = 0.0
+        self.teacher_wait_seconds = 0.0
+        self.tokens = 0
         self.retries = 0
         self.teachers: tuple[TeacherStats, ...] = ()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -122,7 +128,9 @@ class StatsTracker:
         self._window_feeder_blocked = 0.0
         self._pool_check_pending = False
 
-    def batch(self, rows: int, wait: float, fill: float, teacher: float, teacher_wait: float = 0.0) -> bool:
+    def batch(
+        self, rows: int, wait: float, fill: float, teacher: float, teacher_wait: float = 0.0, tokens: int = 0
+    ) -> bool:
         """Count a yielded batch (``wait``: seconds the loop waited for it, ``teacher_wait`` of them
         for teacher outputs). True when the pipeline process's statistics are wanted: a summary is
         due, or the pool is suspected of limiting throughput (both judged with the next report)."""
@@ -131,6 +139,8 @@ class StatsTracker:
             self.samples += rows
             self.batches += 1
             self.wait_seconds += wait
+            self.teacher_wait_seconds += teacher_wait
+            self.tokens += tokens
             self._recent.append((now, self.samples))
             while self._recent and now - self._recent[0][0] > _RATE_WINDOW:
                 self._recent.popleft()
@@ -223,4 +233,6 @@ class StatsTracker:
                 self.teachers,
                 self.pool_limited,
                 self.suggested_capacity,
+                self.teacher_wait_seconds,
+                self.tokens,
             )
