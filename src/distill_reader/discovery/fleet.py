@@ -145,8 +145,8 @@ class Fleet:
             for st in svc["students"]:
                 st.update(_student_figures(reports.get(st["id"]), self._clock()))
         status["reports"] = (
-            "students report to the first discovery server of theirs that answers: this page shows "
-            "those reporting to this server"
+            "Students report to the first of their discovery servers that answers: this server shows "
+            "those reporting to it."
         )
         return status
 
