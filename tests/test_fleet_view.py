@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import threading
@@ -236,6 +237,14 @@ def test_students_figures_reach_status_json_and_metrics(write_config, teachers):
             learner.close()
             fixed.close()
         assert learner.error is None and fixed.error is None
+        # A teacher killed: its lease lapses (counted); one stopped: it deregisters (not counted).
+        teachers.kill(wrong)
+        lapses = "distill_discovery_teacher_lapses_total"
+        wait_for(lambda: series(metrics(base), lapses, service="tagger") == [1], 10, "the lapse counted")
+        teachers.kill(good, signal.SIGTERM)
+        wait_for(lambda: not status_json(base)["services"].get("tagger", {}).get("teachers"), 10, "teachers gone")
+        time.sleep(0.5)
+        assert series(metrics(base), lapses, service="tagger") == [1]
         # A student that left is no longer shown (its lease is gone).
         wait_for(
             lambda: (
