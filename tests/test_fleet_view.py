@@ -255,6 +255,36 @@ def test_students_figures_reach_status_json_and_metrics(write_config, teachers):
         )
 
 
+def test_store_hits_are_reported(write_config, teachers, tmp_path):
+    """A fixed-mode reader reading every row from a knowledge store reports them as store hits."""
+    from test_knowledge import store_config
+
+    with running(ServerThread(http="127.0.0.1:0")) as discovery:
+        base = f"http://{discovery.http_address}"
+        store = tmp_path / "store"
+        writer = DistillReader(store_config(write_config, [teachers.start()], store, "write"), 16, 4, 4, 1)
+        writer.set_sample_list_generator(sample_list_reader(400, 8))
+        with writer:
+            assert sum(len(b[0]) for b in writer.distill_reader()()) == 400
+        conf = store_config(write_config, [], store, "read").read_text()
+        conf = conf.replace("servers = []", f"servers = ['127.0.0.1:9']\nreport_to = {discovery.address}")
+        reader = DistillReader(write_config(text=conf), 16, 4, 4, 1)
+        reader.set_sample_list_generator(sample_list_reader(400, 8))
+        with reader:
+            assert sum(len(b[0]) for b in reader.distill_reader()()) == 400
+            assert reader.config.student_id
+            hits = wait_for(
+                lambda: (
+                    series(metrics(base), "distill_student_store_hits_total", student=reader.config.student_id) == [400]
+                ),
+                10,
+                "400 store hits",
+            )
+            assert hits
+            st = by_id(status_json(base)["services"][FIXED_SERVICE]["students"], "id", reader.config.student_id)
+            assert st["store_hits"] == 400 and st["rows"] == 400
+
+
 def _report(student: str, instance: str, rows: int, teacher_rows: int, **kw) -> pb.StudentReport:
     r = pb.StudentReport(service_name="svc", student_id=student, instance_id=instance, rows=rows, **kw)
     r.teachers.add(endpoint="127.0.0.1:9000", rows=teacher_rows, rows_per_s=10.0)

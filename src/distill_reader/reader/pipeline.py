@@ -335,7 +335,7 @@ class Pipeline:
                         handle_forwarded(message.to_record())
                     continue
                 if kind is StatsReport:
-                    self.stats.pipeline_report(message.teachers, message.retries)
+                    self.stats.pipeline_report(message.teachers, message.retries, message.store_hits)
                 with self._cond:
                     self._dispatch(message)
                     self._cond.notify_all()

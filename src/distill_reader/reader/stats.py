@@ -77,6 +77,8 @@ class ReaderStats:
     teacher_wait_seconds: float = 0.0
     #: tokens of the rows taken (variable-length rows: the first variable var the teacher is given)
     tokens: int = 0
+    #: rows read from the knowledge store (``[store]``) in this reader's pipeline process
+    store_hits: int = 0
 
     def summary(self) -> str:
         teachers = ", ".join(
@@ -113,6 +115,7 @@ class StatsTracker:
         self.wait_seconds = 0.0
         self.teacher_wait_seconds = 0.0
         self.tokens = 0
+        self.store_hits = 0
         self.retries = 0
         self.teachers: tuple[TeacherStats, ...] = ()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -182,12 +185,13 @@ class StatsTracker:
         self._window_start = now
         self._window_feeder_blocked = self._window_loop_waited = 0.0
 
-    def pipeline_report(self, teachers: list[TeacherStats], retries: int) -> None:
+    def pipeline_report(self, teachers: list[TeacherStats], retries: int, store_hits: int = 0) -> None:
         """The pipeline process's statistics arrived."""
         warning = None
         with self._lock:
             self.teachers = tuple(teachers)
             self.retries = retries
+            self.store_hits = store_hits
             log_summary, self._log_pending = self._log_pending, False
             if self._pool_check_pending:
                 self._pool_check_pending = False
@@ -235,4 +239,5 @@ class StatsTracker:
                 self.suggested_capacity,
                 self.teacher_wait_seconds,
                 self.tokens,
+                self.store_hits,
             )
