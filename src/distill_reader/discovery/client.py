@@ -399,8 +399,9 @@ class StudentReporter:
         self._thread.start()
         return self
 
-    def close(self, timeout: float = 3.0) -> None:
-        """Stop reporting (the server forgets the student once its last report is stale)."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop reporting (the server forgets the student once its last report is stale). Waits at
+        most ``timeout`` seconds: a report in flight may still go out after it."""
         self._stopping.set()
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None:
