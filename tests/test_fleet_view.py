@@ -167,6 +167,7 @@ def test_students_figures_reach_status_json_and_metrics(write_config, teachers):
         register = ("--register", discovery.address, "--service-name", "tagger")
         good = teachers.start("reader_models:slow_tag", *register)
         wrong = teachers.start("reader_models:tag_paddle_names", *register)
+        started = time.monotonic()
         learner = student(discover_config(write_config, discovery.address, require_num=2)).start()
         fixed = student(write_config([good], extra=f"report_to = {discovery.address}")).start()
         try:
@@ -233,6 +234,9 @@ def test_students_figures_reach_status_json_and_metrics(write_config, teachers):
             later = series(m2, "distill_teacher_rows_total", service="tagger", teacher=good, student=learner.id)[0]
             assert later > first  # the counter counts on
             assert series(m2, "distill_student_rows_total", service=FIXED_SERVICE, student=fixed.id)[0] > 0
+            # A report per student about once a second, not one per batch.
+            reports = series(m2, "distill_discovery_rpcs_total", method="Report", code="OK")[0]
+            assert 2 <= reports <= 2 * (time.monotonic() - started) * 1.5 + 4, reports
         finally:
             learner.close()
             fixed.close()
@@ -283,6 +287,21 @@ def test_store_hits_are_reported(write_config, teachers, tmp_path):
             assert hits
             st = by_id(status_json(base)["services"][FIXED_SERVICE]["students"], "id", reader.config.student_id)
             assert st["store_hits"] == 400 and st["rows"] == 400
+
+
+def test_a_long_wait_for_teachers_shows_while_it_lasts():
+    """A student stuck waiting (its teachers quarantined or gone) reports that it waits, not 0."""
+    from distill_reader.reader.stats import StatsTracker
+
+    stats = StatsTracker(60.0)
+    with stats.waiting_for_teachers(time.perf_counter()):
+        time.sleep(0.3)
+        during = stats.snapshot().teacher_wait_seconds
+        assert during >= 0.25
+    after = stats.snapshot().teacher_wait_seconds
+    assert after >= during  # monotone: the rates of the reports are differences
+    stats.batch(16, 0.3, 0.0, 0.3, 0.3)
+    assert stats.snapshot().teacher_wait_seconds == after
 
 
 def _report(student: str, instance: str, rows: int, teacher_rows: int, **kw) -> pb.StudentReport:

@@ -216,7 +216,8 @@ class DistillReader(ReaderSource):
                 if error is not None:
                     raise error
                 sealed_at = time.perf_counter()
-                teacher_seconds = pipeline.wait_done(epoch, item)
+                with self._stats.waiting_for_teachers(sealed_at):
+                    teacher_seconds = pipeline.wait_done(epoch, item)
                 done_at = time.perf_counter()
                 waited = done_at - waiting_since
                 tokens = 0

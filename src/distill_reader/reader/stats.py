@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from distill_reader.teacher.stats import TeacherStats
@@ -114,6 +116,7 @@ class StatsTracker:
         self.batches = 0
         self.wait_seconds = 0.0
         self.teacher_wait_seconds = 0.0
+        self._waiting_since: float | None = None  # perf_counter(): the loop waits for teacher outputs now
         self.tokens = 0
         self.store_hits = 0
         self.retries = 0
@@ -142,7 +145,6 @@ class StatsTracker:
             self.samples += rows
             self.batches += 1
             self.wait_seconds += wait
-            self.teacher_wait_seconds += teacher_wait
             self.tokens += tokens
             self._recent.append((now, self.samples))
             while self._recent and now - self._recent[0][0] > _RATE_WINDOW:
@@ -161,6 +163,19 @@ class StatsTracker:
                 file=sys.stderr,
             )
         return wanted
+
+    @contextlib.contextmanager
+    def waiting_for_teachers(self, since: float) -> Iterator[None]:
+        """The training loop waits for teacher outputs (since ``since``, a perf_counter time):
+        ``teacher_wait_seconds`` grows while it lasts, so that a long wait shows before it ends."""
+        with self._lock:
+            self._waiting_since = since
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.teacher_wait_seconds += time.perf_counter() - since
+                self._waiting_since = None
 
     def feeder_waited(self, seconds: float) -> None:
         """The feeder waited ``seconds`` for a free slot."""
@@ -237,7 +252,8 @@ class StatsTracker:
                 self.teachers,
                 self.pool_limited,
                 self.suggested_capacity,
-                self.teacher_wait_seconds,
+                self.teacher_wait_seconds
+                + (time.perf_counter() - self._waiting_since if self._waiting_since is not None else 0.0),
                 self.tokens,
                 self.store_hits,
             )
