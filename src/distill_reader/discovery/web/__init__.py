@@ -125,7 +125,8 @@ async def start_web(
     server: DiscoveryServer, host: str, port: int, token: Secret | None, tls: TlsFiles | None
 ) -> tuple[web.AppRunner, int]:
     """Serve the dashboard on ``host:port`` (HTTPS with ``tls``); the runner and the bound port."""
-    runner = web.AppRunner(make_app(server, token), access_log=None, handle_signals=False)
+    # shutdown_timeout: stopping waits that long at most for requests being answered.
+    runner = web.AppRunner(make_app(server, token), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context(tls) if tls else None, reuse_address=True)
