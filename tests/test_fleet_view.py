@@ -304,6 +304,18 @@ def test_a_long_wait_for_teachers_shows_while_it_lasts():
     assert stats.snapshot().teacher_wait_seconds == after
 
 
+def test_report_to_is_for_fixed_mode_and_checked(write_config):
+    from distill_reader.config import load_config
+    from distill_reader.errors import ConfigError
+
+    conf = load_config(write_config(["127.0.0.1:8001"], extra="report_to = 10.0.0.2:7400, 10.0.0.3:7400"))
+    assert conf.report_to == ("10.0.0.2:7400", "10.0.0.3:7400")
+    with pytest.raises(ConfigError, match=r"\[conf\] report_to: 'nowhere' is not a 'host:port'"):
+        load_config(write_config(["127.0.0.1:8001"], extra="report_to = nowhere"))
+    with pytest.raises(ConfigError, match=r"\[conf\] report_to: fixed mode only"):
+        load_config(discover_config(write_config, "127.0.0.1:7400", 1, extra="report_to = 127.0.0.1:7400"))
+
+
 def _report(student: str, instance: str, rows: int, teacher_rows: int, **kw) -> pb.StudentReport:
     r = pb.StudentReport(service_name="svc", student_id=student, instance_id=instance, rows=rows, **kw)
     r.teachers.add(endpoint="127.0.0.1:9000", rows=teacher_rows, rows_per_s=10.0)
