@@ -28,10 +28,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/distill demo
 
-# Redis and etcd servers are needed by the discovery tests (the tests start their own instances).
+# Redis and etcd servers are needed by the discovery tests (the tests start their own instances),
+# Chromium and chromedriver by the dashboard's browser test, promtool by the alert rules' test.
 test: venv
-	@command -v redis-server >/dev/null && command -v etcd >/dev/null || { \
-		echo "installing redis-server and etcd-server with apt-get (needs root or sudo)"; \
+	@command -v redis-server >/dev/null && command -v etcd >/dev/null && command -v chromium >/dev/null \
+		&& command -v chromedriver >/dev/null && command -v promtool >/dev/null || { \
+		echo "installing redis-server, etcd-server, chromium, chromium-driver and prometheus (promtool) with apt-get (needs root or sudo)"; \
 		bash scripts/install-services.sh; }
 	bash scripts/external-teachers.sh
 	$(VENV)/bin/ruff check src tests

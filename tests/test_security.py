@@ -173,10 +173,10 @@ def test_discovery_requires_the_token(caplog):
             stop.set()
             await keeper
             # Refusals are counted; the status page and metrics never show the token.
-            metrics = await asyncio.to_thread(http_get, f"http://{server.http_address}/metrics")
+            metrics = await asyncio.to_thread(http_get, f"http://{server.http_address}/metrics", TOKEN)
             assert re.search(r'distill_discovery_rpcs_total\{code="UNAUTHENTICATED",method="Status"\} 2\.0', metrics)
             for path in ("/", "/status.json", "/metrics"):
-                assert TOKEN not in await asyncio.to_thread(http_get, f"http://{server.http_address}{path}")
+                assert TOKEN not in await asyncio.to_thread(http_get, f"http://{server.http_address}{path}", TOKEN)
         finally:
             await server.stop()
 
@@ -186,8 +186,10 @@ def test_discovery_requires_the_token(caplog):
     assert TOKEN not in caplog.text and WRONG not in caplog.text
 
 
-def http_get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def http_get(url: str, token: str | None = None) -> str:
+    """GET ``url`` (with the token: the discovery pages need it when discovery has one)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=5) as resp:
         return resp.read().decode()
 
 

@@ -48,6 +48,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
         "tls_cert",
         "tls_key",
         "shared_memory",
+        "report_to",
     ),
     "feed": ("feed_vars", "feed_types", "feed_shapes", "predict_feed_ids"),
     "fetch": ("fetch_vars", "fetch_types", "fetch_shapes"),
@@ -99,6 +100,11 @@ class ReaderConfig:
     #: ``[conf] shared_memory``: ``auto`` (a teacher on this host that announces the OIP system
     #: shared-memory extension maps the pool), ``on`` (a teacher must), ``off`` (tensors over gRPC).
     shared_memory: str = "auto"
+    #: ``[conf] report_to``: fixed mode, the discovery servers to report this reader's figures to
+    #: (discover mode reports to its own discovery servers).
+    report_to: tuple[str, ...] = ()
+    #: the student's id with discovery and in its reports; set by DistillReader, not from the file
+    student_id: str | None = None
 
     @property
     def predict_feeds(self) -> tuple[TensorSpec, ...]:
@@ -312,6 +318,11 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         *(_conf_path(conf, key, path) if conf.has(key) else None for key in ("tls_ca", "tls_cert", "tls_key")),
         names=("[conf] tls_ca", "[conf] tls_cert", "[conf] tls_key"),
     )
+    report_to: tuple[str, ...] = ()
+    if conf.has("report_to"):
+        if mode != "fixed":
+            raise ConfigError("[conf] report_to: fixed mode only (discover mode reports to its discovery servers)")
+        report_to = tuple(parse_endpoint(h, "[conf] report_to") for h in conf.string("report_to").split(",") if h)
     shared_memory = conf.string("shared_memory") if conf.has("shared_memory") else "auto"
     if shared_memory not in SHARED_MEMORY_MODES:
         raise ConfigError(f"[conf] shared_memory: {shared_memory!r} is not one of {', '.join(SHARED_MEMORY_MODES)}")
@@ -331,6 +342,7 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         max_length=max_length,
         store=_store(parser, path, feeds),
         shared_memory=shared_memory,
+        report_to=report_to,
     )
 
 

@@ -1,4 +1,5 @@
-"""Clients of the discovery service: students (``StudentSession``) and teachers (``keep_registered``).
+"""Clients of the discovery service: students (``StudentSession``, ``StudentReporter``) and teachers
+(``keep_registered``).
 
 Neither raises for connectivity: both try the given discovery endpoints in turn and retry forever
 with backoff (capped at 2 s). They raise :class:`DiscoveryError` only for bad arguments, a
@@ -15,10 +16,12 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -355,3 +358,141 @@ async def fetch_status(
         raise DiscoveryError(f"discovery status failed: {exc.code().name}: {details}") from None
     finally:
         await rot.close()
+
+
+class StudentReporter:
+    """Sends a reader's figures to discovery about once a second (as often as the server asks),
+    from a daemon thread of its own: never per batch, and never in the training loop's way.
+
+    ``sample()`` returns the reader's :class:`~distill_reader.reader.stats.ReaderStats` (or None
+    while there is nothing to report); the rates are the differences between two samples. A server
+    without the Report RPC (UNIMPLEMENTED), or one refusing the token, ends the reporting with one
+    log line; an unreachable one is tried again at the next report, as are the other endpoints.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str] | str,
+        service_name: str | None,
+        student_id: str,
+        sample: Callable[[], Any],
+        *,
+        security: ClientSecurity | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.service_name = check_service_name(service_name) if service_name else ""
+        self.student_id = check_id(student_id, "student_id")
+        #: the reporting process's (a new one tells the server that the counts start again)
+        self.instance_id = check_id(instance_id, "instance_id") if instance_id else uuid.uuid4().hex
+        self.security = security or NO_SECURITY
+        self._sample = sample
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stopping = threading.Event()
+        #: reports the server accepted (for tests and troubleshooting)
+        self.sent = 0
+
+    def start(self) -> StudentReporter:
+        self._thread = threading.Thread(target=self._main, name="distill-reporter", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop reporting (the server forgets the student once its last report is stale). Waits at
+        most ``timeout`` seconds: a report in flight may still go out after it."""
+        self._stopping.set()
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already ended
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except Exception as exc:  # reporting must never hurt training
+            log.warning("reporting to discovery stopped: %s", exc)
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if self._stopping.is_set():
+            return
+        rot = _Rotating(self.endpoints, self.security)
+        period = 1.0
+        prev: tuple[float, Any] | None = None
+        try:
+            while not self._stop.is_set():
+                snap = await asyncio.to_thread(self._sample)
+                now = time.monotonic()
+                if snap is not None:
+                    request = self._report(prev, (now, snap))
+                    prev = (now, snap)
+                    try:
+                        resp = await rot.call("Report", request)
+                        self.sent += 1
+                        period = min(max(resp.report_seconds or period, 0.2), 60.0)
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() in _FATAL:
+                            log.warning(
+                                "discovery %s does not take this reader's figures (%s: %s); not reporting",
+                                rot.endpoints[rot.i],
+                                exc.code().name,
+                                exc.details(),
+                            )
+                            return
+                        log.debug("report to discovery failed: %s", exc.code().name)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), period)
+        finally:
+            await rot.close()
+
+    def _report(self, prev: tuple[float, Any] | None, cur: tuple[float, Any]) -> pb.StudentReport:
+        """The figures of the interval between two samples of ReaderStats (rates 0 for the first)."""
+        now, s = cur
+        dt = now - prev[0] if prev is not None else 0.0
+        p = prev[1] if prev is not None else None
+
+        def rate(new: float, old: float | None) -> float:
+            if dt <= 0 or old is None:
+                return 0.0
+            return max(new - old, 0.0) / dt if new >= old else new / dt
+
+        tokens = int(getattr(s, "tokens", 0))
+        teacher_wait = float(getattr(s, "teacher_wait_seconds", 0.0))
+        old_teachers = {t.endpoint: t for t in p.teachers} if p is not None else {}
+        report = pb.StudentReport(
+            service_name=self.service_name,
+            student_id=self.student_id,
+            instance_id=self.instance_id,
+            fixed=not self.service_name,
+            interval_seconds=dt,
+            rows=int(s.samples),
+            tokens=tokens,
+            rows_per_s=rate(s.samples, p.samples if p is not None else None),
+            tokens_per_s=rate(tokens, int(getattr(p, "tokens", 0)) if p is not None else None),
+            wait_fraction=min(
+                rate(teacher_wait, float(getattr(p, "teacher_wait_seconds", 0.0)) if p is not None else None), 1.0
+            ),
+            store_hits=int(getattr(s, "store_hits", 0)),
+        )
+        for t in s.teachers:
+            old = old_teachers.get(t.endpoint)
+            rows = int(getattr(t, "rows", 0))
+            report.teachers.add(
+                endpoint=t.endpoint,
+                rows=rows,
+                rows_per_s=rate(rows, int(getattr(old, "rows", 0)) if old is not None else (0 if p else None)),
+                has_latency=t.latency_ms_p50 is not None,
+                latency_p50_ms=t.latency_ms_p50 or 0.0,
+                latency_p99_ms=t.latency_ms_p99 or 0.0,
+                in_flight=t.in_flight,
+                quarantined=(t.quarantined or "")[:300],
+                healthy=t.healthy,
+                requests=t.requests,
+                failures=t.failures,
+            )
+        return report

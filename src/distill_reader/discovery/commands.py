@@ -149,7 +149,12 @@ def discovery() -> None:
 @discovery.command()
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="gRPC address, HOST:PORT (port 0: any).")
 @store_options()
-@click.option("--http", default=None, help="Also serve a status page, /status.json and /metrics on HOST:PORT.")
+@click.option(
+    "--http",
+    default=None,
+    help="Also serve a live dashboard (/), /status.json, /metrics and /healthz on HOST:PORT; all but /healthz "
+    "need the token with --token-file, and it is HTTPS with --tls-cert/--tls-key (docs/operations.md).",
+)
 @click.option("--ttl", default=DEFAULT_TTL_S, show_default=True, type=float, help="Lease TTL in seconds.")
 @click.option(
     "--keepalive",

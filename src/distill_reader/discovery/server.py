@@ -1,4 +1,4 @@
-"""Running the discovery service: the gRPC server, the HTTP status page and metrics, runners.
+"""Running the discovery service: the gRPC server, the HTTP dashboard and metrics, runners.
 
 ``serve()`` is what ``distill discovery serve`` runs; ``DiscoveryServer`` is the same thing as an
 object for embedding; ``running_server()`` runs one in a background thread for tests and demos.
@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
-import json
 import logging
 from collections.abc import Callable, Iterator
 
 import grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from distill_reader.discovery.fleet import HISTORY_STEP_S, REPORT_SECONDS
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.service import (
     DEFAULT_KEEPALIVE_S,
@@ -26,7 +24,8 @@ from distill_reader.discovery.service import (
     status_message,
 )
 from distill_reader.discovery.stores import open_store
-from distill_reader.discovery.stores.base import StoreSecurity, check_hostport
+from distill_reader.discovery.stores.base import ServiceState, StoreSecurity, check_hostport
+from distill_reader.discovery.web import start_web
 from distill_reader.errors import DiscoveryError
 from distill_reader.rpc import LoopThread, strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, is_loopback, warn_if_exposed
@@ -76,7 +75,8 @@ class DiscoveryServer:
         self._token, self._tls = token, tls
         self.service = DiscoveryService(self.store, ttl=ttl, keepalive=keepalive)
         self._grpc: grpc.aio.Server | None = None
-        self._http_server: asyncio.base_events.Server | None = None
+        self._http_runner = None  # aiohttp's AppRunner
+        self._history_task: asyncio.Task | None = None
         self.address = ""
         self.http_address: str | None = None
 
@@ -118,13 +118,13 @@ class DiscoveryServer:
         await self._grpc.start()
         if self._http:
             h, p = self._http.rsplit(":", 1)
-            self._http_server = await asyncio.start_server(self._handle_http, h.strip("[]"), int(p))
-            sock = self._http_server.sockets[0].getsockname()
-            self.http_address = f"{h}:{sock[1]}"
-            if not is_loopback(h):
+            self._http_runner, port = await start_web(self, h.strip("[]"), int(p), self._token, self._tls)
+            self.http_address = f"{h}:{port}"
+            self._history_task = asyncio.create_task(self._sample_history())
+            if not is_loopback(h) and self._token is None:
                 log.warning(
                     "the discovery status page on %s has no authentication (it shows endpoints and student "
-                    "ids, never tokens); keep it on 127.0.0.1 or behind a firewall",
+                    "ids, never tokens); keep it on 127.0.0.1 or behind a firewall, or give --token-file",
                     self.http_address,
                 )
         tls = "TLS" + (" with client certificates" if self._tls and self._tls.ca else "") if self._tls else "plaintext"
@@ -139,75 +139,44 @@ class DiscoveryServer:
 
     async def stop(self, grace: float = 0.5) -> None:
         """Stop serving: open streams end, then the background tasks and the store."""
-        if self._http_server:
-            self._http_server.close()
+        if self._history_task is not None:
+            self._history_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._history_task
+        if self._http_runner is not None:
             with contextlib.suppress(Exception):
-                await self._http_server.wait_closed()
+                await self._http_runner.cleanup()
         if self._grpc:
             await self._grpc.stop(grace)
         await self.service.stop()
         with contextlib.suppress(Exception):
             await self.store.close()
 
-    async def _status(self) -> dict:
-        names = await self.store.services()
-        return status_dict(
-            status_message([(n, await self.store.read(n)) for n in names], self.service.server_id, self.store.url)
-        )
+    async def _states(self) -> dict[str, ServiceState]:
+        return {n: await self.store.read(n) for n in await self.store.services()}
 
-    async def _handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A tiny HTTP/1.0 responder: three read-only pages do not justify a web framework.
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
-            status, ctype = "200 OK", "text/plain; charset=utf-8"
-            if path == "/metrics":
-                body, ctype = generate_latest(self.service.registry), CONTENT_TYPE_LATEST
-            elif path == "/status.json":
-                body, ctype = json.dumps(await self._status(), indent=1).encode(), "application/json"
-            elif path == "/healthz":
-                body = b"ok\n"
-            elif path == "/":
-                body, ctype = _page(await self._status()).encode(), "text/html; charset=utf-8"
-            else:
-                status, body = "404 Not Found", b"not found\n"
-            writer.write(
-                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except Exception as exc:  # a bad client must not hurt the server
-            log.debug("http request failed: %s", exc)
-        finally:
-            writer.close()
+    async def _status(self, states: dict[str, ServiceState] | None = None) -> dict:
+        if states is None:
+            states = await self._states()
+        return status_dict(status_message(list(states.items()), self.service.server_id, self.store.url))
 
+    async def status_with_figures(self) -> dict:
+        """``/status.json``: the Status RPC's answer plus the students' reported figures."""
+        states = await self._states()
+        status = self.service.fleet.add_figures(await self._status(states), states)
+        status["history"] = self.service.fleet.history()
+        status["report_seconds"] = max(REPORT_SECONDS, self.service.keepalive)
+        return status
 
-def _page(status: dict) -> str:
-    rows = []
-    for name, svc in sorted(status["services"].items()):
-        for t in svc["teachers"]:
-            rows.append(
-                f"<tr><td>{html.escape(name)}</td><td>teacher</td><td>{html.escape(t['endpoint'])}</td>"
-                f"<td>weight {t['weight']}, {'healthy' if t['healthy'] else 'NOT READY'}</td>"
-                f"<td>{html.escape(', '.join(t['students']))}</td></tr>"
-            )
-        for s in svc["students"]:
-            rows.append(
-                f"<tr><td>{html.escape(name)}</td><td>student</td><td>{html.escape(s['id'])}</td>"
-                f"<td>wants {s['require_num']}</td><td>{html.escape(', '.join(s['teachers']))}</td></tr>"
-            )
-    return (
-        "<!doctype html><title>distill discovery</title><h1>distill discovery</h1>"
-        f"<p>server {html.escape(status['server_id'])}, store {html.escape(status['store'])}; "
-        "<a href='/status.json'>JSON</a>, <a href='/metrics'>metrics</a></p>"
-        "<table border=1 cellpadding=4><tr><th>service</th><th>role</th><th>id</th><th></th><th>assigned</th></tr>"
-        + "".join(rows)
-        + "</table>"
-    )
+    async def _sample_history(self) -> None:
+        while True:
+            await asyncio.sleep(HISTORY_STEP_S)
+            try:
+                self.service.fleet.sample(await self._states())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # store trouble: the next point
+                log.debug("fleet history sample failed: %s", exc)
 
 
 async def serve(

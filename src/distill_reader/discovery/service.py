@@ -37,6 +37,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from distill_reader.discovery.balance import balance
+from distill_reader.discovery.fleet import REPORT_SECONDS, Fleet
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.stores.base import (
@@ -125,6 +126,12 @@ class _Metrics:
             "Students whose lease lapsed while their stream was open (joined again)",
             registry=registry,
         )
+        self.teacher_lapses = Counter(
+            "distill_discovery_teacher_lapses",
+            "Teacher leases kept through this server that ended without a keep-alive or a deregistration",
+            ["service"],
+            registry=registry,
+        )
         self.rpcs = Counter("distill_discovery_rpcs", "RPCs handled", ["method", "code"], registry=registry)
         self.reconcile = Histogram(
             "distill_discovery_reconcile_seconds",
@@ -154,6 +161,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.server_id = server_id or uuid.uuid4().hex[:8]
         self.registry = registry or CollectorRegistry()
         self.metrics = _Metrics(self.registry)
+        #: the students' last reports (Report), for the status page and metrics
+        self.fleet = Fleet(self.registry)
         self._watchers: dict[str, dict[str, _Watcher]] = {}
         self._states: dict[str, ServiceState] = {}
         self._dirty: set[str | None] = set()
@@ -163,6 +172,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         # (service, endpoint) -> when the lease of a teacher kept through this server ends, unless
         # kept again: the reconcile then runs at once, not when the store's expiry event comes.
         self._lease_ends: dict[tuple[str, str], float] = {}
+        # Those whose end passed: lapsed if the next reconcile does not find them (kept elsewhere).
+        # (A store's expiry may come later: they are watched for a few seconds.)
+        self._maybe_lapsed: dict[tuple[str, str], float] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -221,6 +233,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             ended = [key for key, end in self._lease_ends.items() if end <= now]
             for key in ended:
                 del self._lease_ends[key]
+                self._maybe_lapsed[key] = now + 5.0
                 self.mark_dirty(key[0])
 
     async def _reconcile_loop(self) -> None:
@@ -271,6 +284,12 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 break
             # Another server wrote first: read its result and check it against ours.
         state.assignment = new
+        for key, until in [(k, u) for k, u in self._maybe_lapsed.items() if k[0] == service]:
+            if key in self._lease_ends or read_at > until:  # kept again, here or elsewhere
+                del self._maybe_lapsed[key]
+            elif key[1] not in state.teachers:
+                del self._maybe_lapsed[key]
+                self.metrics.teacher_lapses.labels(service).inc()
         previous = self._states.get(service)
         self._states[service] = state
         self.metrics.reconcile.observe(time.perf_counter() - t0)
@@ -455,6 +474,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
         self._lease_ends.pop((service, endpoint), None)
+        self._maybe_lapsed.pop((service, endpoint), None)
         self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
         return pb.DeregisterTeacherResponse()
@@ -524,6 +544,24 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             log.warning("dropping student %s failed: %s", w.student, exc)
         self.mark_dirty(w.service)
         log.debug("student %s left %s", w.student, w.service)
+
+    async def Report(self, request: pb.StudentReport, context) -> pb.ReportResponse:
+        m = "Report"
+        try:
+            if request.service_name or not request.fixed:
+                check_service_name(request.service_name)
+            check_id(request.student_id, "student_id")
+            if request.instance_id:
+                check_id(request.instance_id, "instance_id")
+            if len(request.teachers) > _MAX_REQUIRE:
+                raise DiscoveryError(f"a report names at most {_MAX_REQUIRE} teachers")
+            for t in request.teachers:
+                check_hostport(t.endpoint, "teacher endpoint")
+        except DiscoveryError as exc:
+            await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.fleet.report(request)
+        self.metrics.rpcs.labels(m, "OK").inc()
+        return pb.ReportResponse(report_seconds=max(REPORT_SECONDS, self.keepalive))
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         m = "Status"

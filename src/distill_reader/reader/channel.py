@@ -118,6 +118,7 @@ class Fatal(NamedTuple):
 class StatsReport(NamedTuple):
     teachers: list[TeacherStats]
     retries: int  # requests sent again after a failure
+    store_hits: int = 0  # rows read from the knowledge store ([store])
 
 
 class LogMessage(NamedTuple):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -94,6 +96,11 @@ class DistillReader(ReaderSource):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name}: must be a number of seconds > 0, got {value!r}")
         self.config: ReaderConfig = load_config(conf_file)
+        if self.config.mode == "discover" or self.config.report_to:
+            from distill_reader.discovery.client import default_student_id
+
+            # One id for the reader's life: its registration and its reports to discovery.
+            self.config = dataclasses.replace(self.config, student_id=default_student_id())
         if self.config.store is not None:
             from distill_reader.knowledge.layout import open_store
 
@@ -118,6 +125,12 @@ class DistillReader(ReaderSource):
         self._stats = StatsTracker(
             float(log_interval),
             PoolShape(self.capacity, self.occupied_capacity, self.batch_size, self.d_batch_size, max_in_flight),
+        )
+        source = self.config.length_source  # its lengths are the batch's tokens
+        self._token_lengths = (
+            None
+            if source is None
+            else len(self.config.feeds) + len(self.config.fetches) + self.config.variable_feeds.index(source)
         )
         self._holder = _PipelineHolder()
         self._active: Epoch | None = None
@@ -168,6 +181,7 @@ class DistillReader(ReaderSource):
                 pipeline.abort(self._active)
             self._active = None
             self._holder.pipeline = None
+        self._holder.stop_reporter()
         if pipeline is not None:
             pipeline.close()
 
@@ -186,6 +200,8 @@ class DistillReader(ReaderSource):
             holder.close()
         if holder.pipeline is None:
             holder.pipeline = Pipeline(self.config, self._layout, self.d_batch_size, self._options, self._stats)
+        if holder.reporter is None and self.config.student_id is not None:
+            holder.start_reporter(self.config, self._stats)
         return holder.pipeline
 
     def _epoch(self, skip_rows: int = 0) -> Iterator[Batch]:
@@ -216,10 +232,16 @@ class DistillReader(ReaderSource):
                 if error is not None:
                     raise error
                 sealed_at = time.perf_counter()
-                teacher_seconds = pipeline.wait_done(epoch, item)
+                with self._stats.waiting_for_teachers(sealed_at):
+                    teacher_seconds = pipeline.wait_done(epoch, item)
                 done_at = time.perf_counter()
                 waited = done_at - waiting_since
-                if self._stats.batch(item.rows, waited, item.fill_seconds, teacher_seconds, done_at - sealed_at):
+                tokens = 0
+                if self._token_lengths is not None:
+                    tokens = int(pipeline.slots[item.slot][self._token_lengths][: item.rows].sum())
+                if self._stats.batch(
+                    item.rows, waited, item.fill_seconds, teacher_seconds, done_at - sealed_at, tokens
+                ):
                     pipeline.request_stats(wait=0)
                 views = batch_views(pipeline.slots[item.slot], item.rows, self._cuts)
                 batch = [v.copy() for v in views] if self.copy else views
@@ -267,8 +289,38 @@ class _PipelineHolder:
     """The reader's pipeline, reachable from its finalizer without keeping the reader alive."""
 
     pipeline: Pipeline | None = None
+    reporter = None  # a StudentReporter while the reader reports to discovery
+    instance_id = ""  # the reader's, in its reports: its counts go on across reporters
+
+    def start_reporter(self, config: ReaderConfig, stats: StatsTracker) -> None:
+        """Report the reader's figures to discovery (its own servers, or ``[conf] report_to``)."""
+        from distill_reader.discovery.client import StudentReporter
+        from distill_reader.security import ClientSecurity
+
+        def sample() -> ReaderStats:
+            pipeline = self.pipeline
+            if pipeline is not None:
+                pipeline.request_stats(wait=0.5)
+            return stats.snapshot()
+
+        assert config.student_id is not None
+        self.instance_id = self.instance_id or uuid.uuid4().hex
+        self.reporter = StudentReporter(
+            list(config.discovery or config.report_to),
+            config.service_name if config.mode == "discover" else None,
+            config.student_id,
+            sample,
+            security=ClientSecurity(config.token, config.tls),
+            instance_id=self.instance_id,
+        ).start()
+
+    def stop_reporter(self) -> None:
+        reporter, self.reporter = self.reporter, None
+        if reporter is not None:
+            reporter.close()
 
     def close(self) -> None:
+        self.stop_reporter()
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
             pipeline.close()

@@ -430,7 +430,7 @@ class Pipeline:
                     self._logs.dropped(message.count)
                     continue
                 if kind is StatsReport:
-                    self.stats.pipeline_report(message.teachers, message.retries)
+                    self.stats.pipeline_report(message.teachers, message.retries, message.store_hits)
                 with self._cond:
                     self._dispatch(message)
                     self._cond.notify_all()

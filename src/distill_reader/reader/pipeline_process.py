@@ -24,7 +24,7 @@ The messages (NamedTuples of :mod:`distill_reader.reader.channel`). Parent -> ch
   nothing is written into the pool for it afterwards, so it is answered at once (no teacher writes
   into the pool itself: over shared memory, answers go into an output ring, see docs/transports.md),
   or once the knowledge store's reads into slots (in threads, off the event loop) have ended;
-* ``StatsRequest()``, answered by ``StatsReport([TeacherStats], retries)``;
+* ``StatsRequest()``, answered by ``StatsReport([TeacherStats], retries, store_hits)``;
 * ``Stop()``.
 
 Child -> parent: ``Ready()``; ``SlotDone(epoch, slot, seconds_since_its_first_request)``;
@@ -315,6 +315,7 @@ class _PipelineProcess:
                 list(config.discovery),
                 config.service_name or "",
                 config.require_num,
+                config.student_id,  # the id the training process reports under
                 security=ClientSecurity(config.token, config.tls),
             )
             self.scheduler.describe_source = session.describe
@@ -426,7 +427,8 @@ class _PipelineProcess:
         return start
 
     def _on_stats_request(self, message: StatsRequest) -> None:
-        self.send(StatsReport(self.scheduler.stats(), self.scheduler.retries))
+        hits = self.knowledge.from_store if self.knowledge is not None else 0
+        self.send(StatsReport(self.scheduler.stats(), self.scheduler.retries, hits))
 
     def _on_cancel(self, message: Cancel) -> None:
         epoch = message.epoch

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from distill_reader.teacher.stats import TeacherStats
@@ -75,6 +77,12 @@ class ReaderStats:
     teachers: tuple[TeacherStats, ...]
     pool_limited: bool = False
     suggested_capacity: int | None = None
+    #: of ``consumer_wait_seconds``, the time the loop waited for teacher outputs (reported to discovery)
+    teacher_wait_seconds: float = 0.0
+    #: tokens of the rows taken (variable-length rows: the first variable var the teacher is given)
+    tokens: int = 0
+    #: rows read from the knowledge store (``[store]``) in this reader's pipeline process
+    store_hits: int = 0
 
     def summary(self) -> str:
         teachers = ", ".join(
@@ -109,6 +117,10 @@ class StatsTracker:
         self.samples = 0
         self.batches = 0
         self.wait_seconds = 0.0
+        self.teacher_wait_seconds = 0.0
+        self._waiting_since: float | None = None  # perf_counter(): the loop waits for teacher outputs now
+        self.tokens = 0
+        self.store_hits = 0
         self.retries = 0
         self.teachers: tuple[TeacherStats, ...] = ()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -124,7 +136,9 @@ class StatsTracker:
         self._window_feeder_blocked = 0.0
         self._pool_check_pending = False
 
-    def batch(self, rows: int, wait: float, fill: float, teacher: float, teacher_wait: float = 0.0) -> bool:
+    def batch(
+        self, rows: int, wait: float, fill: float, teacher: float, teacher_wait: float = 0.0, tokens: int = 0
+    ) -> bool:
         """Count a yielded batch (``wait``: seconds the loop waited for it, ``teacher_wait`` of them
         for teacher outputs). True when the pipeline process's statistics are wanted: a summary is
         due, or the pool is suspected of limiting throughput (both judged with the next report)."""
@@ -133,6 +147,7 @@ class StatsTracker:
             self.samples += rows
             self.batches += 1
             self.wait_seconds += wait
+            self.tokens += tokens
             self._recent.append((now, self.samples))
             while self._recent and now - self._recent[0][0] > _RATE_WINDOW:
                 self._recent.popleft()
@@ -150,6 +165,19 @@ class StatsTracker:
                 file=sys.stderr,
             )
         return wanted
+
+    @contextlib.contextmanager
+    def waiting_for_teachers(self, since: float) -> Iterator[None]:
+        """The training loop waits for teacher outputs (since ``since``, a perf_counter time):
+        ``teacher_wait_seconds`` grows while it lasts, so that a long wait shows before it ends."""
+        with self._lock:
+            self._waiting_since = since
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.teacher_wait_seconds += time.perf_counter() - since
+                self._waiting_since = None
 
     def feeder_waited(self, seconds: float) -> None:
         """The feeder waited ``seconds`` for a free slot."""
@@ -174,12 +202,13 @@ class StatsTracker:
         self._window_start = now
         self._window_feeder_blocked = self._window_loop_waited = 0.0
 
-    def pipeline_report(self, teachers: list[TeacherStats], retries: int) -> None:
+    def pipeline_report(self, teachers: list[TeacherStats], retries: int, store_hits: int = 0) -> None:
         """The pipeline process's statistics arrived."""
         warning = None
         with self._lock:
             self.teachers = tuple(teachers)
             self.retries = retries
+            self.store_hits = store_hits
             log_summary, self._log_pending = self._log_pending, False
             if self._pool_check_pending:
                 self._pool_check_pending = False
@@ -227,4 +256,8 @@ class StatsTracker:
                 self.teachers,
                 self.pool_limited,
                 self.suggested_capacity,
+                self.teacher_wait_seconds
+                + (time.perf_counter() - self._waiting_since if self._waiting_since is not None else 0.0),
+                self.tokens,
+                self.store_hits,
             )

@@ -150,6 +150,7 @@ class _Teacher:
         self.in_flight = 0
         self.requests = 0
         self.failed_requests = 0
+        self.rows = 0  # rows of its answers that were used
         self.latencies = LatencyWindow()
         self._nudge = asyncio.Event()
 
@@ -162,6 +163,7 @@ class _Teacher:
             self.failed_requests,
             *self.latencies.percentiles_ms(),
             quarantined=str(self.quarantined) if self.quarantined is not None else None,
+            rows=self.rows,
         )
 
     @property
@@ -473,6 +475,7 @@ class Scheduler:
         self._stalled_since = None
         if not self._live(item):
             return  # the epoch was cancelled while the request was in flight
+        teacher.rows += item.count
         if outputs is not None:  # None: the transport wrote them into the pool
             self._write(item, outputs)
         self._outstanding -= 1

@@ -22,6 +22,8 @@ class TeacherStats:
     latency_ms_p99: float | None
     #: why the teacher is quarantined (its metadata or answers do not fit the config), else None
     quarantined: str | None = None
+    #: rows it answered (and were used) since the reader took it
+    rows: int = 0
 
 
 class LatencyWindow:

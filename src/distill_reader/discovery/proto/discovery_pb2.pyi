@@ -153,3 +153,63 @@ class StatusResponse(_message.Message):
     server_id: str
     store: str
     def __init__(self, services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ..., server_id: _Optional[str] = ..., store: _Optional[str] = ...) -> None: ...
+
+class TeacherFigures(_message.Message):
+    __slots__ = ("endpoint", "rows_per_s", "rows", "has_latency", "latency_p50_ms", "latency_p99_ms", "in_flight", "quarantined", "healthy", "requests", "failures")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    HAS_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    rows_per_s: float
+    rows: int
+    has_latency: bool
+    latency_p50_ms: float
+    latency_p99_ms: float
+    in_flight: int
+    quarantined: str
+    healthy: bool
+    requests: int
+    failures: int
+    def __init__(self, endpoint: _Optional[str] = ..., rows_per_s: _Optional[float] = ..., rows: _Optional[int] = ..., has_latency: bool = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., in_flight: _Optional[int] = ..., quarantined: _Optional[str] = ..., healthy: bool = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
+
+class StudentReport(_message.Message):
+    __slots__ = ("service_name", "student_id", "instance_id", "interval_seconds", "rows_per_s", "tokens_per_s", "rows", "tokens", "wait_fraction", "teachers", "store_hits", "fixed")
+    SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    TEACHERS_FIELD_NUMBER: _ClassVar[int]
+    STORE_HITS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FIELD_NUMBER: _ClassVar[int]
+    service_name: str
+    student_id: str
+    instance_id: str
+    interval_seconds: float
+    rows_per_s: float
+    tokens_per_s: float
+    rows: int
+    tokens: int
+    wait_fraction: float
+    teachers: _containers.RepeatedCompositeFieldContainer[TeacherFigures]
+    store_hits: int
+    fixed: bool
+    def __init__(self, service_name: _Optional[str] = ..., student_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., interval_seconds: _Optional[float] = ..., rows_per_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., rows: _Optional[int] = ..., tokens: _Optional[int] = ..., wait_fraction: _Optional[float] = ..., teachers: _Optional[_Iterable[_Union[TeacherFigures, _Mapping]]] = ..., store_hits: _Optional[int] = ..., fixed: bool = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("report_seconds",)
+    REPORT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    report_seconds: float
+    def __init__(self, report_seconds: _Optional[float] = ...) -> None: ...

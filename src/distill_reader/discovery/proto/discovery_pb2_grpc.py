@@ -59,6 +59,11 @@ class DiscoveryStub(object):
                 request_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StatusRequest.SerializeToString,
                 response_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/distill_reader.discovery.Discovery/Report',
+                request_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StudentReport.SerializeToString,
+                response_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.ReportResponse.FromString,
+                _registered_method=True)
 
 
 class DiscoveryServicer(object):
@@ -100,6 +105,15 @@ class DiscoveryServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """A student's figures, sent about once per report_seconds (never per batch); the server keeps
+        the last one per student for its status page and metrics. Servers without it answer
+        UNIMPLEMENTED, and the student stops reporting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscoveryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +141,11 @@ def add_DiscoveryServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StatusRequest.FromString,
                     response_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StatusResponse.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StudentReport.FromString,
+                    response_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.ReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class Discovery(object):
             '/distill_reader.discovery.Discovery/Status',
             distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StatusRequest.SerializeToString,
             distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distill_reader.discovery.Discovery/Report',
+            distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.StudentReport.SerializeToString,
+            distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.ReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
