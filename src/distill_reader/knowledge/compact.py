@@ -27,13 +27,12 @@ A row of ``L`` positions is one byte string (an Arrow ``binary`` value)::
 
     mass    float32[L]   log of the top-k's probability mass
     step    float16[L]   nats per value code
-    bits    uint8[L]     w: bits per value code
-    low     uint8[L]     l: Elias-Fano low bits per id
-    size    uint16[L]    bytes of the position's payload
+    form    uint8[L]     28 * (index of w in 1, 2, ..., 8, 16) + l (l: Elias-Fano low bits per id, <= 27)
+    high    uint8[L]     bytes of the Elias-Fano high bits (K <= 512 keeps them below 256)
     payload, position after position:
       values: w // 8 byte planes of K bytes, then (w % 8)-bit codes packed 8 per (w % 8) bytes
       low:    the ids' low l bits, packed the same way
-      high:   the Elias-Fano high bits (little-endian bit order), the rest of ``size``
+      high:   the Elias-Fano high bits (little-endian bit order)
 
 Everything is vectorized over positions (numpy): :func:`encode` in the store's writer thread,
 :func:`decode` when stored rows are read into the pool.
@@ -48,9 +47,14 @@ CODEC = "topk-ef-q1"
 #: The promise: KL(teacher || decoded) per position, both renormalized over the top-k, in nats.
 KL_BOUND = 1e-3
 #: What the encoder aims at when it picks a position's bits (below the bound: float rounding).
-KL_TARGET = 8e-4
+KL_TARGET = 9.5e-4
 #: Bytes of a position's header.
-HEADER_BYTES = 10
+HEADER_BYTES = 8
+#: The largest K a compact store keeps (a position's high bits then fit the header's byte).
+MAX_K = 512
+#: The bits a value code may have (their index is kept in a position's ``form``).
+_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+_LOW_LIMIT = 28
 #: (bits, span in nats covered by the codes) tried in this order, fewest bytes first; ``None``: the
 #: position's whole range. The last two always meet the target (module doc).
 CANDIDATES: tuple[tuple[int, float | None], ...] = (
@@ -63,7 +67,6 @@ CANDIDATES: tuple[tuple[int, float | None], ...] = (
     (8, 20.0),
     (16, 40.0),
 )
-_MAX_PAYLOAD = 0xFFFF
 
 
 def values_bytes(w: int | np.ndarray, k: int) -> np.ndarray | int:
@@ -150,9 +153,8 @@ def encode_positions(values: np.ndarray, indices: np.ndarray) -> tuple[dict[str,
         fields = {
             "mass": np.zeros(0, np.float32),
             "step": np.zeros(0, np.float16),
-            "bits": empty,
-            "low": empty,
-            "size": np.zeros(0, np.uint16),
+            "form": empty,
+            "high": empty,
         }
         return fields, empty, np.zeros(0, np.int64)
     order = np.argsort(indices, axis=1, kind="stable")
@@ -188,7 +190,7 @@ def encode_positions(values: np.ndarray, indices: np.ndarray) -> tuple[dict[str,
     # Elias-Fano of the ids
     biggest = ids[:, -1]
     low = np.floor(np.log2(np.maximum((biggest + 1) / k, 1.0))).astype(np.int64)
-    low = np.minimum(low, 31)
+    low = np.minimum(low, _LOW_LIMIT - 1)
     # the float log2 may be off by one near powers of two: correct it exactly
     low = np.where((low > 0) & ((biggest + 1) < (k << low)), low - 1, low)
     high = ids >> low[:, None]
@@ -197,8 +199,8 @@ def encode_positions(values: np.ndarray, indices: np.ndarray) -> tuple[dict[str,
     vbytes = values_bytes(bits.astype(np.int64), k)
     lbytes = values_bytes(low, k)
     size = vbytes + lbytes + high_bytes
-    if (size > _MAX_PAYLOAD).any():
-        raise ValueError(f"compact top-k: a position of top-{k} needs {int(size.max())} bytes (at most {_MAX_PAYLOAD})")
+    if k > MAX_K or (high_bytes > 255).any():
+        raise ValueError(f"compact top-k keeps K <= {MAX_K}, not {k}")
     starts = np.zeros(n + 1, np.int64)
     np.cumsum(size, out=starts[1:])
     payload = np.zeros(int(starts[-1]), np.uint8)
@@ -219,7 +221,8 @@ def encode_positions(values: np.ndarray, indices: np.ndarray) -> tuple[dict[str,
     section = starts[:-1] + vbytes + lbytes
     byte_at = section[:, None] + (where >> 3)
     np.bitwise_or.at(payload, byte_at.ravel(), (1 << (where & 7)).astype(np.uint8).ravel())
-    fields = {"mass": mass, "step": step, "bits": bits, "low": low.astype(np.uint8), "size": size.astype(np.uint16)}
+    form = np.searchsorted(np.array(_BITS), bits) * _LOW_LIMIT + low
+    fields = {"mass": mass, "step": step, "form": form.astype(np.uint8), "high": high_bytes.astype(np.uint8)}
     return fields, payload, size
 
 
@@ -255,7 +258,7 @@ def encode_rows(values: np.ndarray, indices: np.ndarray, positions: np.ndarray) 
 
 
 #: (field, bytes per position before it in a row's header, dtype)
-_FIELDS = (("mass", 0, "<f4"), ("step", 4, "<f2"), ("bits", 6, "u1"), ("low", 7, "u1"), ("size", 8, "<u2"))
+_FIELDS = (("mass", 0, "<f4"), ("step", 4, "<f2"), ("form", 6, "u1"), ("high", 7, "u1"))
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -287,10 +290,20 @@ def decode_rows(
         width = np.dtype(dtype).itemsize
         raw = _gather(flat, base + at * length + j * width, width)
         fields[name] = np.ascontiguousarray(raw).view(dtype).reshape(total)
-    size = fields["size"].astype(np.int64)
+    form = fields["form"].astype(np.int64)
+    if (form >= len(_BITS) * _LOW_LIMIT).any():
+        raise ValueError("compact top-k: corrupt header")
+    fields["bits"] = np.array(_BITS)[form // _LOW_LIMIT]
+    fields["low"] = form % _LOW_LIMIT
+    size = values_bytes(fields["bits"], k) + values_bytes(fields["low"], k) + fields["high"].astype(np.int64)
+    fields["size"] = size
     pay = np.zeros(total + 1, np.int64)
     np.cumsum(size, out=pay[1:])
     start = base + HEADER_BYTES * length + (pay[:-1] - pay[first[row_of]])
+    offsets = np.asarray(offsets, np.int64)
+    ends = offsets[rows] + HEADER_BYTES * positions + (pay[first[1:]] - pay[first[:-1]])
+    if not np.array_equal(ends, offsets[rows + 1]):
+        raise ValueError("compact top-k: a row's size does not match its positions")
     return decode_positions(flat, start, fields, k)
 
 
@@ -301,7 +314,6 @@ def decode_positions(
     n = len(start)
     bits = fields["bits"].astype(np.int64)
     low = fields["low"].astype(np.int64)
-    size = fields["size"].astype(np.int64)
     codes = np.zeros((n, k), np.uint32)
     for w in np.unique(bits).tolist():
         chosen = np.flatnonzero(bits == w)
@@ -314,7 +326,7 @@ def decode_positions(
             continue
         chosen = np.flatnonzero(low == width)
         ids[chosen] = _unpack(_gather(flat, start[chosen] + vbytes[chosen], int(values_bytes(width, k))), width, k)
-    hbytes = size - vbytes - lbytes
+    hbytes = fields["high"].astype(np.int64)
     most = int(hbytes.max())
     hstart = start + vbytes + lbytes
     index = hstart[:, None] + np.arange(most)
