@@ -55,6 +55,23 @@ def zipf_lm(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"logits": zipf_logits(batch["tokens"])}
 
 
+_gpt2 = None
+
+
+@teacher_model(inputs=[("tokens", "int64", (-1,))], outputs=[("logits", "float32", (-1, 2048))])
+def tiny_gpt2(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tiny GPT-2 of ``llm_support`` (causal: padding at a row's end changes no real position)."""
+    global _gpt2
+    import torch
+    from llm_support import tiny_lm_dir
+    from transformers import AutoModelForCausalLM
+
+    if _gpt2 is None:
+        _gpt2 = AutoModelForCausalLM.from_pretrained(tiny_lm_dir(), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return {"logits": _gpt2(input_ids=torch.from_numpy(batch["tokens"])).logits.float().numpy()}
+
+
 def make_row(i: int) -> tuple[np.ndarray, np.ndarray]:
     length = 1 + (i * 7919) % MAX_LENGTH
     return (np.arange(length, dtype=np.int64) * 31 + i * 17) % 997 + 1, np.array([i], dtype=np.int64)
@@ -261,6 +278,35 @@ def test_captured_compact_reads_back_within_the_bound_with_no_teacher(write_conf
     field = table.schema.field("logits_topk")
     assert str(field.type) == "binary" and field.metadata[b"precision"] == b"compact"
     assert json.loads(field.metadata[b"vars"]) == ["logits_topk_values", "logits_topk_indices"]
+
+
+@pytest.mark.timeout(240)
+def test_real_distributions_of_a_gpt2_captured_compact(write_config, teachers, tmp_path):
+    """The tiny GPT-2's top-128 (2,048-token vocabulary) on text: captured compact, read back with
+    no teacher, every position within the bound of transformers' own top-128."""
+    from llm_support import reference_topk, require_llm, tiny_lm_dir, token_rows
+
+    require_llm()
+    rows = token_rows(tiny_lm_dir(), 24, 1, MAX_LENGTH, seed=5)
+    wanted = reference_topk(tiny_lm_dir(), rows, K)
+    endpoint = teachers.start("test_store_compact:tiny_gpt2", "--topk", str(K))
+    path = tmp_path / "store"
+    from distill_reader import DistillReader
+
+    for policy, servers in (("write", [endpoint]), ("read", NOWHERE)):
+        conf = compact_config(write_config, servers, path, policy)
+        # (the teacher's first request imports torch and loads the model)
+        dr = DistillReader(conf, 8, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60)
+        dr.set_sample_generator(lambda: ((row, np.array([i], dtype=np.int64)) for i, row in enumerate(rows)))
+        with dr:
+            batches = list(dr.distill_reader()())
+    for row_tokens, row_id, values, indices, lengths in batches:
+        for r in range(len(row_tokens)):
+            i = int(row_id[r, 0])
+            length = len(rows[i])
+            assert lengths[r] == length
+            want_values, want_ids = wanted[i]
+            check_within_bound(values[r, :length], indices[r, :length], want_values, want_ids)
 
 
 @pytest.mark.timeout(240)
