@@ -18,36 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distill_reader.bench.sequence import zipf_logits  # the bench's teacher: 128k vocabulary, Zipf-shaped
 from distill_reader.serving import teacher_model
 
 V = 131072  # the large vocabulary
 K = 128
 MAX_LENGTH = 24
-_MULTIPLIER = 0x9E3779B1 % V | 1  # odd: i -> i * m mod 2**17 is a permutation of the vocabulary
-
-
-def zipf_logits(tokens: np.ndarray) -> np.ndarray:
-    """Dense logits ``[rows, length, V]`` of a causal "language model" whose distribution at each
-    position depends on the row's tokens so far: Zipf-shaped (``-a * log(rank)``, ``a`` from 0.6,
-    nearly flat over the top 128, to 2.5, peaked), the ranks spread over the whole vocabulary by a
-    permutation (``rank = (id * m + shift) mod V``), small deterministic noise; one position in five
-    is rounded to multiples of 0.25 (exact ties, also across the top-128 cut)."""
-    tokens = np.asarray(tokens, np.int64)
-    rows, length = tokens.shape
-    state = np.cumsum(tokens * 2654435761 % 1000003, axis=1) % 1000003  # causal: the prefix decides
-    ids = np.arange(V, dtype=np.int64)
-    out = np.empty((rows, length, V), np.float32)
-    for r in range(rows):
-        for t in range(length):
-            s = int(state[r, t])
-            a = 0.6 + 1.9 * ((s * 7919) % 1000) / 1000
-            rank = (ids * _MULTIPLIER + s * 104729) % V + 1
-            noise = ((ids * 40503 + s) % 65521) / 65521.0 - 0.5
-            logits = -a * np.log(rank) + 0.3 * noise
-            if s % 5 == 0:
-                logits = np.round(logits * 4) / 4
-            out[r, t] = logits
-    return out
 
 
 @teacher_model(inputs=[("tokens", "int64", (-1,))], outputs=[("logits", "float32", (-1, V))])

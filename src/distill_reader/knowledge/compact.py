@@ -345,8 +345,9 @@ def decode_positions(
     if int(bits.max()) <= 8:
         codes = codes.astype(np.uint8)  # a stable sort of bytes is a radix sort
     order = np.argsort(codes, axis=1, kind="stable")  # equal codes: ascending id (ids are sorted)
-    codes = np.take_along_axis(codes, order, axis=1)
-    ids = np.take_along_axis(ids, order, axis=1)
+    order += (np.arange(n) * k)[:, None]
+    codes = codes.ravel()[order]
+    ids = ids.ravel()[order]
     x = codes.astype(np.float32) * fields["step"].astype(np.float32)[:, None]
     # x[:, 0] is 0 (the largest entry's code): the log-sum-exp needs no shift
     lse = np.log(np.exp(-x).sum(axis=1, dtype=np.float32))
