@@ -338,6 +338,8 @@ def test_compact_needs_a_topk_pair(write_config, tmp_path):
     conf = write_config(text=f"{text}\n[store]\npath = {tmp_path / 's'}\npolicy = write\nprecision = compact\n")
     with pytest.raises(StoreError, match=r"precision = compact .* needs a pair of fetch vars X_topk_values"):
         DistillReader(conf, 8, 4, 4, 1)
+    with pytest.raises(StoreError, match=r"precision = compact keeps top-k knowledge of K <= 512; .* K = 600"):
+        DistillReader(compact_config(write_config, NOWHERE, tmp_path / "k600", "write", k=600), 8, 4, 4, 1)
     conf = write_config(text=f"{text}\n[store]\npath = s\npolicy = write\nprecision = small\n")
     unknown = r"\[store\] precision: unknown precision 'small'; expected one of exact, compact"
     with pytest.raises(ConfigError, match=unknown):

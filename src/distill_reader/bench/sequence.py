@@ -259,7 +259,7 @@ def compact_rows(sizes: Sizes, progress: Progress) -> list[Row]:
     """The compact top-k figures (module doc) on the bench's teacher, and on ``DISTILL_BENCH_LM``."""
     from distill_reader.knowledge.compact import KL_BOUND
 
-    tokens = 128 if sizes.quick else 1024
+    tokens = 128 if sizes.quick else 512
     sources = [("Zipf teacher", lambda: zipf_logits(np.arange(tokens, dtype=np.int64)[None] * 7 + 1)[0])]
     if os.environ.get("DISTILL_BENCH_LM"):
         directory = os.environ["DISTILL_BENCH_LM"]

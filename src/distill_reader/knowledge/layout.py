@@ -222,6 +222,15 @@ def open_store(config: ReaderConfig) -> None:
             "X_topk_values (floating point) and X_topk_indices (integer) of the same shape, (..., K); "
             f"the fetch vars are {', '.join(spec.name for spec in config.fetches)} (use precision = exact)"
         )
+    if precision_of(wanted) == "compact":
+        from distill_reader.knowledge.compact import MAX_K
+
+        too_big = [config.fetches[j].name for j in compact_pairs(config.fetches) if config.fetches[j].shape[-1] > MAX_K]
+        if too_big:
+            raise StoreError(
+                f"[store] precision = compact keeps top-k knowledge of K <= {MAX_K}; {', '.join(too_big)} has "
+                f"K = {max(config.fetches[j].shape[-1] for j in compact_pairs(config.fetches))} (use precision = exact)"
+            )
     if store.policy != "read":
         try:
             created = not store.path.exists()
