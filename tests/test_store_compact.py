@@ -158,6 +158,19 @@ def test_a_corrupt_row_is_refused():
         decode(flat, offsets, np.array([3]), 32)  # the row holds 4 positions
 
 
+def test_rows_of_no_position_and_rows_read_out_of_order():
+    from distill_reader.knowledge.compact import decode, decode_rows, encode_rows
+
+    rng = np.random.default_rng(1)
+    values = np.sort(rng.normal(-5, 2, (5, 16)), axis=1)[:, ::-1].astype(np.float32)
+    ids = np.stack([rng.choice(100000, 16, replace=False) for _ in range(5)])
+    flat, offsets = encode_rows(values, ids, np.array([0, 2, 0, 3, 0]))
+    got_values, got_ids = decode_rows(flat, offsets, np.array([3, 2, 1]), np.array([3, 0, 2]), 16)
+    check_within_bound(got_values, got_ids, values[[2, 3, 4, 0, 1]], ids[[2, 3, 4, 0, 1]])
+    flat, offsets = encode_rows(values[:0], ids[:0], np.array([0, 0]))
+    assert len(flat) == 0 and decode(flat, offsets, np.array([0, 0]), 16)[0].shape == (0, 16)
+
+
 def large_vocabulary_topk(count: int, k: int = K) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of ``count`` positions of :func:`zipf_logits` (128k vocabulary, ids spread over it)."""
     tokens = np.arange(count, dtype=np.int64)[None, :] * 7 + 1

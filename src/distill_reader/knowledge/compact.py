@@ -7,7 +7,7 @@ sequence that Elias-Fano codes in about ``2 + log2(V / K)`` bits each) with each
 quantized independently:
 
 - **values**: ``x = max - log-prob`` (>= 0, nats below the position's largest) as an unsigned
-  ``w``-bit code ``round(x / step)``, saturated at ``2**w - 1``. ``w`` (1-8, or 16) and ``step``
+  ``w``-bit code ``round(x / step)``, saturated at ``2**w - 1``. ``w`` (3-8, or 16) and ``step``
   are chosen per position: the fewest bits whose decoded distribution is within :data:`KL_TARGET`
   of the teacher's, computed exactly at encoding (forward KL, teacher || decoded, both renormalized
   over the K). With ``w = 8`` and ``step <= 0.08`` every error is within ``step / 2`` and
@@ -34,8 +34,8 @@ A row of ``L`` positions is one byte string (an Arrow ``binary`` value)::
       low:    the ids' low l bits, packed the same way
       high:   the Elias-Fano high bits (little-endian bit order)
 
-Everything is vectorized over positions (numpy): :func:`encode` in the store's writer thread,
-:func:`decode` when stored rows are read into the pool.
+Everything is vectorized over positions (numpy): :func:`encode_rows` in the store's writer thread,
+:func:`decode_rows` when stored rows are read into the pool.
 """
 
 from __future__ import annotations
@@ -159,6 +159,8 @@ def encode_positions(values: np.ndarray, indices: np.ndarray) -> tuple[dict[str,
         return fields, empty, np.zeros(0, np.int64)
     order = np.argsort(indices, axis=1, kind="stable")
     ids = np.take_along_axis(indices, order, axis=1).astype(np.int64)
+    if (ids[:, 0] < 0).any():
+        raise ValueError("compact top-k: negative token ids")
     v = np.take_along_axis(values, order, axis=1).astype(np.float64)
     v = np.where(np.isnan(v), -np.inf, v)
     vmax = v.max(axis=1, keepdims=True)
@@ -233,6 +235,8 @@ def encode_rows(values: np.ndarray, indices: np.ndarray, positions: np.ndarray) 
     fields, payload, size = encode_positions(values, indices)
     positions = np.asarray(positions, np.int64)
     rows = len(positions)
+    if not len(size):  # rows of no position
+        return np.zeros(0, np.uint8), np.zeros(rows + 1, np.int64)
     first = np.zeros(rows + 1, np.int64)
     np.cumsum(positions, out=first[1:])
     pay = np.zeros(len(size) + 1, np.int64)
