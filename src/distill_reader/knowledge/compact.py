@@ -157,7 +157,7 @@ def encode_positions(values: np.ndarray, indices: np.ndarray) -> tuple[dict[str,
             "high": empty,
         }
         return fields, empty, np.zeros(0, np.int64)
-    order = np.argsort(indices, axis=1, kind="stable")
+    order = np.argsort(indices, axis=1)
     ids = np.take_along_axis(indices, order, axis=1).astype(np.int64)
     if (ids[:, 0] < 0).any():
         raise ValueError("compact top-k: negative token ids")
@@ -219,10 +219,14 @@ def encode_positions(values: np.ndarray, indices: np.ndarray) -> tuple[dict[str,
         packed = _pack(ids[rows] & ((1 << width) - 1), width)
         payload[(starts[rows] + vbytes[rows])[:, None] + np.arange(packed.shape[1])] = packed
     # high bits: bit (high_j + j) of the position's high section
-    where = high + np.arange(k)[None, :]
+    where = high + np.arange(k)[None, :]  # distinct and increasing within a position
+    most = int(high_bytes.max())
+    bitmap = np.zeros((n, most * 8), np.uint8)
+    bitmap[np.arange(n)[:, None], where] = 1
+    packed = np.packbits(bitmap, axis=1, bitorder="little")
     section = starts[:-1] + vbytes + lbytes
-    byte_at = section[:, None] + (where >> 3)
-    np.bitwise_or.at(payload, byte_at.ravel(), (1 << (where & 7)).astype(np.uint8).ravel())
+    inside = np.arange(most)[None, :] < high_bytes[:, None]
+    payload[(section[:, None] + np.arange(most))[inside]] = packed[inside]
     form = np.searchsorted(np.array(_BITS), bits) * _LOW_LIMIT + low
     fields = {"mass": mass, "step": step, "form": form.astype(np.uint8), "high": high_bytes.astype(np.uint8)}
     return fields, payload, size
