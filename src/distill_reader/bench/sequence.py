@@ -17,9 +17,11 @@ bytes per token exact (float32 values + int32 ids) and compact, KL(teacher || de
 (both renormalized: mean and max), the probability mass the top-k keeps, and the compact codec's
 decode (and encode) tokens/s, on the bench's own teacher: :func:`zipf_logits`, a 131,072-token
 vocabulary with Zipf-shaped distributions whose top ids are spread over the whole vocabulary (the
-worst case for the ids' coding). ``DISTILL_BENCH_LM=DIR`` (a transformers causal-LM directory with
-its ``tokenizer.json``, e.g. the tests' tiny GPT-2 under ``build/llm-models``) adds the same figures
-on that model's distributions over standard-library text.
+worst case for the ids' coding); and the tokens/s a reader with ``policy = read`` delivers
+from a compact store against an exact store of the same knowledge. ``DISTILL_BENCH_LM=DIR`` (a
+transformers causal-LM directory with its ``tokenizer.json``, e.g. the tests' tiny GPT-2 under
+``build/llm-models``) adds the same figures on that model's distributions over standard-library
+text.
 """
 
 from __future__ import annotations
@@ -265,6 +267,23 @@ def compact_rows(sizes: Sizes, progress: Progress) -> list[Row]:
         directory = os.environ["DISTILL_BENCH_LM"]
         sources.append((f"LM {Path(directory).name}", lambda: lm_logits(directory, tokens)))
     rows: list[Row] = []
+    progress("sequence: reading a compact and an exact store (policy = read)")
+    count, length = (64, 128) if sizes.quick else (256, 256)
+    exact = store_read_tokens_per_s("exact", count, length)
+    compact = store_read_tokens_per_s("compact", count, length)
+    rows.append(
+        Row(
+            "sequence",
+            f"read, policy = read, top-128, rows of {length} tokens: compact store "
+            f"({compact['bytes_per_token']:.0f} B/token) ÷ exact ({exact['bytes_per_token']:.0f} B/token)",
+            compact["tokens_per_s"],
+            exact["tokens_per_s"],
+            "tokens/s",
+            compact["tokens_per_s"] / exact["tokens_per_s"],
+            limit_label="the exact store",
+            details={"rows": count, "length": length, "exact": exact, "compact": compact},
+        )
+    )
     for name, make in sources:
         progress(f"sequence: compact top-k knowledge, {name}")
         logits = make()
@@ -317,6 +336,61 @@ def compact_rows(sizes: Sizes, progress: Progress) -> list[Row]:
                 ),
             ]
     return rows
+
+
+def store_read_tokens_per_s(precision: str, rows: int, length: int, k: int = 128, epochs: int = 3) -> dict[str, float]:
+    """Tokens/s a reader with ``policy = read`` delivers (best of ``epochs``; batches of 64 rows, no
+    teacher) from a store of ``precision`` holding ``rows`` rows of ``length`` tokens of top-``k``
+    knowledge (Zipf-shaped log-probs, ids spread over 131,072), written directly (as a capture
+    would); and the chunk's bytes per token."""
+    from distill_reader import DistillReader
+    from distill_reader.config import load_config
+    from distill_reader.knowledge.layout import (
+        ChunkNamer,
+        Rows,
+        fingerprint_rows,
+        open_store,
+        pairs_of,
+        schema_of,
+        store_manifest,
+        write_chunk,
+    )
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 30000, (rows, length)).astype(np.int64)
+    lengths = np.full(rows, length, np.int64)
+    positions = rows * length
+    logits = -rng.uniform(0.6, 2.5, (positions, 1)) * np.log(np.arange(1, k + 1))[None, :]
+    logits += rng.normal(0, 0.2, (positions, k))
+    values = (logits - np.logaddexp.reduce(logits, axis=1, keepdims=True) - 0.3).astype(np.float32)
+    shift = rng.integers(0, LARGE_VOCAB, (positions, 1))
+    ids = ((np.arange(k)[None, :] * _MULTIPLIER + shift) % LARGE_VOCAB).astype(np.int32)  # distinct, spread
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as directory:
+        path = Path(directory) / "store"
+        conf = Path(directory) / "store.conf"
+        text = sequence_config(["127.0.0.1:1"], length, k, values_dtype="float32")
+        conf.write_text(f"{text}\n[store]\npath = {path}\npolicy = write\nprecision = {precision}\n")
+        config = load_config(conf)
+        open_store(config)
+        manifest = store_manifest(config)
+        offsets = np.arange(rows + 1, dtype=np.int64) * length * k
+        stored = Rows(
+            np.arange(rows, dtype=np.int64),
+            fingerprint_rows([(tokens, lengths, config.feeds[0])], np.arange(rows)),
+            lengths,
+            [(values.ravel(), offsets), (ids.ravel(), offsets)],
+        ).compacted(config.fetches, pairs_of(manifest))
+        file = write_chunk(path, ChunkNamer(path).next(), stored.to_arrow(config.fetches, schema_of(manifest)))
+        conf.write_text(conf.read_text().replace("policy = write", "policy = read"))
+        reader = DistillReader(conf, 64, 16, capacity=4, occupied_capacity=1, teacher_timeout=1)
+        reader.set_sample_generator(lambda: ((tokens[i], np.array([i], np.int64)) for i in range(rows)))
+        best = 0.0
+        with reader:
+            for _ in range(epochs):
+                started = time.perf_counter()
+                count = sum(int(batch[-1].sum()) for batch in reader.distill_reader()())
+                best = max(best, count / (time.perf_counter() - started))
+        return {"tokens_per_s": best, "bytes_per_token": file.stat().st_size / positions}
 
 
 def sequence(sizes: Sizes, progress: Progress) -> list[Row]:
