@@ -28,6 +28,8 @@ from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 MODES = ("fixed", "discover")
 #: ``[store] policy``: see docs/store.md
 STORE_POLICIES = ("write", "read", "cache")
+#: ``[store] precision``: top-k knowledge kept as the teacher sent it, or compact (docs/store.md)
+STORE_PRECISIONS = ("exact", "compact")
 SHARED_MEMORY_MODES = ("auto", "on", "off")
 DEFAULT_MODEL_NAME = "teacher"
 #: Every section and key :func:`load_config` reads. Anything else is refused, so that a typo
@@ -52,7 +54,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "feed": ("feed_vars", "feed_types", "feed_shapes", "predict_feed_ids"),
     "fetch": ("fetch_vars", "fetch_types", "fetch_shapes"),
-    "store": ("path", "policy", "key_var"),
+    "store": ("path", "policy", "key_var", "precision"),
 }
 
 
@@ -66,6 +68,8 @@ class StoreConfig:
     policy: str
     #: the feed var whose value identifies a sample; None: its position in the epoch
     key_var: str | None = None
+    #: ``exact`` (the teacher's outputs as they are) or ``compact`` (top-k pairs quantized, docs/store.md)
+    precision: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -372,7 +376,12 @@ def _store(parser: configparser.ConfigParser, config_path: Path, feeds: Sequence
                 f"[store] key_var: {key_var!r} must hold one integer per sample (an integer feed var of shape () or "
                 f"(1,)); it is {spec.dtype.name} of shape {spec.shape}"
             )
-    return StoreConfig(folder if folder.is_absolute() else config_path.parent / folder, policy, key_var)
+    precision = section.string("precision") if section.has("precision") else "exact"
+    if precision not in STORE_PRECISIONS:
+        raise ConfigError(
+            f"[store] precision: unknown precision {precision!r}; expected one of {', '.join(STORE_PRECISIONS)}"
+        )
+    return StoreConfig(folder if folder.is_absolute() else config_path.parent / folder, policy, key_var, precision)
 
 
 def _max_length(

@@ -11,10 +11,23 @@ that capacity, with the rows grouped by length (the reader's default) and in inp
 (computed tokens ÷ real tokens, from the same grouping function on the same lengths), and the cost
 per token of top-k on the server (:func:`distill_reader.serving.topk.measure_topk`) and of
 decoding a top-k answer in the reader.
+
+Then compact top-k knowledge (``[store] precision = compact``, docs/store.md) at K = 8, 32, 128:
+bytes per token exact (float32 values + int32 ids) and compact, KL(teacher || decoded) per token
+(both renormalized: mean and max), the probability mass the top-k keeps, and the compact codec's
+decode (and encode) tokens/s, on the bench's own teacher: :func:`zipf_logits`, a 131,072-token
+vocabulary with Zipf-shaped distributions whose top ids are spread over the whole vocabulary (the
+worst case for the ids' coding); and the tokens/s a reader with ``policy = read`` delivers
+from a compact store against an exact store of the same knowledge. ``DISTILL_BENCH_LM=DIR`` (a
+transformers causal-LM directory with its ``tokenizer.json``, e.g. the tests' tiny GPT-2 under
+``build/llm-models``) adds the same figures on that model's distributions over standard-library
+text.
 """
 
 from __future__ import annotations
 
+import os
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +45,15 @@ D_BATCH = 16
 BATCH_SIZE = 256
 GPU = TeacherSpec(model="simulated_sequence_gpu", a_ms=2.0, b_ms=0.1, max_batch=D_BATCH)
 TARGET = 0.9
+
+
+def _capacity() -> float:
+    """Real tokens/s the 4 simulated teachers deliver at zero padding (the scenario's limit)."""
+    mean_tokens = D_BATCH * (MIN_LENGTH + MAX_LENGTH) / 2
+    return TEACHERS * mean_tokens / ((GPU.a_ms + GPU.b_ms * mean_tokens) / 1000.0)
+
+
+CAPACITY_TOKENS_PER_S = _capacity()
 
 _CONFIG = """\
 [conf]
@@ -155,6 +177,222 @@ def reader_decode_cost(k: int = SEQ_K, repeats: int = 200) -> float:
     return (time.perf_counter() - started) / repeats / lengths.sum()
 
 
+# -- compact top-k knowledge ----------------------------------------------------------------------
+
+COMPACT_KS = (8, 32, 128)
+LARGE_VOCAB = 131072
+_MULTIPLIER = 0x9E3779B1 % LARGE_VOCAB | 1  # odd: i -> i * m mod 2**17 permutes the vocabulary
+
+
+def zipf_logits(tokens: np.ndarray, vocab: int = LARGE_VOCAB) -> np.ndarray:
+    """Dense logits ``[rows, length, vocab]`` (``vocab`` a power of 2) of a causal "language model"
+    whose distribution at each position depends on the row's tokens so far: Zipf-shaped
+    (``-a * log(rank)``, ``a`` from 0.6, nearly flat over the top 128, to 2.5, peaked), the ranks
+    spread over the whole vocabulary by a permutation (``rank = (id * m + shift) mod vocab``),
+    small deterministic noise; one position in five rounded to multiples of 0.25 (exact ties)."""
+    tokens = np.asarray(tokens, np.int64)
+    rows, length = tokens.shape
+    state = np.cumsum(tokens * 2654435761 % 1000003, axis=1) % 1000003  # causal: the prefix decides
+    ids = np.arange(vocab, dtype=np.int64)
+    out = np.empty((rows, length, vocab), np.float32)
+    for r in range(rows):
+        for t in range(length):
+            s = int(state[r, t])
+            a = 0.6 + 1.9 * ((s * 7919) % 1000) / 1000
+            rank = (ids * _MULTIPLIER + s * 104729) % vocab + 1
+            noise = ((ids * 40503 + s) % 65521) / 65521.0 - 0.5
+            logits = -a * np.log(rank) + 0.3 * noise
+            if s % 5 == 0:
+                logits = np.round(logits * 4) / 4
+            out[r, t] = logits
+    return out
+
+
+def lm_logits(directory: str | Path, tokens: int) -> np.ndarray:
+    """Dense logits ``[tokens, V]`` of a transformers causal LM over standard-library text (rows
+    of 64 tokens)."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    ids = np.asarray(Tokenizer.from_file(str(Path(directory) / "tokenizer.json")).encode(text).ids, np.int64)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    rows = ids[: tokens // 64 * 64].reshape(-1, 64)
+    with torch.inference_mode():
+        return model(input_ids=torch.from_numpy(rows)).logits.float().numpy().reshape(-1, model.config.vocab_size)
+
+
+def compact_figures(logits: np.ndarray, k: int, row_tokens: int = 64, repeats: int = 5) -> dict[str, float]:
+    """Top-``k`` of each position of ``logits`` ``[T, V]`` (as ``distill teacher serve --topk``
+    publishes it) kept compact: bytes per token each way, KL per token, mass kept, tokens/s."""
+    from distill_reader.knowledge.compact import decode_rows, encode_rows, kl_renormalized
+    from distill_reader.serving.topk import topk
+
+    values, indices = topk(logits, k)
+    tokens = len(values)
+    positions = np.full(-(-tokens // row_tokens), row_tokens, np.int64)
+    positions[-1] = tokens - row_tokens * (len(positions) - 1)
+    # CPU seconds of this process (numpy runs on one core here): on a loaded machine the wall clock
+    # also counts the time other processes held the core
+    encode_s = decode_s = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        flat, offsets = encode_rows(values, indices, positions)
+        encode_s = min(encode_s, time.process_time() - started)
+        started = time.process_time()
+        got_values, got_ids = decode_rows(flat, offsets, np.arange(len(positions)), positions, k)
+        decode_s = min(decode_s, time.process_time() - started)
+    kl = kl_renormalized(values, indices, got_values, got_ids)
+    return {
+        "tokens": tokens,
+        "vocab": logits.shape[-1],
+        "exact_bytes": float(k * (4 + 4)),
+        "compact_bytes": len(flat) / tokens,
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "mass": float(np.exp(np.logaddexp.reduce(values.astype(np.float64), axis=1)).mean()),
+        "decode_tokens_per_s": tokens / decode_s,
+        "encode_tokens_per_s": tokens / encode_s,
+    }
+
+
+def compact_rows(sizes: Sizes, progress: Progress) -> list[Row]:
+    """The compact top-k figures (module doc) on the bench's teacher, and on ``DISTILL_BENCH_LM``."""
+    from distill_reader.knowledge.compact import KL_BOUND
+
+    tokens = 128 if sizes.quick else 512
+    sources = [("Zipf teacher", lambda: zipf_logits(np.arange(tokens, dtype=np.int64)[None] * 7 + 1)[0])]
+    if os.environ.get("DISTILL_BENCH_LM"):
+        directory = os.environ["DISTILL_BENCH_LM"]
+        sources.append((f"LM {Path(directory).name}", lambda: lm_logits(directory, tokens)))
+    rows: list[Row] = []
+    progress("sequence: reading a compact and an exact store (policy = read)")
+    count, length = (64, 128) if sizes.quick else (256, 256)
+    exact = store_read_tokens_per_s("exact", count, length)
+    compact = store_read_tokens_per_s("compact", count, length)
+    rows.append(
+        Row(
+            "sequence",
+            f"read, policy = read, top-128, rows of {length} tokens: compact store "
+            f"({compact['bytes_per_token']:.0f} B/token) ÷ exact ({exact['bytes_per_token']:.0f} B/token)",
+            compact["tokens_per_s"],
+            exact["tokens_per_s"],
+            "tokens/s",
+            compact["tokens_per_s"] / exact["tokens_per_s"],
+            limit_label="the exact store",
+            details={"rows": count, "length": length, "exact": exact, "compact": compact},
+        )
+    )
+    for name, make in sources:
+        progress(f"sequence: compact top-k knowledge, {name}")
+        logits = make()
+        for k in COMPACT_KS:
+            f = compact_figures(logits, k)
+            where = f"{name}, V = {f['vocab']:,}, top-{k}"
+            details = {key: value for key, value in f.items()}
+            goal = 300.0 if k == 128 else f["exact_bytes"]
+            rows += [
+                Row(
+                    "sequence",
+                    f"compact {where}: bytes per token",
+                    f["compact_bytes"],
+                    goal,
+                    "B",
+                    f["compact_bytes"] / goal,
+                    1.0 if k == 128 else None,
+                    at_most=True,
+                    limit_label="300 B (goal)" if k == 128 else f"exact: {f['exact_bytes']:.0f} B",
+                    details=details,
+                ),
+                Row(
+                    "sequence",
+                    f"compact {where}: KL per token, max (mean {f['kl_mean'] * 1e3:.2f} mnats)",
+                    f["kl_max"] * 1e3,
+                    KL_BOUND * 1e3,
+                    "mnats",
+                    f["kl_max"] / KL_BOUND,
+                    1.0,
+                    at_most=True,
+                    limit_label="the bound",
+                ),
+                Row(
+                    "sequence",
+                    f"compact {where}: probability mass the top-k keeps (mean)",
+                    f["mass"] * 100,
+                    100.0,
+                    "%",
+                    f["mass"],
+                    limit_label="the whole distribution",
+                ),
+                Row(
+                    "sequence",
+                    f"compact {where}: decode tokens/s, CPU time (encode {f['encode_tokens_per_s']:,.0f})",
+                    f["decode_tokens_per_s"],
+                    CAPACITY_TOKENS_PER_S,
+                    "tokens/s",
+                    f["decode_tokens_per_s"] / CAPACITY_TOKENS_PER_S,
+                    limit_label="the 4 simulated teachers' capacity",
+                ),
+            ]
+    return rows
+
+
+def store_read_tokens_per_s(precision: str, rows: int, length: int, k: int = 128, epochs: int = 3) -> dict[str, float]:
+    """Tokens/s a reader with ``policy = read`` delivers (best of ``epochs``; batches of 64 rows, no
+    teacher) from a store of ``precision`` holding ``rows`` rows of ``length`` tokens of top-``k``
+    knowledge (Zipf-shaped log-probs, ids spread over 131,072), written directly (as a capture
+    would); and the chunk's bytes per token."""
+    from distill_reader import DistillReader
+    from distill_reader.config import load_config
+    from distill_reader.knowledge.layout import (
+        ChunkNamer,
+        Rows,
+        fingerprint_rows,
+        open_store,
+        pairs_of,
+        schema_of,
+        store_manifest,
+        write_chunk,
+    )
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 30000, (rows, length)).astype(np.int64)
+    lengths = np.full(rows, length, np.int64)
+    positions = rows * length
+    logits = -rng.uniform(0.6, 2.5, (positions, 1)) * np.log(np.arange(1, k + 1))[None, :]
+    logits += rng.normal(0, 0.2, (positions, k))
+    values = (logits - np.logaddexp.reduce(logits, axis=1, keepdims=True) - 0.3).astype(np.float32)
+    shift = rng.integers(0, LARGE_VOCAB, (positions, 1))
+    ids = ((np.arange(k)[None, :] * _MULTIPLIER + shift) % LARGE_VOCAB).astype(np.int32)  # distinct, spread
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as directory:
+        path = Path(directory) / "store"
+        conf = Path(directory) / "store.conf"
+        text = sequence_config(["127.0.0.1:1"], length, k, values_dtype="float32")
+        conf.write_text(f"{text}\n[store]\npath = {path}\npolicy = write\nprecision = {precision}\n")
+        config = load_config(conf)
+        open_store(config)
+        manifest = store_manifest(config)
+        offsets = np.arange(rows + 1, dtype=np.int64) * length * k
+        stored = Rows(
+            np.arange(rows, dtype=np.int64),
+            fingerprint_rows([(tokens, lengths, config.feeds[0])], np.arange(rows)),
+            lengths,
+            [(values.ravel(), offsets), (ids.ravel(), offsets)],
+        ).compacted(config.fetches, pairs_of(manifest))
+        file = write_chunk(path, ChunkNamer(path).next(), stored.to_arrow(config.fetches, schema_of(manifest)))
+        conf.write_text(conf.read_text().replace("policy = write", "policy = read"))
+        reader = DistillReader(conf, 64, 16, capacity=4, occupied_capacity=1, teacher_timeout=1)
+        reader.set_sample_generator(lambda: ((tokens[i], np.array([i], np.int64)) for i in range(rows)))
+        best = 0.0
+        with reader:
+            for _ in range(epochs):
+                started = time.perf_counter()
+                count = sum(int(batch[-1].sum()) for batch in reader.distill_reader()())
+                best = max(best, count / (time.perf_counter() - started))
+        return {"tokens_per_s": best, "bytes_per_token": file.stat().st_size / positions}
+
+
 def sequence(sizes: Sizes, progress: Progress) -> list[Row]:
     """Real tokens/s ÷ the teachers' capacity at zero padding; padding, top-k costs per token."""
     from distill_reader.serving.topk import measure_topk
@@ -204,4 +442,4 @@ def sequence(sizes: Sizes, progress: Progress) -> list[Row]:
                 "sequence", label, seconds * 1e6, gpu_us, "µs", seconds * 1e6 / gpu_us, limit_label="GPU time per token"
             )
         )
-    return rows
+    return rows + compact_rows(sizes, progress)

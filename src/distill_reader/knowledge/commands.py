@@ -13,12 +13,15 @@ import numpy as np
 from distill_reader.errors import StoreError
 from distill_reader.knowledge.layout import (
     KEY,
+    Packed,
     Rows,
     chunk_files,
     chunk_manifest,
     differences,
     output_specs,
+    pairs_of,
     partial_files,
+    precision_of,
     read_chunk,
     row_shape,
     schema_of,
@@ -86,9 +89,14 @@ def verify(path: str | Path) -> tuple[StoreSummary, list[str]]:
         if any(batch.column(i).null_count for i in range(batch.num_columns)):
             problems.append(f"{where}: null values")
             continue
-        rows = Rows.from_arrow(batch, fetches)
+        rows = Rows.from_arrow(batch, fetches, pairs=pairs_of(manifest))
         for spec, output in zip(fetches, rows.outputs):
-            if isinstance(output, np.ndarray):
+            if isinstance(output, Packed):
+                problems.extend(
+                    f"{where}: {problem}" for problem in _check_packed(spec.name, output, rows.lengths, spec)
+                )
+                continue
+            if output is None or isinstance(output, np.ndarray):
                 continue
             _, offsets = output
             assert rows.lengths is not None
@@ -101,6 +109,17 @@ def verify(path: str | Path) -> tuple[StoreSummary, list[str]]:
     return summary, problems
 
 
+def _check_packed(name: str, packed: Packed, lengths: np.ndarray | None, spec) -> list[str]:
+    """Decode every row of a compact top-k pair: problems found (empty: none)."""
+    for start in range(0, len(packed.positions), 1024):
+        rows = np.arange(start, min(start + 1024, len(packed.positions)))
+        try:
+            packed.decode(rows)
+        except (ValueError, IndexError) as exc:
+            return [f"output {name!r}: compact rows {start}-{rows[-1]} do not decode: {exc}"]
+    return []
+
+
 def _print_summary(summary: StoreSummary) -> None:
     manifest = summary.manifest
 
@@ -111,6 +130,10 @@ def _print_summary(summary: StoreSummary) -> None:
     click.echo(f"rows:           {summary.keys:,} ({summary.rows:,} recorded, in {summary.chunks} chunk(s))")
     click.echo(f"bytes:          {summary.bytes:,} ({summary.bytes_per_row:,.1f} per row)")
     click.echo(f"key:            {manifest['key']}")
+    click.echo(
+        f"precision:      {precision_of(manifest)}"
+        + (f" (top-k pairs in codec {manifest.get('codec')})" if precision_of(manifest) != "exact" else "")
+    )
     click.echo(f"teacher model:  {manifest['teacher_model']}")
     click.echo(f"teacher inputs: {vars_text('inputs')}")
     click.echo(f"outputs:        {vars_text('outputs')}")

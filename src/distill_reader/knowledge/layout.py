@@ -45,6 +45,10 @@ from distill_reader.oip import TensorSpec
 
 FORMAT = "distill-reader knowledge store"
 VERSION = 1
+#: The version of a store with ``precision = compact`` (its top-k pairs are one compact column each:
+#: a version that does not know them refuses the store instead of misreading it).
+COMPACT_VERSION = 2
+TOPK_VALUES, TOPK_INDICES = "topk_values", "topk_indices"
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 KEY, FINGERPRINT, LENGTH = "_key", "_fingerprint", "_length"
@@ -61,18 +65,69 @@ def _describe(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "dtype": spec.dtype.name, "shape": list(spec.shape)}
 
 
-def manifest_of(config: ReaderConfig) -> dict[str, Any]:
-    """What identifies the rows a store may give this config: inputs, outputs, key, teacher model."""
+def manifest_of(config: ReaderConfig, precision: str | None = None) -> dict[str, Any]:
+    """What identifies the rows a store may give this config: inputs, outputs, key, teacher model
+    (and, for ``precision`` compact, which defaults to the config's, the precision and codec)."""
     store = config.store
     assert store is not None
-    return {
+    precision = precision or store.precision
+    manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if precision == "exact" else COMPACT_VERSION,
         "key": f"var {store.key_var}" if store.key_var else "position",
         "teacher_model": config.model_name,
         "inputs": [_describe(spec) for spec in config.predict_feeds],
         "outputs": [_describe(spec) for spec in config.fetches],
     }
+    if precision != "exact":
+        from distill_reader.knowledge.compact import CODEC
+
+        manifest["precision"] = precision
+        manifest["codec"] = CODEC
+    return manifest
+
+
+def precision_of(manifest: dict[str, Any]) -> str:
+    """``exact`` or ``compact``: how a store keeps its top-k knowledge (stores of version 1: exact)."""
+    return str(manifest.get("precision", "exact"))
+
+
+def compact_pairs(fetches: Sequence[TensorSpec]) -> dict[int, int]:
+    """The top-k pairs among ``fetches`` that a compact store keeps compact: ``{values var: indices
+    var}`` (indices into ``fetches``), for each ``X_topk_values`` (floating point) whose
+    ``X_topk_indices`` (integer) has the same shape, fixed last dimension K."""
+    by_name = {spec.name: j for j, spec in enumerate(fetches)}
+    pairs = {}
+    for j, spec in enumerate(fetches):
+        if not spec.name.endswith(TOPK_VALUES) or spec.dtype.kind != "f":
+            continue
+        i = by_name.get(spec.name[: -len(TOPK_VALUES)] + TOPK_INDICES)
+        if i is None:
+            continue
+        other = fetches[i]
+        if other.dtype.kind in "iu" and other.shape == spec.shape and spec.shape and spec.shape[-1] > 0:
+            pairs[j] = i
+    return pairs
+
+
+def compact_column(spec: TensorSpec) -> str:
+    """The column of a compact pair: ``X_topk`` for ``X_topk_values``."""
+    return spec.name[: -len("_values")]
+
+
+def store_manifest(config: ReaderConfig) -> dict[str, Any]:
+    """The manifest this config reads and writes its store with: the config's precision, except
+    that ``policy = read`` reads a store in the precision it was captured with."""
+    store = config.store
+    assert store is not None
+    if store.policy == "read":
+        try:
+            stored = read_manifest(store.path)
+        except StoreError:
+            stored = None  # no store: open_store says so
+        if stored is not None and precision_of(stored) != store.precision:
+            return manifest_of(config, precision_of(stored))
+    return manifest_of(config)
 
 
 def _var_text(var: dict[str, Any]) -> str:
@@ -82,9 +137,9 @@ def _var_text(var: dict[str, Any]) -> str:
 def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """What differs between a store's manifest and a config's, one phrase each (empty: they agree)."""
     found = []
-    for field in ("format", "version", "key", "teacher_model"):
-        if stored.get(field) != wanted[field]:
-            found.append(f"{field} {stored.get(field)!r} in the store, {wanted[field]!r} in this config")
+    for field in ("format", "version", "key", "teacher_model", "precision", "codec"):
+        if stored.get(field) != wanted.get(field):
+            found.append(f"{field} {stored.get(field)!r} in the store, {wanted.get(field)!r} in this config")
     for field in ("inputs", "outputs"):
         have = {v["name"]: v for v in stored.get(field, [])}
         want = {v["name"]: v for v in wanted[field]}
@@ -160,7 +215,22 @@ def open_store(config: ReaderConfig) -> None:
     config (naming each difference)."""
     store = config.store
     assert store is not None
-    wanted = manifest_of(config)
+    wanted = store_manifest(config)
+    if precision_of(wanted) == "compact" and not compact_pairs(config.fetches):
+        raise StoreError(
+            "[store] precision = compact keeps top-k knowledge compact: it needs a pair of fetch vars "
+            "X_topk_values (floating point) and X_topk_indices (integer) of the same shape, (..., K); "
+            f"the fetch vars are {', '.join(spec.name for spec in config.fetches)} (use precision = exact)"
+        )
+    if precision_of(wanted) == "compact":
+        from distill_reader.knowledge.compact import MAX_K
+
+        too_big = [config.fetches[j].name for j in compact_pairs(config.fetches) if config.fetches[j].shape[-1] > MAX_K]
+        if too_big:
+            raise StoreError(
+                f"[store] precision = compact keeps top-k knowledge of K <= {MAX_K}; {', '.join(too_big)} has "
+                f"K = {max(config.fetches[j].shape[-1] for j in compact_pairs(config.fetches))} (use precision = exact)"
+            )
     if store.policy != "read":
         try:
             created = not store.path.exists()
@@ -178,6 +248,12 @@ def open_store(config: ReaderConfig) -> None:
     except StoreError as exc:
         hint = "; policy = read needs a store captured with policy write or cache" if store.policy == "read" else ""
         raise StoreError(f"[store] path: {exc}{hint}") from None
+    if precision_of(stored) != precision_of(wanted):
+        raise StoreError(
+            f"[store] precision: the knowledge store {str(store.path)!r} holds {precision_of(stored)} top-k "
+            f"knowledge; this config writes {precision_of(wanted)} (policy = {store.policy}): set precision = "
+            f"{precision_of(stored)}, or use another path"
+        )
     found = differences(stored, wanted)
     if found:
         raise StoreError(
@@ -360,14 +436,36 @@ def _arrow_type(spec: TensorSpec) -> pa.DataType:
     return pa.list_(item)
 
 
+def pairs_of(manifest: dict[str, Any]) -> dict[int, int]:
+    """The fetch vars a store keeps compact, as :func:`compact_pairs` (none in an exact store)."""
+    return compact_pairs(output_specs(manifest)) if precision_of(manifest) == "compact" else {}
+
+
 def schema_of(manifest: dict[str, Any]) -> pa.Schema:
-    """The Arrow schema of a store's chunks."""
+    """The Arrow schema of a store's chunks. In a compact store, each top-k pair is one ``binary``
+    column ``X_topk`` (a row's positions encoded by :mod:`distill_reader.knowledge.compact`) where
+    ``X_topk_values`` would be, with the pair, the per-row shape and the codec in its metadata."""
     fetches = output_specs(manifest)
+    pairs = pairs_of(manifest)
+    paired = set(pairs.values())
     fields = [pa.field(KEY, pa.int64()), pa.field(FINGERPRINT, pa.binary(FINGERPRINT_BYTES))]
     if any(spec.variable for spec in fetches):
         fields.append(pa.field(LENGTH, pa.int32()))
-    for spec in fetches:
-        fields.append(pa.field(spec.name, _arrow_type(spec), metadata={"shape": json.dumps(list(spec.shape))}))
+    for j, spec in enumerate(fetches):
+        if j in paired:
+            continue
+        shape = json.dumps(list(spec.shape))
+        if j in pairs:
+            metadata = {
+                "shape": shape,
+                "precision": "compact",
+                "codec": str(manifest.get("codec")),
+                "vars": json.dumps([spec.name, fetches[pairs[j]].name]),
+                "dtypes": json.dumps([spec.dtype.name, fetches[pairs[j]].dtype.name]),
+            }
+            fields.append(pa.field(compact_column(spec), pa.binary(), metadata=metadata))
+            continue
+        fields.append(pa.field(spec.name, _arrow_type(spec), metadata={"shape": shape}))
     return pa.schema(fields, metadata={_SCHEMA_KEY: json.dumps(manifest).encode()})
 
 
@@ -379,6 +477,31 @@ def chunk_manifest(batch: pa.RecordBatch) -> dict[str, Any] | None:
 
 def row_shape(spec: TensorSpec, length: int) -> tuple[int, ...]:
     return tuple(length if d == -1 else d for d in spec.shape)
+
+
+def positions_of(spec: TensorSpec, lengths: np.ndarray | None, n: int) -> np.ndarray:
+    """The top-k positions (all dims but the last) of each of ``n`` rows of ``spec``."""
+    if not spec.variable:
+        return np.full(n, int(np.prod(spec.shape[:-1])), np.int64)
+    assert lengths is not None
+    return np.array([int(np.prod(row_shape(spec, int(m))[:-1])) for m in lengths.tolist()], np.int64)
+
+
+@dataclass
+class Packed:
+    """A compact top-k pair's rows (:mod:`distill_reader.knowledge.compact`): row ``r`` is the
+    bytes ``flat[offsets[r]:offsets[r + 1]]``; ``positions[r]`` its positions."""
+
+    flat: np.ndarray  # uint8
+    offsets: np.ndarray  # int64 [n + 1]
+    positions: np.ndarray  # int64 [n]
+    k: int
+
+    def decode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Values float32 ``[P, k]`` and ids int64 ``[P, k]`` of ``rows``' positions, row after row."""
+        from distill_reader.knowledge.compact import decode_rows
+
+        return decode_rows(self.flat, self.offsets, rows, self.positions[rows], self.k)
 
 
 @dataclass
@@ -405,8 +528,24 @@ class Rows:
     def concatenate(parts: Sequence[Rows]) -> Rows:
         if len(parts) == 1:
             return parts[0]
-        outputs = []
+        outputs: list[Any] = []
         for j, first in enumerate(parts[0].outputs):
+            if first is None:  # the indices of a compact pair: in its values' Packed
+                outputs.append(None)
+                continue
+            if isinstance(first, Packed):
+                packed = [p.outputs[j] for p in parts]
+                starts = np.cumsum([0] + [len(q.flat) for q in packed[:-1]])
+                offsets = np.concatenate([[0]] + [q.offsets[1:] + start for q, start in zip(packed, starts)])
+                outputs.append(
+                    Packed(
+                        np.concatenate([q.flat for q in packed]),
+                        offsets.astype(np.int64),
+                        np.concatenate([q.positions for q in packed]),
+                        first.k,
+                    )
+                )
+                continue
             if isinstance(first, np.ndarray):
                 outputs.append(np.concatenate([p.outputs[j] for p in parts]))
                 continue
@@ -434,6 +573,12 @@ class Rows:
         if self.lengths is not None:
             columns.append(pa.array(self.lengths.astype(np.int32)))
         for spec, output in zip(fetches, self.outputs):
+            if output is None:
+                continue
+            if isinstance(output, Packed):
+                buffers = [None, pa.py_buffer(output.offsets.astype(np.int32)), pa.py_buffer(output.flat)]
+                columns.append(pa.BinaryArray.from_buffers(pa.binary(), len(self), buffers))
+                continue
             kind = _arrow_type(spec)
             if isinstance(output, np.ndarray):
                 flat = pa.array(output.reshape(-1))
@@ -450,15 +595,30 @@ class Rows:
 
     @staticmethod
     def from_arrow(
-        batch: pa.RecordBatch, fetches: Sequence[TensorSpec], mapped: tuple[Path, int] | None = None
+        batch: pa.RecordBatch,
+        fetches: Sequence[TensorSpec],
+        mapped: tuple[Path, int] | None = None,
+        pairs: dict[int, int] | None = None,
     ) -> Rows:
         """Numpy views of a chunk's columns (no copy); ``mapped``: the chunk file and the address
-        where :func:`map_chunk` mapped it."""
+        where :func:`map_chunk` mapped it; ``pairs``: the compact top-k pairs (:func:`pairs_of`)."""
         n = batch.num_rows
         fingerprints = np.frombuffer(batch.column(FINGERPRINT).buffers()[1], np.uint8)[: n * FINGERPRINT_BYTES]
         lengths = batch.column(LENGTH).to_numpy() if LENGTH in batch.schema.names else None
         outputs: list[Any] = []
-        for spec in fetches:
+        pairs = pairs or {}
+        paired = set(pairs.values())
+        for j, spec in enumerate(fetches):
+            if j in paired:
+                outputs.append(None)
+                continue
+            if j in pairs:
+                column = batch.column(compact_column(spec))
+                offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + n + 1]
+                data = column.buffers()[2]
+                flat = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+                outputs.append(Packed(flat, offsets.astype(np.int64), positions_of(spec, lengths, n), spec.shape[-1]))
+                continue
             column = batch.column(spec.name)
             if not spec.variable:
                 values = column if spec.shape == () else column.values
@@ -474,15 +634,40 @@ class Rows:
         if mapped is not None:
             file, base = mapped
             size = file.stat().st_size
-            flats = [output if isinstance(output, np.ndarray) else output[0] for output in outputs]
             rows.file = file
-            rows.file_offsets = tuple(
-                flat.ctypes.data - base
-                if base <= flat.ctypes.data and flat.ctypes.data + flat.nbytes <= base + size
-                else None
-                for flat in flats
-            )
+            offsets_in_file: list[int | None] = []
+            for output in outputs:
+                if output is None or isinstance(output, Packed):  # decoded from the mapping, not read
+                    offsets_in_file.append(None)
+                    continue
+                flat = output if isinstance(output, np.ndarray) else output[0]
+                inside = base <= flat.ctypes.data and flat.ctypes.data + flat.nbytes <= base + size
+                offsets_in_file.append(flat.ctypes.data - base if inside else None)
+            rows.file_offsets = tuple(offsets_in_file)
         return rows
+
+    def compacted(self, fetches: Sequence[TensorSpec], pairs: dict[int, int]) -> Rows:
+        """These rows with each top-k pair of ``pairs`` (exact) encoded as one :class:`Packed`."""
+        if not pairs:
+            return self
+        from distill_reader.knowledge.compact import encode_rows
+
+        outputs = list(self.outputs)
+        n = len(self)
+        for j, i in pairs.items():
+            spec = fetches[j]
+            k = spec.shape[-1]
+            values, indices = outputs[j], outputs[i]
+            if isinstance(values, Packed):
+                continue
+            if isinstance(values, np.ndarray):
+                v, x = values.reshape(-1, k), indices.reshape(-1, k)
+            else:
+                v, x = values[0].reshape(-1, k), indices[0].reshape(-1, k)
+            positions = positions_of(spec, self.lengths, n)
+            flat, offsets = encode_rows(v, x, positions)
+            outputs[j], outputs[i] = Packed(flat, offsets, positions, k), None
+        return Rows(self.keys, self.fingerprints, self.lengths, outputs)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

@@ -31,15 +31,17 @@ from distill_reader.config import ReaderConfig
 from distill_reader.errors import StoreError, StoreMismatchError, StoreMissingError
 from distill_reader.knowledge.layout import (
     ChunkNamer,
+    Packed,
     Rows,
     chunk_files,
     chunk_manifest,
     differences,
     fingerprint_rows,
-    manifest_of,
     map_chunk,
+    pairs_of,
     row_shape,
     schema_of,
+    store_manifest,
     write_chunk,
 )
 
@@ -68,8 +70,10 @@ class KnowledgeSession:
         self.records = store.policy in ("write", "cache")
         self.batch_size = batch_size
         self.fetches = config.fetches
-        self.manifest = manifest_of(config)
+        self.manifest = store_manifest(config)
         self._schema = schema_of(self.manifest)
+        #: compact top-k pairs (values var: indices var), encoded when a chunk is written
+        self._pairs = pairs_of(self.manifest)
         n_feeds, n_vars = len(config.feeds), len(config.feeds) + len(config.fetches)
         length_of = {i: n_vars + k for k, i in enumerate(config.variable_feeds)}
         self._inputs = [
@@ -140,7 +144,7 @@ class KnowledgeSession:
             found = differences(chunk_manifest(batch) or {}, self.manifest)
             if found:
                 raise StoreError(f"{str(file)!r} was written with another config: {'; '.join(found)}")
-            rows = Rows.from_arrow(batch, self.fetches, (file, base))
+            rows = Rows.from_arrow(batch, self.fetches, (file, base), self._pairs)
             self._index_rows(self._add_source(rows), rows.keys)
         log.debug("knowledge store %s: %d rows indexed", self.path, len(self._index))
 
@@ -209,6 +213,7 @@ class KnowledgeSession:
                 self._readers.submit(self._copy, slot, found[chosen], source, source_rows[chosen], var)
                 for source, chosen in parts
                 for var in range(len(self.fetches))
+                if source.outputs[var] is not None  # the indices of a compact pair: with its values
             ]
             try:
                 mine = fingerprint_rows(self._inputs[slot], found)
@@ -265,6 +270,9 @@ class KnowledgeSession:
         zeroed from its length up to where the slot's previous row there ended (:attr:`_ends`):
         past that it is 0 already."""
         spec, dst, output = self.fetches[var], self._outputs[slot][var], source.outputs[var]
+        if isinstance(output, Packed):
+            self._copy_packed(slot, rows, source, source_rows, var)
+            return
         at = source.file_offsets[var] if source.file is not None else None
         fd = -1
         try:
@@ -298,6 +306,36 @@ class KnowledgeSession:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _copy_packed(self, slot: int, rows: np.ndarray, source: Rows, source_rows: np.ndarray, var: int) -> None:
+        """A compact top-k pair of stored rows, decoded into the slot's values and indices vars (in a
+        reader thread), zeroed past each row's length as :meth:`_copy` does."""
+        spec, packed = self.fetches[var], source.outputs[var]
+        dst_values, dst_indices = self._outputs[slot][var], self._outputs[slot][self._pairs[var]]
+        try:
+            values, ids = packed.decode(source_rows)
+        except (ValueError, IndexError) as exc:
+            raise StoreError(f"reading a compact row of the knowledge store {str(self.path)!r} failed: {exc}") from None
+        if not spec.variable:
+            dst_values[rows] = values.reshape(len(rows), *spec.shape)
+            dst_indices[rows] = ids.reshape(len(rows), *spec.shape)
+            return
+        assert source.lengths is not None
+        starts = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(packed.positions[source_rows], out=starts[1:])
+        simple = spec.shape[0] == -1 and -1 not in spec.shape[1:]
+        lengths = source.lengths[source_rows].tolist()
+        ends = self._ends[slot][rows].tolist()
+        for row, a, b, length, end in zip(rows.tolist(), starts[:-1].tolist(), starts[1:].tolist(), lengths, ends):
+            for dst, block in ((dst_values, values), (dst_indices, ids)):
+                if simple:
+                    dst[row, :length] = block[a:b].reshape(length, *spec.shape[1:])
+                    if end > length:
+                        dst[row, length:end] = 0
+                else:
+                    shape = row_shape(spec, length)
+                    dst[row].fill(0)
+                    dst[row][tuple(slice(0, d) for d in shape)] = block[a:b].reshape(shape)
 
     def cancelled(self) -> None:
         """An epoch was cancelled: teachers' answers for its rows may never have been written, so
@@ -371,7 +409,7 @@ class KnowledgeSession:
 
     def _write(self, parts: list[Rows]) -> Path:
         """The writer thread: one chunk file, named when it is written (after every chunk there)."""
-        rows = Rows.concatenate(parts)
+        rows = Rows.concatenate(parts).compacted(self.fetches, self._pairs)
         file = write_chunk(self.path, self._namer.next(), rows.to_arrow(self.fetches, self._schema))
         log.debug("knowledge store %s: committed %d rows (%s)", self.path, len(rows), file.name)
         return file
@@ -398,7 +436,7 @@ class KnowledgeSession:
                 except StoreError as exc:  # written but not readable now: keep reading the rows from memory
                     log.warning("%s", exc)
                     continue
-                written = Rows.from_arrow(batch, self.fetches, (file, base))
+                written = Rows.from_arrow(batch, self.fetches, (file, base), self._pairs)
                 chunk = self._add_source(written)
                 offset = 0
                 for source, rows in parts:
