@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 		|| echo "PyTorch not installed: its tests will be skipped"
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q -e '.[paddle]' || echo "PaddlePaddle not installed: its tests will be skipped"
+	# transformers & co. for hf: teachers, after torch and with it pinned, so pip keeps its CPU build.
+	$(PY) -c 'import torch' 2>/dev/null && $(PY) -m pip install -q -e '.[llm]' torch==$(TORCH_VERSION) \
+		|| echo "transformers not installed: the hf: teacher tests will be skipped"
 	touch $@
 
 venv: $(VENV)/.installed
