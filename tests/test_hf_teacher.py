@@ -121,7 +121,9 @@ def test_backend_topk_and_dense_match_transformers(model_dir: Path, reference: R
         backend = load_backend(f"hf:{model_dir}", device="cpu", max_batch_tokens=budget, threads=1)
         assert f"on cpu in float32, at most {budget or 8192:,} tokens per forward pass" in backend.describe()
         if budget:
-            assert len(backend.passes(lengths)) > 1
+            passes = backend.passes(lengths)
+            assert len(passes) > 1 and all(len(p) * lengths[p].max() <= budget for p in passes)
+            assert sorted(np.concatenate(passes).tolist()) == list(range(len(rows)))
         top = TopKBackend(backend, K)
         assert top.on_device and "computed by the model's backend" in top.describe()
         out = top.infer({"tokens": tokens, "tokens_length": lengths})
