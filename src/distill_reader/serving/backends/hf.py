@@ -8,8 +8,8 @@ run on the model's device on each forward pass's logits, and only ``[tokens, K]`
 indices cross to the host.
 
 A batch is cut into forward passes of at most ``max_batch_tokens`` padded tokens (rows sorted by
-length, each pass padded to its own longest row; a row longer than the budget runs alone), and
-only real positions are kept. Nothing is downloaded: ``DIR`` must be a local directory in
+length, each pass padded to its own longest row; a row longer than the budget runs alone);
+what the model computes past a row's length is zeroed. Nothing is downloaded: ``DIR`` must be a local directory in
 ``save_pretrained`` layout with safetensors weights. Needs ``pip install 'distill-reader[llm]'``.
 """
 
@@ -79,30 +79,37 @@ def device_topk(x: Any, k: int, *, logprobs: bool = True, temperature: float = 1
     """The top-k of each row of a 2-D torch tensor, on its device, by the rules of
     :mod:`~distill_reader.serving.topk`: ``(values float32, indices int64)``, values descending,
     equal values in ascending index order, the lowest indices kept among ties at the cut;
-    ``logprobs``: ``log_softmax(x / temperature)`` in float32, else ``x`` itself in float32."""
+    ``logprobs``: ``log_softmax(x / temperature)`` in float32, else ``x`` itself in float32.
+
+    As :func:`~distill_reader.serving.topk.topk` does: the selection runs on ``x / temperature``
+    and the log-sum-exp of each row is subtracted from the K values, so no ``[rows, V]``
+    log-softmax is written; the top ``K + 1`` shows the rows where a tie crosses the cut."""
     import torch
 
     z = x.float()
-    if logprobs:
-        if temperature != 1.0:
-            z = z / temperature
-        z = torch.log_softmax(z, dim=-1)
-    top, idx = torch.topk(z, k, dim=-1, sorted=True)
-    if torch.isnan(top).any():
+    if logprobs and temperature != 1.0:
+        z = z / temperature
+    v = z.shape[-1]
+    top, idx = torch.topk(z, min(k + 1, v), dim=-1, sorted=True)
+    if torch.isnan(top[:, 0]).any():  # topk ranks NaN above everything
         raise ValueError("the model's output holds NaN")
-    kth = top[:, -1:]
-    unsure = torch.nonzero((z >= kth).sum(dim=-1) > k).flatten()
-    if unsure.numel():  # values equal to the k-th on both sides of the cut: the lowest indices win
-        zu, ku = z[unsure], kth[unsure]
-        above, tied = zu > ku, zu == ku
-        room = k - above.sum(dim=-1, keepdim=True)
-        keep = above | (tied & (torch.cumsum(tied.int(), dim=-1) <= room))
-        idx[unsure] = torch.nonzero(keep)[:, 1].reshape(len(unsure), k)
+    if k < v:
+        unsure = torch.nonzero(top[:, k] == top[:, k - 1]).flatten()
+        top, idx = top[:, :k], idx[:, :k]
+        if unsure.numel():  # values equal to the k-th on both sides of the cut: the lowest indices win
+            zu, kth = z[unsure], top[unsure, -1:]
+            above, tied = zu > kth, zu == kth
+            room = k - above.sum(dim=-1, keepdim=True)
+            keep = above | (tied & (torch.cumsum(tied.int(), dim=-1) <= room))
+            idx[unsure] = torch.nonzero(keep)[:, 1].reshape(len(unsure), k)
     # Index order first, then a stable sort by value: equal values in ascending index order.
     idx, _ = idx.sort(dim=-1)
     top = torch.gather(z, 1, idx)
     order = torch.sort(top, dim=-1, descending=True, stable=True).indices
-    return torch.gather(top, 1, order), torch.gather(idx, 1, order)
+    top, idx = torch.gather(top, 1, order), torch.gather(idx, 1, order)
+    if logprobs:
+        top = top - torch.logsumexp(z, dim=-1, keepdim=True)
+    return top, idx
 
 
 class HFBackend(Backend):
@@ -210,18 +217,21 @@ class HFBackend(Backend):
             start += count
         return out
 
-    def _forward(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[Any, Any]:
-        """Logits of the real positions of one pass, ``[sum(lengths), V]`` on the device, and the mask."""
+    def _forward(self, tokens: np.ndarray, lengths: np.ndarray) -> Any:
+        """The logits of one pass, ``[rows, longest row, V]`` on the device (right-padded rows)."""
         torch = self._torch
         width = max(int(lengths.max()), 1)
         ids = torch.from_numpy(np.ascontiguousarray(tokens[:, :width])).to(self.device)
         positions = torch.arange(width, device=self.device)
         lens = torch.from_numpy(lengths).to(self.device)
-        mask = positions[None, :] < lens[:, None]
         # A row of length 0 keeps its first position, so that no attention row is all masked.
-        attention = (mask | (positions[None, :] == 0)).long()
-        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        return logits[mask], mask
+        attention = ((positions[None, :] < lens[:, None]) | (positions[None, :] == 0)).long()
+        return self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+
+    @staticmethod
+    def _padding(lengths: np.ndarray, width: int) -> np.ndarray:
+        """``[rows, width]``: True past each row's length."""
+        return np.arange(width)[None, :] >= lengths[:, None]
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens, lengths = self._rows(inputs)
@@ -230,10 +240,9 @@ class HFBackend(Backend):
             for rows in self.passes(lengths):
                 if not lengths[rows].any():
                     continue
-                real, mask = self._forward(tokens[rows], lengths[rows])
-                dense = np.zeros((len(rows), mask.shape[1], self.vocab_size), dtype=np.float32)
-                dense[mask.cpu().numpy()] = real.float().cpu().numpy()
-                out[rows, : mask.shape[1]] = dense
+                block = self._forward(tokens[rows], lengths[rows]).float().cpu().numpy()
+                block[self._padding(lengths[rows], block.shape[1])] = 0
+                out[rows, : block.shape[1]] = block
         return {LOGITS: out}
 
     def infer_topk(
@@ -258,23 +267,25 @@ class HFBackend(Backend):
             for rows in self.passes(lengths):
                 if not lengths[rows].any():
                     continue
-                real, mask = self._forward(tokens[rows], lengths[rows])
+                # Padded positions too (rows of a pass have similar lengths): no [tokens, V] copy.
+                logits = self._forward(tokens[rows], lengths[rows])
+                flat = logits.reshape(-1, self.vocab_size)
                 parts_v, parts_i = [], []
-                for start in range(0, len(real), chunk):
+                for start in range(0, len(flat), chunk):
                     try:
                         v, i = device_topk(
-                            real[start : start + chunk], k, logprobs=values == "logprobs", temperature=temperature
+                            flat[start : start + chunk], k, logprobs=values == "logprobs", temperature=temperature
                         )
                     except ValueError as e:
                         raise ValueError(f"top-k of output {LOGITS!r}: {e}") from None
                     parts_v.append(v.to(value_dtype))
                     parts_i.append(i.int())
-                host_mask = mask.cpu().numpy()
-                width = host_mask.shape[1]
-                block_v = np.zeros((len(rows), width, k), dtype=out_values.dtype)
-                block_i = np.zeros((len(rows), width, k), dtype=np.int32)
-                block_v[host_mask] = torch.cat(parts_v).cpu().numpy()
-                block_i[host_mask] = torch.cat(parts_i).cpu().numpy()
-                out_values[rows, :width] = block_v
-                out_indices[rows, :width] = block_i
+                shape = (len(rows), logits.shape[1], k)
+                block_v = torch.cat(parts_v).reshape(shape).cpu().numpy()
+                block_i = torch.cat(parts_i).reshape(shape).cpu().numpy()
+                padding = self._padding(lengths[rows], shape[1])
+                block_v[padding] = 0
+                block_i[padding] = 0
+                out_values[rows, : shape[1]] = block_v
+                out_indices[rows, : shape[1]] = block_i
         return {LOGITS + VALUES_SUFFIX: out_values, LOGITS + INDICES_SUFFIX: out_indices}
