@@ -180,7 +180,11 @@ def llm(sizes: Sizes, progress: Progress) -> list[Row]:
 
     device = resolve_device(None)
     dtype = os.environ.get(DTYPE_ENV, "float32")
-    threads = None if device.startswith("cuda") else torch.get_num_threads()
+    # On a CPU, one torch thread each: on a shared machine OpenMP's barriers wait for descheduled
+    # threads, and two threads ran 2-10 times slower than one on the 2-core development VM.
+    threads = None if device.startswith("cuda") else 1
+    if threads:
+        torch.set_num_threads(threads)
     rounds, seconds = (2, 1.0) if sizes.quick else (4, 4.0)
     with tempfile.TemporaryDirectory(prefix="distill-bench-llm-") as scratch:
         if os.environ.get(MODEL_ENV):
