@@ -265,6 +265,7 @@ class TopKBackend(Backend):
             f"in {self.dtype.name}"
             + (f" at temperature {self.temperature:g}" if self.temperature != 1.0 else "")
             + (" (computed by the model's backend)" if self.on_device else "")
+            + (f"; {summary()}" if (summary := getattr(self.inner, "summary", None)) else "")
         )
 
 

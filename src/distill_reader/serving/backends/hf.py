@@ -176,11 +176,15 @@ class HFBackend(Backend):
         #: The outputs :meth:`infer_topk` compresses itself (see :class:`~distill_reader.serving.topk.TopKBackend`).
         self.native_topk = frozenset({LOGITS})
 
-    def describe(self) -> str:
+    def summary(self) -> str:
+        """The model, where and how it runs (the server's start line shows it, with or without --topk)."""
         return (
-            f"{super().describe()}; transformers {type(self.model).__name__} from {self.directory} on "
-            f"{self.device} in {self.dtype}, at most {self.max_batch_tokens:,} tokens per forward pass"
+            f"transformers {type(self.model).__name__} from {self.directory} on {self.device} in "
+            f"{self.dtype}, at most {self.max_batch_tokens:,} tokens per forward pass"
         )
+
+    def describe(self) -> str:
+        return f"{super().describe()}; {self.summary()}"
 
     def close(self) -> None:
         self.model = None
