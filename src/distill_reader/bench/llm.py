@@ -5,14 +5,16 @@ The model: a GPT-2 with random weights, saved with ``save_pretrained`` into a te
 (vocabulary 8,000, 4 layers of 128; ``--quick``: 4,000, 2 layers of 64), or the directory in
 ``DISTILL_BENCH_LLM_MODEL``. The data: d_batches of 16 rows of 32-64 random tokens, each padded to
 its longest row. Four ways to compute on them, all on the same device (CUDA when available) and
-dtype (``DISTILL_BENCH_LLM_DTYPE``, default float32), each in rounds that alternate, the best round
-of each kept (other jobs on the machine slow some rounds):
+dtype (``DISTILL_BENCH_LLM_DTYPE``, default float32). The three ways in this process run batch by
+batch, each on every batch in turn, so that they share whatever load the machine has; the server
+runs in windows between those rounds. A rate is real tokens over the time spent, all rounds summed.
 
 - **plain forward**: ``model(input_ids, attention_mask).logits`` in this process, nothing else;
 - **plain forward + top-k**: the same, then ``log_softmax`` and ``topk`` on the device and the
   ``[tokens, K]`` values and indices copied to the host: what one writes by hand;
 - **backend**: :class:`~distill_reader.serving.backends.hf.HFBackend` under ``TopKBackend`` in
-  this process (padding dropped, ties ruled, the answer laid out as ``[rows, length, K]``);
+  this process (rows cut into passes, ties ruled, padding zeroed, the answer laid out as
+  ``[rows, length, K]``);
 - **server**: ``distill teacher serve --model hf:DIR --topk K --max-batch 16`` as a process, two
   OIP clients (tritonclient) in this process, each sending one d_batch at a time.
 
@@ -65,17 +67,22 @@ def make_batches(count: int, vocab: int, seed: int = 0) -> list[tuple[np.ndarray
     return out
 
 
-def _rate(run: Callable[[int], None], batches: list, seconds: float) -> float:
-    """Real tokens per second of ``run(i)`` over batches ``i = 0, 1, …`` (cycling) for about ``seconds``."""
+def _interleaved(ways: dict[str, Callable[[int], None]], batches: list, seconds: float) -> dict[str, list[float]]:
+    """``[real tokens, seconds]`` of each way over about ``seconds``: batch by batch, every way on
+    each batch in turn (the order rotating), so that every way sees the same load on a shared machine."""
+    totals = {name: [0.0, 0.0] for name in ways}
+    names = list(ways)
     start = time.perf_counter()
-    tokens = i = 0
-    while True:
-        run(i % len(batches))
-        tokens += int(batches[i % len(batches)][1].sum())
+    i = 0
+    while time.perf_counter() - start < seconds or i < len(names):
+        index = i % len(batches)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            began = time.perf_counter()
+            ways[name](index)
+            totals[name][1] += time.perf_counter() - began
+            totals[name][0] += int(batches[index][1].sum())
         i += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and i >= 2:
-            return tokens / elapsed
+    return totals
 
 
 class _Plain:
@@ -205,18 +212,20 @@ def llm(sizes: Sizes, progress: Progress) -> list[Row]:
             "plain forward + top-k": lambda i: plain.topk(*batches[i], K),
             "backend": lambda i: backend.infer({"tokens": batches[i][0], "tokens_length": batches[i][1]}),
         }
-        best = dict.fromkeys([*ways, "server"], 0.0)
+        totals = {name: [0.0, 0.0] for name in [*ways, "server"]}
         progress(f"llm: starting distill teacher serve --model hf:DIR --topk {K}")
         with _server(directory, device, dtype, K, threads) as endpoint:
             _server_rate(endpoint, batches, 0.2)  # warm-up: connect, first batches
-            for run in ways.values():
-                _rate(run, batches, 0.2)
+            _interleaved(ways, batches, 0.2)
             for r in range(rounds):
-                for name, run in ways.items():
-                    progress(f"llm: round {r + 1}/{rounds}: {name}")
-                    best[name] = max(best[name], _rate(run, batches, seconds))
+                progress(f"llm: round {r + 1}/{rounds}: in process, {', '.join(ways)}, batch by batch")
+                for name, (tokens, spent) in _interleaved(ways, batches, seconds * len(ways)).items():
+                    totals[name][0] += tokens
+                    totals[name][1] += spent
                 progress(f"llm: round {r + 1}/{rounds}: server")
-                best["server"] = max(best["server"], _server_rate(endpoint, batches, seconds))
+                totals["server"][0] += _server_rate(endpoint, batches, seconds) * seconds
+                totals["server"][1] += seconds
+        best = {name: tokens / spent for name, (tokens, spent) in totals.items()}
         backend.close()
     details = {
         "model": shape,
@@ -227,7 +236,7 @@ def llm(sizes: Sizes, progress: Progress) -> list[Row]:
         "lengths": [MIN_LENGTH, MAX_LENGTH],
         "torch_threads": threads,
         "rounds": rounds,
-        "round_seconds": seconds,
+        "server_window_seconds": seconds,
         "tokens_per_s": best,
     }
     where = f"{device}, {dtype}"
