@@ -45,7 +45,7 @@ SCENARIOS: dict[str, Scenario] = {
     # discovery: the default size (1,000 students / 100 teachers, memory store).
     "discovery": Scenario("simulated students/teachers vs a discovery server: full sets, pushes, leases", 75),
     # llm: needs the llm extra (torch, transformers); docs/llm.md.
-    "llm": Scenario("hf: teacher's tokens/s ÷ the same model's plain transformers forward", 90),
+    "llm": Scenario("hf: teacher's tokens/s ÷ the same model's plain transformers forward", 120),
 }
 SCENARIO_NAMES = (
     "teacher-bound",
