@@ -87,10 +87,10 @@ def reference(model_dir: Path) -> Reference:
     return Reference(model_dir)
 
 
-def padded(rows: list[np.ndarray], extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Rows padded with a non-zero token past each length (it must change nothing), and the lengths."""
+def padded(rows: list[np.ndarray], extra: int = 0, pad: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """Rows padded with ``pad`` past each length (it must change nothing), and the lengths."""
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
-    tokens = np.full((len(rows), int(lengths.max()) + extra), 7, dtype=np.int64)
+    tokens = np.full((len(rows), int(lengths.max()) + extra), pad, dtype=np.int64)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
     return tokens, lengths
@@ -116,7 +116,7 @@ def test_device_topk_follows_the_rules_of_topk() -> None:
 def test_backend_topk_and_dense_match_transformers(model_dir: Path, reference: Reference) -> None:
     """Rows of different lengths in one forward pass, and a budget that cuts the batch into several."""
     rows = llm_support.token_rows(model_dir, 9, 1, MAX_LENGTH, seed=1)
-    tokens, lengths = padded(rows, extra=3)
+    tokens, lengths = padded(rows, extra=3, pad=-100)  # not a token: the backend must not embed it
     for budget in (None, 50):  # one pass (all rows padded together); passes of at most 50 tokens
         backend = load_backend(f"hf:{model_dir}", device="cpu", max_batch_tokens=budget, threads=1)
         assert f"on cpu in float32, at most {budget or 8192:,} tokens per forward pass" in backend.describe()
@@ -158,6 +158,13 @@ def test_backend_temperature_float16_logits_and_bfloat16(model_dir: Path, refere
         want = topk(dense[i, : len(row)], 3, values="logits")
         np.testing.assert_array_equal(raw["logits_topk_indices"][i, : len(row)], want[1])
         np.testing.assert_allclose(raw["logits_topk_values"][i, : len(row)], want[0], rtol=0, atol=1e-5)
+    bad = tokens.copy()
+    bad[0, 0] = backend.vocab_size
+    with pytest.raises(ValueError, match=f"tokens must lie in 0..{backend.vocab_size - 1}"):
+        backend.infer({"tokens": bad, "tokens_length": lengths})
+    too_long = np.zeros((1, llm_support.N_POSITIONS + 1), np.int64)
+    with pytest.raises(ValueError, match=f"a row of {llm_support.N_POSITIONS + 1} tokens exceeds the model's"):
+        backend.infer({"tokens": too_long, "tokens_length": np.array([too_long.shape[1]])})
     bf16 = load_backend(f"hf:{model_dir}", device="cpu", dtype="bfloat16", threads=1)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     out = TopKBackend(bf16, K).infer({"tokens": tokens, "tokens_length": lengths})

@@ -204,9 +204,12 @@ class HFBackend(Backend):
             raise ValueError(f"{LENGTHS} must lie in 0..{tokens.shape[1]} (the tokens' length)")
         if self.max_positions and len(lengths) and lengths.max() > self.max_positions:
             raise ValueError(f"a row of {int(lengths.max())} tokens exceeds the model's {self.max_positions} positions")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+        padding = self._padding(lengths, tokens.shape[1])
+        real = tokens[~padding]
+        if real.size and (real.min() < 0 or real.max() >= self.vocab_size):
             raise ValueError(f"{TOKENS} must lie in 0..{self.vocab_size - 1} (the model's vocabulary)")
-        return tokens, lengths
+        # Whatever a client padded with (-100, say) becomes token 0, which the model can embed.
+        return np.where(padding, 0, tokens), lengths
 
     def passes(self, lengths: np.ndarray) -> list[np.ndarray]:
         """The rows (indices) of each forward pass: rows longest first, cut so that rows x the
