@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -489,7 +488,9 @@ def llm(
     held_out_text = load_source(HELD_OUT_MODULES, held_out_chars)
     student = Student(32, 1, 2, steps, batch_size, d_batch_size, 3e-3, max_length)
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # One torch thread: two ran about 10 times slower on a busy 2-core machine (OpenMP's barriers
+    # wait for descheduled threads), and the teachers are other processes that want the other core.
+    torch.set_num_threads(1)
     with console.status("training the tokenizers"):
         teacher_tokenizer = train_tokenizer(teacher_text, vocab)
         other_tokenizer = train_tokenizer(load_source(OTHER_TOKENIZER_MODULES, teacher_chars), other_vocab)
@@ -503,7 +504,6 @@ def llm(
         teacher = train_teacher(teacher, teacher_ids, teacher_steps, 32, max_length)
         teacher_bits = bits_per_char(teacher, *held_out, max_length)
     console.print(f"teacher: {teacher_bits:.3f} bits per char on the held-out text")
-    torch.set_num_threads(1)  # the teachers are other processes, which want the other core
 
     same: list[Arm] = []
     other: list[Arm] = []
