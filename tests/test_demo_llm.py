@@ -172,7 +172,9 @@ def test_uld_loss_of_the_trainer_is_ce_plus_uld_at_aligned_positions(tmp_path):
     assert (per_position != 0).nonzero().tolist() == [[0, 0], [0, 2], [0, 4], [1, 0], [1, 1]]
     assert float(loss) == pytest.approx(float((0.7 * ce + 0.3 * uld).detach()), rel=1e-5)
     _, _, uld_sum, positions = distill_loss_sums(logits, batch["labels"], dict(batch), temperature=2.0)
-    assert int(positions) == 5 and float(uld_sum) == pytest.approx(float(per_position.sum()), rel=1e-5)
+    assert int(positions) == 5 and float(uld_sum.detach()) == pytest.approx(
+        float(per_position.sum().detach()), rel=1e-5
+    )
 
     # A loss that does not fit its rows is refused.
     with pytest.raises(ConfigError, match="loss='uld'"):

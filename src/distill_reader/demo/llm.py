@@ -305,6 +305,7 @@ def run_arm(
     a student with another tokenizer (``loss="uld"``).
     """
     from distill_reader import DistillReader
+    from distill_reader.demo.command import TEACHERS
     from distill_reader.hf import DistillRows
 
     other = loss == "uld"
@@ -317,7 +318,9 @@ def run_arm(
 
     options = {"student_tokens": "student_tokens", "alignment": "alignment"} if other else {}
     start = time.perf_counter()
-    with DistillReader(config, student.batch_size, student.d_batch_size, capacity=8, occupied_capacity=1) as reader:
+    # A pool that keeps both teachers' request slots (8 each) filled.
+    capacity = TEACHERS * 8 + 2
+    with DistillReader(config, student.batch_size, student.d_batch_size, capacity, occupied_capacity=1) as reader:
         reader.set_sample_generator(samples)
         dataset = DistillRows(reader, epochs=1, **options)
         distilled = train_student(
