@@ -45,6 +45,8 @@ SCENARIOS: dict[str, Scenario] = {
     "store": Scenario("knowledge store: write ÷ no store, read ÷ pyarrow on the same files, bytes/row", 90),
     # discovery: the default size (1,000 students / 100 teachers, memory store).
     "discovery": Scenario("simulated students/teachers vs a discovery server: full sets, pushes, leases", 75),
+    # llm: needs the llm extra (torch, transformers); docs/llm.md.
+    "llm": Scenario("hf: teacher's tokens/s ÷ the same model's plain transformers forward", 120),
 }
 SCENARIO_NAMES = (
     "teacher-bound",
@@ -58,7 +60,7 @@ SCENARIO_NAMES = (
 )
 # Run only when named: chaos kills processes and restarts services, store writes to disk,
 # discovery simulates a thousand clients.
-EXTRA_SCENARIOS = ("chaos", "store", "discovery")
+EXTRA_SCENARIOS = ("chaos", "store", "discovery", "llm")
 
 
 def _functions() -> dict[str, Callable[..., list[Row]]]:
@@ -66,6 +68,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
     from distill_reader.bench import (
         chaos,
         discovery,
+        llm,
         memory,
         naive,
         sequence,
@@ -87,6 +90,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
         "chaos": chaos.chaos_rows,
         "store": store.store,
         "discovery": discovery.discovery,
+        "llm": llm.llm,
     }
 
 

@@ -27,8 +27,9 @@ def teacher() -> None:
     "spec",
     required=True,
     metavar="SPEC",
-    help="The model: a path to an .onnx file, or module:function (a Python function decorated "
-    "with distill_reader.serving.teacher_model; module may be a path to a .py file).",
+    help="The model: a path to an .onnx file, hf:DIR (a local transformers causal LM, see docs/llm.md), "
+    "or module:function (a Python function decorated with distill_reader.serving.teacher_model; module "
+    "may be a path to a .py file).",
 )
 @click.option(
     "--listen",
@@ -106,7 +107,26 @@ def teacher() -> None:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="Intra-op threads of ONNX Runtime (default: its own choice). Ignored by Python models.",
+    help="Intra-op threads of ONNX Runtime, Paddle or torch (default: their own choice). Ignored by Python models.",
+)
+@click.option(
+    "--device",
+    default=None,
+    metavar="cpu|cuda[:N]",
+    help="hf: models: where the model runs (default: CUDA when available, else the CPU).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="hf: models: the dtype the model runs in (default float32).",
+)
+@click.option(
+    "--max-batch-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="hf: models: most padded tokens (rows x longest row) per forward pass; larger batches and "
+    "requests are cut into several passes (default 8192).",
 )
 @click.option(
     "--max-message-mb",
@@ -173,6 +193,9 @@ def serve_command(
     temperature: float | None,
     topk_dtype: str | None,
     threads: int | None,
+    device: str | None,
+    dtype: str | None,
+    max_batch_tokens: int | None,
     max_message_mb: int,
     discovery_endpoints: str | None,
     service_name: str | None,
@@ -224,7 +247,7 @@ def serve_command(
         except DistillReaderError as e:
             raise click.UsageError(str(e)) from None
     try:
-        backend = load_backend(spec, threads=threads)
+        backend = load_backend(spec, threads=threads, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
     except Exception as e:  # import errors, ONNX Runtime load errors, bad declarations
         msg = str(e) if str(e).startswith("model ") else f"model {spec!r}: {e}"
         raise click.ClickException(f"cannot load {msg}") from None

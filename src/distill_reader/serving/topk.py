@@ -6,7 +6,9 @@ token: 120-600 KB per token dense in float32. Its top-k is ``K x (value bytes + 
 
 :func:`topk` is the computation, vectorized over every position of a batch (numpy
 ``argpartition`` then a sort of the K, no Python loop per row); :class:`TopKBackend` wraps any
-backend so that its metadata and outputs carry the compressed tensors.
+backend so that its metadata and outputs carry the compressed tensors. A backend that computes the
+top-k itself, next to its model (the Hugging Face backend, on the model's device), says so with
+``native_topk`` (the outputs it compresses) and ``infer_topk``; :class:`TopKBackend` then calls it.
 
 Rules (the tests check them against a dense ``np.argsort`` reference):
 
@@ -228,7 +230,17 @@ class TopKBackend(Backend):
         if clash := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"top-k output names {clash} clash with the model's own outputs")
 
+    @property
+    def on_device(self) -> bool:
+        """Whether ``inner`` computes the top-k itself (``native_topk`` names every selected output):
+        a model on an accelerator, whose dense outputs then never cross to the host."""
+        return self.selected <= getattr(self.inner, "native_topk", frozenset())
+
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.on_device and len(self.inner.outputs) == len(self.selected):
+            return self.inner.infer_topk(  # type: ignore[attr-defined]
+                inputs, self.k, values=self.values, temperature=self.temperature, dtype=self.dtype
+            )
         result = self.inner.infer(inputs)
         out: dict[str, np.ndarray] = {}
         for spec in self.inner.outputs:
@@ -250,7 +262,10 @@ class TopKBackend(Backend):
     def describe(self) -> str:
         return (
             f"{super().describe()}; top-{self.k} {self.values} of {', '.join(sorted(self.selected))} "
-            f"in {self.dtype.name}" + (f" at temperature {self.temperature:g}" if self.temperature != 1.0 else "")
+            f"in {self.dtype.name}"
+            + (f" at temperature {self.temperature:g}" if self.temperature != 1.0 else "")
+            + (" (computed by the model's backend)" if self.on_device else "")
+            + (f"; {summary()}" if (summary := getattr(self.inner, "summary", None)) else "")
         )
 
 
