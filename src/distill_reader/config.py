@@ -27,6 +27,8 @@ MODES = ("fixed", "discover")
 #: ``[store] policy``: see docs/store.md
 STORE_POLICIES = ("write", "read", "cache")
 SHARED_MEMORY_MODES = ("auto", "on", "off")
+#: ``[conf] protocol``: how the reader talks to teachers (``openai``: docs/llm.md)
+PROTOCOLS = ("oip", "openai")
 DEFAULT_MODEL_NAME = "teacher"
 #: Every section and key :func:`load_config` reads. Anything else is refused, so that a typo
 #: (``reqire_num``, ``[stor]``) fails loudly instead of being ignored.
@@ -46,6 +48,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
         "tls_cert",
         "tls_key",
         "shared_memory",
+        "protocol",
     ),
     "feed": ("feed_vars", "feed_types", "feed_shapes", "predict_feed_ids"),
     "fetch": ("fetch_vars", "fetch_types", "fetch_shapes"),
@@ -97,6 +100,10 @@ class ReaderConfig:
     #: ``[conf] shared_memory``: ``auto`` (a teacher on this host that announces the OIP system
     #: shared-memory extension maps the pool), ``on`` (a teacher must), ``off`` (tensors over gRPC).
     shared_memory: str = "auto"
+    #: ``[conf] protocol``: ``oip`` (Open Inference Protocol over gRPC) or ``openai`` (an OpenAI-compatible
+    #: server's completions API with prompt log-probs, e.g. vLLM); in discover mode, for teachers whose
+    #: registration names none
+    protocol: str = "oip"
 
     @property
     def predict_feeds(self) -> tuple[TensorSpec, ...]:
@@ -312,7 +319,8 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
     shared_memory = conf.string("shared_memory") if conf.has("shared_memory") else "auto"
     if shared_memory not in SHARED_MEMORY_MODES:
         raise ConfigError(f"[conf] shared_memory: {shared_memory!r} is not one of {', '.join(SHARED_MEMORY_MODES)}")
-    return ReaderConfig(
+    protocol = _protocol(conf, shared_memory)
+    config = ReaderConfig(
         mode=mode,
         servers=servers,
         discovery=discovery,
@@ -328,7 +336,26 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         max_length=max_length,
         store=_store(parser, path, feeds),
         shared_memory=shared_memory,
+        protocol=protocol,
     )
+    if protocol == "openai":
+        from distill_reader.teacher.openai import openai_layout
+
+        try:
+            openai_layout(config)
+        except ValueError as exc:
+            raise ConfigError(f"[conf] protocol = openai: {exc}") from None
+    return config
+
+
+def _protocol(conf: _Section, shared_memory: str) -> str:
+    """``[conf] protocol``; ``openai`` has no shared memory to turn on."""
+    protocol = conf.string("protocol") if conf.has("protocol") else "oip"
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"[conf] protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if protocol == "openai" and shared_memory == "on":
+        raise ConfigError("[conf] shared_memory = on: an OpenAI-compatible teacher (protocol = openai) has none")
+    return protocol
 
 
 def _store(parser: configparser.ConfigParser, config_path: Path, feeds: Sequence[TensorSpec]) -> StoreConfig | None:
