@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from conftest import settled_stats
 
-from distill_reader import ConfigError
+from distill_reader import ConfigError, DistillReader
 from distill_reader.bench.sequence import sequence_config
 from distill_reader.config import load_config
 from distill_reader.errors import (
@@ -31,7 +35,8 @@ from distill_reader.teacher.openai import OpenAITransport
 from distill_reader.teacher.shm import transport_factory
 from distill_reader.teacher.transport import DBatch, TeacherRef
 
-pytestmark = pytest.mark.timeout(120)
+# The first vLLM test also waits for vLLM to start (70-120 s here, up to 300 s allowed).
+pytestmark = pytest.mark.timeout(420)
 
 K = 8
 MODEL = "tiny"
@@ -259,3 +264,155 @@ def test_config_protocol(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"protocol = openai: \[fetch\] var 'logits'"):
         load_config(path)
+
+
+# -- a real vLLM ----------------------------------------------------------------------------------
+#: vLLM's --max-logprobs in these tests; K = 32 asks for more
+MAX_LOGPROBS = 16
+API_KEY = "vllm-test-key"
+MAX_LENGTH = 64
+
+
+@dataclass
+class Vllm:
+    endpoint: str
+    model: Path
+    #: 96 token rows of 1-64 tokens of local text, and transformers' top-(K+1) of each position
+    rows: list[np.ndarray]
+    reference: list[tuple[np.ndarray, np.ndarray]]
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vllm]:
+    """One vLLM for the module (about 70-120 s to start on 2 cores), serving the tiny GPT-2 as
+    ``tiny`` with ``--api-key``; transformers' reference is computed while it starts (loading
+    transformers' model takes 15-60 s here). ``DISTILL_TEST_VLLM=host:port`` uses a running vLLM
+    instead (started with these settings, e.g. while iterating on these tests)."""
+    from llm_support import reference_topk, require_llm, tiny_lm_dir, token_rows
+    from vllm_support import start_vllm, vllm_python
+
+    require_llm()
+    python = vllm_python()
+    if python is None:
+        pytest.skip("build/teachers/vllm-venv missing or broken: run scripts/external-teachers.sh")
+    model = tiny_lm_dir()
+    server = None
+    if os.environ.get("DISTILL_TEST_VLLM"):
+        endpoint = os.environ["DISTILL_TEST_VLLM"]
+    else:
+        workdir = tmp_path_factory.mktemp("vllm")
+        server = start_vllm(python, model, workdir, MODEL, max_logprobs=MAX_LOGPROBS, api_key=API_KEY)
+        endpoint = server.endpoint
+    try:
+        rows = token_rows(model, 96, 1, MAX_LENGTH, seed=7)
+        reference = reference_topk(model, rows, K + 1)
+        if server is not None:
+            server.wait_ready(300)
+        yield Vllm(endpoint, model, rows, reference)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def vllm_reader(tmp_path: Path, servers: list[str], k: int = K, token: str | None = API_KEY, extra: str = ""):
+    if token is not None:
+        (tmp_path / "token").write_text(token + "\n")
+        extra += "token_file = token\n"
+    conf = openai_config(tmp_path, servers, k, MAX_LENGTH, extra)
+    return DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60)
+
+
+def check_against_transformers(vllm: Vllm, batches: list[list[np.ndarray]]) -> None:
+    """Every row once, in order; at every real position the top-K of transformers' log_softmax on
+    the same directory (values within 1e-4; indices where the reference's values are not tied
+    within 1e-5, the (K+1)-th included); 0 past each row's length."""
+    rows, reference = vllm.rows, vllm.reference
+    ids = np.concatenate([b[1][:, 0] for b in batches])
+    np.testing.assert_array_equal(ids, np.arange(len(rows)))
+    for tokens, id_, values, indices, lengths in batches:
+        assert values.shape == indices.shape == (*tokens.shape, K)
+        for r in range(len(tokens)):
+            row = rows[int(id_[r, 0])]
+            n = len(row)
+            assert lengths[r] == n
+            np.testing.assert_array_equal(tokens[r, :n], row)
+            want_values, want_indices = reference[int(id_[r, 0])]
+            np.testing.assert_allclose(values[r, :n], want_values[:, :K], atol=1e-4, rtol=0)
+            gaps = np.abs(np.diff(want_values, axis=1)) > 1e-5  # [n, K]: rank j apart from rank j+1
+            apart = gaps & np.concatenate([np.ones((n, 1), bool), gaps[:, : K - 1]], axis=1)
+            np.testing.assert_array_equal(indices[r, :n][apart], want_indices[:, :K][apart])
+            assert not values[r, n:].any() and not indices[r, n:].any()
+
+
+def test_the_reader_over_vllm_matches_transformers(vllm: Vllm, tmp_path: Path) -> None:
+    """DistillReader over a real vLLM: 96 rows of 1-64 tokens, grouped by length into d_batches of
+    4; every position's top-8 is transformers' on the same model directory; stats count the
+    requests."""
+    endpoint = vllm.endpoint
+    dr = vllm_reader(tmp_path, [endpoint])
+    dr.set_sample_generator(lambda: ((row, np.array([i])) for i, row in enumerate(vllm.rows)))
+    with dr:
+        batches = list(dr.distill_reader()())
+        stats = settled_stats(dr)
+    check_against_transformers(vllm, batches)
+    (teacher,) = stats.teachers
+    assert teacher.endpoint == endpoint and teacher.healthy and teacher.quarantined is None
+    assert teacher.requests >= 96 // 4 and teacher.failures == 0
+
+
+def test_a_teacher_killed_mid_epoch(vllm: Vllm, tmp_path: Path) -> None:
+    """Two teachers: vLLM and a relay to it that is SIGKILLed after the first batch, while requests
+    are in flight through it (its connections reset, as a killed server's do): its requests go to
+    vLLM, every row arrives once, in order, with transformers' top-k."""
+    from vllm_support import Relay
+
+    endpoint = vllm.endpoint
+    relay = Relay(endpoint)
+    try:
+        dr = vllm_reader(tmp_path, [relay.endpoint, endpoint])
+        dr.set_sample_generator(lambda: ((row, np.array([i])) for i, row in enumerate(vllm.rows)))
+        batches = []
+        with dr:
+            for batch in dr.distill_reader()():
+                batches.append(batch)
+                if len(batches) == 1:
+                    relay.kill()
+            stats = settled_stats(dr)
+    finally:
+        relay.kill()
+    check_against_transformers(vllm, batches)
+    by_endpoint = {t.endpoint: t for t in stats.teachers}
+    assert by_endpoint[relay.endpoint].failures >= 1 and not by_endpoint[relay.endpoint].healthy
+    assert by_endpoint[endpoint].healthy
+
+
+@pytest.mark.parametrize(
+    ("k", "token", "error", "message"),
+    [
+        (K, None, TeacherAuthError, r"refused the reader \(HTTP 401.*set \[conf\] token_file"),
+        (K, "wrong", TeacherAuthError, r"refused the reader \(HTTP 401.*check \[conf\] token_file"),
+        (2 * MAX_LOGPROBS, API_KEY, TeacherMismatchError, rf"max_logprobs.*--max-logprobs {2 * MAX_LOGPROBS}"),
+    ],
+    ids=["no-token", "wrong-token", "max-logprobs"],
+)
+def test_a_teacher_that_does_not_fit_is_quarantined(vllm: Vllm, tmp_path: Path, k, token, error, message) -> None:
+    """The only teacher quarantined: the epoch fails at once with a message naming the setting."""
+    endpoint = vllm.endpoint
+    dr = vllm_reader(tmp_path, [endpoint], k, token)
+    dr.set_sample_generator(lambda: ((np.arange(1, 9), np.array([i])) for i in range(4)))
+    with dr, pytest.raises(error, match=message):
+        list(dr.distill_reader()())
+
+
+def test_wrong_model_name_is_quarantined(vllm: Vllm, tmp_path: Path) -> None:
+    """A model name the server does not serve: the one teacher quarantined, naming model_name and
+    what the server serves."""
+    endpoint = vllm.endpoint
+    (tmp_path / "token").write_text(API_KEY)
+    conf = openai_config(tmp_path, [endpoint], K, MAX_LENGTH, "token_file = token\n").read_text()
+    conf_path = tmp_path / "other.conf"
+    conf_path.write_text(conf.replace(f"model_name = {MODEL}", "model_name = gpt-4"))
+    dr = DistillReader(conf_path, 4, 4, capacity=2, occupied_capacity=1, teacher_timeout=60)
+    dr.set_sample_generator(lambda: ((np.arange(1, 9), np.array([i])) for i in range(4)))
+    with dr, pytest.raises(TeacherMismatchError, match=r"'gpt-4'.*serves \['tiny'\].*model_name"):
+        list(dr.distill_reader()())
