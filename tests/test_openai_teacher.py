@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -416,3 +418,33 @@ def test_wrong_model_name_is_quarantined(vllm: Vllm, tmp_path: Path) -> None:
     dr.set_sample_generator(lambda: ((np.arange(1, 9), np.array([i])) for i in range(4)))
     with dr, pytest.raises(TeacherMismatchError, match=r"'gpt-4'.*serves \['tiny'\].*model_name"):
         list(dr.distill_reader()())
+
+
+def test_discover_mode_uses_the_protocol_a_teacher_registered(vllm: Vllm, tmp_path: Path) -> None:
+    """``distill teacher register --protocol openai`` puts vLLM in a discovery service; a student
+    whose config says nothing of protocols (``oip`` by default) reaches it over the OpenAI API,
+    with the registered model name, and gets transformers' top-k."""
+    from distill_reader.discovery.server import running_server
+
+    (tmp_path / "token").write_text(API_KEY)
+    with running_server() as discovery:
+        command = [sys.executable, "-m", "distill_reader", "teacher", "register", "--discovery", discovery]
+        command += ["--service-name", "llm", "--endpoint", vllm.endpoint, "--model-name", MODEL]
+        register = subprocess.Popen([*command, "--protocol", "openai"], stderr=subprocess.PIPE)
+        try:
+            text = sequence_config([], MAX_LENGTH, K, values_dtype="float32", conf="token_file = token\n")
+            text = text.replace(
+                "mode = fixed\nservers = []",
+                f"mode = discover\nhost = {discovery}\nservice_name = llm\nrequire_num = 1",
+            )
+            conf = tmp_path / "discover.conf"
+            conf.write_text(text)
+            dr = DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60)
+            dr.set_sample_generator(lambda: ((row, np.array([i])) for i, row in enumerate(vllm.rows)))
+            with dr:
+                batches = list(dr.distill_reader()())
+        finally:
+            register.terminate()
+            _, errors = register.communicate(timeout=10)
+    check_against_transformers(vllm, batches)
+    assert b"(openai) registered in 'llm'" in errors, errors

@@ -145,6 +145,27 @@ def _error_message(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+def http_client_for(
+    endpoint: str,
+    security: ClientSecurity,
+    timeout: float,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """An HTTP client of the server at ``endpoint`` (``host:port``): HTTPS with ``security.tls``,
+    its token as ``Authorization: Bearer``."""
+    headers = {"Authorization": f"Bearer {security.token.reveal()}"} if security.token is not None else {}
+    return httpx.AsyncClient(
+        base_url=f"{'https' if security.tls is not None else 'http'}://{endpoint}",
+        headers=headers,
+        verify=_ssl_context(security.tls) if security.tls is not None else True,
+        timeout=httpx.Timeout(timeout),
+        # one connection per request in flight; no pool timeout of its own (the request's is enough)
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        trust_env=False,  # a proxy from the environment must not see the token or the data
+        transport=transport,
+    )
+
+
 class OpenAITransport(Transport):
     """One OpenAI-compatible teacher (see the module docstring), bound to the reader's config."""
 
@@ -175,18 +196,7 @@ class OpenAITransport(Transport):
         self.k = self._layout.k if self._layout is not None else 0
         security = security or ClientSecurity(config.token, config.tls)
         self._has_token = security.token is not None
-        headers = {"Authorization": f"Bearer {security.token.reveal()}"} if security.token is not None else {}
-        scheme = "https" if security.tls is not None else "http"
-        self._client = httpx.AsyncClient(
-            base_url=f"{scheme}://{endpoint}",
-            headers=headers,
-            verify=_ssl_context(security.tls) if security.tls is not None else True,
-            timeout=httpx.Timeout(request_timeout),
-            # one connection per request in flight; no pool timeout of its own (the request's is enough)
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            trust_env=False,  # a proxy from the environment must not see the token or the data
-            transport=http_transport,
-        )
+        self._client = http_client_for(endpoint, security, request_timeout, http_transport)
         self._body_head = b""
 
     async def close(self) -> None:
