@@ -44,6 +44,8 @@ SCENARIOS: dict[str, Scenario] = {
     "store": Scenario("knowledge store: write ÷ no store, read ÷ pyarrow on the same files, bytes/row", 90),
     # discovery: the default size (1,000 students / 100 teachers, memory store).
     "discovery": Scenario("simulated students/teachers vs a discovery server: full sets, pushes, leases", 75),
+    # llm-openai: starts vLLM (build/teachers/vllm-venv) for 1-3 minutes of it (docs/llm.md).
+    "llm-openai": Scenario("tokens/s of the reader over vLLM ÷ a bare HTTP client, top-8 and top-128", 240),
 }
 SCENARIO_NAMES = (
     "teacher-bound",
@@ -56,8 +58,8 @@ SCENARIO_NAMES = (
     "sequence",
 )
 # Run only when named: chaos kills processes and restarts services, store writes to disk,
-# discovery simulates a thousand clients.
-EXTRA_SCENARIOS = ("chaos", "store", "discovery")
+# discovery simulates a thousand clients, llm-openai needs vLLM's own venv.
+EXTRA_SCENARIOS = ("chaos", "store", "discovery", "llm-openai")
 
 
 def _functions() -> dict[str, Callable[..., list[Row]]]:
@@ -65,6 +67,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
     from distill_reader.bench import (
         chaos,
         discovery,
+        llm_openai,
         memory,
         naive,
         sequence,
@@ -86,6 +89,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
         "chaos": chaos.chaos_rows,
         "store": store.store,
         "discovery": discovery.discovery,
+        "llm-openai": llm_openai.llm_openai,
     }
 
 
@@ -105,8 +109,8 @@ def _help() -> str:
         f"""Benchmarks: how close DistillReader runs to its limits, beside the alternatives.
 
         Every figure is a ratio of two rates measured in the same run. Scenarios (default: all but
-        chaos, store and discovery, {about(total)} in all; durations of a full run on 2 cores, --quick takes about a
-        minute for all):
+        chaos, store, discovery and llm-openai, {about(total)} in all; durations of a full run on 2 cores, --quick
+        takes about a minute for all):
 
         \b
         {{lines}}
@@ -115,7 +119,7 @@ def _help() -> str:
         ./{DEFAULT_PLOT} (or --plot FILE); the committed figure is refreshed with
         --plot docs/benchmarks-dbatch.png. See docs/benchmarks.md; chaos (teachers killed, hung or
         wrong, discovery/Redis/etcd restarted, a link cut): docs/fault-tolerance.md; store:
-        docs/store.md.
+        docs/store.md; llm-openai (vLLM from build/teachers/vllm-venv): docs/llm.md.
         """
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 
