@@ -73,7 +73,9 @@ def test_bench_help_gives_each_scenarios_duration() -> None:
         line = next((line for line in lines if line.split()[:1] == [name]), None)
         assert line is not None, f"no line for {name} in:\n{result.output}"
         assert re.search(r"\babout \d+ (s|min)\b", line), line
-    assert re.search(r"all but chaos, store, discovery and llm-openai, about \d+ (s|min) in all", " ".join(result.output.split()))
+    assert re.search(
+        r"all but chaos, store, discovery and llm-openai, about \d+ (s|min) in all", " ".join(result.output.split())
+    )
     assert "--plot docs/benchmarks-dbatch.png" in result.output
 
 
