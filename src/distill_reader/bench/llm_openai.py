@@ -327,7 +327,7 @@ def llm_openai(sizes: Sizes, progress: Progress) -> list[Row]:
             return cpu_seconds(server_pids)
 
         rows: list[Row] = []
-        rounds = 1 if sizes.quick else 2
+        rounds = 1 if sizes.quick else 3
         for k in KS:
             progress(f"llm-openai: K = {k}, warming up")
             warm_up(endpoint, k, vocab)

@@ -38,7 +38,9 @@ import json
 import os
 import ssl
 import tempfile
+import warnings
 from dataclasses import dataclass
+from itertools import chain
 
 import httpx
 import numpy as np
@@ -362,10 +364,9 @@ class OpenAITransport(Transport):
             choices = sorted(choices, key=lambda c: c["index"])
         except (KeyError, TypeError):
             raise TeacherMismatchError(f"{self._where} answered choices without an index") from None
-        ids: list = []  # token ids, as the strings vLLM's JSON keys are
-        logprobs: list = []
+        ids: list[str] = []  # token ids, as the strings vLLM's JSON keys are
+        logprobs: list[float] = []
         counts: list[int] = []  # entries per position, positions in row-major order
-        start = len(_TOKEN_ID_PREFIX)
         try:
             for row, (choice, length) in enumerate(zip(choices, lengths.tolist())):
                 if choice["index"] != row:
@@ -377,14 +378,14 @@ class OpenAITransport(Transport):
                         f"{self._where} answered {got} for a prompt of {length} tokens; the server must support "
                         "prompt_logprobs (vLLM does)"
                     )
-                for entries in positions[1:]:
-                    counts.append(len(entries))
-                    ids.extend(entries)
-                    logprobs.extend([e["logprob"] for e in entries.values()])
+                prompt = positions[1:]
+                counts.extend(map(len, prompt))
+                ids.extend(chain.from_iterable(prompt))
+                logprobs.extend([entry["logprob"] for entries in prompt for entry in entries.values()])
                 # The generated token's: keys 'token_id:N' (return_tokens_as_token_ids).
                 top = choice["logprobs"]["top_logprobs"][0]
                 counts.append(len(top))
-                ids.extend([key[start:] if key.startswith(_TOKEN_ID_PREFIX) else key for key in top])
+                ids.append(",".join(top).replace(_TOKEN_ID_PREFIX, ""))
                 logprobs.extend(top.values())
         except (KeyError, TypeError, AttributeError, IndexError) as exc:
             raise TeacherMismatchError(
@@ -392,8 +393,13 @@ class OpenAITransport(Transport):
                 "is it vLLM or another server of its prompt_logprobs?"
             ) from None
         try:
-            token_ids = np.array(ids).astype(np.int64)
             values = np.array(logprobs, dtype=np.float64)
+            with warnings.catch_warnings():  # text that is not a number ends the parse early: checked below
+                warnings.simplefilter("ignore", DeprecationWarning)
+                # 10-20 times faster than int() or astype for each string
+                token_ids = np.fromstring(",".join(ids), dtype=np.int64, sep=",")
+            if len(token_ids) != len(values):
+                raise ValueError(f"{len(values) - len(token_ids)} of {len(values)} ids are not integers")
         except (ValueError, TypeError) as exc:
             raise TeacherMismatchError(
                 f"{self._where} answered token ids or log-probs that are not numbers ({exc}); "
@@ -412,22 +418,36 @@ class OpenAITransport(Transport):
     def _topk(
         self, token_ids: np.ndarray, values: np.ndarray, counts: np.ndarray, lengths: np.ndarray, padded: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Each position's entries sorted by value descending, then id ascending; the first K kept."""
+        """Each position's entries sorted by value descending, then id ascending; the first K kept.
+
+        The entries go into a ``[positions, most entries]`` matrix, sorted along each row by value
+        (stable: vLLM sends them nearly in order, which the sort is quick on); the rare rows with
+        equal values among the first K + 1 are sorted again by (value, id)."""
         k = self.k
         rows = len(lengths)
-        # the flat index (row * padded + t) of each position, in the order the entries came
+        positions = len(counts)
+        width = max(int(counts.max()), k)
+        group = np.repeat(np.arange(positions), counts)
+        column = np.arange(len(values)) - np.repeat(np.cumsum(counts) - counts, counts)
+        matrix = np.full((positions, width), -np.inf)
+        matrix[group, column] = values
+        ids = np.full((positions, width), np.iinfo(np.int64).max)
+        ids[group, column] = token_ids
+        order = np.argsort(-matrix, axis=1, kind="stable")
+        ranked = np.take_along_axis(matrix, order, axis=1)
+        cut = min(width, k + 1)
+        tied = np.flatnonzero(((ranked[:, 1:cut] == ranked[:, : cut - 1]) & np.isfinite(ranked[:, 1:cut])).any(axis=1))
+        if len(tied):
+            order[tied] = np.lexsort((ids[tied], -matrix[tied]), axis=1)
+            ranked[tied] = np.take_along_axis(matrix[tied], order[tied], axis=1)
+        order, ranked = order[:, :k], ranked[:, :k]
+        # the flat index (row * padded + t) of each position, in the order they came
         row_of = np.repeat(np.arange(rows), lengths)
-        t_of = np.arange(len(row_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        position = row_of * padded + t_of
-        group = np.repeat(np.arange(len(counts)), counts)
-        order = np.lexsort((token_ids, -values, group))  # entries of one position stay together
-        rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-        keep = rank < k
-        at = position[group[order][keep]]
+        position = row_of * padded + np.arange(positions) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         out_values = np.zeros((rows * padded, k), np.float64)
         out_indices = np.zeros((rows * padded, k), np.int64)
-        out_values[at, rank[keep]] = values[order][keep]
-        out_indices[at, rank[keep]] = token_ids[order][keep]
+        out_values[position] = ranked
+        out_indices[position] = np.take_along_axis(ids, order, axis=1)
         for g in np.flatnonzero(counts < k):  # fewer than K entries: the lowest unused ids, probability 0
             p = position[g]
             have = counts[g]
