@@ -188,7 +188,15 @@ def random_gpt2(directory: Path, vocab: int = 16000, layers: int = 2, width: int
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=width, n_layer=layers, n_head=width // 64)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=256,
+        n_embd=width,
+        n_layer=layers,
+        n_head=width // 64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(directory)
     return directory
 
