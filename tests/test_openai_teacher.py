@@ -268,6 +268,61 @@ def test_config_protocol(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_https_with_tls_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    """``tls_ca`` makes the connection HTTPS (the server verified with that CA), ``tls_cert``/
+    ``tls_key`` present a client certificate, and the token goes as ``Authorization: Bearer``; a
+    server whose certificate another CA signed is not trusted."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from security_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    seen: list[httpx.Request] = []
+    fake = fake_vllm(seen=seen)
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            request = httpx.Request(self.command, f"https://x{self.path}", headers=dict(self.headers), content=body)
+            response = fake(request)
+            self.send_response(response.status_code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(response.content)))
+            self.end_headers()
+            self.wfile.write(response.content)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.verify_mode = ssl.CERT_REQUIRED  # mTLS: the reader must present a certificate of the CA
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        (tmp_path / "token").write_text("sekrit\n")
+        tls = f"token_file = token\ntls_ca = {pki.ca}\ntls_cert = {pki.client_cert}\ntls_key = {pki.client_key}\n"
+        transport = OpenAITransport(endpoint, load_config(openai_config(tmp_path, [endpoint], extra=tls)))
+        assert asyncio.run(transport.check_metadata()) is True
+        values, _ = asyncio.run(transport.infer(_batch([np.array([1, 2, 3])])))
+        assert values.shape == (1, 3, K) and values[0, :, 0].all()
+        assert seen and all(r.headers["authorization"] == "Bearer sekrit" for r in seen)
+
+        other = f"tls_ca = {pki.other_ca}\ntls_cert = {pki.client_cert}\ntls_key = {pki.client_key}\n"
+        untrusting = OpenAITransport(endpoint, load_config(openai_config(tmp_path, [endpoint], extra=other)))
+        with pytest.raises(TransientTeacherError, match="CERTIFICATE_VERIFY_FAILED"):
+            asyncio.run(untrusting.check_metadata())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- a real vLLM ----------------------------------------------------------------------------------
 #: vLLM's --max-logprobs in these tests; K = 32 asks for more
 MAX_LOGPROBS = 16
