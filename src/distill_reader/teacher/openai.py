@@ -292,9 +292,7 @@ class OpenAITransport(Transport):
                 "lower max_length"
             )
         # Two tokens: one prompt position and the generated token's, each with K entries.
-        answer = await self._complete([[0, 0]])
-        values, indices = self._decode(answer, np.array([2]), 2)
-        del values, indices
+        self._decode(await self._complete([[0, 0]]), np.array([2]), 2)  # raises if the answer does not fit
         return True
 
     # -- inference --------------------------------------------------------------------------------
