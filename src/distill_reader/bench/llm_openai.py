@@ -6,7 +6,8 @@ The server: vLLM's CPU build from ``build/teachers/vllm-venv`` (``scripts/extern
 the model directory in ``DISTILL_BENCH_LLM_MODEL`` or a GPT-2 of random weights built here
 (vocabulary 16,000, 2 layers of 128, no tokenizer: vLLM runs with ``--skip-tokenizer-init`` and
 answers token ids only). ``DISTILL_BENCH_VLLM=host:port`` uses a running vLLM instead (its model
-served as ``bench``, ``--max-logprobs`` at least 128).
+served as ``bench``, ``--max-logprobs`` at least 128; its CPU is measured when it runs on this
+host). ``DISTILL_BENCH_ROUNDS``: rounds of each client (default 3).
 
 The work: rows of 8-64 random tokens (uniform), d_batches of 16 rows, 4 requests in flight, each
 request the d_batch's rows as token-id prompts with ``max_tokens`` 1, ``prompt_logprobs`` K,
@@ -53,6 +54,7 @@ IN_FLIGHT = 4
 TARGET = 0.9
 MODEL_NAME = "bench"
 MODEL_ENV, PYTHON_ENV, SERVER_ENV = "DISTILL_BENCH_LLM_MODEL", "DISTILL_VLLM_PYTHON", "DISTILL_BENCH_VLLM"
+ROUNDS_ENV = "DISTILL_BENCH_ROUNDS"
 REPO = Path(__file__).resolve().parents[3]
 VLLM_VENV = REPO / "build" / "teachers" / "vllm-venv"
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -124,6 +126,19 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def _vllm_session(port: str) -> int | None:
+    """The session id of a vLLM OpenAI server on this host started with ``--port port`` (its CPU is
+    then measured too), or None."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    args = fh.read().split(b"\0")
+                if b"vllm.entrypoints.openai.api_server" in args and args[args.index(b"--port") + 1] == port.encode():
+                    return os.getsid(int(entry))
+    return None
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of ``pids`` so far (those still alive)."""
     total = 0
@@ -140,7 +155,9 @@ def running_vllm(model: Path, max_logprobs: int, progress: Progress) -> Iterator
     """``(endpoint, the session id of its processes or [])``: ``DISTILL_BENCH_VLLM``, or a vLLM
     started here (in a session of its own, stopped on exit)."""
     if os.environ.get(SERVER_ENV):
-        yield os.environ[SERVER_ENV], []
+        endpoint = os.environ[SERVER_ENV]
+        session = _vllm_session(endpoint.rpartition(":")[2])
+        yield endpoint, [session] if session is not None else []
         return
     from distill_reader.teacher.local import free_port
 
@@ -257,7 +274,9 @@ def bare_client(endpoint: str, k: int, vocab: int, sizes: Sizes, seed: int, serv
     return asyncio.run(run())
 
 
-def reader_run(endpoint: str, k: int, vocab: int, sizes: Sizes, seed: int, server_cpu: CpuClock) -> Measured:
+def reader_run(
+    endpoint: str, k: int, vocab: int, sizes: Sizes, seed: int, server_cpu: CpuClock, *, group_by_length: bool = True
+) -> Measured:
     """Real tokens/s a DistillReader's training loop receives; the window's seconds, the CPU seconds
     of the reader's processes (training loop and pipeline process) and of the server in it."""
     from distill_reader import DistillReader
@@ -269,7 +288,14 @@ def reader_run(endpoint: str, k: int, vocab: int, sizes: Sizes, seed: int, serve
         extra = f"protocol = openai\nmodel_name = {MODEL_NAME}\n"
         conf.write_text(sequence_config([endpoint], MAX_LENGTH, k, values_dtype="float32", conf=extra))
         reader = DistillReader(
-            conf, BATCH_SIZE, D_BATCH, capacity=8, occupied_capacity=1, max_in_flight=IN_FLIGHT, request_timeout=120
+            conf,
+            BATCH_SIZE,
+            D_BATCH,
+            capacity=8,
+            occupied_capacity=1,
+            max_in_flight=IN_FLIGHT,
+            request_timeout=120,
+            group_by_length=group_by_length,
         )
         reader.set_sample_generator(lambda: ((row, np.array([i])) for i, row in enumerate(rows)))
         try:
@@ -335,7 +361,7 @@ def llm_openai(sizes: Sizes, progress: Progress) -> list[Row]:
             return cpu_seconds(server_pids)
 
         rows: list[Row] = []
-        rounds = 1 if sizes.quick else 3
+        rounds = 1 if sizes.quick else int(os.environ.get(ROUNDS_ENV, "3"))
         for k in KS:
             progress(f"llm-openai: K = {k}, warming up")
             warm_up(endpoint, k, vocab)
