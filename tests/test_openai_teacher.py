@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import settled_stats
+from conftest import settled_stats, wait_for
 
 from distill_reader import ConfigError, DistillReader
 from distill_reader.bench.sequence import sequence_config
@@ -380,20 +380,22 @@ def vllm_reader(tmp_path: Path, servers: list[str], k: int = K, token: str | Non
 
 
 def check_against_transformers(vllm: Vllm, batches: list[list[np.ndarray]]) -> None:
-    """Every row once, in order; at every real position the top-K of transformers' log_softmax on
-    the same directory (values within 1e-4; indices where the reference's values are not tied
-    within 1e-5, the (K+1)-th included); 0 past each row's length."""
+    """Every sample once, in order (sample ``i`` is row ``i % 96``); at every real position the
+    top-K of transformers' log_softmax on the same directory (values within 1e-4; indices where
+    the reference's values are not tied within 1e-5, the (K+1)-th included); 0 past each row's
+    length."""
     rows, reference = vllm.rows, vllm.reference
     ids = np.concatenate([b[1][:, 0] for b in batches])
-    np.testing.assert_array_equal(ids, np.arange(len(rows)))
+    np.testing.assert_array_equal(ids, np.arange(len(ids)))
+    assert len(ids) >= len(rows)
     for tokens, id_, values, indices, lengths in batches:
         assert values.shape == indices.shape == (*tokens.shape, K)
         for r in range(len(tokens)):
-            row = rows[int(id_[r, 0])]
+            row = rows[int(id_[r, 0]) % len(rows)]
             n = len(row)
             assert lengths[r] == n
             np.testing.assert_array_equal(tokens[r, :n], row)
-            want_values, want_indices = reference[int(id_[r, 0])]
+            want_values, want_indices = reference[int(id_[r, 0]) % len(rows)]
             np.testing.assert_allclose(values[r, :n], want_values[:, :K], atol=1e-4, rtol=0)
             gaps = np.abs(np.diff(want_values, axis=1)) > 1e-5  # [n, K]: rank j apart from rank j+1
             apart = gaps & np.concatenate([np.ones((n, 1), bool), gaps[:, : K - 1]], axis=1)
@@ -418,26 +420,33 @@ def test_the_reader_over_vllm_matches_transformers(vllm: Vllm, tmp_path: Path) -
 
 
 def test_a_teacher_killed_mid_epoch(vllm: Vllm, tmp_path: Path) -> None:
-    """Two teachers: vLLM and a relay to it that is SIGKILLed after the first batch, while requests
+    """Two teachers: vLLM and a relay to it that is SIGKILLed after the first batch, once requests
     are in flight through it (its connections reset, as a killed server's do): its requests go to
-    vLLM, every row arrives once, in order, with transformers' top-k."""
+    vLLM, every sample arrives once, in order, with transformers' top-k."""
     from vllm_support import Relay
 
     endpoint = vllm.endpoint
     relay = Relay(endpoint)
+    samples = 3 * len(vllm.rows)  # long enough for both teachers to have work when the relay dies
     try:
         dr = vllm_reader(tmp_path, [relay.endpoint, endpoint])
-        dr.set_sample_generator(lambda: ((row, np.array([i])) for i, row in enumerate(vllm.rows)))
+        dr.set_sample_generator(lambda: ((vllm.rows[i % len(vllm.rows)], np.array([i])) for i in range(samples)))
         batches = []
         with dr:
             for batch in dr.distill_reader()():
                 batches.append(batch)
                 if len(batches) == 1:
+                    wait_for(
+                        lambda: any(t.endpoint == relay.endpoint and t.in_flight for t in dr.stats(timeout=2).teachers),
+                        30,
+                        "a request in flight through the relay",
+                    )
                     relay.kill()
             stats = settled_stats(dr)
     finally:
         relay.kill()
     check_against_transformers(vllm, batches)
+    assert sum(len(b[0]) for b in batches) == samples
     by_endpoint = {t.endpoint: t for t in stats.teachers}
     assert by_endpoint[relay.endpoint].failures >= 1 and not by_endpoint[relay.endpoint].healthy
     assert by_endpoint[endpoint].healthy
