@@ -289,6 +289,7 @@ def test_cli_status_json_table_and_http():
             "weight": 2,
             "healthy": True,
             "students": [],
+            "protocol": "",
         }
         assert data["services"]["svc"]["students"] == []
         result = runner.invoke(discovery, ["status", "--discovery", address])

@@ -32,7 +32,7 @@ def run_scheduler(config, handler, feed, fetch, items, until) -> tuple[list, lis
             done.append,
             lambda epoch, exc: errors.append(exc),
             lambda message: None,
-            transports=lambda endpoint, model_name: InProcessTransport(endpoint, handler),
+            transports=lambda ref: InProcessTransport(ref.endpoint, handler),
         )
         scheduler.set_teachers([TeacherRef("in-process")])
         for item in items:

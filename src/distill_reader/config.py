@@ -31,6 +31,8 @@ STORE_POLICIES = ("write", "read", "cache")
 #: ``[store] precision``: top-k knowledge kept as the teacher sent it, or compact (docs/store.md)
 STORE_PRECISIONS = ("exact", "compact")
 SHARED_MEMORY_MODES = ("auto", "on", "off")
+#: ``[conf] protocol``: how the reader talks to teachers (``openai``: docs/llm.md)
+PROTOCOLS = ("oip", "openai")
 DEFAULT_MODEL_NAME = "teacher"
 #: Every section and key :func:`load_config` reads. Anything else is refused, so that a typo
 #: (``reqire_num``, ``[stor]``) fails loudly instead of being ignored.
@@ -51,6 +53,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
         "tls_key",
         "shared_memory",
         "report_to",
+        "protocol",
     ),
     "feed": ("feed_vars", "feed_types", "feed_shapes", "predict_feed_ids"),
     "fetch": ("fetch_vars", "fetch_types", "fetch_shapes"),
@@ -109,6 +112,10 @@ class ReaderConfig:
     report_to: tuple[str, ...] = ()
     #: the student's id with discovery and in its reports; set by DistillReader, not from the file
     student_id: str | None = None
+    #: ``[conf] protocol``: ``oip`` (Open Inference Protocol over gRPC) or ``openai`` (an OpenAI-compatible
+    #: server's completions API with prompt log-probs, e.g. vLLM); in discover mode, for teachers whose
+    #: registration names none
+    protocol: str = "oip"
 
     @property
     def predict_feeds(self) -> tuple[TensorSpec, ...]:
@@ -330,7 +337,8 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
     shared_memory = conf.string("shared_memory") if conf.has("shared_memory") else "auto"
     if shared_memory not in SHARED_MEMORY_MODES:
         raise ConfigError(f"[conf] shared_memory: {shared_memory!r} is not one of {', '.join(SHARED_MEMORY_MODES)}")
-    return ReaderConfig(
+    protocol = _protocol(conf, shared_memory)
+    config = ReaderConfig(
         mode=mode,
         servers=servers,
         discovery=discovery,
@@ -347,7 +355,26 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         store=_store(parser, path, feeds),
         shared_memory=shared_memory,
         report_to=report_to,
+        protocol=protocol,
     )
+    if protocol == "openai":
+        from distill_reader.teacher.openai import openai_layout
+
+        try:
+            openai_layout(config)
+        except ValueError as exc:
+            raise ConfigError(f"[conf] protocol = openai: {exc}") from None
+    return config
+
+
+def _protocol(conf: _Section, shared_memory: str) -> str:
+    """``[conf] protocol``; ``openai`` has no shared memory to turn on."""
+    protocol = conf.string("protocol") if conf.has("protocol") else "oip"
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"[conf] protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if protocol == "openai" and shared_memory == "on":
+        raise ConfigError("[conf] shared_memory = on: an OpenAI-compatible teacher (protocol = openai) has none")
+    return protocol
 
 
 def _store(parser: configparser.ConfigParser, config_path: Path, feeds: Sequence[TensorSpec]) -> StoreConfig | None:

@@ -47,6 +47,8 @@ SCENARIOS: dict[str, Scenario] = {
     "discovery": Scenario("simulated students/teachers vs a discovery server: full sets, pushes, leases", 75),
     # llm: needs the llm extra (torch, transformers); docs/llm.md.
     "llm": Scenario("hf: teacher's tokens/s ÷ the same model's plain transformers forward", 120),
+    # llm-openai: starts vLLM (build/teachers/vllm-venv) for 1-3 minutes of it (docs/llm.md).
+    "llm-openai": Scenario("tokens/s of the reader over vLLM ÷ a bare HTTP client, top-8 and top-128", 240),
 }
 SCENARIO_NAMES = (
     "teacher-bound",
@@ -59,8 +61,8 @@ SCENARIO_NAMES = (
     "sequence",
 )
 # Run only when named: chaos kills processes and restarts services, store writes to disk,
-# discovery simulates a thousand clients.
-EXTRA_SCENARIOS = ("chaos", "store", "discovery", "llm")
+# discovery simulates a thousand clients, llm needs the llm extra, llm-openai needs vLLM's own venv.
+EXTRA_SCENARIOS = ("chaos", "store", "discovery", "llm", "llm-openai")
 
 
 def _functions() -> dict[str, Callable[..., list[Row]]]:
@@ -69,6 +71,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
         chaos,
         discovery,
         llm,
+        llm_openai,
         memory,
         naive,
         sequence,
@@ -91,6 +94,7 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
         "store": store.store,
         "discovery": discovery.discovery,
         "llm": llm.llm,
+        "llm-openai": llm_openai.llm_openai,
     }
 
 
@@ -106,12 +110,13 @@ def _help() -> str:
         for name, s in SCENARIOS.items()
     )
     total = sum(SCENARIOS[name].seconds for name in SCENARIO_NAMES)
+    named_only = ", ".join(EXTRA_SCENARIOS[:-1]) + f" and {EXTRA_SCENARIOS[-1]}"
     return inspect.cleandoc(
         f"""Benchmarks: how close DistillReader runs to its limits, beside the alternatives.
 
         Every figure is a ratio of two rates measured in the same run. Scenarios (default: all but
-        chaos, store and discovery, {about(total)} in all; durations of a full run on 2 cores, --quick takes about a
-        minute for all):
+        {named_only}, {about(total)} in all; durations of a full run on 2 cores, --quick
+        takes about a minute for all):
 
         \b
         {{lines}}
@@ -120,7 +125,7 @@ def _help() -> str:
         ./{DEFAULT_PLOT} (or --plot FILE); the committed figure is refreshed with
         --plot docs/benchmarks-dbatch.png. See docs/benchmarks.md; chaos (teachers killed, hung or
         wrong, discovery/Redis/etcd restarted, a link cut): docs/fault-tolerance.md; store:
-        docs/store.md.
+        docs/store.md; llm-openai (vLLM from build/teachers/vllm-venv): docs/llm.md.
         """
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 

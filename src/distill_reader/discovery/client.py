@@ -59,12 +59,13 @@ _FATAL = {
 
 @dataclass(frozen=True)
 class TeacherEndpoint:
-    """One assigned teacher: its OIP gRPC address, the model name to ask for, and its registration
-    (new each time the teacher starts a lease)."""
+    """One assigned teacher: its address, the model name to ask for, its registration (new each
+    time the teacher starts a lease) and the protocol it speaks (empty: the student's)."""
 
     endpoint: str
     model_name: str
     registration: str = ""
+    protocol: str = ""
 
 
 def parse_endpoints(value: str | Sequence[str]) -> list[str]:
@@ -140,7 +141,8 @@ class StudentSession:
                         self.connected_to = endpoint
                         self.last_errors.clear()
                         teachers = [
-                            TeacherEndpoint(t.endpoint, t.model_name or "teacher", t.registration) for t in msg.teachers
+                            TeacherEndpoint(t.endpoint, t.model_name or "teacher", t.registration, t.protocol)
+                            for t in msg.teachers
                         ]
                         if teachers != last:
                             last = teachers
@@ -203,6 +205,21 @@ async def _oip_ready(stub, model_name: str, timeout: float) -> bool:
         return False
 
 
+async def _openai_ready(client, timeout: float) -> bool:
+    """An OpenAI-compatible server is ready when ``GET /health`` answers 200 (vLLM, SGLang); one
+    without that route when ``GET /v1/models`` answers (200, or 401/403 behind an API key)."""
+    import httpx
+
+    try:
+        health = await client.get("/health", timeout=timeout)
+        if health.status_code != 404:
+            return health.status_code == 200
+        models = await client.get("/v1/models", timeout=timeout)
+        return models.status_code in (200, 401, 403)
+    except httpx.HTTPError:
+        return False
+
+
 class _Rotating:
     """Discovery endpoints tried in turn; keeps one channel open to the current one."""
 
@@ -255,12 +272,17 @@ async def keep_registered(
     check_timeout: float = 0.5,
     security: ClientSecurity | None = None,
     teacher_security: ClientSecurity | None = None,
+    protocol: str = "oip",
 ) -> None:
     """Keep ``endpoint`` registered in ``service_name`` until ``stop`` is set or the task is cancelled.
 
+    ``protocol``: what students speak to it, ``oip`` or ``openai`` (``endpoint`` is then the
+    server's HTTP API, whose readiness is ``GET /health``).
+
     With ``readiness_check`` the teacher is asked OIP ``ServerReady`` and ``ModelReady(model_name)``
-    every keep-alive interval (0.5 s by default, set by the server); while it does not answer
-    ready, it is reported not ready and gets no students, and it is back as soon as it answers.
+    (``openai``: ``GET /health``) every keep-alive interval (0.5 s by default, set by the server);
+    while it does not answer ready, it is reported not ready and gets no students, and it is back
+    as soon as it answers.
     On return the lease is dropped. Raises DiscoveryError for invalid arguments or a missing or
     wrong token. ``security`` secures the discovery calls, ``teacher_security`` (TLS only: readiness
     is not token-protected) the readiness checks.
@@ -269,6 +291,8 @@ async def keep_registered(
     check_service_name(service_name)
     check_hostport(endpoint, "teacher endpoint")
     check_weight(weight)
+    if protocol not in ("oip", "openai"):
+        raise DiscoveryError(f"protocol {protocol!r} is not one of oip, openai")
     stop = stop or asyncio.Event()
     instance = uuid.uuid4().hex
     rot = _Rotating(endpoints, security or NO_SECURITY)
@@ -277,10 +301,17 @@ async def keep_registered(
     interval = 0.5
     backoff = _BACKOFF_START_S
     teacher_channel: grpc.aio.Channel | None = None
+    http_client = None
+    if readiness_check and protocol == "openai":
+        from distill_reader.teacher.openai import http_client_for
+
+        http_client = http_client_for(endpoint, teacher_security, check_timeout)
     try:
         while not stop.is_set():
             ready = True
-            if readiness_check:
+            if http_client is not None:
+                ready = await _openai_ready(http_client, check_timeout)
+            elif readiness_check:
                 from tritonclient.grpc import service_pb2_grpc
 
                 if teacher_channel is None:
@@ -305,6 +336,7 @@ async def keep_registered(
                             weight=weight,
                             instance_id=instance,
                             health=health,
+                            protocol=protocol,
                         ),
                     )
                     lease, interval = resp.lease_id, resp.keepalive_seconds or interval
@@ -344,6 +376,8 @@ async def keep_registered(
         await rot.close()
         if teacher_channel is not None:
             await teacher_channel.close()
+        if http_client is not None:
+            await http_client.aclose()
 
 
 async def fetch_status(

@@ -279,14 +279,24 @@ def _print_table(data: dict) -> None:
 @click.command()
 @click.option("--discovery", "discovery_", required=True, help="Discovery server(s), HOST:PORT[,HOST:PORT…].")
 @click.option("--service-name", required=True, help="Service the teacher joins.")
-@click.option("--endpoint", required=True, help="The teacher's OIP gRPC address, HOST:PORT.")
+@click.option(
+    "--endpoint", required=True, help="The teacher's address, HOST:PORT: its OIP gRPC port, or its HTTP API (openai)."
+)
 @click.option("--model-name", default="teacher", show_default=True, help="Model the students should ask for.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["oip", "openai"]),
+    default="oip",
+    show_default=True,
+    help="What students speak to it: Open Inference Protocol over gRPC, or an OpenAI-compatible completions "
+    "API with prompt log-probs (vLLM).",
+)
 @click.option("--weight", default=1.0, show_default=True, type=float, help="Capacity weight (> 0).")
 @click.option(
     "--readiness-check/--no-readiness-check",
     default=True,
     show_default=True,
-    help="Keep the teacher registered only while it answers OIP ServerReady/ModelReady.",
+    help="Keep the teacher registered only while it answers OIP ServerReady/ModelReady (openai: GET /health).",
 )
 @token_option("client")
 @tls_options("client")
@@ -300,6 +310,7 @@ def register(
     service_name: str,
     endpoint: str,
     model_name: str,
+    protocol: str,
     weight: float,
     readiness_check: bool,
     token_file: str | None,
@@ -308,7 +319,7 @@ def register(
     tls_ca: str | None,
     teacher_plaintext: bool,
 ) -> None:
-    """Register any OIP teacher (Triton, KServe, …) until SIGINT/SIGTERM."""
+    """Register any OIP teacher (Triton, KServe, …) or OpenAI-compatible one (vLLM) until SIGINT/SIGTERM."""
     from distill_reader.discovery.client import keep_registered
     from distill_reader.security import ClientSecurity
 
@@ -316,7 +327,7 @@ def register(
     teacher_security = ClientSecurity(None, None if teacher_plaintext else security.tls)
 
     async def main(stop: asyncio.Event) -> None:
-        click.echo(f"keeping {endpoint} registered in {service_name!r} via {discovery_}", err=True)
+        click.echo(f"keeping {endpoint} ({protocol}) registered in {service_name!r} via {discovery_}", err=True)
         await keep_registered(
             discovery_,
             service_name,
@@ -327,6 +338,7 @@ def register(
             stop=stop,
             security=security,
             teacher_security=teacher_security,
+            protocol=protocol,
         )
 
     _run_until_signal(main)

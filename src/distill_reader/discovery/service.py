@@ -106,8 +106,13 @@ class _Watcher:
     rejoining: bool = False
     error: tuple[grpc.StatusCode, str] | None = None
     sent: tuple[str, ...] | None = None  # endpoints of the last set sent (None: nothing sent yet)
-    last: tuple[tuple[str, str, str], ...] | None = None  # (endpoint, model, registration) last sent
-    pending: tuple[tuple[str, str, str], ...] | None = None  # to send
+    # (endpoint, model, registration, protocol) last sent
+    last: tuple[tuple[str, str, str, str], ...] | None = None
+    pending: tuple[tuple[str, str, str, str], ...] | None = None  # to send
+
+
+#: what a teacher may register as its protocol (empty: the student's ``[conf] protocol``)
+TEACHER_PROTOCOLS = ("", "oip", "openai")
 
 
 class _Metrics:
@@ -330,6 +335,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     ep,
                     str(teachers.get(ep, {}).get("model_name", "teacher")),
                     str(teachers.get(ep, {}).get("registration", "")),
+                    str(teachers.get(ep, {}).get("protocol", "")),
                 )
                 for ep in ts
             )
@@ -401,12 +407,16 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             if len(model) > 256:
                 raise DiscoveryError("model_name is longer than 256 characters")
             weight = check_weight(request.weight or 1.0)
+            protocol = request.protocol
+            if protocol not in TEACHER_PROTOCOLS:
+                raise DiscoveryError(f"protocol {protocol!r} is not one of oip, openai (or empty)")
             instance = check_id(request.instance_id, "instance_id") if request.instance_id else uuid.uuid4().hex
         except DiscoveryError as exc:
             await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         data = {
             "model_name": model,
             "weight": weight,
+            "protocol": protocol,
             "healthy": request.health != pb.HEALTH_NOT_READY,
             # Tells students that this teacher (re)started a lease: they check it again.
             "registration": uuid.uuid4().hex[:12],
@@ -525,7 +535,10 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 self.metrics.pushes.inc()
                 yield pb.Assignment(
                     student_id=student,
-                    teachers=[pb.TeacherEndpoint(endpoint=e, model_name=n, registration=r) for e, n, r in teachers],
+                    teachers=[
+                        pb.TeacherEndpoint(endpoint=e, model_name=n, registration=r, protocol=p)
+                        for e, n, r, p in teachers
+                    ],
                 )
         finally:
             self.metrics.streams.dec()
@@ -594,6 +607,7 @@ def status_message(services: list[tuple[str, ServiceState]], server_id: str, sto
             svc.teachers.add(
                 endpoint=ep,
                 model_name=str(t.get("model_name", "teacher")),
+                protocol=str(t.get("protocol", "")),
                 weight=float(t.get("weight", 1.0)),
                 healthy=bool(t.get("healthy", True)),
                 students=by_teacher.get(ep, []),
@@ -618,6 +632,7 @@ def status_dict(msg: pb.StatusResponse) -> dict:
                     {
                         "endpoint": t.endpoint,
                         "model_name": t.model_name,
+                        "protocol": t.protocol,
                         "weight": num(t.weight),
                         "healthy": t.healthy,
                         "students": list(t.students),

@@ -323,7 +323,10 @@ class _PipelineProcess:
                 async for teachers in session.assignments():
                     log.info("discovery assigned %d teacher(s): %s", len(teachers), [t.endpoint for t in teachers])
                     self.scheduler.set_teachers(
-                        [TeacherRef(t.endpoint, t.model_name or None, t.registration) for t in teachers]
+                        [
+                            TeacherRef(t.endpoint, t.model_name or None, t.registration, t.protocol or None)
+                            for t in teachers
+                        ]
                     )
             finally:
                 await session.close()

@@ -50,7 +50,7 @@ from distill_reader.errors import (
 )
 from distill_reader.teacher.shm import TransportFactory, transport_factory
 from distill_reader.teacher.stats import LatencyWindow, TeacherStats
-from distill_reader.teacher.transport import DBatch, Transport
+from distill_reader.teacher.transport import DBatch, TeacherRef, Transport
 
 if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
     from distill_reader.reader.pool import SharedBuffer
@@ -118,16 +118,6 @@ class SchedulerOptions:
     group_by_length: bool = True
     #: rows of a request at most (sizes a shared-memory transport's output entries; None: a whole batch)
     d_batch_size: int | None = None
-
-
-@dataclass(frozen=True)
-class TeacherRef:
-    """A teacher to use: its endpoint, the model name to ask for (None: the config's), and its
-    registration with discovery (changes when it registers again; empty in fixed mode)."""
-
-    endpoint: str
-    model_name: str | None = None
-    registration: str = ""
 
 
 class _Teacher:
@@ -206,8 +196,8 @@ class Scheduler:
         transports: TransportFactory | None = None,
     ) -> None:
         """``pool``: the shared buffer the arrays are views of, for a teacher that maps it (see
-        :mod:`~distill_reader.teacher.shm`); ``transports``: makes the transport of a teacher
-        ``(endpoint, model_name)`` (default: :func:`~distill_reader.teacher.shm.transport_factory`)."""
+        :mod:`~distill_reader.teacher.shm`); ``transports``: makes the transport of a
+        :class:`TeacherRef` (default: :func:`~distill_reader.teacher.shm.transport_factory`)."""
         self._config = config
         rows = options.d_batch_size or (len(fetch_arrays[0][0]) if fetch_arrays and fetch_arrays[0] else 1)
         self._transports = transports or transport_factory(
@@ -242,7 +232,7 @@ class Scheduler:
         wanted = {ref.endpoint: ref for ref in teachers}
         for endpoint, teacher in list(self._teachers.items()):
             ref = wanted.get(endpoint)
-            if ref is None or ref.model_name != teacher.ref.model_name:
+            if ref is None or (ref.model_name, ref.protocol) != (teacher.ref.model_name, teacher.ref.protocol):
                 self._remove(endpoint)
             elif ref.registration != teacher.ref.registration:
                 # It registered again (restarted, reconfigured): check it again before using it.
@@ -250,7 +240,7 @@ class Scheduler:
                 teacher.recheck_now()
         for endpoint, ref in wanted.items():
             if endpoint not in self._teachers:
-                teacher = _Teacher(ref, self._transports(endpoint, ref.model_name))
+                teacher = _Teacher(ref, self._transports(ref))
                 teacher.workers = [spawn(self._worker(teacher)) for _ in range(self._options.max_in_flight)]
                 self._teachers[endpoint] = teacher
         self._ensure_watchdog()

@@ -49,7 +49,7 @@ from distill_reader.errors import TeacherAuthError, TeacherMismatchError, Transi
 from distill_reader.oip import oip_datatype
 from distill_reader.security import ClientSecurity
 from distill_reader.teacher.client import TeacherClient, zero_padding
-from distill_reader.teacher.transport import DBatch, Transport
+from distill_reader.teacher.transport import DBatch, TeacherRef, Transport
 
 if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
     from distill_reader.reader.pool import SharedBuffer
@@ -60,7 +60,7 @@ EXTENSION = "system_shared_memory"
 
 Request = service_pb2.ModelInferRequest
 
-TransportFactory = Callable[[str, "str | None"], Transport]
+TransportFactory = Callable[[TeacherRef], Transport]
 
 
 def _split_host(endpoint: str) -> str:
@@ -476,11 +476,17 @@ def transport_factory(
     rows: int,
     in_flight: int,
 ) -> TransportFactory:
-    """The transport for a teacher ``(endpoint, model_name)``: shared memory where ``[conf]
-    shared_memory`` allows it and there is a pool to share, plain gRPC otherwise (``rows``, ``in_flight``:
-    the most rows of a request and requests in flight, which size its output ring)."""
+    """The transport for a teacher (:class:`TeacherRef`): an OpenAI-compatible one where its protocol
+    (or else ``[conf] protocol``) is ``openai``; shared memory where ``[conf] shared_memory`` allows it
+    and there is a pool to share; plain gRPC otherwise (``rows``, ``in_flight``: the most rows of a
+    request and requests in flight, which size its output ring)."""
 
-    def make(endpoint: str, model_name: str | None) -> Transport:
+    def make(ref: TeacherRef) -> Transport:
+        endpoint, model_name = ref.endpoint, ref.model_name
+        if (ref.protocol or config.protocol) == "openai":
+            from distill_reader.teacher.openai import OpenAITransport  # httpx only when used
+
+            return OpenAITransport(endpoint, config, model_name, request_timeout, check_finite=check_finite)
         if config.shared_memory == "off" or pool is None:
             return TeacherClient(endpoint, config, model_name, request_timeout, check_finite=check_finite)
         return SharedMemoryTransport(

@@ -8,9 +8,11 @@ teacher's metadata, infer one d_batch, close. Implementations:
   shared-memory extension: the teacher reads the inputs from the reader's pool and writes the
   outputs into the transport's own output region (copied into the pool on success); only offsets
   travel (a co-located teacher that announces the extension);
+* :class:`~distill_reader.teacher.openai.OpenAITransport`: an OpenAI-compatible server's completions
+  API with prompt log-probs (vLLM), JSON over HTTP (``[conf] protocol = openai``);
 * :class:`InProcessTransport`: calls a Python function (tests; like httpx's ``MockTransport``).
 
-:func:`~distill_reader.teacher.shm.transport_factory` chooses one per teacher.
+:func:`~distill_reader.teacher.shm.transport_factory` chooses one per teacher (:class:`TeacherRef`).
 
 Errors follow :mod:`distill_reader.teacher.client`: :class:`TransientTeacherError` to try
 elsewhere, ``TeacherMismatchError``/``TeacherAuthError``/``TeacherOutputError`` to quarantine the
@@ -46,6 +48,19 @@ class DBatch:
     @property
     def count(self) -> int:
         return len(self.inputs[0])
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """A teacher to use: its endpoint, the model name to ask for (None: the config's), its
+    registration with discovery (changes when it registers again; empty in fixed mode) and the
+    protocol it speaks (None: the config's ``[conf] protocol``). Only the transport factory reads
+    ``protocol``: the scheduler does not know what its transports speak."""
+
+    endpoint: str
+    model_name: str | None = None
+    registration: str = ""
+    protocol: str | None = None
 
 
 class Transport(ABC):

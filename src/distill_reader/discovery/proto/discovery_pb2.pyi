@@ -17,20 +17,22 @@ HEALTH_READY: Health
 HEALTH_NOT_READY: Health
 
 class RegisterTeacherRequest(_message.Message):
-    __slots__ = ("service_name", "endpoint", "model_name", "weight", "instance_id", "health")
+    __slots__ = ("service_name", "endpoint", "model_name", "weight", "instance_id", "health", "protocol")
     SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     service_name: str
     endpoint: str
     model_name: str
     weight: float
     instance_id: str
     health: Health
-    def __init__(self, service_name: _Optional[str] = ..., endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., weight: _Optional[float] = ..., instance_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ...) -> None: ...
+    protocol: str
+    def __init__(self, service_name: _Optional[str] = ..., endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., weight: _Optional[float] = ..., instance_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class RegisterTeacherResponse(_message.Message):
     __slots__ = ("lease_id", "ttl_seconds", "keepalive_seconds")
@@ -87,14 +89,16 @@ class WatchAssignmentRequest(_message.Message):
     def __init__(self, service_name: _Optional[str] = ..., require_num: _Optional[int] = ..., student_id: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class TeacherEndpoint(_message.Message):
-    __slots__ = ("endpoint", "model_name", "registration")
+    __slots__ = ("endpoint", "model_name", "registration", "protocol")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     model_name: str
     registration: str
-    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., registration: _Optional[str] = ...) -> None: ...
+    protocol: str
+    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., registration: _Optional[str] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("student_id", "teachers")
@@ -111,18 +115,20 @@ class StatusRequest(_message.Message):
     def __init__(self, service_name: _Optional[str] = ...) -> None: ...
 
 class TeacherStatus(_message.Message):
-    __slots__ = ("endpoint", "model_name", "weight", "healthy", "students")
+    __slots__ = ("endpoint", "model_name", "weight", "healthy", "students", "protocol")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     model_name: str
     weight: float
     healthy: bool
     students: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., weight: _Optional[float] = ..., healthy: bool = ..., students: _Optional[_Iterable[str]] = ...) -> None: ...
+    protocol: str
+    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., weight: _Optional[float] = ..., healthy: bool = ..., students: _Optional[_Iterable[str]] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class StudentStatus(_message.Message):
     __slots__ = ("id", "require_num", "teachers")
