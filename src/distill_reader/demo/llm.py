@@ -252,6 +252,31 @@ def ordered_rows(rows: list[np.ndarray]) -> Any:
     return _Rows()
 
 
+class CheckedCollator:
+    """:class:`~distill_reader.hf.DistillCollator` that checks the reader's rows are the samples, in
+    order (the baseline trains on the samples themselves)."""
+
+    def __init__(self, rows: list[tuple[np.ndarray, ...]]) -> None:
+        from distill_reader.hf import DistillCollator
+
+        self.collator = DistillCollator()
+        self.rows = rows
+        self.seen = 0
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        for row in batch:
+            sample = self.rows[self.seen] if self.seen < len(self.rows) else None
+            same = sample is not None and np.array_equal(row["input_ids"].numpy(), sample[0])
+            if same and "alignment" in row:
+                same = np.array_equal(row["alignment"].numpy(), sample[2]) and len(row["teacher_topk_values"]) == len(
+                    sample[1]
+                )
+            if not same:
+                raise click.ClickException(f"the reader's row {self.seen} differs from the sample it was given")
+            self.seen += 1
+        return self.collator(batch)
+
+
 def train_student(
     model: Any,
     dataset: Any,
@@ -323,10 +348,21 @@ def run_arm(
     with DistillReader(config, student.batch_size, student.d_batch_size, capacity, occupied_capacity=1) as reader:
         reader.set_sample_generator(samples)
         dataset = DistillRows(reader, epochs=1, **options)
+        checked = CheckedCollator(rows)
         distilled = train_student(
-            new_model(), dataset, student, seed, workdir, loss=loss, alpha=alpha, temperature=temperature
+            new_model(),
+            dataset,
+            student,
+            seed,
+            workdir,
+            loss=loss,
+            alpha=alpha,
+            temperature=temperature,
+            data_collator=checked,
         )
     seconds = time.perf_counter() - start
+    if checked.seen != len(rows):
+        raise click.ClickException(f"the student got {checked.seen} of its {len(rows)} rows through the reader")
     student_rows = [row[0] for row in rows]
     baseline = train_student(new_model(), ordered_rows(student_rows), student, seed, workdir)
     teacher_tokens = sum(len(row[1 if other else 0]) for row in rows)
