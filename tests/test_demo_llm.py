@@ -72,7 +72,14 @@ def test_demo_llm_options_are_checked():
 
     from distill_reader.cli import main
 
-    for option in (["--seeds", "0"], ["--steps", "0"], ["--vocab", "10"], ["--alpha", "2"], ["--max-length", "4"]):
+    for option in (
+        ["--seeds", "0"],
+        ["--steps", "0"],
+        ["--vocab", "10"],
+        ["--alpha", "2"],
+        ["--max-length", "4"],
+        ["--topk", "0"],
+    ):
         result = CliRunner().invoke(main, ["demo", "llm", *option])
         assert result.exit_code == 2, (option, result.output)
 

@@ -453,7 +453,7 @@ def other_tokenizer_rows(
     help="The other tokenizer's vocabulary.",
 )
 @click.option(
-    "--topk", "k", default=8, show_default=True, type=click.IntRange(min=1), help="Teacher entries per token."
+    "--topk", "k", default=8, show_default=True, type=click.IntRange(1, 256), help="Teacher entries per token."
 )
 @click.option(
     "--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Of the top-k."
@@ -534,6 +534,12 @@ def llm(
         teacher_tokenizer = train_tokenizer(teacher_text, vocab)
         other_tokenizer = train_tokenizer(load_source(OTHER_TOKENIZER_MODULES, teacher_chars), other_vocab)
     eos = teacher_tokenizer.token_to_id(EOS)
+    for name, tokenizer in (("teacher's", teacher_tokenizer), ("other", other_tokenizer)):
+        if len(tokenizer.encode(student_text).ids) <= max_length:
+            raise click.UsageError(
+                f"--student-chars {student_chars}: the students' text is at most --max-length {max_length} "
+                f"tokens of the {name} tokenizer; give them more text or shorter rows"
+            )
     other_eos = other_tokenizer.token_to_id(EOS)
     teacher_ids, _ = encode(teacher_tokenizer, teacher_text)
     held_out = encode(teacher_tokenizer, held_out_text)
