@@ -20,7 +20,7 @@ import numpy as np
 
 from distill_reader.errors import DistillReaderError, PipelineError
 from distill_reader.reader.interrupts import deferred_interrupt
-from distill_reader.reader.pool import batch_views
+from distill_reader.reader.pool import VariableCut, batch_views
 from distill_reader.reader.slots import SlotLedger
 from distill_reader.reader.stats import StatsTracker
 
@@ -67,7 +67,7 @@ class Epoch:
         number: int,
         ledger: SlotLedger,
         slots: Sequence[Sequence[np.ndarray]],
-        cuts: Any,
+        cuts: Sequence[VariableCut],
         stats: StatsTracker,
         request_stats: Callable[[float], None],
         flush_logs: Callable[[float], None],

@@ -212,9 +212,16 @@ class Pipeline:
         """Start a pass over ``reader`` (a reader of ``kind``); its batches are yielded as views held
         until ``keep`` further batches were taken, or as copies."""
         epoch = Epoch(
-            self._next_epoch, self.ledger, self.slots, self._cuts, self.stats, self.request_stats,
-            self._logs.flush, keep, copy,
-        )  # fmt: skip
+            self._next_epoch,
+            self.ledger,
+            self.slots,
+            self._cuts,
+            self.stats,
+            request_stats=self.request_stats,
+            flush_logs=self._logs.flush,
+            keep=keep,
+            copy=copy,
+        )
         self._next_epoch += 1
         with self._lock:
             self._epochs[epoch.number] = epoch
