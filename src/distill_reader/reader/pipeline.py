@@ -91,7 +91,7 @@ from distill_reader.reader.interrupts import deferred_interrupt
 from distill_reader.reader.log_relay import LogRelay
 from distill_reader.reader.pipeline_process import PipelineSpec
 from distill_reader.reader.pool import PoolLayout, SharedBuffer, variable_cuts
-from distill_reader.reader.process import PipelineProcess
+from distill_reader.reader.process import ProcessHandle
 from distill_reader.reader.receiver import PipelineReceiver
 from distill_reader.reader.slots import SlotLedger
 from distill_reader.reader.stats import StatsTracker
@@ -137,7 +137,7 @@ class Pipeline:
         self._epochs: dict[int, Epoch] = {}  # the live epochs, for the receiver thread
         self.broken: BaseException | None = None  # set once: the next epoch starts a new pipeline
         self._closed = False
-        self._process: PipelineProcess | None = None
+        self._process: ProcessHandle | None = None
         self._receiver: PipelineReceiver | None = None
         self._logs = LogRelay()
         self._buffer = SharedBuffer.create(layout.nbytes)
@@ -151,7 +151,7 @@ class Pipeline:
         self._next_epoch = 0
 
     def _start(self, options: SchedulerOptions) -> None:
-        self._process = PipelineProcess(self._buffer.fd)
+        self._process = ProcessHandle(self._buffer.fd)
         self._receiver = PipelineReceiver(self._process, self._logs, self.stats, self._epochs.get, self._lose)
         spec = PipelineSpec(
             config=self.config,

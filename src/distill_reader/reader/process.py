@@ -31,9 +31,10 @@ def _enlarge_pipe(fd: int) -> None:
             fcntl.fcntl(fd, set_size, 1 << 20)
 
 
-class PipelineProcess:
-    """A started pipeline process: ``incoming`` is the receiving end of its pipe (the receiver
-    thread's), :meth:`send_spec` then :meth:`send` write to it, :meth:`stop` ends it."""
+class ProcessHandle:
+    """The training process's handle on a started pipeline process: ``incoming`` is the receiving
+    end of its pipe (the receiver thread's), :meth:`send_spec` then :meth:`send` write to it,
+    :meth:`stop` ends it."""
 
     def __init__(self, pool_fd: int) -> None:
         to_child_r, to_child_w = os.pipe()

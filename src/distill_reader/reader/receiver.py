@@ -34,7 +34,7 @@ from distill_reader.reader.stats import StatsTracker
 
 if TYPE_CHECKING:
     from distill_reader.reader.epoch import Epoch
-    from distill_reader.reader.process import PipelineProcess
+    from distill_reader.reader.process import ProcessHandle
 
 log = logging.getLogger("distill_reader")
 
@@ -46,7 +46,7 @@ class PipelineReceiver:
 
     def __init__(
         self,
-        process: PipelineProcess,
+        process: ProcessHandle,
         logs: LogRelay,
         stats: StatsTracker,
         epoch: Callable[[int], Epoch | None],
