@@ -42,8 +42,8 @@ records every slot's place and refuses a move from the wrong one.
 
 Every way an epoch ends:
 
-* exhaustion: the feeder seals the short last slot and puts the end; the consumer, having taken
-  every slot, :meth:`Pipeline.finish` joins the feeder (2 s) and drops the epoch.
+* exhaustion: the feeder seals the short last slot and puts the end; once the consumer took every
+  slot and the end, :meth:`Pipeline.finish` joins the feeder (2 s) and drops the epoch.
 * ``break``, an exception in the loop, Ctrl-C, or an error (the user's reader, a bad sample, a
   failed epoch in the pipeline process, the pipeline lost): the generator's ``finally`` calls
   :meth:`Pipeline.abort`: stop the feeder, send ``Cancel`` and wait (5 s) for ``Cancelled`` (after
