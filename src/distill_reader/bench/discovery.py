@@ -7,7 +7,9 @@ teacher one ``RegisterTeacher`` and a ``KeepAlive`` every keep-alive interval (n
 behind it: readiness is not the point). For each size (students / teachers, ``require_num`` 2):
 
 1. the teachers register, then all the students connect in one burst: the time until every
-   student has its full set (``min(require_num, teachers)`` teachers);
+   student has its full set (``min(require_num, teachers)`` teachers), and until the assignment
+   settles: the teacher leases lost meanwhile (KeepAlives answered NOT_FOUND; the server's lapse
+   counter), the KeepAlive p99, the time the server was behind, and the reconcile time p99;
 2. a steady state (``--steady-s``, 60 s by default): assignment messages received (should be 0),
    spurious expiries (students joined again after a lapse, teachers told NOT_FOUND), the server's
    CPU and its memory per student;
@@ -468,6 +470,7 @@ class SizeResult:
     burst_server_lapses: int = 0  # teacher leases the server counted as lapsed meanwhile
     burst_keepalive_p99_s: float = math.nan
     burst_reconciles: dict[str, int] = field(default_factory=dict)
+    burst_behind_s: float = math.nan  # time the server judged itself behind (lease grace), burst to settled
     steady_s: float = 0.0
     steady_messages: int = 0
     steady_changes: int = 0
@@ -530,7 +533,10 @@ async def _measure(
             r.connected = sum(1 for s in sim.students if s.sets)
             r.server_streams = int(metric(scrape(http), "distill_discovery_streams"))
         r.first_s = max(s.sets[0][0] for s in sim.students) - t0
-        await sim.wait(lambda: all(sim.full(s) for s in sim.students), 60, "every student has its full set", 0.05)
+        try:
+            await sim.wait(lambda: all(sim.full(s) for s in sim.students), 60, "every student has its full set", 0.05)
+        finally:
+            r.burst_teacher_lapses = (await sim.teacher_stats())[0] - lapses0
         r.full_s = (
             max(next(at for at, cur in s.sets if len(cur) == min(REQUIRE_NUM, n_teachers)) for s in sim.students) - t0
         )
@@ -539,14 +545,17 @@ async def _measure(
         await sim.wait_quiet(1.0, 60)
         # Leases lost during the burst: the teachers' KeepAlives answered NOT_FOUND, and the lease
         # ends the server counted (from the teachers' registration to the assignment settling).
-        m0 = scrape(http)
         lapses1, latencies = await sim.teacher_stats(reset=True)
         r.burst_teacher_lapses = lapses1 - lapses0
+        r.burst_keepalive_p99_s = _pct(latencies, 0.99)
+        m0 = scrape(http)
         r.burst_server_lapses = int(
             metric(m0, "distill_discovery_teacher_lapses_total") - metric(mb0, "distill_discovery_teacher_lapses_total")
         )
-        r.burst_keepalive_p99_s = _pct(latencies, 0.99)
         r.burst_reconciles = _hist_diff(reconcile_histogram(m0), reconcile_histogram(mb0))
+        r.burst_behind_s = metric(m0, "distill_discovery_behind_seconds_total") - metric(
+            mb0, "distill_discovery_behind_seconds_total"
+        )
         progress(f"{label}: steady state for {steady_s:g} s")
         lapses0, _ = await sim.teacher_stats(reset=True)
         cpu0, t0 = _cpu_s(pids), time.monotonic()
@@ -607,10 +616,9 @@ def run_size(
             pids = [server.process.pid for server in running if server.process is not None]
             endpoints = ",".join(server.endpoint for server in running)
             asyncio.run(_run_size(r, endpoints, ",".join(https), pids, events, progress))
-        except (TimeoutError, grpc.aio.AioRpcError) as exc:
-            r.error = (
-                str(exc).splitlines()[0] if isinstance(exc, TimeoutError) else f"{exc.code().name}: {exc.details()}"
-            )
+        except (TimeoutError, RuntimeError, grpc.aio.AioRpcError) as exc:  # RuntimeError: a teacher fleet call
+            rpc = isinstance(exc, grpc.aio.AioRpcError)
+            r.error = f"{exc.code().name}: {exc.details()}" if rpc else str(exc).splitlines()[0]
         finally:
             for server in running:
                 server.stop()
@@ -708,7 +716,8 @@ def summary(r: SizeResult) -> str:
         f"{_name(r)} {r.students}/{r.teachers}: full sets {r.full_s:.2f} s (first {r.first_s:.2f} s, server CPU "
         f"{r.burst_cpu_s:.1f} s, {r.reopened} streams re-opened); burst: {r.burst_teacher_lapses} teacher leases "
         f"lost ({r.burst_server_lapses} counted by the server), keep-alive p99 "
-        f"{r.burst_keepalive_p99_s * 1000:.0f} ms, reconcile p99 ≤ {_quantile_bound(r.burst_reconciles, 0.99):g} ms; "
+        f"{r.burst_keepalive_p99_s * 1000:.0f} ms, server behind {r.burst_behind_s:.1f} s, reconcile p99 ≤ "
+        f"{_quantile_bound(r.burst_reconciles, 0.99):g} ms; "
         f"die p50/p99 {_pct(r.die, 0.5):.2f}/{_pct(r.die, 0.99):.2f} s, deregister "
         f"{_pct(r.deregister, 0.5):.2f}/{_pct(r.deregister, 0.99):.2f} s, unaffected messaged "
         f"{r.unaffected_messaged}; join {r.join_s:.2f} s moved {r.join_moved}/{r.join_needed}; steady "

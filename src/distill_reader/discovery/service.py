@@ -308,10 +308,14 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             return
         if self._kept.get(key) is not k:
             return  # kept or registered again meanwhile
+        if outcome == "kept":
+            # Kept within the silence by the store's clock (through another server, or the store gave
+            # it time back after a stall of its own): look again a TTL from now.
+            self._keep_seen(service, endpoint, k.lease)
+            return
         del self._kept[key]
-        if outcome != "kept":  # "kept": through another server now, which ends it when due
-            self.metrics.teacher_lapses.labels(service).inc()
-            log.info("teacher %s in %s: silent for %.1f s, lease ended", endpoint, service, silence)
+        self.metrics.teacher_lapses.labels(service).inc()
+        log.info("teacher %s in %s: silent for %.1f s, lease ended (%s)", endpoint, service, silence, outcome)
         self.mark_dirty(service)
 
     def _keep_seen(self, service: str, endpoint: str, lease: str) -> None:
@@ -494,7 +498,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 m,
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"teacher {endpoint} is already registered in service {service!r} by another instance; "
-                f"its lease ends {self.ttl:g} s after its last keep-alive",
+                f"its lease ends {self.ttl:g} s after its last keep-alive "
+                f"({self.store_ttl:g} s at most while the discovery server is behind)",
             )
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
