@@ -426,10 +426,10 @@ def reconcile_histogram(metrics: dict[str, float]) -> dict[str, int]:
         if m:
             buckets.append((math.inf if m.group(1) == "+Inf" else float(m.group(1)), int(v)))
     buckets.sort()
-    out, below = {}, 0
+    out, below, top = {}, 0, 0.0
     for le, n in buckets:
-        out["> 1 s" if math.isinf(le) else f"≤ {le * 1000:g} ms"] = n - below
-        below = n
+        out[f"> {top:g} s" if math.isinf(le) else f"≤ {le * 1000:g} ms"] = n - below
+        below, top = n, top if math.isinf(le) else le
     return out
 
 
