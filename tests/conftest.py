@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -196,3 +197,17 @@ def sigint_default_in_children() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def start_script(script: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A Python script started as a training script is (its own session, pipes for its output),
+    with SIGINT's default disposition (see :func:`sigint_default_in_children`)."""
+    with sigint_default_in_children():
+        return subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=env,
+        )

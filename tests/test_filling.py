@@ -36,7 +36,11 @@ def fill(kind: str, chunks, batch_size: int, d_batch_size: int = 3):
         return slot, arrays[slot]
 
     filler = SlotFiller(
-        SPECS, batch_size, d_batch_size, SimpleNamespace(acquire=acquire, written=on_d_batch, sealed=on_sealed)
+        SPECS,
+        batch_size,
+        d_batch_size,
+        SimpleNamespace(acquire=acquire),
+        SimpleNamespace(written=on_d_batch, sealed=on_sealed),
     )
     add = filler.adder(kind)
     for chunk in chunks:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import pytest
 from chaos_support import alive
-from conftest import TESTS_DIR, reader_shm, sigint_default_in_children
+from conftest import TESTS_DIR, reader_shm, start_script
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,14 +84,7 @@ def test_signal_stops_everything(tmp_path, write_config, tag_teachers, sig):
     it, and nothing is left in /dev/shm."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(TESTS_DIR), config=str(write_config(tag_teachers))))
-    with sigint_default_in_children():
-        process = subprocess.Popen(
-            [sys.executable, str(script)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+    process = start_script(script)
     try:
         line = process.stdout.readline()
         assert line.startswith("PIPELINE"), process.stderr.read()

@@ -108,8 +108,11 @@ def test_the_multi_machine_guide(tmp_path):
                 60,
                 "both teachers registered",
             )
+            # The dashboard at / draws from /status.json: the teachers are there.
             page = urllib.request.urlopen(f"http://{a[DISC_A]}:7480/", timeout=5).read().decode()
-            assert f"{a[GPU1]}:8001" in page
+            assert "status.json" in page
+            fleet = json.loads(urllib.request.urlopen(f"http://{a[DISC_A]}:7480/status.json", timeout=5).read())
+            assert f"{a[GPU1]}:8001" in json.dumps(fleet)
 
             config = tmp_path / "student.conf"
             config.write_text(

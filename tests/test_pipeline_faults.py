@@ -22,9 +22,9 @@ from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import DistillReader, DistillReaderError, PipelineError
 from distill_reader.errors import PipelineProcessError, TeacherError
-from distill_reader.reader import pipeline as pipeline_module
+from distill_reader.reader import log_relay
 from distill_reader.reader.channel import EpochError, Fatal, Ready, Receiver, decode, encode
-from distill_reader.reader.pipeline import Epoch
+from distill_reader.reader.feeder import SlotOutbox
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -194,7 +194,7 @@ def test_a_blocked_log_handler_stalls_neither_the_epochs_nor_stats_nor_abort(
     logs thousands more, epochs run whole, stats() answers and an early break returns at once.
     The records the handlers could not take are dropped and counted; a warning says how many."""
     inject(DR_LOG_FLOOD=str(FLOOD))
-    monkeypatch.setattr(pipeline_module, "_LOG_BACKLOG", 100)  # drop sooner
+    monkeypatch.setattr(log_relay, "_LOG_BACKLOG", 100)  # drop sooner
     handler = _BlockingHandler()
     logger = logging.getLogger("distill_reader")
     logger.addHandler(handler)
@@ -365,7 +365,7 @@ def test_a_crash_in_the_teacher_client_reaches_the_loop_with_its_traceback(write
 def test_a_failed_seal_fails_the_epoch_and_frees_its_slot(write_config, tag_teachers, monkeypatch):
     """Sealing a slot fails once (injected into the feeder's sink): the epoch fails with that error,
     every slot is free again, and the next epochs use them all."""
-    original = Epoch.sealed
+    original = SlotOutbox.sealed
     calls = []
 
     def failing_sealed(self, slot, rows):
@@ -374,7 +374,7 @@ def test_a_failed_seal_fails_the_epoch_and_frees_its_slot(write_config, tag_teac
             raise PipelineError("injected: sealing the slot failed")
         return original(self, slot, rows)
 
-    monkeypatch.setattr(Epoch, "sealed", failing_sealed)
+    monkeypatch.setattr(SlotOutbox, "sealed", failing_sealed)
     dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=0, copy=True)
     dr.set_sample_list_generator(sample_list_reader(160, 5))
     with dr:

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 from chaos_support import alive, fd_count, rss_bytes, slow
-from conftest import TESTS_DIR, child_pids, reader_shm, sigint_default_in_children
+from conftest import TESTS_DIR, child_pids, reader_shm, start_script
 from reader_models import make_sample
 from test_lifecycle import wait_until, watch_children
 from test_reader import check_epoch
@@ -228,15 +228,7 @@ def _signal_at_random_moment(
     token = uuid.uuid4().hex
     script = tmp_path / f"train{seed}.py"
     script.write_text(SCRIPT.format(tests=str(TESTS_DIR), config=str(config), seed=seed))
-    with sigint_default_in_children():
-        process = subprocess.Popen(
-            [sys.executable, str(script)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-            env={**os.environ, "DISTILL_TORTURE_TOKEN": token},
-        )
+    process = start_script(script, env={**os.environ, "DISTILL_TORTURE_TOKEN": token})
     where = f"{signal.Signals(sig).name}, seed {seed}, {'streaming' if wait_for_stream else 'starting'}"
     seen = {process.pid}
 

@@ -7,7 +7,9 @@ teacher one ``RegisterTeacher`` and a ``KeepAlive`` every keep-alive interval (n
 behind it: readiness is not the point). For each size (students / teachers, ``require_num`` 2):
 
 1. the teachers register, then all the students connect in one burst: the time until every
-   student has its full set (``min(require_num, teachers)`` teachers);
+   student has its full set (``min(require_num, teachers)`` teachers), and until the assignment
+   settles: the teacher leases lost meanwhile (KeepAlives answered NOT_FOUND; the server's lapse
+   counter), the KeepAlive p99, the time the server was behind, and the reconcile time p99;
 2. a steady state (``--steady-s``, 60 s by default): assignment messages received (should be 0),
    spurious expiries (students joined again after a lapse, teachers told NOT_FOUND), the server's
    CPU and its memory per student;
@@ -424,11 +426,16 @@ def reconcile_histogram(metrics: dict[str, float]) -> dict[str, int]:
         if m:
             buckets.append((math.inf if m.group(1) == "+Inf" else float(m.group(1)), int(v)))
     buckets.sort()
-    out, below = {}, 0
+    out, below, top = {}, 0, 0.0
     for le, n in buckets:
-        out["> 1 s" if math.isinf(le) else f"≤ {le * 1000:g} ms"] = n - below
-        below = n
+        out[f"> {top:g} s" if math.isinf(le) else f"≤ {le * 1000:g} ms"] = n - below
+        below, top = n, top if math.isinf(le) else le
     return out
+
+
+def _hist_diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Reconciles per bucket between two scrapes."""
+    return {k: n - before.get(k, 0) for k, n in after.items()}
 
 
 def _quantile_bound(hist: dict[str, int], q: float) -> float:
@@ -459,6 +466,11 @@ class SizeResult:
     full_s: float = math.nan
     first_s: float = math.nan
     burst_cpu_s: float = math.nan
+    burst_teacher_lapses: int = 0  # KeepAlives answered NOT_FOUND from the burst until it settled
+    burst_server_lapses: int = 0  # teacher leases the server counted as lapsed meanwhile
+    burst_keepalive_p99_s: float = math.nan
+    burst_reconciles: dict[str, int] = field(default_factory=dict)
+    burst_behind_s: float = math.nan  # time the server judged itself behind (lease grace), burst to settled
     steady_s: float = 0.0
     steady_messages: int = 0
     steady_changes: int = 0
@@ -511,6 +523,8 @@ async def _measure(
         await asyncio.sleep(1.0)
         rss0 = _rss_bytes(pids)
         progress(f"{label}: {n_students} students connect at once")
+        lapses0, _ = await sim.teacher_stats(reset=True)
+        mb0 = scrape(http)
         cpu0, t0 = _cpu_s(pids), time.monotonic()
         sim.add_students(n_students)
         try:
@@ -519,15 +533,30 @@ async def _measure(
             r.connected = sum(1 for s in sim.students if s.sets)
             r.server_streams = int(metric(scrape(http), "distill_discovery_streams"))
         r.first_s = max(s.sets[0][0] for s in sim.students) - t0
-        await sim.wait(lambda: all(sim.full(s) for s in sim.students), 60, "every student has its full set", 0.05)
+        try:
+            await sim.wait(lambda: all(sim.full(s) for s in sim.students), 60, "every student has its full set", 0.05)
+        finally:
+            r.burst_teacher_lapses = (await sim.teacher_stats())[0] - lapses0
         r.full_s = (
             max(next(at for at, cur in s.sets if len(cur) == min(REQUIRE_NUM, n_teachers)) for s in sim.students) - t0
         )
         r.burst_cpu_s = _cpu_s(pids) - cpu0
         r.reopened = sum(s.reopened for s in sim.students)
         await sim.wait_quiet(1.0, 60)
-        progress(f"{label}: steady state for {steady_s:g} s")
+        # Leases lost during the burst: the teachers' KeepAlives answered NOT_FOUND, and the lease
+        # ends the server counted (from the teachers' registration to the assignment settling).
+        lapses1, latencies = await sim.teacher_stats(reset=True)
+        r.burst_teacher_lapses = lapses1 - lapses0
+        r.burst_keepalive_p99_s = _pct(latencies, 0.99)
         m0 = scrape(http)
+        r.burst_server_lapses = int(
+            metric(m0, "distill_discovery_teacher_lapses_total") - metric(mb0, "distill_discovery_teacher_lapses_total")
+        )
+        r.burst_reconciles = _hist_diff(reconcile_histogram(m0), reconcile_histogram(mb0))
+        r.burst_behind_s = metric(m0, "distill_discovery_behind_seconds_total") - metric(
+            mb0, "distill_discovery_behind_seconds_total"
+        )
+        progress(f"{label}: steady state for {steady_s:g} s")
         lapses0, _ = await sim.teacher_stats(reset=True)
         cpu0, t0 = _cpu_s(pids), time.monotonic()
         await asyncio.sleep(steady_s)
@@ -587,10 +616,9 @@ def run_size(
             pids = [server.process.pid for server in running if server.process is not None]
             endpoints = ",".join(server.endpoint for server in running)
             asyncio.run(_run_size(r, endpoints, ",".join(https), pids, events, progress))
-        except (TimeoutError, grpc.aio.AioRpcError) as exc:
-            r.error = (
-                str(exc).splitlines()[0] if isinstance(exc, TimeoutError) else f"{exc.code().name}: {exc.details()}"
-            )
+        except (TimeoutError, RuntimeError, grpc.aio.AioRpcError) as exc:  # RuntimeError: a teacher fleet call
+            rpc = isinstance(exc, grpc.aio.AioRpcError)
+            r.error = f"{exc.code().name}: {exc.details()}" if rpc else str(exc).splitlines()[0]
         finally:
             for server in running:
                 server.stop()
@@ -617,6 +645,20 @@ def _rows(r: SizeResult) -> list[Row]:
     p99_loss = max(details["die_p99_s"], details["deregister_p99_s"])
     return [
         row("every student has its full set (s after the burst)", r.full_s, 5.0, "s"),
+        row(
+            "teacher leases lost during the burst",
+            max(r.burst_teacher_lapses, r.burst_server_lapses),
+            1,
+            "",
+            target=0,
+        ),
+        row(
+            "reconcile p99 during the burst (upper bound of its histogram bucket, ms)",
+            _quantile_bound(r.burst_reconciles, 0.99),
+            50,
+            "ms",
+            target=None,
+        ),
         row("teacher died/deregistered → new sets, p99 (s)", p99_loss, 1.0, "s"),
         row("unaffected students messaged", r.unaffected_messaged, 1, "", target=0),
         row("teacher joined → fair share (s)", r.join_s, 1.0, "s"),
@@ -672,14 +714,17 @@ def summary(r: SizeResult) -> str:
     hist = ", ".join(f"{k}: {v}" for k, v in r.reconciles.items() if v)
     return (
         f"{_name(r)} {r.students}/{r.teachers}: full sets {r.full_s:.2f} s (first {r.first_s:.2f} s, server CPU "
-        f"{r.burst_cpu_s:.1f} s, {r.reopened} streams re-opened); "
+        f"{r.burst_cpu_s:.1f} s, {r.reopened} streams re-opened); burst: {r.burst_teacher_lapses} teacher leases "
+        f"lost ({r.burst_server_lapses} counted by the server), keep-alive p99 "
+        f"{r.burst_keepalive_p99_s * 1000:.0f} ms, server behind {r.burst_behind_s:.1f} s, reconcile p99 ≤ "
+        f"{_quantile_bound(r.burst_reconciles, 0.99):g} ms; "
         f"die p50/p99 {_pct(r.die, 0.5):.2f}/{_pct(r.die, 0.99):.2f} s, deregister "
         f"{_pct(r.deregister, 0.5):.2f}/{_pct(r.deregister, 0.99):.2f} s, unaffected messaged "
         f"{r.unaffected_messaged}; join {r.join_s:.2f} s moved {r.join_moved}/{r.join_needed}; steady "
         f"{r.steady_s:g} s: {r.steady_messages} messages, {r.steady_changes} writes, {r.student_lapses}+"
         f"{r.teacher_lapses} expiries, CPU {r.cpu_percent:.0f} %, RSS {r.rss_bytes / 2**20:.0f} MiB "
         f"({r.rss_per_student / 1024:.1f} KiB/student), keep-alive p99 {r.keepalive_p99_s * 1000:.0f} ms; "
-        f"reconciles {hist}; machine load average {r.load_avg:.1f}"
+        f"reconciles {hist} (p99 ≤ {_quantile_bound(r.reconciles, 0.99):g} ms); machine load average {r.load_avg:.1f}"
         + (
             f"; {r.error} ({r.connected} of {r.students} streams got a first set, the server saw {r.server_streams})"
             if r.error

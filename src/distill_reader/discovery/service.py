@@ -19,6 +19,16 @@ leaves the group at once; if the server dies, its group lapses after the TTL and
 it (reconnecting elsewhere with the same instance id, a student takes its record over). A student
 whose record lapsed while its stream is open (the server stalled, the store lost it) is joined
 again as soon as a keep or a reconcile notices, and gets its new set.
+
+Teacher leases end when their holder went silent, not when this server was too busy to take its
+keep-alives. The server keeps each teacher lease in the store with ``ttl + lag_cap`` (a bound for
+when the server itself is gone) and ends it itself when, by its own clock, the teacher was silent
+for longer than ``ttl`` plus the time this server was *behind* meanwhile (at most ``lag_cap``, 2 ×
+TTL by default). The server is behind while its event loop wakes late (a probe every 50 ms that
+records how late it woke) or while most of the teachers kept here are overdue at once (their
+keep-alives wait in this server's queue: it is the server, not every teacher, that is late). The
+price: a teacher that really dies while the server is behind is removed later, within
+``ttl + lag_cap`` of its last keep-alive (6 s by default) instead of ``ttl``.
 """
 
 from __future__ import annotations
@@ -55,6 +65,10 @@ RESYNC_S = 1.0
 # Reconciles run at most this often: the events of a burst are coalesced into one.
 COALESCE_S = 0.05
 _EXPIRY_CHECK_S = 0.05
+# The expiry check waking this much late means the event loop is behind.
+_LAG_S = 0.1
+# Most teachers overdue at once (at least this many) means this server is behind, not they.
+_MASS_MIN = 4
 MAX_MESSAGE_BYTES = 64 * 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
@@ -91,6 +105,15 @@ def check_id(value: str, what: str) -> str:
             f"{what} must be 1-128 characters of letters, digits, '.', '_', ':', '@' or '-', got {value!r}"
         )
     return value
+
+
+@dataclass
+class _Kept:
+    """A teacher lease kept through this server: when, by this server's clocks."""
+
+    lease: str
+    at: float  # time.monotonic() of the last keep-alive (or the registration)
+    behind: float  # the server's behind-clock then (see DiscoveryService._expiries)
 
 
 @dataclass
@@ -142,7 +165,18 @@ class _Metrics:
             "distill_discovery_reconcile_seconds",
             "Time to read, balance and write one service",
             registry=registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.lag = Gauge(
+            "distill_discovery_loop_lag_seconds",
+            "How late this server's event loop woke its expiry check, the largest in the last second",
+            registry=registry,
+        )
+        self.behind = Counter(
+            "distill_discovery_behind_seconds",
+            "Time this server was behind (its loop late, or most teachers' keep-alives overdue at once): "
+            "teacher leases get it as grace, up to the lag cap",
+            registry=registry,
         )
 
 
@@ -158,9 +192,13 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         server_id: str | None = None,
         registry: CollectorRegistry | None = None,
         coalesce: float = COALESCE_S,
+        lag_cap: float | None = None,
     ) -> None:
         self.store = store
         self.ttl = ttl
+        #: The most grace a teacher lease gets for this server's lag; the store's TTL is ttl + this.
+        self.lag_cap = 2 * ttl if lag_cap is None else lag_cap
+        self.store_ttl = ttl + self.lag_cap
         self.keepalive = keepalive
         self.coalesce = coalesce
         self.server_id = server_id or uuid.uuid4().hex[:8]
@@ -174,12 +212,12 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._rejoins: set[asyncio.Task] = set()
-        # (service, endpoint) -> when the lease of a teacher kept through this server ends, unless
-        # kept again: the reconcile then runs at once, not when the store's expiry event comes.
-        self._lease_ends: dict[tuple[str, str], float] = {}
-        # Those whose end passed: lapsed if the next reconcile does not find them (kept elsewhere).
-        # (A store's expiry may come later: they are watched for a few seconds.)
-        self._maybe_lapsed: dict[tuple[str, str], float] = {}
+        # (service, endpoint) -> the teacher leases kept through this server: this server ends them
+        # when their holder went silent (see _expiries).
+        self._kept: dict[tuple[str, str], _Kept] = {}
+        # Seconds this server was behind, in all (a clock that only runs while it is behind).
+        self._behind = 0.0
+        self._lag_max = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -230,16 +268,63 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             self.mark_dirty(None)
 
     async def _expiries(self) -> None:
-        """Reconcile a service as soon as a teacher lease kept here ends (Redis's expiry events can
-        come hundreds of milliseconds late: its expire cycle samples keys)."""
+        """End the teacher leases kept here whose holder went silent, and measure this server's lag.
+
+        A lease ends when its teacher was silent for longer than the TTL plus the time this server
+        was behind since its last keep-alive (at most ``lag_cap``). The check itself is the lag
+        probe: it wakes every 50 ms, and waking late means the loop is behind (the keep-alives that
+        came meanwhile wait unread). Most of the teachers kept here overdue at once is the other
+        sign: their keep-alives wait in this server's queue behind a burst of other calls.
+        """
+        last = window = time.monotonic()
         while True:
             await asyncio.sleep(_EXPIRY_CHECK_S)
             now = time.monotonic()
-            ended = [key for key, end in self._lease_ends.items() if end <= now]
-            for key in ended:
-                del self._lease_ends[key]
-                self._maybe_lapsed[key] = now + 5.0
-                self.mark_dirty(key[0])
+            elapsed, last = now - last, now
+            late = elapsed - _EXPIRY_CHECK_S
+            self._lag_max = max(self._lag_max, late)
+            if now - window >= 1.0:  # the gauge: the largest lag of the last second
+                self.metrics.lag.set(self._lag_max)
+                self._lag_max, window = 0.0, now
+            overdue = sum(1 for k in self._kept.values() if now - k.at > 2 * self.keepalive + _LAG_S)
+            if late > _LAG_S or (overdue >= _MASS_MIN and 2 * overdue > len(self._kept)):
+                self._behind += elapsed
+                self.metrics.behind.inc(elapsed)
+            silent = [
+                (key, k)
+                for key, k in self._kept.items()
+                if now - k.at > self.ttl + min(self.lag_cap, self._behind - k.behind)
+            ]
+            for key, k in silent:
+                await self._expire(key, k, now - k.at)
+
+    async def _expire(self, key: tuple[str, str], k: _Kept, silence: float) -> None:
+        """End a silent teacher's lease (unless it was kept meanwhile, here or through another server)."""
+        service, endpoint = key
+        try:
+            # The store checks the silence by its own clock, less what this server's lag explains.
+            outcome = await self.store.expire_silent(
+                "teacher", service, endpoint, k.lease, self.store_ttl, min(silence, self.ttl)
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store's TTL still bounds the lease; try again next time
+            log.warning("ending the lease of teacher %s in %s failed: %s", endpoint, service, exc)
+            return
+        if self._kept.get(key) is not k:
+            return  # kept or registered again meanwhile
+        if outcome == "kept":
+            # Kept within the silence by the store's clock (through another server, or the store gave
+            # it time back after a stall of its own): look again a TTL from now.
+            self._keep_seen(service, endpoint, k.lease)
+            return
+        del self._kept[key]
+        self.metrics.teacher_lapses.labels(service).inc()
+        log.info("teacher %s in %s: silent for %.1f s, lease ended (%s)", endpoint, service, silence, outcome)
+        self.mark_dirty(service)
+
+    def _keep_seen(self, service: str, endpoint: str, lease: str) -> None:
+        self._kept[(service, endpoint)] = _Kept(lease, time.monotonic(), self._behind)
 
     async def _reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -289,12 +374,6 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 break
             # Another server wrote first: read its result and check it against ours.
         state.assignment = new
-        for key, until in [(k, u) for k, u in self._maybe_lapsed.items() if k[0] == service]:
-            if key in self._lease_ends or read_at > until:  # kept again, here or elsewhere
-                del self._maybe_lapsed[key]
-            elif key[1] not in state.teachers:
-                del self._maybe_lapsed[key]
-                self.metrics.teacher_lapses.labels(service).inc()
         previous = self._states.get(service)
         self._states[service] = state
         self.metrics.reconcile.observe(time.perf_counter() - t0)
@@ -422,18 +501,19 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             "registration": uuid.uuid4().hex[:12],
         }
         try:
-            lease = await self.store.register("teacher", service, endpoint, instance, data, self.ttl)
+            lease = await self.store.register("teacher", service, endpoint, instance, data, self.store_ttl)
         except AlreadyRegistered:
             await self._fail(
                 context,
                 m,
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"teacher {endpoint} is already registered in service {service!r} by another instance; "
-                f"its lease ends {self.ttl:g} s after its last keep-alive",
+                f"its lease ends {self.ttl:g} s after its last keep-alive "
+                f"({self.store_ttl:g} s at most while the discovery server is behind)",
             )
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
-        self._lease_ends[(service, endpoint)] = time.monotonic() + self.ttl + _EXPIRY_CHECK_S
+        self._keep_seen(service, endpoint, lease)
         self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
         log.info("teacher %s registered in %s (weight %g)", endpoint, service, weight)
@@ -452,10 +532,14 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         if request.health != pb.HEALTH_UNSPECIFIED:
             data = {"healthy": request.health == pb.HEALTH_READY}
         try:
-            ok = await self.store.keep("teacher", service, endpoint, request.lease_id, self.ttl, data)
+            ok = await self.store.keep("teacher", service, endpoint, request.lease_id, self.store_ttl, data)
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
         if not ok:
+            kept = self._kept.get((service, endpoint))
+            if kept is not None and kept.lease == request.lease_id:  # the store's TTL ended it
+                del self._kept[(service, endpoint)]
+                self.metrics.teacher_lapses.labels(service).inc()
             await self._fail(
                 context,
                 m,
@@ -463,7 +547,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 f"no lease {request.lease_id!r} for teacher {endpoint} in service {service!r} "
                 "(expired, or the store lost it): register again",
             )
-        self._lease_ends[(service, endpoint)] = time.monotonic() + self.ttl + _EXPIRY_CHECK_S
+        self._keep_seen(service, endpoint, request.lease_id)
         if data is not None:
             state = self._states.get(service)
             old = state.teachers.get(endpoint, {}).get("healthy") if state else None
@@ -483,8 +567,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await self.store.drop("teacher", service, endpoint, request.lease_id)
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
-        self._lease_ends.pop((service, endpoint), None)
-        self._maybe_lapsed.pop((service, endpoint), None)
+        self._kept.pop((service, endpoint), None)
         self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
         return pb.DeregisterTeacherResponse()

@@ -7,7 +7,6 @@ import functools
 import logging
 import os
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -17,8 +16,9 @@ import numpy as np
 
 from distill_reader.config import ReaderConfig, load_config, validate_reader_args
 from distill_reader.errors import ConfigError
-from distill_reader.reader.pipeline import Epoch, Pipeline, failure_of, is_end
-from distill_reader.reader.pool import PoolLayout, batch_views, check_fits, variable_cuts
+from distill_reader.reader.epoch import Epoch
+from distill_reader.reader.pipeline import Pipeline
+from distill_reader.reader.pool import PoolLayout, check_fits
 from distill_reader.reader.source import ReaderSource
 from distill_reader.reader.stats import PoolShape, ReaderStats, StatsTracker
 from distill_reader.teacher.scheduler import SchedulerOptions
@@ -120,17 +120,10 @@ class DistillReader(ReaderSource):
             d_batch_size=int(d_batch_size),
         )
         self._layout = PoolLayout(self.config.pool_specs, len(self.config.feeds), self.batch_size, self.capacity)
-        self._cuts = variable_cuts(self.config)
         check_fits(self._layout)
         self._stats = StatsTracker(
             float(log_interval),
             PoolShape(self.capacity, self.occupied_capacity, self.batch_size, self.d_batch_size, max_in_flight),
-        )
-        source = self.config.length_source  # its lengths are the batch's tokens
-        self._token_lengths = (
-            None
-            if source is None
-            else len(self.config.feeds) + len(self.config.fetches) + self.config.variable_feeds.index(source)
         )
         self._holder = _PipelineHolder()
         self._active: Epoch | None = None
@@ -216,40 +209,18 @@ class DistillReader(ReaderSource):
                 self._holder.pipeline.abort(self._active, _STOPPED_BY_NEWER)
                 self._active = None
             pipeline = self._ensure_pipeline()
-            # Asking for a new epoch's first batch counts as taking one more batch.
-            pipeline.release_held(self.occupied_capacity)
-            epoch = pipeline.start_epoch(kind, reader)
+            epoch = pipeline.start_epoch(kind, reader, self.occupied_capacity, self.copy)
             self._active = epoch
         finished = False
         try:
             while True:
-                waiting_since = time.perf_counter()
-                item = pipeline.wait_sealed(epoch)
-                if is_end(item):
+                # Stopped or closed since the last batch raises; the batch is the pool's views
+                # (valid until occupied_capacity further batches are taken) or copies.
+                batch = epoch.next_batch()
+                if batch is None:
                     finished = True
                     return
-                error = failure_of(item)
-                if error is not None:
-                    raise error
-                sealed_at = time.perf_counter()
-                with self._stats.waiting_for_teachers(sealed_at):
-                    teacher_seconds = pipeline.wait_done(epoch, item)
-                done_at = time.perf_counter()
-                waited = done_at - waiting_since
-                tokens = 0
-                if self._token_lengths is not None:
-                    tokens = int(pipeline.slots[item.slot][self._token_lengths][: item.rows].sum())
-                if self._stats.batch(
-                    item.rows, waited, item.fill_seconds, teacher_seconds, done_at - sealed_at, tokens
-                ):
-                    pipeline.request_stats(wait=0)
-                views = batch_views(pipeline.slots[item.slot], item.rows, self._cuts)
-                batch = [v.copy() for v in views] if self.copy else views
-                pipeline.yielded(item.slot, copied=self.copy)
                 yield batch
-                pipeline.check(epoch)  # stopped or closed from another thread meanwhile: raise
-                # The consumer asked for the next batch: it has now taken one more.
-                pipeline.release_held(self.occupied_capacity)
         finally:
             with self._lock:
                 if self._active is epoch:

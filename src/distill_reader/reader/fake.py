@@ -41,8 +41,8 @@ class FakeDistillReader(ReaderSource):
         assert self._reader is not None
         kind, reader = self._reader
         config = self.config
-        sink = _ZeroSlots(config, self.batch_size)
-        filler = SlotFiller(config.feeds, self.batch_size, self.batch_size, sink, config.max_length)
+        slots = _ZeroSlots(config, self.batch_size)  # both the filler's source and its sink
+        filler = SlotFiller(config.feeds, self.batch_size, self.batch_size, slots, slots, config.max_length)
         add = filler.adder(kind)
         # The user's exceptions become ReaderFunctionError, bad samples SampleError, as in DistillReader.
         try:
@@ -57,10 +57,10 @@ class FakeDistillReader(ReaderSource):
             except Exception as exc:
                 raise reader_function_error(exc, filler.position) from exc
             add(value)
-            yield from sink.ready
-            sink.ready.clear()
+            yield from slots.ready
+            slots.ready.clear()
         filler.finish()
-        yield from sink.ready
+        yield from slots.ready
 
 
 class _ZeroSlots:

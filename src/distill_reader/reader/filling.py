@@ -31,13 +31,17 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r:.60}"
 
 
-class SlotSink(Protocol):
-    """Where a :class:`SlotFiller`'s slots come from and where they go (an epoch's feeder)."""
+class SlotSource(Protocol):
+    """Where a :class:`SlotFiller`'s slots come from (the ledger's free slots)."""
 
     def acquire(self) -> tuple[int, Sequence[np.ndarray]] | None:
         """A free slot's number and its arrays: the feed vars (``[batch_size, *shape]``, variable
         dimensions at ``max_length``), then the length arrays of the variable vars; None when the
         epoch is being stopped."""
+
+
+class SlotSink(Protocol):
+    """Where a :class:`SlotFiller`'s written rows and slots go (towards the pipeline process)."""
 
     def written(self, slot: int, start: int, count: int) -> None:
         """Rows ``[start, start + count)`` of ``slot`` are written (one d_batch)."""
@@ -48,14 +52,15 @@ class SlotSink(Protocol):
 
 
 class SlotFiller:
-    """Fills the slots that ``sink`` gives it and tells ``sink`` about every written d_batch and
-    every complete slot. ``position`` counts samples in the epoch."""
+    """Fills the slots it takes from ``source`` and passes every written d_batch and every complete
+    slot on to ``sink``: the way is one direction. ``position`` counts samples in the epoch."""
 
     def __init__(
         self,
         feeds: Sequence[TensorSpec],
         batch_size: int,
         d_batch_size: int,
+        source: SlotSource,
         sink: SlotSink,
         max_length: int | None = None,
     ) -> None:
@@ -66,6 +71,7 @@ class SlotFiller:
         self._lengths: Sequence[np.ndarray] = ()
         self._batch_size = batch_size
         self._d_batch_size = d_batch_size
+        self._source = source
         self._sink = sink
         self.slot: int | None = None  # the slot being filled, owned by this filler until sealed
         self._arrays: Sequence[np.ndarray] = ()
@@ -156,7 +162,7 @@ class SlotFiller:
 
     # -- mechanics ---------------------------------------------------------------------------
     def _next_slot(self) -> bool:
-        acquired = self._sink.acquire()
+        acquired = self._source.acquire()
         if acquired is None:
             return False
         self.slot, arrays = acquired

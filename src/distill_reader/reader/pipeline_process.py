@@ -1,6 +1,6 @@
 """The pipeline process: talks to the teachers so the training loop's process does not.
 
-Started by :class:`distill_reader.reader.pipeline.Pipeline` as a fresh interpreter running
+Started by :class:`distill_reader.reader.process.ProcessHandle` as a fresh interpreter running
 :func:`main` with the two pipe descriptors as arguments (not ``multiprocessing``: its spawn would
 import the user's script again, which the seed's unguarded example cannot survive). Lifecycle:
 

@@ -78,6 +78,18 @@ class Store(ABC):
     async def drop(self, kind: Kind, service: str, member: str, lease: str) -> None:
         """End a lease now, if it is still this one."""
 
+    async def expire_silent(self, kind: Kind, service: str, member: str, lease: str, ttl: float, silence: float) -> str:
+        """End a lease (kept with ``ttl``) if it was not kept for ``silence`` seconds, by the store's
+        own clock (so that a lease kept meanwhile through another server stays). Returns
+        ``"ended"``, ``"kept"`` (kept within ``silence``: left alone) or ``"gone"`` (no such lease).
+
+        The discovery server calls it when, by its own clock corrected for its own lag, the lease's
+        holder went silent; the store's TTL is then only the bound for a server that died. This
+        default cannot ask the store when the lease was kept and trusts the server: it drops it.
+        """
+        await self.drop(kind, service, member, lease)
+        return "ended"
+
     @abstractmethod
     async def services(self) -> list[str]:
         """Names of the services that have any member or assignment."""

@@ -329,6 +329,20 @@ class EtcdStore(Store):
             await self._put_if(key, json.dumps(record), int(lease), old[1])
         return True
 
+    async def expire_silent(self, kind: Kind, service: str, member: str, lease: str, ttl: float, silence: float) -> str:
+        old = await self._get(self._key(service, kind, member))
+        if not old or old[0]["lease"] != lease:
+            return "gone"
+        request = rpc.LeaseTimeToLiveRequest(ID=int(lease))
+        reply = await self._call(lambda s, md: s.lease.LeaseTimeToLive(request, timeout=_TIMEOUT_S, metadata=md))
+        if reply.TTL <= 0:
+            return "gone"
+        # etcd answers in whole seconds: count a second less of silence (never end a lease early).
+        if reply.grantedTTL - reply.TTL - 1 < silence:
+            return "kept"
+        await self._revoke(int(lease))
+        return "ended"
+
     async def drop(self, kind: Kind, service: str, member: str, lease: str) -> None:
         old = await self._get(self._key(service, kind, member))
         if old and old[0]["lease"] == lease:

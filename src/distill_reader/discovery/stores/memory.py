@@ -136,6 +136,17 @@ class MemoryStore(Store):
             del members[member]
             self._notify(service)
 
+    async def expire_silent(self, kind: Kind, service: str, member: str, lease: str, ttl: float, silence: float) -> str:
+        members = self._members.get((kind, service), {})
+        old = members.get(member)
+        if not old or old[0] != lease:
+            return "gone"
+        if old[3] - time.monotonic() > ttl - silence:  # kept less than ``silence`` ago
+            return "kept"
+        del members[member]
+        self._notify(service)
+        return "ended"
+
     async def join(
         self, group: str, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float
     ) -> str:

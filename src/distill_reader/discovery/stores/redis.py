@@ -98,6 +98,13 @@ if ARGV[3] ~= '' then
 end
 return 1
 """
+# Ends a lease not kept for a while: ARGV lease, ttl ms, silence ms. Returns -1: no such lease;
+# 0: kept within the silence (its remaining time is above ttl - silence); 1: ended.
+_EXPIRE_SILENT = """
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return -1 end
+if redis.call('PTTL', KEYS[1]) > tonumber(ARGV[2]) - tonumber(ARGV[3]) then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
 _DROP = """
 if redis.call('HGET', KEYS[1], 'lease') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -252,6 +259,7 @@ class RedisStore(Store):
         self._register = self._r.register_script(_REGISTER)
         self._keep = self._r.register_script(_KEEP)
         self._drop = self._r.register_script(_DROP)
+        self._expire_silent = self._r.register_script(_EXPIRE_SILENT)
         self._join = self._r.register_script(_JOIN)
         self._keep_group = self._r.register_script(_KEEP_GROUP)
         self._leave = self._r.register_script(_LEAVE)
@@ -332,6 +340,13 @@ class RedisStore(Store):
     async def drop(self, kind: Kind, service: str, member: str, lease: str) -> None:
         if await self._call(self._drop(keys=[self._key(service, kind, member)], args=[lease])):
             await self._publish(service)
+
+    async def expire_silent(self, kind: Kind, service: str, member: str, lease: str, ttl: float, silence: float) -> str:
+        args = [lease, int(ttl * 1000), int(silence * 1000)]
+        result = await self._call(self._expire_silent(keys=[self._key(service, kind, member)], args=args))
+        if result == 1:
+            await self._publish(service)
+        return {-1: "gone", 0: "kept"}.get(result, "ended")
 
     async def services(self) -> list[str]:
         return sorted(await self._call(self._r.smembers(f"{_PREFIX}:services")))

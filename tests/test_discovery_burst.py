@@ -1,0 +1,210 @@
+"""A busy discovery server expires no healthy teacher lease (issue 23).
+
+The server runs in a thread of its own (``ServerThread``); the simulated teachers keep alive from the
+test's event loop, on time, while the server is made busy in one of two ways, each for longer than
+the TTL: its event loop held by a callback (as a long reconcile holds it), or its KeepAlive calls
+held back while the loop runs on (as when they wait in gRPC's queue behind a burst of thousands of
+student streams). No teacher lease may lapse (the teachers' KeepAlives are never answered
+NOT_FOUND, the server counts no lapse), and a teacher that really stopped keeping alive is still
+removed, within ``ttl + lag_cap`` of its last keep-alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from test_discovery_stores import start_store
+
+from distill_reader.bench.discovery import Simulator
+from distill_reader.discovery.server import ServerThread
+from distill_reader.discovery.service import DEFAULT_TTL_S, DiscoveryService
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVICE = "burst"
+TTL = DEFAULT_TTL_S
+LAG_CAP = 2 * TTL  # the service's default
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    proc = start_store("redis", tmp_path_factory)
+    yield proc.url
+    proc.stop()
+
+
+# KeepAlive calls that arrive before this time (time.monotonic()) wait until then: held in a queue.
+_held_until = [0.0]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def server(request, monkeypatch):
+    url = "memory" if request.param == "memory" else request.getfixturevalue("redis_url")
+    keep_alive = DiscoveryService.KeepAlive
+
+    async def queued(self, request, context):
+        while time.monotonic() < _held_until[0]:
+            await asyncio.sleep(0.01)
+        return await keep_alive(self, request, context)
+
+    monkeypatch.setattr(DiscoveryService, "KeepAlive", queued)
+    thread = ServerThread(store=url).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+def stall(thread: ServerThread, seconds: float) -> None:
+    """Hold the server's event loop for ``seconds`` (a slow reconcile), from another thread."""
+    thread._thread.loop.call_soon_threadsafe(time.sleep, seconds)
+
+
+def lapses(thread: ServerThread) -> float:
+    assert thread.server
+    return sum(
+        s.value
+        for m in thread.server.service.metrics.teacher_lapses.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
+
+
+def teachers_in_store(thread: ServerThread) -> set[str]:
+    assert thread.server
+    state = thread._thread.run(thread.server.store.read(SERVICE), 10)
+    return set(state.teachers)
+
+
+async def fleet(thread: ServerThread, n_teachers: int, n_students: int) -> Simulator:
+    sim = Simulator(thread.address, SERVICE)
+    for i in range(n_teachers):
+        await sim.add_teacher(f"10.0.0.{i + 1}:8001")
+    sim.add_students(n_students)
+    await sim.wait(lambda: all(sim.full(s) for s in sim.students), 20, "every student has its full set")
+    await asyncio.sleep(1.0)  # every teacher has kept alive at least once
+    return sim
+
+
+def test_stalled_server_expires_no_healthy_lease(server):
+    """The server's loop is held for 1.5 × TTL, twice: the teachers' keep-alives wait unread, yet no
+    teacher lease lapses (on Redis, where leases are TTL keys, they did before: the keep-alives
+    reached the store too late). (The server's own student group does lapse: a server stalled past
+    the TTL may be dead; its students are joined again when it resumes.)"""
+
+    async def main():
+        async with await fleet(server, 20, 40) as sim:
+            assert (await sim.teacher_stats())[0] == 0
+            for _ in range(2):
+                stall(server, 1.5 * TTL)
+                await asyncio.sleep(1.5 * TTL + 2.0)  # the stall, then time for the queue to drain
+            not_found, _ = await sim.teacher_stats()
+            assert not_found == 0, f"{not_found} KeepAlives answered NOT_FOUND: leases lapsed"
+            assert lapses(server) == 0
+            assert teachers_in_store(server) == set(sim.teachers)
+
+    asyncio.run(main())
+
+
+def test_keepalives_queued_behind_a_burst_expire_no_lease(server):
+    """The KeepAlive calls wait 1.5 × TTL in the server's queue while its loop runs on (its timers,
+    reconciles and student group keep on time): every teacher is silent at once, which is the
+    server being behind, not the whole fleet dying. No lease lapses and no student is sent a new set
+    (before, the server or Redis expired every teacher and the students' sets churned)."""
+
+    async def main():
+        async with await fleet(server, 20, 40) as sim:
+            messages = sim.messages_since(0)
+            for _ in range(2):
+                _held_until[0] = time.monotonic() + 1.5 * TTL
+                await asyncio.sleep(1.5 * TTL + 2.0)
+            not_found, _ = await sim.teacher_stats()
+            assert not_found == 0, f"{not_found} KeepAlives answered NOT_FOUND: leases lapsed"
+            assert lapses(server) == 0
+            assert teachers_in_store(server) == set(sim.teachers)
+            assert sim.messages_since(0) == messages, "students were sent new sets: teachers churned"
+
+    asyncio.run(main())
+
+
+def test_teacher_that_died_during_a_stall_is_removed_within_the_bound(server):
+    """A teacher dies (its keep-alives stop) just before the server stalls: it is not kept for ever
+    by the lag credit; it leaves within ``ttl + lag_cap`` of its last keep-alive, and the others stay."""
+
+    async def main():
+        async with await fleet(server, 10, 20) as sim:
+            victim = sorted(sim.teachers)[0]
+            lease_end = await sim.kill_teacher(victim)  # last answered keep-alive + TTL
+            last_kept = lease_end - TTL
+            stall(server, 1.5 * TTL)
+            await asyncio.sleep(0.1)
+            while victim in await asyncio.to_thread(teachers_in_store, server):
+                assert time.monotonic() - last_kept < TTL + LAG_CAP + 1.0, "the dead teacher was kept too long"
+                await asyncio.sleep(0.1)
+            gone = time.monotonic() - last_kept
+            print(f"\ndead teacher removed {gone:.2f} s after its last keep-alive (stall {1.5 * TTL:g} s)")
+            assert gone > TTL
+            await sim.wait(lambda: all(sim.full(s) for s in sim.students), 10, "new sets without the dead teacher")
+            assert lapses(server) == 1
+            assert (await sim.teacher_stats())[0] == 0
+            assert teachers_in_store(server) == set(sim.teachers)
+
+    asyncio.run(main())
+
+
+def test_most_teachers_dying_at_once_are_removed_within_the_bound(server):
+    """Most teachers silent at once looks like the server being behind (their keep-alives waiting in
+    its queue), so they get the lag credit: still, they are removed within ``ttl + lag_cap``."""
+
+    async def main():
+        async with await fleet(server, 10, 20) as sim:
+            victims = sorted(sim.teachers)[:7]
+            last_kept = min([await sim.kill_teacher(v) for v in victims]) - TTL
+            while set(victims) & await asyncio.to_thread(teachers_in_store, server):
+                assert time.monotonic() - last_kept < TTL + LAG_CAP + 1.0, "the dead teachers were kept too long"
+                await asyncio.sleep(0.1)
+            print(f"\n7 of 10 teachers removed {time.monotonic() - last_kept:.2f} s after their last keep-alive")
+            assert lapses(server) == 7
+            assert teachers_in_store(server) == set(sim.teachers)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "etcd"])
+def test_store_ends_a_lease_only_after_the_silence(kind, request, tmp_path_factory):
+    """``expire_silent`` checks the silence by the store's own clock: a lease kept within it stays
+    (it may be kept through another server), one silent for longer ends, a lease gone is "gone"."""
+    from distill_reader.discovery.stores import open_store
+
+    url = "memory"
+    proc = None
+    if kind == "redis":
+        url = request.getfixturevalue("redis_url")
+    elif kind == "etcd":
+        proc = start_store("etcd", tmp_path_factory)
+        url = proc.url
+
+    async def main():
+        store = open_store(url)
+        await store.start()
+        try:
+            lease = await store.register("teacher", SERVICE, "10.0.0.1:8001", "i1", {}, 6.0)
+            assert await store.expire_silent("teacher", SERVICE, "10.0.0.1:8001", lease, 6.0, 2.0) == "kept"
+            await asyncio.sleep(2.2 if kind != "etcd" else 3.2)  # etcd counts in whole seconds
+            assert await store.keep("teacher", SERVICE, "10.0.0.1:8001", lease, 6.0)
+            assert await store.expire_silent("teacher", SERVICE, "10.0.0.1:8001", lease, 6.0, 2.0) == "kept"
+            await asyncio.sleep(2.2 if kind != "etcd" else 3.2)
+            assert await store.expire_silent("teacher", SERVICE, "10.0.0.1:8001", "nope", 6.0, 2.0) == "gone"
+            assert await store.expire_silent("teacher", SERVICE, "10.0.0.1:8001", lease, 6.0, 2.0) == "ended"
+            assert "10.0.0.1:8001" not in (await store.read(SERVICE)).teachers
+            assert await store.expire_silent("teacher", SERVICE, "10.0.0.1:8001", lease, 6.0, 2.0) == "gone"
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if proc is not None:
+            proc.stop()
