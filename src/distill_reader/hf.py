@@ -17,6 +17,14 @@ Three pieces (docs/llm-trainer.md shows a whole script):
   student's next-token predictions, and :func:`~distill_reader.torch.topk_kl_loss` between the
   teacher's top-k and the student at every position the teacher answered.
 
+Students with another tokenizer (docs/llm-tokenizers.md): the reader's samples carry the student's
+tokens, the teacher's tokens of the same text (the predict feed) and their alignment
+(:func:`distill_reader.alignment.align_text`); ``DistillRows(reader, student_tokens=...,
+alignment=...)`` yields ``input_ids`` (the student's), the teacher's top-k at the teacher's own
+positions and ``alignment``; the collator pads each side to its own longest row; and
+``DistillTrainer(loss="uld")`` trains on ``(1 - alpha) * CE + alpha * ULD``
+(:func:`~distill_reader.torch.uld_loss`, Universal Logit Distillation at aligned positions).
+
 The shift. A row's tokens ``x_0 .. x_{T-1}``; the teacher's top-k at position ``t`` is its
 distribution of the token after ``x_0 .. x_t`` (it saw the same causal prefix), and the student's
 logits at ``t`` predict the same token. So the KL compares ``logits[:, t]`` with the teacher at
@@ -68,12 +76,14 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from distill_reader.errors import ConfigError
 from distill_reader.reader.distill_reader import DistillReader
-from distill_reader.torch import topk_kl_loss
+from distill_reader.torch import topk_kl_loss, uld_loss
 
 log = logging.getLogger("distill_reader")
 
-#: The keys a teacher adds to a row and to a batch.
-TEACHER_KEYS = ("teacher_topk_values", "teacher_topk_indices", "teacher_lengths")
+#: The keys a teacher adds to a row and to a batch (``alignment``: a student with another tokenizer).
+TEACHER_KEYS = ("teacher_topk_values", "teacher_topk_indices", "teacher_lengths", "alignment")
+#: ``DistillTrainer``'s losses: the KL on the teacher's top-k (same tokenizer), Universal Logit Distillation.
+LOSSES = ("kl", "uld")
 #: The file each rank writes into a checkpoint: the rows it had trained on.
 ROWS_FILE = "distill_rows_rank{rank}.json"
 
@@ -87,6 +97,12 @@ class DistillRows(IterableDataset):
     iterations continue one another (:meth:`resume_at`), an evaluation set's each start again.
     Iterate it in the main process only (``dataloader_num_workers=0``): the reader runs its own
     pipeline process.
+
+    A student with another tokenizer: ``tokens`` is the teacher's token feed var (the predict
+    feed), ``student_tokens`` the student's and ``alignment`` the alignment's (all three variable,
+    ``(-1,)``; see docs/llm-tokenizers.md). Each row then has ``input_ids`` (the student's tokens,
+    ``[S]``), the teacher's top-k at the teacher's positions (``[T, K]``) and ``alignment`` ``[S]``
+    (the teacher position supervising each student position, -1 for none).
     """
 
     def __init__(
@@ -97,8 +113,12 @@ class DistillRows(IterableDataset):
         topk_values: str = "logits_topk_values",
         topk_indices: str = "logits_topk_indices",
         epochs: int | None = 1,
+        student_tokens: str | None = None,
+        alignment: str | None = None,
     ) -> None:
         super().__init__()
+        if (student_tokens is None) != (alignment is None):
+            raise ConfigError("DistillRows: student_tokens and alignment go together (another tokenizer)")
         if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
             raise ConfigError(f"DistillRows: epochs must be an integer >= 1 or None, got {epochs!r}")
         config = reader.config
@@ -113,6 +133,18 @@ class DistillRows(IterableDataset):
             if name not in fetches:
                 raise ConfigError(f"DistillRows: {name!r} is not a fetch var of the reader ({fetches})")
         n_feeds, n_fetches = len(feeds), len(fetches)
+        # The student's tokens and the alignment (another tokenizer): variable feed vars, with lengths.
+        self._student: tuple[int, int, int, int] | None = None
+        if student_tokens is not None and alignment is not None:
+            positions = []
+            for name in (student_tokens, alignment):
+                if name not in feeds:
+                    raise ConfigError(f"DistillRows: {name!r} is not a feed var of the reader ({feeds})")
+                if feeds.index(name) not in config.variable_feeds:
+                    raise ConfigError(f"DistillRows: feed var {name!r} must have a variable length, shape (-1,)")
+                positions.append(feeds.index(name))
+            lengths = [n_feeds + n_fetches + config.variable_feeds.index(i) for i in positions]
+            self._student = (positions[0], lengths[0], positions[1], lengths[1])
         self.reader = reader
         self.epochs = epochs
         self._tokens = index
@@ -158,11 +190,22 @@ class DistillRows(IterableDataset):
             for batch in epoch_reader():
                 lengths = batch[self._length]
                 for i, length in enumerate(lengths.tolist()):
-                    yield {
+                    row = {
                         "input_ids": torch.tensor(batch[self._tokens][i, :length]),
                         "teacher_topk_values": torch.tensor(batch[self._values][i, :length]),
                         "teacher_topk_indices": torch.tensor(batch[self._indices][i, :length]),
                     }
+                    if self._student is not None:
+                        tokens, tokens_length, alignment, alignment_length = self._student
+                        student_length = int(batch[tokens_length][i])
+                        if int(batch[alignment_length][i]) != student_length:
+                            raise ConfigError(
+                                f"DistillRows: a row has {student_length} student tokens but "
+                                f"{int(batch[alignment_length][i])} alignment entries"
+                            )
+                        row["input_ids"] = torch.tensor(batch[tokens][i, :student_length])
+                        row["alignment"] = torch.tensor(batch[alignment][i, :student_length], dtype=torch.long)
+                    yield row
                     rows += 1
             epoch, row = epoch + 1, 0
             if self._stream:
@@ -177,6 +220,11 @@ class DistillCollator:
     is ``-100``); ``labels``: ``input_ids`` with ``-100`` on padding (the model shifts them, so
     position ``t``'s label is token ``t + 1``); ``teacher_lengths``: each row's length. Either every
     row carries a teacher or none does.
+
+    Rows with an ``alignment`` (a student with another tokenizer): the teacher's top-k is padded to
+    the batch's longest *teacher* row, ``teacher_lengths`` are the teacher's row lengths (the
+    top-k's positions), and ``alignment`` ``[n, L]`` is padded with -1 (no teacher position).
+    Either every row carries an alignment or none does.
     """
 
     def __init__(self, pad_token_id: int = 0) -> None:
@@ -201,19 +249,56 @@ class DistillCollator:
         if any(with_teacher):
             if not all(with_teacher):
                 raise ConfigError("DistillCollator: some rows carry the teacher's top-k and others do not")
+            aligned = ["alignment" in row for row in rows]
+            if any(aligned) and not all(aligned):
+                raise ConfigError("DistillCollator: some rows carry an alignment and others do not")
+            teacher_lengths = lengths
+            if all(aligned):
+                # Another tokenizer: the teacher's rows have their own lengths.
+                teacher_lengths = torch.tensor(
+                    [len(np.asarray(row["teacher_topk_values"])) for row in rows], dtype=torch.long
+                )
+                alignment = torch.full((len(rows), width), -1, dtype=torch.long)
+                for i, row in enumerate(rows):
+                    part = torch.as_tensor(np.asarray(row["alignment"]), dtype=torch.long)
+                    if part.shape != (int(lengths[i]),):
+                        raise ConfigError(
+                            f"DistillCollator: row {i} has {int(lengths[i])} tokens but an alignment of "
+                            f"shape {tuple(part.shape)}"
+                        )
+                    alignment[i, : len(part)] = part
+                batch["alignment"] = alignment
+            teacher_width = int(teacher_lengths.max())
             for key in ("teacher_topk_values", "teacher_topk_indices"):
                 parts = [torch.as_tensor(np.asarray(row[key])) for row in rows]
-                out = torch.zeros((len(rows), width, parts[0].shape[-1]), dtype=parts[0].dtype)
+                out = torch.zeros((len(rows), teacher_width, parts[0].shape[-1]), dtype=parts[0].dtype)
                 for i, part in enumerate(parts):
-                    if part.shape[0] != lengths[i]:
+                    if part.shape[0] != teacher_lengths[i]:
                         raise ConfigError(
-                            f"DistillCollator: row {i} has {int(lengths[i])} tokens but {part.shape[0]} "
+                            f"DistillCollator: row {i} has {int(teacher_lengths[i])} tokens but {part.shape[0]} "
                             f"positions of {key}"
                         )
                     out[i, : part.shape[0]] = part
                 batch[key] = out
-            batch["teacher_lengths"] = lengths
+            batch["teacher_lengths"] = teacher_lengths
         return batch
+
+
+def aligned_positions(alignment: torch.Tensor, teacher_lengths: torch.Tensor) -> torch.Tensor:
+    """``[n, S]`` bool: the student positions :func:`~distill_reader.torch.uld_loss` compares (an
+    alignment that is not -1 and points inside the teacher's row)."""
+    teacher_lengths = teacher_lengths.to(alignment.device)
+    return (alignment >= 0) & (alignment < teacher_lengths[:, None])
+
+
+def teacher_positions(batch: dict[str, torch.Tensor]) -> int:
+    """The positions a batch's distillation term averages over: the teacher's positions, or the
+    aligned student positions of a batch with an ``alignment``; 0 without a teacher."""
+    if "teacher_lengths" not in batch:
+        return 0
+    if "alignment" in batch:
+        return int(aligned_positions(batch["alignment"], batch["teacher_lengths"]).sum())
+    return int(batch["teacher_lengths"].sum())
 
 
 def distill_loss_sums(
@@ -231,7 +316,10 @@ def distill_loss_sums(
     ``logits`` ``[n, L, V]`` (the student's); ``labels`` ``[n, L]`` (``-100``: no label), shifted
     here: ``logits[:, t]`` against ``labels[:, t + 1]``. ``teacher``: ``teacher_topk_values``,
     ``teacher_topk_indices`` ``[n, L, K]`` and ``teacher_lengths`` ``[n]``, compared with
-    ``logits[:, t]`` at ``t < teacher_lengths`` (``None``: the KL terms are 0).
+    ``logits[:, t]`` at ``t < teacher_lengths`` (``None``: the KL terms are 0). A teacher with an
+    ``alignment`` ``[n, L]`` (another tokenizer): the distillation terms are
+    :func:`~distill_reader.torch.uld_loss`'s sum and the count of aligned positions instead
+    (``tail`` is then ``uld_loss``'s, ``values`` must be ``"logprobs"``).
     """
     vocab = logits.shape[-1]
     shift_labels = labels[:, 1:]
@@ -243,6 +331,21 @@ def distill_loss_sums(
         zero = torch.zeros((), device=logits.device)
         return ce_sum, ce_tokens, zero, torch.zeros((), dtype=torch.long, device=logits.device)
     lengths = teacher["teacher_lengths"]
+    if "alignment" in teacher:
+        if values != "logprobs" or reverse:
+            raise ConfigError("the ULD loss takes the teacher's log-probs (values='logprobs') and no reverse")
+        alignment = teacher["alignment"].to(logits.device)
+        uld_sum = uld_loss(
+            logits,
+            teacher["teacher_topk_values"],
+            alignment,
+            None,  # the alignment is -1 on padding
+            lengths,
+            temperature=temperature,
+            tail=tail,
+            reduction="sum",
+        )
+        return ce_sum, ce_tokens, uld_sum, aligned_positions(alignment, lengths).sum()
     kl_sum = topk_kl_loss(
         logits,
         teacher["teacher_topk_values"],
@@ -266,6 +369,13 @@ class DistillTrainer(Trainer):
     ``values``, ``tail``, ``reverse``: as in :func:`~distill_reader.torch.topk_kl_loss`. Every other
     argument is ``Trainer``'s; ``data_collator`` defaults to :class:`DistillCollator`.
 
+    ``loss="uld"``: a student with another tokenizer, on rows with an ``alignment``
+    (``DistillRows(..., student_tokens=..., alignment=...)``): ``(1 - alpha) * CE + alpha * ULD``,
+    the cross-entropy on the student's own tokens and :func:`~distill_reader.torch.uld_loss` per
+    aligned position (Boizard et al., 2024: the L1 distance between the sorted next-token
+    distributions; no ``temperature**2``, it is not a KL; ``temperature`` divides the student's
+    logits; ``tail`` is ``"bucket"`` or ``"zeros"``). Each loss takes only its kind of rows.
+
     Needs a transformers whose ``Trainer`` has ``loss_is_scaled_for_ga`` (5.25 is tested): the loss
     is normalized over the optimizer step, which the Trainer must not divide again. Keep
     ``dataloader_num_workers=0``.
@@ -279,8 +389,13 @@ class DistillTrainer(Trainer):
         values: str = "logprobs",
         tail: str = "bucket",
         reverse: bool = False,
+        loss: str = "kl",
         **kwargs: Any,
     ) -> None:
+        if loss not in LOSSES:
+            raise ConfigError(f"DistillTrainer: loss must be one of {LOSSES}, got {loss!r}")
+        if loss == "uld" and (values != "logprobs" or reverse):
+            raise ConfigError("DistillTrainer: loss='uld' takes the teacher's log-probs and no reverse")
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"DistillTrainer: alpha must be in [0, 1], got {alpha}")
         if not temperature > 0:
@@ -296,6 +411,7 @@ class DistillTrainer(Trainer):
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.kl_options = {"values": values, "tail": tail, "reverse": reverse}
+        self.loss = loss
         # The token counts of the optimizer step under way (set by get_batch_samples, read by
         # compute_loss within training_step); None: per-batch means (evaluation).
         self._step_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -316,10 +432,15 @@ class DistillTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """``(1 - alpha) * CE + alpha * temperature**2 * KL``, each per token (see the module doc)."""
+        """``(1 - alpha) * CE + alpha * temperature**2 * KL`` (``loss="uld"``: ``+ alpha * ULD``), each per token."""
         inputs = dict(inputs)
         teacher = {key: inputs.pop(key) for key in TEACHER_KEYS if key in inputs}
         labels = inputs.pop("labels")
+        if teacher and ("alignment" in teacher) != (self.loss == "uld"):
+            raise ConfigError(
+                f"DistillTrainer(loss={self.loss!r}) got a batch "
+                + ("with an alignment: use loss='uld'" if "alignment" in teacher else "without an alignment")
+            )
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         ce_sum, ce_tokens, kl_sum, kl_tokens = distill_loss_sums(
@@ -333,7 +454,8 @@ class DistillTrainer(Trainer):
         ce = ce_sum / ce_tokens.clamp(min=1)
         if teacher:
             kl = kl_sum / kl_tokens.clamp(min=1)
-            loss = (1.0 - self.alpha) * ce + self.alpha * self.temperature**2 * kl
+            weight = self.temperature**2 if self.loss == "kl" else 1.0
+            loss = (1.0 - self.alpha) * ce + self.alpha * weight * kl
         else:
             loss = ce
         loss = loss * scale
@@ -344,7 +466,7 @@ class DistillTrainer(Trainer):
         ``average_tokens_across_devices``), for :meth:`compute_loss`."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         ce = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batch_samples)
-        kl = sum(int(batch["teacher_lengths"].sum()) for batch in batch_samples if "teacher_lengths" in batch)
+        kl = sum(teacher_positions(batch) for batch in batch_samples)
         counts = torch.tensor([ce, kl], dtype=torch.long, device=self.args.device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.gather(counts).view(-1, 2).sum(0)

@@ -31,17 +31,24 @@ TEACHERS = 2
 
 @contextlib.contextmanager
 def local_teachers(
-    model_path: Path, count: int, model_name: str, serve_args: Sequence[str] = ()
+    model_path: Path | str,
+    count: int,
+    model_name: str,
+    serve_args: Sequence[str] = (),
+    log_path: Path | None = None,
 ) -> Iterator[list[str]]:
     """Start ``count`` built-in teacher servers as child processes; stop them on exit.
 
-    ``serve_args``: more options of ``distill teacher serve`` (e.g. ``--topk 8``).
+    ``model_path``: the ``--model`` of ``distill teacher serve`` (a file, or ``hf:DIR``);
+    ``serve_args``: more of its options (e.g. ``--topk 8``).
 
-    Their output goes to a log file next to the model, shown only if one fails to start.
+    Their output goes to ``log_path`` (default: a log file next to the model), shown only if one
+    fails to start.
     """
     processes: list[subprocess.Popen] = []
     endpoints: list[str] = []
-    log_path = model_path.with_suffix(".log")
+    if log_path is None:
+        log_path = Path(model_path).with_suffix(".log")
     try:
         with log_path.open("ab") as log:
             for _ in range(count):
@@ -191,9 +198,11 @@ def demo(
     DistillReader and train a student that has the labels of only a few samples but the teacher's
     soft labels on all of them; compare with the same student trained on those few labels alone.
 
-    `distill demo text` is the sequence demo: a character-level language model, top-k teachers."""
+    `distill demo text` is the sequence demo: a character-level language model, top-k teachers;
+    `distill demo llm`: GPT-2 students of an hf: teacher with transformers' Trainer, one with
+    another tokenizer."""
     if ctx.invoked_subcommand is not None:
-        return  # `distill demo text`: the options above are the digits demo's
+        return  # `distill demo text` or `llm`: the options above are the digits demo's
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -243,9 +252,11 @@ def demo(
 
 
 def _add_subcommands() -> None:
+    from distill_reader.demo.llm import llm
     from distill_reader.demo.text import text
 
     demo.add_command(text)
+    demo.add_command(llm)
 
 
 _add_subcommands()
