@@ -125,7 +125,7 @@ def _help() -> str:
         ./{DEFAULT_PLOT} (or --plot FILE); the committed figure is refreshed with
         --plot docs/benchmarks-dbatch.png. See docs/benchmarks.md; chaos (teachers killed, hung or
         wrong, discovery/Redis/etcd restarted, a link cut): docs/fault-tolerance.md; store:
-        docs/store.md; llm-openai (vLLM from build/teachers/vllm-venv): docs/llm.md.
+        docs/store.md; llm-openai (vLLM from build/teachers/vllm-venv): docs/llm-openai.md.
         """
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 
