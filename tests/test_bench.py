@@ -171,3 +171,17 @@ def test_bench_options_say_their_defaults_and_none_is_named_like_a_scenario() ->
     assert result.exit_code == 2 and "--store is now --discovery-store" in result.output, result.output
     assert "--discovery-store redis" in result.output
     assert "--store" not in CliRunner().invoke(main, ["bench", "--help"]).output.replace("--discovery-store", "")
+
+
+def test_bench_llm_openai_without_vllm_is_a_usage_error_before_anything_runs(monkeypatch) -> None:
+    """No vLLM to start: one line saying how to get one, not a traceback after a model was built."""
+    from click.testing import CliRunner
+
+    from distill_reader.cli import main
+
+    monkeypatch.setenv("DISTILL_VLLM_PYTHON", "/nonexistent/python")
+    monkeypatch.delenv("DISTILL_BENCH_VLLM", raising=False)
+    result = CliRunner().invoke(main, ["bench", "--quick", "llm-openai"])
+    assert result.exit_code == 2, result.output
+    assert "llm-openai needs vLLM: run scripts/external-teachers.sh" in result.output
+    assert "DISTILL_VLLM_PYTHON" in result.output and "Traceback" not in result.output

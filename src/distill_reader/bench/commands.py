@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -228,6 +229,24 @@ def plot_path(plot_file: str | None, quick: bool) -> Path | None:
     return None if quick else Path.cwd() / DEFAULT_PLOT
 
 
+def _check_prerequisites(names: list[str]) -> None:
+    """A usage error, before anything runs, for a named scenario that cannot run here: llm without
+    the llm extra, llm-openai without a vLLM to start (or one running, ``DISTILL_BENCH_VLLM``)."""
+    import importlib.util
+
+    if "llm" in names and not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        raise click.UsageError("llm needs torch and transformers: pip install -e '.[llm]' (make's .venv has them)")
+    if "llm-openai" in names:
+        from distill_reader.bench import llm_openai
+
+        if not os.environ.get(llm_openai.SERVER_ENV) and llm_openai.vllm_python() is None:
+            raise click.UsageError(
+                f"llm-openai needs vLLM: run scripts/external-teachers.sh (it makes {llm_openai.VLLM_VENV}), "
+                f"or set {llm_openai.PYTHON_ENV} to a python that has vllm, or {llm_openai.SERVER_ENV} to a "
+                "running vLLM's host:port (docs/llm-openai.md)"
+            )
+
+
 class _ProgressReport:
     """Progress on stderr. On a terminal: a live line with the scenario, its current step, a bar over
     the whole run (scenarios weighted by their usual duration), the time elapsed and an estimate of
@@ -364,6 +383,7 @@ def bench(
 
     names = list(dict.fromkeys(scenarios)) or list(SCENARIO_NAMES)
     discovery_options = _discovery_options(students, teachers, stores, steady_s, servers)
+    _check_prerequisites(names)
     sizes = Sizes(quick=quick)
     plot = plot_path(plot_file, quick)
     if plot is not None and "dbatch-scaling" in names:
