@@ -39,8 +39,9 @@ test: venv
 	$(VENV)/bin/ruff check src tests
 	# Two workers, a test file each at a time: most tests wait on servers and timeouts, not the CPU.
 	# With CI=true a missing external teacher venv fails its tests instead of skipping them
-	# (tests/external_support.py); DISTILL_REQUIRE_EXTERNAL_TEACHERS set to 0, 1 or venv names wins.
-	DISTILL_REQUIRE_EXTERNAL_TEACHERS=$(or $(DISTILL_REQUIRE_EXTERNAL_TEACHERS),$(if $(filter true 1,$(CI)),1,0)) $(PY) -m pytest -q -n 2 --dist loadfile
+	# (tests/external_support.py), unless SKIP_EXTERNAL_TEACHERS=1 asked for none;
+	# DISTILL_REQUIRE_EXTERNAL_TEACHERS set to 0, 1 or venv names wins.
+	DISTILL_REQUIRE_EXTERNAL_TEACHERS=$(or $(DISTILL_REQUIRE_EXTERNAL_TEACHERS),$(if $(filter 1,$(SKIP_EXTERNAL_TEACHERS)),0,$(if $(filter true 1,$(CI)),1,0))) $(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

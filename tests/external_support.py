@@ -50,9 +50,17 @@ def required(venv: str | None = None) -> bool:
 
 
 def missing_external_teacher(reason: str, venv: str | None = None) -> NoReturn:
-    """Skip the test saying ``reason``; fail it instead where :func:`required` says so."""
+    """Skip the test saying ``reason``; fail it instead where :func:`required` says so, saying where
+    the venv's install log is and how to require less on a machine that cannot build it."""
     if required(venv):
-        pytest.fail(f"{reason} ({REQUIRE_ENV}={os.environ.get(REQUIRE_ENV)}: required here)", pytrace=False)
+        log = TEACHER_VENVS / f"{venv}-install.log"
+        why = f"; its install log: {log.relative_to(REPO)}" if venv and log.exists() else ""
+        pytest.fail(
+            f"{reason} ({REQUIRE_ENV}={os.environ.get(REQUIRE_ENV)}: required here, as `make test` does under "
+            f"CI=true{why}). Where it cannot be built (vllm-venv: x86-64 Linux only), set {REQUIRE_ENV} to the "
+            "venvs that can be (e.g. pytriton-venv,mlserver-venv), or to 0",
+            pytrace=False,
+        )
     pytest.skip(reason)
 
 

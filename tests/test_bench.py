@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_reader.bench.commands import EXTRA_SCENARIOS, SCENARIO_NAMES, plot_path
+from distill_reader.bench.commands import EXTRA_SCENARIOS, SCENARIO_NAMES, SCENARIOS, plot_path
 
 
 @pytest.mark.timeout(420)
@@ -73,8 +73,17 @@ def test_bench_help_gives_each_scenarios_duration() -> None:
         line = next((line for line in lines if line.split()[:1] == [name]), None)
         assert line is not None, f"no line for {name} in:\n{result.output}"
         assert re.search(r"\babout \d+ (s|min)\b", line), line
-    named_only = ", ".join(EXTRA_SCENARIOS[:-1]) + f" and {EXTRA_SCENARIOS[-1]}"
-    assert re.search(rf"all but {named_only}, about \d+ (s|min) in all", " ".join(result.output.split()))
+    # The scenarios the help says a plain `distill bench` leaves out are those it does not run (every
+    # scenario of the table but the default ones), and the README says the same.
+    text = " ".join(result.output.split())
+    said = re.search(r"all but ([\w, -]+?), about \d+ (s|min) in all", text)
+    assert said, text
+    left_out = re.split(r", | and ", said[1])
+    assert sorted(left_out) == sorted(set(SCENARIOS) - set(SCENARIO_NAMES)), left_out
+    assert said[1] == "chaos, store, discovery, llm and llm-openai"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme_said = re.search(r"^distill bench +# all scenarios but (.+?), about", readme, flags=re.M)
+    assert readme_said and readme_said[1] == said[1], readme_said
     assert "--plot docs/benchmarks-dbatch.png" in result.output
 
 
@@ -162,3 +171,17 @@ def test_bench_options_say_their_defaults_and_none_is_named_like_a_scenario() ->
     assert result.exit_code == 2 and "--store is now --discovery-store" in result.output, result.output
     assert "--discovery-store redis" in result.output
     assert "--store" not in CliRunner().invoke(main, ["bench", "--help"]).output.replace("--discovery-store", "")
+
+
+def test_bench_llm_openai_without_vllm_is_a_usage_error_before_anything_runs(monkeypatch) -> None:
+    """No vLLM to start: one line saying how to get one, not a traceback after a model was built."""
+    from click.testing import CliRunner
+
+    from distill_reader.cli import main
+
+    monkeypatch.setenv("DISTILL_VLLM_PYTHON", "/nonexistent/python")
+    monkeypatch.delenv("DISTILL_BENCH_VLLM", raising=False)
+    result = CliRunner().invoke(main, ["bench", "--quick", "llm-openai"])
+    assert result.exit_code == 2, result.output
+    assert "llm-openai needs vLLM: run scripts/external-teachers.sh" in result.output
+    assert "DISTILL_VLLM_PYTHON" in result.output and "Traceback" not in result.output

@@ -222,3 +222,25 @@ def test_discover_mode_through_teacher_register(server, digits_teacher, write_co
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGTERM)
                 process.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("value", "fails"),
+    [("", False), ("0", False), ("1", True), ("vllm-venv", True), ("pytriton-venv,mlserver-venv", False)],
+)
+def test_a_missing_venv_skips_or_fails_as_required(monkeypatch, value, fails):
+    """`make test` under CI=true sets DISTILL_REQUIRE_EXTERNAL_TEACHERS=1: a missing venv (here
+    vLLM's, which builds on x86-64 Linux only) fails, saying how to require only the venvs a machine
+    can build; otherwise it skips with the reason."""
+    import external_support
+
+    monkeypatch.setenv(external_support.REQUIRE_ENV, value)
+    monkeypatch.setattr(external_support, "TEACHER_VENVS", external_support.REPO / "build" / "no-such-folder")
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception)) as raised:
+        external_support.require_venv("vllm-venv", "vllm")
+    assert raised.type is (pytest.fail.Exception if fails else pytest.skip.Exception), raised.type
+    message = str(raised.value)
+    assert message.startswith("build/teachers/vllm-venv is missing: run scripts/external-teachers.sh"), message
+    if fails:
+        assert f"DISTILL_REQUIRE_EXTERNAL_TEACHERS={value}: required here" in message, message
+        assert "set DISTILL_REQUIRE_EXTERNAL_TEACHERS to the venvs that can be" in message, message

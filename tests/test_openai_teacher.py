@@ -345,13 +345,16 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vllm]:
     ``tiny`` with ``--api-key``; transformers' reference is computed while it starts (loading
     transformers' model takes 15-60 s here). ``DISTILL_TEST_VLLM=host:port`` uses a running vLLM
     instead (started with these settings, e.g. while iterating on these tests)."""
+    from external_support import missing_external_teacher
     from llm_support import reference_topk, require_llm, tiny_lm_dir, token_rows
     from vllm_support import start_vllm, vllm_python
 
     require_llm()
     python = vllm_python()
     if python is None:
-        pytest.skip("build/teachers/vllm-venv missing or broken: run scripts/external-teachers.sh")
+        missing_external_teacher(
+            "build/teachers/vllm-venv missing or broken: run scripts/external-teachers.sh", "vllm-venv"
+        )
     model = tiny_lm_dir()
     server = None
     if os.environ.get("DISTILL_TEST_VLLM"):

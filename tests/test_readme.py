@@ -242,3 +242,17 @@ def test_docs_speak_of_the_product_not_of_how_it_was_made(document) -> None:
     text = " ".join(text.split())
     for phrase in ("the seed's", "seed guide", "fleet-robustness", "sequence work"):
         assert phrase not in text.lower(), f"{document}: {phrase!r}"
+
+
+def test_readme_config_table_lists_every_key_the_loader_reads() -> None:
+    """Any key not in the Config reference table is refused, the README says: so the table names
+    every key of :data:`KNOWN_KEYS` (``[store] precision`` was missing), and no other."""
+    from distill_reader.config import KNOWN_KEYS
+
+    listed: set[tuple[str, str]] = set()
+    for row in re.findall(r"^\| (`\[\w+\] [^|]*)\|", section("## Config reference"), flags=re.M):
+        names = re.findall(r"`([^`]+)`", row)
+        header = re.match(r"\[(\w+)\] (\w+)$", names[0])
+        assert header, row
+        listed |= {(header[1], header[2]), *((header[1], name) for name in names[1:])}
+    assert listed == {(s, key) for s, keys in KNOWN_KEYS.items() for key in keys}

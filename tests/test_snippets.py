@@ -205,8 +205,6 @@ def loaded_value(config: ReaderConfig, section: str, key: str, values: dict) -> 
         return config.predict_feed_ids, tuple(ast.literal_eval(raw))
     if key == "report_to":
         return config.report_to, tuple(h.strip() for h in str(word(raw)).split(","))
-    if key == "report_to":
-        return config.report_to, tuple(h.strip() for h in str(word(raw)).split(","))
     if key == "token_file":
         return config.token is not None and config.token.reveal(), "a-token-of-the-snippet"
     if key in ("tls_ca", "tls_cert", "tls_key"):

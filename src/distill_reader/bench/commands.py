@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ def _help() -> str:
         ./{DEFAULT_PLOT} (or --plot FILE); the committed figure is refreshed with
         --plot docs/benchmarks-dbatch.png. See docs/benchmarks.md; chaos (teachers killed, hung or
         wrong, discovery/Redis/etcd restarted, a link cut): docs/fault-tolerance.md; store:
-        docs/store.md; llm-openai (vLLM from build/teachers/vllm-venv): docs/llm.md.
+        docs/store.md; llm-openai (vLLM from build/teachers/vllm-venv): docs/llm-openai.md.
         """
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 
@@ -226,6 +227,24 @@ def plot_path(plot_file: str | None, quick: bool) -> Path | None:
     if plot_file:
         return Path(plot_file)
     return None if quick else Path.cwd() / DEFAULT_PLOT
+
+
+def _check_prerequisites(names: list[str]) -> None:
+    """A usage error, before anything runs, for a named scenario that cannot run here: llm without
+    the llm extra, llm-openai without a vLLM to start (or one running, ``DISTILL_BENCH_VLLM``)."""
+    import importlib.util
+
+    if "llm" in names and not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        raise click.UsageError("llm needs torch and transformers: pip install -e '.[llm]' (make's .venv has them)")
+    if "llm-openai" in names:
+        from distill_reader.bench import llm_openai
+
+        if not os.environ.get(llm_openai.SERVER_ENV) and llm_openai.vllm_python() is None:
+            raise click.UsageError(
+                f"llm-openai needs vLLM: run scripts/external-teachers.sh (it makes {llm_openai.VLLM_VENV}), "
+                f"or set {llm_openai.PYTHON_ENV} to a python that has vllm, or {llm_openai.SERVER_ENV} to a "
+                "running vLLM's host:port (docs/llm-openai.md)"
+            )
 
 
 class _ProgressReport:
@@ -364,6 +383,7 @@ def bench(
 
     names = list(dict.fromkeys(scenarios)) or list(SCENARIO_NAMES)
     discovery_options = _discovery_options(students, teachers, stores, steady_s, servers)
+    _check_prerequisites(names)
     sizes = Sizes(quick=quick)
     plot = plot_path(plot_file, quick)
     if plot is not None and "dbatch-scaling" in names:
