@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -448,3 +449,29 @@ def test_alert_rules_pass_promtool():
         [promtool, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, timeout=60, cwd=RULES.parent
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_reporter_close_ends_a_report_stuck_on_a_hung_server():
+    """A discovery server that takes the connection and never answers: ``close()`` ends the report in
+    flight (the reporter's thread is gone when it returns), it does not leave it running for the
+    RPC's deadline after the training process thinks reporting stopped."""
+    from types import SimpleNamespace
+
+    from distill_reader.discovery.client import StudentReporter
+
+    with contextlib.closing(socket.socket()) as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel accepts the connection; no one ever answers on it
+        sampled = threading.Event()
+
+        def sample():
+            sampled.set()  # the report goes out right after this
+            return SimpleNamespace(samples=0, teachers=[])
+
+        reporter = StudentReporter(f"127.0.0.1:{hung.getsockname()[1]}", None, "stuck", sample).start()
+        assert sampled.wait(10)
+        started = time.monotonic()
+        reporter.close(timeout=5.0)
+        assert time.monotonic() - started < 1.5, "close() waited for the hung report's deadline"
+        assert reporter._thread is not None and not reporter._thread.is_alive()
+        assert reporter.sent == 0
