@@ -4,6 +4,7 @@ rules name metrics that exist and pass promtool."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -475,3 +476,29 @@ def test_reporter_close_ends_a_report_stuck_on_a_hung_server():
         assert time.monotonic() - started < 1.5, "close() waited for the hung report's deadline"
         assert reporter._thread is not None and not reporter._thread.is_alive()
         assert reporter.sent == 0
+
+
+def test_server_stops_when_the_store_swallows_the_history_samplers_cancellation():
+    """redis-py may swallow a cancellation that arrives mid-command: the dashboard's history sampler
+    (in a store read every 2 s) must not keep ``stop()`` waiting for ever, as the service's own tasks
+    do not."""
+    thread = ServerThread(http="127.0.0.1:0").start()
+    assert thread.server is not None
+    store = thread.server.store
+    reading = threading.Event()
+
+    async def stubborn_services() -> list[str]:
+        if asyncio.current_task() is thread.server._history_task:
+            reading.set()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as redis-py may
+            await asyncio.sleep(3600)
+        return []
+
+    store.services = stubborn_services
+    try:
+        assert reading.wait(10)
+        started = time.monotonic()
+        thread._thread.run(thread.server.stop(), 10)
+        assert time.monotonic() - started < 8
+    finally:
+        thread.stop()

@@ -20,6 +20,7 @@ from distill_reader.discovery.service import (
     DEFAULT_TTL_S,
     MAX_MESSAGE_BYTES,
     DiscoveryService,
+    cancel_until_done,
     status_dict,
     status_message,
 )
@@ -140,9 +141,7 @@ class DiscoveryServer:
     async def stop(self, grace: float = 0.5) -> None:
         """Stop serving: open streams end, then the background tasks and the store."""
         if self._history_task is not None:
-            self._history_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._history_task
+            await cancel_until_done({self._history_task})
         if self._http_runner is not None:
             with contextlib.suppress(Exception):
                 await self._http_runner.cleanup()

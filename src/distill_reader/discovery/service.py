@@ -107,6 +107,20 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
+async def cancel_until_done(tasks: set[asyncio.Task]) -> None:
+    """Cancel ``tasks`` until they end, for 5 s at most: a store client may swallow one cancellation
+    (redis-py does, when it arrives mid-command), which would leave a loop running for ever."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(20):
+        if not pending:
+            return
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.25)
+    if pending:
+        log.warning("%d discovery tasks did not stop", len(pending))
+
+
 @dataclass
 class _Kept:
     """A teacher lease kept through this server: when, by this server's clocks."""
@@ -228,17 +242,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
 
     async def stop(self) -> None:
         """Stop the background tasks (open streams end when the gRPC server stops)."""
-        # Cancel until done: a store client may swallow one cancellation (redis-py does, when it
-        # arrives mid-command), which would leave a loop running forever.
-        pending = set(self._tasks) | self._rejoins
-        for _ in range(20):
-            if not pending:
-                break
-            for t in pending:
-                t.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.25)
-        if pending:
-            log.warning("%d discovery tasks did not stop", len(pending))
+        await cancel_until_done(set(self._tasks) | self._rejoins)
         self._tasks.clear()
 
     def mark_dirty(self, service: str | None) -> None:
