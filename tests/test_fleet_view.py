@@ -231,8 +231,13 @@ def test_students_figures_reach_status_json_and_metrics(write_config, teachers):
             wrong_rows = series(m, "distill_teacher_rows_total", teacher=wrong, student=learner.id)
             assert wrong_rows in ([], [0])
             assert student_rows - 16 * 8 <= first <= student_rows + 16 * 8
-            time.sleep(1.5)
-            m2 = metrics(base)
+
+            def counted_on() -> dict | None:
+                m = metrics(base)
+                rows = series(m, "distill_teacher_rows_total", service="tagger", teacher=good, student=learner.id)
+                return m if rows[0] > first else None
+
+            m2 = wait_for(counted_on, 10, "the teacher's rows counter counting on")
             later = series(m2, "distill_teacher_rows_total", service="tagger", teacher=good, student=learner.id)[0]
             assert later > first  # the counter counts on
             assert series(m2, "distill_student_rows_total", service=FIXED_SERVICE, student=fixed.id)[0] > 0
