@@ -507,3 +507,15 @@ def test_server_stops_when_the_store_swallows_the_history_samplers_cancellation(
         assert time.monotonic() - started < 8
     finally:
         thread.stop()
+
+
+def test_reports_of_gone_students_are_forgotten_without_a_reader():
+    """A server without ``--http`` never reads its reports (no page, no /metrics): a student that
+    stopped reporting is still forgotten, or every training process ever run would stay in memory."""
+    now = [0.0]
+    fleet = Fleet(clock=lambda: now[0])
+    for i in range(100):
+        fleet.report(_report(f"s{i}", "one", 10, 10))
+    now[0] = 100.0
+    fleet.report(_report("late", "one", 10, 10))
+    assert list(fleet._students) == [("svc", "late")]
