@@ -210,6 +210,7 @@ def test_students_figures_reach_status_json_and_metrics(write_config, teachers):
             assert 0 <= f["wait_fraction"] <= 1 and f["teachers"] == [good]
             assert by_id(fixed_svc["teachers"], "endpoint", good)["registered"] is False
             assert "this server" in st["reports"]
+            assert st["report_seconds"] == 1.0  # the page polls as often as the students report
             # History for the charts fills in (a point every 2 s).
             wait_for(lambda: status_json(base)["history"]["students"][f"tagger/{learner.id}"], 10, "history")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from distill_reader.discovery.fleet import HISTORY_STEP_S, REPORT_SECONDS
+from distill_reader.discovery.fleet import HISTORY_STEP_S
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.service import (
     DEFAULT_KEEPALIVE_S,
@@ -164,7 +164,7 @@ class DiscoveryServer:
         states = await self._states()
         status = self.service.fleet.add_figures(await self._status(states), states)
         status["history"] = self.service.fleet.history()
-        status["report_seconds"] = max(REPORT_SECONDS, self.service.keepalive)
+        status["report_seconds"] = self.service.report_seconds
         return status
 
     async def _sample_history(self) -> None:

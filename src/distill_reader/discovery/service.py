@@ -214,6 +214,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.lag_cap = 2 * ttl if lag_cap is None else lag_cap
         self.store_ttl = ttl + self.lag_cap
         self.keepalive = keepalive
+        #: how often students are asked to report their figures
+        self.report_seconds = max(REPORT_SECONDS, keepalive)
         self.coalesce = coalesce
         self.server_id = server_id or uuid.uuid4().hex[:8]
         self.registry = registry or CollectorRegistry()
@@ -661,7 +663,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self.fleet.report(request)
         self.metrics.rpcs.labels(m, "OK").inc()
-        return pb.ReportResponse(report_seconds=max(REPORT_SECONDS, self.keepalive))
+        return pb.ReportResponse(report_seconds=self.report_seconds)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         m = "Status"
