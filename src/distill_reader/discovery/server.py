@@ -25,7 +25,7 @@ from distill_reader.discovery.service import (
     status_message,
 )
 from distill_reader.discovery.stores import open_store
-from distill_reader.discovery.stores.base import ServiceState, StoreSecurity, check_hostport
+from distill_reader.discovery.stores.base import StoreSecurity, check_hostport
 from distill_reader.discovery.web import start_web
 from distill_reader.errors import DiscoveryError
 from distill_reader.rpc import LoopThread, strict_handler
@@ -151,18 +151,11 @@ class DiscoveryServer:
         with contextlib.suppress(Exception):
             await self.store.close()
 
-    async def _states(self) -> dict[str, ServiceState]:
-        return {n: await self.store.read(n) for n in await self.store.services()}
-
-    async def _status(self, states: dict[str, ServiceState] | None = None) -> dict:
-        if states is None:
-            states = await self._states()
-        return status_dict(status_message(list(states.items()), self.service.server_id, self.store.url))
-
     async def status_with_figures(self) -> dict:
         """``/status.json``: the Status RPC's answer plus the students' reported figures."""
-        states = await self._states()
-        status = self.service.fleet.add_figures(await self._status(states), states)
+        states = {n: await self.store.read(n) for n in await self.store.services()}
+        status = status_dict(status_message(list(states.items()), self.service.server_id, self.store.url))
+        status = self.service.fleet.add_figures(status, states)
         status["history"] = self.service.fleet.history()
         status["report_seconds"] = self.service.report_seconds
         return status
@@ -170,12 +163,8 @@ class DiscoveryServer:
     async def _sample_history(self) -> None:
         while True:
             await asyncio.sleep(HISTORY_STEP_S)
-            try:
-                self.service.fleet.sample(await self._states())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # store trouble: the next point
-                log.debug("fleet history sample failed: %s", exc)
+            # The states the reconcile loop last read (a resync old at most): no store round trip.
+            self.service.fleet.sample(self.service.states)
 
 
 async def serve(

@@ -247,6 +247,11 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         await cancel_until_done(set(self._tasks) | self._rejoins)
         self._tasks.clear()
 
+    @property
+    def states(self) -> dict[str, ServiceState]:
+        """Each service's state as this server last reconciled it (a resync old at most)."""
+        return self._states
+
     def mark_dirty(self, service: str | None) -> None:
         """Ask the reconcile loop to recompute ``service`` (None: every service)."""
         self._dirty.add(service)
