@@ -353,3 +353,28 @@ def test_teacher_killed_while_students_stream(store):
             await server.stop()
 
     run(main())
+
+
+def test_redis_command_cancelled_while_waiting_for_a_connection_leaves_no_unawaited_coroutine():
+    """A Redis command cancelled while it waits for a free connection (the service's tasks being
+    stopped) is closed, not left for the garbage collector to warn about ("never awaited")."""
+    import gc
+    import warnings
+
+    from distill_reader.discovery.stores.redis import RedisStore
+
+    async def main():
+        store = RedisStore("127.0.0.1", free_port())  # never connected: the command waits for a slot
+        store._slots = asyncio.Semaphore(0)
+        task = asyncio.create_task(store.services())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await store.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]

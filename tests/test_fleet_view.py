@@ -4,11 +4,13 @@ rules name metrics that exist and pass promtool."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -208,6 +210,7 @@ def test_students_figures_reach_status_json_and_metrics(write_config, teachers):
             assert 0 <= f["wait_fraction"] <= 1 and f["teachers"] == [good]
             assert by_id(fixed_svc["teachers"], "endpoint", good)["registered"] is False
             assert "this server" in st["reports"]
+            assert st["report_seconds"] == 1.0  # the page polls as often as the students report
             # History for the charts fills in (a point every 2 s).
             wait_for(lambda: status_json(base)["history"]["students"][f"tagger/{learner.id}"], 10, "history")
 
@@ -229,8 +232,13 @@ def test_students_figures_reach_status_json_and_metrics(write_config, teachers):
             wrong_rows = series(m, "distill_teacher_rows_total", teacher=wrong, student=learner.id)
             assert wrong_rows in ([], [0])
             assert student_rows - 16 * 8 <= first <= student_rows + 16 * 8
-            time.sleep(1.5)
-            m2 = metrics(base)
+
+            def counted_on() -> dict | None:
+                m = metrics(base)
+                rows = series(m, "distill_teacher_rows_total", service="tagger", teacher=good, student=learner.id)
+                return m if rows[0] > first else None
+
+            m2 = wait_for(counted_on, 10, "the teacher's rows counter counting on")
             later = series(m2, "distill_teacher_rows_total", service="tagger", teacher=good, student=learner.id)[0]
             assert later > first  # the counter counts on
             assert series(m2, "distill_student_rows_total", service=FIXED_SERVICE, student=fixed.id)[0] > 0
@@ -448,3 +456,70 @@ def test_alert_rules_pass_promtool():
         [promtool, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, timeout=60, cwd=RULES.parent
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_reporter_close_ends_a_report_stuck_on_a_hung_server():
+    """A discovery server that takes the connection and never answers: ``close()`` ends the report in
+    flight (the reporter's thread is gone when it returns), it does not leave it running for the
+    RPC's deadline after the training process thinks reporting stopped."""
+    from types import SimpleNamespace
+
+    from distill_reader.discovery.client import StudentReporter
+
+    with contextlib.closing(socket.socket()) as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel accepts the connection; no one ever answers on it
+        sampled = threading.Event()
+
+        def sample():
+            sampled.set()  # the report goes out right after this
+            return SimpleNamespace(samples=0, teachers=[])
+
+        reporter = StudentReporter(f"127.0.0.1:{hung.getsockname()[1]}", None, "stuck", sample).start()
+        assert sampled.wait(10)
+        started = time.monotonic()
+        reporter.close(timeout=5.0)
+        assert time.monotonic() - started < 1.5, "close() waited for the hung report's deadline"
+        assert reporter._thread is not None and not reporter._thread.is_alive()
+        assert reporter.sent == 0
+
+
+def test_history_sampler_does_not_read_the_store():
+    """The dashboard's history is sampled every 2 s from the states the reconcile loop already read
+    (a resync old at most), not from a full read of every service in the store: that read, with
+    thousands of students, is work on the loop that keeps the teachers' leases."""
+    thread = ServerThread(http="127.0.0.1:0").start()
+    assert thread.server is not None
+    server, store = thread.server, thread.server.store
+    fleet = server.service.fleet
+    fleet.report(_report("s1", "one", 10, 10))
+    reads_by_sampler = []
+    for name in ("read", "services"):
+        original = getattr(store, name)
+
+        async def counted(*args, _original=original, _name=name):
+            if asyncio.current_task() is server._history_task:
+                reads_by_sampler.append(_name)
+            return await _original(*args)
+
+        setattr(store, name, counted)
+    samples = []
+    sample = fleet.sample
+    fleet.sample = lambda *args: (samples.append(1), sample(*args))
+    try:
+        wait_for(lambda: len(samples) >= 2, 10, "two history samples")
+        assert reads_by_sampler == []
+    finally:
+        thread.stop()
+
+
+def test_reports_of_gone_students_are_forgotten_without_a_reader():
+    """A server without ``--http`` never reads its reports (no page, no /metrics): a student that
+    stopped reporting is still forgotten, or every training process ever run would stay in memory."""
+    now = [0.0]
+    fleet = Fleet(clock=lambda: now[0])
+    for i in range(100):
+        fleet.report(_report(f"s{i}", "one", 10, 10))
+    now[0] = 100.0
+    fleet.report(_report("late", "one", 10, 10))
+    assert list(fleet._students) == [("svc", "late")]

@@ -423,7 +423,7 @@ class StudentReporter:
         self._sample = sample
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
         self._stopping = threading.Event()
         #: reports the server accepted (for tests and troubleshooting)
         self.sent = 0
@@ -434,32 +434,33 @@ class StudentReporter:
         return self
 
     def close(self, timeout: float = 1.0) -> None:
-        """Stop reporting (the server forgets the student once its last report is stale). Waits at
-        most ``timeout`` seconds: a report in flight may still go out after it."""
+        """Stop reporting (the server forgets the student once its last report is stale): a report
+        in flight is cancelled. Waits at most ``timeout`` seconds for the thread to end."""
         self._stopping.set()
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
             with contextlib.suppress(RuntimeError):  # its loop already ended
-                loop.call_soon_threadsafe(stop.set)
+                loop.call_soon_threadsafe(task.cancel)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def _main(self) -> None:
         try:
             asyncio.run(self._run())
+        except asyncio.CancelledError:  # close()
+            pass
         except Exception as exc:  # reporting must never hurt training
             log.warning("reporting to discovery stopped: %s", exc)
 
     async def _run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        if self._stopping.is_set():
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        if self._stopping.is_set():  # close() came before the task was there to cancel
             return
         rot = _Rotating(self.endpoints, self.security)
         period = 1.0
         prev: tuple[float, Any] | None = None
         try:
-            while not self._stop.is_set():
+            while True:
                 snap = await asyncio.to_thread(self._sample)
                 now = time.monotonic()
                 if snap is not None:
@@ -479,8 +480,7 @@ class StudentReporter:
                             )
                             return
                         log.debug("report to discovery failed: %s", exc.code().name)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), period)
+                await asyncio.sleep(period)
         finally:
             await rot.close()
 

@@ -66,6 +66,7 @@ class Fleet:
         self._clock = clock
         self._history: dict[str, dict[str, collections.deque]] = {"students": {}, "teachers": {}}
         self._last_sample = -math.inf
+        self._pruned = -math.inf
         if registry is not None:
             registry.register(self)
 
@@ -76,6 +77,8 @@ class Fleet:
         service = r.service_name if r.service_name and not r.fixed else FIXED_SERVICE
         key = (service, r.student_id)
         now = self._clock()
+        if now - self._pruned >= STALE_S:  # without --http no one reads the reports: forget here too
+            self._prune(now)
         old = self._students.get(key)
         s = _Student(service, r.student_id, r.instance_id, r, now)
         if old is not None:
@@ -97,10 +100,14 @@ class Fleet:
             s.teacher_last[t.endpoint] = t.rows
         self._students[key] = s
 
-    def _live(self) -> list[_Student]:
-        now = self._clock()
+    def _prune(self, now: float) -> None:
+        """Forget the students whose last report is stale."""
+        self._pruned = now
         for key in [k for k, s in self._students.items() if now - s.at > STALE_S]:
             del self._students[key]
+
+    def _live(self) -> list[_Student]:
+        self._prune(self._clock())
         return sorted(self._students.values(), key=lambda s: (s.service, s.student))
 
     def students(self, states: dict[str, ServiceState] | None = None) -> list[_Student]:

@@ -13,18 +13,19 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from distill_reader.discovery.fleet import HISTORY_STEP_S, REPORT_SECONDS
+from distill_reader.discovery.fleet import HISTORY_STEP_S
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.service import (
     DEFAULT_KEEPALIVE_S,
     DEFAULT_TTL_S,
     MAX_MESSAGE_BYTES,
     DiscoveryService,
+    cancel_until_done,
     status_dict,
     status_message,
 )
 from distill_reader.discovery.stores import open_store
-from distill_reader.discovery.stores.base import ServiceState, StoreSecurity, check_hostport
+from distill_reader.discovery.stores.base import StoreSecurity, check_hostport
 from distill_reader.discovery.web import start_web
 from distill_reader.errors import DiscoveryError
 from distill_reader.rpc import LoopThread, strict_handler
@@ -140,9 +141,7 @@ class DiscoveryServer:
     async def stop(self, grace: float = 0.5) -> None:
         """Stop serving: open streams end, then the background tasks and the store."""
         if self._history_task is not None:
-            self._history_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._history_task
+            await cancel_until_done({self._history_task})
         if self._http_runner is not None:
             with contextlib.suppress(Exception):
                 await self._http_runner.cleanup()
@@ -152,31 +151,20 @@ class DiscoveryServer:
         with contextlib.suppress(Exception):
             await self.store.close()
 
-    async def _states(self) -> dict[str, ServiceState]:
-        return {n: await self.store.read(n) for n in await self.store.services()}
-
-    async def _status(self, states: dict[str, ServiceState] | None = None) -> dict:
-        if states is None:
-            states = await self._states()
-        return status_dict(status_message(list(states.items()), self.service.server_id, self.store.url))
-
     async def status_with_figures(self) -> dict:
         """``/status.json``: the Status RPC's answer plus the students' reported figures."""
-        states = await self._states()
-        status = self.service.fleet.add_figures(await self._status(states), states)
+        states = {n: await self.store.read(n) for n in await self.store.services()}
+        status = status_dict(status_message(list(states.items()), self.service.server_id, self.store.url))
+        status = self.service.fleet.add_figures(status, states)
         status["history"] = self.service.fleet.history()
-        status["report_seconds"] = max(REPORT_SECONDS, self.service.keepalive)
+        status["report_seconds"] = self.service.report_seconds
         return status
 
     async def _sample_history(self) -> None:
         while True:
             await asyncio.sleep(HISTORY_STEP_S)
-            try:
-                self.service.fleet.sample(await self._states())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # store trouble: the next point
-                log.debug("fleet history sample failed: %s", exc)
+            # The states the reconcile loop last read (a resync old at most): no store round trip.
+            self.service.fleet.sample(self.service.states)
 
 
 async def serve(

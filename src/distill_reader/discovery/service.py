@@ -107,6 +107,20 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
+async def cancel_until_done(tasks: set[asyncio.Task]) -> None:
+    """Cancel ``tasks`` until they end, for 5 s at most: a store client may swallow one cancellation
+    (redis-py does, when it arrives mid-command), which would leave a loop running for ever."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(20):
+        if not pending:
+            return
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.25)
+    if pending:
+        log.warning("%d discovery tasks did not stop", len(pending))
+
+
 @dataclass
 class _Kept:
     """A teacher lease kept through this server: when, by this server's clocks."""
@@ -200,6 +214,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.lag_cap = 2 * ttl if lag_cap is None else lag_cap
         self.store_ttl = ttl + self.lag_cap
         self.keepalive = keepalive
+        #: how often students are asked to report their figures
+        self.report_seconds = max(REPORT_SECONDS, keepalive)
         self.coalesce = coalesce
         self.server_id = server_id or uuid.uuid4().hex[:8]
         self.registry = registry or CollectorRegistry()
@@ -228,18 +244,13 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
 
     async def stop(self) -> None:
         """Stop the background tasks (open streams end when the gRPC server stops)."""
-        # Cancel until done: a store client may swallow one cancellation (redis-py does, when it
-        # arrives mid-command), which would leave a loop running forever.
-        pending = set(self._tasks) | self._rejoins
-        for _ in range(20):
-            if not pending:
-                break
-            for t in pending:
-                t.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.25)
-        if pending:
-            log.warning("%d discovery tasks did not stop", len(pending))
+        await cancel_until_done(set(self._tasks) | self._rejoins)
         self._tasks.clear()
+
+    @property
+    def states(self) -> dict[str, ServiceState]:
+        """Each service's state as this server last reconciled it (a resync old at most)."""
+        return self._states
 
     def mark_dirty(self, service: str | None) -> None:
         """Ask the reconcile loop to recompute ``service`` (None: every service)."""
@@ -657,7 +668,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self.fleet.report(request)
         self.metrics.rpcs.labels(m, "OK").inc()
-        return pb.ReportResponse(report_seconds=max(REPORT_SECONDS, self.keepalive))
+        return pb.ReportResponse(report_seconds=self.report_seconds)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         m = "Status"

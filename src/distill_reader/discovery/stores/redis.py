@@ -315,6 +315,8 @@ class RedisStore(Store):
                 return await coro
         except (RedisConnectionError, RedisTimeoutError, NoPermissionError, OSError) as exc:
             raise self._error(exc) from exc
+        finally:
+            coro.close()  # not started if cancelled while waiting for a slot ("never awaited")
 
     async def _publish(self, service: str) -> None:
         await self._call(self._r.publish(_CHANNEL, service))
