@@ -176,7 +176,7 @@ class Epoch:
         batch: the oldest held slots beyond ``occupied_capacity`` are freed."""
         with self._cond:
             self._check()  # stopped or closed from another thread since the last batch
-        if self._ledger.held_count > self._keep:  # (the common case skips the signal handler swap)
+        if self._ledger.held_count > self._keep:  # every batch once keep are held (copy=False); never with copy=True
             with deferred_interrupt():
                 self._ledger.release_held(self._keep)
         waiting_since = time.perf_counter()
