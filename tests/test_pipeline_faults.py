@@ -91,6 +91,17 @@ def _install():
             return await original(self, batch)
 
         TeacherClient.infer = failing_infer
+    elif fault == "outbox":
+        from distill_reader.reader.channel import Sender
+
+        original_send = Sender.send_bytes
+
+        def failing_send_bytes(self, data, what="a message", timeout=None):
+            if what == "SlotDone" and _first_time():
+                raise RuntimeError("the outbox thread failed")
+            return original_send(self, data, what, timeout)
+
+        Sender.send_bytes = failing_send_bytes
     flood = os.environ.get("DR_LOG_FLOOD")
     if flood:
         threading.Thread(target=_flood, args=(int(flood),), daemon=True).start()
@@ -358,6 +369,20 @@ def test_a_crash_in_the_teacher_client_reaches_the_loop_with_its_traceback(write
         assert "LockedError" in text and "the teacher client library failed" in text, text
         assert "Traceback" in text and "failing_infer" in text, text
         check_epoch(list(dr.distill_reader()()), 80, 8)
+        check_epoch(list(dr.distill_reader()()), 80, 8)
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_of_the_outbox_thread_reaches_the_loop_and_the_next_epoch_works(write_config, tag_teachers, inject):
+    """The pipeline process's thread that writes to the training process crashes: the loop gets an
+    error (the process ends), rather than waiting for good for a slot that is done; the next epoch
+    starts a new pipeline process and is whole."""
+    inject(DR_FAULT="outbox")
+    dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=1, copy=True)
+    dr.set_sample_list_generator(sample_list_reader(80, 5))
+    with dr:
+        with pytest.raises(PipelineError, match=r"the pipeline process died \(exit code 1\)"):
+            list(dr.distill_reader()())
         check_epoch(list(dr.distill_reader()()), 80, 8)
 
 

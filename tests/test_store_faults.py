@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from test_reader import check_epoch
 from distill_reader import DistillReader, DistillReaderError
 from distill_reader.bench.sequence import sequence_config
 from distill_reader.knowledge.commands import summarize, verify
+from distill_reader.reader.pipeline import _STORE_STOP_TIMEOUT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,6 +91,13 @@ if os.environ.get("DISTILL_TEST_STORE_GATE"):
         return _send(self, message)
 
     _process._PipelineProcess._on_cancel, _process._PipelineProcess.send = _cancel, _sent
+
+if os.environ.get("DISTILL_TEST_CLOSE_TIMEOUT"):
+    # The session's bound on its close, and no chunk written before it (recorded rows wait for it).
+    from distill_reader.knowledge import session as _session
+
+    _session._CLOSE_TIMEOUT = float(os.environ["DISTILL_TEST_CLOSE_TIMEOUT"])
+    _session.IDLE_COMMIT = _session.MAX_AGE = 3600.0
 """
 
 
@@ -409,3 +418,63 @@ def test_an_epoch_left_during_a_store_read_is_acknowledged_after_it(
     assert isinstance(first.get("error"), DistillReaderError) and "stopped" in str(first["error"]), first
     events = (gate / "events").read_text().splitlines()
     assert events.index("cancel") < events.index("read ended") < events.index("acknowledged"), events
+
+
+def test_a_read_stuck_on_the_disk_does_not_keep_the_recorded_rows_from_being_written(
+    write_config, tag_teachers, tmp_path, pipeline_hooks
+):
+    """The reader closes while the first batch's read from the store is stuck and the teachers'
+    answers for the next batches are recorded, not yet written: the close writes them while the read
+    is still stuck (after the session's bound, 2 s here), instead of waiting on it until killed.
+    (The process can only exit once the read ends: the gate opens when the rows are written.)"""
+    path = tmp_path / "store"
+    dr = seed_reader(write_config, tag_teachers, path, "write")
+    dr.set_sample_generator(samples(range(16)))
+    with dr:
+        check_epoch(epoch_of(dr), 16, 16)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pipeline_hooks("DISTILL_TEST_STORE_GATE", str(gate))
+    pipeline_hooks("DISTILL_TEST_CLOSE_TIMEOUT", "2")
+    dr = seed_reader(write_config, tag_teachers, path, "cache")
+    dr.set_sample_generator(samples(range(48)))
+    ended: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            epoch_of(dr)
+        except BaseException as exc:
+            ended.append(exc)
+
+    written: dict[str, object] = {}
+
+    def open_once_written() -> None:
+        try:
+            wait_for(lambda: summarize(path).rows == 48, 20, "no recorded row written while a read was stuck")
+        except AssertionError as exc:
+            written["error"] = exc
+        finally:
+            (gate / "open").touch()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    opener = threading.Thread(target=open_once_written, daemon=True)
+    try:
+        consumer.start()
+        wait_for(lambda: (gate / "reading").exists(), 30, "no store read began")
+        wait_for(
+            lambda: sum(t.requests for t in dr.stats(timeout=1).teachers) >= 32 // D_BATCH,
+            30,
+            "the teachers did not answer the rows the store lacks",
+        )
+        opener.start()
+        started = time.monotonic()
+        dr.close()
+        took = time.monotonic() - started
+    finally:
+        (gate / "open").touch()
+        consumer.join(30)
+        opener.join(30)
+    assert "error" not in written, written["error"]
+    assert took < _STORE_STOP_TIMEOUT / 2, took
+    assert ended and isinstance(ended[0], DistillReaderError), ended
+    assert summarize(path).rows == 48  # the 16 of the first run, the 32 the teachers answered

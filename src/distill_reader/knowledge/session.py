@@ -463,19 +463,20 @@ class KnowledgeSession:
                     index[key] = new + j
 
     def close(self) -> None:
-        """Write every recorded row (bounded wait), then stop the threads."""
-        if self._filler is not None:  # reads into the pool: they end before it is unmapped
-            _, late = concurrent.futures.wait(self.reading(), timeout=_CLOSE_TIMEOUT)
-            if late:
-                log.error("knowledge store %s: a read did not end within %.0f s", self.path, _CLOSE_TIMEOUT)
-            self._filler.shutdown(wait=not late)
-            self._filler = None
-        if self._readers is not None:
-            self._readers.shutdown(wait=True)  # idle: a fill waits for its reads
-            self._readers = None
+        """Write every recorded row and let the reads into the pool end (before it is unmapped):
+        both at once, :data:`_CLOSE_TIMEOUT` seconds at most (a read stuck on a disk does not keep
+        the recorded rows from being written); then stop the threads."""
+        self.commit()
+        reading = self.reading()
+        _, late = concurrent.futures.wait([*reading, *(f for f, _ in self._commits)], timeout=_CLOSE_TIMEOUT)
+        stuck = not late.isdisjoint(reading)
+        if stuck:
+            log.error("knowledge store %s: a read did not end within %.0f s", self.path, _CLOSE_TIMEOUT)
+        for threads in (self._filler, self._readers):  # the readers are idle unless a fill is stuck
+            if threads is not None:
+                threads.shutdown(wait=not stuck)
+        self._filler = self._readers = None
         if self._executor is not None:
-            self.commit()
-            concurrent.futures.wait([future for future, _ in self._commits], timeout=_CLOSE_TIMEOUT)
             self._reap()
             self._executor.shutdown(wait=False)
             self._executor = None

@@ -10,7 +10,6 @@ pipeline (closed, lost, stopped) each wake it.
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -177,21 +176,22 @@ class Epoch:
         batch: the oldest held slots beyond ``occupied_capacity`` are freed."""
         with self._cond:
             self._check()  # stopped or closed from another thread since the last batch
-        if self._ledger.held_count > self._keep:  # (the common case skips the signal handler swap)
+        if self._ledger.held_count > self._keep:  # every batch once keep are held (copy=False); never with copy=True
             with deferred_interrupt():
                 self._ledger.release_held(self._keep)
         waiting_since = time.perf_counter()
-        item, teacher_seconds, sealed_at = self._next_done()
+        item, teacher_seconds, waited_since = self._next_done()
         if item is END:
             return None
         if isinstance(item, Failed):
             raise item.error
         done_at = time.perf_counter()
+        teacher_wait = done_at - waited_since if waited_since else 0.0
         tokens = 0
         if self._token_lengths is not None:
             tokens = int(self._slots[item.slot][self._token_lengths][: item.rows].sum())
         if self._stats.batch(
-            item.rows, done_at - waiting_since, item.fill_seconds, teacher_seconds, done_at - sealed_at, tokens
+            item.rows, done_at - waiting_since, item.fill_seconds, teacher_seconds, teacher_wait, tokens
         ):
             self._request_stats(0)
         views = batch_views(self._slots[item.slot], item.rows, self._cuts)
@@ -211,13 +211,11 @@ class Epoch:
 
     def _next_done(self) -> tuple[Any, float, float]:
         """The feeder's next item; a sealed slot only once it is done (with its teacher seconds and
-        when it was sealed). A slot that is not done stays first in the queue: if the wait raises,
-        :meth:`reclaim` frees it."""
-        sealed_at = 0.0
+        when the consumer began to wait for it, 0.0 if it was done already). A slot that is not done
+        stays first in the queue: if the wait raises, :meth:`reclaim` frees it."""
+        waiting_since = 0.0
         try:
-            # While the slot at the head is sealed and not yet done, the loop waits for the teachers:
-            # the statistics count that wait as it goes (a long one shows before it ends).
-            with contextlib.ExitStack() as waiting_for_teachers, self._cond:
+            with self._cond:
                 while True:
                     self._check()
                     if self._error is not None:
@@ -225,12 +223,14 @@ class Epoch:
                     if self._items:
                         head = self._items[0]
                         if type(head) is Sealed:
-                            if not sealed_at:
-                                sealed_at = time.perf_counter()
-                                waiting_for_teachers.enter_context(self._stats.waiting_for_teachers(sealed_at))
                             if head.slot in self._done:
                                 self._items.popleft()
-                                return head, self._done.pop(head.slot), sealed_at
+                                return head, self._done.pop(head.slot), waiting_since
+                            if not waiting_since:
+                                # The loop waits for the teachers: the statistics count that wait as
+                                # it goes (a long one shows before it ends).
+                                waiting_since = time.perf_counter()
+                                self._stats.teachers_wait_began(waiting_since)
                         elif type(head) is not Unsealed:  # the end, or the feeder's failure
                             self._items.popleft()
                             return head, 0.0, 0.0
@@ -240,3 +240,6 @@ class Epoch:
         except Exception:
             self._flush_logs(_LOG_FLUSH)  # the pipeline process's records from before the error first
             raise
+        finally:
+            if waiting_since:
+                self._stats.teachers_wait_ended(waiting_since)

@@ -123,6 +123,7 @@ class _Outbox:
         self._sending = False
         self._closing = False
         self.gone = False  # the training process is gone (its end of the pipe is closed)
+        self.failed = False  # the thread crashed (a bug of ours): nothing more can be sent
         self.on_gone: Callable[[], None] = lambda: None  # called once, from the outbox's thread
         self._thread = threading.Thread(target=self._run, name="distill-reader-outbox", daemon=True)
         self._thread.start()
@@ -167,6 +168,13 @@ class _Outbox:
             except OSError:
                 self._parent_gone()
                 return
+            except BaseException:
+                # A bug of ours. Without this thread no SlotDone reaches the training loop, which
+                # would wait for good: the process ends instead (its traceback on stderr), and the
+                # training loop reads the end of the pipe ("the pipeline process died").
+                self.failed = True
+                self._parent_gone()
+                raise
             finally:
                 with self._cond:
                     self._sending = False
@@ -502,6 +510,6 @@ def main(argv: list[str]) -> int:
             log.error("the pipeline process failed", exc_info=True)
             outbox.put(Fatal(as_text(exc, "the pipeline process failed")))
             return 1
-        return 0
+        return 1 if outbox.failed else 0
     finally:
         outbox.close(_FLUSH_TIMEOUT)

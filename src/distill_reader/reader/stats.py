@@ -166,18 +166,26 @@ class StatsTracker:
             )
         return wanted
 
-    @contextlib.contextmanager
-    def waiting_for_teachers(self, since: float) -> Iterator[None]:
-        """The training loop waits for teacher outputs (since ``since``, a perf_counter time):
+    def teachers_wait_began(self, since: float) -> None:
+        """The training loop waits for teacher outputs since ``since`` (a perf_counter time):
         ``teacher_wait_seconds`` grows while it lasts, so that a long wait shows before it ends."""
         with self._lock:
             self._waiting_since = since
+
+    def teachers_wait_ended(self, since: float) -> None:
+        """The wait that began at ``since`` is over (the slot is done, or the wait raised)."""
+        with self._lock:
+            self.teacher_wait_seconds += time.perf_counter() - since
+            self._waiting_since = None
+
+    @contextlib.contextmanager
+    def waiting_for_teachers(self, since: float) -> Iterator[None]:
+        """:meth:`teachers_wait_began`, then :meth:`teachers_wait_ended` when the block ends."""
+        self.teachers_wait_began(since)
         try:
             yield
         finally:
-            with self._lock:
-                self.teacher_wait_seconds += time.perf_counter() - since
-                self._waiting_since = None
+            self.teachers_wait_ended(since)
 
     def feeder_waited(self, seconds: float) -> None:
         """The feeder waited ``seconds`` for a free slot."""
