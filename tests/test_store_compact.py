@@ -302,6 +302,8 @@ def test_cache_reads_its_own_rows_back_compact(write_config, zipf_teacher, tmp_p
     """Epoch 1 asks the teacher; epoch 2 (after the rows were written: 1 s idle) reads them compact."""
     import time
 
+    from conftest import wait_for
+
     from distill_reader import DistillReader
 
     n = 24
@@ -310,10 +312,10 @@ def test_cache_reads_its_own_rows_back_compact(write_config, zipf_teacher, tmp_p
     dr.set_sample_generator(lambda: (make_row(i) for i in range(n)))
     with dr:
         first = list(dr.distill_reader()())
-        deadline = time.monotonic() + 20
-        while not list((tmp_path / "store" / "chunks").glob("*.arrow")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)  # the pipeline process takes the written chunk in at its next tick
+        wait_for(lambda: list((tmp_path / "store" / "chunks").glob("*.arrow")), 20, "the idle commit's chunk")
+        # The chunk's name appears (renamed into place) just before its writer's future is done; the
+        # next epoch's first lookup takes a done chunk in. Half a second covers that step.
+        time.sleep(0.5)
         second = list(dr.distill_reader()())
         assert dr.stats().teachers  # the teacher answered epoch 1
     check_rows_against(first, zipf_reference)
