@@ -54,8 +54,9 @@ class DBatch:
 class TeacherRef:
     """A teacher to use: its endpoint, the model name to ask for (None: the config's), its
     registration with discovery (changes when it registers again; empty in fixed mode) and the
-    protocol it speaks (None: the config's ``[conf] protocol``). Only the transport factory reads
-    ``protocol``: the scheduler does not know what its transports speak."""
+    protocol it speaks (None: the config's ``[conf] protocol``). Only the transport factory acts on
+    ``protocol``; the scheduler compares whole refs (a teacher whose model or protocol changed is
+    replaced) and does not know what its transports speak."""
 
     endpoint: str
     model_name: str | None = None
