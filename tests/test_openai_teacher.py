@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import settled_stats, wait_for
+from conftest import settled_stats
 
 from distill_reader import ConfigError, DistillReader
 from distill_reader.bench.sequence import sequence_config
@@ -420,31 +420,37 @@ def test_the_reader_over_vllm_matches_transformers(vllm: Vllm, tmp_path: Path) -
 
 
 def test_a_teacher_killed_mid_epoch(vllm: Vllm, tmp_path: Path) -> None:
-    """Two teachers: vLLM and a relay to it that is SIGKILLed after the first batch, once requests
-    are in flight through it (its connections reset, as a killed server's do): its requests go to
-    vLLM, every sample arrives once, in order, with transformers' top-k."""
+    """Two teachers: vLLM and a relay to it that is SIGKILLed mid-epoch, while a request is in
+    flight through it (its connections reset, as a killed server's do): its requests go to vLLM,
+    every sample arrives once, in order, with transformers' top-k.
+
+    The relay holds each answer a second, so its requests stay in flight that long; the consumer
+    keeps taking batches (a consumer that stops lets the pool fill, and then nothing is in flight
+    anywhere) and looks after each one."""
     from vllm_support import Relay
 
     endpoint = vllm.endpoint
-    relay = Relay(endpoint)
+    relay = Relay(endpoint, delay=1.0)
     samples = 3 * len(vllm.rows)  # long enough for both teachers to have work when the relay dies
     try:
         dr = vllm_reader(tmp_path, [relay.endpoint, endpoint])
         dr.set_sample_generator(lambda: ((vllm.rows[i % len(vllm.rows)], np.array([i])) for i in range(samples)))
         batches = []
+        killed_after = None
         with dr:
             for batch in dr.distill_reader()():
                 batches.append(batch)
-                if len(batches) == 1:
-                    wait_for(
-                        lambda: any(t.endpoint == relay.endpoint and t.in_flight for t in dr.stats(timeout=2).teachers),
-                        30,
-                        "a request in flight through the relay",
-                    )
+                if relay.alive and any(
+                    t.endpoint == relay.endpoint and t.in_flight for t in dr.stats(timeout=2).teachers
+                ):
                     relay.kill()
+                    killed_after = len(batches)
             stats = settled_stats(dr)
     finally:
         relay.kill()
+    assert killed_after is not None and killed_after < len(batches), (
+        f"the relay was to die mid-epoch with a request in flight; killed after batch {killed_after} of {len(batches)}"
+    )
     check_against_transformers(vllm, batches)
     assert sum(len(b[0]) for b in batches) == samples
     by_endpoint = {t.endpoint: t for t in stats.teachers}
