@@ -61,6 +61,22 @@ def count_next(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"logits": next_logits(tokens)}
 
 
+def student_config():  # -> transformers.GPT2Config
+    """The Trainer tests' student: no dropout, so ranks and runs compute the same thing."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=MAX_LENGTH,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+
+
 # --- the reader side ---------------------------------------------------------------------------------
 
 CONFIG = """\
