@@ -323,6 +323,26 @@ def test_https_with_tls_ca_and_a_client_certificate(tmp_path: Path) -> None:
         server.server_close()
 
 
+def test_bench_finds_a_running_vllm_by_its_port_and_passes_over_one_without_port() -> None:
+    """``DISTILL_BENCH_VLLM``'s server is found by its ``--port``; a vLLM-like process without one
+    (vLLM's default port) is not it, and does not stop the search."""
+    import subprocess
+    import sys
+
+    from distill_reader.bench.llm_openai import _vllm_session
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)", "vllm.entrypoints.openai.api_server"]
+    without = subprocess.Popen(sleep, start_new_session=True)
+    with_port = subprocess.Popen([*sleep, "--port", "1"], start_new_session=True)
+    try:
+        assert _vllm_session("1") == with_port.pid
+        assert _vllm_session("2") is None
+    finally:
+        for process in (without, with_port):
+            process.kill()
+            process.wait(10)
+
+
 # -- a real vLLM ----------------------------------------------------------------------------------
 #: vLLM's --max-logprobs in these tests; K = 32 asks for more
 MAX_LOGPROBS = 16

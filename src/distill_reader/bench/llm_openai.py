@@ -132,7 +132,7 @@ def _vllm_session(port: str) -> int | None:
     then measured too), or None."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
+            with contextlib.suppress(OSError, IndexError, ValueError):  # ValueError: no --port (vLLM's default)
                 with open(f"/proc/{entry}/cmdline", "rb") as fh:
                     args = fh.read().split(b"\0")
                 if b"vllm.entrypoints.openai.api_server" in args and args[args.index(b"--port") + 1] == port.encode():
