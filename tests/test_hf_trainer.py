@@ -23,6 +23,7 @@ pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate
 from hf_trainer_models import (  # noqa: E402
     MAX_LENGTH,
     VOCAB,
+    arguments,
     count_row,
     count_teacher,
     expected_topk,
@@ -30,7 +31,7 @@ from hf_trainer_models import (  # noqa: E402
     seen_rows,
     student_config,
 )
-from transformers import GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import GPT2LMHeadModel, TrainerCallback  # noqa: E402
 
 from distill_reader import ConfigError  # noqa: E402
 from distill_reader.hf import DistillCollator, DistillRows, DistillTrainer  # noqa: E402
@@ -57,25 +58,6 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
 def student(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(student_config())
-
-
-def arguments(output_dir: Path, **kwargs) -> TrainingArguments:
-    options = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    options.update(kwargs)
-    return TrainingArguments(**options)
 
 
 class RecordingTrainer(DistillTrainer):
