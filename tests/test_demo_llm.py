@@ -83,6 +83,11 @@ def test_demo_llm_options_are_checked():
     ):
         result = CliRunner().invoke(main, ["demo", "llm", *option])
         assert result.exit_code == 2, (option, result.output)
+    # Rows longer than the students' text: refused once the tokenizers are trained (on little text here).
+    short = ["--teacher-chars", "10000", "--student-chars", "2000", "--max-length", "1024"]
+    result = CliRunner().invoke(main, ["demo", "llm", *short])
+    assert result.exit_code == 2, result.output
+    assert "--student-chars 2000: the students' text is at most --max-length 1024 tokens" in result.output
 
 
 # --- the ULD path --------------------------------------------------------------------------------------
