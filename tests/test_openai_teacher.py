@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import settled_stats
+from conftest import settled_stats, wait_for
 
 from distill_reader import ConfigError, DistillReader
 from distill_reader.bench.sequence import sequence_config
@@ -335,6 +335,8 @@ def test_bench_finds_a_running_vllm_by_its_port_and_passes_over_one_without_port
     without = subprocess.Popen(sleep, start_new_session=True)
     with_port = subprocess.Popen([*sleep, "--port", "1"], start_new_session=True)
     try:
+        for process in (without, with_port):  # their command lines are theirs once they run Python
+            wait_for(lambda p=process: b"api_server" in Path(f"/proc/{p.pid}/cmdline").read_bytes(), 30, "exec")
         assert _vllm_session("1") == with_port.pid
         assert _vllm_session("2") is None
     finally:
@@ -391,12 +393,14 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vllm]:
             server.stop()
 
 
-def vllm_reader(tmp_path: Path, servers: list[str], k: int = K, token: str | None = API_KEY, extra: str = ""):
+def vllm_reader(
+    tmp_path: Path, servers: list[str], k: int = K, token: str | None = API_KEY, extra: str = "", **options
+):
     if token is not None:
         (tmp_path / "token").write_text(token + "\n")
         extra += "token_file = token\n"
     conf = openai_config(tmp_path, servers, k, MAX_LENGTH, extra)
-    return DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60)
+    return DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60, **options)
 
 
 def check_against_transformers(vllm: Vllm, batches: list[list[np.ndarray]]) -> None:
@@ -444,16 +448,18 @@ def test_a_teacher_killed_mid_epoch(vllm: Vllm, tmp_path: Path) -> None:
     flight through it (its connections reset, as a killed server's do): its requests go to vLLM,
     every sample arrives once, in order, with transformers' top-k.
 
-    The relay holds each answer a second, so its requests stay in flight that long; the consumer
-    keeps taking batches (a consumer that stops lets the pool fill, and then nothing is in flight
-    anywhere) and looks after each one."""
+    The relay holds each piece of an answer half a second, so its requests stay in flight that
+    long; two requests per teacher keep both busy (with many, vLLM's idle workers take all the
+    work); and the consumer keeps taking batches (a consumer that stops lets the pool fill, and
+    then nothing is in flight anywhere) and looks after each one. The epoch is long enough for the
+    relay's slow metadata check to end well before it does."""
     from vllm_support import Relay
 
     endpoint = vllm.endpoint
-    relay = Relay(endpoint, delay=1.0)
-    samples = 3 * len(vllm.rows)  # long enough for both teachers to have work when the relay dies
+    relay = Relay(endpoint, delay=0.5)
+    samples = 10 * len(vllm.rows)
     try:
-        dr = vllm_reader(tmp_path, [relay.endpoint, endpoint])
+        dr = vllm_reader(tmp_path, [relay.endpoint, endpoint], max_in_flight=2)
         dr.set_sample_generator(lambda: ((vllm.rows[i % len(vllm.rows)], np.array([i])) for i in range(samples)))
         batches = []
         killed_after = None
