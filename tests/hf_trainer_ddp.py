@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
-from hf_trainer_models import MAX_LENGTH, VOCAB, count_row, make_reader
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from hf_trainer_models import count_row, make_reader, student_config
+from transformers import GPT2LMHeadModel, TrainingArguments
 
 from distill_reader.hf import DistillRows, DistillTrainer
 
@@ -66,20 +66,6 @@ def main() -> None:
     (output / f"rank{rank}.json").write_text(json.dumps(result))
     if rank == 0:
         torch.save({name: p.detach() for name, p in trainer.model.named_parameters()}, output / "params.pt")
-
-
-def student_config() -> GPT2Config:
-    """The test's student: no dropout, so ranks and runs compute the same thing."""
-    return GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=MAX_LENGTH,
-        n_embd=32,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
 
 
 if __name__ == "__main__":

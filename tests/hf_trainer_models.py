@@ -61,6 +61,44 @@ def count_next(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"logits": next_logits(tokens)}
 
 
+def student_config():  # -> transformers.GPT2Config
+    """The Trainer tests' student: no dropout, so ranks and runs compute the same thing."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=MAX_LENGTH,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+
+
+def arguments(output_dir: Path | str, **kwargs):  # -> transformers.TrainingArguments
+    """The Trainer tests' arguments (CPU, constant learning rate, no checkpoints, no reports), ``kwargs`` over them."""
+    from transformers import TrainingArguments
+
+    options = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    options.update(kwargs)
+    return TrainingArguments(**options)
+
+
 # --- the reader side ---------------------------------------------------------------------------------
 
 CONFIG = """\

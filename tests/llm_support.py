@@ -116,32 +116,15 @@ def tiny_lm_dir() -> Path:
     return target
 
 
-def _train_tokenizer(text: str):  # -> tokenizers.Tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = text.splitlines(keepends=True)
-    tokenizer.train_from_iterator(("".join(lines[i : i + 64]) for i in range(0, len(lines), 64)), trainer=trainer)
-    return tokenizer
-
-
 def build_tiny_lm(directory: Path) -> None:
     """Build the tokenizer and the model into ``directory`` (seeded, single-threaded)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+    from distill_reader.demo.llm import train_tokenizer  # the demo's recipe: byte-level BPE, EOS special
+
     directory.mkdir(parents=True)
-    tokenizer = _train_tokenizer(_stdlib_text(TOKENIZER_SOURCES))
+    tokenizer = train_tokenizer(_stdlib_text(TOKENIZER_SOURCES), VOCAB_SIZE)
     eos_id = tokenizer.token_to_id(EOS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS

@@ -19,6 +19,7 @@ pytest.importorskip("tokenizers", reason="distill demo llm needs tokenizers (the
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the llm extra)")
 
 from hf_trainer_models import MAX_LENGTH, VOCAB, count_row, count_teacher, expected_topk  # noqa: E402
+from hf_trainer_models import arguments as trainer_arguments  # noqa: E402
 from test_demo import mean_std, table_rows  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
 
@@ -82,6 +83,11 @@ def test_demo_llm_options_are_checked():
     ):
         result = CliRunner().invoke(main, ["demo", "llm", *option])
         assert result.exit_code == 2, (option, result.output)
+    # Rows longer than the students' text: refused once the tokenizers are trained (on little text here).
+    short = ["--teacher-chars", "10000", "--student-chars", "2000", "--max-length", "1024"]
+    result = CliRunner().invoke(main, ["demo", "llm", *short])
+    assert result.exit_code == 2, result.output
+    assert "--student-chars 2000: the students' text is at most --max-length 1024 tokens" in result.output
 
 
 # --- the ULD path --------------------------------------------------------------------------------------
@@ -97,21 +103,7 @@ def student(seed: int = 0, vocab: int = 24) -> GPT2LMHeadModel:
 
 
 def arguments(output_dir: Path, **kwargs) -> TrainingArguments:
-    options = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    options.update(kwargs)
-    return TrainingArguments(**options)
+    return trainer_arguments(output_dir, **{"per_device_train_batch_size": 4, **kwargs})
 
 
 def hand_rows() -> list[dict[str, torch.Tensor]]:

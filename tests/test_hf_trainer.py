@@ -20,8 +20,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers", reason="distill_reader.hf needs transformers (the llm extra)")
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the llm extra)")
 
-from hf_trainer_models import MAX_LENGTH, VOCAB, count_row, count_teacher, expected_topk, make_reader, seen_rows  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
+from hf_trainer_models import (  # noqa: E402
+    MAX_LENGTH,
+    VOCAB,
+    arguments,
+    count_row,
+    count_teacher,
+    expected_topk,
+    make_reader,
+    seen_rows,
+    student_config,
+)
+from transformers import GPT2LMHeadModel, TrainerCallback  # noqa: E402
 
 from distill_reader import ConfigError  # noqa: E402
 from distill_reader.hf import DistillCollator, DistillRows, DistillTrainer  # noqa: E402
@@ -47,36 +57,7 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
 
 def student(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=MAX_LENGTH,
-        n_embd=32,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def arguments(output_dir: Path, **kwargs) -> TrainingArguments:
-    options = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    options.update(kwargs)
-    return TrainingArguments(**options)
+    return GPT2LMHeadModel(student_config())
 
 
 class RecordingTrainer(DistillTrainer):
@@ -305,8 +286,6 @@ def test_ddp_one_reader_per_rank_under_torchrun(tmp_path, teacher):
     trains with batches of both ranks' rows (tokens counted over the ranks)."""
     import subprocess
     import sys
-
-    from hf_trainer_ddp import student_config
 
     from distill_reader.teacher.local import free_port
 

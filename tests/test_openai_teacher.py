@@ -323,6 +323,28 @@ def test_https_with_tls_ca_and_a_client_certificate(tmp_path: Path) -> None:
         server.server_close()
 
 
+def test_bench_finds_a_running_vllm_by_its_port_and_passes_over_one_without_port() -> None:
+    """``DISTILL_BENCH_VLLM``'s server is found by its ``--port``; a vLLM-like process without one
+    (vLLM's default port) is not it, and does not stop the search."""
+    import subprocess
+    import sys
+
+    from distill_reader.bench.llm_openai import _vllm_session
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)", "vllm.entrypoints.openai.api_server"]
+    without = subprocess.Popen(sleep, start_new_session=True)
+    with_port = subprocess.Popen([*sleep, "--port", "1"], start_new_session=True)
+    try:
+        for process in (without, with_port):  # their command lines are theirs once they run Python
+            wait_for(lambda p=process: b"api_server" in Path(f"/proc/{p.pid}/cmdline").read_bytes(), 30, "exec")
+        assert _vllm_session("1") == with_port.pid
+        assert _vllm_session("2") is None
+    finally:
+        for process in (without, with_port):
+            process.kill()
+            process.wait(10)
+
+
 # -- a real vLLM ----------------------------------------------------------------------------------
 #: vLLM's --max-logprobs in these tests; K = 32 asks for more
 MAX_LOGPROBS = 16
@@ -374,12 +396,14 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vllm]:
             server.stop()
 
 
-def vllm_reader(tmp_path: Path, servers: list[str], k: int = K, token: str | None = API_KEY, extra: str = ""):
+def vllm_reader(
+    tmp_path: Path, servers: list[str], k: int = K, token: str | None = API_KEY, extra: str = "", **options
+):
     if token is not None:
         (tmp_path / "token").write_text(token + "\n")
         extra += "token_file = token\n"
     conf = openai_config(tmp_path, servers, k, MAX_LENGTH, extra)
-    return DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60)
+    return DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60, **options)
 
 
 def check_against_transformers(vllm: Vllm, batches: list[list[np.ndarray]]) -> None:
@@ -423,31 +447,39 @@ def test_the_reader_over_vllm_matches_transformers(vllm: Vllm, tmp_path: Path) -
 
 
 def test_a_teacher_killed_mid_epoch(vllm: Vllm, tmp_path: Path) -> None:
-    """Two teachers: vLLM and a relay to it that is SIGKILLed after the first batch, once requests
-    are in flight through it (its connections reset, as a killed server's do): its requests go to
-    vLLM, every sample arrives once, in order, with transformers' top-k."""
+    """Two teachers: vLLM and a relay to it that is SIGKILLed mid-epoch, while a request is in
+    flight through it (its connections reset, as a killed server's do): its requests go to vLLM,
+    every sample arrives once, in order, with transformers' top-k.
+
+    The relay holds each piece of an answer half a second, so its requests stay in flight that
+    long; two requests per teacher keep both busy (with many, vLLM's idle workers take all the
+    work); and the consumer keeps taking batches (a consumer that stops lets the pool fill, and
+    then nothing is in flight anywhere) and looks after each one. The epoch is long enough for the
+    relay's slow metadata check to end well before it does."""
     from vllm_support import Relay
 
     endpoint = vllm.endpoint
-    relay = Relay(endpoint)
-    samples = 3 * len(vllm.rows)  # long enough for both teachers to have work when the relay dies
+    relay = Relay(endpoint, delay=0.5)
+    samples = 10 * len(vllm.rows)
     try:
-        dr = vllm_reader(tmp_path, [relay.endpoint, endpoint])
+        dr = vllm_reader(tmp_path, [relay.endpoint, endpoint], max_in_flight=2)
         dr.set_sample_generator(lambda: ((vllm.rows[i % len(vllm.rows)], np.array([i])) for i in range(samples)))
         batches = []
+        killed_after = None
         with dr:
             for batch in dr.distill_reader()():
                 batches.append(batch)
-                if len(batches) == 1:
-                    wait_for(
-                        lambda: any(t.endpoint == relay.endpoint and t.in_flight for t in dr.stats(timeout=2).teachers),
-                        30,
-                        "a request in flight through the relay",
-                    )
+                if relay.alive and any(
+                    t.endpoint == relay.endpoint and t.in_flight for t in dr.stats(timeout=2).teachers
+                ):
                     relay.kill()
+                    killed_after = len(batches)
             stats = settled_stats(dr)
     finally:
         relay.kill()
+    assert killed_after is not None and killed_after < len(batches), (
+        f"the relay was to die mid-epoch with a request in flight; killed after batch {killed_after} of {len(batches)}"
+    )
     check_against_transformers(vllm, batches)
     assert sum(len(b[0]) for b in batches) == samples
     by_endpoint = {t.endpoint: t for t in stats.teachers}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -47,9 +48,10 @@ def start_vllm(
 RELAY = """
 import asyncio, sys
 
-async def pipe(reader, writer):
+async def pipe(reader, writer, delay=0.0):
     try:
         while data := await reader.read(1 << 16):
+            await asyncio.sleep(delay)
             writer.write(data)
             await writer.drain()
     except OSError:
@@ -63,7 +65,7 @@ async def handle(client_reader, client_writer):
     except OSError:
         client_writer.close()
         return
-    await asyncio.gather(pipe(client_reader, writer), pipe(reader, client_writer))
+    await asyncio.gather(pipe(client_reader, writer), pipe(reader, client_writer, float(sys.argv[4])))
 
 async def main():
     server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
@@ -76,19 +78,30 @@ asyncio.run(main())
 
 class Relay:
     """A TCP relay process on a free port to ``target`` (``host:port``): a second endpoint of the
-    same server, which dies like a server does when killed (its connections reset)."""
+    same server, which dies like a server does when killed (its connections reset). ``delay``:
+    seconds it holds each piece of the server's answers, so that a request through it stays in
+    flight at least that long."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, delay: float = 0.0, timeout: float = 30.0) -> None:
         host, _, port = target.rpartition(":")
         self.port = free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-c", RELAY, str(self.port), host, port],
+            [sys.executable, "-c", RELAY, str(self.port), host, port, str(delay)],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        assert self.process.stdout is not None and self.process.stdout.readline() == b"ready\n"
+        assert self.process.stdout is not None
+        ready = select.select([self.process.stdout], [], [], timeout)[0]
+        line = self.process.stdout.readline() if ready else b""
+        if line != b"ready\n":
+            self.kill()
+            raise RuntimeError(f"the relay to {target} did not start within {timeout:g} s (it said {line!r})")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):

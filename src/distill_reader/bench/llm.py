@@ -43,13 +43,25 @@ TARGET = 0.9
 MODEL_ENV, DTYPE_ENV = "DISTILL_BENCH_LLM_MODEL", "DISTILL_BENCH_LLM_DTYPE"
 
 
-def build_random_gpt2(directory: Path, *, vocab: int, layers: int, width: int, seed: int = 0) -> Path:
-    """A GPT-2 of random weights (``save_pretrained``, safetensors) in ``directory``: for timing only."""
+def build_random_gpt2(
+    directory: Path, *, vocab: int, layers: int, width: int, positions: int = 512, seed: int = 0
+) -> Path:
+    """A GPT-2 of random weights (``save_pretrained``, safetensors, no tokenizer) in ``directory``:
+    for timing only. Heads of 64 (vLLM's CPU attention takes head sizes of 32 and more); token 0 is
+    its BOS and EOS (GPT-2's own 50256 lies outside a smaller vocabulary)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=512, n_embd=width, n_layer=layers, n_head=max(1, width // 64))
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=max(1, width // 64),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(directory)
     return directory
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from distill_reader.bench.harness import Progress, Row, Sizes
+from distill_reader.bench.llm import build_random_gpt2
 
 KS = (8, 128)
 MIN_LENGTH, MAX_LENGTH = 8, 64
@@ -131,7 +132,7 @@ def _vllm_session(port: str) -> int | None:
     then measured too), or None."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
+            with contextlib.suppress(OSError, IndexError, ValueError):  # ValueError: no --port (vLLM's default)
                 with open(f"/proc/{entry}/cmdline", "rb") as fh:
                     args = fh.read().split(b"\0")
                 if b"vllm.entrypoints.openai.api_server" in args and args[args.index(b"--port") + 1] == port.encode():
@@ -196,26 +197,6 @@ def running_vllm(model: Path, max_logprobs: int, progress: Progress) -> Iterator
             process.wait(5)
         with contextlib.suppress(OSError):
             log.unlink()
-
-
-def random_gpt2(directory: Path, vocab: int = 16000, layers: int = 2, width: int = 128) -> Path:
-    """A GPT-2 of random weights (``save_pretrained``, no tokenizer) for timing only; heads of 64
-    (vLLM's CPU attention takes head sizes of 32 and more)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=256,
-        n_embd=width,
-        n_layer=layers,
-        n_head=width // 64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    GPT2LMHeadModel(config).eval().save_pretrained(directory)
-    return directory
 
 
 def _vocab(model: Path) -> int:
@@ -352,7 +333,8 @@ def llm_openai(sizes: Sizes, progress: Progress) -> list[Row]:
             model = Path(os.environ[MODEL_ENV])
         else:
             progress("llm-openai: building a GPT-2 of random weights (vocabulary 16,000)")
-            model = random_gpt2(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-bench-llm-"))))
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-bench-llm-")))
+            model = build_random_gpt2(scratch, vocab=16000, layers=2, width=128, positions=256)
         vocab = _vocab(model)
         endpoint, server = stack.enter_context(running_vllm(model, max(KS), progress))
         server_pids = session_pids(server[0]) if server else []  # vLLM's processes, started by now

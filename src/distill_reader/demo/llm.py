@@ -534,8 +534,10 @@ def llm(
         teacher_tokenizer = train_tokenizer(teacher_text, vocab)
         other_tokenizer = train_tokenizer(load_source(OTHER_TOKENIZER_MODULES, teacher_chars), other_vocab)
     eos = teacher_tokenizer.token_to_id(EOS)
-    for name, tokenizer in (("teacher's", teacher_tokenizer), ("other", other_tokenizer)):
-        if len(tokenizer.encode(student_text).ids) <= max_length:
+    student_ids, _ = encode(teacher_tokenizer, student_text)
+    other_ids, other_offsets = encode(other_tokenizer, student_text)
+    for name, ids in (("teacher's", student_ids), ("other", other_ids)):
+        if len(ids) <= max_length:
             raise click.UsageError(
                 f"--student-chars {student_chars}: the students' text is at most --max-length {max_length} "
                 f"tokens of the {name} tokenizer; give them more text or shorter rows"
@@ -565,8 +567,6 @@ def llm(
         ) as endpoints:
             same_config = write_reader_config(workdir / "same.conf", endpoints, max_length, k, other_tokenizer=False)
             other_config = write_reader_config(workdir / "other.conf", endpoints, max_length, k, other_tokenizer=True)
-            student_ids, _ = encode(teacher_tokenizer, student_text)
-            other_ids, other_offsets = encode(other_tokenizer, student_text)
             for seed in range(seeds):
                 with console.status(
                     f"seed {seed}: the student with the teacher's tokenizer, with the teacher and without"
