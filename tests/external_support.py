@@ -29,6 +29,8 @@ import pytest
 from conftest import free_port
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from distill_reader.bench.llm_openai import session_pids  # (the bench stops its vLLM the same way)
+
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_VENVS = REPO / "build" / "teachers"
 EXAMPLES = REPO / "examples"
@@ -88,22 +90,6 @@ def require_venv(name: str, module: str) -> Path:
     if problem is not None:
         missing_external_teacher(problem, name)
     return TEACHER_VENVS / name / "bin" / "python"
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (a server and everything it started, e.g. tritonserver)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: the session id
-            pids.append(int(entry))
-    return pids
 
 
 @dataclass
