@@ -53,6 +53,7 @@ from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.stores.base import (
     ServiceState,
     Store,
+    cancel_until_done,
     check_hostport,
 )
 from distill_reader.errors import AlreadyRegistered, DiscoveryError, StoreUnavailable
@@ -105,20 +106,6 @@ def check_id(value: str, what: str) -> str:
             f"{what} must be 1-128 characters of letters, digits, '.', '_', ':', '@' or '-', got {value!r}"
         )
     return value
-
-
-async def cancel_until_done(tasks: set[asyncio.Task]) -> None:
-    """Cancel ``tasks`` until they end, for 5 s at most: a store client may swallow one cancellation
-    (redis-py does, when it arrives mid-command), which would leave a loop running for ever."""
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(20):
-        if not pending:
-            return
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.25)
-    if pending:
-        log.warning("%d discovery tasks did not stop", len(pending))
 
 
 @dataclass

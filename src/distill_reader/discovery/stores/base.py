@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 from abc import ABC, abstractmethod
@@ -22,6 +23,8 @@ from urllib.parse import quote, unquote, urlsplit
 from distill_reader.errors import ConfigError, DiscoveryError
 from distill_reader.rpc import split_hostport
 from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["teacher", "student"]
 
@@ -358,3 +361,17 @@ def check_hostport(value: str, what: str = "endpoint", *, allow_port_zero: bool 
         low = 0 if allow_port_zero else 1
         raise DiscoveryError(f"{what} must be HOST:PORT with a port in {low}-65535, got {value!r}")
     return value
+
+
+async def cancel_until_done(tasks: set[asyncio.Task]) -> None:
+    """Cancel ``tasks`` until they end, for 5 s at most: a store client may swallow one cancellation
+    (redis-py does, when it arrives mid-command), which would leave a loop running for ever."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(20):
+        if not pending:
+            return
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.25)
+    if pending:
+        log.warning("%d discovery tasks did not stop", len(pending))

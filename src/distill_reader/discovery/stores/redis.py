@@ -54,6 +54,7 @@ from distill_reader.discovery.stores.base import (
     StoreSecurity,
     StoreURL,
     auth_failed,
+    cancel_until_done,
     permission_denied,
     tls_failed,
     unreachable_hint,
@@ -289,9 +290,9 @@ class RedisStore(Store):
             log.warning("store %s unreachable for now (retrying): %s%s", self.url, exc, unreachable_hint(self.url, exc))
 
     async def close(self) -> None:
-        for task in [*self._flushing.values(), self._publisher]:
-            if task is not None:
-                task.cancel()
+        # Ended, not only cancelled: a join flush left pending when the loop closes is collected
+        # mid-command later ("coroutine ... RedisStore.leave ... ignored").
+        await cancel_until_done({t for t in [*self._flushing.values(), self._publisher] if t is not None})
         await self._r.aclose()
 
     def _key(self, service: str, kind: str, member: str | None = None) -> str:
