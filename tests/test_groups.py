@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from conftest import free_port, settled_stats
 from reader_models import label_rows, make_sample, tag_rows
+from test_fleet_view import by_id, running, status_json, wait_for
 
 from distill_reader import DistillReader, NoTeacherError
+from distill_reader.discovery.server import ServerThread
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,6 +43,16 @@ fetch_shapes = [(10,), (3,)]
 def two_groups(tmp_path, a: list[str], b: list[str]):
     path = tmp_path / "groups.conf"
     path.write_text(TWO_GROUPS.format(a=a, b=b))
+    return path
+
+
+def two_discovered_groups(tmp_path, discovery: str):
+    """Group a from service ``tagger``, group b from service ``labeler``, one teacher each."""
+    text = TWO_GROUPS.format(a=[], b=[]).replace("mode = fixed", f"mode = discover\nhost = {discovery}")
+    text = text.replace("servers = []\n", "service_name = tagger\nrequire_num = 1\n", 1)
+    text = text.replace("servers = []\n", "service_name = labeler\nrequire_num = 1\n", 1)
+    path = tmp_path / "discover-groups.conf"
+    path.write_text(text)
     return path
 
 
@@ -103,3 +115,77 @@ def test_a_group_without_teacher_fails_the_epoch_naming_it(tmp_path, teachers, c
     ):
         list(dr.distill_reader()())
     assert any(r.getMessage().startswith("[teacher b] no teacher answers") for r in caplog.records)
+
+
+def test_discover_mode_registers_once_per_groups_service_and_shows_under_each(tmp_path, teachers):
+    with running(ServerThread(http="127.0.0.1:0")) as discovery:
+        base = f"http://{discovery.http_address}"
+        tagger = teachers.start("reader_models:slow_tag", "--register", discovery.address, "--service-name", "tagger")
+        labeler = teachers.start(
+            "reader_models:slow_label", "--register", discovery.address, "--service-name", "labeler"
+        )
+        dr = DistillReader(two_discovered_groups(tmp_path, discovery.address), 16, 4, 6, 1, teacher_timeout=30)
+        n = 320
+        dr.set_sample_list_generator(sample_lists(n))
+        with dr:
+            check_epoch([[a.copy() for a in batch] for batch in dr.distill_reader()()], n, 16)
+            student = dr.config.student_id
+
+            def shown_under_each() -> dict | None:
+                services = status_json(base)["services"]
+                a = by_id(services["tagger"]["students"], "id", student)
+                b = by_id(services["labeler"]["students"], "id", student)
+                # Each service's entry lists the group's own teacher, and its figures were reported.
+                return services if (a["teachers"], b["teachers"]) == ([tagger], [labeler]) and a["reported"] else None
+
+            services = wait_for(shown_under_each, 20, "the student under both services")
+            assert by_id(services["labeler"]["students"], "id", student)["reported"]
+            for name in ("tagger", "labeler"):
+                assert [s["id"] for s in services[name]["students"]] == [student]  # registered once in each
+
+
+def read_epoch(conf, n: int) -> tuple[list[list[np.ndarray]], object]:
+    """One epoch of samples 0 … n-1 (teacher_timeout 1 s: a group with no teacher fails it), and stats."""
+    dr = DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=1)
+    dr.set_sample_generator(lambda: (make_sample(i) for i in range(n)))
+    with dr:
+        batches = list(dr.distill_reader()())
+        return batches, settled_stats(dr)
+
+
+def test_the_store_keeps_every_groups_outputs(tmp_path, tag_teachers, teachers):
+    b = [teachers.start("reader_models:slow_label")]
+    store = f"\n[store]\npath = {tmp_path / 'store'}\npolicy = {{}}\n"
+    conf = two_groups(tmp_path, tag_teachers, b)
+    text = conf.read_text()
+    n = 96
+    conf.write_text(text + store.format("write"))
+    batches, _ = read_epoch(conf, n)
+    check_epoch(batches, n, 16)
+    # Read back with no teacher at all in either group: every row of both from the store.
+    nowhere = [f"127.0.0.1:{free_port()}"]
+    conf.write_text(TWO_GROUPS.format(a=nowhere, b=nowhere) + store.format("read"))
+    batches, stats = read_epoch(conf, n)
+    check_epoch(batches, n, 16)
+    assert not stats.teachers
+
+
+def test_one_group_from_the_store_while_the_other_is_asked_live(tmp_path, tag_teachers, teachers):
+    b = [teachers.start("reader_models:slow_label")]
+    store = f"\n[store]\npath = {tmp_path / 'store'}\npolicy = {{}}\ngroups = ['a']\n"
+    n = 96
+    conf = tmp_path / "write.conf"
+    conf.write_text(TWO_GROUPS.format(a=tag_teachers, b=b) + store.format("write"))
+    batches, _ = read_epoch(conf, n)
+    check_epoch(batches, n, 16)
+    manifest = (tmp_path / "store" / "manifest.json").read_text()
+    assert "a.prediction" in manifest and "b.prediction" not in manifest  # it keeps group a's only
+    # Group a has no teacher now (asking it would fail the epoch): its rows come from the store;
+    # group b's teacher is asked for every row.
+    nowhere = [f"127.0.0.1:{free_port()}"]
+    for policy in ("read", "cache"):
+        conf.write_text(TWO_GROUPS.format(a=nowhere, b=b) + store.format(policy))
+        batches, stats = read_epoch(conf, n)
+        check_epoch(batches, n, 16)
+        assert [t.endpoint for t in stats.groups["b"]] == b and stats.groups["b"][0].rows == n
+        assert "a" not in stats.groups or not any(t.rows for t in stats.groups["a"])
