@@ -326,6 +326,7 @@ def test_a_config_without_groups_is_one_unnamed_group(tmp_path):
     [
         (GROUPS, "fetch_vars = ['a.prediction',", "fetch_vars = ['prediction',", "[fetch] fetch_vars: 'prediction'"),
         (GROUPS, "fetch_vars = ['a.prediction',", "fetch_vars = ['c.prediction',", "names no teacher group"),
+        (GROUPS, "fetch_vars = ['a.prediction',", "fetch_vars = ['a.',", "[fetch] fetch_vars: 'a.' names no teacher"),
         (GROUPS, "'b.prediction', 'a.features'", "'a.other', 'a.features'", "[teacher b]: no fetch var"),
         (GROUPS, "[conf]\n", "[conf]\nservers = ['h:1']\n", "[conf] servers: this config has teacher groups"),
         (GROUPS, "[teacher b]", "[teacher b.c]", "[teacher b.c]: a teacher group's name"),
