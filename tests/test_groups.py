@@ -3,13 +3,19 @@ against real teacher servers on loopback."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import logging
+import threading
+from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 from conftest import free_port, settled_stats
 from reader_models import label_rows, make_sample, tag_rows
 from test_fleet_view import by_id, running, status_json, wait_for
+from test_openai_teacher import V, check_fake_topk, fake_vllm
 
 from distill_reader import DistillReader, NoTeacherError
 from distill_reader.discovery.server import ServerThread
@@ -189,3 +195,91 @@ def test_one_group_from_the_store_while_the_other_is_asked_live(tmp_path, tag_te
         check_epoch(batches, n, 16)
         assert [t.endpoint for t in stats.groups["b"]] == b and stats.groups["b"][0].rows == n
         assert "a" not in stats.groups or not any(t.rows for t in stats.groups["a"])
+
+
+# -- an OIP teacher beside an OpenAI-compatible one -------------------------------------------------
+
+MIXED = """\
+[conf]
+mode = fixed
+max_length = 24
+
+[teacher a]
+servers = {a!r}
+predict_feed_ids = [0]
+
+[teacher llm]
+servers = {llm!r}
+protocol = openai
+model_name = tiny
+predict_feed_ids = [1]
+
+[feed]
+feed_vars = ['img', 'tokens', 'label']
+feed_types = ['float32', 'int64', 'int64']
+feed_shapes = [(1, 4, 4), (-1,), (1,)]
+
+[fetch]
+fetch_vars = ['a.prediction', 'llm.topk_values', 'llm.topk_indices']
+fetch_types = ['float32', 'float32', 'int32']
+fetch_shapes = [(10,), (-1, 8), (-1, 8)]
+"""
+
+
+@contextlib.contextmanager
+def fake_vllm_server() -> Iterator[str]:
+    """test_openai_teacher's fake vLLM (its handler of httpx requests) behind a real HTTP server on
+    loopback, for the reader's pipeline process; yields its ``host:port``."""
+    handler = fake_vllm()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            request = httpx.Request(self.command, f"http://{self.headers['Host']}{self.path}", content=body)
+            response = handler(request)
+            self.send_response(response.status_code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(response.content)))
+            self.end_headers()
+            self.wfile.write(response.content)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def token_row(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, V, 1 + i % 20)
+
+
+def test_an_oip_group_beside_an_openai_group(tmp_path, tag_teachers):
+    """Group a (OIP, the image) and group llm (an OpenAI-compatible server, the tokens): each row's
+    three outputs are its own."""
+    with fake_vllm_server() as llm:
+        conf = tmp_path / "mixed.conf"
+        conf.write_text(MIXED.format(a=tag_teachers, llm=[llm]))
+        dr = DistillReader(conf, 8, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=30)
+        n = 40
+        dr.set_sample_generator(lambda: ((make_sample(i)[0], token_row(i), make_sample(i)[1]) for i in range(n)))
+        with dr:
+            batches = list(dr.distill_reader()())
+    labels = np.concatenate([b[2] for b in batches])[:, 0]
+    np.testing.assert_array_equal(labels, np.arange(n))
+    for img, tokens, label, prediction, values, indices, lengths in batches:
+        np.testing.assert_array_equal(prediction, tag_rows(img))
+        for r, i in enumerate(label[:, 0]):
+            row = token_row(int(i))
+            assert lengths[r] == len(row)
+            np.testing.assert_array_equal(tokens[r, : len(row)], row)
+            check_fake_topk(values[r], indices[r], row)
