@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from distill_reader.teacher.client import encode_infer_request
+from distill_reader.teacher.codec import encode_infer_request
 
 Request = service_pb2.ModelInferRequest
 
@@ -34,7 +34,7 @@ def test_encoded_request_parses_to_the_same_message(rows, start, features):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_all_finite_finds_every_nan_and_inf(dtype):
-    from distill_reader.teacher.client import all_finite
+    from distill_reader.teacher.codec import all_finite
 
     rng = np.random.default_rng(0)
     values = (rng.standard_normal((64, 33)) * 1000).astype(dtype)
