@@ -88,6 +88,7 @@ from distill_reader.reader.channel import (
 )
 from distill_reader.reader.grouping import group_by_length
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
+from distill_reader.teacher.factory import transport_factory
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem, spawn
 
 if TYPE_CHECKING:
@@ -267,6 +268,15 @@ class _PipelineProcess:
         self.stopped = asyncio.Event()
         self.outbox.on_gone = lambda: loop.call_soon_threadsafe(self.stopped.set)
         self.send(Ready())
+        options = self.spec.options
+        transports = transport_factory(
+            self.spec.config,
+            options.request_timeout,
+            options.check_finite,
+            self.buffer if self.buffer.fd >= 0 else None,  # no descriptor: shared_memory = off
+            rows=self.d_batch_size,
+            in_flight=options.max_in_flight,
+        )
         self.scheduler = Scheduler(
             self.spec.config,
             self.feed_arrays,
@@ -276,7 +286,7 @@ class _PipelineProcess:
             on_error=lambda epoch, exc: self.send(EpochError(epoch, exc)),
             on_warning=lambda message: log.warning("%s", message),
             length_arrays=self.length_arrays if self.length_arrays[0] else (),
-            pool=self.buffer if self.buffer.fd >= 0 else None,
+            transports=transports,
         )
         loop.set_exception_handler(self._on_loop_error)
         tasks = [spawn(self._watch_parent())]
