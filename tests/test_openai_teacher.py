@@ -33,8 +33,8 @@ from distill_reader.errors import (
     TeacherMismatchError,
     TransientTeacherError,
 )
+from distill_reader.teacher.factory import transport_factory
 from distill_reader.teacher.openai import OpenAITransport
-from distill_reader.teacher.shm import transport_factory
 from distill_reader.teacher.transport import DBatch, TeacherRef
 
 # The first vLLM test also waits for vLLM to start (70-120 s here, up to 300 s allowed).

@@ -1,6 +1,11 @@
-"""The teacher client's own request encoding is a valid ModelInferRequest."""
+"""The teacher client's own request encoding is a valid ModelInferRequest; the transports import
+without a cycle."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from distill_reader.teacher.client import encode_infer_request
+from distill_reader.teacher.codec import encode_infer_request
 
 Request = service_pb2.ModelInferRequest
 
@@ -34,7 +39,7 @@ def test_encoded_request_parses_to_the_same_message(rows, start, features):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_all_finite_finds_every_nan_and_inf(dtype):
-    from distill_reader.teacher.client import all_finite
+    from distill_reader.teacher.codec import all_finite
 
     rng = np.random.default_rng(0)
     values = (rng.standard_normal((64, 33)) * 1000).astype(dtype)
@@ -45,3 +50,16 @@ def test_all_finite_finds_every_nan_and_inf(dtype):
             broken = values.copy()
             broken.flat[index] = bad
             assert not all_finite(broken), (bad, index)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["distill_reader.teacher.shm", "distill_reader.teacher.factory", "distill_reader.teacher.scheduler"],
+)
+def test_each_transport_module_imports_first_without_a_cycle(module):
+    """Imported first in a fresh interpreter (the pipeline process imports the factory, which maps
+    the reader's pool, while the reader imports the pipeline process): no partially initialized module."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120, env=os.environ
+    )
+    assert done.returncode == 0, done.stderr

@@ -157,7 +157,7 @@ def _measure(servers: list[str], lengths: np.ndarray, grouped: bool, sizes: Size
 def reader_decode_cost(k: int = SEQ_K, repeats: int = 200) -> float:
     """Seconds per token to check, zero the padding of and store a top-k answer in the reader
     (float16 values + int32 indices, a d_batch of 16 rows of 8-64 tokens)."""
-    from distill_reader.teacher.client import all_finite, zero_padding
+    from distill_reader.teacher.codec import all_finite, zero_padding
 
     lengths = _lengths(D_BATCH, seed=1)
     longest = int(lengths.max())

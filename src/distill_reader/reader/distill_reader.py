@@ -118,7 +118,6 @@ class DistillReader(ReaderSource):
             max_attempts=max_attempts,
             check_finite=bool(check_finite),
             group_by_length=bool(group_by_length),
-            d_batch_size=int(d_batch_size),
         )
         self._layout = PoolLayout(self.config.pool_specs, len(self.config.feeds), self.batch_size, self.capacity)
         check_fits(self._layout)

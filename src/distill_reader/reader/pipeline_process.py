@@ -90,6 +90,7 @@ from distill_reader.reader.channel import (
 )
 from distill_reader.reader.grouping import group_by_length
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
+from distill_reader.teacher.factory import transport_factory
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem, spawn
 from distill_reader.teacher.stats import TeacherStats
 
@@ -349,7 +350,17 @@ class _PipelineProcess:
                 self.knowledge.close()  # writes what was recorded
 
     def _scheduler(self, group: _Group) -> Scheduler:
-        """The group's scheduler: its answers, errors and warnings name the group."""
+        """The group's scheduler, with the transports of its teachers (its protocol, its model's
+        inputs and outputs); its answers, errors and warnings name the group."""
+        options = self.spec.options
+        transports = transport_factory(
+            group.config,
+            options.request_timeout,
+            options.check_finite,
+            self.buffer if self.buffer.fd >= 0 else None,  # no descriptor: shared_memory = off
+            rows=self.d_batch_size,
+            in_flight=options.max_in_flight,
+        )
         return Scheduler(
             group.config,
             group.feed_arrays,
@@ -359,7 +370,7 @@ class _PipelineProcess:
             on_error=lambda epoch, exc: self._on_group_error(group, epoch, exc),
             on_warning=lambda message: log.warning("%s", group.named(message)),
             length_arrays=group.length_arrays if group.length_arrays[0] else (),
-            pool=self.buffer if self.buffer.fd >= 0 else None,
+            transports=transports,
         )
 
     @staticmethod

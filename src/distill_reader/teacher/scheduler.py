@@ -34,8 +34,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -48,12 +48,8 @@ from distill_reader.errors import (
     TeacherOutputError,
     TransientTeacherError,
 )
-from distill_reader.teacher.shm import TransportFactory, transport_factory
 from distill_reader.teacher.stats import LatencyWindow, TeacherStats
-from distill_reader.teacher.transport import DBatch, TeacherRef, Transport
-
-if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
-    from distill_reader.reader.pool import SharedBuffer
+from distill_reader.teacher.transport import DBatch, TeacherRef, Transport, TransportFactory
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +112,6 @@ class SchedulerOptions:
     check_finite: bool = True
     #: variable-length rows: d_batches of rows of similar length (False: in input order)
     group_by_length: bool = True
-    #: rows of a request at most (sizes a shared-memory transport's output entries; None: a whole batch)
-    d_batch_size: int | None = None
 
 
 class _Teacher:
@@ -192,17 +186,16 @@ class Scheduler:
         on_warning: Callable[[str], None],
         length_arrays: Sequence[Sequence[np.ndarray]] = (),
         *,
-        pool: SharedBuffer | None = None,
-        transports: TransportFactory | None = None,
+        transports: TransportFactory,
     ) -> None:
-        """``pool``: the shared buffer the arrays are views of, for a teacher that maps it (see
-        :mod:`~distill_reader.teacher.shm`); ``transports``: makes the transport of a
-        :class:`TeacherRef` (default: :func:`~distill_reader.teacher.shm.transport_factory`)."""
+        r"""``feed_arrays``/``fetch_arrays``/``length_arrays``: per slot, the views of the pool a
+        :class:`WorkItem` names; ``transports``: makes the transport of each :class:`TeacherRef`
+        given to :meth:`set_teachers` (the pipeline process's is
+        :func:`~distill_reader.teacher.factory.transport_factory`; tests give
+        :class:`~distill_reader.teacher.transport.InProcessTransport`\ s). The scheduler knows
+        nothing of protocols or shared memory."""
         self._config = config
-        rows = options.d_batch_size or (len(fetch_arrays[0][0]) if fetch_arrays and fetch_arrays[0] else 1)
-        self._transports = transports or transport_factory(
-            config, options.request_timeout, options.check_finite, pool, rows=rows, in_flight=options.max_in_flight
-        )
+        self._transports = transports
         self._feed_arrays = feed_arrays  # [slot][predict var] views
         self._fetch_arrays = fetch_arrays  # [slot][fetch var] views
         self._length_arrays = length_arrays  # [slot][variable predict var] views of the row lengths
@@ -228,11 +221,12 @@ class Scheduler:
 
     # -- teacher set -------------------------------------------------------------------------
     def set_teachers(self, teachers: Sequence[TeacherRef]) -> None:
-        """Use exactly these teachers from now on."""
+        """Use exactly these teachers from now on (one transport each, made by the factory)."""
         wanted = {ref.endpoint: ref for ref in teachers}
         for endpoint, teacher in list(self._teachers.items()):
             ref = wanted.get(endpoint)
-            if ref is None or (ref.model_name, ref.protocol) != (teacher.ref.model_name, teacher.ref.protocol):
+            if ref is None or replace(ref, registration="") != replace(teacher.ref, registration=""):
+                # Gone, or another model or protocol: another transport.
                 self._remove(endpoint)
             elif ref.registration != teacher.ref.registration:
                 # It registered again (restarted, reconfigured): check it again before using it.

@@ -25,7 +25,9 @@ docs/transports.md.
 
 A request the extension cannot express goes over plain gRPC (counted in :attr:`fallbacks`): rows
 that are not contiguous in the pool (grouped by length) and variable vars cut shorter than
-``max_length`` (the request is padded to its longest row, the pool to ``max_length``).
+``max_length`` (the request is padded to its longest row, the pool to ``max_length``). The transport
+holds the gRPC one (:class:`~distill_reader.teacher.client.TeacherClient`) for that, and its calls
+share its channel; both encode through :class:`~distill_reader.teacher.codec.OipCodec`.
 """
 
 from __future__ import annotations
@@ -37,30 +39,21 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from distill_reader.config import ReaderConfig
 from distill_reader.errors import TeacherAuthError, TeacherMismatchError, TransientTeacherError
-from distill_reader.oip import oip_datatype
-from distill_reader.security import ClientSecurity
-from distill_reader.teacher.client import TeacherClient, zero_padding
-from distill_reader.teacher.transport import DBatch, TeacherRef, Transport
-
-if TYPE_CHECKING:  # a type only: distill_reader.reader imports this module
-    from distill_reader.reader.pool import SharedBuffer
+from distill_reader.reader.pool import SharedBuffer
+from distill_reader.teacher.client import TeacherClient
+from distill_reader.teacher.transport import DBatch, Transport
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "system_shared_memory"
 
 Request = service_pb2.ModelInferRequest
-
-TransportFactory = Callable[[TeacherRef], Transport]
 
 
 def _split_host(endpoint: str) -> str:
@@ -124,34 +117,29 @@ class _OutputRing:
         self.retired = 0  # entries a teacher may still write into: never lent again
 
 
-class SharedMemoryTransport(TeacherClient):
-    """:class:`TeacherClient` that sends offsets into the registered pool instead of tensors when
-    the teacher is on this host and announces the extension (``required``: it must, or the teacher
-    is quarantined naming ``[conf] shared_memory``)."""
+class SharedMemoryTransport(Transport):
+    """Sends offsets into the registered pool instead of tensors when the teacher is on this host and
+    announces the extension (``required``: it must, or the teacher is quarantined naming ``[conf]
+    shared_memory``); otherwise, and for a request the extension cannot express, the gRPC transport
+    ``grpc`` it holds (its channel carries this transport's calls too; closed with it)."""
 
     def __init__(
-        self,
-        endpoint: str,
-        config: ReaderConfig,
-        model_name: str | None = None,
-        request_timeout: float = 30.0,
-        *,
-        pool: SharedBuffer,
-        required: bool = False,
-        check_finite: bool = True,
-        security: ClientSecurity | None = None,
-        rows: int,
-        in_flight: int = 4,
+        self, grpc: TeacherClient, pool: SharedBuffer, *, rows: int, in_flight: int = 4, required: bool = False
     ) -> None:
         """``rows``: rows of a request at most (a larger one goes over gRPC); ``in_flight``: requests
         in flight at most; the output ring has ``2 × in_flight`` entries of ``rows`` rows each."""
-        super().__init__(endpoint, config, model_name, request_timeout, check_finite=check_finite, security=security)
+        self._grpc = grpc
+        self._codec = grpc.codec
+        self.endpoint = grpc.endpoint
+        self.request_timeout = grpc.request_timeout
+        self._stub = grpc.stub
+        self._metadata = grpc.call_metadata
         self._pool = pool
         self._entry_rows = max(1, rows)
         self._entries = 2 * max(1, in_flight)
         #: per fetch var, its offset in an entry (the vars of a d_batch, each at max_length)
         self._entry_offsets, offset = [], 0
-        for spec in config.pool_specs[len(config.feeds) : len(config.feeds) + len(config.fetches)]:
+        for spec in self._codec.pooled_outputs:
             self._entry_offsets.append(offset)
             offset += -(-spec.sample_nbytes * self._entry_rows // 64) * 64
         self._entry_nbytes = max(offset, 64)
@@ -172,15 +160,10 @@ class SharedMemoryTransport(TeacherClient):
         self._lost = False  # the teacher answered that it does not know our region
         self._expected = True  # the factory counted this transport's first registration
         pool.expect_registration()
-        self._shm_infer = self._channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=Request.SerializeToString,
-            response_deserializer=service_pb2.ModelInferResponse.FromString,
-        )
 
     async def check_metadata(self) -> bool:
         try:
-            declares = await super().check_metadata()
+            declares = await self._grpc.check_metadata()
         except BaseException:
             self._registration_done()  # no registration this time: keep no name for it
             raise
@@ -227,7 +210,7 @@ class SharedMemoryTransport(TeacherClient):
         of it (same layout and offsets; rows copied in and answers copied out), named for this one
         registration call."""
         pool = self._pool
-        memory = pool if pool.nameable else type(pool).create(pool.nbytes)  # (SharedBuffer: an import cycle)
+        memory = pool if pool.nameable else SharedBuffer.create(pool.nbytes)
         if memory is not pool:
             memory.expect_registration()
         name = _region_name()
@@ -255,7 +238,7 @@ class SharedMemoryTransport(TeacherClient):
 
     async def _new_ring(self) -> _OutputRing:
         """A fresh output ring registered with the teacher (named for that one call, like a mirror)."""
-        buffer = type(self._pool).create(self._entry_nbytes * self._entries)  # (SharedBuffer: an import cycle)
+        buffer = SharedBuffer.create(self._entry_nbytes * self._entries)
         buffer.expect_registration()
         name = _region_name()
         try:
@@ -320,7 +303,7 @@ class SharedMemoryTransport(TeacherClient):
                 service_pb2.ServerMetadataRequest(), timeout=self.request_timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            error = self._error(exc, "cannot read the server metadata of")
+            error = self._grpc.error(exc, "cannot read the server metadata of")
             if isinstance(error, (TransientTeacherError, TeacherAuthError)):
                 raise error from None
             # e.g. UNIMPLEMENTED: a minimal OIP server serves models without the server calls
@@ -361,7 +344,7 @@ class SharedMemoryTransport(TeacherClient):
                 await task
         with contextlib.suppress(Exception):
             await self._unregister()
-        await super().close()
+        await self._grpc.close()
 
     async def infer(self, batch: DBatch) -> list[np.ndarray] | None:
         if self._lost:  # the teacher restarted since it registered: register again, once
@@ -383,7 +366,7 @@ class SharedMemoryTransport(TeacherClient):
         if taken is None:
             if region is not None:
                 self.fallbacks += 1
-            return await super().infer(batch)
+            return await self._grpc.infer(batch)
         request, inputs = placed
         ring, entry = taken
         views = self._place_outputs(request, batch, ring, entry)
@@ -392,9 +375,9 @@ class SharedMemoryTransport(TeacherClient):
                 mirror[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
         answered = False
         try:
-            response = await self._shm_infer(request, timeout=self.request_timeout, metadata=self._metadata)
+            response = await self._grpc.send(request.SerializeToString())
             answered = True
-            self._check_answer(response, batch, views)
+            self._codec.check_in_place(response, views, batch.inputs, batch.lengths)
             if batch.live():  # the slot still holds this batch (no await since): one memcpy per var
                 for dst, view in zip(batch.outputs, views):
                     dst[...] = view
@@ -407,7 +390,7 @@ class SharedMemoryTransport(TeacherClient):
                     self.region = None
                     self._lost = True
                 raise TransientTeacherError(f"teacher {self.endpoint} lost the shared memory region {region}") from None
-            raise self._error(exc, "a request to") from None
+            raise self._grpc.error(exc, "a request to") from None
         finally:
             self._give_back(ring, entry, answered)
         self.in_place += 1
@@ -416,89 +399,29 @@ class SharedMemoryTransport(TeacherClient):
     def _request(self, batch: DBatch, region: str) -> tuple[Request, list[tuple[int, np.ndarray]]] | None:
         """The request with every input by region, and the (offset, array) of its inputs; None when
         the extension cannot express it (outputs: :meth:`_place_outputs`)."""
-        pool = self._pool
-        count = batch.count
-        if len(batch.outputs) != len(self._outputs) or count > self._entry_rows:
+        codec = self._codec
+        if len(batch.outputs) != len(codec.outputs) or batch.count > self._entry_rows:
             return None
-        arrays = [*batch.inputs, *(batch.lengths[j] for _, j in self._length_inputs)]
-        names = [name for name, _ in self._inputs] + [name for name, _ in self._length_inputs]
-        datatypes = [oip_datatype(spec.dtype) for _, spec in self._inputs] + ["INT64"] * len(self._length_inputs)
-        if self._variable_inputs:
-            first = self._variable_inputs[0]
-            padded = batch.inputs[first].shape[1 + self._inputs[first][1].shape.index(-1)]
-        request = Request(model_name=self.model_name)
+        # The answer is copied into the slot as is: it must have the slot rows' shape.
+        if any(dst.shape != shape for dst, shape in zip(batch.outputs, codec.output_shapes(batch.inputs))):
+            return None
+        request = Request(model_name=codec.model_name)
         inputs = []
-        for name, datatype, array in zip(names, datatypes, arrays):
-            offset = pool.offset_of(array)
+        for name, datatype, array in codec.input_tensors(batch.inputs, batch.lengths):
+            offset = self._pool.offset_of(array)
             if offset is None:
                 return None
             tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
             _region_parameters(tensor, region, offset, array.nbytes)
             inputs.append((offset, array))
-        for (_, spec), dst in zip(self._outputs, batch.outputs):
-            # The answer is copied into the slot as is: it must have the slot rows' shape.
-            if dst.shape != (spec.with_length(padded) if spec.variable else spec).batch_shape(count):
-                return None
         return request, inputs
 
     def _place_outputs(self, request: Request, batch: DBatch, ring: _OutputRing, entry: int) -> list[np.ndarray]:
         """Ask for every output in ``entry`` of ``ring``; the views of the entry they will be in."""
         views = []
         base = entry * ring.entry_nbytes
-        for (name, _), dst, offset in zip(self._outputs, batch.outputs, self._entry_offsets):
+        for (name, _), dst, offset in zip(self._codec.outputs, batch.outputs, self._entry_offsets):
             start = base + offset
             views.append(ring.memory[start : start + dst.nbytes].view(dst.dtype).reshape(dst.shape))
             _region_parameters(request.outputs.add(name=name), ring.name, start, dst.nbytes)
         return views
-
-    def _check_answer(self, response: service_pb2.ModelInferResponse, batch: DBatch, views: list[np.ndarray]) -> None:
-        """The answer's tensors are what the config says; padding zeroed and values checked in the entry."""
-        by_name = {out.name: out for out in response.outputs}
-        for (name, spec), view in zip(self._outputs, views):
-            meta = by_name.get(name)
-            if meta is None:
-                raise TeacherMismatchError(
-                    f"teacher {self.endpoint} answered without output {name!r} ([fetch] {spec.name}); "
-                    f"its outputs are {sorted(by_name)}"
-                )
-            self._check_output_meta(meta, spec, view.shape)
-            if spec.variable:  # what the teacher computed on padding is not its answer: zero it
-                zero_padding(view, spec.shape, batch.lengths[0], copy=False)
-            self._check_finite(view, spec.name, batch.inputs)
-
-
-def transport_factory(
-    config: ReaderConfig,
-    request_timeout: float,
-    check_finite: bool,
-    pool: SharedBuffer | None,
-    *,
-    rows: int,
-    in_flight: int,
-) -> TransportFactory:
-    """The transport for a teacher (:class:`TeacherRef`): an OpenAI-compatible one where its protocol
-    (or else ``[conf] protocol``) is ``openai``; shared memory where ``[conf] shared_memory`` allows it
-    and there is a pool to share; plain gRPC otherwise (``rows``, ``in_flight``: the most rows of a
-    request and requests in flight, which size its output ring)."""
-
-    def make(ref: TeacherRef) -> Transport:
-        endpoint, model_name = ref.endpoint, ref.model_name
-        if (ref.protocol or config.protocol) == "openai":
-            from distill_reader.teacher.openai import OpenAITransport  # httpx only when used
-
-            return OpenAITransport(endpoint, config, model_name, request_timeout, check_finite=check_finite)
-        if config.shared_memory == "off" or pool is None:
-            return TeacherClient(endpoint, config, model_name, request_timeout, check_finite=check_finite)
-        return SharedMemoryTransport(
-            endpoint,
-            config,
-            model_name,
-            request_timeout,
-            pool=pool,
-            required=config.shared_memory == "on",
-            check_finite=check_finite,
-            rows=rows,
-            in_flight=in_flight,
-        )
-
-    return make

@@ -1,18 +1,22 @@
 """The transport seam: how the scheduler reaches one teacher.
 
 The scheduler knows only :class:`Transport` (like httpx's ``AsyncBaseTransport``): check the
-teacher's metadata, infer one d_batch, close. Implementations:
+teacher's metadata, infer one d_batch, close; and a :data:`TransportFactory` handed to it, which
+makes the transport of a :class:`TeacherRef`. Implementations, siblings:
 
 * :class:`~distill_reader.teacher.client.TeacherClient`: OIP over gRPC, tensors in the messages;
 * :class:`~distill_reader.teacher.shm.SharedMemoryTransport`: OIP over gRPC with the system
   shared-memory extension: the teacher reads the inputs from the reader's pool and writes the
   outputs into the transport's own output region (copied into the pool on success); only offsets
-  travel (a co-located teacher that announces the extension);
+  travel (a co-located teacher that announces the extension). It holds a ``TeacherClient`` for
+  what the extension cannot express; both encode through
+  :class:`~distill_reader.teacher.codec.OipCodec`;
 * :class:`~distill_reader.teacher.openai.OpenAITransport`: an OpenAI-compatible server's completions
   API with prompt log-probs (vLLM), JSON over HTTP (``[conf] protocol = openai``);
 * :class:`InProcessTransport`: calls a Python function (tests; like httpx's ``MockTransport``).
 
-:func:`~distill_reader.teacher.shm.transport_factory` chooses one per teacher (:class:`TeacherRef`).
+:func:`~distill_reader.teacher.factory.transport_factory` chooses one per teacher (by its protocol,
+``[conf] shared_memory`` and whether there is a pool to share).
 
 Errors follow :mod:`distill_reader.teacher.client`: :class:`TransientTeacherError` to try
 elsewhere, ``TeacherMismatchError``/``TeacherAuthError``/``TeacherOutputError`` to quarantine the
@@ -21,12 +25,15 @@ teacher, ``TeacherError`` for a failed attempt.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from distill_reader.errors import TransientTeacherError
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,9 @@ class Transport(ABC):
         """Release the connection (and anything registered with the teacher)."""
 
 
+#: makes the transport of a teacher: all the scheduler knows of protocols and transports
+TransportFactory = Callable[[TeacherRef], Transport]
+
 Handler = Callable[
     [Sequence[np.ndarray], Sequence[np.ndarray]], "Sequence[np.ndarray] | Awaitable[Sequence[np.ndarray]]"
 ]
@@ -93,12 +103,22 @@ Handler = Callable[
 
 class InProcessTransport(Transport):
     """A teacher that is a Python function ``handler(inputs, lengths) -> outputs`` (sync or async),
-    for tests: what it raises reaches the scheduler as a transport error would."""
+    for tests: what it raises reaches the scheduler as a transport error would. An async handler
+    that takes longer than ``request_timeout`` seconds is cancelled and the request fails as
+    transient, as a real transport's deadline does."""
 
-    def __init__(self, endpoint: str, handler: Handler, *, declares_tensors: bool = True) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        handler: Handler,
+        *,
+        declares_tensors: bool = True,
+        request_timeout: float | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.handler = handler
         self.declares_tensors = declares_tensors
+        self.request_timeout = request_timeout
         self.requests = 0
         self.closed = False
 
@@ -109,7 +129,12 @@ class InProcessTransport(Transport):
         self.requests += 1
         result = self.handler(batch.inputs, batch.lengths)
         if inspect.isawaitable(result):
-            result = await result
+            try:
+                result = await asyncio.wait_for(result, self.request_timeout)
+            except asyncio.TimeoutError:
+                raise TransientTeacherError(
+                    f"teacher {self.endpoint}: no answer in {self.request_timeout:g} s (request_timeout)"
+                ) from None
         return [np.asarray(a) for a in result]
 
     async def close(self) -> None:
