@@ -110,17 +110,20 @@ def test_two_groups_every_row_of_both_with_a_teacher_of_one_killed(tmp_path, tea
 
 def test_a_group_without_teacher_fails_the_epoch_naming_it(tmp_path, teachers, caplog):
     a = [teachers.start("reader_models:slow_tag")]
-    dr = DistillReader(
-        two_groups(tmp_path, a, [f"127.0.0.1:{free_port()}"]), 4, 2, capacity=2, occupied_capacity=0, teacher_timeout=2
-    )
+    b = f"127.0.0.1:{free_port()}"  # nothing listens there yet
+    # 8 s: longer than a teacher's longest back-off (5 s), so the next epoch gets b's new teacher.
+    dr = DistillReader(two_groups(tmp_path, a, [b]), 4, 2, capacity=2, occupied_capacity=0, teacher_timeout=8)
     dr.set_sample_generator(lambda: (make_sample(i) for i in range(10)))
-    with (
-        caplog.at_level(logging.WARNING, logger="distill_reader"),
-        dr,
-        pytest.raises(NoTeacherError, match=r"^\[teacher b\] no teacher answered for 2 s"),
-    ):
-        list(dr.distill_reader()())
-    assert any(r.getMessage().startswith("[teacher b] no teacher answers") for r in caplog.records)
+    with dr:
+        with (
+            caplog.at_level(logging.WARNING, logger="distill_reader"),
+            pytest.raises(NoTeacherError, match=r"^\[teacher b\] no teacher answered for 8 s"),
+        ):
+            list(dr.distill_reader()())
+        assert any(r.getMessage().startswith("[teacher b] no teacher answers") for r in caplog.records)
+        # The failure does not outlive its epoch: with group b's teacher up, the next one is whole.
+        teachers.start("reader_models:slow_label", endpoint=b)
+        check_epoch([[a.copy() for a in batch] for batch in dr.distill_reader()()], 10, 4)
 
 
 def test_discover_mode_registers_once_per_groups_service_and_shows_under_each(tmp_path, teachers):
