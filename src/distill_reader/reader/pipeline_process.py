@@ -284,7 +284,6 @@ class _PipelineProcess:
             for name, view, fetch_ids in config.group_views()
         ]
         self._joins: dict[int, _Join] = {}  # id of a group's WorkItem -> the d_batch it is part of
-        self._failed_epochs: set[int] = set()  # epochs an EpochError was sent for (once, whichever group)
         self.d_batch_size = spec.d_batch_size
         self.done_rows = [0] * layout.capacity
         self.sealed_rows: list[int | None] = [None] * layout.capacity
@@ -403,9 +402,8 @@ class _PipelineProcess:
             self._on_done(join.item, join.record)
 
     def _on_group_error(self, group: _Group, epoch: int, exc: Exception) -> None:
-        if epoch in self._failed_epochs:
-            return  # another group failed it already: the training loop raises the first error
-        self._failed_epochs.add(epoch)
+        """The epoch failed in ``group``: the error names it (the training loop raises the first
+        error of an epoch, whichever group's)."""
         if group.name is not None:
             with contextlib.suppress(TypeError):  # an error not made from its message alone: sent as it is
                 exc = type(exc)(group.named(str(exc)))
@@ -575,7 +573,6 @@ class _PipelineProcess:
         for group in self.groups:  # no teacher writes into the pool: the slots are free at once
             self._scheduler_of(group).cancel(epoch)
         self._joins = {key: join for key, join in self._joins.items() if join.item.epoch > epoch}
-        self._failed_epochs = {e for e in self._failed_epochs if e > epoch}
         self.done_rows = [0] * len(self.done_rows)
         self.sealed_rows = [None] * len(self.sealed_rows)
         self.slot_started = [None] * len(self.slot_started)
