@@ -108,6 +108,23 @@ def test_two_groups_every_row_of_both_with_a_teacher_of_one_killed(tmp_path, tea
     assert not next(t for t in groups["b"] if t.endpoint == b[0]).healthy
 
 
+def test_a_teacher_that_does_not_fit_is_quarantined_in_its_group_only(tmp_path, teachers, caplog):
+    """Group a: a right teacher and one whose served names differ; group b: one teacher. The wrong
+    one is quarantined (its requests go to a's other teacher) and every row of both is right."""
+    a = [teachers.start("reader_models:slow_tag"), teachers.start("reader_models:tag_paddle_names")]
+    b = [teachers.start("reader_models:slow_label")]
+    dr = DistillReader(two_groups(tmp_path, a, b), 16, 4, capacity=6, occupied_capacity=1, copy=True)
+    n = 160
+    dr.set_sample_list_generator(sample_lists(n))
+    with dr, caplog.at_level(logging.WARNING, logger="distill_reader"):
+        check_epoch(list(dr.distill_reader()()), n, 16)
+        stats = settled_stats(dr)
+    wrong = next(t for t in stats.groups["a"] if t.endpoint == a[1])
+    assert wrong.quarantined is not None and wrong.quarantined.startswith("[feed] var 'img': teacher"), wrong
+    assert wrong.rows == 0 and next(t for t in stats.groups["a"] if t.endpoint == a[0]).rows == n
+    assert [(t.quarantined, t.rows) for t in stats.groups["b"]] == [(None, n)]
+
+
 def test_a_group_without_teacher_fails_the_epoch_naming_it(tmp_path, teachers, caplog):
     a = [teachers.start("reader_models:slow_tag")]
     b = f"127.0.0.1:{free_port()}"  # nothing listens there yet
