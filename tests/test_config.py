@@ -365,3 +365,40 @@ def test_a_group_variable_output_needs_a_variable_input_of_its_own(tmp_path):
     path.write_text(text.replace("fetch_shapes = [(10,), (-1,), (-1,)]", "fetch_shapes = [(10,), (-1,), (5,)]"))
     config = load_config(path)
     assert config.fetch_length_source(1) == 1 and config.fetch_length_source(0) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "store", "message"),
+    [
+        (GOOD, "groups = ['a']", "[store] groups: this config has no teacher groups"),
+        (GROUPS, "groups = []", "[store] groups: the list is empty; name some of the groups a, b"),
+        (GROUPS, "groups = ['c']", "[store] groups: 'c' is not a teacher group; the groups are a, b"),
+        (GROUPS, "groups = 'a'", "[store] groups: expected a list"),
+    ],
+)
+def test_bad_store_groups_names_the_key(tmp_path, text, store, message):
+    path = tmp_path / "bad.conf"
+    path.write_text(f"{text}\n[store]\npath = s\npolicy = write\n{store}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def test_store_groups_view(tmp_path):
+    path = tmp_path / "groups.conf"
+    path.write_text(f"{GROUPS}\n[store]\npath = s\npolicy = write\ngroups = ['b']\n")
+    config = load_config(path)
+    view, kept = config.stored_view()
+    assert config.store.groups == ("b",) and kept == (1,)
+    assert [s.name for s in view.fetches] == ["b.prediction"] and view.predict_feed_ids == (1,)
+    assert [(g.name, g.fetch_ids) for g in view.groups] == [("b", (0,))]
+    # Stored groups whose variable outputs take their lengths from different vars: refused.
+    text = GROUPS.replace("feed_shapes = [(1, 4, 4), (1,)]", "feed_shapes = [(-1,), (-1,)]")
+    text = text.replace("fetch_shapes = [(10,), (3,), (5,)]", "fetch_shapes = [(-1,), (-1,), (5,)]")
+    text = text.replace("feed_types = ['float32', 'int64']", "feed_types = ['int64', 'int64']")
+    text = text.replace("[conf]\n", "[conf]\nmax_length = 8\n", 1) + "\n[store]\npath = s\npolicy = write\n"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"\[store\]: the stored groups' teachers take their first variable"):
+        load_config(path)
+    path.write_text(text + "groups = ['b']\n")
+    assert load_config(path).stored_view()[0].fetch_length_source(0) == 1
