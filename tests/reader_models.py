@@ -40,6 +40,20 @@ def slow_tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"prediction": tag_rows(batch["img"])}
 
 
+def label_rows(label: np.ndarray) -> np.ndarray:
+    """Another exact model, of the label: per row ``[2 l, l + 0.5, -l]`` (for teacher groups)."""
+    x = label.reshape(len(label)).astype(np.float64)
+    return np.stack([2 * x, x + 0.5, -x], axis=1).astype(np.float32)
+
+
+@teacher_model(inputs=[("label", "int64", (1,))], outputs=[("prediction", "float32", (3,))])
+def slow_label(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`label_rows` taking ``$SLOW_TAG_SECONDS`` (20 ms) per batch: a second teacher model,
+    with its own input and an output of the same name as ``tag``'s."""
+    time.sleep(float(os.environ.get("SLOW_TAG_SECONDS", "0.02")))
+    return {"prediction": label_rows(batch["label"])}
+
+
 @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
 def broken(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     raise RuntimeError("the teacher model is broken")

@@ -228,3 +228,177 @@ def test_a_key_with_only_a_comment_is_missing(tmp_path):
     path.write_text(GOOD.replace("mode = fixed", "mode =    # fixed or discover"))
     with pytest.raises(ConfigError, match=r"\[conf\] mode: missing key"):
         load_config(path)
+
+
+# -- teacher groups ([teacher NAME], docs/groups.md) ----------------------------------------------
+
+GROUPS = """\
+[conf]
+mode = fixed
+model_name = shared
+
+[teacher a]
+servers = ['127.0.0.1:9292', 'localhost:9393']
+model_name = resnet
+
+[teacher b]
+servers = ['127.0.0.1:9494']
+protocol = oip
+predict_feed_ids = [1]
+
+[feed]
+feed_vars = ['img', 'label']
+feed_types = ['float32', 'int64']
+feed_shapes = [(1, 4, 4), (1,)]
+predict_feed_ids = [0]
+
+[fetch]
+fetch_vars = ['a.prediction', 'b.prediction', 'a.features']
+fetch_types = ['float32', 'float32', 'float16']
+fetch_shapes = [(10,), (3,), (5,)]
+"""
+
+DISCOVER_GROUPS = """\
+[conf]
+mode = discover
+host = 127.0.0.1:8500
+
+[teacher a]
+service_name = resnet-teachers
+require_num = 2
+
+[teacher b]
+service_name = vit-teachers
+require_num = 1
+host = 10.0.0.1:8600, 10.0.0.2:8600
+
+[feed]
+feed_vars = ['img']
+feed_types = ['float32']
+feed_shapes = [(1, 4, 4)]
+predict_feed_ids = [0]
+
+[fetch]
+fetch_vars = ['a.prediction', 'b.prediction']
+fetch_types = ['float32', 'float32']
+fetch_shapes = [(10,), (10,)]
+"""
+
+
+def test_teacher_groups_parse(tmp_path):
+    path = tmp_path / "groups.conf"
+    path.write_text(GROUPS)
+    config = load_config(path)
+    assert [g.name for g in config.groups] == ["a", "b"]
+    a, b = config.groups
+    assert a.servers == ("127.0.0.1:9292", "localhost:9393") and b.servers == ("127.0.0.1:9494",)
+    assert (a.model_name, b.model_name) == ("resnet", "shared")  # [conf] model_name: the default
+    assert (a.predict_feed_ids, b.predict_feed_ids) == ((0,), (1,))  # [feed]'s, or the group's own
+    assert (a.fetch_ids, b.fetch_ids) == ((0, 2), (1,))
+    assert config.predict_feed_ids == (0, 1)  # every var some teacher takes
+    views = {name: (view, ids) for name, view, ids in config.group_views()}
+    view, ids = views["a"]
+    assert ids == (0, 2) and [s.name for s in view.fetches] == ["a.prediction", "a.features"]
+    # Asked for by the model's own output names; given the group's inputs only.
+    assert [view.served_name(s.name) for s in view.fetches] == ["prediction", "features"]
+    assert view.servers == a.servers and view.model_name == "resnet" and view.predict_feed_ids == (0,)
+    assert views["b"][0].predict_feeds[0].name == "label"
+
+
+def test_discover_groups_parse(tmp_path):
+    path = tmp_path / "groups.conf"
+    path.write_text(DISCOVER_GROUPS)
+    a, b = load_config(path).groups
+    assert (a.service_name, a.require_num, a.discovery) == ("resnet-teachers", 2, ("127.0.0.1:8500",))
+    assert (b.service_name, b.require_num, b.discovery) == ("vit-teachers", 1, ("10.0.0.1:8600", "10.0.0.2:8600"))
+
+
+def test_a_config_without_groups_is_one_unnamed_group(tmp_path):
+    path = tmp_path / "ok.conf"
+    path.write_text(GOOD)
+    config = load_config(path)
+    assert config.groups == ()
+    assert config.group_views() == ((None, config, (0,)),)
+
+
+@pytest.mark.parametrize(
+    ("text", "old", "new", "message"),
+    [
+        (GROUPS, "fetch_vars = ['a.prediction',", "fetch_vars = ['prediction',", "[fetch] fetch_vars: 'prediction'"),
+        (GROUPS, "fetch_vars = ['a.prediction',", "fetch_vars = ['c.prediction',", "names no teacher group"),
+        (GROUPS, "fetch_vars = ['a.prediction',", "fetch_vars = ['a.',", "[fetch] fetch_vars: 'a.' names no teacher"),
+        (GROUPS, "'b.prediction', 'a.features'", "'a.other', 'a.features'", "[teacher b]: no fetch var"),
+        (GROUPS, "[conf]\n", "[conf]\nservers = ['h:1']\n", "[conf] servers: this config has teacher groups"),
+        (GROUPS, "[teacher b]", "[teacher b.c]", "[teacher b.c]: a teacher group's name"),
+        (GROUPS, "[teacher b]", "[teacher]", "[teacher]: a teacher group needs a name"),
+        (GROUPS, "predict_feed_ids = [1]", "predict_feed_ids = [2]", "[teacher b] predict_feed_ids: 2 is out"),
+        (GROUPS, "predict_feed_ids = [0]\n", "", "[teacher a] predict_feed_ids: missing key"),
+        (GROUPS, "servers = ['127.0.0.1:9494']", "servers = []", "[teacher b] servers: the list is empty"),
+        (GROUPS, "servers = ['127.0.0.1:9494']", "servers = ['x']", "[teacher b] servers: 'x' is not"),
+        (GROUPS, "servers = ['127.0.0.1:9494']", "service_name = x", "[teacher b] service_name: for mode = discover"),
+        (GROUPS, "protocol = oip", "protocol = grpc", "[teacher b] protocol: 'grpc' is not one of"),
+        (GROUPS, "protocol = oip", "batch = 4", "[teacher b] batch: unknown key"),
+        (GROUPS, "protocol = oip", "feed_vars = []", "[teacher b] feed_vars: unknown key; it belongs in [feed]"),
+        (DISCOVER_GROUPS, "require_num = 1\n", "", "[teacher b] require_num: missing key"),
+        (DISCOVER_GROUPS, "require_num = 1\n", "require_num = 0\n", "[teacher b] require_num: must be >= 1"),
+        (DISCOVER_GROUPS, "require_num = 1\n", "require_num = 1\nservers = ['h:1']\n", "[teacher b] servers: for"),
+        (DISCOVER_GROUPS, "host = 127.0.0.1:8500\n", "", "[conf] host: missing key"),
+    ],
+)
+def test_bad_group_config_names_the_key(tmp_path, text, old, new, message):
+    assert old in text
+    path = tmp_path / "bad.conf"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def test_a_group_variable_output_needs_a_variable_input_of_its_own(tmp_path):
+    text = GROUPS.replace("feed_shapes = [(1, 4, 4), (1,)]", "feed_shapes = [(1, 4, 4), (-1,)]")
+    text = text.replace("fetch_shapes = [(10,), (3,), (5,)]", "fetch_shapes = [(10,), (-1,), (-1,)]")
+    text = text.replace("[conf]\n", "[conf]\nmax_length = 8\n")
+    path = tmp_path / "groups.conf"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"\[fetch\] var 'a.features' .* no var in \[teacher a\] predict_feed_ids"):
+        load_config(path)
+    path.write_text(text.replace("fetch_shapes = [(10,), (-1,), (-1,)]", "fetch_shapes = [(10,), (-1,), (5,)]"))
+    config = load_config(path)
+    assert config.fetch_length_source(1) == 1 and config.fetch_length_source(0) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "store", "message"),
+    [
+        (GOOD, "groups = ['a']", "[store] groups: this config has no teacher groups"),
+        (GROUPS, "groups = []", "[store] groups: the list is empty; name some of the groups a, b"),
+        (GROUPS, "groups = ['c']", "[store] groups: 'c' is not a teacher group; the groups are a, b"),
+        (GROUPS, "groups = 'a'", "[store] groups: expected a list"),
+    ],
+)
+def test_bad_store_groups_names_the_key(tmp_path, text, store, message):
+    path = tmp_path / "bad.conf"
+    path.write_text(f"{text}\n[store]\npath = s\npolicy = write\n{store}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def test_store_groups_view(tmp_path):
+    path = tmp_path / "groups.conf"
+    path.write_text(f"{GROUPS}\n[store]\npath = s\npolicy = write\ngroups = ['b']\n")
+    config = load_config(path)
+    view, kept = config.stored_view()
+    assert config.store.groups == ("b",) and kept == (1,)
+    assert [s.name for s in view.fetches] == ["b.prediction"] and view.predict_feed_ids == (1,)
+    assert [(g.name, g.fetch_ids) for g in view.groups] == [("b", (0,))]
+    # Stored groups whose variable outputs take their lengths from different vars: refused.
+    text = GROUPS.replace("feed_shapes = [(1, 4, 4), (1,)]", "feed_shapes = [(-1,), (-1,)]")
+    text = text.replace("fetch_shapes = [(10,), (3,), (5,)]", "fetch_shapes = [(-1,), (-1,), (5,)]")
+    text = text.replace("feed_types = ['float32', 'int64']", "feed_types = ['int64', 'int64']")
+    text = text.replace("[conf]\n", "[conf]\nmax_length = 8\n", 1) + "\n[store]\npath = s\npolicy = write\n"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"\[store\]: the stored groups' teachers take their first variable"):
+        load_config(path)
+    path.write_text(text + "groups = ['b']\n")
+    assert load_config(path).stored_view()[0].fetch_length_source(0) == 1

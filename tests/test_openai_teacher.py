@@ -113,6 +113,23 @@ def fake_vllm(k_limit: int = 64, seen: list | None = None, short: int | None = N
     return handler
 
 
+def check_fake_topk(values: np.ndarray, indices: np.ndarray, row: np.ndarray, k: int = K) -> None:
+    """One row's answer from :func:`fake_vllm`: position t holds the top-k of the distribution after
+    ``row[:t+1]``; 0 past the row's length."""
+    for t in range(len(row)):
+        logprobs = _logprobs(row[: t + 1])
+        want_values, want_indices = _dense_topk(logprobs, k)
+        np.testing.assert_array_equal(values[t], want_values)
+        # Equal values keep ascending ids. At the cut, the server chose which of the tied ids
+        # to send (here the highest, and the prompt's own token): the lowest of those are kept.
+        cut = want_values[-1] == values[t]
+        np.testing.assert_array_equal(indices[t][~cut], want_indices[~cut])
+        at_cut = indices[t][cut]
+        assert set(at_cut.tolist()) <= set(np.flatnonzero(logprobs == want_values[-1]).tolist())
+        assert (np.diff(at_cut) > 0).all()
+    assert not values[len(row) :].any() and not indices[len(row) :].any()
+
+
 def _batch(rows: list[np.ndarray]) -> DBatch:
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
     tokens = np.zeros((len(rows), max(lengths.max(), 1)), np.int64)
@@ -139,18 +156,7 @@ def test_answers_become_the_exact_topk_of_every_position(tmp_path: Path) -> None
     assert values.shape == indices.shape == (len(rows), 20, K)
     assert values.dtype == np.float32 and indices.dtype == np.int32
     for r, row in enumerate(rows):
-        for t in range(len(row)):
-            logprobs = _logprobs(row[: t + 1])
-            want_values, want_indices = _dense_topk(logprobs, K)
-            np.testing.assert_array_equal(values[r, t], want_values)
-            # Equal values keep ascending ids. At the cut, the server chose which of the tied ids
-            # to send (here the highest, and the prompt's own token): the lowest of those are kept.
-            cut = want_values[-1] == values[r, t]
-            np.testing.assert_array_equal(indices[r, t][~cut], want_indices[~cut])
-            at_cut = indices[r, t][cut]
-            assert set(at_cut.tolist()) <= set(np.flatnonzero(logprobs == want_values[-1]).tolist())
-            assert (np.diff(at_cut) > 0).all()
-        assert not values[r, len(row) :].any() and not indices[r, len(row) :].any()
+        check_fake_topk(values[r], indices[r], row)
     body = json.loads(seen[-1].content)
     assert body["prompt"] == [row.tolist() for row in rows if len(row)]
     assert (body["max_tokens"], body["temperature"], body["prompt_logprobs"], body["logprobs"]) == (1, 0, K, K)

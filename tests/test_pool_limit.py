@@ -86,3 +86,29 @@ def test_a_slow_training_loop_is_not_blamed_on_the_pool(write_config, slow_teach
     assert stats.batches == 12
     assert not stats.pool_limited
     assert not _pool_warnings(caplog)
+
+
+def test_with_teacher_groups_the_group_taking_the_most_requests_sizes_the_pool(tmp_path, slow_teachers, caplog):
+    """Every d_batch is one request to each group: group a (3 teachers, 96 requests) sizes the pool,
+    not group b (1 teacher, 32), nor the 4 teachers together (128)."""
+    from test_groups import TWO_GROUPS
+    from test_groups import check_epoch as check_groups_epoch
+
+    labelers = TeacherProcesses()
+    try:
+        b = [labelers.start("reader_models:slow_label")]
+        config = tmp_path / "groups.conf"
+        config.write_text(TWO_GROUPS.format(a=slow_teachers[:3], b=b))
+        dr = _reader(config, capacity=3, occupied=1)
+        with dr, caplog.at_level(logging.WARNING, logger="distill_reader"):
+            for _ in range(20):
+                check_groups_epoch(list(dr.distill_reader()()), N, 8)
+                if dr.stats().pool_limited:
+                    break
+            stats = dr.stats()
+    finally:
+        labelers.stop_all()
+    assert stats.pool_limited
+    assert stats.suggested_capacity == 1 + 1 + 96 // 2
+    warnings = _pool_warnings(caplog)
+    assert len(warnings) == 1 and "the 3 teacher(s) could take 96" in warnings[0], warnings

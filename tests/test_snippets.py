@@ -31,10 +31,12 @@ DOCUMENTS = sorted(
 )
 BASE = "examples/mnist_distill_reader.conf"
 #: A fragment's base config where the usage example's does not fit it: docs/store.md's ``[store]``
-#: names ``key_var = id``, a feed var of docs/sequences.md's config (the example has img and label).
-BASES = {"docs/store.md": "docs/sequences.md"}
+#: names ``key_var = id``, a feed var of docs/sequences.md's config (the example has img and label);
+#: docs/groups.md's ``[store] groups`` names its own config's teacher groups.
+BASES = {"docs/store.md": "docs/sequences.md", "docs/groups.md": "docs/groups.md"}
 SECTIONS = ("conf", "feed", "fetch", "store")
-SECTION_LINE = re.compile(r"^\[(\w+)\]\s*$", re.M)
+#: a section header: ``[conf]``, or a teacher group's ``[teacher NAME]``
+SECTION_LINE = re.compile(r"^\[(\w+(?: [\w-]+)?)\]\s*$", re.M)
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")
 HEREDOC = re.compile(r"<<-?[ \t]*(['\"]?)(?P<tag>\w+)\1[^\n]*\n(?P<body>.*?)^(?P=tag)[ \t]*$", re.M | re.S)
 
@@ -109,7 +111,7 @@ def test_the_snippets_are_found() -> None:
 
 def sections_of(text: str) -> dict[str, str]:
     """The text of each section of a config (from its header to the next one)."""
-    parts = re.split(r"^(?=\[\w+\]\s*$)", text, flags=re.M)
+    parts = re.split(r"^(?=\[\w+(?: [\w-]+)?\]\s*$)", text, flags=re.M)
     return {SECTION_LINE.match(part)[1]: part for part in parts if SECTION_LINE.match(part)}
 
 
@@ -182,6 +184,15 @@ def shapes(text: str) -> list[tuple[int, ...]]:
 def loaded_value(config: ReaderConfig, section: str, key: str, values: dict) -> tuple[object, object]:
     """``(what the loader made of the key, what the snippet's text says it is)``."""
     raw = values[(section, key)]
+    if section.startswith("teacher "):
+        group = next(g for g in config.groups if g.name == section.split()[1])
+        if key in ("servers", "predict_feed_ids"):
+            return getattr(group, key), tuple(ast.literal_eval(raw))
+        if key == "require_num":
+            return group.require_num, int(raw)
+        if key == "host":
+            return group.discovery, tuple(h.strip() for h in str(word(raw)).split(","))
+        return getattr(group, key), word(raw)
     feeds = {"feed": config.feeds, "fetch": config.fetches}.get(section, ())
     if key in ("mode", "service_name", "model_name", "shared_memory", "protocol"):
         return getattr(config, key), word(raw)
@@ -218,6 +229,8 @@ def loaded_value(config: ReaderConfig, section: str, key: str, values: dict) -> 
         return config.store.precision, word(raw)
     if key == "key_var":
         return config.store.key_var, word(raw)
+    if key == "groups":
+        return config.store.groups, tuple(ast.literal_eval(raw))
     raise AssertionError(f"[{section}] {key}: not checked by this test; add it to loaded_value")
 
 

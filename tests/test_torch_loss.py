@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from distill_reader import ConfigError  # noqa: E402
-from distill_reader.torch import topk_kl_loss  # noqa: E402
+from distill_reader.torch import multi_teacher_loss, topk_kl_loss  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -279,3 +279,56 @@ def test_bad_input_is_named(change, message):
     arguments.update(change)
     with pytest.raises(ConfigError, match=message):
         topk_kl_loss(**arguments)
+
+
+# -- several teachers (teacher groups) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_multi_teacher_loss_is_the_weighted_sum_of_each_teachers_kl(reduction):
+    """A top-k teacher and a dense one (raw logits and log-probs), each weighted: the sum of each
+    one's KL against the references above, times its weight."""
+    student, teacher_a, lengths = make_inputs(7)
+    _, teacher_b, _ = make_inputs(8)
+    values, indices = teacher_topk(teacher_a, K)
+    logprobs_b = torch.log_softmax(teacher_b, dim=-1)
+    got = multi_teacher_loss(
+        student, {"a": (values, indices), "b": logprobs_b}, {"a": 0.25, "b": 2.0}, lengths, reduction=reduction
+    )
+    per_token = (
+        0.25 * reference(student, values, indices, lengths) + 2.0 * dense_kl(student, teacher_b, lengths).numpy()
+    )
+    want = {"none": per_token, "sum": per_token.sum(), "mean": per_token.sum() / sum(LENGTHS)}[reduction]
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    # Raw logits of a dense teacher: its whole distribution, the same KL.
+    raw = multi_teacher_loss(student, {"b": teacher_b}, {"b": 1.0}, lengths, values="logits", reduction="sum")
+    np.testing.assert_allclose(raw.item(), dense_kl(student, teacher_b, lengths).sum().item(), rtol=1e-5)
+
+
+def test_multi_teacher_loss_weights_default_to_the_mean_and_give_gradients():
+    student, teacher_a, lengths = make_inputs(9)
+    _, teacher_b, _ = make_inputs(10)
+    student.requires_grad_(True)
+    teachers = {"a": torch.log_softmax(teacher_a, -1), "b": torch.log_softmax(teacher_b, -1)}
+    mean = multi_teacher_loss(student, teachers, lengths=lengths)
+    halves = multi_teacher_loss(student, teachers, {"a": 0.5, "b": 0.5}, lengths)
+    np.testing.assert_allclose(mean.item(), halves.item(), rtol=1e-6)
+    mean.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("teachers", "weights", "message"),
+    [
+        ({}, None, "teachers is empty"),
+        ({"a": "dense"}, {"b": 1.0}, "missing ['a'], unknown ['b']"),
+        ({"a": "dense"}, {"a": -1.0}, "weights['a'] must be a number >= 0"),
+        ({"a": "short"}, None, "teachers['a'] has shape (3, 5, 10)"),
+    ],
+)
+def test_multi_teacher_loss_bad_input_is_named(teachers, weights, message):
+    student, teacher, lengths = make_inputs(11)
+    outputs = {"dense": teacher, "short": teacher[..., :-1]}
+    with pytest.raises(ConfigError) as info:
+        multi_teacher_loss(student, {name: outputs[kind] for name, kind in teachers.items()}, weights, lengths)
+    assert message in str(info.value)

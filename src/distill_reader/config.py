@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ast
 import configparser
+import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +59,42 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "feed": ("feed_vars", "feed_types", "feed_shapes", "predict_feed_ids"),
     "fetch": ("fetch_vars", "fetch_types", "fetch_shapes"),
-    "store": ("path", "policy", "key_var", "precision"),
+    "store": ("path", "policy", "key_var", "precision", "groups"),
+    #: ``[teacher NAME]``: a teacher group (docs/groups.md); every section named ``teacher <name>``
+    "teacher": (
+        "servers",
+        "host",
+        "port",
+        "service_name",
+        "require_num",
+        "model_name",
+        "protocol",
+        "predict_feed_ids",
+    ),
 }
+#: ``[teacher NAME]``: a group's name: its fetch vars are ``NAME.OUTPUT``, so no dot
+GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+#: ``[conf]`` keys that name one teacher set: with teacher groups, each group names its own
+_GROUP_ONLY_KEYS = ("servers", "service_name", "require_num")
+
+
+@dataclass(frozen=True)
+class TeacherGroup:
+    """``[teacher NAME]``: one teacher model every sample also goes to (docs/groups.md)."""
+
+    name: str
+    #: fixed mode: the group's teachers' ``host:port`` addresses
+    servers: tuple[str, ...]
+    #: discover mode: the discovery servers (the group's ``host``, else ``[conf] host``)
+    discovery: tuple[str, ...]
+    service_name: str | None
+    require_num: int
+    model_name: str
+    protocol: str
+    #: indices into ``[feed] feed_vars`` of the inputs this group's model takes
+    predict_feed_ids: tuple[int, ...]
+    #: indices into the config's fetch vars of the group's outputs (those named ``NAME.OUTPUT``)
+    fetch_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -73,6 +109,8 @@ class StoreConfig:
     key_var: str | None = None
     #: ``exact`` (the teacher's outputs as they are) or ``compact`` (top-k pairs quantized, docs/store.md)
     precision: str = "exact"
+    #: the teacher groups whose outputs the store keeps (None: all); the others are always asked live
+    groups: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +154,61 @@ class ReaderConfig:
     #: server's completions API with prompt log-probs, e.g. vLLM); in discover mode, for teachers whose
     #: registration names none
     protocol: str = "oip"
+    #: ``[teacher NAME]`` sections: several teachers per sample; empty: one teacher set, from ``[conf]``
+    groups: tuple[TeacherGroup, ...] = ()
+
+    def group_views(self) -> tuple[tuple[str | None, ReaderConfig, tuple[int, ...]], ...]:
+        """Per teacher group: its name, the config its teachers are asked with (its servers or
+        service, model, protocol, inputs, and its fetch vars only, asked for by their ``OUTPUT``
+        names) and the indices of its fetch vars in :attr:`fetches`. Without groups: one, this
+        config itself, unnamed."""
+        if not self.groups:
+            return ((None, self, tuple(range(len(self.fetches)))),)
+        return tuple((group.name, self._group_view(group), group.fetch_ids) for group in self.groups)
+
+    def _group_view(self, group: TeacherGroup) -> ReaderConfig:
+        fetches = tuple(self.fetches[j] for j in group.fetch_ids)
+        served = dict(self.served_names)
+        for spec in fetches:
+            output = spec.name[len(group.name) + 1 :]
+            served.setdefault(spec.name, self.served_names.get(output, output))
+        return dataclasses.replace(
+            self,
+            servers=group.servers,
+            discovery=group.discovery,
+            service_name=group.service_name,
+            require_num=group.require_num,
+            model_name=group.model_name,
+            protocol=group.protocol,
+            predict_feed_ids=group.predict_feed_ids,
+            fetches=fetches,
+            served_names=served,
+            store=None,
+            groups=(),
+        )
+
+    def stored_view(self) -> tuple[ReaderConfig, tuple[int, ...]]:
+        """The config the knowledge store is kept with (``[store] groups``: only those groups'
+        outputs and inputs) and the indices into :attr:`fetches` of the fetch vars it keeps."""
+        if self.store is None or self.store.groups is None:
+            return self, tuple(range(len(self.fetches)))
+        kept = [g for g in self.groups if g.name in self.store.groups]
+        fetch_ids = tuple(j for g in kept for j in g.fetch_ids)
+        renumber = {j: k for k, j in enumerate(fetch_ids)}
+        view = dataclasses.replace(
+            self,
+            fetches=tuple(self.fetches[j] for j in fetch_ids),
+            predict_feed_ids=tuple(dict.fromkeys(i for g in kept for i in g.predict_feed_ids)),
+            groups=tuple(dataclasses.replace(g, fetch_ids=tuple(renumber[j] for j in g.fetch_ids)) for g in kept),
+        )
+        return view, fetch_ids
+
+    def fetch_length_source(self, fetch: int) -> int | None:
+        """The feed var whose row lengths fetch var ``fetch``'s variable dimensions take: the
+        first variable var its teacher (its group's, with groups) is given."""
+        group = next((g for g in self.groups if fetch in g.fetch_ids), None)
+        ids = group.predict_feed_ids if group is not None else self.predict_feed_ids
+        return next((i for i in ids if self.feeds[i].variable), None)
 
     @property
     def predict_feeds(self) -> tuple[TensorSpec, ...]:
@@ -165,6 +258,8 @@ class _Section:
         if not parser.has_section(name):
             raise ConfigError(f"{path}: missing section [{name}]")
         self.name = name
+        #: the KNOWN_KEYS entry: ``teacher`` for every ``[teacher NAME]``
+        self.kind = "teacher" if name.startswith("teacher ") else name
         self.items = parser[name]
 
     def where(self, key: str) -> str:
@@ -172,7 +267,7 @@ class _Section:
 
     def has(self, key: str) -> bool:
         # A key read here but missing from KNOWN_KEYS would be refused in every user's config.
-        assert key in KNOWN_KEYS[self.name], f"[{self.name}] {key} is read but not listed in KNOWN_KEYS"
+        assert key in KNOWN_KEYS[self.kind], f"[{self.name}] {key} is read but not listed in KNOWN_KEYS"
         return key in self.items and self.items[key].strip() != ""
 
     def raw(self, key: str) -> str:
@@ -280,39 +375,38 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
     mode = conf.string("mode")
     if mode not in MODES:
         raise ConfigError(f"[conf] mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    group_sections = [_Section(parser, name, str(path)) for name in parser.sections() if name.startswith("teacher ")]
     servers: tuple[str, ...] = ()
     discovery: tuple[str, ...] = ()
     service_name = None
     require_num = 0
-    if mode == "fixed":
-        entries = conf.str_list("servers")
-        if not entries:
-            raise ConfigError("[conf] servers: the list is empty; fixed mode needs at least one 'host:port'")
-        servers = tuple(parse_endpoint(s, "[conf] servers") for s in entries)
+    if not group_sections:
+        servers, discovery, service_name, require_num = _teacher_set(conf, conf, mode)
     else:
-        discovery = _discovery_endpoints(conf)
-        service_name = conf.string("service_name")
-        require_num = conf.integer("require_num")
-        if require_num < 1:
-            raise ConfigError(f"[conf] require_num: must be >= 1, got {require_num}")
+        for key in _GROUP_ONLY_KEYS:
+            if conf.has(key):
+                raise ConfigError(
+                    f"[conf] {key}: this config has teacher groups ([{group_sections[0].name}]); "
+                    f"each [teacher NAME] section names its own {key}"
+                )
+        if mode == "discover":
+            discovery = _discovery_endpoints(conf) if conf.has("host") else ()
 
     model_name = conf.string("model_name") if conf.has("model_name") else DEFAULT_MODEL_NAME
     feeds = _specs(feed, "feed")
     fetches = _specs(fetch, "fetch")
+    ids: tuple[int, ...] = ()
+    if not group_sections or feed.has("predict_feed_ids"):
+        ids = _predict_ids(feed, feeds)
+    shared_memory = conf.string("shared_memory") if conf.has("shared_memory") else "auto"
+    if shared_memory not in SHARED_MEMORY_MODES:
+        raise ConfigError(f"[conf] shared_memory: {shared_memory!r} is not one of {', '.join(SHARED_MEMORY_MODES)}")
+    protocol = _protocol(conf, shared_memory, "oip")
+    groups = _groups(group_sections, conf, mode, feeds, fetches, ids, model_name, protocol, shared_memory)
+    if groups:  # the vars any group's teacher is given, in the order first named
+        ids = tuple(dict.fromkeys(i for group in groups for i in group.predict_feed_ids))
 
-    ids = feed.literal("predict_feed_ids")
-    if not isinstance(ids, (list, tuple)) or not ids:
-        raise ConfigError(f"[feed] predict_feed_ids: expected a non-empty list of indices, got {ids!r}")
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(feeds):
-            raise ConfigError(
-                f"[feed] predict_feed_ids: {i!r} is out of range; feed_vars has {len(feeds)} entries "
-                f"(valid ids 0..{len(feeds) - 1})"
-            )
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"[feed] predict_feed_ids: duplicate ids in {list(ids)}")
-
-    max_length = _max_length(conf, feeds, fetches, ids)
+    max_length = _max_length(conf, feeds, fetches, ids, groups)
 
     served_names: dict[str, str] = {}
     if conf.has("serving_conf_file"):
@@ -334,10 +428,6 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         if mode != "fixed":
             raise ConfigError("[conf] report_to: fixed mode only (discover mode reports to its discovery servers)")
         report_to = tuple(parse_endpoint(h, "[conf] report_to") for h in conf.string("report_to").split(",") if h)
-    shared_memory = conf.string("shared_memory") if conf.has("shared_memory") else "auto"
-    if shared_memory not in SHARED_MEMORY_MODES:
-        raise ConfigError(f"[conf] shared_memory: {shared_memory!r} is not one of {', '.join(SHARED_MEMORY_MODES)}")
-    protocol = _protocol(conf, shared_memory)
     config = ReaderConfig(
         mode=mode,
         servers=servers,
@@ -352,32 +442,156 @@ def load_config(conf_file: str | os.PathLike[str]) -> ReaderConfig:
         token=token,
         tls=tls,
         max_length=max_length,
-        store=_store(parser, path, feeds),
+        store=_store(parser, path, feeds, groups),
         shared_memory=shared_memory,
         report_to=report_to,
         protocol=protocol,
+        groups=groups,
     )
-    if protocol == "openai":
-        from distill_reader.teacher.openai import openai_layout
+    for name, view, _ in config.group_views():
+        if view.protocol == "openai":
+            from distill_reader.teacher.openai import openai_layout
 
-        try:
-            openai_layout(config)
-        except ValueError as exc:
-            raise ConfigError(f"[conf] protocol = openai: {exc}") from None
+            try:
+                openai_layout(view)
+            except ValueError as exc:
+                where = "[conf]" if name is None else f"[teacher {name}]"
+                raise ConfigError(f"{where} protocol = openai: {exc}") from None
     return config
 
 
-def _protocol(conf: _Section, shared_memory: str) -> str:
-    """``[conf] protocol``; ``openai`` has no shared memory to turn on."""
-    protocol = conf.string("protocol") if conf.has("protocol") else "oip"
+def _teacher_set(
+    section: _Section, conf: _Section, mode: str
+) -> tuple[tuple[str, ...], tuple[str, ...], str | None, int]:
+    """The teachers ``section`` (``[conf]`` or a ``[teacher NAME]``) names: fixed mode, its
+    ``servers``; discover mode, the discovery servers (its ``host``, else ``[conf] host``), its
+    ``service_name`` and ``require_num``."""
+    if mode == "fixed":
+        if section is not conf:
+            _refuse_keys(section, ("service_name", "require_num", "host", "port"), "discover")
+        entries = section.str_list("servers")
+        if not entries:
+            raise ConfigError(
+                f"{section.where('servers')}: the list is empty; fixed mode needs at least one 'host:port'"
+            )
+        return tuple(parse_endpoint(s, section.where("servers")) for s in entries), (), None, 0
+    if section is not conf:
+        _refuse_keys(section, ("servers",), "fixed")
+    discovery = _discovery_endpoints(section if section.has("host") else conf)
+    service_name = section.string("service_name")
+    require_num = section.integer("require_num")
+    if require_num < 1:
+        raise ConfigError(f"{section.where('require_num')}: must be >= 1, got {require_num}")
+    return (), discovery, service_name, require_num
+
+
+def _refuse_keys(section: _Section, keys: Sequence[str], mode: str) -> None:
+    for key in keys:
+        if section.has(key):
+            raise ConfigError(f"{section.where(key)}: for mode = {mode}; this config's [conf] mode is not {mode}")
+
+
+def _predict_ids(section: _Section, feeds: Sequence[TensorSpec]) -> tuple[int, ...]:
+    """``predict_feed_ids`` of ``section``: indices into ``[feed] feed_vars``."""
+    where = section.where("predict_feed_ids")
+    ids = section.literal("predict_feed_ids")
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise ConfigError(f"{where}: expected a non-empty list of indices, got {ids!r}")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(feeds):
+            raise ConfigError(
+                f"{where}: {i!r} is out of range; feed_vars has {len(feeds)} entries (valid ids 0..{len(feeds) - 1})"
+            )
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{where}: duplicate ids in {list(ids)}")
+    return tuple(ids)
+
+
+def _groups(
+    sections: Sequence[_Section],
+    conf: _Section,
+    mode: str,
+    feeds: Sequence[TensorSpec],
+    fetches: Sequence[TensorSpec],
+    default_ids: tuple[int, ...],
+    default_model: str,
+    default_protocol: str,
+    shared_memory: str,
+) -> tuple[TeacherGroup, ...]:
+    """The ``[teacher NAME]`` sections; every fetch var is then ``NAME.OUTPUT`` of one of them."""
+    if not sections:
+        return ()
+    names = []
+    for section in sections:
+        name = section.name[len("teacher ") :].strip()
+        if not GROUP_NAME.fullmatch(name):
+            raise ConfigError(
+                f"[{section.name}]: a teacher group's name is a letter or '_' then letters, digits, '_' or '-' "
+                f"(no '.': its fetch vars are named NAME.OUTPUT), got {name!r}"
+            )
+        names.append(name)
+    fetch_ids: dict[str, list[int]] = {name: [] for name in names}
+    for j, spec in enumerate(fetches):
+        group, dot, output = spec.name.partition(".")
+        if not dot or group not in fetch_ids or not output:
+            raise ConfigError(
+                f"[fetch] fetch_vars: {spec.name!r} names no teacher group; with [teacher NAME] sections every "
+                f"fetch var is NAME.OUTPUT (its group, then its model's output), groups: {', '.join(names)}"
+            )
+        fetch_ids[group].append(j)
+    groups = []
+    for name, section in zip(names, sections):
+        if not fetch_ids[name]:
+            raise ConfigError(
+                f"[{section.name}]: no fetch var is this group's; name its outputs in [fetch] fetch_vars as "
+                f"'{name}.OUTPUT'"
+            )
+        servers, discovery, service_name, require_num = _teacher_set(section, conf, mode)
+        if section.has("predict_feed_ids"):
+            ids = _predict_ids(section, feeds)
+        elif default_ids:
+            ids = default_ids
+        else:
+            raise ConfigError(
+                f"{section.where('predict_feed_ids')}: missing key (and [feed] has no predict_feed_ids for "
+                "the groups without their own)"
+            )
+        groups.append(
+            TeacherGroup(
+                name=name,
+                servers=servers,
+                discovery=discovery,
+                service_name=service_name,
+                require_num=require_num,
+                model_name=section.string("model_name") if section.has("model_name") else default_model,
+                protocol=_protocol(section, shared_memory, default_protocol),
+                predict_feed_ids=ids,
+                fetch_ids=tuple(fetch_ids[name]),
+            )
+        )
+    return tuple(groups)
+
+
+def _protocol(section: _Section, shared_memory: str, default: str) -> str:
+    """``protocol`` of ``[conf]`` or a group (``default`` when it has none); ``openai`` has no
+    shared memory to turn on."""
+    protocol = section.string("protocol") if section.has("protocol") else default
     if protocol not in PROTOCOLS:
-        raise ConfigError(f"[conf] protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"{section.where('protocol')}: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     if protocol == "openai" and shared_memory == "on":
-        raise ConfigError("[conf] shared_memory = on: an OpenAI-compatible teacher (protocol = openai) has none")
+        where = "" if section.name == "conf" else f" ([{section.name}])"
+        raise ConfigError(
+            f"[conf] shared_memory = on: an OpenAI-compatible teacher (protocol = openai{where}) has none"
+        )
     return protocol
 
 
-def _store(parser: configparser.ConfigParser, config_path: Path, feeds: Sequence[TensorSpec]) -> StoreConfig | None:
+def _store(
+    parser: configparser.ConfigParser,
+    config_path: Path,
+    feeds: Sequence[TensorSpec],
+    teacher_groups: Sequence[TeacherGroup] = (),
+) -> StoreConfig | None:
     """The optional ``[store]`` section."""
     if not parser.has_section("store"):
         return None
@@ -408,11 +622,46 @@ def _store(parser: configparser.ConfigParser, config_path: Path, feeds: Sequence
         raise ConfigError(
             f"[store] precision: unknown precision {precision!r}; expected one of {', '.join(STORE_PRECISIONS)}"
         )
-    return StoreConfig(folder if folder.is_absolute() else config_path.parent / folder, policy, key_var, precision)
+    groups = _stored_groups(section, feeds, teacher_groups)
+    return StoreConfig(
+        folder if folder.is_absolute() else config_path.parent / folder, policy, key_var, precision, groups
+    )
+
+
+def _stored_groups(
+    section: _Section, feeds: Sequence[TensorSpec], teacher_groups: Sequence[TeacherGroup]
+) -> tuple[str, ...] | None:
+    """``[store] groups``: the teacher groups whose outputs the store keeps (None: every one)."""
+    names = [g.name for g in teacher_groups]
+    if section.has("groups"):
+        if not teacher_groups:
+            raise ConfigError("[store] groups: this config has no teacher groups ([teacher NAME] sections)")
+        wanted = section.str_list("groups")
+        if not wanted:
+            raise ConfigError(f"[store] groups: the list is empty; name some of the groups {', '.join(names)}")
+        for name in wanted:
+            if name not in names:
+                raise ConfigError(f"[store] groups: {name!r} is not a teacher group; the groups are {', '.join(names)}")
+        kept = [g for g in teacher_groups if g.name in wanted]
+    else:
+        kept = list(teacher_groups)
+    # The store keeps one length per row for its variable outputs: they must all take it from one var.
+    sources = {next((i for i in g.predict_feed_ids if feeds[i].variable), None) for g in kept}
+    if len(sources - {None}) > 1:
+        raise ConfigError(
+            "[store]: the stored groups' teachers take their first variable-length input from different feed "
+            f"vars ({', '.join(sorted(feeds[i].name for i in sources - {None}))}); keep them in separate stores "
+            "([store] groups) or give them the same first variable input"
+        )
+    return tuple(wanted) if section.has("groups") else None
 
 
 def _max_length(
-    conf: _Section, feeds: tuple[TensorSpec, ...], fetches: tuple[TensorSpec, ...], ids: Sequence[int]
+    conf: _Section,
+    feeds: tuple[TensorSpec, ...],
+    fetches: tuple[TensorSpec, ...],
+    ids: Sequence[int],
+    groups: Sequence[TeacherGroup] = (),
 ) -> int | None:
     """``[conf] max_length``, required when a var has a variable dimension; checks how such vars fit."""
     variable = [spec for spec in (*feeds, *fetches) if spec.variable]
@@ -427,12 +676,15 @@ def _max_length(
     max_length = conf.integer("max_length")
     if max_length < 1:
         raise ConfigError(f"[conf] max_length: must be >= 1, got {max_length}")
-    if any(spec.variable for spec in fetches) and not any(feeds[i].variable for i in ids):
-        name = next(spec.name for spec in fetches if spec.variable)
-        raise ConfigError(
-            f"[fetch] var {name!r} has a variable dimension, but no var in [feed] predict_feed_ids has one: "
-            "a fetch var's variable dimension takes the length of the first variable feed var the teacher gets"
-        )
+    for where, group_fetches, group_ids in [
+        (f"[teacher {g.name}]", [fetches[j] for j in g.fetch_ids], g.predict_feed_ids) for g in groups
+    ] or [("[feed]", list(fetches), ids)]:
+        if any(spec.variable for spec in group_fetches) and not any(feeds[i].variable for i in group_ids):
+            name = next(spec.name for spec in group_fetches if spec.variable)
+            raise ConfigError(
+                f"[fetch] var {name!r} has a variable dimension, but no var in {where} predict_feed_ids has one: "
+                "a fetch var's variable dimension takes the length of the first variable feed var the teacher gets"
+            )
     names = {spec.name for spec in feeds}
     for spec in feeds:
         if spec.variable and f"{spec.name}_length" in names:
@@ -503,22 +755,25 @@ def _nearest(word: str, choices: Iterable[str]) -> str | None:
 def _refuse_unknown(parser: configparser.ConfigParser) -> None:
     """ConfigError for a section or key that :data:`KNOWN_KEYS` does not list, naming the nearest known one."""
     for section in parser.sections():
-        if section not in KNOWN_KEYS:
+        kind = "teacher" if section.startswith("teacher ") else section
+        if section == "teacher":
+            raise ConfigError("[teacher]: a teacher group needs a name, [teacher NAME] (docs/groups.md)")
+        if kind not in KNOWN_KEYS:
             nearest = _nearest(section, KNOWN_KEYS)
             hint = f"did you mean [{nearest}]? " if nearest else ""
-            known = ", ".join(f"[{s}]" for s in KNOWN_KEYS)
+            known = ", ".join("[teacher NAME]" if s == "teacher" else f"[{s}]" for s in KNOWN_KEYS)
             raise ConfigError(f"[{section}]: unknown section; {hint}known sections are {known}")
         for key in parser[section]:
-            if key in KNOWN_KEYS[section]:
+            if key in KNOWN_KEYS[kind]:
                 continue
             home = next((s for s, keys in KNOWN_KEYS.items() if key in keys), None)
-            nearest = _nearest(key, KNOWN_KEYS[section])
+            nearest = _nearest(key, KNOWN_KEYS[kind])
             if home:
-                hint = f"it belongs in [{home}]"
+                hint = f"it belongs in [{'teacher NAME' if home == 'teacher' else home}]"
             elif nearest:
                 hint = f"did you mean {nearest}?"
             else:
-                hint = f"known keys of [{section}] are {', '.join(KNOWN_KEYS[section])}"
+                hint = f"known keys of [{section}] are {', '.join(KNOWN_KEYS[kind])}"
             raise ConfigError(f"[{section}] {key}: unknown key; {hint}")
 
 
@@ -528,19 +783,19 @@ def _conf_path(conf: _Section, key: str, config_path: Path) -> Path:
     return value if value.is_absolute() else config_path.parent / value
 
 
-def _discovery_endpoints(conf: _Section) -> tuple[str, ...]:
+def _discovery_endpoints(section: _Section) -> tuple[str, ...]:
     """`host` may be one host (with `port`) or a comma-separated list of `host:port`."""
-    hosts = [h.strip() for h in conf.string("host").split(",") if h.strip()]
+    hosts = [h.strip() for h in section.string("host").split(",") if h.strip()]
     if not hosts:
-        raise ConfigError("[conf] host: empty")
-    port = conf.integer("port") if conf.has("port") else None
+        raise ConfigError(f"{section.where('host')}: empty")
+    port = section.integer("port") if section.has("port") else None
     endpoints = []
     for host in hosts:
         if ":" not in host or host.endswith("]"):
             if port is None:
-                raise ConfigError(f"[conf] port: missing key (needed for host {host!r} without a port)")
+                raise ConfigError(f"{section.where('port')}: missing key (needed for host {host!r} without a port)")
             host = f"{host}:{port}"
-        endpoints.append(parse_endpoint(host, "[conf] host"))
+        endpoints.append(parse_endpoint(host, section.where("host")))
     return tuple(endpoints)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 try:
     import torch
@@ -191,6 +191,70 @@ def topk_kl_loss(
     if reduction == "sum":
         return total
     return total / real.sum().clamp(min=1)
+
+
+def multi_teacher_loss(
+    student_logits: torch.Tensor,
+    teachers: Mapping[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    weights: Mapping[str, float] | None = None,
+    lengths: torch.Tensor | None = None,
+    *,
+    reverse: bool = False,
+    values: str = "logprobs",
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The weighted sum of one KL per teacher, for teacher groups (``[teacher NAME]``, docs/groups.md).
+
+    ``teachers`` maps a teacher's name (its group, say) to what it sent: a pair ``(topk_values,
+    topk_indices)`` (its top-k at each position, as for :func:`topk_kl_loss`), or one tensor of
+    shape ``student_logits.shape`` (its whole distribution, e.g. a classifier's 10 outputs).
+    ``weights`` maps the same names to a weight >= 0 each (``None``: ``1 / len(teachers)`` each,
+    the mean); the result is ``sum(weights[t] * KL_t)``. Every other argument is
+    :func:`topk_kl_loss`'s and applies to each teacher (``values="logits"``: a whole distribution is
+    compared renormalized, which is exact when it covers the vocabulary).
+    """
+    if not teachers:
+        raise ConfigError("multi_teacher_loss: teachers is empty; give each teacher's outputs by name")
+    if weights is None:
+        weights = {name: 1.0 / len(teachers) for name in teachers}
+    if set(weights) != set(teachers):
+        missing, extra = sorted(set(teachers) - set(weights)), sorted(set(weights) - set(teachers))
+        raise ConfigError(
+            f"multi_teacher_loss: weights must name the teachers {sorted(teachers)}; missing {missing}, unknown {extra}"
+        )
+    total: torch.Tensor | None = None
+    for name, outputs in teachers.items():
+        weight = weights[name]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ConfigError(f"multi_teacher_loss: weights[{name!r}] must be a number >= 0, got {weight!r}")
+        if isinstance(outputs, torch.Tensor):  # the whole distribution: its top-k is all of it
+            if outputs.shape != student_logits.shape:
+                raise ConfigError(
+                    f"multi_teacher_loss: teachers[{name!r}] has shape {tuple(outputs.shape)}, the student's logits "
+                    f"{tuple(student_logits.shape)}; pass a (topk_values, topk_indices) pair for a top-k teacher"
+                )
+            vocab = student_logits.shape[-1]
+            indices = torch.arange(vocab, device=outputs.device).expand(outputs.shape)
+            outputs, teacher_tail = (outputs, indices), ("renormalize" if values == "logits" else tail)
+        else:
+            teacher_tail = tail
+        topk_values, topk_indices = outputs
+        kl = topk_kl_loss(
+            student_logits,
+            topk_values,
+            topk_indices,
+            lengths,
+            reverse=reverse,
+            values=values,
+            temperature=temperature,
+            tail=teacher_tail,
+            reduction=reduction,
+        )
+        total = weight * kl if total is None else total + weight * kl
+    assert total is not None
+    return total
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor, reverse: bool) -> torch.Tensor:

@@ -75,7 +75,8 @@ def manifest_of(config: ReaderConfig, precision: str | None = None) -> dict[str,
         "format": FORMAT,
         "version": VERSION if precision == "exact" else COMPACT_VERSION,
         "key": f"var {store.key_var}" if store.key_var else "position",
-        "teacher_model": config.model_name,
+        # with teacher groups, each group's model (its outputs are named after the group)
+        "teacher_model": {g.name: g.model_name for g in config.groups} if config.groups else config.model_name,
         "inputs": [_describe(spec) for spec in config.predict_feeds],
         "outputs": [_describe(spec) for spec in config.fetches],
     }

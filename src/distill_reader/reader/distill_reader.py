@@ -104,7 +104,8 @@ class DistillReader(ReaderSource):
         if self.config.store is not None:
             from distill_reader.knowledge.layout import open_store
 
-            open_store(self.config)  # a store of another config is refused here, before any epoch
+            # A store of another config is refused here, before any epoch ([store] groups: only theirs).
+            open_store(self.config.stored_view()[0])
         self.batch_size = int(batch_size)
         self.d_batch_size = int(d_batch_size)
         self.capacity = int(capacity)
@@ -192,7 +193,7 @@ class DistillReader(ReaderSource):
             holder.close()
         if holder.pipeline is None:
             holder.pipeline = Pipeline(self.config, self._layout, self.d_batch_size, self._options, self._stats)
-        if holder.reporter is None and self.config.student_id is not None:
+        if not holder.reporters and self.config.student_id is not None:
             holder.start_reporter(self.config, self._stats)
         return holder.pipeline
 
@@ -259,34 +260,47 @@ class _PipelineHolder:
     """The reader's pipeline, reachable from its finalizer without keeping the reader alive."""
 
     pipeline: Pipeline | None = None
-    reporter = None  # a StudentReporter while the reader reports to discovery
+    reporters: list | None = None  # StudentReporters while the reader reports to discovery
     instance_id = ""  # the reader's, in its reports: its counts go on across reporters
 
     def start_reporter(self, config: ReaderConfig, stats: StatsTracker) -> None:
-        """Report the reader's figures to discovery (its own servers, or ``[conf] report_to``)."""
+        """Report the reader's figures to discovery (its own servers, or ``[conf] report_to``): in
+        discover mode with teacher groups, once to each group's service, with that group's teachers
+        (the fleet view shows the student under each service)."""
         from distill_reader.discovery.client import StudentReporter
         from distill_reader.security import ClientSecurity
 
-        def sample() -> ReaderStats:
+        def sample(group: str | None = None) -> ReaderStats:
             pipeline = self.pipeline
             if pipeline is not None:
                 pipeline.request_stats(wait=0.5)
-            return stats.snapshot()
+            snapshot = stats.snapshot()
+            if group is None:
+                return snapshot
+            return dataclasses.replace(snapshot, teachers=tuple(t for t in snapshot.teachers if t.group == group))
 
         assert config.student_id is not None
         self.instance_id = self.instance_id or uuid.uuid4().hex
-        self.reporter = StudentReporter(
-            list(config.discovery or config.report_to),
-            config.service_name if config.mode == "discover" else None,
-            config.student_id,
-            sample,
-            security=ClientSecurity(config.token, config.tls),
-            instance_id=self.instance_id,
-        ).start()
+        if config.mode == "discover" and config.groups:
+            targets = [(g.name, list(g.discovery), g.service_name) for g in config.groups]
+        else:
+            service = config.service_name if config.mode == "discover" else None
+            targets = [(None, list(config.discovery or config.report_to), service)]
+        self.reporters = [
+            StudentReporter(
+                endpoints,
+                service_name,
+                config.student_id,
+                functools.partial(sample, group),
+                security=ClientSecurity(config.token, config.tls),
+                instance_id=self.instance_id,
+            ).start()
+            for group, endpoints, service_name in targets
+        ]
 
     def stop_reporter(self) -> None:
-        reporter, self.reporter = self.reporter, None
-        if reporter is not None:
+        reporters, self.reporters = self.reporters, None
+        for reporter in reporters or ():
             reporter.close()
 
     def close(self) -> None:

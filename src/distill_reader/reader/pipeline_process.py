@@ -50,6 +50,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -90,6 +92,7 @@ from distill_reader.reader.grouping import group_by_length
 from distill_reader.reader.pool import PoolLayout, SharedBuffer
 from distill_reader.teacher.factory import transport_factory
 from distill_reader.teacher.scheduler import Scheduler, SchedulerOptions, TeacherRef, WorkItem, spawn
+from distill_reader.teacher.stats import TeacherStats
 
 if TYPE_CHECKING:
     from distill_reader.knowledge.session import KnowledgeSession
@@ -220,6 +223,31 @@ class _ForwardingHandler(logging.Handler):
             self.handleError(record)
 
 
+@dataclass
+class _Group:
+    """A teacher group's (the one teacher set of a config without groups) scheduler and the views
+    of the pool it reads and writes: its model's inputs, its fetch vars and its inputs' lengths."""
+
+    name: str | None
+    config: ReaderConfig  # what its teachers are asked with (see ReaderConfig.group_views)
+    feed_arrays: list[list[np.ndarray]]  # [slot][its predict var]
+    fetch_arrays: list[list[np.ndarray]]  # [slot][its fetch var]
+    length_arrays: list[list[np.ndarray]]  # [slot][its variable predict var]
+    scheduler: Scheduler | None = None
+
+    def named(self, message: str) -> str:
+        return message if self.name is None else f"[teacher {self.name}] {message}"
+
+
+@dataclass
+class _Join:
+    """A d_batch sent to every group: done once each group answered it."""
+
+    item: WorkItem
+    waiting: int  # groups yet to answer
+    record: bool = True  # the knowledge store records the rows once done (not rows it gave itself)
+
+
 class _PipelineProcess:
     def __init__(self, spec: PipelineSpec, inbox: Receiver, outbox: _Outbox) -> None:
         self.spec = spec
@@ -238,11 +266,24 @@ class _PipelineProcess:
         config, layout = spec.config, spec.layout
         n_feeds, n_vars = len(config.feeds), len(config.feeds) + len(config.fetches)
         slots = [layout.slot_arrays(self.buffer.mmap, s) for s in range(layout.capacity)]
-        self.feed_arrays = [[arrays[i] for i in config.predict_feed_ids] for arrays in slots]
-        self.fetch_arrays = [arrays[n_feeds:n_vars] for arrays in slots]
-        # The row lengths of the variable vars the teacher gets (the first one's group the rows).
-        lengths = [n_vars + config.variable_feeds.index(i) for i in config.predict_feed_ids if config.feeds[i].variable]
-        self.length_arrays = [[arrays[k] for k in lengths] for arrays in slots]
+
+        def length_indices(ids: tuple[int, ...]) -> list[int]:
+            return [n_vars + config.variable_feeds.index(i) for i in ids if config.feeds[i].variable]
+
+        # The row lengths of the variable vars any teacher gets (the first one's group the rows).
+        self.length_arrays = [[arrays[k] for k in length_indices(config.predict_feed_ids)] for arrays in slots]
+        #: one per teacher group; every d_batch goes to a teacher of each (see _submit)
+        self.groups = [
+            _Group(
+                name,
+                view,
+                [[arrays[i] for i in view.predict_feed_ids] for arrays in slots],
+                [[arrays[n_feeds + j] for j in fetch_ids] for arrays in slots],
+                [[arrays[k] for k in length_indices(view.predict_feed_ids)] for arrays in slots],
+            )
+            for name, view, fetch_ids in config.group_views()
+        ]
+        self._joins: dict[int, _Join] = {}  # id of a group's WorkItem -> the d_batch it is part of
         self.d_batch_size = spec.d_batch_size
         self.done_rows = [0] * layout.capacity
         self.sealed_rows: list[int | None] = [None] * layout.capacity
@@ -251,10 +292,23 @@ class _PipelineProcess:
         # [store]: rows looked up at the seal (read, cache), teachers' answers recorded (write, cache).
         self.knowledge: KnowledgeSession | None = None
         self._store_reads: set[asyncio.Task] = set()  # tasks waiting for store reads (off the loop)
+        #: the groups whose outputs always come from their teachers: with [store] groups, those it does
+        #: not keep (asked live also for the rows the store has)
+        self.live_groups = self.groups
         if config.store is not None:
             from distill_reader.knowledge.session import KnowledgeSession  # pyarrow: only when used
 
-            self.knowledge = KnowledgeSession(config, slots, layout.batch_size)
+            stored, kept = config.stored_view()
+            self.live_groups = [group for group in self.groups if group.name not in (config.store.groups or ())]
+            if config.store.groups is None:
+                self.live_groups = []
+            # The session sees the slots as its config lays them out: feeds, kept fetches, lengths.
+            n_lengths = len(config.variable_feeds)
+            stored_slots = [
+                [*arrays[:n_feeds], *(arrays[n_feeds + j] for j in kept), *arrays[n_vars : n_vars + n_lengths]]
+                for arrays in slots
+            ]
+            self.knowledge = KnowledgeSession(stored, stored_slots, layout.batch_size)
 
     def send(self, message: Message) -> None:
         """Send a channel message: queued on the outbox, never waits for the training process."""
@@ -268,35 +322,18 @@ class _PipelineProcess:
         self.stopped = asyncio.Event()
         self.outbox.on_gone = lambda: loop.call_soon_threadsafe(self.stopped.set)
         self.send(Ready())
-        options = self.spec.options
-        transports = transport_factory(
-            self.spec.config,
-            options.request_timeout,
-            options.check_finite,
-            self.buffer if self.buffer.fd >= 0 else None,  # no descriptor: shared_memory = off
-            rows=self.d_batch_size,
-            in_flight=options.max_in_flight,
-        )
-        self.scheduler = Scheduler(
-            self.spec.config,
-            self.feed_arrays,
-            self.fetch_arrays,
-            self.spec.options,
-            on_done=self._on_done,
-            on_error=lambda epoch, exc: self.send(EpochError(epoch, exc)),
-            on_warning=lambda message: log.warning("%s", message),
-            length_arrays=self.length_arrays if self.length_arrays[0] else (),
-            transports=transports,
-        )
+        for group in self.groups:
+            group.scheduler = self._scheduler(group)
         loop.set_exception_handler(self._on_loop_error)
         tasks = [spawn(self._watch_parent())]
         config = self.spec.config
-        if config.store is not None and config.store.policy == "read":
-            pass  # never contacts a teacher (nor discovery): every row comes from the store
-        elif config.mode == "fixed":
-            self.scheduler.set_teachers([TeacherRef(endpoint) for endpoint in config.servers])
-        else:
-            tasks.append(spawn(self._follow_discovery()))
+        for group in self.groups:
+            if config.store is not None and config.store.policy == "read" and group not in self.live_groups:
+                pass  # never contacts a teacher (nor discovery): every row comes from the store
+            elif config.mode == "fixed":
+                self._scheduler_of(group).set_teachers([TeacherRef(endpoint) for endpoint in group.config.servers])
+            else:
+                tasks.append(spawn(self._follow_discovery(group)))
         if self.knowledge is not None:
             tasks.append(spawn(self._tick_knowledge()))
         loop.add_reader(self.inbox.fileno(), self._on_readable)
@@ -307,9 +344,70 @@ class _PipelineProcess:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.scheduler.close()
+            await asyncio.gather(*(self._scheduler_of(group).close() for group in self.groups))
             if self.knowledge is not None:
                 self.knowledge.close()  # writes what was recorded
+
+    def _scheduler(self, group: _Group) -> Scheduler:
+        """The group's scheduler, with the transports of its teachers (its protocol, its model's
+        inputs and outputs); its answers, errors and warnings name the group."""
+        options = self.spec.options
+        transports = transport_factory(
+            group.config,
+            options.request_timeout,
+            options.check_finite,
+            self.buffer if self.buffer.fd >= 0 else None,  # no descriptor: shared_memory = off
+            rows=self.d_batch_size,
+            in_flight=options.max_in_flight,
+        )
+        return Scheduler(
+            group.config,
+            group.feed_arrays,
+            group.fetch_arrays,
+            self.spec.options,
+            on_done=self._on_group_done,
+            on_error=lambda epoch, exc: self._on_group_error(group, epoch, exc),
+            on_warning=lambda message: log.warning("%s", group.named(message)),
+            length_arrays=group.length_arrays if group.length_arrays[0] else (),
+            transports=transports,
+        )
+
+    @staticmethod
+    def _scheduler_of(group: _Group) -> Scheduler:
+        assert group.scheduler is not None  # made as the event loop starts (run)
+        return group.scheduler
+
+    def _submit(self, item: WorkItem, groups: list[_Group] | None = None) -> None:
+        """Send a d_batch to a teacher of every group (of ``groups``: the live groups, for rows the
+        knowledge store gave the others); done (``_on_done``) once each answered."""
+        record = groups is None
+        groups = self.groups if groups is None else groups
+        if len(groups) == 1:
+            self._joins[id(item)] = _Join(item, 1, record)
+            self._scheduler_of(groups[0]).submit(item)
+            return
+        join = _Join(item, len(groups), record)
+        for group in groups:
+            # Its own copy: attempts and the teachers that failed it are the group's.
+            part = dataclasses.replace(item, attempts=0, failed_on=set())
+            self._joins[id(part)] = join
+            self._scheduler_of(group).submit(part)
+
+    def _on_group_done(self, part: WorkItem) -> None:
+        join = self._joins.pop(id(part), None)
+        if join is None:
+            return  # its epoch was cancelled meanwhile
+        join.waiting -= 1
+        if join.waiting == 0:
+            self._on_done(join.item, join.record)
+
+    def _on_group_error(self, group: _Group, epoch: int, exc: Exception) -> None:
+        """The epoch failed in ``group``: the error names it (the training loop raises the first
+        error of an epoch, whichever group's)."""
+        if group.name is not None:
+            with contextlib.suppress(TypeError):  # an error not made from its message alone: sent as it is
+                exc = type(exc)(group.named(str(exc)))
+        self.send(EpochError(epoch, exc))
 
     async def _watch_parent(self) -> None:
         while os.getppid() == self.spec.parent_pid:
@@ -323,11 +421,14 @@ class _PipelineProcess:
             await asyncio.sleep(0.25)
             self.knowledge.tick()
 
-    async def _follow_discovery(self) -> None:
+    async def _follow_discovery(self, group: _Group) -> None:
+        """Register with the group's service (once per group: the same student id in each) and use
+        the teachers discovery assigns."""
         from distill_reader.discovery.client import StudentSession
         from distill_reader.security import ClientSecurity
 
-        config = self.spec.config
+        config = group.config
+        scheduler = self._scheduler_of(group)
         try:
             session = StudentSession(
                 list(config.discovery),
@@ -336,11 +437,14 @@ class _PipelineProcess:
                 config.student_id,  # the id the training process reports under
                 security=ClientSecurity(config.token, config.tls),
             )
-            self.scheduler.describe_source = session.describe
+            scheduler.describe_source = session.describe
             try:
                 async for teachers in session.assignments():
-                    log.info("discovery assigned %d teacher(s): %s", len(teachers), [t.endpoint for t in teachers])
-                    self.scheduler.set_teachers(
+                    log.info(
+                        "%s",
+                        group.named(f"discovery assigned {len(teachers)} teacher(s): {[t.endpoint for t in teachers]}"),
+                    )
+                    scheduler.set_teachers(
                         [
                             TeacherRef(t.endpoint, t.model_name or None, t.registration, t.protocol or None)
                             for t in teachers
@@ -382,7 +486,7 @@ class _PipelineProcess:
             return
         if self.slot_started[slot] is None:
             self.slot_started[slot] = time.perf_counter()
-        self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
+        self._submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=count))
 
     def _on_seal(self, message: Seal) -> None:
         epoch, slot, rows, sequence = message
@@ -395,7 +499,7 @@ class _PipelineProcess:
             if self.slot_started[slot] is None:
                 self.slot_started[slot] = time.perf_counter()
             for start, group in enumerate(group_by_length(self.length_arrays[slot][0][:rows], self.d_batch_size)):
-                self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(group), rows=group))
+                self._submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(group), rows=group))
         self.sealed_rows[slot] = rows
         self._check_slot(epoch, slot)
 
@@ -416,12 +520,13 @@ class _PipelineProcess:
         if reading is None:
             self._check_slot(epoch, slot)
             return
-        task = spawn(self._read_from_store(epoch, slot, sequence, rows - len(missing), start, reading))
+        found = np.setdiff1d(np.arange(rows), missing)
+        task = spawn(self._read_from_store(epoch, slot, sequence, found, start, reading))
         self._store_reads.add(task)
         task.add_done_callback(self._store_reads.discard)
 
     async def _read_from_store(
-        self, epoch: int, slot: int, sequence: int, found: int, start: int, reading: concurrent.futures.Future
+        self, epoch: int, slot: int, sequence: int, found: np.ndarray, start: int, reading: concurrent.futures.Future
     ) -> None:
         try:
             again = await asyncio.wrap_future(reading)
@@ -431,30 +536,43 @@ class _PipelineProcess:
             return
         if epoch <= self.cancelled_upto:
             return
-        self.done_rows[slot] += found - len(again)
-        self._ask_teachers(epoch, slot, sequence, again, start)
+        start = self._ask_teachers(epoch, slot, sequence, again, start)
+        if self.live_groups:  # the groups the store does not keep are asked for the rows it gave
+            self._ask_teachers(epoch, slot, sequence, np.setdiff1d(found, again), start, self.live_groups)
+        else:
+            self.done_rows[slot] += len(found) - len(again)
         self._check_slot(epoch, slot)
 
-    def _ask_teachers(self, epoch: int, slot: int, sequence: int, rows: np.ndarray, start: int) -> int:
-        """Submit ``rows`` of ``slot`` in d_batches numbered from ``start``; the next number."""
+    def _ask_teachers(
+        self, epoch: int, slot: int, sequence: int, rows: np.ndarray, start: int, groups: list[_Group] | None = None
+    ) -> int:
+        """Submit ``rows`` of ``slot`` in d_batches numbered from ``start`` (to ``groups``, default
+        all, see :meth:`_submit`); the next number."""
         size = self.d_batch_size
         if self.length_arrays[slot] and self.spec.options.group_by_length:
-            groups = [rows[g] for g in group_by_length(self.length_arrays[slot][0][rows], size)]
+            batches = [rows[g] for g in group_by_length(self.length_arrays[slot][0][rows], size)]
         else:
-            groups = [rows[i : i + size] for i in range(0, len(rows), size)]
-        for group in groups:
-            self.scheduler.submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(group), rows=group))
+            batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+        for batch in batches:
+            self._submit(WorkItem(sequence, start, epoch=epoch, slot=slot, count=len(batch), rows=batch), groups)
             start += 1
         return start
 
     def _on_stats_request(self, message: StatsRequest) -> None:
         hits = self.knowledge.from_store if self.knowledge is not None else 0
-        self.send(StatsReport(self.scheduler.stats(), self.scheduler.retries, hits))
+        teachers: list[TeacherStats] = []
+        for group in self.groups:
+            stats = self._scheduler_of(group).stats()
+            teachers += stats if group.name is None else [dataclasses.replace(t, group=group.name) for t in stats]
+        retries = sum(self._scheduler_of(group).retries for group in self.groups)
+        self.send(StatsReport(teachers, retries, hits))
 
     def _on_cancel(self, message: Cancel) -> None:
         epoch = message.epoch
         self.cancelled_upto = max(self.cancelled_upto, epoch)
-        self.scheduler.cancel(epoch)  # no teacher writes into the pool: the slots are free at once
+        for group in self.groups:  # no teacher writes into the pool: the slots are free at once
+            self._scheduler_of(group).cancel(epoch)
+        self._joins = {key: join for key, join in self._joins.items() if join.item.epoch > epoch}
         self.done_rows = [0] * len(self.done_rows)
         self.sealed_rows = [None] * len(self.sealed_rows)
         self.slot_started = [None] * len(self.slot_started)
@@ -477,8 +595,8 @@ class _PipelineProcess:
     def _on_stop(self, message: Stop) -> None:
         self.stopped.set()
 
-    def _on_done(self, item: WorkItem) -> None:
-        if self.knowledge is not None and self.knowledge.records:
+    def _on_done(self, item: WorkItem, record: bool = True) -> None:
+        if record and self.knowledge is not None and self.knowledge.records:
             rows = item.rows if item.rows is not None else np.arange(item.start, item.start + item.count)
             try:
                 self.knowledge.record(item.slot, rows, item.sequence)

@@ -236,7 +236,7 @@ def variable_cuts(config: ReaderConfig) -> tuple[VariableCut, ...]:
     cuts = []
     for index, spec in enumerate(specs):
         if spec.variable:
-            source = index if index < len(config.feeds) else config.length_source
+            source = index if index < len(config.feeds) else config.fetch_length_source(index - len(config.feeds))
             assert source is not None  # checked by the config: a variable fetch has a variable feed
             axes = tuple(1 + a for a, d in enumerate(spec.shape) if d == -1)
             cuts.append(VariableCut(index, axes, length_of[source]))

@@ -84,9 +84,17 @@ class ReaderStats:
     #: rows read from the knowledge store (``[store]``) in this reader's pipeline process
     store_hits: int = 0
 
+    @property
+    def groups(self) -> dict[str | None, tuple[TeacherStats, ...]]:
+        """``teachers`` by teacher group (``[teacher NAME]``; the key None without groups)."""
+        by_group: dict[str | None, tuple[TeacherStats, ...]] = {}
+        for teacher in self.teachers:
+            by_group[teacher.group] = (*by_group.get(teacher.group, ()), teacher)
+        return by_group
+
     def summary(self) -> str:
         teachers = ", ".join(
-            f"{t.endpoint} {'ok' if t.healthy else 'FAILING'} in-flight {t.in_flight} "
+            f"{t.name} {'ok' if t.healthy else 'FAILING'} in-flight {t.in_flight} "
             f"p50 {_ms(t.latency_ms_p50)} p99 {_ms(t.latency_ms_p99)}"
             for t in self.teachers
         )
@@ -230,12 +238,20 @@ class StatsTracker:
         """The loop waited for teachers and the feeder for slots: is the pool what limits?"""
         pool = self._pool
         assert pool is not None
-        n = len(self.teachers)
-        could_take = n * pool.max_in_flight
-        in_flight = sum(t.in_flight for t in self.teachers)
+        # Every d_batch is one request to each teacher group: the pool feeds each group as much
+        # as a reader of one group, so the group whose teachers take the most requests sizes it.
+        groups: dict[str | None, list[TeacherStats]] = {}
+        for teacher in self.teachers:
+            groups.setdefault(teacher.group, []).append(teacher)
         at_most = pool.slots_in_flight * pool.requests_per_slot
-        if n == 0 or at_most >= could_take or in_flight >= could_take:
+        starved = [
+            (len(members) * pool.max_in_flight, len(members))
+            for members in groups.values()
+            if at_most < len(members) * pool.max_in_flight > sum(t.in_flight for t in members)
+        ]
+        if not starved:
             return None  # the teachers are the bound: they have all the requests they take
+        could_take, n = max(starved)
         self.pool_limited = True
         self.suggested_capacity = pool.capacity_for(could_take)
         return (

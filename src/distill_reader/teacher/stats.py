@@ -24,6 +24,13 @@ class TeacherStats:
     quarantined: str | None = None
     #: rows it answered (and were used) since the reader took it
     rows: int = 0
+    #: its teacher group (``[teacher NAME]``); None in a config without groups
+    group: str | None = None
+
+    @property
+    def name(self) -> str:
+        """``group/endpoint`` with groups, else the endpoint."""
+        return self.endpoint if self.group is None else f"{self.group}/{self.endpoint}"
 
 
 class LatencyWindow:
