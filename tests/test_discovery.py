@@ -20,7 +20,7 @@ from distill_reader.discovery.client import StudentSession, fetch_status, keep_r
 from distill_reader.discovery.commands import discovery
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
-from distill_reader.discovery.server import DiscoveryServer, running_server
+from distill_reader.discovery.server import DiscoveryServer, running_discovery
 from distill_reader.discovery.service import status_dict
 from distill_reader.discovery.stores.base import StoreURL, parse_store_url
 from distill_reader.errors import DiscoveryError
@@ -269,7 +269,7 @@ def test_student_close_deregisters_and_no_discovery_keeps_set(caplog):
 
 
 def test_cli_status_json_table_and_http():
-    with running_server(http="127.0.0.1:0") as address:
+    with running_discovery(http="127.0.0.1:0") as address:
 
         async def setup():
             async with grpc.aio.insecure_channel(address) as ch:
