@@ -135,6 +135,12 @@ def test_bad_input_gets_clear_errors_and_server_keeps_serving():
     run(main())
 
 
+@pytest.mark.parametrize(("address", "named"), [({"listen": "nope"}, "--listen"), ({"http": "127.0.0.1"}, "--http")])
+def test_server_names_a_bad_address(address, named):
+    with pytest.raises(DiscoveryError, match=f"{named} must be HOST:PORT with a port in 0-65535"):
+        DiscoveryServer(**address)
+
+
 def test_client_argument_errors():
     with pytest.raises(DiscoveryError, match="require_num"):
         StudentSession(["127.0.0.1:1"], "svc", 0)
