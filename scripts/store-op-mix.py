@@ -16,12 +16,12 @@ import importlib.util
 import time
 import uuid
 
-from distill_reader.discovery.stores.base import open_store, parse_store_url
+from distill_reader.discovery.stores import open_discovery_store, parse_store_url
 
 
 def load_store(url: str, impl: str | None):
     if not impl:
-        return open_store(url)
+        return open_discovery_store(url)
     spec = importlib.util.spec_from_file_location("store_impl", impl)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -20,7 +20,7 @@ from distill_reader.discovery.client import StudentSession, fetch_status, keep_r
 from distill_reader.discovery.commands import discovery
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
-from distill_reader.discovery.server import DiscoveryServer, running_server
+from distill_reader.discovery.server import DiscoveryServer, running_discovery
 from distill_reader.discovery.service import status_dict
 from distill_reader.discovery.stores.base import StoreURL, parse_store_url
 from distill_reader.errors import DiscoveryError
@@ -133,6 +133,12 @@ def test_bad_input_gets_clear_errors_and_server_keeps_serving():
         await server.stop()
 
     run(main())
+
+
+@pytest.mark.parametrize(("address", "named"), [({"listen": "nope"}, "--listen"), ({"http": "127.0.0.1"}, "--http")])
+def test_server_names_a_bad_address(address, named):
+    with pytest.raises(DiscoveryError, match=f"{named} must be HOST:PORT with a port in 0-65535"):
+        DiscoveryServer(**address)
 
 
 def test_client_argument_errors():
@@ -269,7 +275,7 @@ def test_student_close_deregisters_and_no_discovery_keeps_set(caplog):
 
 
 def test_cli_status_json_table_and_http():
-    with running_server(http="127.0.0.1:0") as address:
+    with running_discovery(http="127.0.0.1:0") as address:
 
         async def setup():
             async with grpc.aio.insecure_channel(address) as ch:

@@ -179,7 +179,7 @@ def test_most_teachers_dying_at_once_are_removed_within_the_bound(server):
 def test_store_ends_a_lease_only_after_the_silence(kind, request, tmp_path_factory):
     """``expire_silent`` checks the silence by the store's own clock: a lease kept within it stays
     (it may be kept through another server), one silent for longer ends, a lease gone is "gone"."""
-    from distill_reader.discovery.stores import open_store
+    from distill_reader.discovery.stores import open_discovery_store
 
     url = "memory"
     proc = None
@@ -190,7 +190,7 @@ def test_store_ends_a_lease_only_after_the_silence(kind, request, tmp_path_facto
         url = proc.url
 
     async def main():
-        store = open_store(url)
+        store = open_discovery_store(url)
         await store.start()
         try:
             lease = await store.register("teacher", SERVICE, "10.0.0.1:8001", "i1", {}, 6.0)

@@ -19,7 +19,7 @@ from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.server import DiscoveryServer
 from distill_reader.discovery.service import status_dict
-from distill_reader.discovery.stores import AlreadyRegistered, open_store
+from distill_reader.discovery.stores import AlreadyRegistered, open_discovery_store
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -118,7 +118,7 @@ def test_group_join_leave_and_lapse(store):
 
     async def main():
         svc, ttl = service_name(), 2.0
-        a, b = open_store(store.url), open_store(store.url)
+        a, b = open_discovery_store(store.url), open_discovery_store(store.url)
         await a.start()
         await b.start()
         try:

@@ -36,7 +36,7 @@ from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import DistillReader, TeacherMismatchError
 from distill_reader.discovery.client import fetch_status
-from distill_reader.discovery.server import running_server
+from distill_reader.discovery.server import running_discovery
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -197,7 +197,7 @@ def keepalives(http: str) -> float:
 def test_discover_mode_through_teacher_register(server, digits_teacher, write_config, tmp_path):
     services = {"ext-tag": "tag", "ext-digits": "digits"}
     http = f"127.0.0.1:{free_port()}"
-    with running_server(http=http) as discovery:
+    with running_discovery(http=http) as discovery:
         registrations = [register(discovery, name, server.endpoint, model) for name, model in services.items()]
         try:
             expected = {name: [(server.endpoint, model, True)] for name, model in services.items()}

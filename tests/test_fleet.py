@@ -27,7 +27,7 @@ from distill_reader import (
     TeacherOutputError,
 )
 from distill_reader.bench.fleet import WrongTeacher
-from distill_reader.discovery.server import running_server
+from distill_reader.discovery.server import running_discovery
 from distill_reader.teacher.local import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -68,7 +68,7 @@ def http_server(closers: list[Callable[[], None]]) -> str:
 
 def discovery_server(closers: list[Callable[[], None]]) -> str:
     """A gRPC server that is not an OIP server: distill's own discovery service."""
-    context = running_server()
+    context = running_discovery()
     endpoint = context.__enter__()
     closers.append(lambda: context.__exit__(None, None, None))
     return endpoint
@@ -246,7 +246,7 @@ def test_no_discovery_server_is_a_no_teacher_error_then_recovers(teachers, write
         assert "no teacher answered for 3 s" in message and "no discovery server answered" in message
         assert all(f"{address}: UNAVAILABLE" in message for address in addresses), message
         assert any("no teacher answers" in r.getMessage() for r in caplog.records)
-        with running_server(addresses[1]) as discovery:
+        with running_discovery(addresses[1]) as discovery:
             endpoint = teachers.start("reader_models:tag", "--register", discovery, "--service-name", "fleet")
             # The teacher registers in the background once ready, and the student reconnects to
             # discovery after a back-off: wait until it has the teacher, or the epoch races that
@@ -256,7 +256,7 @@ def test_no_discovery_server_is_a_no_teacher_error_then_recovers(teachers, write
 
 
 def test_a_misconfigured_teacher_joining_a_service_breaks_no_student(teachers, write_config):
-    with running_server() as discovery:
+    with running_discovery() as discovery:
         register = ("--register", discovery, "--service-name", "fleet")
         good = teachers.start("reader_models:tag", *register)
         with reader(discover_config(write_config, discovery, require_num=2)) as dr:

@@ -19,7 +19,7 @@ from distill_reader import ConfigError, DistillReader, SampleError
 from distill_reader.config import load_config
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
-from distill_reader.discovery.server import running_server
+from distill_reader.discovery.server import running_discovery
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -290,7 +290,7 @@ def test_malformed_infer_requests_get_a_clear_error(tag_teachers, request):
 
 @pytest.fixture(scope="module")
 def discovery():
-    with running_server() as address:
+    with running_discovery() as address:
         yield address
 
 

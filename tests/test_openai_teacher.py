@@ -529,10 +529,10 @@ def test_discover_mode_uses_the_protocol_a_teacher_registered(vllm: Vllm, tmp_pa
     """``distill teacher register --protocol openai`` puts vLLM in a discovery service; a student
     whose config says nothing of protocols (``oip`` by default) reaches it over the OpenAI API,
     with the registered model name, and gets transformers' top-k."""
-    from distill_reader.discovery.server import running_server
+    from distill_reader.discovery.server import running_discovery
 
     (tmp_path / "token").write_text(API_KEY)
-    with running_server() as discovery:
+    with running_discovery() as discovery:
         command = [sys.executable, "-m", "distill_reader", "teacher", "register", "--discovery", discovery]
         command += ["--service-name", "llm", "--endpoint", vllm.endpoint, "--model-name", MODEL]
         register = subprocess.Popen([*command, "--protocol", "openai"], stderr=subprocess.PIPE)

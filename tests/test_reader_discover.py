@@ -10,7 +10,7 @@ from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import DistillReader
 from distill_reader.discovery.client import fetch_status
-from distill_reader.discovery.server import running_server
+from distill_reader.discovery.server import running_discovery
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,7 +42,7 @@ def wait_for_assignment(discovery: str, expected: list[list[str]], timeout: floa
 
 
 def test_discover_mode_follows_teacher_changes_without_losing_a_sample(write_config, teachers):
-    with running_server() as discovery:
+    with running_discovery() as discovery:
         first = teachers.start("reader_models:slow_tag", "--register", discovery, "--service-name", "tagger")
         config = discover_config(write_config, discovery, require_num=2)
         dr = DistillReader(config, 16, 4, capacity=6, occupied_capacity=1, copy=True, teacher_timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -20,7 +21,9 @@ from serving_models import B, Recorder, W, affine, build_affine_onnx, expected_a
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from distill_reader.serving import load_backend, teacher_model
+from distill_reader.rpc import BackgroundServer
+from distill_reader.serving import teacher_model
+from distill_reader.serving.backends import load_backend
 from distill_reader.serving.backends.onnx import OnnxBackend
 from distill_reader.serving.backends.python import PythonBackend
 from distill_reader.serving.server import running_server
@@ -422,6 +425,51 @@ def test_teacher_model_rejects_bad_declarations() -> None:
 def test_running_server_reports_bind_failure(py_server: str) -> None:
     with pytest.raises(OSError, match=re.escape(py_server)), running_server(PythonBackend(affine), py_server):
         pass
+
+
+@pytest.mark.parametrize(
+    ("listen", "options", "named"),
+    [
+        ("localhost", {}, "--listen"),
+        ("127.0.0.1:65536", {}, "--listen"),
+        ("127.0.0.1:0", {"metrics_listen": "127.0.0.1"}, "--metrics"),
+    ],
+)
+def test_running_server_names_a_bad_address(listen: str, options: dict, named: str) -> None:
+    with (
+        pytest.raises(ValueError, match=f"{named} must be HOST:PORT with a port in 0-65535"),
+        running_server(PythonBackend(affine), listen, **options),
+    ):
+        pass
+
+
+def test_running_server_refuses_an_unknown_option() -> None:
+    with pytest.raises(TypeError, match="max_batches"), running_server(PythonBackend(affine), max_batches=4):
+        pass
+
+
+def test_running_server_ends_its_thread_and_frees_its_port() -> None:
+    before = set(threading.enumerate())  # module fixtures' servers run too
+    with running_server(PythonBackend(affine), metrics_listen="127.0.0.1:0") as address:
+        ours = [t for t in threading.enumerate() if t not in before and t.name == "teacher server"]
+        assert len(ours) == 1 and tc.InferenceServerClient(address).is_server_ready()
+    assert not ours[0].is_alive()
+    with running_server(PythonBackend(affine), address) as again:  # the port is free again
+        assert again == address
+
+
+def test_background_server_start_times_out_and_ends_its_thread() -> None:
+    class NeverBinds:
+        async def start(self) -> None:
+            await asyncio.Event().wait()
+
+        async def stop(self) -> None:
+            pass
+
+    background = BackgroundServer("stuck server", NeverBinds)
+    with pytest.raises(TimeoutError, match="the stuck server did not start within 0.2 s"):
+        background.start(0.2)
+    assert "stuck server" not in [t.name for t in threading.enumerate()]
 
 
 # --- the command line ------------------------------------------------------------------------

@@ -327,11 +327,11 @@ def test_cache_reads_its_own_rows_back_compact(write_config, zipf_teacher, tmp_p
 def test_precision_mismatch_is_an_error_naming_precision(write_config, tmp_path):
     from distill_reader import DistillReader, StoreError
     from distill_reader.config import load_config
-    from distill_reader.knowledge.layout import open_store
+    from distill_reader.knowledge.layout import prepare_knowledge_store
 
     compact_path, exact_path = tmp_path / "compact", tmp_path / "exact"
-    open_store(load_config(compact_config(write_config, NOWHERE, compact_path, "write")))
-    open_store(load_config(compact_config(write_config, NOWHERE, exact_path, "write", precision=None)))
+    prepare_knowledge_store(load_config(compact_config(write_config, NOWHERE, compact_path, "write")))
+    prepare_knowledge_store(load_config(compact_config(write_config, NOWHERE, exact_path, "write", precision=None)))
     for policy in ("write", "cache"):
         with pytest.raises(StoreError, match=r"\[store\] precision: .* holds compact top-k knowledge; this config "):
             DistillReader(compact_config(write_config, NOWHERE, compact_path, policy, "exact"), 8, 4, 4, 1)

@@ -32,7 +32,7 @@ from test_discovery_support import ServiceProcess, Watch, free_port, have
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.server import DiscoveryServer
-from distill_reader.discovery.stores import open_store
+from distill_reader.discovery.stores import open_discovery_store
 from distill_reader.discovery.stores.base import (
     PASSWORD_ENV,
     StoreSecurity,
@@ -113,7 +113,7 @@ async def refused_at_start(url: str, security: StoreSecurity | None) -> str:
 
 async def cannot_register(url: str, security: StoreSecurity | None = None) -> str:
     """What a store client without the right credentials gets when it writes a teacher's lease."""
-    store = open_store(url, security)
+    store = open_discovery_store(url, security)
     try:
         with pytest.raises(StoreRefused) as info:
             await store.register("teacher", "svc", "127.0.0.1:9000", "i", {"model_name": "m"}, 2)
@@ -228,4 +228,4 @@ def test_store_flag_errors(tmp_path, pki):
     security = store_security("redis://h:1", user="me", password_file=str(password_file), environ={})
     assert security.username == "me" and security.password.reveal() == "s3cret" and "s3cret" not in repr(security)
     assert store_security("redis://h:1", environ={}) is None
-    assert open_store("rediss://me@h:1/2", security).url == "rediss://me@h:1/2"
+    assert open_discovery_store("rediss://me@h:1/2", security).url == "rediss://me@h:1/2"

@@ -1,8 +1,9 @@
 """distill-reader: service-based knowledge distillation.
 
 The public API is what this module exports, plus ``distill_reader.serving.teacher_model``,
-``distill_reader.torch`` (``DistillDataset``), ``distill_reader.paddle`` and the ``distill`` command;
-every other module is internal and may change (docs/architecture.md lists them).
+``distill_reader.torch`` (``DistillDataset``), ``distill_reader.paddle``, ``distill_reader.hf``,
+``distill_reader.alignment`` and the ``distill`` command; every other module is internal and may
+change (docs/architecture.md lists them).
 """
 
 from distill_reader._logging import install_default_handler

@@ -5,6 +5,9 @@ for string keys (``mode = fixed``). ``#`` or ``;`` after whitespace starts a com
 too (``policy = cache   # ask only for what is missing``), except inside a quoted string
 (``path = 'run #3'``). Every error is a :class:`~distill_reader.errors.ConfigError`
 whose message names the section and key.
+
+Internal: not public API (the public surface is what ``distill_reader`` exports; docs/architecture.md).
+The file format is the contract (README's config reference), not this module's names.
 """
 
 from __future__ import annotations

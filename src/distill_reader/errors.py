@@ -1,4 +1,5 @@
-"""Every exception distill-reader raises, in one place.
+"""Every exception distill-reader raises, in one place (public: the classes ``distill_reader``
+exports; docs/architecture.md).
 
 All derive from :class:`DistillReaderError`, so ``except DistillReaderError`` catches anything the
 library raises on purpose; anything else is a bug. Two deliberate exceptions to that rule:
@@ -6,7 +7,13 @@ importing ``distill_reader.torch`` or ``distill_reader.paddle`` without the fram
 raises ``ImportError``, and operating-system failures outside our control (``/dev/shm`` or the
 process table exhausted while the pool or the pipeline process is created) surface as ``OSError``.
 Some classes also derive from the built-in exception a caller would expect (``ValueError``,
-``TypeError``, ``TimeoutError``), so ``except ValueError`` keeps working.
+``TypeError``, ``TimeoutError``, ``KeyError``, ``RuntimeError``), so ``except ValueError`` keeps
+working.
+
+The first part holds the errors users catch (``distill_reader`` exports them); the second, the
+internal signals that cross modules inside distill-reader and never reach the user's code. An
+exception raised and caught inside one module stays private there, next to its one use
+(``serving/batcher.py: _OwnLengths``, ``serving/server.py: _Refused``).
 """
 
 from __future__ import annotations
@@ -108,11 +115,12 @@ class DiscoveryError(DistillReaderError):
 
 
 # -- internal signals -------------------------------------------------------------------------
-# Raised and caught inside distill-reader; none reaches the user's code (each is turned into one of
-# the errors above, an RPC status, or a retry), so they are not DistillReaderErrors and not exported.
+# Raised in one module of distill-reader and caught in another; none reaches the user's code (each
+# is turned into one of the errors above, an RPC status, or a retry), so ``distill_reader`` does not
+# export them. They are DistillReaderErrors all the same, so the rule above holds without exception.
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(DistillReaderError):
     """The store cannot be reached right now (the caller retries)."""
 
 
@@ -122,27 +130,27 @@ class StoreRefused(StoreUnavailable):
     what to fix (and never holds a secret)."""
 
 
-class AlreadyRegistered(Exception):
+class AlreadyRegistered(DistillReaderError):
     """A live lease for this member is held by another instance."""
 
 
-class ChannelTimeout(Exception):
+class ChannelTimeout(DistillReaderError):
     """A bounded send could not start in time: the other side does not read its pipe."""
 
 
-class BatcherStopped(RuntimeError):
+class BatcherStopped(DistillReaderError, RuntimeError):
     """The batcher stopped before the request ran."""
 
 
-class RequestError(ValueError):
+class RequestError(DistillReaderError, ValueError):
     """A request that does not fit the model; becomes INVALID_ARGUMENT."""
 
 
-class TransientTeacherError(Exception):
+class TransientTeacherError(DistillReaderError):
     """The teacher is unreachable or timed out; the request should go to another teacher."""
 
 
-class RegionError(ValueError):
+class RegionError(DistillReaderError, ValueError):
     """A registration or a tensor's region parameters the server refuses (INVALID_ARGUMENT)."""
 
 

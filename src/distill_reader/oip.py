@@ -2,6 +2,9 @@
 
 Tensors travel as ``raw_input_contents`` / ``raw_output_contents``: the little-endian bytes of a
 C-contiguous array, one entry per tensor in the order of ``inputs`` / ``outputs``.
+
+Internal: not public API (the public surface is what ``distill_reader`` exports; docs/architecture.md).
+The protocol is the contract (any OIP server is a teacher), not this module's names.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """gRPC and event-loop plumbing shared by the servers and clients (internal, not public API).
 
-- :data:`MAX_MESSAGE_BYTES`: the one limit on OIP message sizes, for the teacher client and server;
+- :data:`MAX_MESSAGE_BYTES`: the one limit on OIP message sizes, for the teacher client and server
+  (:data:`MAX_DISCOVERY_REQUEST_BYTES`, discovery's, is another limit for another protocol);
 - :func:`run_until_signal` / :func:`stop_on_signals`: the one way a command runs until SIGINT/SIGTERM;
-- :class:`LoopThread`: the one way to run a server's event loop in a background thread;
-- :func:`split_hostport`: the one check of a ``host:port`` address;
+- :class:`LoopThread`: the one way to run an event loop in a background thread, and
+  :class:`BackgroundServer` over it, the one way to run a server (teacher or discovery) in one;
+- :func:`split_hostport`: the one parser of a ``host:port`` address, and :func:`require_hostport`,
+  the same with an error naming the setting;
 - :func:`strict_handler` serves a servicer's async methods like the generated ``add_*_to_server``
   does, except that it parses requests itself, so a request that is not a valid protobuf gets
   ``INVALID_ARGUMENT`` naming the expected message (gRPC's generated deserializer would fail before
@@ -13,18 +16,22 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
+import logging
 import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -41,8 +48,24 @@ def split_hostport(value: str, *, allow_port_zero: bool = False) -> tuple[str, i
     return (match.group(1), port) if (0 if allow_port_zero else 1) <= port < 65536 else None
 
 
-#: The largest OIP message the teacher client and server accept (a d_batch of big tensors).
+def require_hostport(
+    value: str, what: str, *, allow_port_zero: bool = False, error: type[Exception] = ValueError
+) -> tuple[str, int]:
+    """:func:`split_hostport`, or ``error`` naming ``what`` (the flag or key) and the value."""
+    parsed = split_hostport(value, allow_port_zero=allow_port_zero)
+    if parsed is None:
+        low = 0 if allow_port_zero else 1
+        raise error(f"{what} must be HOST:PORT with a port in {low}-65535, got {value!r}")
+    return parsed
+
+
+#: The largest OIP message the teacher client and server accept (a d_batch of big tensors); the
+#: default of ``distill teacher serve --max-message-mb``.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: The largest request the discovery server accepts. Not :data:`MAX_MESSAGE_BYTES`: discovery's
+#: requests are names and addresses (well under 1 KiB), and any client that reaches the port may
+#: send one before its token is checked, so the server keeps what it buffers per request small.
+MAX_DISCOVERY_REQUEST_BYTES = 64 * 1024
 
 
 def stop_on_signals(stop: asyncio.Event, on_signal: Callable[[signal.Signals], None] | None = None) -> None:
@@ -103,6 +126,62 @@ class LoopThread:
             return False
         self._loop.close()
         return True
+
+
+class AsyncServer(Protocol):
+    """What :class:`BackgroundServer` runs: a server started and stopped by coroutines."""
+
+    async def start(self) -> Any: ...
+
+    async def stop(self) -> Any: ...
+
+
+S = TypeVar("S", bound=AsyncServer)
+B = TypeVar("B", bound="BackgroundServer")
+
+
+class BackgroundServer(Generic[S]):
+    """A server made, started and stopped on an event loop of its own (a :class:`LoopThread`): the
+    one way the teacher and discovery servers run in the background, for tests, demos and embedding.
+
+    ``make`` is called on that loop (a server may hold clients bound to the loop it was made on);
+    ``server`` is what it made, once :meth:`start` returned."""
+
+    def __init__(self, name: str, make: Callable[[], S]) -> None:
+        self.name = name
+        self._make = make
+        self._thread = LoopThread(name)
+        self.server: S | None = None
+
+    def start(self: B, timeout: float = 10.0) -> B:
+        """Make and start the server; wait up to ``timeout`` s until it is bound. Raises what its
+        start raised, or TimeoutError (the start is then cancelled)."""
+
+        async def make_and_start() -> S:
+            server = self._make()
+            await server.start()
+            return server
+
+        self._thread.start()
+        starting = asyncio.run_coroutine_threadsafe(make_and_start(), self._thread.loop)
+        try:
+            self.server = starting.result(timeout)
+        except concurrent.futures.TimeoutError:
+            starting.cancel()
+            self._thread.stop(timeout)
+            raise TimeoutError(f"the {self.name} did not start within {timeout:g} s") from None
+        except BaseException:
+            self._thread.stop(timeout)
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server, then its thread (idempotent); each waits up to ``timeout`` s."""
+        if self.server is not None and self._thread.loop.is_running():
+            with contextlib.suppress(Exception):  # it failed while stopping: the thread goes anyway
+                self._thread.run(self.server.stop(), timeout)
+        if not self._thread.stop(timeout):
+            log.warning("the %s thread did not stop within %.0f s", self.name, timeout)
 
 
 def _parser(request_class: type) -> Callable[[bytes, Any], Any]:

@@ -10,6 +10,9 @@
   verify the server and presents its certificate and key where the server wants mTLS.
 
 See ``docs/security.md`` for the flags and ``[conf]`` keys that reach this module.
+
+Internal: not public API (the public surface is what ``distill_reader`` exports; docs/architecture.md).
+The flags and ``[conf]`` keys are the contract, not this module's names.
 """
 
 from __future__ import annotations

@@ -349,8 +349,8 @@ def store_read_tokens_per_s(precision: str, rows: int, length: int, k: int = 128
         ChunkNamer,
         Rows,
         fingerprint_rows,
-        open_store,
         pairs_of,
+        prepare_knowledge_store,
         schema_of,
         store_manifest,
         write_chunk,
@@ -371,7 +371,7 @@ def store_read_tokens_per_s(precision: str, rows: int, length: int, k: int = 128
         text = sequence_config(["127.0.0.1:1"], length, k, values_dtype="float32")
         conf.write_text(f"{text}\n[store]\npath = {path}\npolicy = write\nprecision = {precision}\n")
         config = load_config(conf)
-        open_store(config)
+        prepare_knowledge_store(config)
         manifest = store_manifest(config)
         offsets = np.arange(rows + 1, dtype=np.int64) * length * k
         stored = Rows(

@@ -1,7 +1,9 @@
 """Running the discovery service: the gRPC server, the HTTP dashboard and metrics, runners.
 
 ``serve()`` is what ``distill discovery serve`` runs; ``DiscoveryServer`` is the same thing as an
-object for embedding; ``running_server()`` runs one in a background thread for tests and demos.
+object for embedding; ``ServerThread`` and ``running_discovery()`` run one in a background thread
+for tests and demos (the teacher server's ``running_server()`` is the same, over the same
+:class:`~distill_reader.rpc.BackgroundServer`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -18,24 +21,23 @@ from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.service import (
     DEFAULT_KEEPALIVE_S,
     DEFAULT_TTL_S,
-    MAX_MESSAGE_BYTES,
     DiscoveryService,
     cancel_until_done,
     status_dict,
     status_message,
 )
-from distill_reader.discovery.stores import open_store
-from distill_reader.discovery.stores.base import StoreSecurity, check_hostport
+from distill_reader.discovery.stores import open_discovery_store
+from distill_reader.discovery.stores.base import StoreSecurity
 from distill_reader.discovery.web import start_web
 from distill_reader.errors import DiscoveryError
-from distill_reader.rpc import LoopThread, strict_handler
+from distill_reader.rpc import MAX_DISCOVERY_REQUEST_BYTES, BackgroundServer, require_hostport, strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, is_loopback, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
 # Clients ping every second to notice a vanished server quickly; allow that.
 SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_DISCOVERY_REQUEST_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
@@ -66,13 +68,14 @@ class DiscoveryServer:
         tls: TlsFiles | None = None,
         store_security: StoreSecurity | None = None,
     ) -> None:
-        check_hostport(listen, "--listen", allow_port_zero=True)
-        if http:
-            check_hostport(http, "--http", allow_port_zero=True)
+        self._listen_host, _ = require_hostport(listen, "--listen", allow_port_zero=True, error=DiscoveryError)
+        self._http_hostport = (
+            require_hostport(http, "--http", allow_port_zero=True, error=DiscoveryError) if http else None
+        )
         if not 0.5 <= ttl <= 60 or not 0 < keepalive < ttl:
             raise DiscoveryError(f"need 0.5 <= ttl <= 60 and 0 < keepalive < ttl, got {ttl}, {keepalive}")
-        self.store = open_store(store, store_security)  # raises DiscoveryError for a bad URL
-        self._listen, self._http = listen, http
+        self.store = open_discovery_store(store, store_security)  # raises DiscoveryError for a bad URL
+        self._listen = listen
         self._token, self._tls = token, tls
         self.service = DiscoveryService(self.store, ttl=ttl, keepalive=keepalive)
         self._grpc: grpc.aio.Server | None = None
@@ -103,7 +106,6 @@ class DiscoveryServer:
         self._grpc = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         service = pb.DESCRIPTOR.services_by_name["Discovery"]
         self._grpc.add_generic_rpc_handlers((strict_handler(self.service, service),))
-        host = self._listen.rsplit(":", 1)[0]
         try:
             port = add_port(self._grpc, self._listen, self._tls)
         except RuntimeError as exc:
@@ -114,12 +116,12 @@ class DiscoveryServer:
         if not port:
             await self.stop()
             raise DiscoveryError(f"cannot listen on {self._listen} (in use or not a local address)") from cause
-        self.address = f"{host}:{port}"
+        self.address = f"{self._listen_host}:{port}"
         warn_if_exposed(self._listen, self._token, "discovery", log)
         await self._grpc.start()
-        if self._http:
-            h, p = self._http.rsplit(":", 1)
-            self._http_runner, port = await start_web(self, h.strip("[]"), int(p), self._token, self._tls)
+        if self._http_hostport is not None:
+            h, p = self._http_hostport
+            self._http_runner, port = await start_web(self, h.strip("[]"), p, self._token, self._tls)
             self.http_address = f"{h}:{port}"
             self._history_task = asyncio.create_task(self._sample_history())
             if not is_loopback(h) and self._token is None:
@@ -200,14 +202,11 @@ async def serve(
         await server.stop()
 
 
-class ServerThread:
+class ServerThread(BackgroundServer[DiscoveryServer]):
     """A discovery server on its own event loop in a daemon thread (``start``/``stop``)."""
 
-    def __init__(self, listen: str = "127.0.0.1:0", store: str = "memory", **kwargs) -> None:
-        self._args = (listen, store)
-        self._kwargs = kwargs
-        self._thread = LoopThread("discovery-server")
-        self.server: DiscoveryServer | None = None
+    def __init__(self, listen: str = "127.0.0.1:0", store: str = "memory", **kwargs: Any) -> None:
+        super().__init__("discovery server", lambda: DiscoveryServer(listen, store, **kwargs))
 
     @property
     def address(self) -> str:
@@ -219,32 +218,11 @@ class ServerThread:
         assert self.server
         return self.server.http_address
 
-    def start(self, timeout: float = 10.0) -> ServerThread:
-        """Start and wait until the server is bound; raises what its start raised."""
-
-        async def _start() -> DiscoveryServer:
-            server = DiscoveryServer(*self._args, **self._kwargs)
-            await server.start()
-            return server
-
-        try:
-            self.server = self._thread.start().run(_start(), timeout)
-        except BaseException:
-            self._thread.stop(timeout)
-            raise
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server and its thread (idempotent)."""
-        if self.server is not None and self._thread.loop.is_running():
-            with contextlib.suppress(Exception):
-                self._thread.run(self.server.stop(), timeout)
-        self._thread.stop(timeout)
-
 
 @contextlib.contextmanager
-def running_server(listen: str = "127.0.0.1:0", store: str = "memory", **kwargs) -> Iterator[str]:
-    """Run a discovery server in a background thread; yields its bound ``host:port``."""
+def running_discovery(listen: str = "127.0.0.1:0", store: str = "memory", **kwargs: Any) -> Iterator[str]:
+    """Run a discovery server in a background thread for the ``with`` block; yields its ``host:port``.
+    Takes :class:`DiscoveryServer`'s options."""
     thread = ServerThread(listen, store, **kwargs).start()
     try:
         yield thread.address

@@ -70,7 +70,6 @@ _EXPIRY_CHECK_S = 0.05
 _LAG_S = 0.1
 # Most teachers overdue at once (at least this many) means this server is behind, not they.
 _MASS_MIN = 4
-MAX_MESSAGE_BYTES = 64 * 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 _ID = re.compile(r"^[A-Za-z0-9._:@\-]{1,128}$")

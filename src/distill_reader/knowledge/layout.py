@@ -125,7 +125,7 @@ def store_manifest(config: ReaderConfig) -> dict[str, Any]:
         try:
             stored = read_manifest(store.path)
         except StoreError:
-            stored = None  # no store: open_store says so
+            stored = None  # no store: prepare_knowledge_store says so
         if stored is not None and precision_of(stored) != store.precision:
             return manifest_of(config, precision_of(stored))
     return manifest_of(config)
@@ -209,7 +209,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def open_store(config: ReaderConfig) -> None:
+def prepare_knowledge_store(config: ReaderConfig) -> None:
     """Check (``read``) or create (``write``, ``cache``) the store of ``config``'s ``[store]``.
 
     Raises StoreError when there is no store to read, or when the store was captured with another

@@ -102,10 +102,10 @@ class DistillReader(ReaderSource):
             # One id for the reader's life: its registration and its reports to discovery.
             self.config = dataclasses.replace(self.config, student_id=default_student_id())
         if self.config.store is not None:
-            from distill_reader.knowledge.layout import open_store
+            from distill_reader.knowledge.layout import prepare_knowledge_store
 
             # A store of another config is refused here, before any epoch ([store] groups: only theirs).
-            open_store(self.config.stored_view()[0])
+            prepare_knowledge_store(self.config.stored_view()[0])
         self.batch_size = int(batch_size)
         self.d_batch_size = int(d_batch_size)
         self.capacity = int(capacity)

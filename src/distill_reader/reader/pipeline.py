@@ -258,8 +258,8 @@ class Pipeline:
                     self.send(Cancel(epoch.number), timeout=_ACK_TIMEOUT)
                     epoch.wait_cancelled(_ACK_TIMEOUT)
                 settled = True
-            except (DistillReaderError, OSError, ChannelTimeout) as exc:
-                if not isinstance(exc, DistillReaderError):
+            except (DistillReaderError, OSError) as exc:
+                if isinstance(exc, (OSError, ChannelTimeout)):  # ChannelTimeout: internal, not for the user
                     exc = PipelineError(f"lost the pipeline process while cancelling an epoch: {exc}")
                 self._lose(exc)
             finally:

@@ -89,7 +89,10 @@ class _Request:
 
 
 class _OwnLengths(ValueError):
-    """A padded batch's variable output does not have the padded length."""
+    """A padded batch's variable output does not have the padded length.
+
+    Private, not in errors.py: ``_split`` raises it and ``_run`` catches it (to stop merging and
+    run the batch's requests alone); it never leaves this module."""
 
 
 def _length_dim(backend: Backend) -> tuple[str, int] | None:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from distill_reader.rpc import require_hostport
+
 #: ``outcome`` label values of ``distill_teacher_requests_total``.
 OUTCOMES = ("ok", "invalid", "error", "unavailable", "not_found", "unauthenticated", "cancelled")
 
@@ -78,11 +80,9 @@ class MetricsHttpServer:
     """``/metrics`` of ``registry`` over HTTP on ``listen`` (``HOST:PORT``; port 0 picks one)."""
 
     def __init__(self, registry: CollectorRegistry, listen: str) -> None:
-        host, sep, port = listen.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"--metrics address {listen!r} is not HOST:PORT")
+        host, port = require_hostport(listen, "--metrics", allow_port_zero=True)
         try:
-            self._httpd, self._thread = start_http_server(int(port), host.strip("[]"), registry)
+            self._httpd, self._thread = start_http_server(port, host.strip("[]"), registry)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
         self.address = f"{host}:{self._httpd.server_port}"

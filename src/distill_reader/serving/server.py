@@ -21,9 +21,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -34,7 +34,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from distill_reader import __version__
 from distill_reader.errors import BatcherStopped, RegionError, RegionExists, RegionsFull, RequestError
 from distill_reader.oip import TensorSpec, array_from_raw, shape_matches
-from distill_reader.rpc import MAX_MESSAGE_BYTES, LoopThread, run_until_signal, strict_handler
+from distill_reader.rpc import MAX_MESSAGE_BYTES, BackgroundServer, require_hostport, run_until_signal, strict_handler
 from distill_reader.security import Secret, TlsFiles, TokenInterceptor, add_port, warn_if_exposed
 from distill_reader.serving.backends.base import Backend
 from distill_reader.serving.batcher import BatchTiming, DynamicBatcher
@@ -480,54 +480,64 @@ class TeacherServer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 class _Refused(Exception):
-    """An inference request answered with an error status; ``outcome`` labels it in the metrics."""
+    """An inference request answered with an error status; ``outcome`` labels it in the metrics.
+
+    Private, not in errors.py: ``TeacherServer._answer`` raises it and the servicer's methods beside
+    it turn it into the call's status; it never leaves this module."""
 
     def __init__(self, outcome: str, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.outcome, self.code, self.message = outcome, code, message
 
 
-def _split_listen(listen: str) -> tuple[str, str]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"listen address {listen!r} is not HOST:PORT")
-    return host, port
+@dataclass(frozen=True)
+class ServerOptions:
+    """How a teacher server serves its model: the keyword options of :class:`InferenceServer`,
+    :func:`serve`, :func:`run_server` and :func:`running_server`, named and defaulted here only.
+
+    ``token`` protects the :data:`PROTECTED_METHODS`, ``tls`` adds TLS (mTLS with a CA),
+    ``metrics_listen`` serves Prometheus ``/metrics`` on that ``HOST:PORT``. ``pad_variable=False``
+    never merges requests that differ in a ``-1`` dim (see :mod:`~distill_reader.serving.batcher`).
+    ``shared_memory=False`` turns the system shared-memory extension off (not announced, refused).
+    """
+
+    model_name: str = "teacher"
+    max_batch: int = 64
+    max_delay_ms: float = 2.0
+    instances: int = 1
+    pad_variable: bool = True
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    token: Secret | None = None
+    tls: TlsFiles | None = None
+    metrics_listen: str | None = None
+    shared_memory: bool = True
 
 
 class InferenceServer:
-    """A started-and-stopped OIP gRPC server for one backend (the async building block)."""
+    """A started-and-stopped OIP gRPC server for one backend (the async building block); ``options``
+    are :class:`ServerOptions`' fields (an unknown one is a TypeError)."""
 
-    def __init__(
-        self,
-        backend: Backend,
-        listen: str = DEFAULT_LISTEN,
-        *,
-        model_name: str = "teacher",
-        max_batch: int = 64,
-        max_delay_ms: float = 2.0,
-        instances: int = 1,
-        pad_variable: bool = True,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
-        token: Secret | None = None,
-        tls: TlsFiles | None = None,
-        metrics_listen: str | None = None,
-        shared_memory: bool = True,
-    ) -> None:
-        _split_listen(listen)
+    def __init__(self, backend: Backend, listen: str = DEFAULT_LISTEN, **options: Any) -> None:
+        self.options = ServerOptions(**options)
+        self._host, _ = require_hostport(listen, "--listen", allow_port_zero=True)
         self.listen = listen
         self.batcher = DynamicBatcher(
-            backend, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances, pad_variable=pad_variable
+            backend,
+            max_batch=self.options.max_batch,
+            max_delay_ms=self.options.max_delay_ms,
+            instances=self.options.instances,
+            pad_variable=self.options.pad_variable,
         )
         self.metrics = TeacherMetrics()
         self.metrics.watch_queue(lambda: self.batcher.queued_requests, lambda: self.batcher.queued_rows)
         self.servicer = TeacherServer(
-            backend, self.batcher, model_name=model_name, metrics=self.metrics, shared_memory=shared_memory
+            backend,
+            self.batcher,
+            model_name=self.options.model_name,
+            metrics=self.metrics,
+            shared_memory=self.options.shared_memory,
         )
         self.batcher.on_batch = self._on_batch
-        self.max_message_bytes = max_message_bytes
-        self.token = token
-        self.tls = tls
-        self.metrics_listen = metrics_listen
         self.address: str | None = None
         #: ``host:port`` of ``/metrics`` once started with ``metrics_listen``.
         self.metrics_address: str | None = None
@@ -540,22 +550,23 @@ class InferenceServer:
 
     async def start(self) -> str:
         """Bind, start serving and return the bound ``host:port`` (port 0 picks a free one)."""
-        options = [
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
+        options = self.options
+        grpc_options = [
+            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.max_receive_message_length", options.max_message_bytes),
             # Two servers on one port would split the traffic silently.
             ("grpc.so_reuseport", 0),
         ]
         interceptors = []
-        if self.token is not None:
+        if options.token is not None:
             refused = self.metrics.requests.labels("unauthenticated")
 
             def on_refused(method: str) -> None:
                 if method in _INFER_METHODS:
                     refused.inc()
 
-            interceptors.append(TokenInterceptor(self.token, "this teacher", PROTECTED_METHODS, on_refused))
-        server = grpc.aio.server(options=options, interceptors=interceptors)
+            interceptors.append(TokenInterceptor(options.token, "this teacher", PROTECTED_METHODS, on_refused))
+        server = grpc.aio.server(options=grpc_options, interceptors=interceptors)
         # strict_handler serves the unary calls; the one bidirectional stream takes raw bytes and
         # parses each request itself, so a malformed one fails alone (see ModelStreamInfer).
         stream = grpc.stream_stream_rpc_method_handler(
@@ -569,21 +580,28 @@ class InferenceServer:
             )
         )
         try:
-            port = add_port(server, self.listen, self.tls)
+            port = add_port(server, self.listen, options.tls)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {self.listen}: {e}") from None
         if port == 0:  # older grpcio report a failed bind this way
             raise OSError(f"cannot listen on {self.listen}")
-        host, _ = _split_listen(self.listen)
-        if self.metrics_listen:
-            self._metrics_http = MetricsHttpServer(self.metrics.registry, self.metrics_listen)
+        if options.metrics_listen:
+            self._metrics_http = MetricsHttpServer(self.metrics.registry, options.metrics_listen)
             self.metrics_address = self._metrics_http.address
-        warn_if_exposed(self.listen, self.token, "the teacher server", log)
+        warn_if_exposed(self.listen, options.token, "the teacher server", log)
         await self.batcher.start()
         await server.start()
         self._server = server
-        self.address = f"{host}:{port}"
+        self.address = f"{self._host}:{port}"
         self.servicer.ready = True
+        log.info(
+            "serving model %r on %s (%s, token %s, metrics %s)",
+            options.model_name,
+            self.address,
+            "TLS" if options.tls else "plaintext",
+            "required" if options.token else "not required",
+            self.metrics_address,
+        )
         return self.address
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -602,54 +620,21 @@ async def serve(
     backend: Backend,
     listen: str = DEFAULT_LISTEN,
     *,
-    model_name: str = "teacher",
-    max_batch: int = 64,
-    max_delay_ms: float = 2.0,
-    instances: int = 1,
-    pad_variable: bool = True,
-    max_message_bytes: int = MAX_MESSAGE_BYTES,
-    token: Secret | None = None,
-    tls: TlsFiles | None = None,
-    metrics_listen: str | None = None,
-    shared_memory: bool = True,
     on_started: OnStarted | None = None,
     stop_event: asyncio.Event | None = None,
     grace: float = 1.0,
+    **options: Any,
 ) -> None:
     """Serve ``backend`` until ``stop_event`` is set (or the task is cancelled), then stop cleanly.
 
-    ``on_started(address)`` is awaited once the server accepts requests (e.g. to register the
-    teacher with discovery); if it raises, the server stops and the error propagates. ``token``
-    protects the :data:`PROTECTED_METHODS`, ``tls`` adds TLS (mTLS with a CA), ``metrics_listen``
-    serves Prometheus ``/metrics`` on that ``HOST:PORT``. ``pad_variable=False`` never merges
-    requests that differ in a ``-1`` dim (see :mod:`~distill_reader.serving.batcher`).
-    ``shared_memory=False`` turns the system shared-memory extension off (not announced, refused).
+    ``options``: :class:`ServerOptions`. ``on_started(address)`` is awaited once the server accepts
+    requests (e.g. to register the teacher with discovery); if it raises, the server stops and the
+    error propagates.
     """
-    server = InferenceServer(
-        backend,
-        listen,
-        model_name=model_name,
-        max_batch=max_batch,
-        max_delay_ms=max_delay_ms,
-        instances=instances,
-        pad_variable=pad_variable,
-        max_message_bytes=max_message_bytes,
-        token=token,
-        tls=tls,
-        metrics_listen=metrics_listen,
-        shared_memory=shared_memory,
-    )
+    server = InferenceServer(backend, listen, **options)
     stop_event = stop_event or asyncio.Event()
     try:
         address = await server.start()
-        log.info(
-            "serving model %r on %s (%s, token %s, metrics %s)",
-            model_name,
-            address,
-            "TLS" if tls else "plaintext",
-            "required" if token else "not required",
-            server.metrics_address,
-        )
         if on_started is not None:
             await on_started(address)
         await stop_event.wait()
@@ -658,7 +643,7 @@ async def serve(
 
 
 def run_server(backend: Backend, listen: str = DEFAULT_LISTEN, **kwargs: Any) -> None:
-    """Serve ``backend`` in this (main) thread until SIGINT or SIGTERM; takes :func:`serve`'s options."""
+    """Serve ``backend`` in this (main) thread until SIGINT or SIGTERM; takes :func:`serve`'s arguments."""
     address, received = [listen], []
     on_started = kwargs.pop("on_started", None)
 
@@ -677,47 +662,19 @@ def run_server(backend: Backend, listen: str = DEFAULT_LISTEN, **kwargs: Any) ->
         log.info("teacher server on %s stopped", address[0])
 
 
-_START_TIMEOUT_S = 60.0  # running_server: binding the port and loading the model
+_START_TIMEOUT_S = 60.0  # running_server: binding the ports and starting the model's instances
 
 
 @contextlib.contextmanager
-def running_server(
-    backend: Backend,
-    listen: str = "127.0.0.1:0",
-    *,
-    on_started: OnStarted | None = None,
-    **kwargs: Any,
-) -> Iterator[str]:
+def running_server(backend: Backend, listen: str = "127.0.0.1:0", **options: Any) -> Iterator[str]:
     """Run a server in a background thread for the ``with`` block; yields its ``host:port``.
 
-    Takes :func:`serve`'s options. Errors at start-up (e.g. the port is taken) are raised here.
+    ``options``: :class:`ServerOptions`. Errors at start-up (e.g. the port is taken) are raised here.
     """
-    ready = threading.Event()
-    address: list[str] = []
-    stop = asyncio.Event()  # not bound to a loop until first awaited (Python >= 3.10)
-
-    async def announce(bound: str) -> None:
-        if on_started is not None:
-            await on_started(bound)
-        address.append(bound)
-        ready.set()
-
-    thread = LoopThread("teacher-server").start()
-    serving = asyncio.run_coroutine_threadsafe(
-        serve(backend, listen, on_started=announce, stop_event=stop, **kwargs), thread.loop
-    )
-    serving.add_done_callback(lambda _: ready.set())
-    ready.wait(_START_TIMEOUT_S)
+    background = BackgroundServer("teacher server", lambda: InferenceServer(backend, listen, **options))
+    server = background.start(_START_TIMEOUT_S).server
     try:
-        if not address:
-            if serving.done():
-                serving.result()  # raises what stopped the start
-            raise RuntimeError(f"the teacher server did not start within {_START_TIMEOUT_S:.0f} s")
-        yield address[0]
+        assert server is not None and server.address is not None
+        yield server.address
     finally:
-        with contextlib.suppress(RuntimeError):  # the loop already ended
-            thread.loop.call_soon_threadsafe(stop.set)
-        with contextlib.suppress(Exception):
-            serving.result(timeout=10)
-        if not thread.stop(10):
-            log.warning("the teacher server thread did not stop within 10 s")
+        background.stop()

@@ -1,5 +1,5 @@
 """Discovery stores: where leases and assignments live (memory, Redis, etcd), and
-:func:`open_store`, the factory that picks one for a ``--store`` URL."""
+:func:`open_discovery_store`, the factory that picks one for a ``--store`` URL."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from distill_reader.discovery.stores.base import (
 from distill_reader.errors import AlreadyRegistered, StoreUnavailable
 
 
-def open_store(url: str, security: StoreSecurity | None = None) -> Store:
+def open_discovery_store(url: str, security: StoreSecurity | None = None) -> Store:
     """A store for a ``--store`` URL (not started yet), with :func:`store_security`'s credentials."""
     parsed = parse_store_url(url)
     security = security or StoreSecurity()
@@ -42,7 +42,7 @@ __all__ = [
     "StoreSecurity",
     "StoreURL",
     "StoreUnavailable",
-    "open_store",
+    "open_discovery_store",
     "parse_store_url",
     "store_security",
 ]

@@ -21,7 +21,7 @@ from typing import Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from distill_reader.errors import ConfigError, DiscoveryError
-from distill_reader.rpc import split_hostport
+from distill_reader.rpc import require_hostport
 from distill_reader.security import Secret, TlsFiles, load_tls, read_token_file
 
 log = logging.getLogger(__name__)
@@ -357,9 +357,7 @@ def tls_failed(url: str, detail: object) -> DiscoveryError:
 
 def check_hostport(value: str, what: str = "endpoint", *, allow_port_zero: bool = False) -> str:
     """``value`` if it is ``host:port`` (port 1-65535, or 0 if allowed), else DiscoveryError."""
-    if split_hostport(value, allow_port_zero=allow_port_zero) is None:
-        low = 0 if allow_port_zero else 1
-        raise DiscoveryError(f"{what} must be HOST:PORT with a port in {low}-65535, got {value!r}")
+    require_hostport(value, what, allow_port_zero=allow_port_zero, error=DiscoveryError)
     return value
 
 
