@@ -181,13 +181,13 @@ def test_no_discovery_server_then_one_starts(tmp_path):
 
 def test_the_report_script_runs_as_the_docs_say(tmp_path):
     """docs/fault-tolerance.md's report command, from the repository root, on two quick faults:
-    one with a good teacher beside a wrong one (clean), one with only a broken teacher (a clear error)."""
+    one with only a broken teacher (a clear error), one with a good teacher beside a wrong one (clean)."""
     root = Path(__file__).resolve().parent.parent
     docs = (root / "docs" / "fault-tolerance.md").read_text(encoding="utf-8")
     command = re.search(r"^\.venv/bin/python (tests/chaos_report\.py) ", docs, flags=re.M)
     assert command, "docs/fault-tolerance.md no longer says how to run the report"
     out = tmp_path / "report.json"
-    only = ["shape-beside-good", "only-broken"]
+    only = ["only-broken", "shape-beside-good"]  # the report's order
     done = subprocess.run(
         [sys.executable, command[1], "--quick", "--only", *only, "--json", str(out)],
         cwd=root,
@@ -200,8 +200,8 @@ def test_the_report_script_runs_as_the_docs_say(tmp_path):
     title, *rows = done.stdout.splitlines()
     assert title.startswith("fault-injection report (quick sizes"), done.stdout
     assert [row.split()[0] for row in rows] == only, done.stdout
-    assert "lost 0" in rows[0] and "duplicated 0" in rows[0] and "wrong 0" in rows[0], rows[0]
-    assert "error after" in rows[1] and "Error" in rows[1], rows[1]
+    assert "error after" in rows[0] and "Error" in rows[0], rows[0]
+    assert "lost 0" in rows[1] and "duplicated 0" in rows[1] and "wrong 0" in rows[1], rows[1]
     results = json.loads(out.read_text())
     assert results["shape-beside-good"]["delivered"] == results["shape-beside-good"]["samples"] == 600
     assert results["only-broken"]["details"]["error_type"] in WRONG
