@@ -11,6 +11,7 @@ import os
 
 import pytest
 from chaos_scenarios import FaultResult
+from conftest import live_parents
 
 # Long versions: `DISTILL_SLOW_TESTS=1 pytest -m slow`; `python tests/chaos_report.py` runs the
 # scenarios long too.
@@ -52,17 +53,7 @@ def alive(pid: int) -> bool:
 
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (children, grandchildren, ...)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(entry)] = int(fields[1])
+    parents = live_parents()
     found, frontier = set(), {pid}
     while frontier:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found

@@ -76,27 +76,21 @@ class TeacherProcesses(bench_processes.TeacherProcesses):
 
 @pytest.fixture
 def teachers() -> Iterator[TeacherProcesses]:
-    fleet = TeacherProcesses()
-    try:
+    """Teacher processes a test starts (``teachers.start(...)``), killed at its end."""
+    with TeacherProcesses() as fleet:
         yield fleet
-    finally:
-        fleet.stop_all()
 
 
 @pytest.fixture(scope="session")
 def tag_teachers() -> Iterator[list[str]]:
     """Two teacher processes serving ``reader_models:tag``, shared by the tests that only read."""
-    fleet = TeacherProcesses()
-    try:
+    with TeacherProcesses() as fleet:
         yield [fleet.start(), fleet.start()]
-    finally:
-        fleet.stop_all()
 
 
-def child_pids(pid: int | None = None) -> set[int]:
-    """Processes whose parent is ``pid`` (this process by default)."""
-    pid = os.getpid() if pid is None else pid
-    children = set()
+def live_parents() -> dict[int, int]:
+    """Every live (not zombie) process of this machine, with its parent's pid."""
+    parents = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -105,9 +99,15 @@ def child_pids(pid: int | None = None) -> set[int]:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.add(int(entry))
-    return children
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    return parents
+
+
+def child_pids(pid: int | None = None) -> set[int]:
+    """Processes whose parent is ``pid`` (this process by default)."""
+    pid = os.getpid() if pid is None else pid
+    return {child for child, parent in live_parents().items() if parent == pid}
 
 
 def shm_files() -> set[str]:

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TeacherProcesses, free_port
+from conftest import READER_CONFIG, TeacherProcesses, free_port
 from reader_models import make_sample, tag_rows
 from security_support import Pki, make_pki
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -358,9 +358,9 @@ def test_discovery_mtls_token_end_to_end(tmp_path, pki, token_file, capfd):
     assert TOKEN not in capfd.readouterr().err
 
 
-DISCOVER_CONFIG = """\
-[conf]
-mode = discover
+DISCOVER_CONFIG = READER_CONFIG.replace(
+    "{conf}",
+    """mode = discover
 host = {host}
 service_name = svc
 require_num = 1
@@ -368,18 +368,8 @@ token_file = {token}
 tls_ca = {ca}
 tls_cert = {cert}
 tls_key = {key}
-
-[feed]
-feed_vars = ['img', 'label']
-feed_types = ['float32', 'int64']
-feed_shapes = [(1, 4, 4), (1,)]
-predict_feed_ids = [0]
-
-[fetch]
-fetch_vars = ['prediction']
-fetch_types = ['float32']
-fetch_shapes = [(10, )]
-"""
+""",
+)
 
 
 # --- safe defaults -----------------------------------------------------------------------------
