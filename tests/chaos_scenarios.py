@@ -230,6 +230,14 @@ def kill_one_of_n(tmp: Path, n: int = 2000, seed: int = 0, teachers: int = 3, ki
     return result
 
 
+def _kill_all(fleet: TeacherProcesses, endpoints: Sequence[str], audit: Audit, result: FaultResult) -> None:
+    """SIGKILL the teachers of ``endpoints`` now, counting the faults from this moment."""
+    audit.mark()
+    for endpoint in endpoints:
+        fleet.kill(endpoint)
+    result.faults_injected += len(endpoints)
+
+
 def kill_all_then_one_back(
     tmp: Path, n: int = 1000, seed: int = 0, teachers: int = 2, down_s: float = 2.0
 ) -> FaultResult:
@@ -244,10 +252,7 @@ def kill_all_then_one_back(
 
         def on_step(step: int, audit: Audit) -> None:
             if step == moment:
-                audit.mark()
-                for endpoint in endpoints:
-                    fleet.kill(endpoint)
-                result.faults_injected += len(endpoints)
+                _kill_all(fleet, endpoints, audit, result)
 
                 def comeback() -> None:
                     time.sleep(down_s)
@@ -281,10 +286,7 @@ def no_teacher_left(tmp: Path, n: int = 1000, seed: int = 0, teacher_timeout: fl
 
         def on_step(step: int, audit: Audit) -> None:
             if step == moment:
-                audit.mark()
-                for endpoint in endpoints:
-                    fleet.kill(endpoint)
-                result.faults_injected += len(endpoints)
+                _kill_all(fleet, endpoints, audit, result)
 
         with _reader(write_config(tmp, endpoints), n, request_timeout=5, teacher_timeout=teacher_timeout) as dr:
             started = time.monotonic()
