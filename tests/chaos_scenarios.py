@@ -482,10 +482,14 @@ def link_down(
                 audit.fill(result)
                 # Back up: the cut-off teacher serves again in the next epoch.
                 time.sleep(max(0.0, down_s + 0.5 - (time.monotonic() - audit.faults[0])) if audit.faults else 0)
+                first = {t.endpoint: t for t in dr.stats().teachers}
+                result.details["remote_failures"] = first[remote].failures  # its requests lost in the cut
                 second, error2 = run_epoch(dr, n)
-                stats = {t.endpoint: t.requests for t in dr.stats().teachers}
+                teachers = {t.endpoint: t for t in dr.stats().teachers}
                 result.details["next_epoch_clean"] = error2 is None and second.fill(FaultResult("")).clean
-                result.details["remote_requests"] = stats.get(remote, 0)
+                result.details["remote_requests"] = teachers[remote].requests
+                # Rows it answered (tries that time out count as requests, not as rows).
+                result.details["remote_rows_next_epoch"] = teachers[remote].rows - first[remote].rows
         finally:
             fleet.stop_all()
     return result

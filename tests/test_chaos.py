@@ -153,7 +153,9 @@ def test_teacher_link_down_in_network_namespace(tmp_path):
     result = chaos.link_down(tmp_path, 960, seed=6, down_s=2.0, request_timeout=1.0)
     assert_clean(result)
     assert result.details["next_epoch_clean"]
-    assert result.details["remote_requests"] > 0  # the teacher was used before the cut (and after)
+    assert result.details["remote_requests"] > 0
+    assert result.details["remote_failures"] > 0, result.details  # the cut cost it requests...
+    assert result.details["remote_rows_next_epoch"] > 0, result.details  # ...and once back, it served
 
 
 def test_misconfigured_teacher_is_quarantined_then_rejoins_once_fixed(tmp_path):
