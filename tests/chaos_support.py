@@ -1,8 +1,8 @@
 """Helpers for the fault-injection, torture and fuzz tests (no tests here).
 
-The fault injectors themselves (teacher fleets, a silent TCP listener, a wrong-answering OIP
-server, restartable discovery/Redis/etcd processes, network namespaces) live in
-:mod:`distill_reader.bench.chaos`, which ``distill bench chaos`` runs with long sizes.
+The scenarios are ``chaos_scenarios`` (``chaos_report.py`` runs them with long sizes); the wrong
+teachers are ``fault_injectors``; teacher, discovery, Redis and etcd processes are started by
+:mod:`distill_reader.bench.processes`.
 """
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 
 import pytest
+from chaos_scenarios import FaultResult
+from conftest import live_parents
 
-from distill_reader.bench.chaos import FaultResult
-
-# Long versions: `pytest -m slow` with DISTILL_SLOW_TESTS=1, or `distill bench chaos`.
+# Long versions: `DISTILL_SLOW_TESTS=1 pytest -m slow`; `python tests/chaos_report.py` runs the
+# scenarios long too.
 RUN_SLOW = bool(os.environ.get("DISTILL_SLOW_TESTS"))
 
 
 def slow(test):
-    """Mark ``test`` slow: skipped unless ``DISTILL_SLOW_TESTS=1`` (``distill bench chaos`` runs them)."""
-    skip = pytest.mark.skipif(not RUN_SLOW, reason="slow: set DISTILL_SLOW_TESTS=1 (or run `distill bench chaos`)")
+    """Mark ``test`` slow: skipped unless ``DISTILL_SLOW_TESTS=1``."""
+    skip = pytest.mark.skipif(not RUN_SLOW, reason="slow: set DISTILL_SLOW_TESTS=1")
     return pytest.mark.slow(skip(test))
 
 
@@ -52,17 +53,7 @@ def alive(pid: int) -> bool:
 
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (children, grandchildren, ...)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(entry)] = int(fields[1])
+    parents = live_parents()
     found, frontier = set(), {pid}
     while frontier:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found

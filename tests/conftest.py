@@ -8,24 +8,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from distill_reader import DistillReader
+from distill_reader.bench import processes as bench_processes
 from distill_reader.reader.pool import NAME_PREFIX
 from distill_reader.reader.stats import ReaderStats
-from distill_reader.teacher.local import free_port, start_teacher, wait_until_ready
+from distill_reader.teacher.local import free_port  # noqa: F401 - the tests import it from here
 
 TESTS_DIR = Path(__file__).parent
 
 
-SEED_CONFIG = """\
+READER_CONFIG = """\
 [conf]
-mode = fixed
-servers = {servers!r}
-{extra}
+{conf}
 [feed]
 feed_vars = ['img', 'label']
 feed_types = ['float32', 'int64']
@@ -37,6 +36,8 @@ fetch_vars = ['prediction']
 fetch_types = ['float32']
 fetch_shapes = [(10, )]
 """
+# READER_CONFIG in fixed mode: ``SEED_CONFIG.format(servers=[...], extra="more [conf] lines")``.
+SEED_CONFIG = READER_CONFIG.replace("{conf}", "mode = fixed\nservers = {servers!r}\n{extra}")
 
 
 @pytest.fixture
@@ -52,63 +53,44 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
-class TeacherProcesses:
-    """Built-in teacher servers run as ``distill teacher serve`` processes."""
+def tests_pythonpath() -> dict[str, str]:
+    """``PYTHONPATH`` with tests/ first, so that a child process can load the tests' models
+    (``reader_models:tag``)."""
+    return {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
 
-    def __init__(self) -> None:
-        self.processes: dict[str, subprocess.Popen] = {}
 
-    def start(
-        self,
-        model: str = "reader_models:tag",
-        *args: str,
-        env: dict[str, str] | None = None,
-        endpoint: str | None = None,
-    ) -> str:
-        """Start a teacher serving ``model`` on ``endpoint`` (default: a free port); its address."""
-        endpoint = endpoint or f"127.0.0.1:{free_port()}"
-        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-        environ.update(env or {})
-        process = start_teacher(model, endpoint, *args, env=environ, output=None, wait=False)
-        self.processes[endpoint] = process
-        wait_until_ready(endpoint, process)
-        return endpoint
+def tests_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with :func:`tests_pythonpath`, and ``extra``."""
+    return {**os.environ, **tests_pythonpath(), **(extra or {})}
 
-    def kill(self, endpoint: str, sig: int = signal.SIGKILL) -> None:
-        process = self.processes[endpoint]
-        process.send_signal(sig)
-        process.wait(10)
 
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
+class TeacherProcesses(bench_processes.TeacherProcesses):
+    """The bench's teacher launcher with the tests' defaults: ``reader_models:tag``, the tests'
+    models importable, the teachers' output on ours (``output``: elsewhere)."""
+
+    def __init__(
+        self, model: str = "reader_models:tag", env: Mapping[str, str] | None = None, output: int | None = None
+    ) -> None:
+        super().__init__(model, env={**tests_pythonpath(), **(env or {})}, output=output)
 
 
 @pytest.fixture
 def teachers() -> Iterator[TeacherProcesses]:
-    fleet = TeacherProcesses()
-    try:
+    """Teacher processes a test starts (``teachers.start(...)``), killed at its end."""
+    with TeacherProcesses() as fleet:
         yield fleet
-    finally:
-        fleet.stop_all()
 
 
 @pytest.fixture(scope="session")
 def tag_teachers() -> Iterator[list[str]]:
     """Two teacher processes serving ``reader_models:tag``, shared by the tests that only read."""
-    fleet = TeacherProcesses()
-    try:
+    with TeacherProcesses() as fleet:
         yield [fleet.start(), fleet.start()]
-    finally:
-        fleet.stop_all()
 
 
-def child_pids(pid: int | None = None) -> set[int]:
-    """Processes whose parent is ``pid`` (this process by default)."""
-    pid = os.getpid() if pid is None else pid
-    children = set()
+def live_parents() -> dict[int, int]:
+    """Every live (not zombie) process of this machine, with its parent's pid."""
+    parents = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -117,9 +99,15 @@ def child_pids(pid: int | None = None) -> set[int]:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.add(int(entry))
-    return children
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    return parents
+
+
+def child_pids(pid: int | None = None) -> set[int]:
+    """Processes whose parent is ``pid`` (this process by default)."""
+    pid = os.getpid() if pid is None else pid
+    return {child for child, parent in live_parents().items() if parent == pid}
 
 
 def shm_files() -> set[str]:

@@ -31,10 +31,21 @@ def netns_available() -> str | None:
     return None
 
 
+def _free_subnet(first: int) -> int:
+    """A ``10.231.X.0/24`` no interface here uses, trying ``first`` first (two test processes at once)."""
+    used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    for n in [first, *range(250)]:
+        if f"10.231.{n}." not in used:
+            return n
+    raise RuntimeError("no free 10.231.X.0/24 subnet")
+
+
 class NetnsHosts:
+    """A bridge here and ``count`` hosts (namespaces) on it; a context manager that removes them all."""
+
     def __init__(self, count: int) -> None:
         tag = os.getpid() % 100000
-        self.subnet = f"10.231.{os.getpid() % 250}"
+        self.subnet = f"10.231.{_free_subnet(os.getpid() % 250)}"
         self.bridge = f"drb{tag}"
         self.gateway = f"{self.subnet}.1"
         self.names = [f"drh{tag}-{i}" for i in range(count)]
@@ -67,6 +78,10 @@ class NetnsHosts:
     def cut(self, host: int) -> None:
         """Take the host's link down: its packets are dropped, connections hang (like a cable pull)."""
         _ip("link", "set", self._links[host], "down")
+
+    def restore(self, host: int) -> None:
+        """Bring the host's link back up after :meth:`cut` (the cable is plugged in again)."""
+        _ip("link", "set", self._links[host], "up")
 
     def __exit__(self, *exc: object) -> None:
         for name, link in zip(self.names, self._links):

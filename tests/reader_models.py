@@ -13,12 +13,22 @@ import time
 
 import numpy as np
 
-# The exact model and the samples are the fault-injection benchmark's, so tests and `distill bench
-# chaos` check the same thing.
-from distill_reader.bench.fleet import IMG_SHAPE, make_sample, tag_rows
 from distill_reader.serving import teacher_model
 
-__all__ = ["IMG_SHAPE", "make_sample", "tag_rows"]
+IMG_SHAPE = (1, 4, 4)
+N_OUT = 10
+
+
+def tag_rows(img: np.ndarray) -> np.ndarray:
+    """The reference output: per row, 10 partial sums of the flattened image (exact in float32)."""
+    x = img.reshape(len(img), -1).astype(np.float64)
+    return np.stack([x[:, i::N_OUT].sum(axis=1) for i in range(N_OUT)], axis=1).astype(np.float32)
+
+
+def make_sample(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``i``: pixels that encode ``i``, label ``i``."""
+    img = (np.arange(16, dtype=np.float32).reshape(IMG_SHAPE) + i * 16) % 1000 + i
+    return img, np.array([i], dtype=np.int64)
 
 
 @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
@@ -34,8 +44,8 @@ def tag_paddle_names(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
 def slow_tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``tag`` taking 20 ms per batch (sleeping, like a GPU), so an epoch lasts long enough to kill
-    a teacher in the middle of it."""
+    """``tag`` taking ``$SLOW_TAG_SECONDS`` (default 0.02) per batch, sleeping like a GPU, so an
+    epoch lasts long enough to kill a teacher in the middle of it."""
     time.sleep(float(os.environ.get("SLOW_TAG_SECONDS", "0.02")))
     return {"prediction": tag_rows(batch["img"])}
 
@@ -56,7 +66,15 @@ def slow_label(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
 def broken(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Answers every request with an error."""
     raise RuntimeError("the teacher model is broken")
+
+
+@teacher_model(inputs=[("img", "float32", IMG_SHAPE)], outputs=[("prediction", "float32", (10,))])
+def hang(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Accepts the request and never answers."""
+    time.sleep(10**6)
+    raise AssertionError("unreachable")
 
 
 # -- sequence models: variable-length rows, per-token top-k-shaped outputs ------------------------

@@ -16,7 +16,7 @@ import grpc
 from aetcd import rpc
 from security_support import Pki
 
-from distill_reader.bench.fleet import StoreProcess
+from distill_reader.bench.processes import StoreProcess
 
 REDIS_PASSWORD = "default-pass-0123"  # the default user's (requirepass)
 REDIS_USER, REDIS_USER_PASSWORD = "distill", "acl-pass-4567"

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_bench_help_gives_each_scenarios_duration() -> None:
     assert said, text
     left_out = re.split(r", | and ", said[1])
     assert sorted(left_out) == sorted(set(SCENARIOS) - set(SCENARIO_NAMES)), left_out
-    assert said[1] == "chaos, store, discovery, llm and llm-openai"
+    assert said[1] == "store, discovery, llm and llm-openai"
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     readme_said = re.search(r"^distill bench +# all scenarios but (.+?), about", readme, flags=re.M)
     assert readme_said and readme_said[1] == said[1], readme_said
@@ -185,3 +186,26 @@ def test_bench_llm_openai_without_vllm_is_a_usage_error_before_anything_runs(mon
     assert result.exit_code == 2, result.output
     assert "llm-openai needs vLLM: run scripts/external-teachers.sh" in result.output
     assert "DISTILL_VLLM_PYTHON" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.timeout(120)
+def test_latency_teachers_delay_every_request_by_the_latency() -> None:
+    """The latency scenario's teachers (``bench.teachers`` prefixed to ``distill teacher serve``)
+    hold each request for the latency (a lower bound: it is a sleep, whatever the machine's load)."""
+    import numpy as np
+    import tritonclient.grpc as tc
+
+    from distill_reader.bench.harness import TeacherSpec, teacher_processes
+
+    img = tc.InferInput("img", [1, 1, 28, 28], "FP32")
+    img.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+    took = {}
+    for latency_ms in (0.0, 300.0):  # (with none, the plain command line: it must serve as well)
+        with teacher_processes(TeacherSpec(model="zero_cost", latency_ms=latency_ms), 2) as servers:
+            assert len(servers) == 2
+            client = tc.InferenceServerClient(servers[-1])
+            started = time.monotonic()
+            result = client.infer("teacher", [img])
+            took[latency_ms] = time.monotonic() - started
+            assert result.as_numpy("prediction").shape == (1, 10)
+    assert took[300.0] >= 0.3, took

@@ -1,16 +1,25 @@
 """Fault injection: teachers killed, hung, silent or wrong; discovery, Redis and etcd restarted;
 a teacher's link cut. Every sample exactly once with the right output, or a clear exception.
 
-The scenarios are :mod:`distill_reader.bench.chaos` with small sizes (``distill bench chaos`` runs
-them long and prints the report); ``pytest -s`` prints each result.
+The scenarios are ``chaos_scenarios``'s with small sizes; the long ones are slow-marked
+(``DISTILL_SLOW_TESTS=1``), and ``tests/chaos_report.py`` runs them all long and prints the report
+(docs/fault-tolerance.md). ``pytest -s`` prints each result.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import chaos_scenarios as chaos
 import pytest
 from chaos_support import assert_clean, slow
+from netns_support import netns_available
 
-from distill_reader.bench import chaos, fleet
+from distill_reader.bench.processes import StoreProcess
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -97,7 +106,11 @@ def test_wrong_teacher_beside_a_busy_good_one_fails_no_epoch(tmp_path, kind):
     [
         ("hang", ("NoTeacherError",), "no teacher answered for 2 s (teacher_timeout=2); last errors: teacher "),
         ("silent", ("NoTeacherError",), "no teacher answered for 2 s (teacher_timeout=2); last errors: teacher "),
-        ("broken", WRONG, "a request to model 'teacher' failed: INTERNAL: model 'teacher' failed: the chaos teacher"),
+        (
+            "broken",
+            WRONG,
+            "failed: INTERNAL: model 'teacher' failed: the teacher model is broken",
+        ),
         # Wrong answers quarantine the only teacher: the epoch fails at once, with that reason.
         ("shape", MISMATCH, "returned FP32[4, 9] for fetch var 'prediction', expected FP32[4, 10]"),
         ("bytes", MISMATCH, "returned 80 bytes for fetch var 'prediction', expected 160"),
@@ -126,21 +139,23 @@ def test_discovery_server_killed_and_restarted(tmp_path):
 
 @pytest.mark.parametrize("kind", ["redis", "etcd"])
 def test_store_killed_and_restarted(tmp_path, kind):
-    if not fleet.StoreProcess.available(kind):
-        pytest.skip(f"{fleet.StoreProcess.BINARIES[kind]} is not installed (scripts/install-services.sh)")
+    if not StoreProcess.available(kind):
+        pytest.skip(f"{StoreProcess.BINARIES[kind]} is not installed (scripts/install-services.sh)")
     result = chaos.store_restart(tmp_path, kind, 960, seed=5, down_s=1.0)
     assert_clean(result)
     assert result.details["assigned_after"] >= 0
 
 
 def test_teacher_link_down_in_network_namespace(tmp_path):
-    why = fleet.NetNamespace.unavailable()
+    why = netns_available()
     if why is not None:
         pytest.skip(f"network namespaces unavailable: {why}")
     result = chaos.link_down(tmp_path, 960, seed=6, down_s=2.0, request_timeout=1.0)
     assert_clean(result)
     assert result.details["next_epoch_clean"]
-    assert result.details["remote_requests"] > 0  # the teacher was used before the cut (and after)
+    assert result.details["remote_requests"] > 0
+    assert result.details["remote_failures"] > 0, result.details  # the cut cost it requests...
+    assert result.details["remote_rows_next_epoch"] > 0, result.details  # ...and once back, it served
 
 
 def test_misconfigured_teacher_is_quarantined_then_rejoins_once_fixed(tmp_path):
@@ -164,3 +179,33 @@ def test_no_discovery_server_then_one_starts(tmp_path):
     assert result.details["error_type"] == "NoTeacherError", result.error
     assert f"no discovery server answered for service '{chaos.SERVICE}'" in result.error
     assert result.details["next_epoch_clean"], result
+
+
+def test_the_report_script_runs_as_the_docs_say(tmp_path):
+    """docs/fault-tolerance.md's report command, from the repository root, on two quick faults:
+    one with only a broken teacher (a clear error), one with a good teacher beside a wrong one (clean)."""
+    root = Path(__file__).resolve().parent.parent
+    docs = (root / "docs" / "fault-tolerance.md").read_text(encoding="utf-8")
+    command = re.search(r"^\.venv/bin/python (tests/chaos_report\.py) ", docs, flags=re.M)
+    assert command, "docs/fault-tolerance.md no longer says how to run the report"
+    out = tmp_path / "report.json"
+    only = ["only-broken", "shape-beside-good"]  # the report's order
+    done = subprocess.run(
+        [sys.executable, command[1], "--quick", "--only", *only, "--json", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    title, *rows = done.stdout.splitlines()
+    assert title.startswith("fault-injection report (quick sizes"), done.stdout
+    assert [row.split()[0] for row in rows] == only, done.stdout
+    assert "error after" in rows[0] and "Error" in rows[0], rows[0]
+    assert "lost 0" in rows[1] and "duplicated 0" in rows[1] and "wrong 0" in rows[1], rows[1]
+    results = json.loads(out.read_text())
+    assert results["shape-beside-good"]["delivered"] == results["shape-beside-good"]["samples"] == 600
+    assert results["only-broken"]["details"]["error_type"] in WRONG
+    assert "the teacher model is broken" in results["only-broken"]["error"]
+    assert "only-broken" in done.stderr  # progress, on stderr

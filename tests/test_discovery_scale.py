@@ -20,7 +20,7 @@ import redis
 from test_discovery_stores import start_store
 
 from distill_reader.bench.discovery import Simulator, teacher_join, teacher_loss
-from distill_reader.bench.fleet import DiscoveryProcess
+from distill_reader.bench.processes import DiscoveryProcess
 from distill_reader.discovery.client import fetch_status
 from distill_reader.discovery.server import DiscoveryServer
 from distill_reader.discovery.service import DEFAULT_TTL_S, status_dict

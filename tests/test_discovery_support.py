@@ -13,7 +13,7 @@ import time
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from distill_reader.bench.fleet import StoreProcess
+from distill_reader.bench.processes import StoreProcess
 from distill_reader.discovery.client import StudentSession
 
 

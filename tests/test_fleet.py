@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SEED_CONFIG, TeacherProcesses, settled_stats, wait_for
+from fault_injectors import WrongTeacher
 from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import (
@@ -26,7 +27,6 @@ from distill_reader import (
     TeacherMismatchError,
     TeacherOutputError,
 )
-from distill_reader.bench.fleet import WrongTeacher
 from distill_reader.discovery.server import running_discovery
 from distill_reader.teacher.local import free_port
 

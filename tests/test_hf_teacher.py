@@ -11,7 +11,6 @@ values must match within ``ATOL`` and each index must point at a reference log-p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import llm_support
@@ -23,7 +22,7 @@ llm_support.require_llm()
 import torch  # noqa: E402
 import tritonclient.grpc as tc  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from conftest import TESTS_DIR, TeacherProcesses, free_port  # noqa: E402
+from conftest import TeacherProcesses  # noqa: E402
 
 from distill_reader import DistillReader  # noqa: E402
 from distill_reader.bench.sequence import sequence_config  # noqa: E402
@@ -31,7 +30,6 @@ from distill_reader.serving.backends import load_backend  # noqa: E402
 from distill_reader.serving.backends.hf import device_topk  # noqa: E402
 from distill_reader.serving.commands import teacher  # noqa: E402
 from distill_reader.serving.topk import TopKBackend, topk  # noqa: E402
-from distill_reader.teacher.local import start_teacher, wait_until_ready  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -209,29 +207,20 @@ def hf_teachers(model_dir: Path) -> TeacherProcesses:
     """Two ``distill teacher serve --model hf:DIR --topk 8`` processes, started together; the
     token budget of 128 cuts most merged batches (and every large request) into several passes."""
     fleet = TeacherProcesses()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
     options = ("--topk", str(K), "--device", "cpu", "--threads", "1", "--max-batch-tokens", "128")
     try:
         for _ in range(2):
-            endpoint = f"127.0.0.1:{free_port()}"
-            fleet.processes[endpoint] = start_teacher(
-                f"hf:{model_dir}", endpoint, *options, "--max-delay-ms", "20", env=env, output=None, wait=False
-            )
-        for endpoint, process in fleet.processes.items():
-            wait_until_ready(endpoint, process, timeout=READY_S)
+            fleet.start(f"hf:{model_dir}", *options, "--max-delay-ms", "20", wait=False)
+        fleet.wait_ready(timeout=READY_S)
         yield fleet
     finally:
         fleet.stop_all()
 
 
-def _alive(fleet: TeacherProcesses) -> list[str]:
-    return [e for e, p in fleet.processes.items() if p.poll() is None]
-
-
 def test_server_metadata_and_requests_over_the_budget(
     hf_teachers: TeacherProcesses, model_dir: Path, reference: Reference
 ) -> None:
-    address = _alive(hf_teachers)[-1]
+    address = hf_teachers.alive()[-1]
     client = tc.InferenceServerClient(address)
     meta = client.get_model_metadata("teacher", as_json=True)
     assert meta["platform"] == "transformers"
@@ -263,7 +252,7 @@ def test_reader_with_a_teacher_killed_mid_epoch(
     hf_teachers: TeacherProcesses, model_dir: Path, reference: Reference, tmp_path: Path
 ) -> None:
     """Two teachers, one killed after a few batches: every row once, in order, every position exact."""
-    endpoints = _alive(hf_teachers)
+    endpoints = hf_teachers.alive()
     assert len(endpoints) == 2, "the module's teachers are already down"
     n, batch_size = 96, 8
     rows = llm_support.token_rows(model_dir, n, 1, MAX_LENGTH, seed=4)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TESTS_DIR, free_port
+from conftest import READER_CONFIG, TeacherProcesses, free_port
 from reader_models import make_sample, tag_rows
 from security_support import Pki, make_pki
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -308,15 +306,11 @@ def test_teacher_token_protects_only_model_methods():
 
 def test_discovery_mtls_token_end_to_end(tmp_path, pki, token_file, capfd):
     thread = ServerThread(token=Secret(TOKEN), tls=server_tls(pki, mtls=True)).start()
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
     tls_args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "distill_reader", "teacher", "serve", "--model", "reader_models:tag",
-         "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file), *tls_args,
-         "--register", thread.address, "--service-name", "svc"],
-        env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+    fleet = TeacherProcesses(output=subprocess.PIPE)  # its log: stdout, stderr merged in
+    register = ("--register", thread.address, "--service-name", "svc")
+    endpoint = fleet.start(None, "--token-file", str(token_file), *tls_args, *register, wait=False)
+    process = fleet.processes[endpoint]
     client = ClientSecurity(Secret(TOKEN), client_tls(pki, cert=True))
     try:
         deadline = time.monotonic() + 30
@@ -325,10 +319,10 @@ def test_discovery_mtls_token_end_to_end(tmp_path, pki, token_file, capfd):
             teachers = st["services"].get("svc", {}).get("teachers", [])
             if teachers and teachers[0]["healthy"]:
                 break
-            assert process.poll() is None, process.stderr.read()
+            assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline, f"teacher never registered healthy: {st}"
             time.sleep(0.2)
-        assert teachers[0]["endpoint"] == f"127.0.0.1:{port}"
+        assert teachers[0]["endpoint"] == endpoint
         # A student in discover mode: token and mTLS to discovery and to the teacher.
         conf = tmp_path / "discover.conf"
         conf.write_text(
@@ -342,7 +336,7 @@ def test_discovery_mtls_token_end_to_end(tmp_path, pki, token_file, capfd):
         args = ["status", "--discovery", thread.address, "--token-file", str(token_file), "--tls-ca", str(pki.ca)]
         result = runner.invoke(discovery, [*args, "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)])
         assert result.exit_code == 0, result.output
-        assert f"127.0.0.1:{port}" in result.output and TOKEN not in result.output
+        assert endpoint in result.output and TOKEN not in result.output
         result = runner.invoke(discovery, args)
         assert result.exit_code == 1 and "client certificate (--tls-cert/--tls-key)" in result.output
         result = runner.invoke(discovery, ["status", "--discovery", thread.address, "--token-file", str(token_file)])
@@ -352,20 +346,21 @@ def test_discovery_mtls_token_end_to_end(tmp_path, pki, token_file, capfd):
             run(fetch_status(thread.address, "s" * (5 * 1024 * 1024), security=client))
         assert "svc" in status_dict(run(fetch_status(thread.address, security=client)))["services"]
     finally:
-        process.terminate()
+        process.terminate()  # not SIGKILL: the log is read to its end
         try:
-            _, err = process.communicate(timeout=15)
+            log, _ = process.communicate(timeout=15)
         except subprocess.TimeoutExpired:
-            process.kill()
-            _, err = process.communicate()
+            fleet.stop_all()
+            log, _ = process.communicate()
         thread.stop()
-    assert "token required" in err and TOKEN not in err
+    log = log.decode(errors="replace")
+    assert "token required" in log and TOKEN not in log
     assert TOKEN not in capfd.readouterr().err
 
 
-DISCOVER_CONFIG = """\
-[conf]
-mode = discover
+DISCOVER_CONFIG = READER_CONFIG.replace(
+    "{conf}",
+    """mode = discover
 host = {host}
 service_name = svc
 require_num = 1
@@ -373,18 +368,8 @@ token_file = {token}
 tls_ca = {ca}
 tls_cert = {cert}
 tls_key = {key}
-
-[feed]
-feed_vars = ['img', 'label']
-feed_types = ['float32', 'int64']
-feed_shapes = [(1, 4, 4), (1,)]
-predict_feed_ids = [0]
-
-[fetch]
-fetch_vars = ['prediction']
-fetch_types = ['float32']
-fetch_shapes = [(10, )]
-"""
+""",
+)
 
 
 # --- safe defaults -----------------------------------------------------------------------------
@@ -427,20 +412,12 @@ def test_warning_for_non_loopback_without_token(caplog):
 
 
 def test_teacher_metrics_scrape(token_file):
-    port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "distill_reader", "teacher", "serve", "--model", "reader_models:tag",
-         "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
-         "--metrics", f"127.0.0.1:{metrics_port}"],
-        env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+    metrics_port = free_port()
+    fleet = TeacherProcesses()
+    endpoint = fleet.start(None, "--token-file", str(token_file), "--metrics", f"127.0.0.1:{metrics_port}")
     try:
-        from distill_reader.teacher.local import wait_until_ready
-
-        wait_until_ready(f"127.0.0.1:{port}", process)
         auth = (("authorization", f"Bearer {TOKEN}"),)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(endpoint) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             for rows in (3, 5, 8):
                 img = np.stack([make_sample(i)[0] for i in range(rows)])
@@ -458,8 +435,7 @@ def test_teacher_metrics_scrape(token_file):
                 stub.ModelInfer(service_pb2.ModelInferRequest(model_name="teacher"), metadata=auth)  # invalid
         text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
-        process.terminate()
-        process.communicate(timeout=15)
+        fleet.stop_all()
 
     def value(name: str) -> float:
         match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)

@@ -33,11 +33,8 @@ REQUEST_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[TeacherProcesses]:
-    processes = TeacherProcesses()
-    try:
+    with TeacherProcesses() as processes:
         yield processes
-    finally:
-        processes.stop_all()
 
 
 @pytest.fixture(scope="module")

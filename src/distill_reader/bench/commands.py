@@ -40,8 +40,6 @@ SCENARIOS: dict[str, Scenario] = {
     "memory": Scenario("pool ÷ capacity × batch bytes; RSS growth over epochs", 35),
     "dbatch-scaling": Scenario("transport ratio for d_batch_size 1 … 256 (plot)", 190),
     "sequence": Scenario("real tokens/s ÷ 4 sequence teachers' capacity at zero padding; top-k costs", 40),
-    # chaos: the 130 s run of docs/fault-tolerance.md.
-    "chaos": Scenario("faults injected: samples lost/duplicated/wrong, seconds to recover", 130),
     # store: writes about 150 MB to the temporary directory (docs/store.md).
     "store": Scenario("knowledge store: write ÷ no store, read ÷ pyarrow on the same files, bytes/row", 90),
     # discovery: the default size (1,000 students / 100 teachers, memory store).
@@ -61,15 +59,14 @@ SCENARIO_NAMES = (
     "dbatch-scaling",
     "sequence",
 )
-# Run only when named: chaos kills processes and restarts services, store writes to disk,
-# discovery simulates a thousand clients, llm needs the llm extra, llm-openai needs vLLM's own venv.
-EXTRA_SCENARIOS = ("chaos", "store", "discovery", "llm", "llm-openai")
+# Run only when named: store writes to disk, discovery simulates a thousand clients, llm needs the
+# llm extra, llm-openai needs vLLM's own venv.
+EXTRA_SCENARIOS = ("store", "discovery", "llm", "llm-openai")
 
 
 def _functions() -> dict[str, Callable[..., list[Row]]]:
     # Imported when a run starts, so that `distill bench --help` stays fast.
     from distill_reader.bench import (
-        chaos,
         discovery,
         llm,
         llm_openai,
@@ -91,7 +88,6 @@ def _functions() -> dict[str, Callable[..., list[Row]]]:
         "memory": memory.memory,
         "dbatch-scaling": transport.dbatch_scaling,
         "sequence": sequence.sequence,
-        "chaos": chaos.chaos_rows,
         "store": store.store,
         "discovery": discovery.discovery,
         "llm": llm.llm,
@@ -124,9 +120,9 @@ def _help() -> str:
 
         Progress goes to stderr, the table to stdout. dbatch-scaling writes its plot to
         ./{DEFAULT_PLOT} (or --plot FILE); the committed figure is refreshed with
-        --plot docs/benchmarks-dbatch.png. See docs/benchmarks.md; chaos (teachers killed, hung or
-        wrong, discovery/Redis/etcd restarted, a link cut): docs/fault-tolerance.md; store:
-        docs/store.md; llm-openai (vLLM from build/teachers/vllm-venv): docs/llm-openai.md.
+        --plot docs/benchmarks-dbatch.png. See docs/benchmarks.md; store: docs/store.md;
+        llm-openai (vLLM from build/teachers/vllm-venv): docs/llm-openai.md. Faults (teachers
+        killed, hung or wrong, a link cut) are the tests' business: docs/fault-tolerance.md.
         """
     ).replace("{lines}", lines)  # after cleandoc: the table is indented less than the text
 

@@ -597,7 +597,7 @@ def run_size(
 ) -> SizeResult:
     """One size on one store (``memory``, ``redis`` or ``etcd``: started here), in fresh processes;
     ``servers`` discovery servers share the store (Redis or etcd)."""
-    from distill_reader.bench.fleet import DiscoveryProcess, StoreProcess
+    from distill_reader.bench.processes import DiscoveryProcess, StoreProcess
     from distill_reader.teacher.local import free_port
 
     with tempfile.TemporaryDirectory(prefix="distill-bench-discovery-") as tmp:

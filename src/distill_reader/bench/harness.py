@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from distill_reader.bench.processes import TeacherProcesses
 from distill_reader.bench.teachers import A_ENV, B_ENV, IMG_SHAPE, N_CLASSES
-from distill_reader.teacher.local import free_port, start_teacher, stop_processes, wait_until_ready
 
 Progress = Callable[[str], None]
 
@@ -170,39 +169,23 @@ class TeacherSpec:
 @contextlib.contextmanager
 def teacher_processes(spec: TeacherSpec, count: int) -> Iterator[list[str]]:
     """``count`` teachers as processes (``distill teacher serve``, one batch at a time); their addresses."""
-    env = {**os.environ, A_ENV: repr(spec.a_ms), B_ENV: repr(spec.b_ms)}
     model = f"distill_reader.bench.teachers:{spec.model}"
-    processes: list[tuple[str, subprocess.Popen]] = []
-    try:
+    env = {A_ENV: repr(spec.a_ms), B_ENV: repr(spec.b_ms)}
+    # The latency teacher is the same command line under a prefix that delays each request.
+    prefix = [sys.executable, "-m", "distill_reader.bench.teachers", "--latency-ms", repr(spec.latency_ms), "--"]
+    with TeacherProcesses(model, env) as teachers:
         for _ in range(count):
-            endpoint = f"127.0.0.1:{free_port()}"
-            if spec.latency_ms > 0:
-                command = [sys.executable, "-m", "distill_reader.bench.teachers", "--model", model]
-                command += [
-                    "--listen",
-                    endpoint,
-                    "--latency-ms",
-                    repr(spec.latency_ms),
-                    "--max-batch",
-                    str(spec.max_batch),
-                ]
-                process = subprocess.Popen(
-                    command,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            else:
-                options = ("--max-batch", str(spec.max_batch), "--instances", "1")
-                process = start_teacher(model, endpoint, *options, env=env, wait=False)
-            processes.append((endpoint, process))
-        for endpoint, process in processes:
-            wait_until_ready(endpoint, process)
-        yield [endpoint for endpoint, _ in processes]
-    finally:
-        stop_processes([process for _, process in processes])
+            teachers.start(
+                None,
+                "--max-batch",
+                str(spec.max_batch),
+                "--instances",
+                "1",
+                prefix=prefix if spec.latency_ms > 0 else (),
+                wait=False,
+            )
+        teachers.wait_ready()
+        yield list(teachers.processes)
 
 
 @contextlib.contextmanager

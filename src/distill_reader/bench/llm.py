@@ -135,17 +135,14 @@ class _Plain:
 
 @contextlib.contextmanager
 def _server(directory: Path, device: str, dtype: str, k: int, threads: int | None) -> Iterator[str]:
-    from distill_reader.teacher.local import free_port, start_teacher, stop_processes, wait_until_ready
+    from distill_reader.bench.processes import TeacherProcesses
 
-    endpoint = f"127.0.0.1:{free_port()}"
     options = ["--topk", str(k), "--device", device, "--dtype", dtype, "--max-batch", str(ROWS)]
     options += ["--threads", str(threads)] if threads else []
-    process = start_teacher(f"hf:{directory}", endpoint, *options, wait=False)
-    try:
-        wait_until_ready(endpoint, process, timeout=300)
+    with TeacherProcesses(f"hf:{directory}") as teachers:
+        endpoint = teachers.start(None, *options, wait=False)
+        teachers.wait_ready(timeout=300)  # loading the model takes a while
         yield endpoint
-    finally:
-        stop_processes([process])
 
 
 def _server_rate(endpoint: str, batches: list, seconds: float, clients: int = 2) -> float:

@@ -13,11 +13,11 @@
 
 Network latency (the ``latency`` scenario) must delay each request without occupying the "GPU".
 The built-in server runs the model in the batcher's instance thread, one batch at a time, so a
-sleep inside the model would be GPU time. Instead ``python -m distill_reader.bench.teachers``
-serves a model like ``distill teacher serve`` does, with the same :class:`InferenceServer`, but
-its ``ModelInfer`` handler first awaits ``asyncio.sleep(latency)`` on the server's event loop:
-each request reaches the batcher ``--latency-ms`` later, and any number of requests wait at once,
-as they would on a slow network link.
+sleep inside the model would be GPU time. Instead ``python -m distill_reader.bench.teachers
+--latency-ms MS -- distill teacher serve …`` serves what that command would, with the same
+:class:`InferenceServer`, but its ``ModelInfer`` handler first awaits ``asyncio.sleep(latency)`` on
+the server's event loop: each request reaches the batcher ``--latency-ms`` later, and any number of
+requests wait at once, as they would on a slow network link.
 """
 
 from __future__ import annotations
@@ -113,15 +113,32 @@ async def _serve_with_latency(spec: str, listen: str, latency_ms: float, max_bat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distill_reader.bench.teachers --model SPEC --listen H:P --latency-ms MS``."""
-    parser = argparse.ArgumentParser(description="Serve a model with added per-request latency.")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--listen", required=True)
+    """``python -m distill_reader.bench.teachers --latency-ms MS -- COMMAND``: serve what the
+    ``distill teacher serve`` command line ``COMMAND`` would (its ``--model``, ``--listen``,
+    ``--max-batch``, ``--max-delay-ms``; one instance), each request delayed by MS. It is a prefix of
+    that command line, as ``ip netns exec NS`` is, so bench teachers start one way
+    (:class:`~distill_reader.bench.processes.TeacherProcesses`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m distill_reader.bench.teachers",
+        description="Serve a model with added per-request latency: prefix a `distill teacher serve` command line.",
+    )
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--max-delay-ms", type=float, default=2.0)
-    args = parser.parse_args(argv)
-    asyncio.run(_serve_with_latency(args.model, args.listen, args.latency_ms, args.max_batch, args.max_delay_ms))
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    command = argv[split + 1 :]
+    if "serve" not in command:
+        parser.error("after --: a `distill teacher serve` command line (distill teacher serve --model M --listen H:P)")
+    serve = argparse.ArgumentParser(prog="distill teacher serve (under bench.teachers)")
+    serve.add_argument("--model", required=True)
+    serve.add_argument("--listen", required=True)
+    serve.add_argument("--max-batch", type=int, default=64)
+    serve.add_argument("--max-delay-ms", type=float, default=2.0)
+    serve.add_argument("--instances", type=int, choices=[1], default=1)  # the bench's teachers run one batch at a time
+    options = serve.parse_args(command[command.index("serve") + 1 :])
+    asyncio.run(
+        _serve_with_latency(options.model, options.listen, args.latency_ms, options.max_batch, options.max_delay_ms)
+    )
     return 0
 
 

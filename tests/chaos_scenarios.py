@@ -1,9 +1,9 @@
-"""``distill bench chaos``: faults injected into a running DistillReader, and what they cost.
+"""Fault-injection scenarios: faults injected into a running DistillReader, and what they cost.
 
 Every scenario runs real processes on loopback: ``distill teacher serve`` teachers serving
-:func:`tag` (an exact model: each output row is a function of its own input row, and the label
-encodes the sample's number), ``distill discovery serve``, ``redis-server``/``etcd``, and, where
-the machine allows, a teacher in its own network namespace. A fault is injected at a random
+``reader_models:slow_tag`` (an exact model: each output row is a function of its own input row, and
+the label encodes the sample's number), ``distill discovery serve``, ``redis-server``/``etcd``, and,
+where the machine allows, a teacher in its own network namespace. A fault is injected at a random
 moment of an epoch (``random.Random(seed)``); the epoch is audited batch by batch:
 
 * ``lost``: samples of the epoch that never arrived; ``duplicated``: arrived more than once;
@@ -13,38 +13,67 @@ moment of an epoch (``random.Random(seed)``); the epoch is audited batch by batc
 * ``error``: the exception that ended the epoch, for the scenarios where no teacher is left
   (``expect_error``) — it must come within ``teacher_timeout`` plus a few seconds, never a hang.
 
-The same functions are the fault-injection tests (``tests/test_chaos.py``, with small sizes).
+``tests/test_chaos.py`` runs them with small sizes (and long, slow-marked);
+``tests/chaos_report.py`` runs them all and prints the report (docs/fault-tolerance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from conftest import READER_CONFIG, TeacherProcesses
+from fault_injectors import SilentListener, WrongTeacher
+from netns_support import NetnsHosts, netns_available
+from reader_models import make_sample, tag_rows
 
-from distill_reader.bench.fleet import (
-    SERVICE,
-    DiscoveryProcess,
-    Fleet,
-    NetNamespace,
-    SilentListener,
-    StoreProcess,
-    WrongTeacher,
-    make_sample,
-    sample_reader,
-    tag_rows,
-    write_config,
-)
+from distill_reader.bench.processes import DiscoveryProcess, StoreProcess
 from distill_reader.teacher.local import free_port
+
+SERVICE = "chaos"  # the discovery service of the discover-mode scenarios
+
+
+def write_config(
+    directory: str | os.PathLike[str], servers: Sequence[str] = (), discovery: str = "", require_num: int = 2
+) -> Path:
+    """A reader config: fixed ``servers``, or discover mode on ``discovery`` (service ``chaos``)."""
+    if discovery:
+        conf = f"mode = discover\nhost = {discovery}\nservice_name = {SERVICE}\nrequire_num = {require_num}"
+    else:
+        conf = f"mode = fixed\nservers = {list(servers)!r}"
+    path = Path(directory) / f"chaos-{time.monotonic_ns()}.conf"
+    path.write_text(READER_CONFIG.format(conf=conf))
+    return path
+
+
+def sample_reader(n: int, start_delay_s: float = 0.0) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """Samples ``0 … n-1``; the first after ``start_delay_s`` (every teacher's workers are then idle)."""
+    samples = [make_sample(i) for i in range(n)]
+
+    def reader() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if start_delay_s:
+            time.sleep(start_delay_s)
+        yield from samples
+
+    return reader
+
+
+def teacher_fleet(delay_s: float = 0.01) -> TeacherProcesses:
+    """Teacher processes serving ``reader_models:slow_tag``, ``delay_s`` a batch (like a GPU); their
+    logs (a broken model's tracebacks) are not the report's."""
+    env = {"SLOW_TAG_SECONDS": repr(delay_s)}
+    return TeacherProcesses("reader_models:slow_tag", env=env, output=subprocess.DEVNULL)
 
 
 @dataclass
@@ -167,7 +196,7 @@ def run_epoch(
 def kill_one_of_n(tmp: Path, n: int = 2000, seed: int = 0, teachers: int = 3, kills: int = 3) -> FaultResult:
     """SIGKILL a random teacher at random moments, restarting the previous victim in between."""
     rng = random.Random(seed)
-    fleet = Fleet()
+    fleet = teacher_fleet()
     result = FaultResult(f"SIGKILL 1 of {teachers} teachers, {kills}× at random moments")
     try:
         endpoints = [fleet.start() for _ in range(teachers)]
@@ -201,12 +230,20 @@ def kill_one_of_n(tmp: Path, n: int = 2000, seed: int = 0, teachers: int = 3, ki
     return result
 
 
+def _kill_all(fleet: TeacherProcesses, endpoints: Sequence[str], audit: Audit, result: FaultResult) -> None:
+    """SIGKILL the teachers of ``endpoints`` now, counting the faults from this moment."""
+    audit.mark()
+    for endpoint in endpoints:
+        fleet.kill(endpoint)
+    result.faults_injected += len(endpoints)
+
+
 def kill_all_then_one_back(
     tmp: Path, n: int = 1000, seed: int = 0, teachers: int = 2, down_s: float = 2.0
 ) -> FaultResult:
     """SIGKILL every teacher at a random moment; after ``down_s`` one comes back on its port."""
     rng = random.Random(seed)
-    fleet = Fleet()
+    fleet = teacher_fleet()
     result = FaultResult(f"SIGKILL all {teachers} teachers, one back after {down_s:g} s")
     try:
         endpoints = [fleet.start() for _ in range(teachers)]
@@ -215,10 +252,7 @@ def kill_all_then_one_back(
 
         def on_step(step: int, audit: Audit) -> None:
             if step == moment:
-                audit.mark()
-                for endpoint in endpoints:
-                    fleet.kill(endpoint)
-                result.faults_injected += len(endpoints)
+                _kill_all(fleet, endpoints, audit, result)
 
                 def comeback() -> None:
                     time.sleep(down_s)
@@ -244,7 +278,7 @@ def kill_all_then_one_back(
 def no_teacher_left(tmp: Path, n: int = 1000, seed: int = 0, teacher_timeout: float = 2.0) -> FaultResult:
     """SIGKILL every teacher for good: the epoch must fail with NoTeacherError after teacher_timeout."""
     rng = random.Random(seed)
-    fleet = Fleet()
+    fleet = teacher_fleet()
     result = FaultResult(f"SIGKILL all teachers for good (teacher_timeout={teacher_timeout:g} s)")
     try:
         endpoints = [fleet.start() for _ in range(2)]
@@ -252,10 +286,7 @@ def no_teacher_left(tmp: Path, n: int = 1000, seed: int = 0, teacher_timeout: fl
 
         def on_step(step: int, audit: Audit) -> None:
             if step == moment:
-                audit.mark()
-                for endpoint in endpoints:
-                    fleet.kill(endpoint)
-                result.faults_injected += len(endpoints)
+                _kill_all(fleet, endpoints, audit, result)
 
         with _reader(write_config(tmp, endpoints), n, request_timeout=5, teacher_timeout=teacher_timeout) as dr:
             started = time.monotonic()
@@ -270,10 +301,10 @@ def no_teacher_left(tmp: Path, n: int = 1000, seed: int = 0, teacher_timeout: fl
     return result
 
 
-def _start_bad_teacher(kind: str, fleet: Fleet, closers: list[Callable[[], None]]) -> str:
+def _start_bad_teacher(kind: str, fleet: TeacherProcesses, closers: list[Callable[[], None]]) -> str:
     """Start a bad teacher of ``kind``; its address. What must be closed goes to ``closers``."""
     if kind in ("hang", "broken"):
-        return fleet.start(kind)
+        return fleet.start(f"reader_models:{kind}")
     bad = SilentListener() if kind == "silent" else WrongTeacher(kind).start()
     closers.append(bad.close)
     return bad.endpoint
@@ -291,7 +322,7 @@ def bad_teacher_beside_good(
 ) -> FaultResult:
     """One good teacher and one bad one (``hang``, ``silent``, ``broken``, ``shape``, ``bytes``,
     ``dtype``, ``missing``) from the start: every sample must come from the good one."""
-    fleet = Fleet(delay_s)
+    fleet = teacher_fleet(delay_s)
     result = FaultResult(f"{kind} teacher beside a good one")
     closers: list[Callable[[], None]] = []
     try:
@@ -320,7 +351,7 @@ def only_bad_teacher(
     tmp: Path, kind: str, n: int = 200, teacher_timeout: float = 2.0, request_timeout: float = 1.0
 ) -> FaultResult:
     """Only a bad teacher: the epoch must end with a clear exception (never hang)."""
-    fleet = Fleet()
+    fleet = teacher_fleet()
     result = FaultResult(f"only a {kind} teacher")
     closers: list[Callable[[], None]] = []
     try:
@@ -349,10 +380,10 @@ def _restart_mid_epoch(
     """Two teachers registered with ``discovery``; ``victim`` (it, or its store) SIGKILLed at a
     random step of an epoch of a discover-mode reader and started again ``down_s`` later."""
     rng = random.Random(seed)
-    fleet = Fleet()
+    fleet = teacher_fleet()
     try:
         for _ in range(2):
-            fleet.start("tag", "--register", discovery.endpoint, "--service-name", SERVICE)
+            fleet.start(None, "--register", discovery.endpoint, "--service-name", SERVICE)
         moment = rng.randrange(2, max(3, n // 16 // 2))
 
         def on_step(step: int, audit: Audit) -> None:
@@ -423,41 +454,44 @@ def link_down(
     tmp: Path, n: int = 2000, seed: int = 0, down_s: float = 2.0, request_timeout: float = 1.0
 ) -> FaultResult:
     """A teacher in its own network namespace cut off (link down) mid-epoch, back ``down_s`` later."""
-    why = NetNamespace.unavailable()
+    why = netns_available()
     if why is not None:
         return FaultResult("teacher's link taken down (network namespace)", error=f"skipped: {why}")
     rng = random.Random(seed)
-    ns = NetNamespace()
-    fleet = Fleet()
+    fleet = teacher_fleet()
     result = FaultResult(f"teacher's link down for {down_s:g} s (network namespace)")
-    try:
-        ns.create()
-        remote = fleet.start(endpoint=f"{ns.ns_ip}:{free_port()}", prefix=ns.prefix)
-        local = fleet.start()
-        moment = rng.randrange(2, max(3, n // 16 // 2))
+    with NetnsHosts(1) as hosts:
+        try:
+            remote = fleet.start(endpoint=f"{hosts.addresses[0]}:{free_port()}", prefix=hosts.command(0))
+            local = fleet.start()
+            moment = rng.randrange(2, max(3, n // 16 // 2))
 
-        def on_step(step: int, audit: Audit) -> None:
-            if step == moment:
-                audit.mark()
-                ns.down()
-                result.faults_injected += 1
-                threading.Thread(target=lambda: (time.sleep(down_s), ns.up()), daemon=True).start()
+            def on_step(step: int, audit: Audit) -> None:
+                if step == moment:
+                    audit.mark()
+                    hosts.cut(0)
+                    result.faults_injected += 1
+                    threading.Thread(target=lambda: (time.sleep(down_s), hosts.restore(0)), daemon=True).start()
 
-        with _reader(write_config(tmp, [remote, local]), n, request_timeout=request_timeout, teacher_timeout=30) as dr:
-            started = time.monotonic()
-            audit, _ = run_epoch(dr, n, on_step, result)
-            result.seconds = time.monotonic() - started
-            result.recover_s = audit.longest_stall()
-            audit.fill(result)
-            # Back up: the cut-off teacher serves again in the next epoch.
-            time.sleep(max(0.0, down_s + 0.5 - (time.monotonic() - audit.faults[0])) if audit.faults else 0)
-            second, error2 = run_epoch(dr, n)
-            stats = {t.endpoint: t.requests for t in dr.stats().teachers}
-            result.details["next_epoch_clean"] = error2 is None and second.fill(FaultResult("")).clean
-            result.details["remote_requests"] = stats.get(remote, 0)
-    finally:
-        fleet.stop_all()
-        ns.delete()
+            config = write_config(tmp, [remote, local])
+            with _reader(config, n, request_timeout=request_timeout, teacher_timeout=30) as dr:
+                started = time.monotonic()
+                audit, _ = run_epoch(dr, n, on_step, result)
+                result.seconds = time.monotonic() - started
+                result.recover_s = audit.longest_stall()
+                audit.fill(result)
+                # Back up: the cut-off teacher serves again in the next epoch.
+                time.sleep(max(0.0, down_s + 0.5 - (time.monotonic() - audit.faults[0])) if audit.faults else 0)
+                first = {t.endpoint: t for t in dr.stats().teachers}
+                result.details["remote_failures"] = first[remote].failures  # its requests lost in the cut
+                second, error2 = run_epoch(dr, n)
+                teachers = {t.endpoint: t for t in dr.stats().teachers}
+                result.details["next_epoch_clean"] = error2 is None and second.fill(FaultResult("")).clean
+                result.details["remote_requests"] = teachers[remote].requests
+                # Rows it answered (tries that time out count as requests, not as rows).
+                result.details["remote_rows_next_epoch"] = teachers[remote].rows - first[remote].rows
+        finally:
+            fleet.stop_all()
     return result
 
 
@@ -512,11 +546,11 @@ def misconfigured_teacher_fixed(tmp: Path, n: int = 2000, seed: int = 0, epochs:
     one is replaced by a right one on its port mid-epoch. Measures the time to quarantine it (from
     the epoch's start) and to use it again (from its fix), auditing every epoch."""
     rng = random.Random(seed)
-    fleet = Fleet()
+    fleet = teacher_fleet()
     result = FaultResult("misconfigured teacher beside a good one, fixed mid-epoch")
     try:
         good = fleet.start()
-        bad = fleet.start("renamed")
+        bad = fleet.start("reader_models:tag_paddle_names")  # other tensor names
         result.faults_injected = 1
         moment = rng.randrange(3, 10)
         fixed_at: list[float] = []
@@ -524,7 +558,7 @@ def misconfigured_teacher_fixed(tmp: Path, n: int = 2000, seed: int = 0, epochs:
         def on_step(step: int, audit: Audit) -> None:
             if step == moment and not fixed_at:
                 fleet.kill(bad)
-                fleet.start("tag", endpoint=bad)
+                fleet.start(endpoint=bad)
                 fixed_at.append(audit.mark())
 
         with _reader(write_config(tmp, [good, bad]), n, teacher_timeout=30) as dr, TeacherWatch(dr) as watch:
@@ -552,10 +586,10 @@ def misconfigured_teacher_fixed(tmp: Path, n: int = 2000, seed: int = 0, epochs:
 
 def only_misconfigured_teacher(tmp: Path, n: int = 200) -> FaultResult:
     """Only a teacher serving the wrong model: the epoch must fail at once, not after teacher_timeout."""
-    fleet = Fleet()
+    fleet = teacher_fleet()
     result = FaultResult("only a misconfigured teacher (teacher_timeout=600 s)")
     try:
-        bad = fleet.start("renamed")
+        bad = fleet.start("reader_models:tag_paddle_names")  # other tensor names
         result.faults_injected = 1
         with _reader(write_config(tmp, [bad]), n, teacher_timeout=600) as dr:
             audit, error = run_epoch(dr, n, result=result)
@@ -570,7 +604,7 @@ def only_misconfigured_teacher(tmp: Path, n: int = 200) -> FaultResult:
 def no_discovery_server(tmp: Path, n: int = 1000, teacher_timeout: float = 2.0) -> FaultResult:
     """Discover mode with no discovery server: NoTeacherError after teacher_timeout; then discovery
     and a teacher start, and the same reader's next epoch must be whole."""
-    fleet = Fleet()
+    fleet = teacher_fleet()
     discovery = DiscoveryProcess()
     result = FaultResult(f"no discovery server (teacher_timeout={teacher_timeout:g} s), then one starts")
     try:
@@ -581,7 +615,7 @@ def no_discovery_server(tmp: Path, n: int = 1000, teacher_timeout: float = 2.0) 
             result.details["error_type"] = type(error).__name__ if error else ""
             discovery.start()
             started = time.monotonic()
-            fleet.start("tag", "--register", discovery.endpoint, "--service-name", SERVICE)
+            fleet.start(None, "--register", discovery.endpoint, "--service-name", SERVICE)
             # The teacher registers in the background once ready, and the student reconnects to
             # discovery after a back-off: the next epoch starts once the student has the teacher, or
             # it races that (under load) with the short teacher_timeout.
@@ -621,9 +655,15 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[Path], FaultResult]]]:
     return runs
 
 
-def run_report(quick: bool = False, progress: Callable[[str], None] = lambda _m: None) -> list[FaultResult]:
+def run_report(
+    quick: bool = False, only: Sequence[str] = (), progress: Callable[[str], None] = lambda _m: None
+) -> list[FaultResult]:
+    """The scenarios of :func:`scenarios` (``only``: those named), each in a temporary directory; one
+    that raised is a result saying so."""
     results = []
     for name, function in scenarios(quick):
+        if only and name not in only:
+            continue
         progress(name)
         with tempfile.TemporaryDirectory(prefix="distill-chaos-") as tmp:
             try:
@@ -631,32 +671,3 @@ def run_report(quick: bool = False, progress: Callable[[str], None] = lambda _m:
             except Exception as exc:  # noqa: BLE001 - the report shows it
                 results.append(FaultResult(name, error=f"scenario failed: {type(exc).__name__}: {exc}"))
     return results
-
-
-def chaos_rows(sizes: Any, progress: Callable[[str], None]) -> list[Any]:
-    """The report as bench rows: per fault, seconds to recover (or to the clear error); lost,
-    duplicated and wrong samples are in ``details`` and the label."""
-    from distill_reader.bench.harness import Row
-
-    rows = []
-    for result in run_report(quick=bool(getattr(sizes, "quick", False)), progress=progress):
-        skipped = result.error.startswith("skipped")
-        seconds = result.error_after_s if result.error and not skipped else result.recover_s
-        label = (
-            f"{result.fault}: {result.faults_injected} fault(s), {result.samples} samples, lost {result.lost}, "
-            f"duplicated {result.duplicated}, wrong {result.wrong}"
-        )
-        if result.error:
-            label += f" — {result.error[:160]}"
-        rows.append(
-            Row(
-                "chaos",
-                label,
-                max(seconds, 1e-3),
-                1.0,
-                "s",
-                max(seconds, 1e-3),
-                details=result.to_json(),
-            )
-        )
-    return rows
