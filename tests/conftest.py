@@ -59,7 +59,7 @@ def tests_pythonpath() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
 
 
-def tests_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment with :func:`tests_pythonpath`, and ``extra``."""
     return {**os.environ, **tests_pythonpath(), **(extra or {})}
 

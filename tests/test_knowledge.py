@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SEED_CONFIG, child_pids, tests_env
+from conftest import SEED_CONFIG, child_env, child_pids
 from reader_models import K, make_sample, tag_rows
 from test_reader import check_epoch
 from test_sequences import MAX_LENGTH, check_sequences, sequence_reader
@@ -253,7 +253,7 @@ def test_a_capture_killed_mid_way_is_complete_after_a_rerun(write_config, tag_te
     path = tmp_path / "store"
     conf = store_config(write_config, tag_teachers, path, "write")
     process = subprocess.Popen(
-        [sys.executable, "-c", CAPTURE, str(conf), str(n)], env=tests_env(), stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", CAPTURE, str(conf), str(n)], env=child_env(), stderr=subprocess.PIPE, text=True
     )
     committed = 0
     try:
