@@ -553,3 +553,58 @@ def test_discover_mode_uses_the_protocol_a_teacher_registered(vllm: Vllm, tmp_pa
             _, errors = register.communicate(timeout=10)
     check_against_transformers(vllm, batches)
     assert b"(openai) registered in 'llm'" in errors, errors
+
+
+VLLM_BESIDE_OIP = """\
+[conf]
+mode = fixed
+max_length = {max_length}
+token_file = token
+
+[teacher b]
+servers = {b!r}
+predict_feed_ids = [1]
+
+[teacher llm]
+servers = {llm!r}
+protocol = openai
+model_name = {model}
+
+[feed]
+feed_vars = ['tokens', 'label']
+feed_types = ['int64', 'int64']
+feed_shapes = [(-1,), (1,)]
+predict_feed_ids = [0]
+
+[fetch]
+fetch_vars = ['b.prediction', 'llm.topk_values', 'llm.topk_indices']
+fetch_types = ['float32', 'float32', 'int32']
+fetch_shapes = [(3,), (-1, {k}), (-1, {k})]
+"""
+
+
+def test_an_oip_group_beside_a_vllm_group(vllm: Vllm, tmp_path: Path, teachers) -> None:
+    """Teacher groups over two protocols: group ``b`` (OIP, two teacher processes, one SIGKILLed
+    mid-epoch) takes the label, group ``llm`` (the real vLLM) the tokens: every sample once, in
+    order, with ``label_rows`` of its label and transformers' top-k of its tokens."""
+    from reader_models import label_rows
+
+    b = [teachers.start("reader_models:slow_label") for _ in range(2)]
+    (tmp_path / "token").write_text(API_KEY)
+    conf = tmp_path / "groups.conf"
+    conf.write_text(VLLM_BESIDE_OIP.format(max_length=MAX_LENGTH, b=b, llm=[vllm.endpoint], model=MODEL, k=K))
+    dr = DistillReader(conf, 16, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=60)
+    dr.set_sample_generator(lambda: ((row, np.array([i])) for i, row in enumerate(vllm.rows)))
+    batches = []
+    with dr:
+        for step, batch in enumerate(dr.distill_reader()()):
+            batches.append(batch)
+            if step == 1:
+                teachers.kill(b[0])
+        stats = settled_stats(dr)
+    for _tokens, label, prediction, *_ in batches:
+        np.testing.assert_array_equal(prediction, label_rows(label))
+    check_against_transformers(
+        vllm, [[tokens, label, values, indices, lengths] for tokens, label, _, values, indices, lengths in batches]
+    )
+    assert sum(t.rows for t in stats.groups["b"]) == sum(t.rows for t in stats.groups["llm"]) == len(vllm.rows)
