@@ -332,3 +332,58 @@ def test_cli_serve_stops_on_sigterm():
         proc.kill()
     bad = CliRunner().invoke(discovery, ["serve", "--store", "redis://nohost"])
     assert bad.exit_code != 0 and "bad store URL" in bad.output
+
+
+def _sample(server: DiscoveryServer, name: str, **labels: str) -> float:
+    return server.service.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("server_has_stream", [True, False])
+def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has_stream, caplog):
+    """A teacher keeps its lease alive with messages on one KeepAliveStream (the server counts each
+    as a KeepAlive); a server without the stream (an older one) answers it UNIMPLEMENTED and the
+    teacher keeps alive with unary calls instead. Either way the lease outlives many TTLs, and a
+    lease that is gone (NOT_FOUND on the stream) is registered again."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+        if not server_has_stream:
+            server.service.KeepAliveStream = None  # the handler is built from what the servicer has
+        await server.start()
+        stop = asyncio.Event()
+        keeper = asyncio.create_task(
+            keep_registered(server.address, "svc", "127.0.0.1:9001", readiness_check=False, stop=stop)
+        )
+        try:
+            w = Watch(server.address, "svc", 1)
+            await w.wait_for(lambda s: s == ["127.0.0.1:9001"], timeout=10)
+            n_sets = len(w.sets)
+            await asyncio.sleep(3 * server.service.ttl)
+            assert len(w.sets) == n_sets, f"the lease lapsed: {w.sets}"
+            keeps = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK")
+            assert keeps >= 10, f"only {keeps:g} keep-alives in 3 TTLs of 0.1 s intervals"
+            streams = _sample(server, "distill_discovery_keepalive_streams")
+            assert streams == (1 if server_has_stream else 0)
+            # The lease ends behind the teacher's back: the next keep-alive is NOT_FOUND, and the
+            # teacher registers again (a new registration id) and keeps the new lease.
+            first = server.service._kept[("svc", "127.0.0.1:9001")].lease
+            await server.store.drop("teacher", "svc", "127.0.0.1:9001", first)
+            server.service.mark_dirty("svc")
+            deadline = time.monotonic() + 10
+            while server.service._kept.get(("svc", "127.0.0.1:9001"), None) is None or (
+                server.service._kept[("svc", "127.0.0.1:9001")].lease == first
+            ):
+                assert time.monotonic() < deadline, "the teacher did not register again"
+                await asyncio.sleep(0.02)
+            await w.wait_for(lambda s: s == ["127.0.0.1:9001"], timeout=10)
+            assert _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="NOT_FOUND") >= 1
+            await w.close()
+        finally:
+            stop.set()
+            await asyncio.wait_for(keeper, 10)
+            await server.stop()
+
+    with caplog.at_level(logging.INFO, logger="distill_reader.discovery.client"):
+        run(main())
+    fell_back = "has no keep-alive stream" in caplog.text
+    assert fell_back == (not server_has_stream)

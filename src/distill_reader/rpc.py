@@ -119,16 +119,33 @@ def _parser(request_class: type) -> Callable[[bytes, Any], Any]:
 
 
 def strict_handler(servicer: object, service: ServiceDescriptor) -> grpc.GenericRpcHandler:
-    """A generic handler for every unary-request method of ``service`` that ``servicer`` implements
-    as a coroutine (or async generator, for server streaming); others answer UNIMPLEMENTED."""
+    """A generic handler for every method of ``service`` that ``servicer`` implements as a
+    coroutine (unary), or an async generator (server streaming; bidirectional streaming, given an
+    async iterator of the parsed requests); others answer UNIMPLEMENTED. A malformed request
+    (in a stream too) is INVALID_ARGUMENT naming its message type."""
     handlers = {}
     for method in service.methods:
         implementation = getattr(servicer, method.name, None)
-        if method.client_streaming or implementation is None:
+        if implementation is None:
             continue
         parse = _parser(message_factory.GetMessageClass(method.input_type))
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
-        if method.server_streaming and inspect.isasyncgenfunction(implementation):
+        if method.client_streaming:
+            if not (method.server_streaming and inspect.isasyncgenfunction(implementation)):
+                continue
+
+            async def bidi(
+                raws: AsyncIterator, context: Any, implementation=implementation, parse=parse
+            ) -> AsyncIterator:
+                async def requests() -> AsyncIterator:
+                    async for raw in raws:
+                        yield await parse(raw, context)
+
+                async for response in implementation(requests(), context):
+                    yield response
+
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(bidi, response_serializer=serialize)
+        elif method.server_streaming and inspect.isasyncgenfunction(implementation):
 
             async def stream(raw: bytes, context: Any, implementation=implementation, parse=parse) -> AsyncIterator:
                 request = await parse(raw, context)
