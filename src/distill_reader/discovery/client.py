@@ -263,6 +263,10 @@ class _Rotating:
         raise last
 
 
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
 class _KeepAlives:
     """A teacher's keep-alives: messages on one ``KeepAliveStream`` to the current discovery endpoint
     (cheaper for the server than a call each, and never queued behind a burst of new calls), or
@@ -292,23 +296,21 @@ class _KeepAlives:
                 self.close()
                 self._call = stub.KeepAliveStream(metadata=self.rot.security.metadata)
                 self._channel = self.rot.channel
+            call = self._call
             try:
-                await self._call.write(request)
-                response = await asyncio.wait_for(self._call.read(), _RPC_TIMEOUT_S)
+                await call.write(request)
+                response = await asyncio.wait_for(call.read(), _RPC_TIMEOUT_S)
                 if response is grpc.aio.EOF:  # the server ended the stream without a status
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "keep-alive stream ended"
-                    )
+                    raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "keep-alive stream ended")
                 return response
-            except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError) as error:
                 self.close()
-                if isinstance(exc, asyncio.TimeoutError):
-                    exc = grpc.aio.AioRpcError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.aio.Metadata(),
-                        grpc.aio.Metadata(),
-                        f"no keep-alive answer within {_RPC_TIMEOUT_S:g} s",
-                    )
+                if isinstance(error, asyncio.TimeoutError):
+                    exc = _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {_RPC_TIMEOUT_S:g} s")
+                elif isinstance(error, asyncio.InvalidStateError):  # the stream ended since the last one
+                    exc = _rpc_error(await call.code(), await call.details())
+                else:
+                    exc = error
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     where = self.rot.endpoints[self.rot.i]
                     log.info("discovery %s has no keep-alive stream: keeping alive with a call each", where)

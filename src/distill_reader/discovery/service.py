@@ -65,6 +65,8 @@ DEFAULT_KEEPALIVE_S = 0.5
 RESYNC_S = 1.0
 # Reconciles run at most this often: the events of a burst are coalesced into one.
 COALESCE_S = 0.05
+# The reconcile loop waits this many times as long as its last round took (see _reconcile_loop).
+_RECONCILE_SHARE = 4.0
 _EXPIRY_CHECK_S = 0.05
 # The expiry check waking this much late means the event loop is behind.
 _LAG_S = 0.1
@@ -355,9 +357,10 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         while True:
             await self._wake.wait()
             # Coalesce: what arrives within the window since the last reconcile joins this one. The
-            # window is at least as long as the last round took, so that reconciles never take more
-            # than about half of the loop from the RPCs (keep-alives, streams) during a burst.
-            wait = last + max(self.coalesce, took) - loop.time()
+            # window is at least _RECONCILE_SHARE times as long as the last round took, so that
+            # during a burst reconciles (each linear in the service's students: 50-100 ms at 10,000)
+            # take at most a quarter of the loop, and the streams and keep-alives the rest.
+            wait = last + max(self.coalesce, _RECONCILE_SHARE * took) - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
             self._wake.clear()
