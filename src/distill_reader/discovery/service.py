@@ -67,6 +67,8 @@ RESYNC_S = 1.0
 COALESCE_S = 0.05
 # The reconcile loop waits this many times as long as its last round took (see _reconcile_loop).
 _RECONCILE_SHARE = 4.0
+# The resync waits at least this many times as long as the last round of reconciles took.
+_RESYNC_SHARE = 10.0
 _EXPIRY_CHECK_S = 0.05
 # The expiry check waking this much late means the event loop is behind.
 _LAG_S = 0.1
@@ -219,6 +221,10 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.keepalive_budget = keepalive_budget
         #: The most grace a teacher lease gets for this server's lag; the store's TTL is its TTL + this.
         self.lag_cap = 2 * ttl if lag_cap is None else lag_cap
+        #: The TTL of this server's student group: its students outlive a stall of this server up to
+        #: the lag cap too (a dead server's students, who reconnect elsewhere at once, are taken over
+        #: there; only those that died with it linger, for ttl + lag_cap).
+        self.group_ttl = ttl + self.lag_cap
         self.keepalive = keepalive
         #: how often students are asked to report their figures
         self.report_seconds = max(REPORT_SECONDS, keepalive)
@@ -240,6 +246,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         # Seconds this server was behind, in all (a clock that only runs while it is behind).
         self._behind = 0.0
         self._lag_max = 0.0
+        self._round_took = 0.0  # how long the last round of reconciles took
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -280,8 +287,10 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 backoff = min(backoff * 2, 2.0)
 
     async def _resync(self) -> None:
+        # Every second, or less often where a round of reconciles is long (a resync is a backstop for
+        # a lost notification; at 10,000 students on Redis a round takes a few hundred ms).
         while True:
-            await asyncio.sleep(RESYNC_S)
+            await asyncio.sleep(max(RESYNC_S, _RESYNC_SHARE * self._round_took))
             self.mark_dirty(None)
 
     async def _expiries(self) -> None:
@@ -373,7 +382,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     names = {s for s in dirty if s is not None}
                 for service in sorted(names):
                     await self._reconcile(service)
-                took = loop.time() - last
+                took = self._round_took = loop.time() - last
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -463,7 +472,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     w.student,
                     w.instance,
                     {"require_num": w.require_num},
-                    self.ttl,
+                    self.group_ttl,
                 )
                 w.joined = time.monotonic()
                 self.metrics.lapses.inc()
@@ -486,7 +495,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         while True:
             await asyncio.sleep(self.keepalive)
             try:
-                lapsed = await self.store.keep_group(self.server_id, self.ttl)
+                lapsed = await self.store.keep_group(self.server_id, self.group_ttl)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -640,7 +649,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             lease = await self.store.join(
-                self.server_id, "student", service, student, instance, {"require_num": require_num}, self.ttl
+                self.server_id, "student", service, student, instance, {"require_num": require_num}, self.group_ttl
             )
         except AlreadyRegistered:
             await self._fail(
