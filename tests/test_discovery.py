@@ -387,3 +387,41 @@ def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has_stream,
         run(main())
     fell_back = "has no keep-alive stream" in caplog.text
     assert fell_back == (not server_has_stream)
+
+
+def test_pace_stretched_for_a_large_fleet_and_followed():
+    """With more teachers than its keep-alive budget allows at the configured interval, the server
+    tells every teacher a longer interval and TTL (stretched by the same factor, at most 4×); the
+    teachers keep alive at that pace (within the budget) and no lease lapses."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+        server.service.keepalive_budget = 20.0  # keep-alives a second: 2 teachers at 0.1 s
+        await server.start()
+        stop = asyncio.Event()
+        endpoints = [f"127.0.0.1:{9301 + i}" for i in range(4)]
+        keepers = [
+            asyncio.create_task(keep_registered(server.address, "svc", ep, readiness_check=False, stop=stop))
+            for ep in endpoints
+        ]
+        try:
+            w = Watch(server.address, "svc", 4)
+            await w.wait_for(lambda s: s == endpoints, timeout=10)
+            await asyncio.sleep(1.0)  # every teacher has been told the pace of 4 teachers
+            assert server.service.pace() == (2.0, 0.2)  # 4 teachers / (20 / s × 0.1 s): stretch 2
+            kept = [server.service._kept[("svc", ep)] for ep in endpoints]
+            assert [(k.ttl, k.interval) for k in kept] == [(2.0, 0.2)] * 4
+            n_sets = len(w.sets)
+            before = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK")
+            await asyncio.sleep(3.0)
+            keeps = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK") - before
+            # At 0.2 s: 4 × 15 = 60 in 3 s (the unstretched pace would be 120); some slack for timers.
+            assert 40 <= keeps <= 80, f"{keeps:g} keep-alives in 3 s"
+            assert len(w.sets) == n_sets, f"a lease lapsed: {w.sets}"
+            await w.close()
+        finally:
+            stop.set()
+            await asyncio.gather(*keepers)
+            await server.stop()
+
+    run(main())

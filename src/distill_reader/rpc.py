@@ -18,7 +18,7 @@ import inspect
 import re
 import signal
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -118,11 +118,14 @@ def _parser(request_class: type) -> Callable[[bytes, Any], Any]:
     return parse
 
 
-def strict_handler(servicer: object, service: ServiceDescriptor) -> grpc.GenericRpcHandler:
-    """A generic handler for every method of ``service`` that ``servicer`` implements as a
-    coroutine (unary), or an async generator (server streaming; bidirectional streaming, given an
-    async iterator of the parsed requests); others answer UNIMPLEMENTED. A malformed request
-    (in a stream too) is INVALID_ARGUMENT naming its message type."""
+def strict_handler(
+    servicer: object, service: ServiceDescriptor, streams: Collection[str] = ()
+) -> grpc.GenericRpcHandler:
+    """A generic handler for every unary-request method of ``service`` that ``servicer`` implements
+    as a coroutine (or async generator, for server streaming), and for the bidirectional streams
+    named in ``streams`` that it implements as an async generator (given an async iterator of the
+    parsed requests); others answer UNIMPLEMENTED (or are left to another handler). A malformed
+    request (in a stream too: the stream ends) is INVALID_ARGUMENT naming its message type."""
     handlers = {}
     for method in service.methods:
         implementation = getattr(servicer, method.name, None)
@@ -131,7 +134,7 @@ def strict_handler(servicer: object, service: ServiceDescriptor) -> grpc.Generic
         parse = _parser(message_factory.GetMessageClass(method.input_type))
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
         if method.client_streaming:
-            if not (method.server_streaming and inspect.isasyncgenfunction(implementation)):
+            if not (method.name in streams and method.server_streaming and inspect.isasyncgenfunction(implementation)):
                 continue
 
             async def bidi(

@@ -107,7 +107,7 @@ class DiscoveryServer:
         options = [*SERVER_OPTIONS, ("grpc.so_reuseport", int(self._reuse_port))]
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         service = pb.DESCRIPTOR.services_by_name["Discovery"]
-        self._grpc.add_generic_rpc_handlers((strict_handler(self.service, service),))
+        self._grpc.add_generic_rpc_handlers((strict_handler(self.service, service, streams=("KeepAliveStream",)),))
         host = self._listen.rsplit(":", 1)[0]
         try:
             port = add_port(self._grpc, self._listen, self._tls)
