@@ -425,3 +425,45 @@ def test_pace_stretched_for_a_large_fleet_and_followed():
             await server.stop()
 
     run(main())
+
+
+def test_unary_keepalives_keep_the_ttl_they_registered_with():
+    """A teacher that keeps alive with unary calls may be an older one, which keeps the interval it
+    was told at registration: when the fleet shrinks and the pace comes back, its TTL stays the one
+    it registered with (a teacher on the stream follows the pace and gets the shorter one)."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+        server.service.keepalive_budget = 20.0  # 2 teachers at 0.1 s
+        await server.start()
+        stop = asyncio.Event()
+        others = [f"127.0.0.1:{9401 + i}" for i in range(4)]
+        keepers = [
+            asyncio.create_task(keep_registered(server.address, "svc", ep, readiness_check=False, stop=stop))
+            for ep in others
+        ]
+        try:
+            while len(server.service._kept) < 4:
+                await asyncio.sleep(0.02)
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = pb_grpc.DiscoveryStub(channel)
+                reg = await stub.RegisterTeacher(
+                    pb.RegisterTeacherRequest(service_name="svc", endpoint="127.0.0.1:9400")
+                )
+                assert (reg.ttl_seconds, reg.keepalive_seconds) == (2.0, 0.2)  # 4 teachers kept: stretch 2
+                stop.set()  # the others deregister: the pace comes back to TTL 1 s, every 0.1 s
+                await asyncio.gather(*keepers)
+                assert server.service.pace() == (1.0, 0.1)
+                for _ in range(4):  # an older teacher: every 0.2 s, as registered
+                    await asyncio.sleep(reg.keepalive_seconds)
+                    resp = await stub.KeepAlive(
+                        pb.KeepAliveRequest(service_name="svc", endpoint="127.0.0.1:9400", lease_id=reg.lease_id)
+                    )
+                assert resp.keepalive_seconds == 0.1  # told the new pace (a newer teacher follows it) ...
+                assert server.service._kept[("svc", "127.0.0.1:9400")].ttl == 2.0  # ... but held to the old TTL
+        finally:
+            stop.set()
+            await asyncio.gather(*keepers)
+            await server.stop()
+
+    run(main())
