@@ -338,3 +338,138 @@ def test_cli_serve_stops_on_sigterm():
         proc.kill()
     bad = CliRunner().invoke(discovery, ["serve", "--store", "redis://nohost"])
     assert bad.exit_code != 0 and "bad store URL" in bad.output
+
+
+def _sample(server: DiscoveryServer, name: str, **labels: str) -> float:
+    return server.service.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("server_has_stream", [True, False])
+def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has_stream, caplog):
+    """A teacher keeps its lease alive with messages on one KeepAliveStream (the server counts each
+    as a KeepAlive); a server without the stream (an older one) answers it UNIMPLEMENTED and the
+    teacher keeps alive with unary calls instead. Either way the lease outlives many TTLs, and a
+    lease that is gone (NOT_FOUND on the stream) is registered again."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+        if not server_has_stream:
+            server.service.KeepAliveStream = None  # the handler is built from what the servicer has
+        await server.start()
+        stop = asyncio.Event()
+        keeper = asyncio.create_task(
+            keep_registered(server.address, "svc", "127.0.0.1:9001", readiness_check=False, stop=stop)
+        )
+        try:
+            w = Watch(server.address, "svc", 1)
+            await w.wait_for(lambda s: s == ["127.0.0.1:9001"], timeout=10)
+            n_sets = len(w.sets)
+            await asyncio.sleep(3 * server.service.ttl)
+            assert len(w.sets) == n_sets, f"the lease lapsed: {w.sets}"
+            keeps = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK")
+            assert keeps >= 10, f"only {keeps:g} keep-alives in 3 TTLs of 0.1 s intervals"
+            streams = _sample(server, "distill_discovery_keepalive_streams")
+            assert streams == (1 if server_has_stream else 0)
+            # The lease ends behind the teacher's back: the next keep-alive is NOT_FOUND, and the
+            # teacher registers again (a new registration id) and keeps the new lease.
+            first = server.service._kept[("svc", "127.0.0.1:9001")].lease
+            await server.store.drop("teacher", "svc", "127.0.0.1:9001", first)
+            server.service.mark_dirty("svc")
+            deadline = time.monotonic() + 10
+            while server.service._kept.get(("svc", "127.0.0.1:9001"), None) is None or (
+                server.service._kept[("svc", "127.0.0.1:9001")].lease == first
+            ):
+                assert time.monotonic() < deadline, "the teacher did not register again"
+                await asyncio.sleep(0.02)
+            await w.wait_for(lambda s: s == ["127.0.0.1:9001"], timeout=10)
+            assert _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="NOT_FOUND") >= 1
+            await w.close()
+        finally:
+            stop.set()
+            await asyncio.wait_for(keeper, 10)
+            await server.stop()
+
+    with caplog.at_level(logging.INFO, logger="distill_reader.discovery.client"):
+        run(main())
+    fell_back = "has no keep-alive stream" in caplog.text
+    assert fell_back == (not server_has_stream)
+
+
+def test_pace_stretched_for_a_large_fleet_and_followed():
+    """With more teachers than its keep-alive budget allows at the configured interval, the server
+    tells every teacher a longer interval and TTL (stretched by the same factor, at most 4×); the
+    teachers keep alive at that pace (within the budget) and no lease lapses."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+        server.service.keepalive_budget = 20.0  # keep-alives a second: 2 teachers at 0.1 s
+        await server.start()
+        stop = asyncio.Event()
+        endpoints = [f"127.0.0.1:{9301 + i}" for i in range(4)]
+        keepers = [
+            asyncio.create_task(keep_registered(server.address, "svc", ep, readiness_check=False, stop=stop))
+            for ep in endpoints
+        ]
+        try:
+            w = Watch(server.address, "svc", 4)
+            await w.wait_for(lambda s: s == endpoints, timeout=10)
+            await asyncio.sleep(1.0)  # every teacher has been told the pace of 4 teachers
+            assert server.service.pace() == (2.0, 0.2)  # 4 teachers / (20 / s × 0.1 s): stretch 2
+            kept = [server.service._kept[("svc", ep)] for ep in endpoints]
+            assert [(k.ttl, k.interval) for k in kept] == [(2.0, 0.2)] * 4
+            n_sets = len(w.sets)
+            before = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK")
+            await asyncio.sleep(3.0)
+            keeps = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK") - before
+            # At 0.2 s: 4 × 15 = 60 in 3 s (the unstretched pace would be 120); some slack for timers.
+            assert 40 <= keeps <= 80, f"{keeps:g} keep-alives in 3 s"
+            assert len(w.sets) == n_sets, f"a lease lapsed: {w.sets}"
+            await w.close()
+        finally:
+            stop.set()
+            await asyncio.gather(*keepers)
+            await server.stop()
+
+    run(main())
+
+
+def test_unary_keepalives_keep_the_ttl_they_registered_with():
+    """A teacher that keeps alive with unary calls may be an older one, which keeps the interval it
+    was told at registration: when the fleet shrinks and the pace comes back, its TTL stays the one
+    it registered with (a teacher on the stream follows the pace and gets the shorter one)."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+        server.service.keepalive_budget = 20.0  # 2 teachers at 0.1 s
+        await server.start()
+        stop = asyncio.Event()
+        others = [f"127.0.0.1:{9401 + i}" for i in range(4)]
+        keepers = [
+            asyncio.create_task(keep_registered(server.address, "svc", ep, readiness_check=False, stop=stop))
+            for ep in others
+        ]
+        try:
+            while len(server.service._kept) < 4:
+                await asyncio.sleep(0.02)
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = pb_grpc.DiscoveryStub(channel)
+                reg = await stub.RegisterTeacher(
+                    pb.RegisterTeacherRequest(service_name="svc", endpoint="127.0.0.1:9400")
+                )
+                assert (reg.ttl_seconds, reg.keepalive_seconds) == (2.0, 0.2)  # 4 teachers kept: stretch 2
+                stop.set()  # the others deregister: the pace comes back to TTL 1 s, every 0.1 s
+                await asyncio.gather(*keepers)
+                assert server.service.pace() == (1.0, 0.1)
+                for _ in range(4):  # an older teacher: every 0.2 s, as registered
+                    await asyncio.sleep(reg.keepalive_seconds)
+                    resp = await stub.KeepAlive(
+                        pb.KeepAliveRequest(service_name="svc", endpoint="127.0.0.1:9400", lease_id=reg.lease_id)
+                    )
+                assert resp.keepalive_seconds == 0.1  # told the new pace (a newer teacher follows it) ...
+                assert server.service._kept[("svc", "127.0.0.1:9400")].ttl == 2.0  # ... but held to the old TTL
+        finally:
+            stop.set()
+            await asyncio.gather(*keepers)
+            await server.stop()
+
+    run(main())

@@ -72,6 +72,12 @@ def lapses(thread: ServerThread) -> float:
     )
 
 
+def student_lapses(thread: ServerThread) -> float:
+    """Students the server joined again after their lease lapsed behind their open stream."""
+    assert thread.server
+    return thread.server.service.registry.get_sample_value("distill_discovery_student_lapses_total") or 0.0
+
+
 def teachers_in_store(thread: ServerThread) -> set[str]:
     assert thread.server
     state = thread._thread.run(thread.server.store.read(SERVICE), 10)
@@ -91,8 +97,8 @@ async def fleet(thread: ServerThread, n_teachers: int, n_students: int) -> Simul
 def test_stalled_server_expires_no_healthy_lease(server):
     """The server's loop is held for 1.5 × TTL, twice: the teachers' keep-alives wait unread, yet no
     teacher lease lapses (on Redis, where leases are TTL keys, they did before: the keep-alives
-    reached the store too late). (The server's own student group does lapse: a server stalled past
-    the TTL may be dead; its students are joined again when it resumes.)"""
+    reached the store too late), and neither does the server's own student group (kept with TTL +
+    lag cap; with the TTL alone it lapsed, and every student was joined again)."""
 
     async def main():
         async with await fleet(server, 20, 40) as sim:
@@ -104,6 +110,7 @@ def test_stalled_server_expires_no_healthy_lease(server):
             assert not_found == 0, f"{not_found} KeepAlives answered NOT_FOUND: leases lapsed"
             assert lapses(server) == 0
             assert teachers_in_store(server) == set(sim.teachers)
+            assert student_lapses(server) == 0, "the server's student group lapsed"
 
     asyncio.run(main())
 

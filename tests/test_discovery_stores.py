@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from distill_reader.discovery.client import fetch_status, keep_registered
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
 from distill_reader.discovery.server import DiscoveryServer
-from distill_reader.discovery.service import status_dict
+from distill_reader.discovery.service import DEFAULT_TTL_S, status_dict
 from distill_reader.discovery.stores import AlreadyRegistered, open_discovery_store
 
 pytestmark = pytest.mark.timeout(90)
@@ -378,3 +379,129 @@ def test_redis_command_cancelled_while_waiting_for_a_connection_leaves_no_unawai
         asyncio.run(main())
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_serve_processes_share_a_port_and_survive_one_dying(redis_store):
+    """``distill discovery serve --processes 2`` on one Redis: both processes take a share of the
+    clients' connections on the one port; every student gets its full set; the process that holds
+    the teachers' keep-alives SIGKILLed, its students and teachers move to the other without a short
+    set or a lost lease, and it is started again."""
+    import re
+    import threading
+    import urllib.request
+
+    from distill_reader.bench.discovery import Simulator
+
+    port, http = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from distill_reader.discovery.commands import discovery; discovery()",
+            "serve",
+            "--processes",
+            "2",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            redis_store.url,
+            "--http",
+            f"127.0.0.1:{http}",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+
+    def pids() -> dict[int, int]:
+        """The last pid each process announced."""
+        out = {}
+        for line in lines:
+            m = re.match(r"discovery process (\d+) \(pid (\d+)\) listening", line)
+            if m:
+                out[int(m.group(1))] = int(m.group(2))
+        return out
+
+    def metric(i: int, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{http + i}/metrics", timeout=5).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    async def main():
+        svc, address = service_name(), f"127.0.0.1:{port}"
+        await until(lambda: len(pids()) == 2, 30, lambda: f"two processes listening; stderr: {lines}")
+        stop = asyncio.Event()
+        teachers = [f"127.0.0.1:{9200 + i}" for i in range(4)]
+        keepers = [
+            asyncio.create_task(keep_registered(address, svc, t, readiness_check=False, stop=stop)) for t in teachers
+        ]
+        # A connection per student (as students in processes of their own have): the kernel spreads
+        # connections, not calls, over the processes.
+        sims = [Simulator(address, svc) for _ in range(16)]
+        students = [sim.add_students(1, f"s{i}")[0] for i, sim in enumerate(sims)]
+        full = lambda: all(s.current is not None and len(s.current) == 2 for s in students)  # noqa: E731
+        try:
+            await until(full, 20, lambda: f"every student has 2 teachers: {[s.current for s in students]}")
+            shares = [metric(i, "distill_discovery_streams") for i in range(2)]
+            assert shares[0] > 0 and shares[1] > 0 and sum(shares) == 16, shares
+
+            def keepalive_streams() -> list[float]:
+                return [metric(i, "distill_discovery_keepalive_streams") for i in range(2)]
+
+            await until(
+                lambda: sum(keepalive_streams()) == 4, 10, lambda: f"4 keep-alive streams: {keepalive_streams()}"
+            )
+            keeping = keepalive_streams()
+            assert sorted(keeping) == [0, 4], keeping  # the keepers share one connection
+            victim = keeping.index(4)
+            seen = [len(s.sets) for s in students]
+            first = pids()
+            os.kill(first[victim], signal.SIGKILL)
+            killed = time.monotonic()
+            await until(
+                lambda: pids().get(victim) != first[victim], 30, lambda: f"the process started again; stderr: {lines}"
+            )
+            await until(lambda: time.monotonic() - killed > 2 * DEFAULT_TTL_S, 10, lambda: "two TTLs")
+            await until(full, 10, lambda: f"every student has 2 teachers again: {[s.current for s in students]}")
+            # Since the kill: never an empty or short set, and every teacher still registered.
+            assert all(len(cur) == 2 for s, n in zip(students, seen) for _, cur in s.sets[n:])
+            st = status_dict(await fetch_status(address, svc))["services"][svc]
+            assert sorted(t["endpoint"] for t in st["teachers"]) == teachers
+            assert len(st["students"]) == 16 and all(len(s["teachers"]) == 2 for s in st["students"])
+        finally:
+            stop.set()
+            await asyncio.gather(*keepers)
+            for sim in sims:
+                await sim.close()
+
+    try:
+        run(main())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        for pid in pids().values():  # the processes ended with the parent
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_processes_need_a_shared_store():
+    """``--processes 2`` on the memory store is refused, naming the flag."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from distill_reader.discovery.commands import discovery; discovery()",
+            "serve",
+            "--processes",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--processes above 1 needs a shared store" in result.stderr

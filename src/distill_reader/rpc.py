@@ -23,7 +23,7 @@ import logging
 import re
 import signal
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
@@ -197,17 +197,37 @@ def _parser(request_class: type) -> Callable[[bytes, Any], Any]:
     return parse
 
 
-def strict_handler(servicer: object, service: ServiceDescriptor) -> grpc.GenericRpcHandler:
+def strict_handler(
+    servicer: object, service: ServiceDescriptor, streams: Collection[str] = ()
+) -> grpc.GenericRpcHandler:
     """A generic handler for every unary-request method of ``service`` that ``servicer`` implements
-    as a coroutine (or async generator, for server streaming); others answer UNIMPLEMENTED."""
+    as a coroutine (or async generator, for server streaming), and for the bidirectional streams
+    named in ``streams`` that it implements as an async generator (given an async iterator of the
+    parsed requests); others answer UNIMPLEMENTED (or are left to another handler). A malformed
+    request (in a stream too: the stream ends) is INVALID_ARGUMENT naming its message type."""
     handlers = {}
     for method in service.methods:
         implementation = getattr(servicer, method.name, None)
-        if method.client_streaming or implementation is None:
+        if implementation is None:
             continue
         parse = _parser(message_factory.GetMessageClass(method.input_type))
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
-        if method.server_streaming and inspect.isasyncgenfunction(implementation):
+        if method.client_streaming:
+            if not (method.name in streams and method.server_streaming and inspect.isasyncgenfunction(implementation)):
+                continue
+
+            async def bidi(
+                raws: AsyncIterator, context: Any, implementation=implementation, parse=parse
+            ) -> AsyncIterator:
+                async def requests() -> AsyncIterator:
+                    async for raw in raws:
+                        yield await parse(raw, context)
+
+                async for response in implementation(requests(), context):
+                    yield response
+
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(bidi, response_serializer=serialize)
+        elif method.server_streaming and inspect.isasyncgenfunction(implementation):
 
             async def stream(raw: bytes, context: Any, implementation=implementation, parse=parse) -> AsyncIterator:
                 request = await parse(raw, context)

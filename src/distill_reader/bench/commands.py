@@ -160,7 +160,9 @@ class _HelpCommand(click.Command):
             super().format_help(ctx, formatter)
 
 
-def _discovery_options(students: str, teachers: str, stores: str, steady_s: float | None, servers: int = 1) -> dict:
+def _discovery_options(
+    students: str, teachers: str, stores: str, steady_s: float | None, servers: int = 1, keepalive: str = "stream"
+) -> dict:
     """The discovery scenario's options from the command line; a usage error names a bad one."""
 
     def numbers(value: str, option: str) -> list[int]:
@@ -182,7 +184,14 @@ def _discovery_options(students: str, teachers: str, stores: str, steady_s: floa
         raise click.UsageError(
             "--servers above 1 needs a shared store: --discovery-store redis and/or etcd (memory is per server)"
         )
-    return {"students": s, "teachers": t, "stores": kinds, "steady_s": steady_s, "servers": servers}
+    return {
+        "students": s,
+        "teachers": t,
+        "stores": kinds,
+        "steady_s": steady_s,
+        "servers": servers,
+        "keepalive": keepalive,
+    }
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -356,6 +365,15 @@ class _ProgressReport:
     type=click.IntRange(1, 16),
     help="discovery: discovery servers sharing the store (redis or etcd); clients spread over them.",
 )
+@click.option(
+    "--keepalive-rpc",
+    "keepalive",
+    type=click.Choice(["stream", "unary"]),
+    default="stream",
+    show_default=True,
+    help="discovery: simulated teachers keep alive with a message each on a KeepAliveStream (as "
+    "`distill teacher register` does) or with a KeepAlive call each (older teachers).",
+)
 def bench(
     scenarios: tuple[str, ...],
     quick: bool,
@@ -367,6 +385,7 @@ def bench(
     old_store: str | None,
     steady_s: float | None,
     servers: int,
+    keepalive: str,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -378,7 +397,7 @@ def bench(
         )
 
     names = list(dict.fromkeys(scenarios)) or list(SCENARIO_NAMES)
-    discovery_options = _discovery_options(students, teachers, stores, steady_s, servers)
+    discovery_options = _discovery_options(students, teachers, stores, steady_s, servers, keepalive)
     _check_prerequisites(names)
     sizes = Sizes(quick=quick)
     plot = plot_path(plot_file, quick)

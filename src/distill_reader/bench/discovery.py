@@ -53,6 +53,8 @@ TEACHERS_PER_CHANNEL = 100
 # Each channel its own connection (grpc would otherwise share one subchannel between them).
 _CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", 10_000)]
 _RPC_TIMEOUT_S = 5.0
+#: how simulated teachers keep alive: a message each on a KeepAliveStream, or a KeepAlive call each
+KEEPALIVE_RPCS = ("stream", "unary")
 
 
 @dataclass(eq=False)
@@ -81,7 +83,8 @@ class SimTeacher:
 
     endpoint: str
     lease: str = ""
-    keepalive_s: float = 0.5
+    keepalive_s: float = 0.5  # the interval the server asked for last
+    ttl: float = 2.0  # the TTL the server told last
     last_kept: float = 0.0  # when the last KeepAlive (or the registration) was answered
     not_found: int = 0  # KeepAlives answered NOT_FOUND: the lease had lapsed
     latencies: list[float] = field(default_factory=list)
@@ -94,8 +97,16 @@ class Simulator:
     are spread evenly over the servers."""
 
     def __init__(
-        self, endpoint: str, service: str = SERVICE, require_num: int = REQUIRE_NUM, fleet: TeacherFleet | None = None
+        self,
+        endpoint: str,
+        service: str = SERVICE,
+        require_num: int = REQUIRE_NUM,
+        fleet: TeacherFleet | None = None,
+        keepalive: str = "unary",
     ) -> None:
+        if keepalive not in KEEPALIVE_RPCS:
+            raise ValueError(f"keepalive must be one of {', '.join(KEEPALIVE_RPCS)}, got {keepalive!r}")
+        self.keepalive = keepalive  # how the teachers of this process keep alive
         self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
         self.fleet = fleet  # teachers kept in that process instead of this one
         self.service = service
@@ -135,24 +146,38 @@ class Simulator:
         req = pb.RegisterTeacherRequest(service_name=self.service, endpoint=endpoint, weight=weight)
         resp = await stub.RegisterTeacher(req, timeout=_RPC_TIMEOUT_S)
         t.lease, t.keepalive_s, t.last_kept = resp.lease_id, resp.keepalive_seconds, time.monotonic()
-        self.ttl = resp.ttl_seconds
+        self.ttl = t.ttl = resp.ttl_seconds
         self.teachers[endpoint] = t
         t.task = asyncio.create_task(self._keep(stub, t, req))
         return t
 
     async def _keep(self, stub: pb_grpc.DiscoveryStub, t: SimTeacher, register: pb.RegisterTeacherRequest) -> None:
+        """Keep ``t``'s lease: a KeepAlive call each interval, or (``keepalive="stream"``, as
+        ``distill teacher register`` does) a message each on one KeepAliveStream."""
         await asyncio.sleep(random.random() * t.keepalive_s)  # spread the keep-alives
+        call: Any = None
         while True:
             sent = time.monotonic()
+            request = pb.KeepAliveRequest(service_name=self.service, endpoint=t.endpoint, lease_id=t.lease)
             try:
-                await stub.KeepAlive(
-                    pb.KeepAliveRequest(service_name=self.service, endpoint=t.endpoint, lease_id=t.lease),
-                    timeout=_RPC_TIMEOUT_S,
-                )
+                if self.keepalive == "unary":
+                    resp = await stub.KeepAlive(request, timeout=_RPC_TIMEOUT_S)
+                else:
+                    if call is None:
+                        call = stub.KeepAliveStream()
+                    await call.write(request)
+                    resp = await asyncio.wait_for(call.read(), _RPC_TIMEOUT_S)
+                    if resp is grpc.aio.EOF:
+                        raise RuntimeError("keep-alive stream ended")
+                # The pace the server asks for (longer intervals and TTL for a large fleet).
+                t.keepalive_s, t.ttl = resp.keepalive_seconds or t.keepalive_s, resp.ttl_seconds or t.ttl
                 t.last_kept = time.monotonic()
                 t.latencies.append(t.last_kept - sent)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, RuntimeError) as exc:
+                if call is not None:
+                    call.cancel()
+                    call = None
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.NOT_FOUND:
                     t.not_found += 1
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         t.lease = (await stub.RegisterTeacher(register, timeout=_RPC_TIMEOUT_S)).lease_id
@@ -167,7 +192,7 @@ class Simulator:
         t.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await t.task
-        return t.last_kept + self.ttl
+        return t.last_kept + t.ttl
 
     async def deregister_teacher(self, endpoint: str) -> float:
         """Deregister a teacher; returns when the request was sent."""
@@ -289,10 +314,10 @@ class TeacherFleet:
     not wait behind the students' streams in the simulator's event loop (on a real fleet they come
     from other machines). Times are ``time.monotonic()``, the same clock in both processes."""
 
-    def __init__(self, endpoint: str, service: str = SERVICE) -> None:
+    def __init__(self, endpoint: str, service: str = SERVICE, keepalive: str = "stream") -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_fleet_main, args=(child, endpoint, service), daemon=True)
+        self._process = ctx.Process(target=_fleet_main, args=(child, endpoint, service, keepalive), daemon=True)
         self._process.start()
         self._lock = asyncio.Lock()
 
@@ -316,11 +341,11 @@ class TeacherFleet:
             self._process.join(5)
 
 
-def _fleet_main(conn: Any, endpoint: str, service: str) -> None:
+def _fleet_main(conn: Any, endpoint: str, service: str, keepalive: str) -> None:
     """The teacher fleet process: a Simulator with teachers only, answering the pipe's commands."""
 
     async def main() -> None:
-        async with Simulator(endpoint, service) as sim:
+        async with Simulator(endpoint, service, keepalive=keepalive) as sim:
             while True:
                 message = await asyncio.to_thread(conn.recv)
                 try:
@@ -463,6 +488,7 @@ class SizeResult:
     students: int
     teachers: int
     servers: int = 1  # discovery servers sharing the store (students and teachers spread over them)
+    keepalive: str = "stream"  # how the teachers keep alive (KEEPALIVE_RPCS)
     full_s: float = math.nan
     first_s: float = math.nan
     burst_cpu_s: float = math.nan
@@ -499,7 +525,7 @@ async def _run_size(
 ) -> SizeResult:
     """Measure one size into ``r`` (what was measured stays there if a step fails)."""
     label = f"{_name(r)} {r.students}/{r.teachers}"
-    fleet = TeacherFleet(endpoint)
+    fleet = TeacherFleet(endpoint, keepalive=r.keepalive)
     try:
         await _measure(r, Simulator(endpoint, fleet=fleet), http, pids, events, progress, label)
     finally:
@@ -593,10 +619,18 @@ async def _measure(
 
 
 def run_size(
-    store: str, n_students: int, n_teachers: int, steady_s: float, events: int, progress: Progress, servers: int = 1
+    store: str,
+    n_students: int,
+    n_teachers: int,
+    steady_s: float,
+    events: int,
+    progress: Progress,
+    servers: int = 1,
+    keepalive: str = "stream",
 ) -> SizeResult:
     """One size on one store (``memory``, ``redis`` or ``etcd``: started here), in fresh processes;
-    ``servers`` discovery servers share the store (Redis or etcd)."""
+    ``servers`` discovery servers share the store (Redis or etcd); the teachers keep alive with
+    ``keepalive`` (``stream`` or ``unary``)."""
     from distill_reader.bench.processes import DiscoveryProcess, StoreProcess
     from distill_reader.teacher.local import free_port
 
@@ -609,7 +643,7 @@ def run_size(
             url = backing.url
         https = [f"127.0.0.1:{free_port()}" for _ in range(servers)]
         running = [DiscoveryProcess(url, ["--http", http]) for http in https]
-        r = SizeResult(store, n_students, n_teachers, servers=servers, steady_s=steady_s)
+        r = SizeResult(store, n_students, n_teachers, servers=servers, steady_s=steady_s, keepalive=keepalive)
         try:
             for server in running:
                 server.start()
@@ -685,9 +719,10 @@ def discovery(
     stores: Sequence[str] = (),
     steady_s: float | None = None,
     servers: int = 1,
+    keepalive: str = "stream",
 ) -> list[Row]:
     """The ``discovery`` scenario: every (students, teachers) pair on every store, with ``servers``
-    discovery servers sharing the store (Redis or etcd)."""
+    discovery servers sharing the store (Redis or etcd); teachers keep alive with ``keepalive``."""
     students = list(students) or ([200] if sizes.quick else [1000])
     teachers = list(teachers) or ([20] if sizes.quick else [100])
     if len(teachers) == 1:
@@ -698,15 +733,16 @@ def discovery(
     rows: list[Row] = []
     for store in stores or ["memory"]:
         for n_s, n_t in zip(students, teachers):
-            r = run_size(store, n_s, n_t, steady, 1 if sizes.quick else 3, progress, servers)
+            r = run_size(store, n_s, n_t, steady, 1 if sizes.quick else 3, progress, servers, keepalive)
             progress(summary(r))
             rows += _rows(r)
     return rows
 
 
 def _name(r: SizeResult) -> str:
-    """The store, and the number of servers when more than one (``redis ×2``)."""
-    return r.store if r.servers == 1 else f"{r.store} ×{r.servers}"
+    """The store, the number of servers when more than one (``redis ×2``), and unary keep-alives."""
+    name = r.store if r.servers == 1 else f"{r.store} ×{r.servers}"
+    return name if r.keepalive == "stream" else f"{name} (unary keep-alives)"
 
 
 def summary(r: SizeResult) -> str:

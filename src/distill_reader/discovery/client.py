@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import socket
@@ -47,6 +48,8 @@ CHANNEL_OPTIONS = [
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 2.0
 _RPC_TIMEOUT_S = 2.0
+# A registered teacher's readiness is checked at least this often (keep-alives may be further apart).
+_READINESS_S = 0.5
 # Errors that retrying cannot fix: the request itself is wrong, or we may not make it.
 _FATAL = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -260,6 +263,67 @@ class _Rotating:
         raise last
 
 
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class _KeepAlives:
+    """A teacher's keep-alives: messages on one ``KeepAliveStream`` to the current discovery endpoint
+    (cheaper for the server than a call each, and never queued behind a burst of new calls), or
+    unary ``KeepAlive`` calls once a server answers the stream UNIMPLEMENTED (an older server)."""
+
+    def __init__(self, rot: _Rotating) -> None:
+        self.rot = rot
+        self.streaming = True
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._channel: grpc.aio.Channel | None = None  # the channel self._call is on
+
+    def close(self) -> None:
+        """End the stream (the lease is kept by the next keep-alive, on a new one)."""
+        if self._call is not None:
+            self._call.cancel()
+        self._call = self._channel = None
+
+    async def send(self, request: pb.KeepAliveRequest) -> pb.KeepAliveResponse:
+        """One keep-alive, answered; moves on to the next endpoint while one is unreachable or does
+        not answer within the RPC timeout. Raises the server's error (NOT_FOUND: register again)."""
+        if not self.streaming:
+            return await self.rot.call("KeepAlive", request)
+        last: grpc.aio.AioRpcError | None = None
+        for _ in range(len(self.rot.endpoints)):
+            stub = self.rot.stub()
+            if self._call is None or self._channel is not self.rot.channel:
+                self.close()
+                self._call = stub.KeepAliveStream(metadata=self.rot.security.metadata)
+                self._channel = self.rot.channel
+            call = self._call
+            try:
+                await call.write(request)
+                response = await asyncio.wait_for(call.read(), _RPC_TIMEOUT_S)
+                if response is grpc.aio.EOF:  # the server ended the stream without a status
+                    raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "keep-alive stream ended")
+                return response
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError) as error:
+                self.close()
+                if isinstance(error, asyncio.TimeoutError):
+                    exc = _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {_RPC_TIMEOUT_S:g} s")
+                elif isinstance(error, asyncio.InvalidStateError):  # the stream ended since the last one
+                    exc = _rpc_error(await call.code(), await call.details())
+                else:
+                    exc = error
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    where = self.rot.endpoints[self.rot.i]
+                    log.info("discovery %s has no keep-alive stream: keeping alive with a call each", where)
+                    self.streaming = False
+                    return await self.rot.call("KeepAlive", request)
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise exc from None
+                last = exc
+                await self.rot.next()
+        assert last is not None
+        raise last
+
+
 async def keep_registered(
     discovery_endpoints: list[str] | str,
     service_name: str,
@@ -280,9 +344,11 @@ async def keep_registered(
     server's HTTP API, whose readiness is ``GET /health``).
 
     With ``readiness_check`` the teacher is asked OIP ``ServerReady`` and ``ModelReady(model_name)``
-    (``openai``: ``GET /health``) every keep-alive interval (0.5 s by default, set by the server);
-    while it does not answer ready, it is reported not ready and gets no students, and it is back
-    as soon as it answers.
+    (``openai``: ``GET /health``) every keep-alive interval or every 0.5 s, whichever is shorter;
+    while it does not answer ready, it is reported not ready at once (a keep-alive out of turn) and
+    gets no students, and it is back as soon as it answers. Keep-alives go every interval the server
+    asks for (0.5 s by default, longer for a large fleet), as messages on one KeepAliveStream (unary
+    KeepAlive calls to a server without it).
     On return the lease is dropped. Raises DiscoveryError for invalid arguments or a missing or
     wrong token. ``security`` secures the discovery calls, ``teacher_security`` (TLS only: readiness
     is not token-protected) the readiness checks.
@@ -296,9 +362,11 @@ async def keep_registered(
     stop = stop or asyncio.Event()
     instance = uuid.uuid4().hex
     rot = _Rotating(endpoints, security or NO_SECURITY)
+    keep = _KeepAlives(rot)
     teacher_security = teacher_security or NO_SECURITY
     lease: str | None = None
     interval = 0.5
+    last_sent, last_ready = -math.inf, True
     backoff = _BACKOFF_START_S
     teacher_channel: grpc.aio.Channel | None = None
     http_client = None
@@ -324,7 +392,13 @@ async def keep_registered(
                     await teacher_channel.close()
                     teacher_channel = None
             health = pb.HEALTH_READY if ready else pb.HEALTH_NOT_READY
-            wait = interval
+            wait = min(interval, _READINESS_S)
+            # A keep-alive when one is due, or at once when the readiness changed.
+            if lease is not None and ready == last_ready and time.monotonic() - last_sent < interval - wait / 2:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+                continue
+            last_sent, last_ready = time.monotonic(), ready
             try:
                 if lease is None:
                     resp = await rot.call(
@@ -340,15 +414,13 @@ async def keep_registered(
                         ),
                     )
                     lease, interval = resp.lease_id, resp.keepalive_seconds or interval
-                    wait = interval
+                    wait = min(interval, _READINESS_S)
                     log.info("teacher %s registered in %s (ready: %s)", endpoint, service_name, ready)
                 else:
-                    await rot.call(
-                        "KeepAlive",
-                        pb.KeepAliveRequest(
-                            service_name=service_name, endpoint=endpoint, lease_id=lease, health=health
-                        ),
+                    resp = await keep.send(
+                        pb.KeepAliveRequest(service_name=service_name, endpoint=endpoint, lease_id=lease, health=health)
                     )
+                    interval = resp.keepalive_seconds or interval  # the server may ask for another pace
                 backoff = _BACKOFF_START_S
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -361,9 +433,11 @@ async def keep_registered(
                     details = explain_unavailable(exc, rot.security)
                     log.info("teacher %s: discovery %s: %s", endpoint, code.name, details)
                     wait, backoff = backoff, min(backoff * 2, _BACKOFF_MAX_S)
+                    last_sent = -math.inf  # try again after the backoff, not a whole interval
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
     finally:
+        keep.close()
         if lease is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(

@@ -161,7 +161,16 @@ def discovery() -> None:
     default=DEFAULT_KEEPALIVE_S,
     show_default=True,
     type=float,
-    help="Keep-alive interval clients are told to use, seconds.",
+    help="Keep-alive interval clients are told to use, seconds (stretched, with the TTL, for a fleet too large "
+    "for 1,000 keep-alives a second per server: docs/discovery.md).",
+)
+@click.option(
+    "--processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Server processes sharing the --listen port (SO_REUSEPORT; about one per core) and the store, which "
+    "must be redis:// or etcd://. Process i serves --http on its port + i. One that dies is started again.",
 )
 @token_option("server")
 @tls_options("server")
@@ -172,12 +181,13 @@ def serve(
     http: str | None,
     ttl: float,
     keepalive: float,
+    processes: int,
     token_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     tls_ca: str | None,
 ) -> None:
-    """Run a discovery server until SIGINT/SIGTERM."""
+    """Run a discovery server (or --processes of them) until SIGINT/SIGTERM."""
     from distill_reader.discovery import server as discovery_server
     from distill_reader.security import load_tls, read_token_file
 
@@ -188,6 +198,26 @@ def serve(
             raise click.UsageError("--tls-ca on a server needs --tls-cert and --tls-key")
     except DistillReaderError as exc:
         raise click.UsageError(str(exc)) from None
+    if processes > 1:
+        from distill_reader.discovery.processes import serve_processes
+
+        async def main_processes(stop: asyncio.Event) -> None:
+            await serve_processes(
+                processes,
+                listen,
+                store,
+                http=http,
+                stop=stop,
+                ttl=ttl,
+                keepalive=keepalive,
+                token=token,
+                tls=tls,
+                store_security=store_security,
+            )
+            click.echo("discovery stopped", err=True)
+
+        _run_until_signal(main_processes)
+        return
 
     started = []
 

@@ -67,6 +67,7 @@ class DiscoveryServer:
         token: Secret | None = None,
         tls: TlsFiles | None = None,
         store_security: StoreSecurity | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._listen_host, _ = require_hostport(listen, "--listen", allow_port_zero=True, error=DiscoveryError)
         self._http_hostport = (
@@ -77,6 +78,9 @@ class DiscoveryServer:
         self.store = open_discovery_store(store, store_security)  # raises DiscoveryError for a bad URL
         self._listen = listen
         self._token, self._tls = token, tls
+        # SO_REUSEPORT: several server processes share the port (``--processes``); without it a
+        # port in use is an error, not a silent second listener.
+        self._reuse_port = reuse_port
         self.service = DiscoveryService(self.store, ttl=ttl, keepalive=keepalive)
         self._grpc: grpc.aio.Server | None = None
         self._http_runner = None  # aiohttp's AppRunner
@@ -103,9 +107,10 @@ class DiscoveryServer:
                     on_refused=lambda method: rpcs.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc(),
                 )
             )
-        self._grpc = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+        options = [*SERVER_OPTIONS, ("grpc.so_reuseport", int(self._reuse_port))]
+        self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         service = pb.DESCRIPTOR.services_by_name["Discovery"]
-        self._grpc.add_generic_rpc_handlers((strict_handler(self.service, service),))
+        self._grpc.add_generic_rpc_handlers((strict_handler(self.service, service, streams=("KeepAliveStream",)),))
         try:
             port = add_port(self._grpc, self._listen, self._tls)
         except RuntimeError as exc:
@@ -181,8 +186,10 @@ async def serve(
     tls: TlsFiles | None = None,
     store_security: StoreSecurity | None = None,
     on_started: Callable[[DiscoveryServer], None] | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve until ``stop`` is set (or the task is cancelled); ``on_started(server)`` once it listens."""
+    """Serve until ``stop`` is set (or the task is cancelled); ``on_started(server)`` once it listens.
+    ``reuse_port``: share the port with other processes (SO_REUSEPORT)."""
     server = DiscoveryServer(
         listen,
         store_url,
@@ -192,6 +199,7 @@ async def serve(
         token=token,
         tls=tls,
         store_security=store_security,
+        reuse_port=reuse_port,
     )
     await server.start()
     try:

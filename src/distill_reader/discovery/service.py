@@ -65,11 +65,20 @@ DEFAULT_KEEPALIVE_S = 0.5
 RESYNC_S = 1.0
 # Reconciles run at most this often: the events of a burst are coalesced into one.
 COALESCE_S = 0.05
+# The reconcile loop waits this many times as long as its last round took (see _reconcile_loop).
+_RECONCILE_SHARE = 4.0
+# The resync waits at least this many times as long as the last round of reconciles took.
+_RESYNC_SHARE = 10.0
 _EXPIRY_CHECK_S = 0.05
 # The expiry check waking this much late means the event loop is behind.
 _LAG_S = 0.1
 # Most teachers overdue at once (at least this many) means this server is behind, not they.
 _MASS_MIN = 4
+#: Keep-alives per second a server asks its teachers for at most, by default (see DiscoveryService.pace).
+DEFAULT_KEEPALIVE_BUDGET = 1000.0
+# The keep-alive interval and the TTL are stretched by at most this factor (an etcd lease's TTL is
+# fixed when granted, at ttl + lag_cap = 3 × TTL: the interval stays well within it).
+_MAX_STRETCH = 4.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 _ID = re.compile(r"^[A-Za-z0-9._:@\-]{1,128}$")
@@ -109,11 +118,16 @@ def check_id(value: str, what: str) -> str:
 
 @dataclass
 class _Kept:
-    """A teacher lease kept through this server: when, by this server's clocks."""
+    """A teacher lease kept through this server: when, by this server's clocks, and at what pace."""
 
     lease: str
     at: float  # time.monotonic() of the last keep-alive (or the registration)
     behind: float  # the server's behind-clock then (see DiscoveryService._expiries)
+    ttl: float  # the TTL the teacher was told last (see DiscoveryService.pace)
+    interval: float  # the keep-alive interval it was told last
+    # The TTL it was told at registration: a teacher that keeps alive with unary calls may be an
+    # older one, which keeps the interval it registered with; its TTL never falls below this.
+    registered_ttl: float
 
 
 @dataclass
@@ -172,6 +186,11 @@ class _Metrics:
             "How late this server's event loop woke its expiry check, the largest in the last second",
             registry=registry,
         )
+        self.keepalive_streams = Gauge(
+            "distill_discovery_keepalive_streams",
+            "Open teacher keep-alive streams (KeepAliveStream) on this server",
+            registry=registry,
+        )
         self.behind = Counter(
             "distill_discovery_behind_seconds",
             "Time this server was behind (its loop late, or most teachers' keep-alives overdue at once): "
@@ -193,12 +212,18 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         registry: CollectorRegistry | None = None,
         coalesce: float = COALESCE_S,
         lag_cap: float | None = None,
+        keepalive_budget: float = DEFAULT_KEEPALIVE_BUDGET,
     ) -> None:
         self.store = store
         self.ttl = ttl
-        #: The most grace a teacher lease gets for this server's lag; the store's TTL is ttl + this.
+        #: keep-alives per second this server asks its teachers for at most (0: no limit)
+        self.keepalive_budget = keepalive_budget
+        #: The most grace a teacher lease gets for this server's lag; the store's TTL is its TTL + this.
         self.lag_cap = 2 * ttl if lag_cap is None else lag_cap
-        self.store_ttl = ttl + self.lag_cap
+        #: The TTL of this server's student group: its students outlive a stall of this server up to
+        #: the lag cap too (a dead server's students, who reconnect elsewhere at once, are taken over
+        #: there; only those that died with it linger, for ttl + lag_cap).
+        self.group_ttl = ttl + self.lag_cap
         self.keepalive = keepalive
         #: how often students are asked to report their figures
         self.report_seconds = max(REPORT_SECONDS, keepalive)
@@ -220,6 +245,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         # Seconds this server was behind, in all (a clock that only runs while it is behind).
         self._behind = 0.0
         self._lag_max = 0.0
+        self._round_took = 0.0  # how long the last round of reconciles took
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -260,8 +286,10 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 backoff = min(backoff * 2, 2.0)
 
     async def _resync(self) -> None:
+        # Every second, or less often where a round of reconciles is long (a resync is a backstop for
+        # a lost notification; at 10,000 students on Redis a round takes a few hundred ms).
         while True:
-            await asyncio.sleep(RESYNC_S)
+            await asyncio.sleep(max(RESYNC_S, _RESYNC_SHARE * self._round_took))
             self.mark_dirty(None)
 
     async def _expiries(self) -> None:
@@ -283,14 +311,14 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             if now - window >= 1.0:  # the gauge: the largest lag of the last second
                 self.metrics.lag.set(self._lag_max)
                 self._lag_max, window = 0.0, now
-            overdue = sum(1 for k in self._kept.values() if now - k.at > 2 * self.keepalive + _LAG_S)
+            overdue = sum(1 for k in self._kept.values() if now - k.at > 2 * k.interval + _LAG_S)
             if late > _LAG_S or (overdue >= _MASS_MIN and 2 * overdue > len(self._kept)):
                 self._behind += elapsed
                 self.metrics.behind.inc(elapsed)
             silent = [
                 (key, k)
                 for key, k in self._kept.items()
-                if now - k.at > self.ttl + min(self.lag_cap, self._behind - k.behind)
+                if now - k.at > k.ttl + min(self.lag_cap, self._behind - k.behind)
             ]
             for key, k in silent:
                 await self._expire(key, k, now - k.at)
@@ -301,7 +329,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         try:
             # The store checks the silence by its own clock, less what this server's lag explains.
             outcome = await self.store.expire_silent(
-                "teacher", service, endpoint, k.lease, self.store_ttl, min(silence, self.ttl)
+                "teacher", service, endpoint, k.lease, k.ttl + self.lag_cap, min(silence, k.ttl)
             )
         except asyncio.CancelledError:
             raise
@@ -313,15 +341,23 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         if outcome == "kept":
             # Kept within the silence by the store's clock (through another server, or the store gave
             # it time back after a stall of its own): look again a TTL from now.
-            self._keep_seen(service, endpoint, k.lease)
+            self._kept[key] = _Kept(k.lease, time.monotonic(), self._behind, k.ttl, k.interval, k.registered_ttl)
             return
         del self._kept[key]
         self.metrics.teacher_lapses.labels(service).inc()
         log.info("teacher %s in %s: silent for %.1f s, lease ended (%s)", endpoint, service, silence, outcome)
         self.mark_dirty(service)
 
-    def _keep_seen(self, service: str, endpoint: str, lease: str) -> None:
-        self._kept[(service, endpoint)] = _Kept(lease, time.monotonic(), self._behind)
+    def pace(self) -> tuple[float, float]:
+        """The TTL and keep-alive interval to tell a teacher now: the configured ones, stretched
+        (both by the same factor, at most 4) so that the teachers kept through this server keep
+        alive at most ``keepalive_budget`` times a second. The price of a stretch: a teacher whose
+        keep-alives stop (its keeper died with it) leaves its students after the stretched TTL."""
+        n = len(self._kept)
+        if not self.keepalive_budget or n <= self.keepalive_budget * self.keepalive:
+            return self.ttl, self.keepalive
+        stretch = min(n / (self.keepalive_budget * self.keepalive), _MAX_STRETCH)
+        return self.ttl * stretch, self.keepalive * stretch
 
     async def _reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -329,9 +365,10 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         while True:
             await self._wake.wait()
             # Coalesce: what arrives within the window since the last reconcile joins this one. The
-            # window is at least as long as the last round took, so that reconciles never take more
-            # than about half of the loop from the RPCs (keep-alives, streams) during a burst.
-            wait = last + max(self.coalesce, took) - loop.time()
+            # window is at least _RECONCILE_SHARE times as long as the last round took, so that
+            # during a burst reconciles (each linear in the service's students: 50-100 ms at 10,000)
+            # take at most a quarter of the loop, and the streams and keep-alives the rest.
+            wait = last + max(self.coalesce, _RECONCILE_SHARE * took) - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
             self._wake.clear()
@@ -344,7 +381,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     names = {s for s in dirty if s is not None}
                 for service in sorted(names):
                     await self._reconcile(service)
-                took = loop.time() - last
+                took = self._round_took = loop.time() - last
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -434,7 +471,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     w.student,
                     w.instance,
                     {"require_num": w.require_num},
-                    self.ttl,
+                    self.group_ttl,
                 )
                 w.joined = time.monotonic()
                 self.metrics.lapses.inc()
@@ -457,7 +494,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         while True:
             await asyncio.sleep(self.keepalive)
             try:
-                lapsed = await self.store.keep_group(self.server_id, self.ttl)
+                lapsed = await self.store.keep_group(self.server_id, self.group_ttl)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -498,25 +535,46 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             "registration": uuid.uuid4().hex[:12],
         }
         try:
-            lease = await self.store.register("teacher", service, endpoint, instance, data, self.store_ttl)
+            ttl, interval = self.pace()
+            lease = await self.store.register("teacher", service, endpoint, instance, data, ttl + self.lag_cap)
         except AlreadyRegistered:
             await self._fail(
                 context,
                 m,
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"teacher {endpoint} is already registered in service {service!r} by another instance; "
-                f"its lease ends {self.ttl:g} s after its last keep-alive "
-                f"({self.store_ttl:g} s at most while the discovery server is behind)",
+                f"its lease ends {ttl:g} s after its last keep-alive "
+                f"({ttl + self.lag_cap:g} s at most while the discovery server is behind)",
             )
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
-        self._keep_seen(service, endpoint, lease)
+        self._kept[(service, endpoint)] = _Kept(lease, time.monotonic(), self._behind, ttl, interval, ttl)
         self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
         log.info("teacher %s registered in %s (weight %g)", endpoint, service, weight)
-        return pb.RegisterTeacherResponse(lease_id=lease, ttl_seconds=self.ttl, keepalive_seconds=self.keepalive)
+        return pb.RegisterTeacherResponse(lease_id=lease, ttl_seconds=ttl, keepalive_seconds=interval)
+
+    async def KeepAliveStream(
+        self, requests: AsyncIterator[pb.KeepAliveRequest], context
+    ) -> AsyncIterator[pb.KeepAliveResponse]:
+        """KeepAlive's messages on one stream: no call to set up and queue per keep-alive (a message
+        waits in no gRPC queue behind a burst of new calls, and costs the server less than a call);
+        a lease that is gone ends the stream with NOT_FOUND. Each message counts as a KeepAlive in
+        ``distill_discovery_rpcs_total``."""
+        self.metrics.keepalive_streams.inc()
+        try:
+            async for request in requests:
+                yield await self._keep_alive(request, context, streamed=True)
+        finally:
+            self.metrics.keepalive_streams.dec()
 
     async def KeepAlive(self, request: pb.KeepAliveRequest, context) -> pb.KeepAliveResponse:
+        return await self._keep_alive(request, context, streamed=False)
+
+    async def _keep_alive(self, request: pb.KeepAliveRequest, context, *, streamed: bool) -> pb.KeepAliveResponse:
+        """One keep-alive; ``streamed``: on a KeepAliveStream (a teacher that follows the pace it is
+        told in every answer), else a unary call (maybe an older teacher, which keeps the pace it
+        registered with)."""
         m = "KeepAlive"
         try:
             service = check_service_name(request.service_name)
@@ -528,12 +586,20 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         data = None
         if request.health != pb.HEALTH_UNSPECIFIED:
             data = {"healthy": request.health == pb.HEALTH_READY}
+        ttl, interval = self.pace()
+        kept = self._kept.get((service, endpoint))
+        if kept is not None and kept.lease == request.lease_id:
+            registered_ttl = kept.registered_ttl
+        else:  # registered through another server (or before this one started), at a pace unknown here
+            registered_ttl = self.ttl * (_MAX_STRETCH if self.keepalive_budget else 1.0)
+        if not streamed:
+            ttl = max(ttl, registered_ttl)
         try:
-            ok = await self.store.keep("teacher", service, endpoint, request.lease_id, self.store_ttl, data)
+            ok = await self.store.keep("teacher", service, endpoint, request.lease_id, ttl + self.lag_cap, data)
         except StoreUnavailable as exc:
             await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
         if not ok:
-            kept = self._kept.get((service, endpoint))
+            kept = self._kept.get((service, endpoint))  # again: it may have changed meanwhile
             if kept is not None and kept.lease == request.lease_id:  # the store's TTL ended it
                 del self._kept[(service, endpoint)]
                 self.metrics.teacher_lapses.labels(service).inc()
@@ -544,14 +610,16 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 f"no lease {request.lease_id!r} for teacher {endpoint} in service {service!r} "
                 "(expired, or the store lost it): register again",
             )
-        self._keep_seen(service, endpoint, request.lease_id)
+        self._kept[(service, endpoint)] = _Kept(
+            request.lease_id, time.monotonic(), self._behind, ttl, interval, registered_ttl
+        )
         if data is not None:
             state = self._states.get(service)
             old = state.teachers.get(endpoint, {}).get("healthy") if state else None
             if old is not None and old != data["healthy"]:
                 self.mark_dirty(service)
         self.metrics.rpcs.labels(m, "OK").inc()
-        return pb.KeepAliveResponse(ttl_seconds=self.ttl)
+        return pb.KeepAliveResponse(ttl_seconds=ttl, keepalive_seconds=interval)
 
     async def DeregisterTeacher(self, request: pb.DeregisterTeacherRequest, context) -> pb.DeregisterTeacherResponse:
         m = "DeregisterTeacher"
@@ -580,7 +648,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             lease = await self.store.join(
-                self.server_id, "student", service, student, instance, {"require_num": require_num}, self.ttl
+                self.server_id, "student", service, student, instance, {"require_num": require_num}, self.group_ttl
             )
         except AlreadyRegistered:
             await self._fail(

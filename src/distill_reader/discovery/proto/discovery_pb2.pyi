@@ -57,10 +57,12 @@ class KeepAliveRequest(_message.Message):
     def __init__(self, service_name: _Optional[str] = ..., endpoint: _Optional[str] = ..., lease_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ...) -> None: ...
 
 class KeepAliveResponse(_message.Message):
-    __slots__ = ("ttl_seconds",)
+    __slots__ = ("ttl_seconds", "keepalive_seconds")
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ttl_seconds: float
-    def __init__(self, ttl_seconds: _Optional[float] = ...) -> None: ...
+    keepalive_seconds: float
+    def __init__(self, ttl_seconds: _Optional[float] = ..., keepalive_seconds: _Optional[float] = ...) -> None: ...
 
 class DeregisterTeacherRequest(_message.Message):
     __slots__ = ("service_name", "endpoint", "lease_id")

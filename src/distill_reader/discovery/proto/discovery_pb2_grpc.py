@@ -44,6 +44,11 @@ class DiscoveryStub(object):
                 request_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.SerializeToString,
                 response_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.FromString,
                 _registered_method=True)
+        self.KeepAliveStream = channel.stream_stream(
+                '/distill_reader.discovery.Discovery/KeepAliveStream',
+                request_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.SerializeToString,
+                response_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.FromString,
+                _registered_method=True)
         self.DeregisterTeacher = channel.unary_unary(
                 '/distill_reader.discovery.Discovery/DeregisterTeacher',
                 request_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.DeregisterTeacherRequest.SerializeToString,
@@ -80,6 +85,17 @@ class DiscoveryServicer(object):
     def KeepAlive(self, request, context):
         """Extends a lease; may report the teacher's readiness. NOT_FOUND when the lease is gone
         (expired, or the store was lost): register again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepAliveStream(self, request_iterator, context):
+        """The same keep-alives as messages on one stream the teacher holds open: each request is
+        answered with a KeepAliveResponse in order; a lease that is gone ends the stream with
+        NOT_FOUND (register again, then open a new stream). Cheaper for the server than an RPC each,
+        and not queued behind a burst of new calls. Servers without it answer UNIMPLEMENTED: use
+        KeepAlive.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +140,11 @@ def add_DiscoveryServicer_to_server(servicer, server):
             ),
             'KeepAlive': grpc.unary_unary_rpc_method_handler(
                     servicer.KeepAlive,
+                    request_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.FromString,
+                    response_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.SerializeToString,
+            ),
+            'KeepAliveStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.KeepAliveStream,
                     request_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.FromString,
                     response_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.SerializeToString,
             ),
@@ -200,6 +221,33 @@ class Discovery(object):
             request,
             target,
             '/distill_reader.discovery.Discovery/KeepAlive',
+            distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.SerializeToString,
+            distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAliveStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/distill_reader.discovery.Discovery/KeepAliveStream',
             distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.SerializeToString,
             distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.FromString,
             options,

@@ -174,6 +174,74 @@ class Store(ABC):
         return await self.write_assignment(service, version, assignment)
 
 
+Member = tuple[str, str, str]  # (kind, service, member)
+
+
+class GroupBook:
+    """What a store that keeps groups natively (Redis, etcd) knows of its own groups: each group's
+    current lease, the members this process joined to it (the id :meth:`Store.leave` checks, and the
+    group lease they joined under), and the members lost with a lapsed group until
+    :meth:`Store.keep_group` reports them. The group leases are the store's own (a Redis key's
+    value, an etcd lease id)."""
+
+    def __init__(self) -> None:
+        #: group -> its current lease
+        self.leases: dict[str, object] = {}
+        self._members: dict[str, dict[Member, tuple[str, object]]] = {}
+        self._lapsed: dict[str, list[Member]] = {}
+
+    def joined(self, group: str, key: Member, member_id: str, lease: object) -> None:
+        """``key`` joined ``group`` under the group lease ``lease`` (with ``member_id``, for leave);
+        if the group lapsed while the join was in flight, it is lapsed with the others."""
+        if self.leases.get(group) == lease:
+            self._members.setdefault(group, {})[key] = (member_id, lease)
+        else:
+            self._lapsed.setdefault(group, []).append(key)
+
+    def lose(self, group: str, lease: object) -> None:
+        """The group's lease ``lease`` is gone (with every member joined under it): they are lapsed.
+        Nothing if the group already has another lease (a join or a keep noticed first)."""
+        if group not in self.leases or self.leases[group] != lease:
+            return
+        del self.leases[group]
+        members = self._members.get(group, {})
+        lost = [key for key, (_, joined) in members.items() if joined == lease]
+        for key in lost:
+            del members[key]
+        self._lapsed.setdefault(group, []).extend(lost)
+
+    def left(self, group: str, key: Member, member_id: str) -> None:
+        """``key`` left ``group``, if it is still the join ``member_id``."""
+        members = self._members.get(group, {})
+        if key in members and members[key][0] == member_id:
+            del members[key]
+
+    def take_lapsed(self, group: str) -> list[Member]:
+        """The members lost with ``group``'s lapses since the last call."""
+        return self._lapsed.pop(group, [])
+
+
+class NativeGroupStore(Store):
+    """A store that keeps a discovery server's *students* in groups of its own (one lease for the
+    group, kept with one store operation); teachers keep their own leases (their keep-alives carry
+    their readiness) through the per-member defaults. Subclasses implement :meth:`_keep_group_lease`
+    and the student side of :meth:`join` and :meth:`leave`, recording in ``self._groups``."""
+
+    def __init__(self) -> None:
+        self._groups = GroupBook()
+
+    @abstractmethod
+    async def _keep_group_lease(self, group: str, lease: object, ttl: float) -> bool:
+        """Extend the group lease ``lease`` by ``ttl``; False if it is gone."""
+
+    async def keep_group(self, group: str, ttl: float) -> list[Member]:
+        """One keep of the group's lease for all its students (and the defaults' per-member keeps)."""
+        lease = self._groups.leases.get(group)
+        if lease is not None and not await self._keep_group_lease(group, lease, ttl):
+            self._groups.lose(group, lease)
+        return self._groups.take_lapsed(group) + await super().keep_group(group, ttl)
+
+
 _STORE_HELP = (
     "expected 'memory', 'redis://[USER@]HOST:PORT[/DB]', 'rediss://…' (TLS), 'etcd://[USER@]HOST:PORT' "
     "or 'etcds://…' (TLS)"

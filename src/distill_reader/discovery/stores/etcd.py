@@ -37,8 +37,8 @@ from aetcd import rpc
 
 from distill_reader.discovery.stores.base import (
     Kind,
+    NativeGroupStore,
     ServiceState,
-    Store,
     StoreSecurity,
     StoreURL,
     auth_failed,
@@ -139,7 +139,7 @@ class _KeepAliveStream:
         self._call.cancel()
 
 
-class EtcdStore(Store):
+class EtcdStore(NativeGroupStore):
     """State in etcd; any number of discovery servers may share it."""
 
     def __init__(self, host: str, port: int, *, tls: bool = False, security: StoreSecurity | None = None) -> None:
@@ -155,11 +155,7 @@ class EtcdStore(Store):
         self._auth_lock: asyncio.Lock | None = None
         self._closed = asyncio.Event()
         self._keepalive: _KeepAliveStream | None = None
-        # group -> its etcd lease; the students this process joined to it (member uuid and the
-        # group lease it was joined under); the members it lost, until keep_group reports them.
-        self._group_leases: dict[str, int] = {}
-        self._grouped: dict[str, dict[tuple[str, str, str], tuple[str, int]]] = {}
-        self._lapsed: dict[str, list[tuple[str, str, str]]] = {}
+        super().__init__()  # self._groups: each group's etcd lease, the students joined to it
         self._grant_locks: dict[str, asyncio.Lock] = {}
 
     # -- connection, authentication, errors ------------------------------------------------------
@@ -350,24 +346,13 @@ class EtcdStore(Store):
 
     # -- groups: a discovery server's students share one etcd lease ---------------------------
 
-    def _lose_group(self, group: str, lease: int) -> None:
-        """The group's lease ``lease`` is gone (etcd deleted its keys): its members are lapsed."""
-        if self._group_leases.get(group) != lease:
-            return  # already noticed (another join or the keep got there first)
-        del self._group_leases[group]
-        members = self._grouped.get(group, {})
-        lost = [key for key, (_, joined) in members.items() if joined == lease]
-        for key in lost:
-            del members[key]
-        self._lapsed.setdefault(group, []).extend(lost)
-
     async def _group_lease(self, group: str, ttl: float) -> int:
         """The group's lease, granted on first use (one grant however many joins wait for it)."""
         lock = self._grant_locks.setdefault(group, asyncio.Lock())
         async with lock:
-            if group not in self._group_leases:
-                self._group_leases[group] = await self._grant(ttl)
-            return self._group_leases[group]
+            if group not in self._groups.leases:
+                self._groups.leases[group] = await self._grant(ttl)
+            return int(self._groups.leases[group])
 
     async def join(
         self, group: str, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float
@@ -407,31 +392,21 @@ class EtcdStore(Store):
             except StoreUnavailable as exc:
                 if "lease not found" not in str(exc) or attempt:
                     raise
-                self._lose_group(group, glease)  # lapsed (this server stalled): start the group again
+                self._groups.lose(group, glease)  # lapsed (this server stalled): start the group again
                 continue
-            if self._group_leases.get(group) == glease:
-                self._grouped.setdefault(group, {})[(kind, service, member)] = (uid, glease)
-            else:  # the group lapsed while this join was in flight: report it with the others
-                self._lapsed.setdefault(group, []).append((kind, service, member))
+            self._groups.joined(group, (kind, service, member), uid, glease)
             return uid
         raise AssertionError("unreachable")
 
-    async def keep_group(self, group: str, ttl: float) -> list[tuple[str, str, str]]:
-        """One keep-alive of the group's lease (on the shared stream) for all its students."""
-        glease = self._group_leases.get(group)
-        if glease is not None and await self._refresh(glease) <= 0:
-            self._lose_group(group, glease)
-        lapsed = self._lapsed.pop(group, [])
-        # Members joined through the default (teachers) keep their own leases.
-        return lapsed + await super().keep_group(group, ttl)
+    async def _keep_group_lease(self, group: str, lease: object, ttl: float) -> bool:
+        """One keep-alive of the group's etcd lease, on the shared stream."""
+        return await self._refresh(int(lease)) > 0
 
     async def leave(self, group: str, kind: Kind, service: str, member: str, lease: str) -> None:
         """Delete the student's key if it is still this join's (never the group's lease: others hold it)."""
         if kind != "student":
             return await super().leave(group, kind, service, member, lease)
-        members = self._grouped.get(group, {})
-        if members.get((kind, service, member), ("",))[0] == lease:
-            del members[(kind, service, member)]
+        self._groups.left(group, (kind, service, member), lease)
         key = self._key(service, kind, member)
         old = await self._get(key)
         if old and old[0].get("member") == lease:

@@ -49,8 +49,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from distill_reader.discovery.stores.base import (
     Kind,
+    NativeGroupStore,
     ServiceState,
-    Store,
     StoreSecurity,
     StoreURL,
     auth_failed,
@@ -231,7 +231,7 @@ def _connection_kwargs(tls: bool, security: StoreSecurity) -> dict:
     return kwargs
 
 
-class RedisStore(Store):
+class RedisStore(NativeGroupStore):
     """State in one Redis database; any number of discovery servers may share it."""
 
     def __init__(
@@ -267,10 +267,7 @@ class RedisStore(Store):
         self._read = self._r.register_script(_READ)
         self._update = self._r.register_script(_UPDATE)
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS - 2)
-        # group -> its current lease, and the members this process joined to it
-        self._group_leases: dict[str, str] = {}
-        self._grouped: dict[str, dict[tuple[str, str, str], str]] = {}
-        self._lapsed: dict[str, list[tuple[str, str, str]]] = {}
+        super().__init__()  # self._groups: each group's lease (a uuid, the group key's value), its members
         # Joins waiting for the next batch, per group; the groups whose batch is being flushed.
         self._join_queue: dict[str, list[_Join]] = {}
         self._flushing: dict[str, asyncio.Task] = {}
@@ -393,11 +390,6 @@ class RedisStore(Store):
 
     # --- groups: a discovery server's students, kept with one PEXPIRE ---------------------------
 
-    def _lose_group(self, group: str) -> None:
-        """The group's key lapsed: every member this process joined to it is gone."""
-        self._lapsed.setdefault(group, []).extend(self._grouped.pop(group, {}))
-        self._group_leases.pop(group, None)
-
     async def join(
         self, group: str, kind: Kind, service: str, member: str, instance: str, data: dict, ttl: float
     ) -> str:
@@ -438,20 +430,19 @@ class RedisStore(Store):
     async def _join_batch(self, group: str, batch: list[_Join]) -> list[int]:
         keys = [f"{_GROUP}{group}", f"{_PREFIX}:services"]
         for _ in range(2):
-            fresh = group not in self._group_leases
-            glease = self._group_leases.setdefault(group, uuid.uuid4().hex)
+            fresh = group not in self._groups.leases
+            glease = str(self._groups.leases.setdefault(group, uuid.uuid4().hex))
             args: list[str | int] = [glease, int(batch[0].ttl * 1000), "1" if fresh else "0"]
             for job in batch:
                 record = json.dumps({"g": group, "gl": glease, "i": job.instance, "l": job.lease, "d": job.data})
                 args += [job.service, job.member, job.instance, record]
             result = await self._call(self._join(keys=keys, args=args))
             if result == -1:  # the group lapsed: its members are gone; start it again
-                self._lose_group(group)
+                self._groups.lose(group, glease)
                 continue
-            members = self._grouped.setdefault(group, {})
             for job, ok in zip(batch, result):
                 if ok:
-                    members[("student", job.service, job.member)] = job.lease
+                    self._groups.joined(group, ("student", job.service, job.member), job.lease, glease)
             return result
         raise StoreUnavailable(f"{self.url}: group {group} lapsed twice while joining students")
 
@@ -470,22 +461,13 @@ class RedisStore(Store):
             except StoreUnavailable as exc:  # the others resync within a second
                 log.warning("announcing a change of %s failed: %s", service, exc)
 
-    async def keep_group(self, group: str, ttl: float) -> list[tuple[str, str, str]]:
-        glease = self._group_leases.get(group)
-        if glease is not None and not await self._call(
-            self._keep_group(keys=[f"{_GROUP}{group}"], args=[glease, int(ttl * 1000)])
-        ):
-            self._lose_group(group)
-        lapsed = self._lapsed.pop(group, [])
-        # Members joined through the default (teachers) keep their own leases.
-        return lapsed + await super().keep_group(group, ttl)
+    async def _keep_group_lease(self, group: str, lease: object, ttl: float) -> bool:
+        return bool(await self._call(self._keep_group(keys=[f"{_GROUP}{group}"], args=[lease, int(ttl * 1000)])))
 
     async def leave(self, group: str, kind: Kind, service: str, member: str, lease: str) -> None:
         if kind != "student":
             return await super().leave(group, kind, service, member, lease)
-        members = self._grouped.get(group, {})
-        if members.get((kind, service, member)) == lease:
-            del members[(kind, service, member)]
+        self._groups.left(group, (kind, service, member), lease)
         if await self._call(self._leave(keys=[f"{_PREFIX}:{service}:grouped"], args=[member, lease])):
             self._publish_soon(service)
 
