@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from distill_reader.errors import DiscoveryError
-from distill_reader.rpc import split_hostport
+from distill_reader.rpc import require_hostport
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,7 @@ _STOP_WAIT_S = 10.0
 def reserve_port(listen: str) -> tuple[socket.socket, str]:
     """Bind (not listen) a ``SO_REUSEPORT`` socket on ``listen``; returns it and ``host:port`` with the
     port chosen (``listen``'s port 0: any free one). Kept open, it holds the port for the processes."""
-    parsed = split_hostport(listen, allow_port_zero=True)
-    if parsed is None:
-        raise DiscoveryError(f"--listen must be HOST:PORT, got {listen!r}")
-    host, port = parsed
+    host, port = require_hostport(listen, "--listen", allow_port_zero=True, error=DiscoveryError)
     family, kind, proto, _, address = socket.getaddrinfo(
         host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
@@ -83,8 +80,8 @@ def _http_of(http: str | None, index: int) -> str | None:
     """Process ``index``'s HTTP address: ``http``'s port + ``index`` (port 0: any)."""
     if not http:
         return None
-    host, port = http.rsplit(":", 1)
-    return f"{host}:{int(port) + index if int(port) else 0}"
+    host, port = require_hostport(http, "--http", allow_port_zero=True, error=DiscoveryError)
+    return f"{host}:{port + index if port else 0}"
 
 
 async def serve_processes(
