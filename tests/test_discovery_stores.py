@@ -505,3 +505,32 @@ def test_processes_need_a_shared_store():
     )
     assert result.returncode != 0
     assert "--processes above 1 needs a shared store" in result.stderr
+
+
+def test_a_stopped_servers_streaming_students_leave_the_store_at_once(store):
+    """A server stopped while students stream: they leave the shared store as it stops (not a
+    group TTL later, a stale student other servers would still balance for), and no leave is left
+    pending when its loop ends."""
+
+    async def main():
+        svc = service_name()
+        server = await started(store.url)
+        other = open_discovery_store(store.url)
+        await other.start()
+        students = [Watch(server.address, svc, 1, f"s{i}") for i in range(3)]
+        try:
+            for w in students:
+                await w.wait_for(lambda s: s == [])
+            deadline = time.monotonic() + 10
+            while len((await other.read(svc)).students) < 3:
+                assert time.monotonic() < deadline, "the 3 students never reached the store"
+                await asyncio.sleep(0.05)
+            await server.stop()
+            assert (await other.read(svc)).students == {}
+        finally:
+            for w in students:
+                w.task.cancel()
+            await asyncio.gather(*(w.task for w in students), return_exceptions=True)
+            await other.close()
+
+    run(main())

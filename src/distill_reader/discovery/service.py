@@ -74,6 +74,7 @@ _EXPIRY_CHECK_S = 0.05
 _LAG_S = 0.1
 # Most teachers overdue at once (at least this many) means this server is behind, not they.
 _MASS_MIN = 4
+_DROP_WAIT_S = 2.0  # longest stop() waits for the students whose streams ended to leave
 #: Keep-alives per second a server asks its teachers for at most, by default (see DiscoveryService.pace).
 DEFAULT_KEEPALIVE_BUDGET = 1000.0
 # The keep-alive interval and the TTL are stretched by at most this factor (an etcd lease's TTL is
@@ -239,6 +240,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._rejoins: set[asyncio.Task] = set()
+        # Students leaving as their streams end: awaited by stop(), not left pending at loop close.
+        self._drops: set[asyncio.Task] = set()
         # (service, endpoint) -> the teacher leases kept through this server: this server ends them
         # when their holder went silent (see _expiries).
         self._kept: dict[tuple[str, str], _Kept] = {}
@@ -255,8 +258,17 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             self._tasks.append(asyncio.create_task(coro))
 
     async def stop(self) -> None:
-        """Stop the background tasks (open streams end when the gRPC server stops)."""
-        await cancel_until_done(set(self._tasks) | self._rejoins)
+        """Stop the background tasks, after the gRPC server stopped (which ended the open streams):
+        the students of those streams leave the store first (2 s at most), so that other servers
+        sharing it do not balance for them until their group's TTL."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _DROP_WAIT_S
+        # A cancelled stream's handler ends, and starts its student's leave, a turn of the loop later.
+        while any(self._watchers.values()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._drops:
+            await asyncio.wait(set(self._drops), timeout=max(0.01, deadline - loop.time()))
+        await cancel_until_done(set(self._tasks) | self._rejoins | self._drops)
         self._tasks.clear()
 
     @property
@@ -695,6 +707,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             if not w.replaced:
                 # Shielded: the stream is usually being cancelled, but the student must leave now.
                 drop = asyncio.ensure_future(self._drop_student(w))
+                self._drops.add(drop)
+                drop.add_done_callback(self._drops.discard)
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.shield(drop)
 
