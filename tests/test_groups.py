@@ -3,19 +3,14 @@ against real teacher servers on loopback."""
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import logging
-import threading
-from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 from conftest import free_port, settled_stats
 from reader_models import label_rows, make_sample, tag_rows
 from test_fleet_view import by_id, running, status_json, wait_for
-from test_openai_teacher import V, check_fake_topk, fake_vllm
+from test_openai_teacher import V, check_fake_topk, fake_vllm, fake_vllm_server
 
 from distill_reader import DistillReader, NoTeacherError
 from distill_reader.discovery.server import ServerThread
@@ -246,39 +241,6 @@ fetch_shapes = [(10,), (-1, 8), (-1, 8)]
 """
 
 
-@contextlib.contextmanager
-def fake_vllm_server() -> Iterator[str]:
-    """test_openai_teacher's fake vLLM (its handler of httpx requests) behind a real HTTP server on
-    loopback, for the reader's pipeline process; yields its ``host:port``."""
-    handler = fake_vllm()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            request = httpx.Request(self.command, f"http://{self.headers['Host']}{self.path}", content=body)
-            response = handler(request)
-            self.send_response(response.status_code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(response.content)))
-            self.end_headers()
-            self.wfile.write(response.content)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
 def token_row(i: int) -> np.ndarray:
     return np.random.default_rng(i).integers(0, V, 1 + i % 20)
 
@@ -286,7 +248,7 @@ def token_row(i: int) -> np.ndarray:
 def test_an_oip_group_beside_an_openai_group(tmp_path, tag_teachers):
     """Group a (OIP, the image) and group llm (an OpenAI-compatible server, the tokens): each row's
     three outputs are its own."""
-    with fake_vllm_server() as llm:
+    with fake_vllm_server(fake_vllm()) as llm:
         conf = tmp_path / "mixed.conf"
         conf.write_text(MIXED.format(a=tag_teachers, llm=[llm]))
         dr = DistillReader(conf, 8, 4, capacity=4, occupied_capacity=1, copy=True, teacher_timeout=30)

@@ -11,11 +11,15 @@ transformers on the same directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import json
 import os
+import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,25 +278,18 @@ def test_config_protocol(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_https_with_tls_ca_and_a_client_certificate(tmp_path: Path) -> None:
-    """``tls_ca`` makes the connection HTTPS (the server verified with that CA), ``tls_cert``/
-    ``tls_key`` present a client certificate, and the token goes as ``Authorization: Bearer``; a
-    server whose certificate another CA signed is not trusted."""
-    import ssl
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+@contextlib.contextmanager
+def fake_vllm_server(
+    handler: Callable[[httpx.Request], httpx.Response], tls: ssl.SSLContext | None = None
+) -> Iterator[str]:
+    """``handler`` (a :func:`fake_vllm`) behind a real HTTP server on loopback (HTTPS with ``tls``),
+    for a reader's pipeline process; yields its ``host:port``."""
 
-    from security_support import make_pki
-
-    pki = make_pki(tmp_path / "pki")
-    seen: list[httpx.Request] = []
-    fake = fake_vllm(seen=seen)
-
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            request = httpx.Request(self.command, f"https://x{self.path}", headers=dict(self.headers), content=body)
-            response = fake(request)
+            url = f"http://{self.headers['Host']}{self.path}"
+            response = handler(httpx.Request(self.command, url, headers=dict(self.headers), content=body))
             self.send_response(response.status_code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(response.content)))
@@ -301,17 +298,36 @@ def test_https_with_tls_ca_and_a_client_certificate(tmp_path: Path) -> None:
 
         do_GET = do_POST = _answer
 
-        def log_message(self, *args) -> None:
+        def log_message(self, *args: object) -> None:
             pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_https_with_tls_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    """``tls_ca`` makes the connection HTTPS (the server verified with that CA), ``tls_cert``/
+    ``tls_key`` present a client certificate, and the token goes as ``Authorization: Bearer``; a
+    server whose certificate another CA signed is not trusted."""
+    from security_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    seen: list[httpx.Request] = []
+    fake = fake_vllm(seen=seen)
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
     context.load_cert_chain(pki.server_cert, pki.server_key)
     context.verify_mode = ssl.CERT_REQUIRED  # mTLS: the reader must present a certificate of the CA
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"127.0.0.1:{server.server_address[1]}"
-    try:
+    with fake_vllm_server(fake, context) as endpoint:
         (tmp_path / "token").write_text("sekrit\n")
         tls = f"token_file = token\ntls_ca = {pki.ca}\ntls_cert = {pki.client_cert}\ntls_key = {pki.client_key}\n"
         transport = OpenAITransport(endpoint, load_config(openai_config(tmp_path, [endpoint], extra=tls)))
@@ -324,9 +340,6 @@ def test_https_with_tls_ca_and_a_client_certificate(tmp_path: Path) -> None:
         untrusting = OpenAITransport(endpoint, load_config(openai_config(tmp_path, [endpoint], extra=other)))
         with pytest.raises(TransientTeacherError, match="CERTIFICATE_VERIFY_FAILED"):
             asyncio.run(untrusting.check_metadata())
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_bench_finds_a_running_vllm_by_its_port_and_passes_over_one_without_port() -> None:
