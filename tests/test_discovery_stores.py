@@ -534,3 +534,41 @@ def test_a_stopped_servers_streaming_students_leave_the_store_at_once(store):
             await other.close()
 
     run(main())
+
+
+def test_redis_keeps_the_keep_alives_of_a_loop_iteration_in_one_script(redis_store):
+    """Keep-alives arriving together (a busy server's loop iteration) go to Redis as one script
+    call, and each gets its own answer: a right lease kept, a wrong one refused, a changed
+    ``healthy`` written and seen by a reader of the store."""
+
+    async def main():
+        svc = service_name()
+        store = open_discovery_store(redis_store.url)
+        await store.start()
+        try:
+            leases = [
+                await store.register("teacher", svc, f"127.0.0.1:{9000 + i}", f"i{i}", {"healthy": True}, 5.0)
+                for i in range(3)
+            ]
+            calls = []
+            script = store._keep  # redis-py's registered script: counts the calls that reach Redis
+
+            def counted(*args, **kwargs):
+                calls.append(len(kwargs["keys"]))
+                return script(*args, **kwargs)
+
+            store._keep = counted
+            kept = await asyncio.gather(
+                store.keep("teacher", svc, "127.0.0.1:9001", "not-its-lease", 5.0),
+                store.keep("teacher", svc, "127.0.0.1:9000", leases[0], 5.0),
+                store.keep("teacher", svc, "127.0.0.1:9002", leases[2], 5.0, {"healthy": False}),
+            )
+            assert kept == [False, True, True]
+            assert calls == [3]
+            teachers = (await store.read(svc)).teachers
+            assert teachers["127.0.0.1:9002"]["healthy"] is False
+            assert teachers["127.0.0.1:9001"]["healthy"] is True
+        finally:
+            await store.close()
+
+    run(main())

@@ -67,6 +67,7 @@ _PREFIX = "distill"
 _CHANNEL = f"{_PREFIX}:changes"
 _POLL_S = 0.25
 _JOIN_BATCH = 500  # students joined by one script (Redis runs nothing else meanwhile)
+_KEEP_BATCH = 500  # leases kept by one script
 _PUBLISH_S = 0.02  # student arrivals and departures are announced at most this often per service
 _GROUP = f"{_PREFIX}:_group:"  # service names start with a letter or digit: no clash
 #: The connection pool's bound; two are kept for the pub/sub listener and the script loader.
@@ -82,22 +83,32 @@ redis.call('SADD', KEYS[2], ARGV[5])
 redis.call('SADD', KEYS[3], ARGV[6])
 return 1
 """
-# Returns 0: no such lease; 1: extended; 2: extended and the data changed.
+# Keeps a batch of leases (the keep-alives that arrived meanwhile): KEYS the members' keys, ARGV per
+# key its lease, ttl ms and data (JSON, or '' for none). Returns per key 0: no such lease; 1:
+# extended; 2: extended and the data changed.
 _KEEP = """
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if ARGV[3] ~= '' then
-  local d = cjson.decode(redis.call('HGET', KEYS[1], 'data'))
-  local changed = 0
-  for k, v in pairs(cjson.decode(ARGV[3])) do
-    if d[k] ~= v then d[k] = v; changed = 1 end
+local out = {}
+for i, key in ipairs(KEYS) do
+  local lease, ttl, data = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local result = 0
+  if redis.call('HGET', key, 'lease') == lease then
+    redis.call('PEXPIRE', key, ttl)
+    result = 1
+    if data ~= '' then
+      local d = cjson.decode(redis.call('HGET', key, 'data'))
+      local changed = 0
+      for k, v in pairs(cjson.decode(data)) do
+        if d[k] ~= v then d[k] = v; changed = 1 end
+      end
+      if changed == 1 then
+        redis.call('HSET', key, 'data', cjson.encode(d))
+        result = 2
+      end
+    end
   end
-  if changed == 1 then
-    redis.call('HSET', KEYS[1], 'data', cjson.encode(d))
-    return 2
-  end
+  out[i] = result
 end
-return 1
+return out
 """
 # Ends a lease not kept for a while: ARGV lease, ttl ms, silence ms. Returns -1: no such lease;
 # 0: kept within the silence (its remaining time is above ttl - silence); 1: ended.
@@ -213,6 +224,18 @@ class _Join:
     done: asyncio.Future
 
 
+@dataclass
+class _Keep:
+    """A keep-alive waiting for the next batch."""
+
+    key: str
+    service: str
+    lease: str
+    ttl_ms: int
+    data: str  # JSON, or "" for none
+    done: asyncio.Future
+
+
 def _connection_kwargs(tls: bool, security: StoreSecurity) -> dict:
     """redis-py's AUTH and TLS arguments (the TLS files read once here so that a bad one fails now)."""
     kwargs: dict = {}
@@ -271,6 +294,9 @@ class RedisStore(NativeGroupStore):
         # Joins waiting for the next batch, per group; the groups whose batch is being flushed.
         self._join_queue: dict[str, list[_Join]] = {}
         self._flushing: dict[str, asyncio.Task] = {}
+        # Keep-alives waiting for the next batch; the task sending them.
+        self._keep_queue: list[_Keep] = []
+        self._keeping: asyncio.Task | None = None
         self._to_publish: set[str] = set()
         self._publisher: asyncio.Task | None = None
 
@@ -289,7 +315,8 @@ class RedisStore(NativeGroupStore):
     async def close(self) -> None:
         # Ended, not only cancelled: a join flush left pending when the loop closes is collected
         # mid-command later ("coroutine ... RedisStore.leave ... ignored").
-        await cancel_until_done({t for t in [*self._flushing.values(), self._publisher] if t is not None})
+        tasks = [*self._flushing.values(), self._keeping, self._publisher]
+        await cancel_until_done({t for t in tasks if t is not None})
         await self._r.aclose()
 
     def _key(self, service: str, kind: str, member: str | None = None) -> str:
@@ -331,11 +358,45 @@ class RedisStore(NativeGroupStore):
     async def keep(
         self, kind: Kind, service: str, member: str, lease: str, ttl: float, data: dict | None = None
     ) -> bool:
-        args = [lease, int(ttl * 1000), json.dumps(data) if data else ""]
-        result = await self._call(self._keep(keys=[self._key(service, kind, member)], args=args))
-        if result == 2:
-            await self._publish(service)
-        return bool(result)
+        # Batched: one script for the keep-alives that arrive in the same loop iterations (1,000
+        # teachers send 1,000 a second; a script call each was most of a busy server's time).
+        job = _Keep(
+            self._key(service, kind, member),
+            service,
+            lease,
+            int(ttl * 1000),
+            json.dumps(data) if data else "",
+            asyncio.get_running_loop().create_future(),
+        )
+        self._keep_queue.append(job)
+        if self._keeping is None or self._keeping.done():
+            self._keeping = asyncio.create_task(self._flush_keeps())
+        return await job.done
+
+    async def _flush_keeps(self) -> None:
+        batch: list[_Keep] = []
+        try:
+            await asyncio.sleep(0)  # let the keep-alives of this loop iteration queue up
+            while self._keep_queue:
+                batch, self._keep_queue = self._keep_queue[:_KEEP_BATCH], self._keep_queue[_KEEP_BATCH:]
+                args = [arg for job in batch for arg in (job.lease, job.ttl_ms, job.data)]
+                try:
+                    results = await self._call(self._keep(keys=[job.key for job in batch], args=args))
+                except Exception as exc:
+                    for job in batch:
+                        if not job.done.done():
+                            job.done.set_exception(exc)
+                    continue
+                for job, result in zip(batch, results):
+                    if result == 2:
+                        self._publish_soon(job.service)
+                    if not job.done.done():  # (not if its caller gave up)
+                        job.done.set_result(bool(result))
+        finally:  # cancelled (the store closes): nobody waits for ever
+            for job in [*batch, *self._keep_queue]:
+                if not job.done.done():
+                    job.done.set_exception(StoreUnavailable(f"{self.url}: the store is closing"))
+            self._keep_queue = []
 
     async def drop(self, kind: Kind, service: str, member: str, lease: str) -> None:
         if await self._call(self._drop(keys=[self._key(service, kind, member)], args=[lease])):
