@@ -236,6 +236,13 @@ class _Keep:
     done: asyncio.Future
 
 
+def _fail(jobs: list[_Join] | list[_Keep], error: Exception) -> None:
+    """Fail the batched calls whose callers still wait (not those that gave up)."""
+    for job in jobs:
+        if not job.done.done():
+            job.done.set_exception(error)
+
+
 def _connection_kwargs(tls: bool, security: StoreSecurity) -> dict:
     """redis-py's AUTH and TLS arguments (the TLS files read once here so that a bad one fails now)."""
     kwargs: dict = {}
@@ -383,9 +390,7 @@ class RedisStore(NativeGroupStore):
                 try:
                     results = await self._call(self._keep(keys=[job.key for job in batch], args=args))
                 except Exception as exc:
-                    for job in batch:
-                        if not job.done.done():
-                            job.done.set_exception(exc)
+                    _fail(batch, exc)
                     continue
                 for job, result in zip(batch, results):
                     if result == 2:
@@ -393,9 +398,7 @@ class RedisStore(NativeGroupStore):
                     if not job.done.done():  # (not if its caller gave up)
                         job.done.set_result(bool(result))
         finally:  # cancelled (the store closes): nobody waits for ever
-            for job in [*batch, *self._keep_queue]:
-                if not job.done.done():
-                    job.done.set_exception(StoreUnavailable(f"{self.url}: the store is closing"))
+            _fail([*batch, *self._keep_queue], StoreUnavailable(f"{self.url}: the store is closing"))
             self._keep_queue = []
 
     async def drop(self, kind: Kind, service: str, member: str, lease: str) -> None:
@@ -472,9 +475,7 @@ class RedisStore(NativeGroupStore):
                 try:
                     results = await self._join_batch(group, batch)
                 except Exception as exc:
-                    for job in batch:
-                        if not job.done.done():
-                            job.done.set_exception(exc)
+                    _fail(batch, exc)
                     continue
                 for job, ok in zip(batch, results):
                     if job.done.done() and ok:  # the caller gave up (its stream was cancelled): undo
