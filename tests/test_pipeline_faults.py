@@ -416,29 +416,48 @@ def test_a_failed_seal_fails_the_epoch_and_frees_its_slot(write_config, tag_teac
 
 
 # -- a cancel that cannot be sent ---------------------------------------------------------------
-def test_a_cancel_that_cannot_be_sent_loses_the_pipeline_as_a_pipeline_error(write_config, tag_teachers, monkeypatch):
-    """An early break whose ``Cancel`` cannot be sent (the channel's bounded send times out, as when
-    the pipeline process stops reading): the pipeline is lost with a PipelineError, not with the
-    internal ChannelTimeout, and the next epoch runs whole on a new pipeline process."""
+@pytest.mark.parametrize(
+    ("error", "broken"),
+    [
+        # The channel's bounded send timed out (the pipeline process stopped reading): internal,
+        # so the user sees a PipelineError that says what was lost.
+        (
+            ChannelTimeout("could not send Cancel: the pipe stayed full"),
+            "lost the pipeline process while cancelling an epoch: could not send Cancel: the pipe stayed full",
+        ),
+        # Anything else (a bug, an interrupt) leaves the slots in doubt; it reaches the caller.
+        (RuntimeError("injected: the cancel failed"), "an epoch was interrupted while it was being cancelled"),
+    ],
+)
+def test_a_cancel_that_cannot_be_sent_loses_the_pipeline_as_a_pipeline_error(
+    write_config, tag_teachers, monkeypatch, error, broken
+):
+    """An early end of an epoch whose ``Cancel`` cannot be sent: the pipeline is lost with a
+    PipelineError (never the internal ChannelTimeout), and the next epoch runs whole on a new
+    pipeline process."""
     original = Sender.send
     stuck = [True]
 
     def stuck_cancel(self, message, timeout=None):
         if isinstance(message, Cancel) and stuck[0]:
-            raise ChannelTimeout("could not send Cancel: the pipe stayed full")
+            raise error
         return original(self, message, timeout)
 
     monkeypatch.setattr(Sender, "send", stuck_cancel)
     dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=1, copy=True)
     dr.set_sample_list_generator(sample_list_reader(80, 5))
     with dr:
-        for _ in zip(range(2), dr.distill_reader()()):
-            pass  # an early break: abort sends Cancel
+        batches = dr.distill_reader()()
+        next(batches), next(batches)
+        if isinstance(error, ChannelTimeout):
+            batches.close()  # abort sends Cancel
+        else:
+            with pytest.raises(RuntimeError, match="injected: the cancel failed"):
+                batches.close()
         pipeline = dr._holder.pipeline
         assert not pipeline.alive
         assert type(pipeline.broken) is PipelineError
-        assert "lost the pipeline process while cancelling an epoch" in str(pipeline.broken)
-        assert "the pipe stayed full" in str(pipeline.broken)
+        assert str(pipeline.broken) == broken
         stuck[0] = False
         check_epoch(list(dr.distill_reader()()), 80, 8)
         assert dr._holder.pipeline is not pipeline
