@@ -21,9 +21,9 @@ from conftest import settled_stats, wait_for
 from test_reader import check_epoch, sample_list_reader
 
 from distill_reader import DistillReader, DistillReaderError, PipelineError
-from distill_reader.errors import PipelineProcessError, TeacherError
+from distill_reader.errors import ChannelTimeout, PipelineProcessError, TeacherError
 from distill_reader.reader import log_relay
-from distill_reader.reader.channel import EpochError, Fatal, Ready, Receiver, decode, encode
+from distill_reader.reader.channel import Cancel, EpochError, Fatal, Ready, Receiver, Sender, decode, encode
 from distill_reader.reader.feeder import SlotOutbox
 
 pytestmark = pytest.mark.timeout(300)
@@ -413,3 +413,51 @@ def test_a_failed_seal_fails_the_epoch_and_frees_its_slot(write_config, tag_teac
             check_epoch(list(dr.distill_reader()()), 160, 8)
             assert _places(dr) == {"free": 4, "filling": 0, "queued": 0, "held": 0}
         assert dr._holder.pipeline is pipeline
+
+
+# -- a cancel that cannot be sent ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("error", "broken"),
+    [
+        # The channel's bounded send timed out (the pipeline process stopped reading): internal,
+        # so the user sees a PipelineError that says what was lost.
+        (
+            ChannelTimeout("could not send Cancel: the pipe stayed full"),
+            "lost the pipeline process while cancelling an epoch: could not send Cancel: the pipe stayed full",
+        ),
+        # Anything else (a bug, an interrupt) leaves the slots in doubt; it reaches the caller.
+        (RuntimeError("injected: the cancel failed"), "an epoch was interrupted while it was being cancelled"),
+    ],
+)
+def test_a_cancel_that_cannot_be_sent_loses_the_pipeline_as_a_pipeline_error(
+    write_config, tag_teachers, monkeypatch, error, broken
+):
+    """An early end of an epoch whose ``Cancel`` cannot be sent: the pipeline is lost with a
+    PipelineError (never the internal ChannelTimeout), and the next epoch runs whole on a new
+    pipeline process."""
+    original = Sender.send
+    stuck = [True]
+
+    def stuck_cancel(self, message, timeout=None):
+        if isinstance(message, Cancel) and stuck[0]:
+            raise error
+        return original(self, message, timeout)
+
+    monkeypatch.setattr(Sender, "send", stuck_cancel)
+    dr = DistillReader(write_config(tag_teachers), 8, 3, capacity=4, occupied_capacity=1, copy=True)
+    dr.set_sample_list_generator(sample_list_reader(80, 5))
+    with dr:
+        batches = dr.distill_reader()()
+        next(batches), next(batches)
+        if isinstance(error, ChannelTimeout):
+            batches.close()  # abort sends Cancel
+        else:
+            with pytest.raises(RuntimeError, match="injected: the cancel failed"):
+                batches.close()
+        pipeline = dr._holder.pipeline
+        assert not pipeline.alive
+        assert type(pipeline.broken) is PipelineError
+        assert str(pipeline.broken) == broken
+        stuck[0] = False
+        check_epoch(list(dr.distill_reader()()), 80, 8)
+        assert dr._holder.pipeline is not pipeline

@@ -252,21 +252,19 @@ class Pipeline:
             if reason is not None:
                 epoch.stop(reason)
             feeder.stop()
-            settled = False  # the pipeline process will write nothing more for this epoch
             try:
                 if self.alive:
                     self.send(Cancel(epoch.number), timeout=_ACK_TIMEOUT)
                     epoch.wait_cancelled(_ACK_TIMEOUT)
-                settled = True
             except (DistillReaderError, OSError) as exc:
                 if isinstance(exc, (OSError, ChannelTimeout)):  # ChannelTimeout: internal, not for the user
                     exc = PipelineError(f"lost the pipeline process while cancelling an epoch: {exc}")
                 self._lose(exc)
-            finally:
-                if not settled:
-                    # Interrupted while cancelling: the pool can no longer be trusted. The next
-                    # epoch starts a new pipeline instead of reusing slots that may still be written.
-                    self._lose(PipelineError("an epoch was interrupted while it was being cancelled"))
+            except BaseException:
+                # Interrupted while cancelling: the pool can no longer be trusted. The next epoch
+                # starts a new pipeline instead of reusing slots that may still be written.
+                self._lose(PipelineError("an epoch was interrupted while it was being cancelled"))
+                raise
             if not feeder.join(_STOP_TIMEOUT):
                 log.warning(
                     "the reader function did not return within %.0f s after the epoch stopped; "

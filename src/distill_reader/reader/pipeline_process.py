@@ -299,9 +299,10 @@ class _PipelineProcess:
             from distill_reader.knowledge.session import KnowledgeSession  # pyarrow: only when used
 
             stored, kept = config.stored_view()
-            self.live_groups = [group for group in self.groups if group.name not in (config.store.groups or ())]
-            if config.store.groups is None:
-                self.live_groups = []
+            stored_groups = config.store.groups  # None: the store keeps every group's outputs
+            self.live_groups = (
+                [] if stored_groups is None else [group for group in self.groups if group.name not in stored_groups]
+            )
             # The session sees the slots as its config lays them out: feeds, kept fetches, lengths.
             n_lengths = len(config.variable_feeds)
             stored_slots = [
