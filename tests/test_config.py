@@ -331,6 +331,7 @@ def test_a_config_without_groups_is_one_unnamed_group(tmp_path):
         (GROUPS, "[conf]\n", "[conf]\nservers = ['h:1']\n", "[conf] servers: this config has teacher groups"),
         (GROUPS, "[teacher b]", "[teacher b.c]", "[teacher b.c]: a teacher group's name"),
         (GROUPS, "[teacher b]", "[teacher]", "[teacher]: a teacher group needs a name"),
+        (GROUPS, "[teacher b]", "[teacher  a]", "[teacher  a]: the teacher group 'a' is also [teacher a]"),
         (GROUPS, "predict_feed_ids = [1]", "predict_feed_ids = [2]", "[teacher b] predict_feed_ids: 2 is out"),
         (GROUPS, "predict_feed_ids = [0]\n", "", "[teacher a] predict_feed_ids: missing key"),
         (GROUPS, "servers = ['127.0.0.1:9494']", "servers = []", "[teacher b] servers: the list is empty"),

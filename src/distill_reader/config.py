@@ -532,6 +532,9 @@ def _groups(
                 f"[{section.name}]: a teacher group's name is a letter or '_' then letters, digits, '_' or '-' "
                 f"(no '.': its fetch vars are named NAME.OUTPUT), got {name!r}"
             )
+        if name in names:  # ``[teacher a]`` and ``[teacher  a]``: two groups writing one group's fetch vars
+            first = sections[names.index(name)].name
+            raise ConfigError(f"[{section.name}]: the teacher group {name!r} is also [{first}]; name each group once")
         names.append(name)
     fetch_ids: dict[str, list[int]] = {name: [] for name in names}
     for j, spec in enumerate(fetches):

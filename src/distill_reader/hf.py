@@ -190,12 +190,10 @@ class DistillRows(IterableDataset):
             for batch in epoch_reader():
                 lengths = batch[self._length]
                 for i, length in enumerate(lengths.tolist()):
-                    row = {
-                        "input_ids": torch.tensor(batch[self._tokens][i, :length]),
-                        "teacher_topk_values": torch.tensor(batch[self._values][i, :length]),
-                        "teacher_topk_indices": torch.tensor(batch[self._indices][i, :length]),
-                    }
-                    if self._student is not None:
+                    # ``sample``, not ``row``: that is the row the epoch started at, above.
+                    if self._student is None:
+                        sample = {"input_ids": torch.tensor(batch[self._tokens][i, :length])}
+                    else:  # another tokenizer: the student's own tokens, not the teacher's
                         tokens, tokens_length, alignment, alignment_length = self._student
                         student_length = int(batch[tokens_length][i])
                         if int(batch[alignment_length][i]) != student_length:
@@ -203,9 +201,13 @@ class DistillRows(IterableDataset):
                                 f"DistillRows: a row has {student_length} student tokens but "
                                 f"{int(batch[alignment_length][i])} alignment entries"
                             )
-                        row["input_ids"] = torch.tensor(batch[tokens][i, :student_length])
-                        row["alignment"] = torch.tensor(batch[alignment][i, :student_length], dtype=torch.long)
-                    yield row
+                        sample = {
+                            "input_ids": torch.tensor(batch[tokens][i, :student_length]),
+                            "alignment": torch.tensor(batch[alignment][i, :student_length], dtype=torch.long),
+                        }
+                    sample["teacher_topk_values"] = torch.tensor(batch[self._values][i, :length])
+                    sample["teacher_topk_indices"] = torch.tensor(batch[self._indices][i, :length])
+                    yield sample
                     rows += 1
             epoch, row = epoch + 1, 0
             if self._stream:

@@ -38,12 +38,11 @@ from typing import Any
 import click
 import numpy as np
 
-from distill_reader.demo.text import HELD_OUT_MODULES, TRAIN_MODULES
+from distill_reader.demo.text import HELD_OUT_MODULES, MIN_LENGTH, TRAIN_MODULES, load_source, random_windows
 
 EXTRA = "llm"
 MODEL_NAME = "gpt2"
 TEACHER_SEED = 0
-MIN_LENGTH = 16  # the shortest training row, in tokens
 EOS = "<|endoftext|>"
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 # The other tokenizer learns its merges from other text than the teacher's (other vocabularies,
@@ -54,21 +53,6 @@ OTHER_TOKENIZER_MODULES = ("collections/__init__", "json/decoder", "json/encoder
 def missing_packages() -> list[str]:
     """The packages ``distill demo llm`` needs that are not installed."""
     return [name for name in PACKAGES if importlib.util.find_spec(name) is None]
-
-
-def load_source(modules: tuple[str, ...], max_chars: int) -> str:
-    """The source of ``modules`` (``name`` or ``package/module``) from this Python's standard
-    library, joined by newlines, cut to ``max_chars`` characters."""
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    parts = []
-    for module in modules:
-        path = stdlib / f"{module}.py"
-        if not path.is_file():
-            raise click.ClickException(f"the llm demo reads {path}, which this Python does not have")
-        parts.append(path.read_text(encoding="utf-8"))
-    return "\n".join(parts)[:max_chars]
 
 
 def train_tokenizer(text: str, vocab_size: int) -> Any:
@@ -117,13 +101,6 @@ def gpt2(vocab_size: int, eos_id: int, positions: int, width: int, layers: int, 
         pad_token_id=eos_id,
     )
     return GPT2LMHeadModel(config)
-
-
-def random_windows(count: int, total: int, max_length: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """``count`` (start, length) windows of ``total`` items, lengths uniform in ``MIN_LENGTH..max_length``."""
-    lengths = rng.integers(MIN_LENGTH, max_length + 1, count)
-    starts = rng.integers(0, total - max_length + 1, count)
-    return [(int(s), int(n)) for s, n in zip(starts, lengths)]
 
 
 def train_teacher(model: Any, ids: np.ndarray, steps: int, batch_size: int, max_length: int) -> Any:

@@ -47,25 +47,35 @@ def missing_packages() -> list[str]:
     return [name for name in ("torch", "onnx") if importlib.util.find_spec(name) is None]
 
 
-def load_text(modules: tuple[str, ...], max_chars: int) -> np.ndarray:
-    """The source of ``modules`` from this Python's standard library, joined by newlines, cut to
-    ``max_chars`` characters, as int64 tokens (the ASCII code; 0 for any other character)."""
+def load_source(modules: tuple[str, ...], max_chars: int) -> str:
+    """The source of ``modules`` (``name`` or ``package/module``) from this Python's standard
+    library, joined by newlines, cut to ``max_chars`` characters (the text and llm demos' text)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     parts = []
     for module in modules:
         path = stdlib / f"{module}.py"
         if not path.is_file():
-            raise click.ClickException(f"the text demo reads {path}, which this Python does not have")
+            raise click.ClickException(f"distill demo reads {path}, which this Python does not have")
         parts.append(path.read_text(encoding="utf-8"))
-    codes = np.frombuffer("\n".join(parts)[:max_chars].encode("utf-32-le"), dtype=np.uint32)
+    return "\n".join(parts)[:max_chars]
+
+
+def load_text(modules: tuple[str, ...], max_chars: int) -> np.ndarray:
+    """:func:`load_source` as int64 tokens (the ASCII code; 0 for any other character)."""
+    codes = np.frombuffer(load_source(modules, max_chars).encode("utf-32-le"), dtype=np.uint32)
     return np.where(codes < VOCAB, codes, 0).astype(np.int64)
 
 
-def random_rows(text: np.ndarray, count: int, max_length: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``count`` windows of ``text`` at random places, of lengths uniform in ``MIN_LENGTH..max_length``."""
+def random_windows(count: int, total: int, max_length: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """``count`` (start, length) windows of ``total`` items, lengths uniform in ``MIN_LENGTH..max_length``."""
     lengths = rng.integers(MIN_LENGTH, max_length + 1, count)
-    starts = rng.integers(0, len(text) - max_length + 1, count)
-    return [text[start : start + length] for start, length in zip(starts, lengths)]
+    starts = rng.integers(0, total - max_length + 1, count)
+    return [(int(start), int(length)) for start, length in zip(starts, lengths)]
+
+
+def random_rows(text: np.ndarray, count: int, max_length: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``count`` windows of ``text`` at random places (:func:`random_windows`)."""
+    return [text[start : start + length] for start, length in random_windows(count, len(text), max_length, rng)]
 
 
 def batches(rows: list[np.ndarray], batch_size: int) -> Iterator[list[np.ndarray]]:
