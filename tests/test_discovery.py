@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from test_discovery_support import OipTeacher, Watch, free_port, register_process
 
-from distill_reader.discovery.client import StudentSession, fetch_status, keep_registered
+from distill_reader.discovery.client import StudentSession, _KeepAlives, _Rotating, fetch_status, keep_registered
 from distill_reader.discovery.commands import discovery
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
@@ -393,6 +394,30 @@ def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has_stream,
         run(main())
     fell_back = "has no keep-alive stream" in caplog.text
     assert fell_back == (not server_has_stream)
+
+
+def test_a_streamed_keepalive_to_a_silent_endpoint_gives_up_after_the_rpc_timeout():
+    """An endpoint that accepts TCP but never speaks HTTP/2: the stream's write waits for the
+    connection (grpc gives up only after 20 s), so the keep-alive is bounded as a whole and fails
+    with DEADLINE_EXCEEDED after the RPC timeout, as a unary call would (the teacher moves on)."""
+
+    async def main():
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(16)  # never accepted: the kernel completes the handshake, nobody answers
+            rot = _Rotating([f"127.0.0.1:{silent.getsockname()[1]}"])
+            keep = _KeepAlives(rot)
+            request = pb.KeepAliveRequest(service_name="svc", endpoint="127.0.0.1:9001", lease_id="x")
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await asyncio.wait_for(keep.send(request), 60)
+            finally:
+                keep.close()
+                await rot.close()
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, failed.value
+        assert keep.streaming  # a silent server is not an older one: the stream is tried again next time
+
+    run(main())
 
 
 def test_pace_stretched_for_a_large_fleet_and_followed():

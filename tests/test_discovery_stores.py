@@ -6,6 +6,7 @@ import asyncio
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -505,6 +506,40 @@ def test_processes_need_a_shared_store():
     )
     assert result.returncode != 0
     assert "--processes above 1 needs a shared store" in result.stderr
+
+
+def test_a_process_that_fails_to_start_names_its_error_on_the_command_line():
+    """A child that cannot start (its --http port taken) fails the command with the child's own
+    error, not only an exit code, and no traceback. The store need not answer for a process to start."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from distill_reader.discovery.commands import discovery; discovery()",
+                "serve",
+                "--processes",
+                "2",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                "redis://127.0.0.1:1",
+                "--http",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1, result.stderr
+    assert error[0].startswith(f"Error: discovery process 0 failed to start: cannot serve HTTP on 127.0.0.1:{port}: ")
+    assert error[0].endswith("address already in use"), error
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_stopped_servers_streaming_students_leave_the_store_at_once(store):

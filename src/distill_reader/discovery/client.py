@@ -284,6 +284,11 @@ class _KeepAlives:
             self._call.cancel()
         self._call = self._channel = None
 
+    @staticmethod
+    async def _exchange(call: grpc.aio.StreamStreamCall, request: pb.KeepAliveRequest):
+        await call.write(request)
+        return await call.read()
+
     async def send(self, request: pb.KeepAliveRequest) -> pb.KeepAliveResponse:
         """One keep-alive, answered; moves on to the next endpoint while one is unreachable or does
         not answer within the RPC timeout. Raises the server's error (NOT_FOUND: register again)."""
@@ -298,8 +303,9 @@ class _KeepAlives:
                 self._channel = self.rot.channel
             call = self._call
             try:
-                await call.write(request)
-                response = await asyncio.wait_for(call.read(), _RPC_TIMEOUT_S)
+                # The write bounded too: it waits for the connection, for 20 s on an endpoint that
+                # accepts TCP but never answers (a unary call gives up after the RPC timeout).
+                response = await asyncio.wait_for(self._exchange(call, request), _RPC_TIMEOUT_S)
                 if response is grpc.aio.EOF:  # the server ended the stream without a status
                     raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "keep-alive stream ended")
                 return response

@@ -49,8 +49,11 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
     return sock, f"{host}:{sock.getsockname()[1]}"
 
 
-def _child(index: int, listen: str, store: str, http: str | None, kwargs: dict[str, Any], listening: Any) -> None:
-    """One server process: ``serve`` on the shared port until SIGTERM/SIGINT."""
+def _child(
+    index: int, listen: str, store: str, http: str | None, kwargs: dict[str, Any], listening: Any, errors: Any
+) -> None:
+    """One server process: ``serve`` on the shared port until SIGTERM/SIGINT. An error that ends it is
+    printed and sent on ``errors`` (a pipe's end), for the parent to name on the command line."""
     from distill_reader.discovery.server import serve
     from distill_reader.errors import DistillReaderError
     from distill_reader.rpc import run_until_signal
@@ -71,8 +74,10 @@ def _child(index: int, listen: str, store: str, http: str | None, kwargs: dict[s
         run_until_signal(
             lambda stop: serve(listen, store, http=http, stop=stop, reuse_port=True, on_started=announce, **kwargs)
         )
-    except DistillReaderError as exc:
-        print(f"discovery process {index}: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:  # any error, not only ours: the parent names it instead of an exit code
+        message = str(exc) if isinstance(exc, DistillReaderError) else f"{type(exc).__name__}: {exc}"
+        print(f"discovery process {index}: {message}", file=sys.stderr, flush=True)
+        errors.send(message)
         sys.exit(1)
 
 
@@ -95,14 +100,25 @@ async def serve_processes(
         raise DiscoveryError("--processes above 1 needs a shared store (redis:// or etcd://): memory is per process")
     sock, address = reserve_port(listen)
     ctx = multiprocessing.get_context("spawn")
-    # Each process, and whether it got as far as listening (one that did not failed to start).
-    running: list[tuple[multiprocessing.process.BaseProcess, Any] | None] = [None] * processes
+    # Each process, whether it got as far as listening (one that did not failed to start), and the
+    # pipe's end its error comes on.
+    running: list[tuple[multiprocessing.process.BaseProcess, Any, Any] | None] = [None] * processes
 
     def start(i: int) -> None:
         listening = ctx.Event()
-        p = ctx.Process(target=_child, args=(i, address, store, _http_of(http, i), kwargs, listening), daemon=False)
+        errors, child_errors = ctx.Pipe(duplex=False)
+        args = (i, address, store, _http_of(http, i), kwargs, listening, child_errors)
+        p = ctx.Process(target=_child, args=args, daemon=False)
         p.start()
-        running[i] = (p, listening)
+        child_errors.close()  # the child holds its copy
+        running[i] = (p, listening, errors)
+
+    def why(p: multiprocessing.process.BaseProcess, errors: Any) -> str:
+        """What ended a process: the error it sent, else its exit code."""
+        with contextlib.suppress(EOFError, OSError):
+            if errors.poll():
+                return str(errors.recv())
+        return f"exit code {p.exitcode}"
 
     try:
         for i in range(processes):
@@ -114,19 +130,26 @@ async def serve_processes(
             for i, entry in enumerate(running):
                 if entry is None or entry[0].is_alive() or stop.is_set():
                     continue
-                p, listening = entry
+                p, listening, errors = entry
+                reason = why(p, errors)
+                errors.close()
                 if not listening.is_set():
-                    raise DiscoveryError(f"discovery process {i} failed to start (exit code {p.exitcode})")
-                log.warning("discovery process %d (pid %s) ended with code %s; starting it again", i, p.pid, p.exitcode)
+                    raise DiscoveryError(f"discovery process {i} failed to start: {reason}")
+                log.warning("discovery process %d (pid %s) ended (%s); starting it again", i, p.pid, reason)
                 print(
-                    f"discovery process {i} (pid {p.pid}) ended with code {p.exitcode}; starting it again",
+                    f"discovery process {i} (pid {p.pid}) ended ({reason}); starting it again",
                     file=sys.stderr,
                     flush=True,
                 )
-                await asyncio.sleep(_RESTART_DELAY_S)
-                start(i)
+                with contextlib.suppress(asyncio.TimeoutError):  # the delay, cut short by a stop
+                    await asyncio.wait_for(stop.wait(), _RESTART_DELAY_S)
+                if not stop.is_set():
+                    start(i)
         return address
     finally:
+        for entry in running:
+            if entry is not None:
+                entry[2].close()
         alive = [entry[0] for entry in running if entry is not None and entry[0].is_alive()]
         for p in alive:
             p.terminate()  # SIGTERM: the process stops serving and leaves the store cleanly

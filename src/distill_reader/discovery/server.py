@@ -126,7 +126,11 @@ class DiscoveryServer:
         await self._grpc.start()
         if self._http_hostport is not None:
             h, p = self._http_hostport
-            self._http_runner, port = await start_web(self, h.strip("[]"), p, self._token, self._tls)
+            try:
+                self._http_runner, port = await start_web(self, h.strip("[]"), p, self._token, self._tls)
+            except OSError as exc:  # in use, or not a local address: a clear error, and nothing left running
+                await self.stop()
+                raise DiscoveryError(f"cannot serve HTTP on {h}:{p}: {exc.strerror or exc}") from None
             self.http_address = f"{h}:{port}"
             self._history_task = asyncio.create_task(self._sample_history())
             if not is_loopback(h) and self._token is None:
