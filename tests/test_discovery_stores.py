@@ -607,3 +607,32 @@ def test_redis_keeps_the_keep_alives_of_a_loop_iteration_in_one_script(redis_sto
             await store.close()
 
     run(main())
+
+
+def test_one_unreadable_record_fails_its_own_keep_alive_not_the_batch(redis_store):
+    """A teacher whose record in Redis cannot be read (its data not JSON) beside healthy ones, their
+    keep-alives in one batch: its keep-alive fails, naming the record; the others are kept."""
+    from distill_reader.errors import StoreUnavailable
+
+    async def main():
+        svc = service_name()
+        store = open_discovery_store(redis_store.url)
+        await store.start()
+        try:
+            endpoints = [f"127.0.0.1:{9100 + i}" for i in range(3)]
+            leases = [
+                await store.register("teacher", svc, e, f"i{i}", {"healthy": True}, 5.0)
+                for i, e in enumerate(endpoints)
+            ]
+            bad = store._key(svc, "teacher", endpoints[1])
+            await store._r.hset(bad, "data", "{not json")
+            kept = await asyncio.gather(
+                *(store.keep("teacher", svc, e, lease, 5.0, {"healthy": False}) for e, lease in zip(endpoints, leases)),
+                return_exceptions=True,
+            )
+            assert kept[0] is True and kept[2] is True, kept
+            assert isinstance(kept[1], StoreUnavailable) and bad in str(kept[1]), kept
+        finally:
+            await store.close()
+
+    run(main())

@@ -85,28 +85,26 @@ return 1
 """
 # Keeps a batch of leases (the keep-alives that arrived meanwhile): KEYS the members' keys, ARGV per
 # key its lease, ttl ms and data (JSON, or '' for none). Returns per key 0: no such lease; 1:
-# extended; 2: extended and the data changed.
+# extended; 2: extended and the data changed; -1: its record could not be read (an error for it).
 _KEEP = """
+local function keep(key, lease, ttl, data)
+  if redis.call('HGET', key, 'lease') ~= lease then return 0 end
+  redis.call('PEXPIRE', key, ttl)
+  if data == '' then return 1 end
+  local d = cjson.decode(redis.call('HGET', key, 'data'))
+  local changed = 0
+  for k, v in pairs(cjson.decode(data)) do
+    if d[k] ~= v then d[k] = v; changed = 1 end
+  end
+  if changed == 0 then return 1 end
+  redis.call('HSET', key, 'data', cjson.encode(d))
+  return 2
+end
 local out = {}
 for i, key in ipairs(KEYS) do
-  local lease, ttl, data = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
-  local result = 0
-  if redis.call('HGET', key, 'lease') == lease then
-    redis.call('PEXPIRE', key, ttl)
-    result = 1
-    if data ~= '' then
-      local d = cjson.decode(redis.call('HGET', key, 'data'))
-      local changed = 0
-      for k, v in pairs(cjson.decode(data)) do
-        if d[k] ~= v then d[k] = v; changed = 1 end
-      end
-      if changed == 1 then
-        redis.call('HSET', key, 'data', cjson.encode(d))
-        result = 2
-      end
-    end
-  end
-  out[i] = result
+  -- One member's bad record (not a hash, unreadable data) fails its keep-alive only, not the batch.
+  local ok, result = pcall(keep, key, ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i])
+  out[i] = ok and result or -1
 end
 return out
 """
@@ -395,7 +393,11 @@ class RedisStore(NativeGroupStore):
                 for job, result in zip(batch, results):
                     if result == 2:
                         self._publish_soon(job.service)
-                    if not job.done.done():  # (not if its caller gave up)
+                    if job.done.done():  # its caller gave up
+                        continue
+                    if result == -1:
+                        job.done.set_exception(StoreUnavailable(f"{self.url}: the record {job.key} cannot be read"))
+                    else:
                         job.done.set_result(bool(result))
         finally:  # cancelled (the store closes): nobody waits for ever
             _fail([*batch, *self._keep_queue], StoreUnavailable(f"{self.url}: the store is closing"))
