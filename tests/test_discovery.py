@@ -8,14 +8,13 @@ import json
 import logging
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
 import grpc
 import pytest
 from click.testing import CliRunner
-from test_discovery_support import OipTeacher, Watch, free_port, register_process
+from test_discovery_support import OipTeacher, Watch, free_port, register_process, serve_command
 
 from distill_reader.discovery.client import StudentSession, fetch_status, keep_registered
 from distill_reader.discovery.commands import discovery
@@ -319,14 +318,7 @@ def test_cli_status_json_table_and_http():
 def test_cli_serve_stops_on_sigterm():
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from distill_reader.discovery.commands import discovery; discovery()",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
+        serve_command("--listen", f"127.0.0.1:{port}"),
         stderr=subprocess.PIPE,
         text=True,
     )

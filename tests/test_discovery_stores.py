@@ -7,13 +7,20 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import grpc
 import pytest
-from test_discovery_support import OipTeacher, ServiceProcess, Watch, free_port, have, register_process
+from test_discovery_support import (
+    OipTeacher,
+    ServiceProcess,
+    Watch,
+    free_port,
+    have,
+    register_process,
+    serve_command,
+)
 
 from distill_reader.discovery.client import fetch_status, keep_registered
 from distill_reader.discovery.proto import discovery_pb2 as pb
@@ -157,16 +164,7 @@ def test_two_servers_one_killed_mid_run(store):
         svc = service_name()
         port_b = free_port()
         b = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from distill_reader.discovery.commands import discovery; discovery()",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port_b}",
-                "--store",
-                store.url,
-            ],
+            serve_command("--listen", f"127.0.0.1:{port_b}", "--store", store.url),
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -394,11 +392,7 @@ def test_serve_processes_share_a_port_and_survive_one_dying(redis_store):
 
     port, http = free_port(), free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from distill_reader.discovery.commands import discovery; discovery()",
-            "serve",
+        serve_command(
             "--processes",
             "2",
             "--listen",
@@ -407,7 +401,7 @@ def test_serve_processes_share_a_port_and_survive_one_dying(redis_store):
             redis_store.url,
             "--http",
             f"127.0.0.1:{http}",
-        ],
+        ),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -489,16 +483,7 @@ def test_serve_processes_share_a_port_and_survive_one_dying(redis_store):
 def test_processes_need_a_shared_store():
     """``--processes 2`` on the memory store is refused, naming the flag."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from distill_reader.discovery.commands import discovery; discovery()",
-            "serve",
-            "--processes",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-        ],
+        serve_command("--processes", "2", "--listen", "127.0.0.1:0"),
         capture_output=True,
         text=True,
         timeout=60,
