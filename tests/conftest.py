@@ -22,15 +22,21 @@ from distill_reader.teacher.local import free_port  # noqa: F401 - the tests imp
 TESTS_DIR = Path(__file__).parent
 
 
-READER_CONFIG = """\
-[conf]
-{conf}
+# The [feed] section of the tag models (reader_models.tag): an image and a label, the image to teachers.
+TAG_FEED = """\
 [feed]
 feed_vars = ['img', 'label']
 feed_types = ['float32', 'int64']
 feed_shapes = [(1, 4, 4), (1,)]
 predict_feed_ids = [0]
+"""
 
+READER_CONFIG = """\
+[conf]
+{conf}
+"""
+READER_CONFIG += TAG_FEED
+READER_CONFIG += """
 [fetch]
 fetch_vars = ['prediction']
 fetch_types = ['float32']

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SEED_CONFIG
+from conftest import SEED_CONFIG, TAG_FEED
 
 from distill_reader import ConfigError, DistillReader
 from distill_reader.config import load_config, strip_inline_comment
@@ -246,12 +246,9 @@ servers = ['127.0.0.1:9494']
 protocol = oip
 predict_feed_ids = [1]
 
-[feed]
-feed_vars = ['img', 'label']
-feed_types = ['float32', 'int64']
-feed_shapes = [(1, 4, 4), (1,)]
-predict_feed_ids = [0]
-
+"""
+GROUPS += TAG_FEED
+GROUPS += """
 [fetch]
 fetch_vars = ['a.prediction', 'b.prediction', 'a.features']
 fetch_types = ['float32', 'float32', 'float16']

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
 import grpc
 import pytest
 from click.testing import CliRunner
-from test_discovery_support import OipTeacher, Watch, free_port, register_process
+from test_discovery_support import OipTeacher, Watch, free_port, register_process, serve_command
 
 from distill_reader.discovery.client import StudentSession, _KeepAlives, _Rotating, fetch_status, keep_registered
 from distill_reader.discovery.commands import discovery
@@ -319,14 +319,7 @@ def test_cli_status_json_table_and_http():
 def test_cli_serve_stops_on_sigterm():
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from distill_reader.discovery.commands import discovery; discovery()",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
+        serve_command("--listen", f"127.0.0.1:{port}"),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -420,28 +413,51 @@ def test_a_streamed_keepalive_to_a_silent_endpoint_gives_up_after_the_rpc_timeou
     run(main())
 
 
+async def until(predicate, timeout: float, what: str) -> None:
+    """Wait until ``predicate()`` holds, failing with ``what`` past ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def fleet_over_budget(endpoints: list[str]):
+    """(server, stop, keepers): a discovery server at TTL 1 s, keep-alives every 0.1 s, whose budget
+    (20 keep-alives a second) is for 2 teachers, and one keeper per endpoint until ``stop`` is set."""
+    server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+    server.service.keepalive_budget = 20.0
+    await server.start()
+    stop = asyncio.Event()
+    keepers = [
+        asyncio.create_task(keep_registered(server.address, "svc", ep, readiness_check=False, stop=stop))
+        for ep in endpoints
+    ]
+    try:
+        yield server, stop, keepers
+    finally:
+        stop.set()
+        await asyncio.gather(*keepers)
+        await server.stop()
+
+
 def test_pace_stretched_for_a_large_fleet_and_followed():
     """With more teachers than its keep-alive budget allows at the configured interval, the server
     tells every teacher a longer interval and TTL (stretched by the same factor, at most 4×); the
     teachers keep alive at that pace (within the budget) and no lease lapses."""
 
     async def main():
-        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
-        server.service.keepalive_budget = 20.0  # keep-alives a second: 2 teachers at 0.1 s
-        await server.start()
-        stop = asyncio.Event()
         endpoints = [f"127.0.0.1:{9301 + i}" for i in range(4)]
-        keepers = [
-            asyncio.create_task(keep_registered(server.address, "svc", ep, readiness_check=False, stop=stop))
-            for ep in endpoints
-        ]
-        try:
+        async with fleet_over_budget(endpoints) as (server, _, _):
             w = Watch(server.address, "svc", 4)
             await w.wait_for(lambda s: s == endpoints, timeout=10)
-            await asyncio.sleep(1.0)  # every teacher has been told the pace of 4 teachers
             assert server.service.pace() == (2.0, 0.2)  # 4 teachers / (20 / s × 0.1 s): stretch 2
-            kept = [server.service._kept[("svc", ep)] for ep in endpoints]
-            assert [(k.ttl, k.interval) for k in kept] == [(2.0, 0.2)] * 4
+
+            def paces() -> list[tuple[float, float]]:
+                kept = [server.service._kept[("svc", ep)] for ep in endpoints]
+                return [(k.ttl, k.interval) for k in kept]
+
+            await until(lambda: paces() == [(2.0, 0.2)] * 4, 5, "not every teacher was told the pace of 4 teachers")
             n_sets = len(w.sets)
             before = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK")
             await asyncio.sleep(3.0)
@@ -450,10 +466,6 @@ def test_pace_stretched_for_a_large_fleet_and_followed():
             assert 40 <= keeps <= 80, f"{keeps:g} keep-alives in 3 s"
             assert len(w.sets) == n_sets, f"a lease lapsed: {w.sets}"
             await w.close()
-        finally:
-            stop.set()
-            await asyncio.gather(*keepers)
-            await server.stop()
 
     run(main())
 
@@ -464,18 +476,9 @@ def test_unary_keepalives_keep_the_ttl_they_registered_with():
     it registered with (a teacher on the stream follows the pace and gets the shorter one)."""
 
     async def main():
-        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
-        server.service.keepalive_budget = 20.0  # 2 teachers at 0.1 s
-        await server.start()
-        stop = asyncio.Event()
         others = [f"127.0.0.1:{9401 + i}" for i in range(4)]
-        keepers = [
-            asyncio.create_task(keep_registered(server.address, "svc", ep, readiness_check=False, stop=stop))
-            for ep in others
-        ]
-        try:
-            while len(server.service._kept) < 4:
-                await asyncio.sleep(0.02)
+        async with fleet_over_budget(others) as (server, stop, keepers):
+            await until(lambda: len(server.service._kept) == 4, 10, "the 4 teachers were not kept alive")
             async with grpc.aio.insecure_channel(server.address) as channel:
                 stub = pb_grpc.DiscoveryStub(channel)
                 reg = await stub.RegisterTeacher(
@@ -492,9 +495,5 @@ def test_unary_keepalives_keep_the_ttl_they_registered_with():
                     )
                 assert resp.keepalive_seconds == 0.1  # told the new pace (a newer teacher follows it) ...
                 assert server.service._kept[("svc", "127.0.0.1:9400")].ttl == 2.0  # ... but held to the old TTL
-        finally:
-            stop.set()
-            await asyncio.gather(*keepers)
-            await server.stop()
 
     run(main())

@@ -90,7 +90,7 @@ async def fleet(thread: ServerThread, n_teachers: int, n_students: int) -> Simul
         await sim.add_teacher(f"10.0.0.{i + 1}:8001")
     sim.add_students(n_students)
     await sim.wait(lambda: all(sim.full(s) for s in sim.students), 20, "every student has its full set")
-    await asyncio.sleep(1.0)  # every teacher has kept alive at least once
+    await sim.wait(lambda: all(t.latencies for t in sim.teachers.values()), 10, "every teacher has kept alive once")
     return sim
 
 

@@ -219,3 +219,14 @@ def test_student_whose_lease_lapsed_is_joined_again_and_told(kind, request):
             assert await students_in(a.address, service) == {s.id: [other]}
 
     run(main())
+
+
+def test_a_discovery_process_that_cannot_start_names_why():
+    """A discovery process that exits before serving (a bad store URL): its error names the cause,
+    from the process's own log, not just an exit code."""
+    process = DiscoveryProcess("bogus://x")
+    try:
+        with pytest.raises(RuntimeError, match=r"exited with code 2: .*bad store URL 'bogus://x'"):
+            process.start()
+    finally:
+        process.stop()

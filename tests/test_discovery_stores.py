@@ -8,13 +8,20 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 
 import grpc
 import pytest
-from test_discovery_support import OipTeacher, ServiceProcess, Watch, free_port, have, register_process
+from test_discovery_support import (
+    OipTeacher,
+    ServiceProcess,
+    Watch,
+    free_port,
+    have,
+    register_process,
+    serve_command,
+)
 
 from distill_reader.discovery.client import fetch_status, keep_registered
 from distill_reader.discovery.proto import discovery_pb2 as pb
@@ -158,16 +165,7 @@ def test_two_servers_one_killed_mid_run(store):
         svc = service_name()
         port_b = free_port()
         b = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from distill_reader.discovery.commands import discovery; discovery()",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port_b}",
-                "--store",
-                store.url,
-            ],
+            serve_command("--listen", f"127.0.0.1:{port_b}", "--store", store.url),
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -395,11 +393,7 @@ def test_serve_processes_share_a_port_and_survive_one_dying(redis_store):
 
     port, http = free_port(), free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from distill_reader.discovery.commands import discovery; discovery()",
-            "serve",
+        serve_command(
             "--processes",
             "2",
             "--listen",
@@ -408,7 +402,7 @@ def test_serve_processes_share_a_port_and_survive_one_dying(redis_store):
             redis_store.url,
             "--http",
             f"127.0.0.1:{http}",
-        ],
+        ),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -490,16 +484,7 @@ def test_serve_processes_share_a_port_and_survive_one_dying(redis_store):
 def test_processes_need_a_shared_store():
     """``--processes 2`` on the memory store is refused, naming the flag."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from distill_reader.discovery.commands import discovery; discovery()",
-            "serve",
-            "--processes",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-        ],
+        serve_command("--processes", "2", "--listen", "127.0.0.1:0"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -516,11 +501,7 @@ def test_a_process_that_fails_to_start_names_its_error_on_the_command_line():
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from distill_reader.discovery.commands import discovery; discovery()",
-                "serve",
+            serve_command(
                 "--processes",
                 "2",
                 "--listen",
@@ -529,7 +510,7 @@ def test_a_process_that_fails_to_start_names_its_error_on_the_command_line():
                 "redis://127.0.0.1:1",
                 "--http",
                 f"127.0.0.1:{port}",
-            ],
+            ),
             capture_output=True,
             text=True,
             timeout=120,

@@ -91,6 +91,17 @@ class OipTeacher(service_pb2_grpc.GRPCInferenceServiceServicer):
             await self.server.stop(0)
 
 
+def serve_command(*args: str) -> list[str]:
+    """The command line of ``distill discovery serve *args`` in a child process."""
+    return [
+        sys.executable,
+        "-c",
+        "from distill_reader.discovery.commands import discovery; discovery()",
+        "serve",
+        *args,
+    ]
+
+
 def register_process(discovery: str, service: str, endpoint: str, *extra: str) -> subprocess.Popen:
     """``distill teacher register`` in a child process (to SIGKILL it)."""
     code = "from distill_reader.discovery.commands import register; register()"

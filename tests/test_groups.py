@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import free_port, settled_stats
+from conftest import TAG_FEED, free_port, settled_stats
 from reader_models import label_rows, make_sample, tag_rows
 from test_fleet_view import by_id, running, status_json, wait_for
 from test_openai_teacher import V, check_fake_topk, fake_vllm, fake_vllm_server
@@ -28,12 +28,9 @@ servers = {a!r}
 servers = {b!r}
 predict_feed_ids = [1]
 
-[feed]
-feed_vars = ['img', 'label']
-feed_types = ['float32', 'int64']
-feed_shapes = [(1, 4, 4), (1,)]
-predict_feed_ids = [0]
-
+"""
+TWO_GROUPS += TAG_FEED
+TWO_GROUPS += """
 [fetch]
 fetch_vars = ['a.prediction', 'b.prediction']
 fetch_types = ['float32', 'float32']

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TeacherProcesses
+from conftest import TAG_FEED, TeacherProcesses
 from reader_models import IMG_SHAPE, make_sample
 from test_reader import sample_list_reader
 
@@ -36,12 +36,9 @@ CONFIG = """\
 mode = fixed
 servers = {servers!r}
 
-[feed]
-feed_vars = ['img', 'label']
-feed_types = ['float32', 'int64']
-feed_shapes = [(1, 4, 4), (1,)]
-predict_feed_ids = [0]
-
+"""
+CONFIG += TAG_FEED
+CONFIG += """
 [fetch]
 fetch_vars = ['fetch_name_0']
 fetch_types = ['float32']

@@ -49,6 +49,18 @@ def right(inputs, lengths):
     return [tag({"img": inputs[0]})["prediction"]]
 
 
+def fails_first(times: int, error: Exception) -> Handler:
+    """A teacher that raises ``error`` on its first ``times`` requests, then answers right."""
+    failures = iter(range(times))
+
+    def handler(inputs, lengths):
+        if next(failures, None) is not None:
+            raise error
+        return right(inputs, lengths)
+
+    return handler
+
+
 def run_teachers(
     config,
     handlers: dict[str, Handler],
@@ -126,13 +138,7 @@ def test_transient_failures_go_back_to_the_queue_without_counting_as_attempts(ba
     """A teacher unreachable twice, then back: its requests are retried (on it, after its back-off)
     and never count as attempts (max_attempts=1 would fail the epoch)."""
     config, feed, fetch, items = batch
-    failures = iter(range(2))
-
-    def flaky(inputs, lengths):
-        if next(failures, None) is not None:
-            raise TransientTeacherError("teacher flaky: UNAVAILABLE")
-        return right(inputs, lengths)
-
+    flaky = fails_first(2, TransientTeacherError("teacher flaky: UNAVAILABLE"))
     options = SchedulerOptions(max_in_flight=1, max_attempts=1)
     run = run_teachers(config, {"flaky": flaky}, items, feed=feed, fetch=fetch, options=options)
     assert_all_answered_once(run, batch)
@@ -175,12 +181,7 @@ def test_an_error_answer_is_retried_on_a_teacher_that_has_not_failed_it(batch):
     """One request answered with an error: it counts as an attempt and is answered by the other
     teacher; the failing teacher stays in use."""
     config, feed, fetch, items = batch
-    errors = iter(range(1))
-
-    def errs_once(inputs, lengths):
-        if next(errors, None) is not None:
-            raise TeacherError("teacher errs: model failed")
-        return right(inputs, lengths)
+    errs_once = fails_first(1, TeacherError("teacher errs: model failed"))
 
     # max_attempts=1: attempts run out, but not every usable teacher has failed it: not fatal.
     options = SchedulerOptions(max_in_flight=1, max_attempts=1)
@@ -263,12 +264,7 @@ def test_a_quarantined_teacher_rejoins_once_it_answers_right(batch):
     """Wrong once, then right: after its back-off (2 s) its metadata is checked, one trial request
     is answered right and it is used again; every d_batch still answered once."""
     config, feed, fetch, items = batch
-    wrong = iter(range(1))
-
-    def recovers(inputs, lengths):
-        if next(wrong, None) is not None:
-            raise TeacherOutputError("teacher recovers answered NaN")
-        return right(inputs, lengths)
+    recovers = fails_first(1, TeacherOutputError("teacher recovers answered NaN"))
 
     async def slow(inputs, lengths):  # keeps the epoch going past the quarantine's back-off
         await asyncio.sleep(0.5)

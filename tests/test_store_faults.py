@@ -329,18 +329,25 @@ def test_chunk_names_sort_after_every_chunk_in_the_store(tmp_path):
 # -- store reads off the pipeline process's event loop ----------------------------------------
 
 
+def stalled_store(write_config, tag_teachers, tmp_path: Path, pipeline_hooks, rows: int) -> tuple[Path, Path]:
+    """(store, gate): a store written with the first ``rows`` samples' answers, whose reads by the
+    pipeline processes started from now on stall until ``gate / "open"`` exists (SITECUSTOMIZE)."""
+    path = tmp_path / "store"
+    dr = seed_reader(write_config, tag_teachers, path, "write")
+    dr.set_sample_generator(samples(range(rows)))
+    with dr:
+        check_epoch(epoch_of(dr), rows, 16)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pipeline_hooks("DISTILL_TEST_STORE_GATE", str(gate))
+    return path, gate
+
+
 def test_teachers_are_asked_while_the_store_is_read(write_config, tag_teachers, tmp_path, pipeline_hooks):
     """The first batch's rows are in the store, on a disk that stalls; the next batches' are not.
     While the store read is held, the pipeline process's event loop goes on: it answers stats and
     its requests to the teachers for the next batches are answered. Then every row is exact."""
-    path = tmp_path / "store"
-    dr = seed_reader(write_config, tag_teachers, path, "write")
-    dr.set_sample_generator(samples(range(16)))
-    with dr:
-        check_epoch(epoch_of(dr), 16, 16)
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    pipeline_hooks("DISTILL_TEST_STORE_GATE", str(gate))
+    path, gate = stalled_store(write_config, tag_teachers, tmp_path, pipeline_hooks, 16)
     dr = seed_reader(write_config, tag_teachers, path, "cache")
     dr.set_sample_generator(samples(range(48)))
     seen: dict[str, object] = {}
@@ -378,14 +385,7 @@ def test_an_epoch_left_during_a_store_read_is_acknowledged_after_it(
     process acknowledges the cancellation only once that read has ended (it writes into a slot
     that the newer epoch reuses), and the newer epoch's rows are exact."""
     n = 48
-    path = tmp_path / "store"
-    dr = seed_reader(write_config, tag_teachers, path, "write")
-    dr.set_sample_generator(samples(range(n)))
-    with dr:
-        check_epoch(epoch_of(dr), n, 16)
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    pipeline_hooks("DISTILL_TEST_STORE_GATE", str(gate))
+    path, gate = stalled_store(write_config, tag_teachers, tmp_path, pipeline_hooks, n)
     dr = seed_reader(write_config, NOWHERE, path, "read")
     dr.set_sample_generator(samples(range(n)))
     first: dict[str, object] = {}
@@ -427,14 +427,7 @@ def test_a_read_stuck_on_the_disk_does_not_keep_the_recorded_rows_from_being_wri
     answers for the next batches are recorded, not yet written: the close writes them while the read
     is still stuck (after the session's bound, 2 s here), instead of waiting on it until killed.
     (The process can only exit once the read ends: the gate opens when the rows are written.)"""
-    path = tmp_path / "store"
-    dr = seed_reader(write_config, tag_teachers, path, "write")
-    dr.set_sample_generator(samples(range(16)))
-    with dr:
-        check_epoch(epoch_of(dr), 16, 16)
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    pipeline_hooks("DISTILL_TEST_STORE_GATE", str(gate))
+    path, gate = stalled_store(write_config, tag_teachers, tmp_path, pipeline_hooks, 16)
     pipeline_hooks("DISTILL_TEST_CLOSE_TIMEOUT", "2")
     dr = seed_reader(write_config, tag_teachers, path, "cache")
     dr.set_sample_generator(samples(range(48)))

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -134,10 +135,14 @@ class DiscoveryProcess(_KillableProcess):
         self.args = list(args)  # more ``distill discovery serve`` options (e.g. --http)
         self.endpoint = f"127.0.0.1:{free_port()}"
         self.process: subprocess.Popen | None = None
+        self._stderr: IO[bytes] | None = None  # its log: why it exited, should it not start
 
     def start(self) -> float:
         """Start it and wait until its port accepts connections; returns when it was started."""
         started = time.monotonic()
+        if self._stderr is not None:
+            self._stderr.close()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - held while it runs, closed by stop()
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -153,13 +158,15 @@ class DiscoveryProcess(_KillableProcess):
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=self._stderr,
             start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"discovery exited with code {self.process.returncode}")
+                self._stderr.seek(0)
+                last = [line for line in self._stderr.read().decode(errors="replace").splitlines() if line.strip()][-2:]
+                raise RuntimeError(f"discovery exited with code {self.process.returncode}: " + " | ".join(last))
             with contextlib.suppress(OSError), socket.create_connection(self._address(), 0.2):
                 return started
             time.sleep(0.05)
@@ -173,6 +180,9 @@ class DiscoveryProcess(_KillableProcess):
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
 
 class StoreProcess(_KillableProcess):
