@@ -12,14 +12,17 @@ removed, within ``ttl + lag_cap`` of its last keep-alive.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
 from test_discovery_stores import start_store
 
 from distill_reader.bench.discovery import Simulator
-from distill_reader.discovery.server import ServerThread
-from distill_reader.discovery.service import DEFAULT_TTL_S, DiscoveryService
+from distill_reader.discovery.server import GC_THRESHOLDS, ServerThread
+from distill_reader.discovery.service import DEFAULT_TTL_S, DiscoveryService, _own_time
+from distill_reader.discovery.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -218,3 +221,107 @@ def test_store_ends_a_lease_only_after_the_silence(kind, request, tmp_path_facto
     finally:
         if proc is not None:
             proc.stop()
+
+
+def test_own_time_counts_only_the_coroutines_own_steps():
+    """The reconcile window is sized by a round's own steps: time the loop spent on other tasks while
+    the round awaited (a store's answer, in a burst) is not the round's."""
+
+    async def waits(result):
+        await asyncio.sleep(0.3)
+        return result
+
+    async def fails():
+        await asyncio.sleep(0.01)
+        raise ValueError("from the coroutine")
+
+    async def busy():  # runs while waits() is waiting
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.15:
+            pass
+
+    finished = []
+
+    async def cancelled():
+        try:
+            await asyncio.sleep(10)
+        finally:
+            finished.append(True)
+
+    async def main():
+        (result, own), _ = await asyncio.gather(_own_time(waits("done")), busy())
+        assert result == "done"
+        assert own < 0.05, f"{own:.3f} s counted: the await (0.3 s, 0.15 s of it another task's) is not its own"
+        with pytest.raises(ValueError, match="from the coroutine"):
+            await _own_time(fails())
+        task = asyncio.ensure_future(_own_time(cancelled()))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished == [True], "the cancellation reached the wrapped coroutine"
+
+    asyncio.run(main())
+
+
+class _SlowReadStore(MemoryStore):
+    """A store whose reads wait ``delay`` s for their answer (as Redis's do in a busy loop)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.reads: list[float] = []
+
+    async def read(self, service: str):
+        self.reads.append(time.monotonic())
+        await asyncio.sleep(self.delay)
+        return await super().read(service)
+
+
+def test_a_slow_store_answer_does_not_space_the_reconciles_out():
+    """A round of reconciles that spends 0.5 s awaiting its store (and almost nothing running) is
+    followed by the next within the coalescing window, not 4 × 0.5 s later: in a burst, the last
+    students of a 10,000-student burst on Redis waited a second or more for that window."""
+
+    async def main():
+        store = _SlowReadStore(0.5)
+        await store.start()
+        service = DiscoveryService(store)
+        await service.start()
+        try:
+            service.mark_dirty(SERVICE)
+            deadline = time.monotonic() + 10
+            while SERVICE not in service.states and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert SERVICE in service.states
+            service.mark_dirty(SERVICE)
+            while len(store.reads) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            gap = store.reads[1] - store.reads[0]
+            assert gap < 1.5, f"the next round started {gap:.2f} s after the last (4 × its 0.5 s wait: 2 s)"
+        finally:
+            await service.stop()
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_distill_discovery_serve_tunes_the_garbage_collector():
+    """``serve()`` (what ``distill discovery serve`` and each of its ``--processes`` run) freezes what
+    is alive at start out of collections and raises the thresholds: with the defaults, a burst of
+    10,000 students spent about half the server's time in full collections."""
+    code = """
+import asyncio, gc
+from distill_reader.discovery.server import serve
+
+async def main():
+    stop = asyncio.Event()
+    await serve("127.0.0.1:0", "memory", on_started=lambda server: stop.set(), stop=stop)
+
+before = gc.get_threshold()
+asyncio.run(main())
+print(before, gc.get_threshold(), gc.get_freeze_count() > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split("\n")[0] == f"(700, 10, 10) {GC_THRESHOLDS} True", out.stdout + out.stderr

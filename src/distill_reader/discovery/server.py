@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -48,6 +49,22 @@ SERVER_OPTIONS = [
     ("grpc.server.max_pending_requests", 100_000),
     ("grpc.server.max_pending_requests_hard_limit", 100_000),
 ]
+
+# The garbage collector's thresholds in a serving process (see tune_gc). Each open stream holds about
+# 60 long-lived objects of gRPC's (600,000 at 10,000 students); with the interpreter's defaults
+# (700, 10, 10) a burst of joins sets off a full collection each time they grow by a quarter: 13
+# full collections of 0.3-0.5 s, about half the server's time in a burst of 10,000.
+GC_THRESHOLDS = (10_000, 10, 100)
+
+
+def tune_gc() -> None:
+    """Tune this process's garbage collector for a server of many long-lived streams: what is alive
+    at start (modules, the server) is frozen out of collections, young collections run every 10,000
+    allocations instead of 700, and full ones at most every 100 middle ones. A reference cycle that
+    outlives the young and middle collections is freed later (minutes), not lost."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class DiscoveryServer:
@@ -193,7 +210,9 @@ async def serve(
     reuse_port: bool = False,
 ) -> None:
     """Serve until ``stop`` is set (or the task is cancelled); ``on_started(server)`` once it listens.
-    ``reuse_port``: share the port with other processes (SO_REUSEPORT)."""
+    ``reuse_port``: share the port with other processes (SO_REUSEPORT). This is a serving process's
+    main: it tunes the process's garbage collector (:func:`tune_gc`); embed a
+    :class:`DiscoveryServer` to leave yours as it is."""
     server = DiscoveryServer(
         listen,
         store_url,
@@ -206,6 +225,7 @@ async def serve(
         reuse_port=reuse_port,
     )
     await server.start()
+    tune_gc()
     try:
         if on_started is not None:
             on_started(server)
