@@ -21,7 +21,7 @@ from test_discovery_stores import start_store
 
 from distill_reader.bench.discovery import Simulator
 from distill_reader.discovery.server import GC_THRESHOLDS, ServerThread
-from distill_reader.discovery.service import DEFAULT_TTL_S, DiscoveryService, _own_time
+from distill_reader.discovery.service import DEFAULT_TTL_S, DiscoveryService, _time_spent
 from distill_reader.discovery.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -223,23 +223,29 @@ def test_store_ends_a_lease_only_after_the_silence(kind, request, tmp_path_facto
             proc.stop()
 
 
-def test_own_time_counts_only_the_coroutines_own_steps():
-    """The reconcile window is sized by a round's own steps: time the loop spent on other tasks while
-    the round awaited (a store's answer, in a burst) is not the round's."""
+def test_time_spent_counts_steps_and_answers_not_the_loops_queue():
+    """The reconcile window is sized by what a round costs: its steps and its store's answers, not the
+    time it waited in the loop's queue while other tasks ran (in a burst, most of its wall time)."""
 
-    async def waits(result):
-        await asyncio.sleep(0.3)
+    async def yields(n, result):  # answered at once, each time
+        for _ in range(n):
+            await asyncio.sleep(0)
         return result
+
+    async def hog():  # 40 ms of work between yields: the loop's queue is slow
+        for _ in range(12):
+            started = time.perf_counter()
+            while time.perf_counter() - started < 0.04:
+                pass
+            await asyncio.sleep(0)
+
+    async def answered_late():  # a store taking 0.3 s to answer
+        await asyncio.sleep(0.3)
+        return "late"
 
     async def fails():
         await asyncio.sleep(0.01)
         raise ValueError("from the coroutine")
-
-    async def busy():  # runs while waits() is waiting
-        await asyncio.sleep(0.05)
-        started = time.perf_counter()
-        while time.perf_counter() - started < 0.15:
-            pass
 
     finished = []
 
@@ -250,12 +256,20 @@ def test_own_time_counts_only_the_coroutines_own_steps():
             finished.append(True)
 
     async def main():
-        (result, own), _ = await asyncio.gather(_own_time(waits("done")), busy())
+        hogging = asyncio.ensure_future(hog())
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        result, spent = await _time_spent(yields(8, "done"))
+        wall = time.perf_counter() - started
+        await hogging
         assert result == "done"
-        assert own < 0.05, f"{own:.3f} s counted: the await (0.3 s, 0.15 s of it another task's) is not its own"
+        assert wall > 0.2, f"the hog held the loop for only {wall:.3f} s: nothing measured"
+        assert spent < 0.1, f"{spent:.3f} s of {wall:.3f} s counted: its waits in the loop's queue are not its cost"
+        result, spent = await _time_spent(answered_late())
+        assert result == "late" and spent >= 0.25, f"{spent:.3f} s: the 0.3 s its answer took is its cost"
         with pytest.raises(ValueError, match="from the coroutine"):
-            await _own_time(fails())
-        task = asyncio.ensure_future(_own_time(cancelled()))
+            await _time_spent(fails())
+        task = asyncio.ensure_future(_time_spent(cancelled()))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -266,45 +280,58 @@ def test_own_time_counts_only_the_coroutines_own_steps():
 
 
 class _SlowReadStore(MemoryStore):
-    """A store whose reads wait ``delay`` s for their answer (as Redis's do in a busy loop)."""
+    """A store whose reads take ``delay`` s to answer (etcd's, at 10,000 students, in a burst)."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, stall: float = 0.0) -> None:
         super().__init__()
         self.delay = delay
+        self.stall = stall  # the first read holds the loop this long while it waits (another callback)
         self.reads: list[float] = []
 
     async def read(self, service: str):
         self.reads.append(time.monotonic())
+        if self.stall and len(self.reads) == 1:
+            asyncio.get_running_loop().call_later(0.01, time.sleep, self.stall)
         await asyncio.sleep(self.delay)
         return await super().read(service)
 
 
-def test_a_slow_store_answer_does_not_space_the_reconciles_out():
-    """A round of reconciles that spends 0.5 s awaiting its store (and almost nothing running) is
-    followed by the next within the coalescing window, not 4 × 0.5 s later: in a burst, the last
-    students of a 10,000-student burst on Redis waited a second or more for that window."""
+async def _two_rounds(store: _SlowReadStore) -> float:
+    """Seconds from the start of a reconcile round to the start of the next one, asked for at once."""
+    await store.start()
+    service = DiscoveryService(store)
+    await service.start()
+    try:
+        service.mark_dirty(SERVICE)
+        deadline = time.monotonic() + 20
+        while SERVICE not in service.states and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert SERVICE in service.states
+        service.mark_dirty(SERVICE)
+        while len(store.reads) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return store.reads[1] - store.reads[0]
+    finally:
+        await service.stop()
+        await store.close()
 
-    async def main():
-        store = _SlowReadStore(0.5)
-        await store.start()
-        service = DiscoveryService(store)
-        await service.start()
-        try:
-            service.mark_dirty(SERVICE)
-            deadline = time.monotonic() + 10
-            while SERVICE not in service.states and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            assert SERVICE in service.states
-            service.mark_dirty(SERVICE)
-            while len(store.reads) < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            gap = store.reads[1] - store.reads[0]
-            assert gap < 1.5, f"the next round started {gap:.2f} s after the last (4 × its 0.5 s wait: 2 s)"
-        finally:
-            await service.stop()
-            await store.close()
 
-    asyncio.run(main())
+def test_a_slow_store_spaces_the_reconciles_out():
+    """A round of reconciles whose store took 0.3 s to answer is followed by the next one 4 × 0.3 s
+    after it started at the soonest, not at once: the reconciles must not take more than a quarter
+    of the store's time either (counting only the rounds' own steps, etcd fell behind in a burst of
+    10,000: 950 teacher leases lapsed)."""
+
+    gap = asyncio.run(_two_rounds(_SlowReadStore(0.3)))
+    assert gap >= 1.15, f"the next round came {gap:.2f} s after the last: the store's time not counted"
+
+
+def test_a_stalled_loop_does_not_space_the_reconciles_out():
+    """The loop held for 1.5 s (a long callback) while a round waited for its store is not the round's
+    cost: the next round comes soon after, not 4 × 1.5 s later (a teacher's death during such a stall
+    would have reached its students 6 s late)."""
+    gap = asyncio.run(_two_rounds(_SlowReadStore(0.05, stall=1.5)))
+    assert gap < 3.0, f"the next round came {gap:.2f} s after the last: the stall was counted as its cost"
 
 
 def test_distill_discovery_serve_tunes_the_garbage_collector():

@@ -88,11 +88,20 @@ _MAX_REQUIRE = 1024
 _MAX_WEIGHT = 1e6
 
 
+def _stamp(into: list[float]) -> None:
+    into.append(time.perf_counter())
+
+
 @types.coroutine
-def _own_time(coro):
-    """Await ``coro``; returns ``(its result, the seconds its own steps took)``: the time it ran
-    between its awaits, not the time the loop spent on other tasks while it waited."""
-    own = 0.0
+def _time_spent(coro):
+    """Await ``coro``; returns ``(its result, the seconds it cost)``: the time it ran, plus the time it
+    waited for its answers (its store's), less the time it waited for this loop to come back to it.
+    That last wait is measured at each await by a callback queued then: how long the loop took to
+    reach it. (In a burst a round of reconciles spends most of its wall time in the loop's queue,
+    which is not its cost; its store's time is: etcd, answering 10,000-key reads slowly, falls
+    behind if the rounds come more often.)"""
+    loop = asyncio.get_running_loop()
+    spent = 0.0
     value: object = None
     error: BaseException | None = None
     while True:
@@ -100,14 +109,19 @@ def _own_time(coro):
         try:
             awaited = coro.throw(error) if error is not None else coro.send(value)
         except StopIteration as done:
-            return done.value, own + time.perf_counter() - started
+            return done.value, spent + time.perf_counter() - started
         finally:
             error = None
-        own += time.perf_counter() - started
+        paused = time.perf_counter()
+        spent += paused - started
+        reached: list[float] = []
+        loop.call_soon(_stamp, reached)
         try:
             value = yield awaited
         except BaseException as exc:  # noqa: BLE001 - cancellation too: thrown into coro
             value, error = None, exc
+        if reached:  # the loop reached the callback: what came after was waiting for the answer
+            spent += max(0.0, time.perf_counter() - reached[0])
 
 
 def check_service_name(name: str) -> str:
@@ -271,6 +285,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         # Seconds this server was behind, in all (a clock that only runs while it is behind).
         self._behind = 0.0
         self._lag_max = 0.0
+        self._stalled = 0.0  # seconds the loop was held up in all (the lag probe's lateness past _LAG_S)
         self._round_took = 0.0  # how long the last round of reconciles took
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -347,6 +362,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 self.metrics.lag.set(self._lag_max)
                 self._lag_max, window = 0.0, now
             overdue = sum(1 for k in self._kept.values() if now - k.at > 2 * k.interval + _LAG_S)
+            if late > _LAG_S:
+                self._stalled += late
             if late > _LAG_S or (overdue >= _MASS_MIN and 2 * overdue > len(self._kept)):
                 self._behind += elapsed
                 self.metrics.behind.inc(elapsed)
@@ -396,21 +413,28 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
 
     async def _reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        last, took = -math.inf, 0.0
+        last, took, stalled = -math.inf, 0.0, 0.0
+
+        def window_ends() -> float:
+            # A stall of the loop (a long callback) while the last round awaited its store looks like
+            # the store's time to _time_spent: it is not the round's cost. The lag probe counts it
+            # in _stalled (within 50 ms of its end, so the window is looked at again that often).
+            cost = max(0.0, took - (self._stalled - stalled))
+            return last + max(self.coalesce, _RECONCILE_SHARE * cost)
+
         while True:
             await self._wake.wait()
             # Coalesce: what arrives within the window since the last reconcile joins this one. The
             # window is at least _RECONCILE_SHARE times as long as the last round ran, so that
             # during a burst reconciles (each linear in the service's students: 50-100 ms at 10,000)
             # take at most a quarter of the loop, and the streams and keep-alives the rest. "Ran":
-            # the reconciles' own steps, not the awaits in which the loop served others (in a burst
-            # a round's wall time is 2-6 times that, and a window 4 times the wall time left the
-            # last students of a burst waiting a second or more for their set).
-            wait = last + max(self.coalesce, _RECONCILE_SHARE * took) - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            # its steps and its store's answers, not its waits for the loop (see _time_spent; in a
+            # burst a round's wall time is 2-6 times that, and a window 4 times the wall time left
+            # the last students of a burst waiting a second or more for their set).
+            while (wait := window_ends() - loop.time()) > 0:
+                await asyncio.sleep(min(wait, _EXPIRY_CHECK_S))
             self._wake.clear()
-            last = loop.time()
+            last, stalled = loop.time(), self._stalled
             dirty, self._dirty = self._dirty, set()
             try:
                 if None in dirty:
@@ -419,7 +443,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     names = {s for s in dirty if s is not None}
                 took = 0.0
                 for service in sorted(names):
-                    took += (await _own_time(self._reconcile(service)))[1]
+                    took += (await _time_spent(self._reconcile(service)))[1]
                 self._round_took = took
             except asyncio.CancelledError:
                 raise
