@@ -20,7 +20,7 @@ import redis
 from test_discovery_stores import start_store
 
 from distill_reader.bench.discovery import Simulator, teacher_join, teacher_loss
-from distill_reader.bench.processes import DiscoveryProcess
+from distill_reader.bench.processes import DiscoveryProcess, StoreProcess
 from distill_reader.discovery.client import fetch_status
 from distill_reader.discovery.server import DiscoveryServer
 from distill_reader.discovery.service import DEFAULT_TTL_S, status_dict
@@ -227,6 +227,18 @@ def test_a_discovery_process_that_cannot_start_names_why():
     process = DiscoveryProcess("bogus://x")
     try:
         with pytest.raises(RuntimeError, match=r"exited with code 2: .*bad store URL 'bogus://x'"):
+            process.start()
+    finally:
+        process.stop()
+
+
+def test_a_store_process_that_cannot_start_names_why(tmp_path):
+    """The same for the Redis a benchmark or test starts: a bad option is named from Redis's log."""
+    if not StoreProcess.available("redis"):
+        pytest.skip("redis-server is not installed (scripts/install-services.sh)")
+    process = StoreProcess("redis", tmp_path, ["--no-such-option", "x"])
+    try:
+        with pytest.raises(RuntimeError, match=r"redis exited with code 1: .*Bad directive"):
             process.start()
     finally:
         process.stop()

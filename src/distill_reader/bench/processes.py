@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from distill_reader.teacher.local import free_port, start_teacher, wait_until_ready
 
@@ -114,9 +114,31 @@ class TeacherProcesses:
 
 
 class _KillableProcess:
-    """A server process that a scenario may SIGKILL (and start again)."""
+    """A server process that a scenario may SIGKILL (and start again); its output goes to a temporary
+    file, whose last lines say why it exited should it not start."""
 
-    process: subprocess.Popen | None
+    process: subprocess.Popen | None = None
+    _log: IO[bytes] | None = None
+
+    def _spawn(self, command: Sequence[str], **popen: Any) -> subprocess.Popen:
+        self._close_log()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - held while it runs, closed by _close_log()
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, **popen
+        )
+        return self.process
+
+    def _exited(self, what: str) -> RuntimeError:
+        """The error for a process that exited before it served: its exit code and last output lines."""
+        assert self.process is not None and self._log is not None
+        self._log.seek(0)
+        last = [line for line in self._log.read().decode(errors="replace").splitlines() if line.strip()][-2:]
+        return RuntimeError(f"{what} exited with code {self.process.returncode}: " + " | ".join(last))
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def kill(self) -> float:
         """SIGKILL it and wait for it; when the signal was sent (``time.monotonic()``)."""
@@ -134,16 +156,11 @@ class DiscoveryProcess(_KillableProcess):
         self.store = store
         self.args = list(args)  # more ``distill discovery serve`` options (e.g. --http)
         self.endpoint = f"127.0.0.1:{free_port()}"
-        self.process: subprocess.Popen | None = None
-        self._stderr: IO[bytes] | None = None  # its log: why it exited, should it not start
 
     def start(self) -> float:
         """Start it and wait until its port accepts connections; returns when it was started."""
         started = time.monotonic()
-        if self._stderr is not None:
-            self._stderr.close()
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - held while it runs, closed by stop()
-        self.process = subprocess.Popen(
+        process = self._spawn(
             [
                 sys.executable,
                 "-m",
@@ -156,17 +173,12 @@ class DiscoveryProcess(_KillableProcess):
                 self.store,
                 *self.args,
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._stderr,
             start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._stderr.seek(0)
-                last = [line for line in self._stderr.read().decode(errors="replace").splitlines() if line.strip()][-2:]
-                raise RuntimeError(f"discovery exited with code {self.process.returncode}: " + " | ".join(last))
+            if process.poll() is not None:
+                raise self._exited("discovery")
             with contextlib.suppress(OSError), socket.create_connection(self._address(), 0.2):
                 return started
             time.sleep(0.05)
@@ -180,9 +192,7 @@ class DiscoveryProcess(_KillableProcess):
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+        self._close_log()
 
 
 class StoreProcess(_KillableProcess):
@@ -196,7 +206,6 @@ class StoreProcess(_KillableProcess):
         self.extra_args = list(extra_args)  # e.g. --requirepass, TLS files
         self.port = free_port()
         self.peer_port = free_port()
-        self.process: subprocess.Popen | None = None
 
     @classmethod
     def available(cls, kind: str) -> bool:
@@ -246,17 +255,11 @@ class StoreProcess(_KillableProcess):
     def start(self) -> float:
         """Start it and wait until it answers; returns when it was started."""
         started = time.monotonic()
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=self.workdir,
-            stdin=subprocess.DEVNULL,
-        )
+        process = self._spawn(self.command(), cwd=self.workdir)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with code {self.process.returncode}")
+            if process.poll() is not None:
+                raise self._exited(self.kind)
             if self._ready():
                 return started
             time.sleep(0.05)
@@ -283,3 +286,4 @@ class StoreProcess(_KillableProcess):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        self._close_log()
