@@ -617,3 +617,25 @@ def test_one_unreadable_record_fails_its_own_keep_alive_not_the_batch(redis_stor
             await store.close()
 
     run(main())
+
+
+def test_join_ids_are_unique_in_a_process_and_across_a_fork():
+    """The id of a student's join (what its leave names, so that a stale leave is a no-op) is a
+    per-process prefix and a counter: distinct within a process, and a forked server process
+    (``--processes``) draws a prefix of its own instead of repeating its parent's ids."""
+    from distill_reader.discovery.stores.base import new_join_id
+
+    ours = [new_join_id() for _ in range(1000)]
+    assert len(set(ours)) == 1000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids, to the parent
+        try:
+            os.write(write, " ".join(new_join_id() for _ in range(1000)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read().split()
+    os.waitpid(pid, 0)
+    assert len(theirs) == 1000 and not set(theirs) & set(ours + [new_join_id() for _ in range(1000)])

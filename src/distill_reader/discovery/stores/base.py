@@ -10,10 +10,12 @@ can answer any client.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
 import re
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -175,6 +177,24 @@ class Store(ABC):
 
 
 Member = tuple[str, str, str]  # (kind, service, member)
+
+_join_ids = itertools.count()
+_join_prefix = uuid.uuid4().hex[:16]
+
+
+def _new_join_prefix() -> None:
+    global _join_prefix
+    _join_prefix = uuid.uuid4().hex[:16]
+
+
+os.register_at_fork(after_in_child=_new_join_prefix)  # a forked server's ids are its own
+
+
+def new_join_id() -> str:
+    """An id for one join of a student to a group (the id its leave names): a random prefix per
+    process and a counter. uuid4 draws from the kernel's random source, a system call each: in a
+    burst of 10,000 joins that was 1-5 % of the server's time."""
+    return f"{_join_prefix}{next(_join_ids):x}"
 
 
 class GroupBook:

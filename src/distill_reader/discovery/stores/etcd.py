@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import math
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -43,6 +42,7 @@ from distill_reader.discovery.stores.base import (
     StoreURL,
     auth_failed,
     encode_assignment,
+    new_join_id,
     permission_denied,
     tls_failed,
     unreachable_hint,
@@ -361,7 +361,7 @@ class EtcdStore(NativeGroupStore):
         if kind != "student":  # teachers keep their own leases (their keep-alives carry readiness)
             return await super().join(group, kind, service, member, instance, data, ttl)
         key = self._key(service, kind, member)
-        uid = uuid.uuid4().hex
+        uid = new_join_id()
         for attempt in (0, 1):
             glease = await self._group_lease(group, ttl)
             value = json.dumps({"lease": str(glease), "instance": instance, "member": uid, "data": data}).encode()

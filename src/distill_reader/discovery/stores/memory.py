@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from distill_reader.discovery.stores.base import Kind, ServiceState, Store
+from distill_reader.discovery.stores.base import Kind, ServiceState, Store, new_join_id
 from distill_reader.errors import AlreadyRegistered
 
 _SWEEP_S = 0.05  # how often expired leases are removed; small next to the 2 s TTL
@@ -154,7 +154,7 @@ class MemoryStore(Store):
         self._check_free(members, member, instance)
         if group not in self._groups:
             self._groups[group] = time.monotonic() + ttl
-        lease = uuid.uuid4().hex
+        lease = new_join_id()
         members[member] = (lease, instance, dict(data), math.inf)
         self._group_members.setdefault(group, {})[(kind, service, member)] = lease
         self._notify(service)

@@ -55,6 +55,7 @@ from distill_reader.discovery.stores.base import (
     StoreURL,
     auth_failed,
     cancel_until_done,
+    new_join_id,
     permission_denied,
     tls_failed,
     unreachable_hint,
@@ -462,7 +463,7 @@ class RedisStore(NativeGroupStore):
         if kind != "student":  # teachers keep their own leases (their keep-alives come one by one)
             return await super().join(group, kind, service, member, instance, data, ttl)
         # Batched: the joins of a burst (arriving in the same loop iterations) go in one script.
-        job = _Join(service, member, instance, data, uuid.uuid4().hex, ttl, asyncio.get_running_loop().create_future())
+        job = _Join(service, member, instance, data, new_join_id(), ttl, asyncio.get_running_loop().create_future())
         self._join_queue.setdefault(group, []).append(job)
         if group not in self._flushing:
             self._flushing[group] = asyncio.create_task(self._flush_joins(group))
