@@ -493,6 +493,23 @@ def test_processes_need_a_shared_store():
     assert "--processes above 1 needs a shared store" in result.stderr
 
 
+def test_processes_http_ports_past_65535_are_refused():
+    """Process i serves HTTP on the --http port + i: a range past 65535 is refused on the command
+    line, naming the flag and the port, instead of a child failing on an invalid port."""
+    result = subprocess.run(
+        serve_command(
+            "--processes", "3", "--listen", "127.0.0.1:0", "--store", "redis://127.0.0.1:1", "--http", "127.0.0.1:65534"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--http 127.0.0.1:65534: process 2 would serve HTTP on port 65536, past 65535" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "listening" not in result.stderr, result.stderr
+
+
 def test_a_process_that_fails_to_start_names_its_error_on_the_command_line():
     """A child that cannot start (its --http port taken) fails the command with the child's own
     error, not only an exit code, and no traceback. The store need not answer for a process to start."""
@@ -621,8 +638,8 @@ def test_one_unreadable_record_fails_its_own_keep_alive_not_the_batch(redis_stor
 
 def test_join_ids_are_unique_in_a_process_and_across_a_fork():
     """The id of a student's join (what its leave names, so that a stale leave is a no-op) is a
-    per-process prefix and a counter: distinct within a process, and a forked server process
-    (``--processes``) draws a prefix of its own instead of repeating its parent's ids."""
+    per-process prefix and a counter: distinct within a process, and a forked process (a server
+    started by a forking supervisor) draws a prefix of its own instead of repeating its parent's."""
     from distill_reader.discovery.stores.base import new_join_id
 
     ours = [new_join_id() for _ in range(1000)]

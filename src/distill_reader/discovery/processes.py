@@ -86,6 +86,11 @@ def _http_of(http: str | None, index: int) -> str | None:
     if not http:
         return None
     host, port = require_hostport(http, "--http", allow_port_zero=True, error=DiscoveryError)
+    if port + index > 65535:
+        raise DiscoveryError(
+            f"--http {http}: process {index} would serve HTTP on port {port + index}, past 65535 "
+            "(process i takes the port + i): give a lower port"
+        )
     return f"{host}:{port + index if port else 0}"
 
 
