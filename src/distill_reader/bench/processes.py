@@ -190,8 +190,7 @@ class DiscoveryProcess(_KillableProcess):
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+            self.kill()
         self._close_log()
 
 
