@@ -286,7 +286,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._behind = 0.0
         self._lag_max = 0.0
         self._stalled = 0.0  # seconds the loop was held up in all (the lag probe's lateness past _LAG_S)
-        self._round_took = 0.0  # how long the last round of reconciles took
+        self._round_cost = 0.0  # what the last round of reconciles cost (see _time_spent), seconds
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -339,7 +339,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         # Every second, or less often where a round of reconciles is long (a resync is a backstop for
         # a lost notification; at 10,000 students on Redis a round takes a few hundred ms).
         while True:
-            await asyncio.sleep(max(RESYNC_S, _RESYNC_SHARE * self._round_took))
+            await asyncio.sleep(max(RESYNC_S, _RESYNC_SHARE * self._round_cost))
             self.mark_dirty(None)
 
     async def _expiries(self) -> None:
@@ -444,7 +444,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 took = 0.0
                 for service in sorted(names):
                     took += (await _time_spent(self._reconcile(service)))[1]
-                self._round_took = took
+                self._round_cost = took
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
