@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+import redis
 from test_discovery_stores import start_store
 
 from distill_reader.bench.discovery import Simulator
@@ -53,6 +54,11 @@ def server(request, monkeypatch):
         return await keep_alive(self, request, context)
 
     monkeypatch.setattr(DiscoveryService, "KeepAlive", queued)
+    if url != "memory":
+        # Each test starts from an empty store, as on the memory store: the teachers of the last
+        # test hold their leases for up to TTL + lag cap after its server stopped, and the next
+        # test's teachers, the same endpoints, would be refused as already registered.
+        redis.Redis.from_url(url).flushdb()
     thread = ServerThread(store=url).start()
     try:
         yield thread
