@@ -338,17 +338,21 @@ def _sample(server: DiscoveryServer, name: str, **labels: str) -> float:
     return server.service.registry.get_sample_value(name, labels) or 0.0
 
 
-@pytest.mark.parametrize("server_has_stream", [True, False])
-def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has_stream, caplog):
-    """A teacher keeps its lease alive with messages on one KeepAliveStream (the server counts each
-    as a KeepAlive); a server without the stream (an older one) answers it UNIMPLEMENTED and the
-    teacher keeps alive with unary calls instead. Either way the lease outlives many TTLs, and a
-    lease that is gone (NOT_FOUND on the stream) is registered again."""
+@pytest.mark.parametrize("server_has", ["batch", "stream", "unary"])
+def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has, caplog):
+    """A teacher keeps its lease alive with messages on one KeepAliveBatchStream (the server counts
+    each keep-alive as a KeepAlive); a server without it (an older one) answers it UNIMPLEMENTED and
+    the teacher keeps alive with messages on a KeepAliveStream instead, and with unary calls where
+    the server has neither. Either way the lease outlives many TTLs, and a lease that is gone
+    (NOT_FOUND) is registered again."""
 
     async def main():
         server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
-        if not server_has_stream:
-            server.service.KeepAliveStream = None  # the handler is built from what the servicer has
+        # The handler is built from what the servicer has: an older server lacks the newer streams.
+        if server_has != "batch":
+            server.service.KeepAliveBatchStream = None
+        if server_has == "unary":
+            server.service.KeepAliveStream = None
         await server.start()
         stop = asyncio.Event()
         keeper = asyncio.create_task(
@@ -363,7 +367,7 @@ def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has_stream,
             keeps = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK")
             assert keeps >= 10, f"only {keeps:g} keep-alives in 3 TTLs of 0.1 s intervals"
             streams = _sample(server, "distill_discovery_keepalive_streams")
-            assert streams == (1 if server_has_stream else 0)
+            assert streams == (0 if server_has == "unary" else 1)
             # The lease ends behind the teacher's back: the next keep-alive is NOT_FOUND, and the
             # teacher registers again (a new registration id) and keeps the new lease.
             first = server.service._kept[("svc", "127.0.0.1:9001")].lease
@@ -385,8 +389,8 @@ def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has_stream,
 
     with caplog.at_level(logging.INFO, logger="distill_reader.discovery.client"):
         run(main())
-    fell_back = "has no keep-alive stream" in caplog.text
-    assert fell_back == (not server_has_stream)
+    assert ("has no keep-alive batches" in caplog.text) == (server_has != "batch")
+    assert ("has no keep-alive stream:" in caplog.text) == (server_has == "unary")
 
 
 def test_a_streamed_keepalive_to_a_silent_endpoint_gives_up_after_the_rpc_timeout():
@@ -403,12 +407,12 @@ def test_a_streamed_keepalive_to_a_silent_endpoint_gives_up_after_the_rpc_timeou
             request = pb.KeepAliveRequest(service_name="svc", endpoint="127.0.0.1:9001", lease_id="x")
             try:
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    await asyncio.wait_for(keep.send(request), 60)
+                    await asyncio.wait_for(keep.send([request]), 60)
             finally:
                 keep.close()
                 await rot.close()
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, failed.value
-        assert keep.streaming  # a silent server is not an older one: the stream is tried again next time
+        assert keep.mode == "batch"  # a silent server is not an older one: the stream is tried again next time
 
     run(main())
 

@@ -268,44 +268,82 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 class _KeepAlives:
-    """A teacher's keep-alives: messages on one ``KeepAliveStream`` to the current discovery endpoint
-    (cheaper for the server than a call each, and never queued behind a burst of new calls), or
-    unary ``KeepAlive`` calls once a server answers the stream UNIMPLEMENTED (an older server)."""
+    """The keep-alives of a keeper's teachers: one ``KeepAliveBatch`` message for all of them on one
+    ``KeepAliveBatchStream`` to the current discovery endpoint (cheaper for the server than a
+    message each, and never queued behind a burst of new calls). A server without it (UNIMPLEMENTED,
+    an older one) gets a message each on one ``KeepAliveStream``, and one without that a
+    ``KeepAlive`` call each."""
 
     def __init__(self, rot: _Rotating) -> None:
         self.rot = rot
-        self.streaming = True
+        self.mode = "batch"  # then "stream", then "unary", as servers answer UNIMPLEMENTED
         self._call: grpc.aio.StreamStreamCall | None = None
         self._channel: grpc.aio.Channel | None = None  # the channel self._call is on
 
     def close(self) -> None:
-        """End the stream (the lease is kept by the next keep-alive, on a new one)."""
+        """End the stream (the leases are kept by the next keep-alive, on a new one)."""
         if self._call is not None:
             self._call.cancel()
         self._call = self._channel = None
 
+    async def send(self, requests: list[pb.KeepAliveRequest]) -> tuple[float, list[tuple[grpc.StatusCode, str]]]:
+        """The keep-alives, answered: the interval the server asks for (0: unchanged) and each one's
+        status and details, in order. Moves on to the next endpoint while one is unreachable or does
+        not answer within the RPC timeout; raises the error that is not a single lease's."""
+        if self.mode == "batch":
+            try:
+                response = await self._exchange("KeepAliveBatchStream", pb.KeepAliveBatch(keep_alives=requests))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                where = self.rot.endpoints[self.rot.i]
+                log.info("discovery %s has no keep-alive batches: keeping alive with a message each", where)
+                self.mode = "stream"
+            else:
+                return response.keepalive_seconds, [(_STATUS[r.code], r.details) for r in response.results]
+        interval, results = 0.0, []
+        for request in requests:  # an older server: one at a time
+            try:
+                interval = (await self._one(request)).keepalive_seconds or interval
+                results.append((grpc.StatusCode.OK, ""))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    results.append((exc.code(), exc.details() or ""))
+                    continue
+                raise
+        return interval, results
+
+    async def _one(self, request: pb.KeepAliveRequest) -> pb.KeepAliveResponse:
+        if self.mode == "stream":
+            try:
+                return await self._exchange("KeepAliveStream", request)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                where = self.rot.endpoints[self.rot.i]
+                log.info("discovery %s has no keep-alive stream: keeping alive with a call each", where)
+                self.mode = "unary"
+        return await self.rot.call("KeepAlive", request)
+
     @staticmethod
-    async def _exchange(call: grpc.aio.StreamStreamCall, request: pb.KeepAliveRequest):
-        await call.write(request)
+    async def _write_read(call: grpc.aio.StreamStreamCall, message):
+        await call.write(message)
         return await call.read()
 
-    async def send(self, request: pb.KeepAliveRequest) -> pb.KeepAliveResponse:
-        """One keep-alive, answered; moves on to the next endpoint while one is unreachable or does
-        not answer within the RPC timeout. Raises the server's error (NOT_FOUND: register again)."""
-        if not self.streaming:
-            return await self.rot.call("KeepAlive", request)
+    async def _exchange(self, method: str, message):
+        """One message on the ``method`` stream, answered (the stream opened or re-opened as needed)."""
         last: grpc.aio.AioRpcError | None = None
         for _ in range(len(self.rot.endpoints)):
             stub = self.rot.stub()
             if self._call is None or self._channel is not self.rot.channel:
                 self.close()
-                self._call = stub.KeepAliveStream(metadata=self.rot.security.metadata)
+                self._call = getattr(stub, method)(metadata=self.rot.security.metadata)
                 self._channel = self.rot.channel
             call = self._call
             try:
                 # The write bounded too: it waits for the connection, for 20 s on an endpoint that
                 # accepts TCP but never answers (a unary call gives up after the RPC timeout).
-                response = await asyncio.wait_for(self._exchange(call, request), _RPC_TIMEOUT_S)
+                response = await asyncio.wait_for(self._write_read(call, message), _RPC_TIMEOUT_S)
                 if response is grpc.aio.EOF:  # the server ended the stream without a status
                     raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "keep-alive stream ended")
                 return response
@@ -317,17 +355,90 @@ class _KeepAlives:
                     exc = _rpc_error(await call.code(), await call.details())
                 else:
                     exc = error
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    where = self.rot.endpoints[self.rot.i]
-                    log.info("discovery %s has no keep-alive stream: keeping alive with a call each", where)
-                    self.streaming = False
-                    return await self.rot.call("KeepAlive", request)
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise exc from None
                 last = exc
                 await self.rot.next()
         assert last is not None
         raise last
+
+
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class TeacherRegistration:
+    """A teacher to keep registered: its address, the model students ask for, its capacity weight
+    and what students speak to it (``oip``, or ``openai``: ``endpoint`` is its HTTP API)."""
+
+    endpoint: str
+    model_name: str = "teacher"
+    weight: float = 1.0
+    protocol: str = "oip"
+
+
+class _Kept:
+    """One teacher of a keeper: its lease, its readiness and when to try registering again."""
+
+    def __init__(self, spec: TeacherRegistration, security: ClientSecurity, check: bool, check_timeout: float):
+        self.spec = spec
+        self.lease: str | None = None
+        self.ready = self.sent_ready = True  # now, and as the server was last told
+        self.retry_at = -math.inf  # after a failed registration: not before
+        self.backoff = _BACKOFF_START_S
+        self._security, self._check, self._timeout = security, check, check_timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._http = None
+        if check and spec.protocol == "openai":
+            from distill_reader.teacher.openai import http_client_for
+
+            self._http = http_client_for(spec.endpoint, security, check_timeout)
+
+    async def check_ready(self) -> None:
+        """Ask the teacher whether it is ready (OIP ServerReady and ModelReady; openai GET /health)."""
+        if self._http is not None:
+            self.ready = await _openai_ready(self._http, self._timeout)
+        elif self._check:
+            from tritonclient.grpc import service_pb2_grpc
+
+            if self._channel is None:
+                self._channel = self._security.channel(self.spec.endpoint, CHANNEL_OPTIONS)
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+            self.ready = await _oip_ready(stub, self.spec.model_name, self._timeout)
+            if not self.ready:
+                # A fresh channel next time: an old one may sit in reconnect backoff.
+                await self._channel.close()
+                self._channel = None
+
+    @property
+    def health(self) -> int:
+        return pb.HEALTH_READY if self.ready else pb.HEALTH_NOT_READY
+
+    def failed(self, code: grpc.StatusCode, details: str, security: ClientSecurity) -> None:
+        """A registration the server refused or a keep-alive answered NOT_FOUND (the lease is gone):
+        register again now (NOT_FOUND) or after a backoff; DiscoveryError for what retrying
+        cannot fix."""
+        endpoint = self.spec.endpoint
+        if code in _FATAL:
+            raise DiscoveryError(f"discovery rejected teacher {endpoint}: {details}")
+        if code == grpc.StatusCode.NOT_FOUND:  # lease lost (expired, store restarted): register again now
+            self.lease, self.retry_at = None, -math.inf
+            return
+        # Unreachable, or ALREADY_EXISTS while an old lease of this endpoint expires.
+        log.info(
+            "teacher %s: discovery %s: %s",
+            endpoint,
+            code.name,
+            explain_unavailable(_rpc_error(code, details), security),
+        )
+        self.retry_at = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, _BACKOFF_MAX_S)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        if self._http is not None:
+            await self._http.aclose()
 
 
 async def keep_registered(
@@ -347,117 +458,159 @@ async def keep_registered(
     """Keep ``endpoint`` registered in ``service_name`` until ``stop`` is set or the task is cancelled.
 
     ``protocol``: what students speak to it, ``oip`` or ``openai`` (``endpoint`` is then the
-    server's HTTP API, whose readiness is ``GET /health``).
+    server's HTTP API, whose readiness is ``GET /health``). The rest is :func:`keep_all_registered`'s.
+    """
+    teacher = TeacherRegistration(endpoint, model_name, weight, protocol)
+    await keep_all_registered(
+        discovery_endpoints,
+        service_name,
+        [teacher],
+        readiness_check,
+        stop,
+        check_timeout=check_timeout,
+        security=security,
+        teacher_security=teacher_security,
+    )
 
-    With ``readiness_check`` the teacher is asked OIP ``ServerReady`` and ``ModelReady(model_name)``
+
+async def keep_all_registered(
+    discovery_endpoints: list[str] | str,
+    service_name: str,
+    teachers: Sequence[TeacherRegistration],
+    readiness_check: bool = True,
+    stop: asyncio.Event | None = None,
+    *,
+    check_timeout: float = 0.5,
+    security: ClientSecurity | None = None,
+    teacher_security: ClientSecurity | None = None,
+) -> None:
+    """Keep ``teachers`` (a host's, say) registered in ``service_name`` until ``stop`` is set or
+    the task is cancelled: their keep-alives go together, one message per interval.
+
+    With ``readiness_check`` each teacher is asked OIP ``ServerReady`` and ``ModelReady(model_name)``
     (``openai``: ``GET /health``) every keep-alive interval or every 0.5 s, whichever is shorter;
-    while it does not answer ready, it is reported not ready at once (a keep-alive out of turn) and
+    while one does not answer ready, it is reported not ready at once (a keep-alive out of turn) and
     gets no students, and it is back as soon as it answers. Keep-alives go every interval the server
-    asks for (0.5 s by default, longer for a large fleet), as messages on one KeepAliveStream (unary
-    KeepAlive calls to a server without it).
-    On return the lease is dropped. Raises DiscoveryError for invalid arguments or a missing or
-    wrong token. ``security`` secures the discovery calls, ``teacher_security`` (TLS only: readiness
-    is not token-protected) the readiness checks.
+    asks for (0.5 s by default, longer for a large fleet), all the teachers' in one message on one
+    KeepAliveBatchStream (a message each on a KeepAliveStream, or KeepAlive calls, to older servers).
+    A teacher whose lease is lost registers again at once; the others are not disturbed.
+    On return the leases are dropped. Raises DiscoveryError for invalid arguments (a teacher named
+    twice) or a missing or wrong token. ``security`` secures the discovery calls,
+    ``teacher_security`` (TLS only: readiness is not token-protected) the readiness checks.
     """
     endpoints = parse_endpoints(discovery_endpoints)
     check_service_name(service_name)
-    check_hostport(endpoint, "teacher endpoint")
-    check_weight(weight)
-    if protocol not in ("oip", "openai"):
-        raise DiscoveryError(f"protocol {protocol!r} is not one of oip, openai")
+    if not teachers:
+        raise DiscoveryError("no teacher to keep registered")
+    for t in teachers:
+        check_hostport(t.endpoint, "teacher endpoint")
+        check_weight(t.weight)
+        if t.protocol not in ("oip", "openai"):
+            raise DiscoveryError(f"protocol {t.protocol!r} is not one of oip, openai")
+    named = [t.endpoint for t in teachers]
+    if len(set(named)) != len(named):
+        twice = sorted({e for e in named if named.count(e) > 1})
+        raise DiscoveryError(f"teacher endpoint named twice: {', '.join(twice)}")
     stop = stop or asyncio.Event()
     instance = uuid.uuid4().hex
     rot = _Rotating(endpoints, security or NO_SECURITY)
     keep = _KeepAlives(rot)
-    teacher_security = teacher_security or NO_SECURITY
-    lease: str | None = None
+    kept = [_Kept(t, teacher_security or NO_SECURITY, readiness_check, check_timeout) for t in teachers]
     interval = 0.5
-    last_sent, last_ready = -math.inf, True
-    backoff = _BACKOFF_START_S
-    teacher_channel: grpc.aio.Channel | None = None
-    http_client = None
-    if readiness_check and protocol == "openai":
-        from distill_reader.teacher.openai import http_client_for
+    last_sent = -math.inf
+    backoff = _BACKOFF_START_S  # while no discovery server answers the keep-alives
 
-        http_client = http_client_for(endpoint, teacher_security, check_timeout)
+    async def register(k: _Kept) -> None:
+        request = pb.RegisterTeacherRequest(
+            service_name=service_name,
+            endpoint=k.spec.endpoint,
+            model_name=k.spec.model_name,
+            weight=k.spec.weight,
+            instance_id=instance,
+            health=k.health,
+            protocol=k.spec.protocol,
+        )
+        try:
+            response = await rot.call("RegisterTeacher", request)
+        except grpc.aio.AioRpcError as exc:
+            k.failed(exc.code(), exc.details() or "", rot.security)
+            return
+        nonlocal interval
+        k.lease, k.sent_ready, k.backoff = response.lease_id, k.ready, _BACKOFF_START_S
+        interval = response.keepalive_seconds or interval
+        log.info("teacher %s registered in %s (ready: %s)", k.spec.endpoint, service_name, k.ready)
+
     try:
         while not stop.is_set():
-            ready = True
-            if http_client is not None:
-                ready = await _openai_ready(http_client, check_timeout)
-            elif readiness_check:
-                from tritonclient.grpc import service_pb2_grpc
-
-                if teacher_channel is None:
-                    teacher_channel = teacher_security.channel(endpoint, CHANNEL_OPTIONS)
-                ready = await _oip_ready(
-                    service_pb2_grpc.GRPCInferenceServiceStub(teacher_channel), model_name, check_timeout
-                )
-                if not ready:
-                    # A fresh channel next time: an old one may sit in reconnect backoff.
-                    await teacher_channel.close()
-                    teacher_channel = None
-            health = pb.HEALTH_READY if ready else pb.HEALTH_NOT_READY
+            if readiness_check:
+                await asyncio.gather(*(k.check_ready() for k in kept))
             wait = min(interval, _READINESS_S)
-            # A keep-alive when one is due, or at once when the readiness changed.
-            if lease is not None and ready == last_ready and time.monotonic() - last_sent < interval - wait / 2:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait)
-                continue
-            last_sent, last_ready = time.monotonic(), ready
-            try:
-                if lease is None:
-                    resp = await rot.call(
-                        "RegisterTeacher",
-                        pb.RegisterTeacherRequest(
-                            service_name=service_name,
-                            endpoint=endpoint,
-                            model_name=model_name,
-                            weight=weight,
-                            instance_id=instance,
-                            health=health,
-                            protocol=protocol,
-                        ),
+            now = time.monotonic()
+            registering = [k for k in kept if k.lease is None and now >= k.retry_at]
+            for k in registering:  # one at a time: they share the endpoint rotation
+                await register(k)
+            # Every lease when the interval is up (one message), else at once those whose readiness
+            # changed; not those registered just now.
+            leased = [k for k in kept if k.lease is not None and k not in registering]
+            due = now - last_sent >= interval - wait / 2
+            batch = leased if due else [k for k in leased if k.ready != k.sent_ready]
+            if batch:
+                if due:
+                    last_sent = now
+                requests = [
+                    pb.KeepAliveRequest(
+                        service_name=service_name, endpoint=k.spec.endpoint, lease_id=k.lease, health=k.health
                     )
-                    lease, interval = resp.lease_id, resp.keepalive_seconds or interval
-                    wait = min(interval, _READINESS_S)
-                    log.info("teacher %s registered in %s (ready: %s)", endpoint, service_name, ready)
+                    for k in batch
+                ]
+                try:
+                    asked, results = await keep.send(requests)
+                except grpc.aio.AioRpcError as exc:  # no discovery server answered: all of them
+                    results = [(exc.code(), exc.details() or "")] * len(batch)
                 else:
-                    resp = await keep.send(
-                        pb.KeepAliveRequest(service_name=service_name, endpoint=endpoint, lease_id=lease, health=health)
-                    )
-                    interval = resp.keepalive_seconds or interval  # the server may ask for another pace
-                backoff = _BACKOFF_START_S
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code in _FATAL:
-                    raise DiscoveryError(f"discovery rejected teacher {endpoint}: {exc.details()}") from None
-                if code == grpc.StatusCode.NOT_FOUND:
-                    lease, wait = None, 0  # lease lost (expired, store restarted): register again now
-                else:
-                    # Unreachable, or ALREADY_EXISTS while an old lease of this endpoint expires.
-                    details = explain_unavailable(exc, rot.security)
-                    log.info("teacher %s: discovery %s: %s", endpoint, code.name, details)
+                    interval = asked or interval  # the server may ask for another pace
+                unanswered = False
+                for k, (code, details) in zip(batch, results):
+                    if code == grpc.StatusCode.OK:
+                        k.sent_ready = k.ready
+                    elif code == grpc.StatusCode.NOT_FOUND or code in _FATAL:
+                        k.failed(code, details, rot.security)
+                    else:  # unreachable, or its store is: keep it again after the backoff
+                        log.info(
+                            "teacher %s: discovery %s: %s",
+                            k.spec.endpoint,
+                            code.name,
+                            explain_unavailable(_rpc_error(code, details), rot.security),
+                        )
+                        unanswered = True
+                if unanswered:
                     wait, backoff = backoff, min(backoff * 2, _BACKOFF_MAX_S)
                     last_sent = -math.inf  # try again after the backoff, not a whole interval
+                else:
+                    backoff = _BACKOFF_START_S
+            if any(k.lease is None and k.retry_at <= time.monotonic() for k in kept):
+                wait = 0  # a lease was lost: register again now
+            elif any(k.lease is None for k in kept):
+                wait = min(wait, max(0.0, min(k.retry_at for k in kept if k.lease is None) - time.monotonic()))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
     finally:
         keep.close()
-        if lease is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    rot.call(
-                        "DeregisterTeacher",
-                        pb.DeregisterTeacherRequest(service_name=service_name, endpoint=endpoint, lease_id=lease),
-                    ),
-                    2.0,
+
+        leased = [k for k in kept if k.lease is not None]
+        if leased:
+            drops = (
+                rot.call(
+                    "DeregisterTeacher",
+                    pb.DeregisterTeacherRequest(service_name=service_name, endpoint=k.spec.endpoint, lease_id=k.lease),
                 )
+                for k in leased
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*drops, return_exceptions=True), 2.0)
         await rot.close()
-        if teacher_channel is not None:
-            await teacher_channel.close()
-        if http_client is not None:
-            await http_client.aclose()
+        for k in kept:
+            await k.close()
 
 
 async def fetch_status(

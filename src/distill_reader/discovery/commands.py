@@ -310,7 +310,12 @@ def _print_table(data: dict) -> None:
 @click.option("--discovery", "discovery_", required=True, help="Discovery server(s), HOST:PORT[,HOST:PORT…].")
 @click.option("--service-name", required=True, help="Service the teacher joins.")
 @click.option(
-    "--endpoint", required=True, help="The teacher's address, HOST:PORT: its OIP gRPC port, or its HTTP API (openai)."
+    "--endpoint",
+    "endpoints",
+    required=True,
+    multiple=True,
+    help="The teacher's address, HOST:PORT: its OIP gRPC port, or its HTTP API (openai). Repeat it (or give "
+    "HOST:PORT,HOST:PORT…) to keep several teachers of this host registered, their keep-alives in one message.",
 )
 @click.option("--model-name", default="teacher", show_default=True, help="Model the students should ask for.")
 @click.option(
@@ -338,7 +343,7 @@ def _print_table(data: dict) -> None:
 def register(
     discovery_: str,
     service_name: str,
-    endpoint: str,
+    endpoints: tuple[str, ...],
     model_name: str,
     protocol: str,
     weight: float,
@@ -349,26 +354,26 @@ def register(
     tls_ca: str | None,
     teacher_plaintext: bool,
 ) -> None:
-    """Register any OIP teacher (Triton, KServe, …) or OpenAI-compatible one (vLLM) until SIGINT/SIGTERM."""
-    from distill_reader.discovery.client import keep_registered
+    """Register any OIP teacher (Triton, KServe, …) or OpenAI-compatible one (vLLM) until SIGINT/SIGTERM;
+    with several --endpoint, all of them (a host's), their keep-alives in one message."""
+    from distill_reader.discovery.client import TeacherRegistration, keep_all_registered
     from distill_reader.security import ClientSecurity
 
     security = client_security_or_exit(token_file, tls_ca, tls_cert, tls_key)
     teacher_security = ClientSecurity(None, None if teacher_plaintext else security.tls)
+    names = [e.strip() for value in endpoints for e in value.split(",") if e.strip()]
+    teachers = [TeacherRegistration(e, model_name, weight, protocol) for e in names]
 
     async def main(stop: asyncio.Event) -> None:
-        click.echo(f"keeping {endpoint} ({protocol}) registered in {service_name!r} via {discovery_}", err=True)
-        await keep_registered(
+        click.echo(f"keeping {', '.join(names)} ({protocol}) registered in {service_name!r} via {discovery_}", err=True)
+        await keep_all_registered(
             discovery_,
             service_name,
-            endpoint,
-            model_name=model_name,
-            weight=weight,
-            readiness_check=readiness_check,
-            stop=stop,
+            teachers,
+            readiness_check,
+            stop,
             security=security,
             teacher_security=teacher_security,
-            protocol=protocol,
         )
 
     _run_until_signal(main)

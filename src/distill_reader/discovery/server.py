@@ -127,7 +127,9 @@ class DiscoveryServer:
         options = [*SERVER_OPTIONS, ("grpc.so_reuseport", int(self._reuse_port))]
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         service = pb.DESCRIPTOR.services_by_name["Discovery"]
-        self._grpc.add_generic_rpc_handlers((strict_handler(self.service, service, streams=("KeepAliveStream",)),))
+        self._grpc.add_generic_rpc_handlers(
+            (strict_handler(self.service, service, streams=("KeepAliveStream", "KeepAliveBatchStream")),)
+        )
         try:
             port = add_port(self._grpc, self._listen, self._tls)
         except RuntimeError as exc:

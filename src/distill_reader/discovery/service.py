@@ -85,7 +85,16 @@ _MAX_STRETCH = 4.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 _ID = re.compile(r"^[A-Za-z0-9._:@\-]{1,128}$")
 _MAX_REQUIRE = 1024
+_MAX_BATCH = 1024  # keep-alives in one KeepAliveBatch
 _MAX_WEIGHT = 1e6
+
+
+class _Refused(Exception):
+    """A request refused with a gRPC status (ends its call, or is its result in a batch)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
 
 
 def _stamp(into: list[float]) -> None:
@@ -631,21 +640,60 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         finally:
             self.metrics.keepalive_streams.dec()
 
+    async def KeepAliveBatchStream(
+        self, batches: AsyncIterator[pb.KeepAliveBatch], context
+    ) -> AsyncIterator[pb.KeepAliveBatchResponse]:
+        """Several teachers' keep-alives in one message (a host agent's): one answer per batch with a
+        result per keep-alive; a lease that is gone is NOT_FOUND in its result and the stream goes
+        on. Each keep-alive counts as a KeepAlive in ``distill_discovery_rpcs_total``."""
+        self.metrics.keepalive_streams.inc()
+        try:
+            async for batch in batches:
+                if len(batch.keep_alives) > _MAX_BATCH:
+                    await self._fail(
+                        context,
+                        "KeepAlive",
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a keep-alive batch holds at most {_MAX_BATCH} keep-alives, got {len(batch.keep_alives)}",
+                    )
+                # Concurrently: a store batches the keep-alives that arrive together (one Redis script).
+                results = await asyncio.gather(*(self._keep_result(r) for r in batch.keep_alives))
+                ttl, interval = self.pace()
+                yield pb.KeepAliveBatchResponse(ttl_seconds=ttl, keepalive_seconds=interval, results=results)
+        finally:
+            self.metrics.keepalive_streams.dec()
+
     async def KeepAlive(self, request: pb.KeepAliveRequest, context) -> pb.KeepAliveResponse:
         return await self._keep_alive(request, context, streamed=False)
 
     async def _keep_alive(self, request: pb.KeepAliveRequest, context, *, streamed: bool) -> pb.KeepAliveResponse:
-        """One keep-alive; ``streamed``: on a KeepAliveStream (a teacher that follows the pace it is
-        told in every answer), else a unary call (maybe an older teacher, which keeps the pace it
-        registered with)."""
-        m = "KeepAlive"
+        """One keep-alive answered on its own (a call, or a KeepAliveStream message); a refusal ends it."""
+        try:
+            ttl, interval = await self._keep(request, streamed=streamed)
+        except _Refused as refused:
+            await self._fail(context, "KeepAlive", refused.code, refused.details)
+        return pb.KeepAliveResponse(ttl_seconds=ttl, keepalive_seconds=interval)
+
+    async def _keep_result(self, request: pb.KeepAliveRequest) -> pb.KeepAliveResult:
+        """One keep-alive of a batch: its result, a refusal included."""
+        try:
+            await self._keep(request, streamed=True)
+        except _Refused as refused:
+            self.metrics.rpcs.labels("KeepAlive", refused.code.name).inc()
+            return pb.KeepAliveResult(code=refused.code.value[0], details=refused.details)
+        return pb.KeepAliveResult()
+
+    async def _keep(self, request: pb.KeepAliveRequest, *, streamed: bool) -> tuple[float, float]:
+        """Keep one lease; returns the TTL and interval to tell its teacher. ``streamed``: from a
+        teacher that follows the pace it is told in every answer (a stream), else a unary call
+        (maybe an older teacher, which keeps the pace it registered with). Raises _Refused."""
         try:
             service = check_service_name(request.service_name)
             endpoint = check_hostport(request.endpoint, "teacher endpoint")
             if not request.lease_id or len(request.lease_id) > 128:
                 raise DiscoveryError("lease_id is missing or too long")
         except DiscoveryError as exc:
-            await self._fail(context, m, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         data = None
         if request.health != pb.HEALTH_UNSPECIFIED:
             data = {"healthy": request.health == pb.HEALTH_READY}
@@ -660,15 +708,13 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         try:
             ok = await self.store.keep("teacher", service, endpoint, request.lease_id, ttl + self.lag_cap, data)
         except StoreUnavailable as exc:
-            await self._fail(context, m, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}") from None
         if not ok:
             kept = self._kept.get((service, endpoint))  # again: it may have changed meanwhile
             if kept is not None and kept.lease == request.lease_id:  # the store's TTL ended it
                 del self._kept[(service, endpoint)]
                 self.metrics.teacher_lapses.labels(service).inc()
-            await self._fail(
-                context,
-                m,
+            raise _Refused(
                 grpc.StatusCode.NOT_FOUND,
                 f"no lease {request.lease_id!r} for teacher {endpoint} in service {service!r} "
                 "(expired, or the store lost it): register again",
@@ -681,8 +727,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             old = state.teachers.get(endpoint, {}).get("healthy") if state else None
             if old is not None and old != data["healthy"]:
                 self.mark_dirty(service)
-        self.metrics.rpcs.labels(m, "OK").inc()
-        return pb.KeepAliveResponse(ttl_seconds=ttl, keepalive_seconds=interval)
+        self.metrics.rpcs.labels("KeepAlive", "OK").inc()
+        return ttl, interval
 
     async def DeregisterTeacher(self, request: pb.DeregisterTeacherRequest, context) -> pb.DeregisterTeacherResponse:
         m = "DeregisterTeacher"

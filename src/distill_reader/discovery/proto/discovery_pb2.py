@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.distill_reader/discovery/proto/discovery.proto\x12\x18\x64istill_reader.discovery\"\xbd\x01\n\x16RegisterTeacherRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x30\n\x06health\x18\x06 \x01(\x0e\x32 .distill_reader.discovery.Health\x12\x10\n\x08protocol\x18\x07 \x01(\t\"[\n\x17RegisterTeacherResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x19\n\x11keepalive_seconds\x18\x03 \x01(\x01\"~\n\x10KeepAliveRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x30\n\x06health\x18\x04 \x01(\x0e\x32 .distill_reader.discovery.Health\"C\n\x11KeepAliveResponse\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\x01\x12\x19\n\x11keepalive_seconds\x18\x02 \x01(\x01\"T\n\x18\x44\x65registerTeacherRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\"\x1b\n\x19\x44\x65registerTeacherResponse\"l\n\x16WatchAssignmentRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x13\n\x0brequire_num\x18\x02 \x01(\x05\x12\x12\n\nstudent_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"_\n\x0fTeacherEndpoint\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cregistration\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\t\"]\n\nAssignment\x12\x12\n\nstudent_id\x18\x01 \x01(\t\x12;\n\x08teachers\x18\x02 \x03(\x0b\x32).distill_reader.discovery.TeacherEndpoint\"%\n\rStatusRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\"z\n\rTeacherStatus\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x10\n\x08students\x18\x05 \x03(\t\x12\x10\n\x08protocol\x18\x06 \x01(\t\"B\n\rStudentStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0brequire_num\x18\x02 \x01(\x05\x12\x10\n\x08teachers\x18\x03 \x03(\t\"\x93\x01\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x39\n\x08teachers\x18\x02 \x03(\x0b\x32\'.distill_reader.discovery.TeacherStatus\x12\x39\n\x08students\x18\x03 \x03(\x0b\x32\'.distill_reader.discovery.StudentStatus\"m\n\x0eStatusResponse\x12\x39\n\x08services\x18\x01 \x03(\x0b\x32\'.distill_reader.discovery.ServiceStatus\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\r\n\x05store\x18\x03 \x01(\t\"\xe6\x01\n\x0eTeacherFigures\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nrows_per_s\x18\x02 \x01(\x01\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x13\n\x0bhas_latency\x18\x04 \x01(\x08\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x06 \x01(\x01\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x13\n\x0bquarantined\x18\x08 \x01(\t\x12\x0f\n\x07healthy\x18\t \x01(\x08\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x0b \x01(\x04\"\xa6\x02\n\rStudentReport\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x12\n\nstudent_id\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x18\n\x10interval_seconds\x18\x04 \x01(\x01\x12\x12\n\nrows_per_s\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x0c\n\x04rows\x18\x07 \x01(\x04\x12\x0e\n\x06tokens\x18\x08 \x01(\x04\x12\x15\n\rwait_fraction\x18\t \x01(\x01\x12:\n\x08teachers\x18\n \x03(\x0b\x32(.distill_reader.discovery.TeacherFigures\x12\x12\n\nstore_hits\x18\x0b \x01(\x04\x12\r\n\x05\x66ixed\x18\x0c \x01(\x08\"(\n\x0eReportResponse\x12\x16\n\x0ereport_seconds\x18\x01 \x01(\x01*H\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x10\n\x0cHEALTH_READY\x10\x01\x12\x14\n\x10HEALTH_NOT_READY\x10\x02\x32\xfe\x05\n\tDiscovery\x12v\n\x0fRegisterTeacher\x12\x30.distill_reader.discovery.RegisterTeacherRequest\x1a\x31.distill_reader.discovery.RegisterTeacherResponse\x12\x64\n\tKeepAlive\x12*.distill_reader.discovery.KeepAliveRequest\x1a+.distill_reader.discovery.KeepAliveResponse\x12n\n\x0fKeepAliveStream\x12*.distill_reader.discovery.KeepAliveRequest\x1a+.distill_reader.discovery.KeepAliveResponse(\x01\x30\x01\x12|\n\x11\x44\x65registerTeacher\x12\x32.distill_reader.discovery.DeregisterTeacherRequest\x1a\x33.distill_reader.discovery.DeregisterTeacherResponse\x12k\n\x0fWatchAssignment\x12\x30.distill_reader.discovery.WatchAssignmentRequest\x1a$.distill_reader.discovery.Assignment0\x01\x12[\n\x06Status\x12\'.distill_reader.discovery.StatusRequest\x1a(.distill_reader.discovery.StatusResponse\x12[\n\x06Report\x12\'.distill_reader.discovery.StudentReport\x1a(.distill_reader.discovery.ReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.distill_reader/discovery/proto/discovery.proto\x12\x18\x64istill_reader.discovery\"\xbd\x01\n\x16RegisterTeacherRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x30\n\x06health\x18\x06 \x01(\x0e\x32 .distill_reader.discovery.Health\x12\x10\n\x08protocol\x18\x07 \x01(\t\"[\n\x17RegisterTeacherResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x19\n\x11keepalive_seconds\x18\x03 \x01(\x01\"~\n\x10KeepAliveRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x30\n\x06health\x18\x04 \x01(\x0e\x32 .distill_reader.discovery.Health\"C\n\x11KeepAliveResponse\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\x01\x12\x19\n\x11keepalive_seconds\x18\x02 \x01(\x01\"Q\n\x0eKeepAliveBatch\x12?\n\x0bkeep_alives\x18\x01 \x03(\x0b\x32*.distill_reader.discovery.KeepAliveRequest\"0\n\x0fKeepAliveResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\"\x84\x01\n\x16KeepAliveBatchResponse\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\x01\x12\x19\n\x11keepalive_seconds\x18\x02 \x01(\x01\x12:\n\x07results\x18\x03 \x03(\x0b\x32).distill_reader.discovery.KeepAliveResult\"T\n\x18\x44\x65registerTeacherRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\"\x1b\n\x19\x44\x65registerTeacherResponse\"l\n\x16WatchAssignmentRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x13\n\x0brequire_num\x18\x02 \x01(\x05\x12\x12\n\nstudent_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"_\n\x0fTeacherEndpoint\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cregistration\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\t\"]\n\nAssignment\x12\x12\n\nstudent_id\x18\x01 \x01(\t\x12;\n\x08teachers\x18\x02 \x03(\x0b\x32).distill_reader.discovery.TeacherEndpoint\"%\n\rStatusRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\"z\n\rTeacherStatus\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x10\n\x08students\x18\x05 \x03(\t\x12\x10\n\x08protocol\x18\x06 \x01(\t\"B\n\rStudentStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0brequire_num\x18\x02 \x01(\x05\x12\x10\n\x08teachers\x18\x03 \x03(\t\"\x93\x01\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x39\n\x08teachers\x18\x02 \x03(\x0b\x32\'.distill_reader.discovery.TeacherStatus\x12\x39\n\x08students\x18\x03 \x03(\x0b\x32\'.distill_reader.discovery.StudentStatus\"m\n\x0eStatusResponse\x12\x39\n\x08services\x18\x01 \x03(\x0b\x32\'.distill_reader.discovery.ServiceStatus\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\r\n\x05store\x18\x03 \x01(\t\"\xe6\x01\n\x0eTeacherFigures\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nrows_per_s\x18\x02 \x01(\x01\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x13\n\x0bhas_latency\x18\x04 \x01(\x08\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x06 \x01(\x01\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x13\n\x0bquarantined\x18\x08 \x01(\t\x12\x0f\n\x07healthy\x18\t \x01(\x08\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x0b \x01(\x04\"\xa6\x02\n\rStudentReport\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x12\n\nstudent_id\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x18\n\x10interval_seconds\x18\x04 \x01(\x01\x12\x12\n\nrows_per_s\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x0c\n\x04rows\x18\x07 \x01(\x04\x12\x0e\n\x06tokens\x18\x08 \x01(\x04\x12\x15\n\rwait_fraction\x18\t \x01(\x01\x12:\n\x08teachers\x18\n \x03(\x0b\x32(.distill_reader.discovery.TeacherFigures\x12\x12\n\nstore_hits\x18\x0b \x01(\x04\x12\r\n\x05\x66ixed\x18\x0c \x01(\x08\"(\n\x0eReportResponse\x12\x16\n\x0ereport_seconds\x18\x01 \x01(\x01*H\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x10\n\x0cHEALTH_READY\x10\x01\x12\x14\n\x10HEALTH_NOT_READY\x10\x02\x32\xf6\x06\n\tDiscovery\x12v\n\x0fRegisterTeacher\x12\x30.distill_reader.discovery.RegisterTeacherRequest\x1a\x31.distill_reader.discovery.RegisterTeacherResponse\x12\x64\n\tKeepAlive\x12*.distill_reader.discovery.KeepAliveRequest\x1a+.distill_reader.discovery.KeepAliveResponse\x12n\n\x0fKeepAliveStream\x12*.distill_reader.discovery.KeepAliveRequest\x1a+.distill_reader.discovery.KeepAliveResponse(\x01\x30\x01\x12v\n\x14KeepAliveBatchStream\x12(.distill_reader.discovery.KeepAliveBatch\x1a\x30.distill_reader.discovery.KeepAliveBatchResponse(\x01\x30\x01\x12|\n\x11\x44\x65registerTeacher\x12\x32.distill_reader.discovery.DeregisterTeacherRequest\x1a\x33.distill_reader.discovery.DeregisterTeacherResponse\x12k\n\x0fWatchAssignment\x12\x30.distill_reader.discovery.WatchAssignmentRequest\x1a$.distill_reader.discovery.Assignment0\x01\x12[\n\x06Status\x12\'.distill_reader.discovery.StatusRequest\x1a(.distill_reader.discovery.StatusResponse\x12[\n\x06Report\x12\'.distill_reader.discovery.StudentReport\x1a(.distill_reader.discovery.ReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'distill_reader.discovery.proto.discovery_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HEALTH']._serialized_start=2039
-  _globals['_HEALTH']._serialized_end=2111
+  _globals['_HEALTH']._serialized_start=2307
+  _globals['_HEALTH']._serialized_end=2379
   _globals['_REGISTERTEACHERREQUEST']._serialized_start=77
   _globals['_REGISTERTEACHERREQUEST']._serialized_end=266
   _globals['_REGISTERTEACHERRESPONSE']._serialized_start=268
@@ -41,32 +41,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEEPALIVEREQUEST']._serialized_end=487
   _globals['_KEEPALIVERESPONSE']._serialized_start=489
   _globals['_KEEPALIVERESPONSE']._serialized_end=556
-  _globals['_DEREGISTERTEACHERREQUEST']._serialized_start=558
-  _globals['_DEREGISTERTEACHERREQUEST']._serialized_end=642
-  _globals['_DEREGISTERTEACHERRESPONSE']._serialized_start=644
-  _globals['_DEREGISTERTEACHERRESPONSE']._serialized_end=671
-  _globals['_WATCHASSIGNMENTREQUEST']._serialized_start=673
-  _globals['_WATCHASSIGNMENTREQUEST']._serialized_end=781
-  _globals['_TEACHERENDPOINT']._serialized_start=783
-  _globals['_TEACHERENDPOINT']._serialized_end=878
-  _globals['_ASSIGNMENT']._serialized_start=880
-  _globals['_ASSIGNMENT']._serialized_end=973
-  _globals['_STATUSREQUEST']._serialized_start=975
-  _globals['_STATUSREQUEST']._serialized_end=1012
-  _globals['_TEACHERSTATUS']._serialized_start=1014
-  _globals['_TEACHERSTATUS']._serialized_end=1136
-  _globals['_STUDENTSTATUS']._serialized_start=1138
-  _globals['_STUDENTSTATUS']._serialized_end=1204
-  _globals['_SERVICESTATUS']._serialized_start=1207
-  _globals['_SERVICESTATUS']._serialized_end=1354
-  _globals['_STATUSRESPONSE']._serialized_start=1356
-  _globals['_STATUSRESPONSE']._serialized_end=1465
-  _globals['_TEACHERFIGURES']._serialized_start=1468
-  _globals['_TEACHERFIGURES']._serialized_end=1698
-  _globals['_STUDENTREPORT']._serialized_start=1701
-  _globals['_STUDENTREPORT']._serialized_end=1995
-  _globals['_REPORTRESPONSE']._serialized_start=1997
-  _globals['_REPORTRESPONSE']._serialized_end=2037
-  _globals['_DISCOVERY']._serialized_start=2114
-  _globals['_DISCOVERY']._serialized_end=2880
+  _globals['_KEEPALIVEBATCH']._serialized_start=558
+  _globals['_KEEPALIVEBATCH']._serialized_end=639
+  _globals['_KEEPALIVERESULT']._serialized_start=641
+  _globals['_KEEPALIVERESULT']._serialized_end=689
+  _globals['_KEEPALIVEBATCHRESPONSE']._serialized_start=692
+  _globals['_KEEPALIVEBATCHRESPONSE']._serialized_end=824
+  _globals['_DEREGISTERTEACHERREQUEST']._serialized_start=826
+  _globals['_DEREGISTERTEACHERREQUEST']._serialized_end=910
+  _globals['_DEREGISTERTEACHERRESPONSE']._serialized_start=912
+  _globals['_DEREGISTERTEACHERRESPONSE']._serialized_end=939
+  _globals['_WATCHASSIGNMENTREQUEST']._serialized_start=941
+  _globals['_WATCHASSIGNMENTREQUEST']._serialized_end=1049
+  _globals['_TEACHERENDPOINT']._serialized_start=1051
+  _globals['_TEACHERENDPOINT']._serialized_end=1146
+  _globals['_ASSIGNMENT']._serialized_start=1148
+  _globals['_ASSIGNMENT']._serialized_end=1241
+  _globals['_STATUSREQUEST']._serialized_start=1243
+  _globals['_STATUSREQUEST']._serialized_end=1280
+  _globals['_TEACHERSTATUS']._serialized_start=1282
+  _globals['_TEACHERSTATUS']._serialized_end=1404
+  _globals['_STUDENTSTATUS']._serialized_start=1406
+  _globals['_STUDENTSTATUS']._serialized_end=1472
+  _globals['_SERVICESTATUS']._serialized_start=1475
+  _globals['_SERVICESTATUS']._serialized_end=1622
+  _globals['_STATUSRESPONSE']._serialized_start=1624
+  _globals['_STATUSRESPONSE']._serialized_end=1733
+  _globals['_TEACHERFIGURES']._serialized_start=1736
+  _globals['_TEACHERFIGURES']._serialized_end=1966
+  _globals['_STUDENTREPORT']._serialized_start=1969
+  _globals['_STUDENTREPORT']._serialized_end=2263
+  _globals['_REPORTRESPONSE']._serialized_start=2265
+  _globals['_REPORTRESPONSE']._serialized_end=2305
+  _globals['_DISCOVERY']._serialized_start=2382
+  _globals['_DISCOVERY']._serialized_end=3268
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,30 @@ class KeepAliveResponse(_message.Message):
     keepalive_seconds: float
     def __init__(self, ttl_seconds: _Optional[float] = ..., keepalive_seconds: _Optional[float] = ...) -> None: ...
 
+class KeepAliveBatch(_message.Message):
+    __slots__ = ("keep_alives",)
+    KEEP_ALIVES_FIELD_NUMBER: _ClassVar[int]
+    keep_alives: _containers.RepeatedCompositeFieldContainer[KeepAliveRequest]
+    def __init__(self, keep_alives: _Optional[_Iterable[_Union[KeepAliveRequest, _Mapping]]] = ...) -> None: ...
+
+class KeepAliveResult(_message.Message):
+    __slots__ = ("code", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
+class KeepAliveBatchResponse(_message.Message):
+    __slots__ = ("ttl_seconds", "keepalive_seconds", "results")
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ttl_seconds: float
+    keepalive_seconds: float
+    results: _containers.RepeatedCompositeFieldContainer[KeepAliveResult]
+    def __init__(self, ttl_seconds: _Optional[float] = ..., keepalive_seconds: _Optional[float] = ..., results: _Optional[_Iterable[_Union[KeepAliveResult, _Mapping]]] = ...) -> None: ...
+
 class DeregisterTeacherRequest(_message.Message):
     __slots__ = ("service_name", "endpoint", "lease_id")
     SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class DiscoveryStub(object):
                 request_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.SerializeToString,
                 response_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.FromString,
                 _registered_method=True)
+        self.KeepAliveBatchStream = channel.stream_stream(
+                '/distill_reader.discovery.Discovery/KeepAliveBatchStream',
+                request_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveBatch.SerializeToString,
+                response_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveBatchResponse.FromString,
+                _registered_method=True)
         self.DeregisterTeacher = channel.unary_unary(
                 '/distill_reader.discovery.Discovery/DeregisterTeacher',
                 request_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.DeregisterTeacherRequest.SerializeToString,
@@ -101,6 +106,17 @@ class DiscoveryServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KeepAliveBatchStream(self, request_iterator, context):
+        """The keep-alives of several teachers (a host's, kept by one agent) as one message per interval
+        on one stream: each KeepAliveBatch is answered by one KeepAliveBatchResponse with a result per
+        keep-alive, in order. A lease that is gone is NOT_FOUND in its result (register it again); the
+        stream goes on. Cheaper for the server than a message per teacher. Servers without it answer
+        UNIMPLEMENTED: use KeepAliveStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeregisterTeacher(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -147,6 +163,11 @@ def add_DiscoveryServicer_to_server(servicer, server):
                     servicer.KeepAliveStream,
                     request_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.FromString,
                     response_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.SerializeToString,
+            ),
+            'KeepAliveBatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.KeepAliveBatchStream,
+                    request_deserializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveBatch.FromString,
+                    response_serializer=distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveBatchResponse.SerializeToString,
             ),
             'DeregisterTeacher': grpc.unary_unary_rpc_method_handler(
                     servicer.DeregisterTeacher,
@@ -250,6 +271,33 @@ class Discovery(object):
             '/distill_reader.discovery.Discovery/KeepAliveStream',
             distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveRequest.SerializeToString,
             distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAliveBatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/distill_reader.discovery.Discovery/KeepAliveBatchStream',
+            distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveBatch.SerializeToString,
+            distill__reader_dot_discovery_dot_proto_dot_discovery__pb2.KeepAliveBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
