@@ -128,6 +128,7 @@ def test_progress_goes_to_stderr_step_by_step(tmp_path: Path) -> None:
         (["--discovery-store", "memory", "--servers", "2"], "--servers above 1 needs a shared store"),
         (["--discovery-store", "mysql"], "--discovery-store takes memory, redis and/or etcd"),
         (["--students", "1000,3000", "--teachers", "1,2,3"], "--teachers needs one value, or one per --students"),
+        (["--keepalive-rpc", "batch", "--teachers-per-host", "0"], "Invalid value for '--teachers-per-host'"),
     ],
 )
 def test_bench_discovery_options_are_checked_before_anything_runs(args, message) -> None:

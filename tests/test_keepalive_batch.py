@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from test_discovery_support import OipTeacher, Watch, free_port, register_process
 
+from distill_reader.bench.discovery import SERVICE, Simulator
 from distill_reader.discovery.client import TeacherRegistration, keep_all_registered
 from distill_reader.discovery.commands import register
 from distill_reader.discovery.proto import discovery_pb2 as pb
@@ -193,6 +194,39 @@ def test_distill_teacher_register_keeps_several_endpoints_and_deregisters_them_o
                 proc.kill()
                 proc.wait(5)
             await w.close()
+            await server.stop()
+
+    run(main())
+
+
+def test_the_benchmarks_hosts_keep_their_teachers_in_one_message_and_one_dies_alone():
+    """``distill bench discovery --keepalive-rpc batch``'s simulated hosts: 3 hosts of 4 teachers keep
+    every lease through several TTLs with one message per host per interval; a teacher that dies
+    (its keep-alives stop) leaves alone, its host's other teachers keep theirs."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+        sizes = count_batches(server)
+        await server.start()
+        try:
+            async with Simulator(server.address, keepalive="batch") as sim:
+                for h in range(3):
+                    for p in range(4):
+                        await sim.add_teacher(f"10.0.0.{h}:{8001 + p}")
+                await asyncio.sleep(3 * server.service.ttl)
+                assert (await sim.teacher_stats())[0] == 0, "a lease lapsed"
+                assert len(sizes) >= 3 * 10 and set(sizes[-6:]) == {4}, sizes
+                await sim.kill_teacher("10.0.0.0:8001")
+                deadline = time.monotonic() + 10
+                while (SERVICE, "10.0.0.0:8001") in server.service._kept:
+                    assert time.monotonic() < deadline, "the dead teacher's lease did not end"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(2 * server.service.ttl)
+                assert (await sim.teacher_stats())[0] == 0, "a live teacher's lease lapsed"
+                kept = sorted(endpoint for _, endpoint in server.service._kept)
+                assert kept == sorted(f"10.0.0.{h}:{8001 + p}" for h in range(3) for p in range(4))[1:]
+                assert set(sizes[-6:]) <= {3, 4}
+        finally:
             await server.stop()
 
     run(main())

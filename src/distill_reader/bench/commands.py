@@ -161,7 +161,13 @@ class _HelpCommand(click.Command):
 
 
 def _discovery_options(
-    students: str, teachers: str, stores: str, steady_s: float | None, servers: int = 1, keepalive: str = "stream"
+    students: str,
+    teachers: str,
+    stores: str,
+    steady_s: float | None,
+    servers: int = 1,
+    keepalive: str = "stream",
+    teachers_per_host: int = 1,
 ) -> dict:
     """The discovery scenario's options from the command line; a usage error names a bad one."""
 
@@ -191,6 +197,7 @@ def _discovery_options(
         "steady_s": steady_s,
         "servers": servers,
         "keepalive": keepalive,
+        "teachers_per_host": teachers_per_host,
     }
 
 
@@ -368,11 +375,19 @@ class _ProgressReport:
 @click.option(
     "--keepalive-rpc",
     "keepalive",
-    type=click.Choice(["stream", "unary"]),
+    type=click.Choice(["stream", "unary", "batch"]),
     default="stream",
     show_default=True,
     help="discovery: simulated teachers keep alive with a message each on a KeepAliveStream (as "
-    "`distill teacher register` does) or with a KeepAlive call each (older teachers).",
+    "`distill teacher register` does), with a KeepAlive call each (older teachers), or the teachers of "
+    "one host in one KeepAliveBatch message (as `distill teacher register` with several --endpoint does).",
+)
+@click.option(
+    "--teachers-per-host",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="discovery: simulated teachers on one host (what --keepalive-rpc batch keeps in one message).",
 )
 def bench(
     scenarios: tuple[str, ...],
@@ -386,6 +401,7 @@ def bench(
     steady_s: float | None,
     servers: int,
     keepalive: str,
+    teachers_per_host: int,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -397,7 +413,7 @@ def bench(
         )
 
     names = list(dict.fromkeys(scenarios)) or list(SCENARIO_NAMES)
-    discovery_options = _discovery_options(students, teachers, stores, steady_s, servers, keepalive)
+    discovery_options = _discovery_options(students, teachers, stores, steady_s, servers, keepalive, teachers_per_host)
     _check_prerequisites(names)
     sizes = Sizes(quick=quick)
     plot = plot_path(plot_file, quick)

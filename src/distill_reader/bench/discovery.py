@@ -3,8 +3,10 @@
 A real ``distill discovery serve`` runs as its own process (memory store, or Redis/etcd that the
 benchmark starts itself in a temporary directory); the simulated clients live in this process, on
 one asyncio loop, sharing a few gRPC channels: a student is one ``WatchAssignment`` stream, a
-teacher one ``RegisterTeacher`` and a ``KeepAlive`` every keep-alive interval (no OIP server
-behind it: readiness is not the point). For each size (students / teachers, ``require_num`` 2):
+teacher one ``RegisterTeacher`` and a keep-alive every keep-alive interval (``--keepalive-rpc``: a
+message on its ``KeepAliveStream``, a ``KeepAlive`` call, or with ``batch`` one ``KeepAliveBatch``
+message for the ``--teachers-per-host`` teachers of a host; no OIP server behind it: readiness is
+not the point; the teachers run in a process of their own). For each size (students / teachers, ``require_num`` 2):
 
 1. the teachers register, then all the students connect in one burst: the time until every
    student has its full set (``min(require_num, teachers)`` teachers), and until the assignment
@@ -53,8 +55,9 @@ TEACHERS_PER_CHANNEL = 100
 # Each channel its own connection (grpc would otherwise share one subchannel between them).
 _CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", 10_000)]
 _RPC_TIMEOUT_S = 5.0
-#: how simulated teachers keep alive: a message each on a KeepAliveStream, or a KeepAlive call each
-KEEPALIVE_RPCS = ("stream", "unary")
+#: how simulated teachers keep alive: a message each on a KeepAliveStream, a KeepAlive call each, or
+#: the teachers of one host (the endpoint's host) in one KeepAliveBatch message (a host agent's)
+KEEPALIVE_RPCS = ("stream", "unary", "batch")
 
 
 @dataclass(eq=False)
@@ -88,7 +91,12 @@ class SimTeacher:
     last_kept: float = 0.0  # when the last KeepAlive (or the registration) was answered
     not_found: int = 0  # KeepAlives answered NOT_FOUND: the lease had lapsed
     latencies: list[float] = field(default_factory=list)
-    task: asyncio.Task | None = None
+    task: asyncio.Task | None = None  # its keep-alives (batch: its host's)
+    register: Any = None  # its RegisterTeacherRequest (sent again when the lease lapsed)
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.rsplit(":", 1)[0]
 
 
 class Simulator:
@@ -117,6 +125,7 @@ class Simulator:
         self._student_stubs: list[pb_grpc.DiscoveryStub] = []
         self._teacher_stubs: list[pb_grpc.DiscoveryStub] = []
         self._tasks: list[asyncio.Task] = []
+        self._hosts: dict[str, dict[str, SimTeacher]] = {}  # batch: each host's teachers
         self.ttl = 2.0
 
     async def __aenter__(self) -> Simulator:
@@ -143,15 +152,22 @@ class Simulator:
             self.teachers[endpoint] = t
             return t
         stub = self._stub(self._teacher_stubs, len(self.teachers), TEACHERS_PER_CHANNEL)
-        req = pb.RegisterTeacherRequest(service_name=self.service, endpoint=endpoint, weight=weight)
-        resp = await stub.RegisterTeacher(req, timeout=_RPC_TIMEOUT_S)
+        t.register = pb.RegisterTeacherRequest(service_name=self.service, endpoint=endpoint, weight=weight)
+        resp = await stub.RegisterTeacher(t.register, timeout=_RPC_TIMEOUT_S)
         t.lease, t.keepalive_s, t.last_kept = resp.lease_id, resp.keepalive_seconds, time.monotonic()
         self.ttl = t.ttl = resp.ttl_seconds
         self.teachers[endpoint] = t
-        t.task = asyncio.create_task(self._keep(stub, t, req))
+        if self.keepalive != "batch":
+            t.task = asyncio.create_task(self._keep(stub, t))
+        elif t.host in self._hosts:
+            self._hosts[t.host][endpoint] = t
+            t.task = next(iter(self._hosts[t.host].values())).task
+        else:
+            self._hosts[t.host] = {endpoint: t}
+            t.task = asyncio.create_task(self._keep_host(stub, self._hosts[t.host]))
         return t
 
-    async def _keep(self, stub: pb_grpc.DiscoveryStub, t: SimTeacher, register: pb.RegisterTeacherRequest) -> None:
+    async def _keep(self, stub: pb_grpc.DiscoveryStub, t: SimTeacher) -> None:
         """Keep ``t``'s lease: a KeepAlive call each interval, or (``keepalive="stream"``, as
         ``distill teacher register`` does) a message each on one KeepAliveStream."""
         await asyncio.sleep(random.random() * t.keepalive_s)  # spread the keep-alives
@@ -165,33 +181,88 @@ class Simulator:
                 else:
                     if call is None:
                         call = stub.KeepAliveStream()
-                    await call.write(request)
-                    resp = await asyncio.wait_for(call.read(), _RPC_TIMEOUT_S)
-                    if resp is grpc.aio.EOF:
-                        raise RuntimeError("keep-alive stream ended")
-                # The pace the server asks for (longer intervals and TTL for a large fleet).
-                t.keepalive_s, t.ttl = resp.keepalive_seconds or t.keepalive_s, resp.ttl_seconds or t.ttl
-                t.last_kept = time.monotonic()
-                t.latencies.append(t.last_kept - sent)
+                    resp = await self._exchange(call, request)
+                self._kept(t, resp, sent)
             except (grpc.aio.AioRpcError, asyncio.TimeoutError, RuntimeError) as exc:
                 if call is not None:
                     call.cancel()
                     call = None
                 if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.NOT_FOUND:
-                    t.not_found += 1
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        t.lease = (await stub.RegisterTeacher(register, timeout=_RPC_TIMEOUT_S)).lease_id
+                    await self._register_again(stub, t)
             await asyncio.sleep(max(0.0, t.keepalive_s - (time.monotonic() - sent)))
+
+    async def _keep_host(self, stub: pb_grpc.DiscoveryStub, teachers: dict[str, SimTeacher]) -> None:
+        """Keep the leases of one host's ``teachers`` (``keepalive="batch"``, as ``distill discovery
+        register`` with several endpoints does): one KeepAliveBatch message each interval."""
+        await asyncio.sleep(random.random() * self.ttl / 4)  # spread the hosts
+        call: Any = None
+        interval = 0.5
+        while True:
+            sent = time.monotonic()
+            batch = list(teachers.values())
+            request = pb.KeepAliveBatch(
+                keep_alives=[
+                    pb.KeepAliveRequest(service_name=self.service, endpoint=t.endpoint, lease_id=t.lease) for t in batch
+                ]
+            )
+            try:
+                if call is None:
+                    call = stub.KeepAliveBatchStream()
+                resp = await self._exchange(call, request)
+                interval = resp.keepalive_seconds or interval
+                for t, result in zip(batch, resp.results):
+                    if result.code == grpc.StatusCode.NOT_FOUND.value[0]:
+                        await self._register_again(stub, t)
+                    elif result.code == grpc.StatusCode.OK.value[0]:
+                        self._kept(t, resp, sent)
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, RuntimeError):
+                if call is not None:
+                    call.cancel()
+                    call = None
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - sent)))
+
+    @staticmethod
+    async def _exchange(call: Any, request: Any) -> Any:
+        await call.write(request)
+        resp = await asyncio.wait_for(call.read(), _RPC_TIMEOUT_S)
+        if resp is grpc.aio.EOF:
+            raise RuntimeError("keep-alive stream ended")
+        return resp
+
+    @staticmethod
+    def _kept(t: SimTeacher, resp: Any, sent: float) -> None:
+        # The pace the server asks for (longer intervals and TTL for a large fleet).
+        t.keepalive_s, t.ttl = resp.keepalive_seconds or t.keepalive_s, resp.ttl_seconds or t.ttl
+        t.last_kept = time.monotonic()
+        t.latencies.append(t.last_kept - sent)
+
+    @staticmethod
+    async def _register_again(stub: pb_grpc.DiscoveryStub, t: SimTeacher) -> None:
+        """The lease lapsed (the keep-alive was answered NOT_FOUND): count it and register again."""
+        t.not_found += 1
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            t.lease = (await stub.RegisterTeacher(t.register, timeout=_RPC_TIMEOUT_S)).lease_id
+
+    async def _stop_keeping(self, t: SimTeacher) -> None:
+        """End ``t``'s keep-alives (batch: take it out of its host's batch; the host's task ends
+        with its last teacher)."""
+        host = self._hosts.get(t.host)
+        if host is not None:
+            del host[t.endpoint]
+            if host:
+                return
+            del self._hosts[t.host]
+        assert t.task is not None
+        t.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t.task
 
     async def kill_teacher(self, endpoint: str) -> float:
         """Stop a teacher's keep-alives (it dies); returns when its lease ends."""
         t = self.teachers.pop(endpoint)
         if self.fleet is not None:
             return await self.fleet.call("kill", endpoint)
-        assert t.task is not None
-        t.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await t.task
+        await self._stop_keeping(t)
         return t.last_kept + t.ttl
 
     async def deregister_teacher(self, endpoint: str) -> float:
@@ -199,10 +270,7 @@ class Simulator:
         t = self.teachers.pop(endpoint)
         if self.fleet is not None:
             return await self.fleet.call("deregister", endpoint)
-        assert t.task is not None
-        t.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await t.task
+        await self._stop_keeping(t)
         sent = time.monotonic()
         await self._teacher_stubs[0].DeregisterTeacher(
             pb.DeregisterTeacherRequest(service_name=self.service, endpoint=endpoint, lease_id=t.lease),
@@ -489,6 +557,7 @@ class SizeResult:
     teachers: int
     servers: int = 1  # discovery servers sharing the store (students and teachers spread over them)
     keepalive: str = "stream"  # how the teachers keep alive (KEEPALIVE_RPCS)
+    teachers_per_host: int = 1  # teachers sharing a host (endpoint host): batch keeps them in one message
     full_s: float = math.nan
     first_s: float = math.nan
     burst_cpu_s: float = math.nan
@@ -539,10 +608,11 @@ async def _measure(
     n_students, n_teachers, steady_s = r.students, r.teachers, r.steady_s
     async with sim:
         progress(f"{label}: {n_teachers} teachers register")
+        per = r.teachers_per_host
         for i in range(0, n_teachers, 50):
             await asyncio.gather(
                 *(
-                    sim.add_teacher(f"10.{j // 60000}.{j // 250 % 240}.{j % 250}:8001")
+                    sim.add_teacher(f"10.{j // per // 60000}.{j // per // 250 % 240}.{j // per % 250}:{8001 + j % per}")
                     for j in range(i, min(i + 50, n_teachers))
                 )
             )
@@ -627,10 +697,11 @@ def run_size(
     progress: Progress,
     servers: int = 1,
     keepalive: str = "stream",
+    teachers_per_host: int = 1,
 ) -> SizeResult:
     """One size on one store (``memory``, ``redis`` or ``etcd``: started here), in fresh processes;
-    ``servers`` discovery servers share the store (Redis or etcd); the teachers keep alive with
-    ``keepalive`` (``stream`` or ``unary``)."""
+    ``servers`` discovery servers share the store (Redis or etcd); the teachers, ``teachers_per_host``
+    to a host, keep alive with ``keepalive`` (one of KEEPALIVE_RPCS)."""
     from distill_reader.bench.processes import DiscoveryProcess, StoreProcess
     from distill_reader.teacher.local import free_port
 
@@ -643,7 +714,15 @@ def run_size(
             url = backing.url
         https = [f"127.0.0.1:{free_port()}" for _ in range(servers)]
         running = [DiscoveryProcess(url, ["--http", http]) for http in https]
-        r = SizeResult(store, n_students, n_teachers, servers=servers, steady_s=steady_s, keepalive=keepalive)
+        r = SizeResult(
+            store,
+            n_students,
+            n_teachers,
+            servers=servers,
+            steady_s=steady_s,
+            keepalive=keepalive,
+            teachers_per_host=teachers_per_host,
+        )
         try:
             for server in running:
                 server.start()
@@ -720,9 +799,11 @@ def discovery(
     steady_s: float | None = None,
     servers: int = 1,
     keepalive: str = "stream",
+    teachers_per_host: int = 1,
 ) -> list[Row]:
     """The ``discovery`` scenario: every (students, teachers) pair on every store, with ``servers``
-    discovery servers sharing the store (Redis or etcd); teachers keep alive with ``keepalive``."""
+    discovery servers sharing the store (Redis or etcd); teachers, ``teachers_per_host`` to a host,
+    keep alive with ``keepalive``."""
     students = list(students) or ([200] if sizes.quick else [1000])
     teachers = list(teachers) or ([20] if sizes.quick else [100])
     if len(teachers) == 1:
@@ -733,7 +814,8 @@ def discovery(
     rows: list[Row] = []
     for store in stores or ["memory"]:
         for n_s, n_t in zip(students, teachers):
-            r = run_size(store, n_s, n_t, steady, 1 if sizes.quick else 3, progress, servers, keepalive)
+            events = 1 if sizes.quick else 3
+            r = run_size(store, n_s, n_t, steady, events, progress, servers, keepalive, teachers_per_host)
             progress(summary(r))
             rows += _rows(r)
     return rows
@@ -742,7 +824,11 @@ def discovery(
 def _name(r: SizeResult) -> str:
     """The store, the number of servers when more than one (``redis ×2``), and unary keep-alives."""
     name = r.store if r.servers == 1 else f"{r.store} ×{r.servers}"
-    return name if r.keepalive == "stream" else f"{name} (unary keep-alives)"
+    if r.keepalive == "unary":
+        return f"{name} (unary keep-alives)"
+    if r.keepalive == "batch":
+        return f"{name} (keep-alives batched by host, {r.teachers_per_host} teachers each)"
+    return name
 
 
 def summary(r: SizeResult) -> str:
