@@ -291,15 +291,9 @@ class _KeepAlives:
         status and details, in order. Moves on to the next endpoint while one is unreachable or does
         not answer within the RPC timeout; raises the error that is not a single lease's."""
         if self.mode == "batch":
-            try:
-                response = await self._exchange("KeepAliveBatchStream", pb.KeepAliveBatch(keep_alives=requests))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                where = self.rot.endpoints[self.rot.i]
-                log.info("discovery %s has no keep-alive batches: keeping alive with a message each", where)
-                self.mode = "stream"
-            else:
+            batch = pb.KeepAliveBatch(keep_alives=requests)
+            response = await self._on_stream("KeepAliveBatchStream", batch)
+            if response is not None:
                 return response.keepalive_seconds, [(_STATUS[r.code], r.details) for r in response.results]
         interval, results = 0.0, []
         for request in requests:  # an older server: one at a time
@@ -315,15 +309,23 @@ class _KeepAlives:
 
     async def _one(self, request: pb.KeepAliveRequest) -> pb.KeepAliveResponse:
         if self.mode == "stream":
-            try:
-                return await self._exchange("KeepAliveStream", request)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                where = self.rot.endpoints[self.rot.i]
-                log.info("discovery %s has no keep-alive stream: keeping alive with a call each", where)
-                self.mode = "unary"
+            response = await self._on_stream("KeepAliveStream", request)
+            if response is not None:
+                return response
         return await self.rot.call("KeepAlive", request)
+
+    async def _on_stream(self, method: str, message):
+        """``message`` on the ``method`` stream, answered; None if the server has no such stream
+        (UNIMPLEMENTED: an older one), and from then on the next mode is used."""
+        try:
+            return await self._exchange(method, message)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        fallback, lacking, instead = _FALLBACKS[self.mode]
+        log.info("discovery %s has no %s: keeping alive with %s", self.rot.endpoints[self.rot.i], lacking, instead)
+        self.mode = fallback
+        return None
 
     @staticmethod
     async def _write_read(call: grpc.aio.StreamStreamCall, message):
@@ -364,6 +366,11 @@ class _KeepAlives:
 
 
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+# A keeper's mode -> the mode it falls back to when a server lacks its stream, and what to log.
+_FALLBACKS = {
+    "batch": ("stream", "keep-alive batches", "a message each"),
+    "stream": ("unary", "keep-alive stream", "a call each"),
+}
 
 
 @dataclass(frozen=True)
