@@ -17,7 +17,15 @@ import pytest
 from click.testing import CliRunner
 from test_discovery_support import OipTeacher, Watch, free_port, register_process, serve_command
 
-from distill_reader.discovery.client import StudentSession, _KeepAlives, _Rotating, fetch_status, keep_registered
+from distill_reader.discovery.client import (
+    StudentSession,
+    TeacherRegistration,
+    _KeepAlives,
+    _Rotating,
+    fetch_status,
+    keep_all_registered,
+    keep_registered,
+)
 from distill_reader.discovery.commands import discovery
 from distill_reader.discovery.proto import discovery_pb2 as pb
 from distill_reader.discovery.proto import discovery_pb2_grpc as pb_grpc
@@ -338,13 +346,17 @@ def _sample(server: DiscoveryServer, name: str, **labels: str) -> float:
     return server.service.registry.get_sample_value(name, labels) or 0.0
 
 
-@pytest.mark.parametrize("server_has", ["batch", "stream", "unary"])
-def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has, caplog):
-    """A teacher keeps its lease alive with messages on one KeepAliveBatchStream (the server counts
-    each keep-alive as a KeepAlive); a server without it (an older one) answers it UNIMPLEMENTED and
-    the teacher keeps alive with messages on a KeepAliveStream instead, and with unary calls where
-    the server has neither. Either way the lease outlives many TTLs, and a lease that is gone
-    (NOT_FOUND) is registered again."""
+@pytest.mark.parametrize(
+    ("server_has", "n_teachers"), [("batch", 1), ("batch", 2), ("stream", 1), ("stream", 2), ("unary", 1), ("unary", 2)]
+)
+def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has, n_teachers, caplog):
+    """One teacher keeps its lease alive with messages on one KeepAliveStream, several teachers of
+    one keeper with one KeepAliveBatch message for all on a KeepAliveBatchStream (the server counts
+    each keep-alive as a KeepAlive). A server without the batch stream (an older one) answers it
+    UNIMPLEMENTED and the keeper sends a message each on a KeepAliveStream instead, and unary calls
+    where the server has neither. Either way the leases outlive many TTLs, and a lease that is gone
+    (NOT_FOUND) is registered again, for its teacher alone."""
+    endpoints = [f"127.0.0.1:{9001 + i}" for i in range(n_teachers)]
 
     async def main():
         server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
@@ -355,32 +367,36 @@ def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has, caplog
             server.service.KeepAliveStream = None
         await server.start()
         stop = asyncio.Event()
+        teachers = [TeacherRegistration(e) for e in endpoints]
         keeper = asyncio.create_task(
-            keep_registered(server.address, "svc", "127.0.0.1:9001", readiness_check=False, stop=stop)
+            keep_all_registered(server.address, "svc", teachers, readiness_check=False, stop=stop)
         )
         try:
-            w = Watch(server.address, "svc", 1)
-            await w.wait_for(lambda s: s == ["127.0.0.1:9001"], timeout=10)
+            w = Watch(server.address, "svc", n_teachers)
+            await w.wait_for(lambda s: s == endpoints, timeout=10)
             n_sets = len(w.sets)
             await asyncio.sleep(3 * server.service.ttl)
-            assert len(w.sets) == n_sets, f"the lease lapsed: {w.sets}"
+            assert len(w.sets) == n_sets, f"a lease lapsed: {w.sets}"
             keeps = _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="OK")
-            assert keeps >= 10, f"only {keeps:g} keep-alives in 3 TTLs of 0.1 s intervals"
+            assert keeps >= 10 * n_teachers, f"only {keeps:g} keep-alives in 3 TTLs of 0.1 s intervals"
             streams = _sample(server, "distill_discovery_keepalive_streams")
             assert streams == (0 if server_has == "unary" else 1)
-            # The lease ends behind the teacher's back: the next keep-alive is NOT_FOUND, and the
-            # teacher registers again (a new registration id) and keeps the new lease.
-            first = server.service._kept[("svc", "127.0.0.1:9001")].lease
-            await server.store.drop("teacher", "svc", "127.0.0.1:9001", first)
+            # A lease ends behind its teacher's back: the next keep-alive is NOT_FOUND, and the
+            # teacher registers again (a new registration id) and keeps the new lease; the other
+            # teacher keeps its own.
+            before = {e: server.service._kept[("svc", e)].lease for e in endpoints}
+            await server.store.drop("teacher", "svc", endpoints[0], before[endpoints[0]])
             server.service.mark_dirty("svc")
             deadline = time.monotonic() + 10
-            while server.service._kept.get(("svc", "127.0.0.1:9001"), None) is None or (
-                server.service._kept[("svc", "127.0.0.1:9001")].lease == first
+            while getattr(server.service._kept.get(("svc", endpoints[0])), "lease", None) in (
+                None,
+                before[endpoints[0]],
             ):
                 assert time.monotonic() < deadline, "the teacher did not register again"
                 await asyncio.sleep(0.02)
-            await w.wait_for(lambda s: s == ["127.0.0.1:9001"], timeout=10)
+            await w.wait_for(lambda s: s == endpoints, timeout=10)
             assert _sample(server, "distill_discovery_rpcs_total", method="KeepAlive", code="NOT_FOUND") >= 1
+            assert [server.service._kept[("svc", e)].lease for e in endpoints[1:]] == [before[e] for e in endpoints[1:]]
             await w.close()
         finally:
             stop.set()
@@ -389,7 +405,8 @@ def test_keepalives_on_a_stream_and_unary_for_an_older_server(server_has, caplog
 
     with caplog.at_level(logging.INFO, logger="distill_reader.discovery.client"):
         run(main())
-    assert ("has no keep-alive batches" in caplog.text) == (server_has != "batch")
+    # A keeper of several teachers tries the batch stream first, one teacher's keeper the stream.
+    assert ("has no keep-alive batches" in caplog.text) == (n_teachers > 1 and server_has != "batch")
     assert ("has no keep-alive stream:" in caplog.text) == (server_has == "unary")
 
 

@@ -268,15 +268,17 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 class _KeepAlives:
-    """The keep-alives of a keeper's teachers: one ``KeepAliveBatch`` message for all of them on one
-    ``KeepAliveBatchStream`` to the current discovery endpoint (cheaper for the server than a
-    message each, and never queued behind a burst of new calls). A server without it (UNIMPLEMENTED,
-    an older one) gets a message each on one ``KeepAliveStream``, and one without that a
-    ``KeepAlive`` call each."""
+    """The keep-alives of a keeper's teachers, on one stream to the current discovery endpoint (never
+    queued behind a burst of new calls): one ``KeepAliveBatch`` message for all of them on a
+    ``KeepAliveBatchStream`` (cheaper for the server than a message each), or for a lone teacher
+    a message on a ``KeepAliveStream``. A server without the batch stream (UNIMPLEMENTED, an older
+    one) gets a message each on a ``KeepAliveStream``, and one without that a ``KeepAlive`` call each."""
 
-    def __init__(self, rot: _Rotating) -> None:
+    def __init__(self, rot: _Rotating, batches: bool = True) -> None:
         self.rot = rot
-        self.mode = "batch"  # then "stream", then "unary", as servers answer UNIMPLEMENTED
+        # "batch" (then "stream", then "unary", as servers answer UNIMPLEMENTED); a lone teacher's
+        # keeper starts at "stream": a batch of one costs the server more than a message.
+        self.mode = "batch" if batches else "stream"
         self._call: grpc.aio.StreamStreamCall | None = None
         self._channel: grpc.aio.Channel | None = None  # the channel self._call is on
 
@@ -499,7 +501,8 @@ async def keep_all_registered(
     while one does not answer ready, it is reported not ready at once (a keep-alive out of turn) and
     gets no students, and it is back as soon as it answers. Keep-alives go every interval the server
     asks for (0.5 s by default, longer for a large fleet), all the teachers' in one message on one
-    KeepAliveBatchStream (a message each on a KeepAliveStream, or KeepAlive calls, to older servers).
+    KeepAliveBatchStream (one teacher's on a KeepAliveStream; a message each on a KeepAliveStream,
+    or KeepAlive calls, to older servers).
     A teacher whose lease is lost registers again at once; the others are not disturbed.
     On return the leases are dropped. Raises DiscoveryError for invalid arguments (a teacher named
     twice) or a missing or wrong token. ``security`` secures the discovery calls,
@@ -521,7 +524,7 @@ async def keep_all_registered(
     stop = stop or asyncio.Event()
     instance = uuid.uuid4().hex
     rot = _Rotating(endpoints, security or NO_SECURITY)
-    keep = _KeepAlives(rot)
+    keep = _KeepAlives(rot, batches=len(teachers) > 1)
     kept = [_Kept(t, teacher_security or NO_SECURITY, readiness_check, check_timeout) for t in teachers]
     interval = 0.5
     last_sent = -math.inf
