@@ -379,8 +379,9 @@ class _ProgressReport:
     default="stream",
     show_default=True,
     help="discovery: simulated teachers keep alive with a message each on a KeepAliveStream (as "
-    "`distill teacher register` with one --endpoint does), with a KeepAlive call each (older teachers), or the teachers of "
-    "one host in one KeepAliveBatch message (as `distill teacher register` with several --endpoint does).",
+    "`distill teacher register` with one --endpoint does), with a KeepAlive call each (older teachers), or "
+    "the teachers of one host in one KeepAliveBatch message (as `distill teacher register` with several "
+    "--endpoint does).",
 )
 @click.option(
     "--teachers-per-host",

@@ -386,7 +386,7 @@ class TeacherRegistration:
     protocol: str = "oip"
 
 
-class _Kept:
+class _KeptTeacher:
     """One teacher of a keeper: its lease, its readiness and when to try registering again."""
 
     def __init__(self, spec: TeacherRegistration, security: ClientSecurity, check: bool, check_timeout: float):
@@ -525,12 +525,12 @@ async def keep_all_registered(
     instance = uuid.uuid4().hex
     rot = _Rotating(endpoints, security or NO_SECURITY)
     keep = _KeepAlives(rot, batches=len(teachers) > 1)
-    kept = [_Kept(t, teacher_security or NO_SECURITY, readiness_check, check_timeout) for t in teachers]
+    kept = [_KeptTeacher(t, teacher_security or NO_SECURITY, readiness_check, check_timeout) for t in teachers]
     interval = 0.5
     last_sent = -math.inf
     backoff = _BACKOFF_START_S  # while no discovery server answers the keep-alives
 
-    async def register(k: _Kept) -> None:
+    async def register(k: _KeptTeacher) -> None:
         request = pb.RegisterTeacherRequest(
             service_name=service_name,
             endpoint=k.spec.endpoint,
