@@ -165,6 +165,9 @@ def test_a_teacher_named_twice_or_none_is_refused():
             )
         with pytest.raises(DiscoveryError, match="no teacher"):
             await keep_all_registered("127.0.0.1:1", "svc", [])
+        too_many = [TeacherRegistration(f"10.0.{i // 250}.{i % 250}:1") for i in range(1025)]
+        with pytest.raises(DiscoveryError, match="1025 teachers for one keeper: at most 1024"):
+            await keep_all_registered("127.0.0.1:1", "svc", too_many)
 
     run(main())
     result = CliRunner().invoke(

@@ -367,6 +367,8 @@ class _KeepAlives:
         raise last
 
 
+#: Teachers one keeper keeps (their keep-alives go in one KeepAliveBatch, which holds at most this many).
+MAX_TEACHERS_PER_KEEPER = 1024
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 # A keeper's mode -> the mode it falls back to when a server lacks its stream, and what to log.
 _FALLBACKS = {
@@ -505,13 +507,19 @@ async def keep_all_registered(
     or KeepAlive calls, to older servers).
     A teacher whose lease is lost registers again at once; the others are not disturbed.
     On return the leases are dropped. Raises DiscoveryError for invalid arguments (a teacher named
-    twice) or a missing or wrong token. ``security`` secures the discovery calls,
-    ``teacher_security`` (TLS only: readiness is not token-protected) the readiness checks.
+    twice, more than MAX_TEACHERS_PER_KEEPER) or a missing or wrong token. ``security`` secures the
+    discovery calls, ``teacher_security`` (TLS only: readiness is not token-protected) the readiness
+    checks.
     """
     endpoints = parse_endpoints(discovery_endpoints)
     check_service_name(service_name)
     if not teachers:
         raise DiscoveryError("no teacher to keep registered")
+    if len(teachers) > MAX_TEACHERS_PER_KEEPER:
+        raise DiscoveryError(
+            f"{len(teachers)} teachers for one keeper: at most {MAX_TEACHERS_PER_KEEPER} (a keep-alive batch's "
+            "limit); split them over several"
+        )
     for t in teachers:
         check_hostport(t.endpoint, "teacher endpoint")
         check_weight(t.weight)
