@@ -233,3 +233,42 @@ def test_the_benchmarks_hosts_keep_their_teachers_in_one_message_and_one_dies_al
             await server.stop()
 
     run(main())
+
+
+def test_a_slow_server_answering_registrations_lets_no_registered_lease_lapse():
+    """Eight teachers register one at a time through a server that takes 0.25 s a registration
+    (2 s for all, twice the TTL): the keeper keeps the leases it already holds meanwhile, so none
+    lapses, and all eight end up assigned."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory", ttl=1.0, keepalive=0.1)
+        register_teacher = server.service.RegisterTeacher
+
+        async def slow_register(request, context):
+            await asyncio.sleep(0.25)
+            return await register_teacher(request, context)
+
+        server.service.RegisterTeacher = slow_register  # the handler is built from it at start
+        await server.start()
+        endpoints = sorted(f"127.0.0.1:{9001 + i}" for i in range(8))
+        teachers = [TeacherRegistration(e) for e in endpoints]
+        stop = asyncio.Event()
+        keeper = asyncio.create_task(keep_all_registered(server.address, "svc", teachers, False, stop))
+        w = Watch(server.address, "svc", 8)
+        try:
+            await w.wait_for(lambda s: s == endpoints, timeout=20)
+            await asyncio.sleep(2 * server.service.ttl)  # leases that outlive two TTLs more
+            lapsed = server.service.registry.get_sample_value(
+                "distill_discovery_teacher_lapses_total", {"service": "svc"}
+            )
+            not_found = server.service.registry.get_sample_value(
+                "distill_discovery_rpcs_total", {"method": "KeepAlive", "code": "NOT_FOUND"}
+            )
+            assert (lapsed or 0) == 0 and (not_found or 0) == 0, (lapsed, not_found)
+        finally:
+            stop.set()
+            await asyncio.wait_for(keeper, 10)
+            await w.close()
+            await server.stop()
+
+    run(main())

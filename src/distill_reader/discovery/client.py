@@ -395,6 +395,7 @@ class _KeptTeacher:
         self.spec = spec
         self.lease: str | None = None
         self.ready = self.sent_ready = True  # now, and as the server was last told
+        self.kept_at = -math.inf  # when its lease was last taken or kept
         self.retry_at = -math.inf  # after a failed registration: not before
         self.backoff = _BACKOFF_START_S
         self._security, self._check, self._timeout = security, check, check_timeout
@@ -535,7 +536,6 @@ async def keep_all_registered(
     keep = _KeepAlives(rot, batches=len(teachers) > 1)
     kept = [_KeptTeacher(t, teacher_security or NO_SECURITY, readiness_check, check_timeout) for t in teachers]
     interval = 0.5
-    last_sent = -math.inf
     backoff = _BACKOFF_START_S  # while no discovery server answers the keep-alives
 
     async def register(k: _KeptTeacher) -> None:
@@ -554,33 +554,38 @@ async def keep_all_registered(
             k.failed(exc.code(), exc.details() or "", rot.security)
             return
         nonlocal interval
-        k.lease, k.sent_ready, k.backoff = response.lease_id, k.ready, _BACKOFF_START_S
+        k.lease, k.sent_ready, k.backoff, k.kept_at = response.lease_id, k.ready, _BACKOFF_START_S, time.monotonic()
         interval = response.keepalive_seconds or interval
         log.info("teacher %s registered in %s (ready: %s)", k.spec.endpoint, service_name, k.ready)
+
+    def due(wait: float) -> bool:
+        """A lease's keep-alive is due (within half the loop's ``wait``): then all of them go, in one message."""
+        now = time.monotonic()
+        return any(k.lease is not None and now - k.kept_at >= interval - wait / 2 for k in kept)
 
     try:
         while not stop.is_set():
             if readiness_check:
                 await asyncio.gather(*(k.check_ready() for k in kept))
             wait = min(interval, _READINESS_S)
-            now = time.monotonic()
-            registering = [k for k in kept if k.lease is None and now >= k.retry_at]
-            for k in registering:  # one at a time: they share the endpoint rotation
-                await register(k)
-            # Every lease when the interval is up (one message), else at once those whose readiness
-            # changed; not those registered just now.
-            leased = [k for k in kept if k.lease is not None and k not in registering]
-            due = now - last_sent >= interval - wait / 2
-            batch = leased if due else [k for k in leased if k.ready != k.sent_ready]
+            # One at a time (they share the endpoint rotation), but not past a lease's keep-alive: a
+            # server slow to answer registrations must not let the leases already held lapse.
+            for k in kept:
+                if k.lease is None and time.monotonic() >= k.retry_at:
+                    if due(wait):
+                        break
+                    await register(k)
+            # Every lease when one is due, else at once those whose readiness changed.
+            leased = [k for k in kept if k.lease is not None]
+            batch = leased if due(wait) else [k for k in leased if k.ready != k.sent_ready]
             if batch:
-                if due:
-                    last_sent = now
                 requests = [
                     pb.KeepAliveRequest(
                         service_name=service_name, endpoint=k.spec.endpoint, lease_id=k.lease, health=k.health
                     )
                     for k in batch
                 ]
+                sent = time.monotonic()
                 try:
                     asked, results = await keep.send(requests)
                 except grpc.aio.AioRpcError as exc:  # no discovery server answered: all of them
@@ -590,10 +595,10 @@ async def keep_all_registered(
                 unanswered = False
                 for k, (code, details) in zip(batch, results):
                     if code == grpc.StatusCode.OK:
-                        k.sent_ready = k.ready
+                        k.sent_ready, k.kept_at = k.ready, sent
                     elif code == grpc.StatusCode.NOT_FOUND or code in _FATAL:
                         k.failed(code, details, rot.security)
-                    else:  # unreachable, or its store is: keep it again after the backoff
+                    else:  # unreachable, or its store is: still due, kept again after the backoff
                         log.info(
                             "teacher %s: discovery %s: %s",
                             k.spec.endpoint,
@@ -603,7 +608,6 @@ async def keep_all_registered(
                         unanswered = True
                 if unanswered:
                     wait, backoff = backoff, min(backoff * 2, _BACKOFF_MAX_S)
-                    last_sent = -math.inf  # try again after the backoff, not a whole interval
                 else:
                     backoff = _BACKOFF_START_S
             if any(k.lease is None and k.retry_at <= time.monotonic() for k in kept):
