@@ -5,6 +5,7 @@ beside good ones, and the server's answer per keep-alive."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 
@@ -272,3 +273,40 @@ def test_a_slow_server_answering_registrations_lets_no_registered_lease_lapse():
             await server.stop()
 
     run(main())
+
+
+@pytest.mark.parametrize("answer", ["a code grpc does not know", "too few results"])
+def test_a_keeper_outlives_a_server_answering_batches_wrongly(answer, caplog):
+    """A server answering a batch with a status code this grpc does not know, or with fewer results
+    than keep-alives: the keeper logs it and tries again after its backoff; it does not fail."""
+
+    async def main():
+        server = DiscoveryServer("127.0.0.1:0", "memory")
+
+        async def wrong(batches, context):
+            async for batch in batches:
+                if answer == "too few results":
+                    yield pb.KeepAliveBatchResponse(keepalive_seconds=0.1, results=[pb.KeepAliveResult()])
+                else:
+                    results = [pb.KeepAliveResult(code=99, details="new") for _ in batch.keep_alives]
+                    yield pb.KeepAliveBatchResponse(keepalive_seconds=0.1, results=results)
+
+        server.service.KeepAliveBatchStream = wrong
+        await server.start()
+        teachers = [TeacherRegistration("10.0.0.1:1"), TeacherRegistration("10.0.0.2:1")]
+        stop = asyncio.Event()
+        keeper = asyncio.create_task(keep_all_registered(server.address, "svc", teachers, False, stop))
+        try:
+            deadline = time.monotonic() + 10
+            while "discovery UNKNOWN" not in caplog.text:
+                assert not keeper.done(), keeper.exception()
+                assert time.monotonic() < deadline, "the wrong answer was not logged"
+                await asyncio.sleep(0.02)
+            assert not keeper.done()
+        finally:
+            stop.set()
+            await asyncio.wait_for(keeper, 10)  # ends cleanly: no exception
+            await server.stop()
+
+    with caplog.at_level(logging.INFO, logger="distill_reader.discovery.client"):
+        run(main())

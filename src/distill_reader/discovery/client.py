@@ -296,7 +296,14 @@ class _KeepAlives:
             batch = pb.KeepAliveBatch(keep_alives=requests)
             response = await self._on_stream("KeepAliveBatchStream", batch)
             if response is not None:
-                return response.keepalive_seconds, [(_STATUS[r.code], r.details) for r in response.results]
+                if len(response.results) != len(requests):
+                    raise _rpc_error(
+                        grpc.StatusCode.UNKNOWN,
+                        f"the server answered {len(response.results)} results for {len(requests)} keep-alives",
+                    )
+                # A code this grpc does not know (a newer server's) is UNKNOWN: kept again after a backoff.
+                results = [(_STATUS.get(r.code, grpc.StatusCode.UNKNOWN), r.details) for r in response.results]
+                return response.keepalive_seconds, results
         interval, results = 0.0, []
         for request in requests:  # an older server: one at a time
             try:
