@@ -169,7 +169,7 @@ class Simulator:
 
     async def _keep(self, stub: pb_grpc.DiscoveryStub, t: SimTeacher) -> None:
         """Keep ``t``'s lease: a KeepAlive call each interval, or (``keepalive="stream"``, as
-        ``distill teacher register`` does) a message each on one KeepAliveStream."""
+        ``distill teacher register`` with one endpoint does) a message each on one KeepAliveStream."""
         await asyncio.sleep(random.random() * t.keepalive_s)  # spread the keep-alives
         call: Any = None
         while True:
