@@ -518,3 +518,41 @@ def test_unary_keepalives_keep_the_ttl_they_registered_with():
                 assert server.service._kept[("svc", "127.0.0.1:9400")].ttl == 2.0  # ... but held to the old TTL
 
     run(main())
+
+
+def test_memory_store_ends_the_leases_due_and_only_those():
+    """The memory store's sweeper ends a lease whose deadline passed, and no other: not one kept
+    since (its old deadline is still queued), not one taken again under a new lease, not a group's
+    students; a stall of the process gives every lease its time back."""
+    from distill_reader.discovery.stores.memory import MemoryStore
+
+    async def main():
+        store, ttl = MemoryStore(), 0.4
+        await store.start()
+        try:
+            silent = await store.register("teacher", "svc", "silent:1", "i", {}, ttl)
+            kept = await store.register("teacher", "svc", "kept:1", "i", {}, ttl)
+            await store.register("teacher", "svc", "again:1", "i", {}, ttl)
+            again = await store.register("teacher", "svc", "again:1", "i", {}, 3.0)  # same instance, new lease
+            for i in range(200):
+                await store.join("server-a", "student", "svc", f"s{i}", "i", {"require_num": 1}, ttl)
+            for _ in range(8):  # 1.2 s: three TTLs
+                await asyncio.sleep(0.15)
+                assert await store.keep("teacher", "svc", "kept:1", kept, ttl)
+                assert await store.keep_group("server-a", ttl) == []
+            state = await store.read("svc")
+            assert set(state.teachers) == {"kept:1", "again:1"}
+            assert len(state.students) == 200
+            assert not await store.keep("teacher", "svc", "silent:1", silent, ttl)
+            assert await store.keep("teacher", "svc", "again:1", again, 3.0)
+            # A stall of 1 s (the process did not run): the lease kept just now is not ended for it.
+            assert await store.keep("teacher", "svc", "kept:1", kept, ttl)
+            time.sleep(1.0)
+            await asyncio.sleep(0.2)
+            assert set((await store.read("svc")).teachers) == {"kept:1", "again:1"}
+            await asyncio.sleep(0.5)  # not kept for longer than its TTL since: it ends
+            assert set((await store.read("svc")).teachers) == {"again:1"}
+        finally:
+            await store.close()
+
+    run(main())
