@@ -340,6 +340,41 @@ def test_a_stalled_loop_does_not_space_the_reconciles_out():
     assert gap < 3.0, f"the next round came {gap:.2f} s after the last: the stall was counted as its cost"
 
 
+def test_while_events_keep_coming_rounds_wait_longer_and_the_last_one_comes_soon():
+    """While events keep coming (a join burst: a join every 20 ms here), a round whose store took
+    0.1 s is followed by the next one 12 × 0.1 s after it started, not 4 ×: the rounds take a twelfth
+    of the loop and the students' streams the rest. When the events stop, the round for the last of
+    them starts one pause after it (or 4 × 0.1 s after the last round), not 1.2 s after."""
+
+    async def main() -> tuple[list[float], float]:
+        store = _SlowReadStore(0.1)
+        await store.start()
+        service = DiscoveryService(store)
+        await service.start()
+        try:
+            service.mark_dirty(SERVICE)
+            deadline = time.monotonic() + 20
+            while len(store.reads) < 3 and time.monotonic() < deadline:  # a burst: an event every 20 ms
+                service.mark_dirty(SERVICE)
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)  # the burst's last event, 50 ms into the round that just started
+            service.mark_dirty(SERVICE)
+            last_event = time.monotonic()
+            while len(store.reads) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return store.reads, last_event
+        finally:
+            await service.stop()
+            await store.close()
+
+    reads, last_event = asyncio.run(main())
+    assert len(reads) == 4, reads
+    burst_gap = reads[2] - reads[1]  # reads[0]: the first event, long after any round
+    assert burst_gap >= 1.0, f"rounds {burst_gap:.2f} s apart while events kept coming: not 12 × their cost"
+    after = reads[3] - last_event
+    assert after < 0.7, f"the round for the last event started {after:.2f} s after it: it waited for the burst window"
+
+
 def test_distill_discovery_serve_tunes_the_garbage_collector():
     """``serve()`` (what ``distill discovery serve`` and each of its ``--processes`` run) freezes what
     is alive at start out of collections and raises the thresholds: with the defaults, a burst of

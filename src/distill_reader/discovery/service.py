@@ -68,6 +68,8 @@ RESYNC_S = 1.0
 COALESCE_S = 0.05
 # The reconcile loop waits this many times as long as its last round took (see _reconcile_loop).
 _RECONCILE_SHARE = 4.0
+# ... and, while events keep coming (a join burst), for a pause in them, up to this many times.
+_BURST_SHARE = 12.0
 # The resync waits at least this many times as long as the last round of reconciles took.
 _RESYNC_SHARE = 10.0
 _EXPIRY_CHECK_S = 0.05
@@ -283,6 +285,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._watchers: dict[str, dict[str, _Watcher]] = {}
         self._states: dict[str, ServiceState] = {}
         self._dirty: set[str | None] = set()
+        self._last_dirty = -math.inf  # when mark_dirty was last called (time.monotonic())
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._rejoins: set[asyncio.Task] = set()
@@ -326,6 +329,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
     def mark_dirty(self, service: str | None) -> None:
         """Ask the reconcile loop to recompute ``service`` (None: every service)."""
         self._dirty.add(service)
+        self._last_dirty = time.monotonic()
         self._wake.set()
 
     async def _listen(self) -> None:
@@ -370,19 +374,23 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             if now - window >= 1.0:  # the gauge: the largest lag of the last second
                 self.metrics.lag.set(self._lag_max)
                 self._lag_max, window = 0.0, now
-            overdue = sum(1 for k in self._kept.values() if now - k.at > 2 * k.interval + _LAG_S)
+            # One walk over the leases (1,000 teachers, 20 times a second): the overdue count, and
+            # the leases silent past their TTL, of which those past their grace too are ended below.
+            overdue, past_ttl = 0, []
+            for key, k in self._kept.items():
+                silence = now - k.at
+                if silence > 2 * k.interval + _LAG_S:
+                    overdue += 1
+                if silence > k.ttl:
+                    past_ttl.append((key, k))
             if late > _LAG_S:
                 self._stalled += late
             if late > _LAG_S or (overdue >= _MASS_MIN and 2 * overdue > len(self._kept)):
                 self._behind += elapsed
                 self.metrics.behind.inc(elapsed)
-            silent = [
-                (key, k)
-                for key, k in self._kept.items()
-                if now - k.at > k.ttl + min(self.lag_cap, self._behind - k.behind)
-            ]
-            for key, k in silent:
-                await self._expire(key, k, now - k.at)
+            for key, k in past_ttl:
+                if now - k.at > k.ttl + min(self.lag_cap, self._behind - k.behind):
+                    await self._expire(key, k, now - k.at)
 
     async def _expire(self, key: tuple[str, str], k: _Kept, silence: float) -> None:
         """End a silent teacher's lease (unless it was kept meanwhile, here or through another server)."""
@@ -421,29 +429,33 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         return self.ttl * stretch, self.keepalive * stretch
 
     async def _reconcile_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         last, took, stalled = -math.inf, 0.0, 0.0
 
-        def window_ends() -> float:
+        def starts_at() -> float:
             # A stall of the loop (a long callback) while the last round awaited its store looks like
             # the store's time to _time_spent: it is not the round's cost. The lag probe counts it
             # in _stalled (within 50 ms of its end, so the window is looked at again that often).
             cost = max(0.0, took - (self._stalled - stalled))
-            return last + max(self.coalesce, _RECONCILE_SHARE * cost)
+            earliest = last + max(self.coalesce, _RECONCILE_SHARE * cost)
+            latest = last + max(self.coalesce, _BURST_SHARE * cost)
+            return max(earliest, min(latest, self._last_dirty + self.coalesce))
 
         while True:
             await self._wake.wait()
-            # Coalesce: what arrives within the window since the last reconcile joins this one. The
-            # window is at least _RECONCILE_SHARE times as long as the last round ran, so that
-            # during a burst reconciles (each linear in the service's students: 50-100 ms at 10,000)
-            # take at most a quarter of the loop, and the streams and keep-alives the rest. "Ran":
-            # its steps and its store's answers, not its waits for the loop (see _time_spent; in a
-            # burst a round's wall time is 2-6 times that, and a window 4 times the wall time left
-            # the last students of a burst waiting a second or more for their set).
-            while (wait := window_ends() - loop.time()) > 0:
+            # Coalesce: what arrives before the round starts joins it. A round starts once (1) the
+            # window since the last one has passed: at least _RECONCILE_SHARE times as long as that
+            # round ran, so that reconciles (each linear in the service's students: 20-100 ms at
+            # 10,000) take at most a quarter of the loop; "ran": its steps and its store's answers,
+            # not its waits for the loop (see _time_spent; in a burst a round's wall time is 2-6
+            # times that); and (2) the events have paused for ``coalesce``, or the window has grown
+            # to _BURST_SHARE times that cost. In a join burst the events do not pause until its
+            # last student: the rounds then take a twelfth of the loop, and the streams the rest,
+            # and the last students get their sets one pause after they joined. A lone event, long
+            # after the last round, starts one at once.
+            while (wait := starts_at() - time.monotonic()) > 0:
                 await asyncio.sleep(min(wait, _EXPIRY_CHECK_S))
             self._wake.clear()
-            last, stalled = loop.time(), self._stalled
+            last, stalled = time.monotonic(), self._stalled
             dirty, self._dirty = self._dirty, set()
             try:
                 if None in dirty:
