@@ -53,13 +53,13 @@ SERVER_OPTIONS = [
 # The garbage collector's thresholds in a serving process (see tune_gc). Each open stream holds about
 # 60 long-lived objects of gRPC's (600,000 at 10,000 students); with the interpreter's defaults
 # (700, 10, 10) a burst of joins sets off a full collection each time they grow by a quarter: 13
-# full collections of 0.3-0.5 s, about half the server's time in a burst of 10,000. A middle threshold of
-# 0 makes every other collection a middle one: a stream's objects, alive for good, are looked at 1.5
-# times on average on their way to the oldest generation instead of twice (young 10,000, then middle
-# 100,000): 0.31-0.35 s of collections in a burst of 10,000 instead of 0.45-0.52 s. Full collections
-# (0.4 s at 10,000 streams) after 500 middle ones, as rare as before: at rest each resync round of
-# 10,000 students sets off a young and a middle collection (its temporaries, alive then, are
-# promoted), and with 100 a full one came every 2 minutes.
+# full collections of 0.3-0.5 s, about half the server's time in a burst of 10,000. A middle
+# threshold of 0 makes every other collection a middle one: a stream's objects, alive for good, are
+# looked at 1.5 times on average on their way to the oldest generation instead of twice (young
+# 10,000, then middle 100,000): 0.31-0.35 s of collections in a burst of 10,000 instead of
+# 0.45-0.52 s. Full collections (0.4 s at 10,000 streams) come after 500 middle ones, about as
+# rarely as before: every 8 minutes at rest, against 11 (each resync round of 10,000 students sets
+# off a young and a middle collection, its temporaries alive then and promoted); with 100, every 2.
 GC_THRESHOLDS = (10_000, 0, 500)
 
 
