@@ -12,9 +12,11 @@ removed, within ``ttl + lag_cap`` of its last keep-alive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -302,12 +304,22 @@ class _SlowReadStore(MemoryStore):
         return await super().read(service)
 
 
-async def _two_rounds(store: _SlowReadStore) -> float:
-    """Seconds from the start of a reconcile round to the start of the next one, asked for at once."""
+@contextlib.asynccontextmanager
+async def _reconciling(store: MemoryStore) -> AsyncIterator[DiscoveryService]:
+    """A discovery service (its reconcile loop, no gRPC) on ``store``, stopped on the way out."""
     await store.start()
     service = DiscoveryService(store)
     await service.start()
     try:
+        yield service
+    finally:
+        await service.stop()
+        await store.close()
+
+
+async def _two_rounds(store: _SlowReadStore) -> float:
+    """Seconds from the start of a reconcile round to the start of the next one, asked for at once."""
+    async with _reconciling(store) as service:
         service.mark_dirty(SERVICE)
         deadline = time.monotonic() + 20
         while SERVICE not in service.states and time.monotonic() < deadline:
@@ -317,9 +329,6 @@ async def _two_rounds(store: _SlowReadStore) -> float:
         while len(store.reads) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return store.reads[1] - store.reads[0]
-    finally:
-        await service.stop()
-        await store.close()
 
 
 def test_a_slow_store_spaces_the_reconciles_out():
@@ -348,10 +357,7 @@ def test_while_events_keep_coming_rounds_wait_longer_and_the_last_one_comes_soon
 
     async def main() -> tuple[list[float], float]:
         store = _SlowReadStore(0.1)
-        await store.start()
-        service = DiscoveryService(store)
-        await service.start()
-        try:
+        async with _reconciling(store) as service:
             service.mark_dirty(SERVICE)
             deadline = time.monotonic() + 20
             while len(store.reads) < 3 and time.monotonic() < deadline:  # a burst: an event every 20 ms
@@ -363,9 +369,6 @@ def test_while_events_keep_coming_rounds_wait_longer_and_the_last_one_comes_soon
             while len(store.reads) < 4 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             return store.reads, last_event
-        finally:
-            await service.stop()
-            await store.close()
 
     reads, last_event = asyncio.run(main())
     assert len(reads) == 4, reads
