@@ -607,6 +607,49 @@ def test_redis_keeps_the_keep_alives_of_a_loop_iteration_in_one_script(redis_sto
     run(main())
 
 
+def test_redis_joins_of_a_burst_gather_into_few_scripts(redis_store):
+    """Students joining one per loop iteration of a busy loop (a burst reaches the server a few at a time) are
+    joined by a few script calls, not by one each (a script costs the server about 0.1 ms of
+    redis-py's time: 10,000 joins were 5,785 scripts), and each join gets its own answer: a lease,
+    or AlreadyRegistered for a student that another instance holds."""
+
+    async def main():
+        svc = service_name()
+        store, other = open_discovery_store(redis_store.url), open_discovery_store(redis_store.url)
+        await store.start()
+        await other.start()
+        try:
+            await other.join("gb", "student", svc, "taken", "its-instance", {"require_num": 1}, 5.0)
+            sizes = []
+            script = store._join  # redis-py's registered script: counts the calls that reach Redis
+
+            def counted(*args, **kwargs):
+                sizes.append((len(kwargs["args"]) - 3) // 4)  # 3 arguments, then 4 per student
+                return script(*args, **kwargs)
+
+            store._join = counted
+
+            def join(student: str):
+                return asyncio.create_task(store.join("ga", "student", svc, student, "i", {"require_num": 1}, 5.0))
+
+            joins = []
+            for i in range(40):
+                joins.append(join(f"s{i}"))
+                time.sleep(0.001)  # a busy server: the loop's other callbacks take a millisecond
+                await asyncio.sleep(0)  # the next one a loop iteration later
+            joins.append(join("taken"))
+            answers = await asyncio.gather(*joins, return_exceptions=True)
+            assert all(isinstance(a, str) for a in answers[:40]), answers
+            assert isinstance(answers[40], AlreadyRegistered)
+            assert sum(sizes) == 41 and len(sizes) <= 9, f"41 joins in {len(sizes)} scripts: {sizes}"
+            assert set((await other.read(svc)).students) == {f"s{i}" for i in range(40)} | {"taken"}
+        finally:
+            await store.close()
+            await other.close()
+
+    run(main())
+
+
 def test_one_unreadable_record_fails_its_own_keep_alive_not_the_batch(redis_store):
     """A teacher whose record in Redis cannot be read (its data not JSON) beside healthy ones, their
     keep-alives in one batch: its keep-alive fails, naming the record; the others are kept."""
